@@ -1,0 +1,45 @@
+# kvmshell: `make demo` sets up and runs, `make test` sets up and tests.
+# Both install what is missing on a fresh Debian machine (as root): QEMU through apt, the venv.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-stamp
+APT_PACKAGES := qemu-system-x86 qemu-utils
+PYTEST_ARGS ?=
+
+.PHONY: test demo deps system-deps bench clean
+
+test: deps
+	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+demo: deps
+	$(VENV)/bin/kvmshell demo
+
+bench: deps
+	$(VENV)/bin/python bench/bench_core.py
+
+deps: system-deps $(STAMP)
+
+# QEMU and the venv module come from Debian; as root we install them, otherwise we say what to run.
+system-deps:
+	@missing=""; \
+	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
+	command -v qemu-img >/dev/null 2>&1 || missing="$$missing qemu-utils"; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing || exit 1; \
+	  else \
+	    echo "kvmshell needs:$$missing - run: sudo apt-get install$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

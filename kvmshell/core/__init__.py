@@ -1,0 +1,1 @@
+"""Everything that is not a user interface. Never imports textual, prompt_toolkit or rich."""

@@ -1,0 +1,159 @@
+"""Guest monitor addresses.
+
+    ADDR   := [ssh://[USER@]HOST[:PORT]/]PROTO:KIND:TARGET
+    PROTO  := qmp | hmp
+    KIND   := unix (TARGET = socket path) | tcp (TARGET = host:port) | pty (TARGET = /dev/pts/N, hmp only)
+
+Parsed once, at the edge, into a frozen ``Address``; nothing else in kvmshell looks at the string.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from kvmshell.errors import ConfigError
+
+GUEST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = frozenset({"all"})
+
+
+class Protocol(enum.Enum):
+    QMP = "qmp"
+    HMP = "hmp"
+
+
+class Kind(enum.Enum):
+    UNIX = "unix"
+    TCP = "tcp"
+    PTY = "pty"
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"ssh://{user}{self.host}{port}"
+
+
+@dataclass(frozen=True)
+class Address:
+    protocol: Protocol
+    kind: Kind
+    path: str | None = None          # unix socket or pty device
+    host: str | None = None          # tcp
+    port: int | None = None          # tcp
+    ssh: SshTarget | None = None     # remote host the target lives on
+
+    @property
+    def target(self) -> str:
+        if self.kind is Kind.TCP:
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"{host}:{self.port}"
+        assert self.path is not None
+        return self.path
+
+    def __str__(self) -> str:
+        prefix = f"{self.ssh}/" if self.ssh else ""
+        return f"{prefix}{self.protocol.value}:{self.kind.value}:{self.target}"
+
+    @classmethod
+    def unix(cls, protocol: Protocol | str, path: str) -> Address:
+        return cls(Protocol(protocol), Kind.UNIX, path=path)
+
+    @classmethod
+    def tcp(cls, protocol: Protocol | str, host: str, port: int) -> Address:
+        return cls(Protocol(protocol), Kind.TCP, host=host, port=port)
+
+    @classmethod
+    def pty(cls, path: str) -> Address:
+        return cls(Protocol.HMP, Kind.PTY, path=path)
+
+
+_EXAMPLE = "expected PROTO:KIND:TARGET, e.g. qmp:unix:/run/vm1.qmp, hmp:tcp:127.0.0.1:4444, hmp:pty:/dev/pts/3"
+
+
+def _port(text: str, where: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{where}: port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def _parse_ssh(text: str, where: str) -> tuple[SshTarget, str]:
+    rest = text[len("ssh://"):]
+    authority, slash, tail = rest.partition("/")
+    if not slash or not tail:
+        raise ConfigError(f"{where}: {text!r}: expected ssh://[USER@]HOST[:PORT]/PROTO:KIND:TARGET")
+    user, at, hostport = authority.rpartition("@")
+    if at and not user:
+        raise ConfigError(f"{where}: {text!r}: empty user name before '@'")
+    host, port = hostport, None
+    m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", hostport)
+    if m:
+        host, port_text = m.group(1), m.group(2)
+        port = _port(port_text, where) if port_text is not None else None
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+        port = _port(port_text, where)
+    if not host or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
+        raise ConfigError(f"{where}: {text!r}: {host!r} is not a host name")
+    return SshTarget(host=host, user=user or None, port=port), tail
+
+
+def parse_address(text: str, where: str = "address") -> Address:
+    """Parse ADDR; ``where`` names the option or config key in error messages."""
+    text = text.strip()
+    ssh = None
+    if text.startswith("ssh://"):
+        ssh, text = _parse_ssh(text, where)
+    parts = text.split(":", 2)
+    if len(parts) != 3:
+        raise ConfigError(f"{where}: {text!r}: {_EXAMPLE}")
+    proto_text, kind_text, target = parts
+    try:
+        protocol = Protocol(proto_text.lower())
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r}: protocol {proto_text!r} is not qmp or hmp") from None
+    try:
+        kind = Kind(kind_text.lower())
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r}: kind {kind_text!r} is not unix, tcp or pty") from None
+    if not target:
+        raise ConfigError(f"{where}: {text!r}: the target after {proto_text}:{kind_text}: is empty")
+    if kind is Kind.TCP:
+        m = re.fullmatch(r"\[([^\]]+)\]:(.*)|([^:\[\]]+):(.*)", target)
+        if not m:
+            raise ConfigError(f"{where}: {text!r}: expected tcp:HOST:PORT, e.g. hmp:tcp:127.0.0.1:4444")
+        host = m.group(1) or m.group(3)
+        port = _port(m.group(2) if m.group(1) else m.group(4), where)
+        return Address(protocol, kind, host=host, port=port, ssh=ssh)
+    if kind is Kind.PTY and protocol is not Protocol.HMP:
+        raise ConfigError(f"{where}: {text!r}: a pty carries HMP only; use hmp:pty:{target}")
+    if "\0" in target:
+        raise ConfigError(f"{where}: {text!r}: the path contains a NUL byte")
+    return Address(protocol, kind, path=target, ssh=ssh)
+
+
+def check_guest_name(name: str, where: str = "guest name") -> str:
+    if not GUEST_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{where}: {name!r} is not a guest name (letters, digits, '_', '.', '-'; at most 64; "
+            "starting with a letter or digit)")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{where}: {name!r} is reserved (@{name} targets every guest)")
+    return name
+
+
+def parse_guest_option(text: str) -> tuple[str, Address]:
+    """Parse ``--guest NAME=ADDR``."""
+    name, eq, addr = text.partition("=")
+    if not eq:
+        raise ConfigError(f"--guest {text!r}: expected NAME=ADDR, e.g. --guest vm1=qmp:unix:/run/vm1.qmp")
+    name = check_guest_name(name.strip(), f"--guest {text!r}")
+    return name, parse_address(addr, f"--guest {name}")

@@ -1,0 +1,212 @@
+"""HMP, QEMU's human monitor, spoken over a unix socket, TCP or a pty.
+
+HMP is a readline terminal: a banner, the prompt ``(qemu) ``, and every typed character echoed back
+with ANSI redraws before the command's output. A reply is what follows the echoed line (its first
+CR LF) up to the next prompt. Commands go one at a time. On connect, and to recover from a pty where
+someone else left text behind, we synchronise with a nonce command whose error message we can
+recognise: that also tells a QEMU monitor from any other peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kvmshell.core import hmptext
+from kvmshell.core.address import Protocol
+from kvmshell.core.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.core.monitor import Features, Monitor, check_unix_target
+from kvmshell.core.transport import Stream, open_stream
+from kvmshell.errors import (
+    CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
+)
+
+log = logging.getLogger(__name__)
+
+PROMPT = b"(qemu) "
+MAX_BUFFER = 4 * 1024 * 1024     # a reply larger than this is not HMP: drop the connection
+MAX_LINE = 4000                  # QEMU's readline keeps at most 4095 bytes of a line
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class HmpMonitor(Monitor):
+    protocol = Protocol.HMP
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._stream: Stream | None = None
+        self._buf = bytearray()
+        self._data = asyncio.Event()        # set whenever bytes arrive or the stream ends
+        self._eof = False
+        self._overflow = False
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def connect(self) -> None:
+        check_unix_target(self.address)
+        self._stream = await open_stream(self.address, self.connect_timeout)
+        self._buf.clear()
+        self._eof = self._overflow = False
+        self._reader = asyncio.create_task(self._read_loop(), name=f"hmp-reader-{self.name}")
+        self._mark_open()
+        try:
+            await self._sync()
+            self.version = hmptext.parse_version(await self.hmp("info version"))
+            help_text = await self.hmp("help")
+            self.features = Features(frozenset(), hmptext.parse_help(help_text))
+        except KvmError as e:
+            await self.close()
+            if isinstance(e, ConnectFailed):
+                raise
+            raise ConnectFailed(f"{self.address}: {e.message}", guest=self.name) from None
+        except ValueError as e:
+            await self.close()
+            raise ConnectFailed(f"{self.address}: not a QEMU HMP monitor ({e})", guest=self.name) from None
+
+    async def close(self) -> None:
+        self._mark_closed("closed by kvmshell")
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.close()
+
+    async def _read_loop(self) -> None:
+        assert self._stream is not None
+        try:
+            while True:
+                chunk = await self._stream.read()
+                if not chunk:
+                    break
+                self._buf += chunk
+                self._data.set()
+                if len(self._buf) > MAX_BUFFER:
+                    self._overflow = True
+                    break
+        except OSError as e:
+            log.info("%s: read failed: %s", self.name, e)
+        finally:
+            self._eof = True
+            self._data.set()
+            reason = "reply too large (not an HMP monitor?)" if self._overflow else "monitor closed the connection"
+            self._mark_closed(reason)
+            if not self._overflow:
+                self._emit("kvmshell.DISCONNECTED", {"reason": reason})
+
+    async def _wait_until(self, found: Callable[[bytes], int | None], timeout: float, what: str) -> int:
+        """Wait until ``found(buffer)`` returns an end offset; the offset."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    end = found(bytes(self._buf))
+                    if end is not None:
+                        return end
+                    if self._overflow:
+                        raise Disconnected(f"{self.address}: more than {MAX_BUFFER} bytes without a "
+                                           f"prompt: not an HMP monitor", guest=self.name)
+                    if self._eof:
+                        raise Disconnected(f"{self.address}: connection closed while waiting for {what}",
+                                           guest=self.name)
+                    self._data.clear()
+                    await self._data.wait()
+        except TimeoutError:
+            raise MonitorTimeout(f"{self.address}: no {what} within {timeout:g} s", guest=self.name) from None
+
+    async def _sync(self) -> None:
+        """Send a nonce and wait for QEMU's 'unknown command' about it, then its prompt."""
+        assert self._stream is not None
+        nonce = f"kvmshell_sync_{secrets.token_hex(4)}"
+        pattern = re.compile(rb"unknown command: '[^'\r\n]*" + nonce.encode() + rb"'\r\n\(qemu\) ")
+
+        def found(buf: bytes) -> int | None:
+            m = pattern.search(buf)
+            return m.end() if m else None
+
+        await self._stream.write(nonce.encode() + b"\n")
+        try:
+            end = await self._wait_until(found, self.connect_timeout, "HMP prompt")
+        except MonitorTimeout:
+            raise ConnectFailed(
+                f"{self.address}: no HMP prompt within {self.connect_timeout:g} s: not a QEMU monitor, "
+                "or another client holds it", guest=self.name) from None
+        except Disconnected as e:
+            raise ConnectFailed(f"{e.message} (not a QEMU HMP monitor?)", guest=self.name) from None
+        del self._buf[:end]
+
+    # -- commands ----------------------------------------------------------------------------
+    async def raw(self, line: str, timeout: float | None = None) -> str:
+        """One command line; its output (ANSI and echo removed), errors not interpreted."""
+        line = line.replace("\t", " ").strip()
+        if _CONTROL_RE.search(line):
+            raise CommandFailed("control characters are not allowed in a monitor command", guest=self.name)
+        if len(line.encode()) > MAX_LINE:
+            raise CommandFailed(f"command longer than {MAX_LINE} bytes", guest=self.name)
+        if self._stream is None or not self.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        timeout = timeout or self.timeout
+        async with self._lock:
+            if self._buf:
+                log.debug("%s: unsolicited HMP output: %r", self.name, bytes(self._buf[:200]))
+                self._buf.clear()
+            await self._stream.write(line.encode() + b"\n")
+
+            def found(buf: bytes) -> int | None:
+                return len(buf) if buf.endswith(PROMPT) else None
+
+            try:
+                end = await self._wait_until(found, timeout, f"answer to {line.split()[0]!r}" if line else "prompt")
+            except MonitorTimeout:
+                # The reply may still come and would be taken for the next one: start afresh.
+                await self.close()
+                raise
+            reply = bytes(self._buf[:end - len(PROMPT)])
+            del self._buf[:end]
+        _echo, sep, output = reply.partition(b"\r\n")
+        text = output.decode("utf-8", errors="replace") if sep else ""
+        return hmptext.strip_ansi(text).replace("\r\n", "\n").replace("\r", "").rstrip("\n")
+
+    async def hmp(self, line: str, timeout: float | None = None) -> str:
+        output = await self.raw(line, timeout)
+        error = hmptext.error_in(output)
+        if error is not None:
+            raise CommandFailed(error, guest=self.name)
+        return output
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        raise Unsupported(f"{self.address} is an HMP monitor: raw QMP is not available "
+                          "(use `hmp LINE`, or attach the guest's QMP socket)", guest=self.name)
+
+    async def _parsed(self, line: str, parse: Callable[[str], Any], *, check: bool = True) -> Any:
+        output = await (self.hmp(line) if check else self.raw(line))
+        try:
+            return parse(output)
+        except ValueError as e:
+            raise CommandFailed(f"{line!r}: {e}", guest=self.name) from None
+
+    async def status(self) -> Status:
+        return await self._parsed("info status", hmptext.parse_status)
+
+    async def migration(self) -> MigrationInfo:
+        return await self._parsed("info migrate", hmptext.parse_migrate)
+
+    async def migrate_parameters(self) -> MigrationParameters:
+        return await self._parsed("info migrate_parameters", hmptext.parse_migrate_parameters)
+
+    async def migrate_capabilities(self) -> Capabilities:
+        return await self._parsed("info migrate_capabilities", hmptext.parse_migrate_capabilities)
+
+    async def snapshots(self) -> tuple[Snapshot, ...]:
+        # "no block device can store vmstate" is an empty list here, not a failure
+        return await self._parsed("info snapshots", hmptext.parse_snapshots, check=False)
+

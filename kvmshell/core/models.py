@@ -1,0 +1,280 @@
+"""Typed views of what QEMU reports, parsed once from QMP replies (``from_qmp``).
+
+The HMP text parsers in ``hmptext`` build the same objects, so callers never care which protocol
+a guest speaks. QMP dicts do not leave ``core``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+class _Lenient(enum.Enum):
+    """An enum that maps values it does not know (newer QEMU) to UNKNOWN instead of failing."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        return cls.__members__.get("UNKNOWN")
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class RunState(_Lenient):
+    DEBUG = "debug"
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    POSTMIGRATE = "postmigrate"
+    PRELAUNCH = "prelaunch"
+    FINISH_MIGRATE = "finish-migrate"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    COLO = "colo"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Status:
+    running: bool
+    state: RunState
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> Status:
+        return cls(running=bool(d.get("running")), state=RunState(d.get("status", "unknown")))
+
+    def __str__(self) -> str:
+        if self.state is RunState.RUNNING:
+            return "running"
+        return "paused" if self.state is RunState.PAUSED else f"paused ({self.state.value})"
+
+
+@dataclass(frozen=True, order=True)
+class QemuVersion:
+    major: int
+    minor: int
+    micro: int
+    package: str = field(default="", compare=False)
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> QemuVersion:
+        q = d.get("qemu", {})
+        return cls(int(q.get("major", 0)), int(q.get("minor", 0)), int(q.get("micro", 0)),
+                   str(d.get("package", "")).strip())
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.micro}"
+
+
+class MigrationStatus(_Lenient):
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"
+    UNKNOWN = "unknown"
+
+    @property
+    def is_active(self) -> bool:
+        """A migration is under way (not idle, not finished)."""
+        return self in _ACTIVE
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+
+
+_ACTIVE = frozenset({
+    MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE,
+    MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.POSTCOPY_RECOVER, MigrationStatus.PRE_SWITCHOVER,
+    MigrationStatus.DEVICE, MigrationStatus.WAIT_UNPLUG, MigrationStatus.CANCELLING,
+    MigrationStatus.COLO,
+})
+
+
+def _int(d: Mapping[str, Any], key: str) -> int | None:
+    v = d.get(key)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+@dataclass(frozen=True)
+class RamStats:
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    duplicate: int = 0               # zero pages
+    normal: int = 0                  # full pages sent
+    normal_bytes: int = 0
+    dirty_pages_rate: int = 0        # pages/s, 0 during the first pass
+    mbps: float = 0.0                # throughput as QEMU computes it (megabits/s)
+    dirty_sync_count: int = 0        # the pass number
+    page_size: int = 4096
+    pages_per_second: int = 0
+    postcopy_requests: int = 0
+    precopy_bytes: int | None = None
+    downtime_bytes: int | None = None
+    postcopy_bytes: int | None = None
+
+    @property
+    def dirty_bytes_rate(self) -> int:
+        return self.dirty_pages_rate * self.page_size
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> RamStats:
+        return cls(
+            transferred=_int(d, "transferred") or 0,
+            remaining=_int(d, "remaining") or 0,
+            total=_int(d, "total") or 0,
+            duplicate=_int(d, "duplicate") or 0,
+            normal=_int(d, "normal") or 0,
+            normal_bytes=_int(d, "normal-bytes") or 0,
+            dirty_pages_rate=_int(d, "dirty-pages-rate") or 0,
+            mbps=float(d.get("mbps") or 0.0),
+            dirty_sync_count=_int(d, "dirty-sync-count") or 0,
+            page_size=_int(d, "page-size") or 4096,
+            pages_per_second=_int(d, "pages-per-second") or 0,
+            postcopy_requests=_int(d, "postcopy-requests") or 0,
+            precopy_bytes=_int(d, "precopy-bytes"),
+            downtime_bytes=_int(d, "downtime-bytes"),
+            postcopy_bytes=_int(d, "postcopy-bytes"),
+        )
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> DiskStats:
+        return cls(_int(d, "transferred") or 0, _int(d, "remaining") or 0, _int(d, "total") or 0)
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    status: MigrationStatus
+    ram: RamStats | None = None
+    disk: DiskStats | None = None
+    total_time_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    cpu_throttle_percentage: int | None = None
+    blocked_reasons: tuple[str, ...] = ()
+    error: str | None = None
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> MigrationInfo:
+        ram = d.get("ram")
+        disk = d.get("disk")
+        return cls(
+            status=MigrationStatus(d.get("status", "none")),
+            ram=RamStats.from_qmp(ram) if isinstance(ram, Mapping) else None,
+            disk=DiskStats.from_qmp(disk) if isinstance(disk, Mapping) else None,
+            total_time_ms=_int(d, "total-time"),
+            expected_downtime_ms=_int(d, "expected-downtime"),
+            downtime_ms=_int(d, "downtime"),
+            setup_time_ms=_int(d, "setup-time"),
+            cpu_throttle_percentage=_int(d, "cpu-throttle-percentage"),
+            blocked_reasons=tuple(str(r) for r in d.get("blocked-reasons", ()) or ()),
+            error=d.get("error-desc"),
+        )
+
+
+ParamValue = int | bool | str
+
+
+@dataclass(frozen=True)
+class MigrationParameters:
+    """``query-migrate-parameters``: the names are QEMU's own (``max-bandwidth``, ``downtime-limit``...)."""
+
+    values: Mapping[str, ParamValue]
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> MigrationParameters:
+        vals = {k: v for k, v in d.items() if isinstance(v, (int, bool, str))}
+        return cls(MappingProxyType(vals))
+
+    def get(self, name: str) -> ParamValue | None:
+        return self.values.get(name)
+
+    @property
+    def max_bandwidth(self) -> int | None:
+        v = self.values.get("max-bandwidth")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    @property
+    def downtime_limit_ms(self) -> int | None:
+        v = self.values.get("downtime-limit")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """``query-migrate-capabilities``: capability name -> on/off."""
+
+    states: Mapping[str, bool]
+
+    @classmethod
+    def from_qmp(cls, items: Any) -> Capabilities:
+        return cls(MappingProxyType({str(i["capability"]): bool(i["state"]) for i in items}))
+
+    def __getitem__(self, name: str) -> bool:
+        return self.states[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.states
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    tag: str
+    vm_state_size: int        # bytes
+    date_sec: int             # seconds since the epoch
+    vm_clock_ns: int
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> Snapshot:
+        return cls(
+            id=str(d.get("id", "")), tag=str(d.get("name", "")),
+            vm_state_size=_int(d, "vm-state-size") or 0,
+            date_sec=_int(d, "date-sec") or 0,
+            vm_clock_ns=(_int(d, "vm-clock-sec") or 0) * 1_000_000_000 + (_int(d, "vm-clock-nsec") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A QMP event (or a state change kvmshell noticed itself) from one guest."""
+
+    guest: str
+    name: str
+    data: Mapping[str, Any]
+    timestamp: float          # seconds since the epoch, from QEMU when it gives one
+
+    @property
+    def migration_status(self) -> MigrationStatus | None:
+        if self.name == "MIGRATION":
+            return MigrationStatus(self.data.get("status", "unknown"))
+        return None

@@ -1,0 +1,162 @@
+"""One async interface to a guest's monitor, whatever protocol it speaks.
+
+``Monitor`` is the base; ``QmpMonitor`` (qmp.py) and ``HmpMonitor`` (hmp.py) implement it.
+``open_monitor`` picks one from an ``Address``. Callers get typed objects from ``models``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvmshell.core.address import Address, Kind, Protocol
+from kvmshell.core.models import (
+    Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
+)
+from kvmshell.errors import ConnectFailed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0          # seconds for an ordinary command
+DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds for connect + greeting/handshake
+
+EventCallback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this guest's QEMU can do, discovered from the guest itself (never from its version)."""
+
+    qmp_commands: frozenset[str]     # from query-commands; empty for an HMP-only monitor
+    hmp_commands: frozenset[str]     # from HMP `help`
+
+    def has_qmp(self, name: str) -> bool:
+        return name in self.qmp_commands
+
+    def has_hmp(self, name: str) -> bool:
+        return name in self.hmp_commands
+
+
+class Monitor(abc.ABC):
+    protocol: Protocol
+
+    def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        self.name = name
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.version: QemuVersion | None = None
+        self.features = Features(frozenset(), frozenset())
+        self.disconnect_reason: str | None = None
+        self._closed = asyncio.Event()
+        self._closed.set()                       # not connected yet
+        self._subscribers: list[EventCallback] = []
+
+    # -- life cycle --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect, handshake, discover features and version. Raises ConnectFailed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect (idempotent)."""
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Return once the monitor connection is gone (closed by us, or QEMU went away)."""
+        await self._closed.wait()
+
+    def _mark_open(self) -> None:
+        self.disconnect_reason = None
+        self._closed.clear()
+
+    def _mark_closed(self, reason: str) -> None:
+        if not self._closed.is_set():
+            self.disconnect_reason = reason
+            self._closed.set()
+            log.info("%s: monitor closed: %s", self.name, reason)
+
+    # -- events ------------------------------------------------------------------------------
+    def subscribe(self, callback: EventCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event from this guest; returns the unsubscriber."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _emit(self, name: str, data: Mapping[str, Any], timestamp: float | None = None) -> None:
+        event = Event(self.name, name, data, timestamp if timestamp is not None else time.time())
+        for cb in list(self._subscribers):
+            try:
+                cb(event)
+            except Exception:  # a subscriber's bug must not stop the others
+                log.exception("%s: event subscriber failed on %s", self.name, name)
+
+    # -- commands ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def hmp(self, line: str, timeout: float | None = None) -> str:
+        """Run one HMP command line; its output. Raises CommandFailed when QEMU reports an error."""
+
+    @abc.abstractmethod
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Raw QMP (the one place QMP data leaves core: the `qmp` passthrough command)."""
+
+    @abc.abstractmethod
+    async def status(self) -> Status: ...
+
+    @abc.abstractmethod
+    async def migration(self) -> MigrationInfo: ...
+
+    @abc.abstractmethod
+    async def migrate_parameters(self) -> MigrationParameters: ...
+
+    @abc.abstractmethod
+    async def migrate_capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    async def snapshots(self) -> tuple[Snapshot, ...]: ...
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "closed"
+        return f"<{type(self).__name__} {self.name} {self.address} {state}>"
+
+
+def check_unix_target(address: Address) -> None:
+    """A clear reason for unix paths that cannot be a monitor socket, before trying to connect."""
+    if address.kind is not Kind.UNIX or address.ssh is not None:
+        return
+    assert address.path is not None
+    try:
+        st = os.stat(address.path)
+    except FileNotFoundError:
+        raise ConnectFailed(f"{address}: no such socket (is the guest running, and the path right?)") from None
+    except OSError as e:
+        raise ConnectFailed(f"{address}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
+        raise ConnectFailed(f"{address}: {address.path} is {kind}, not a monitor socket")
+
+
+def make_monitor(name: str, address: Address, **kw: Any) -> Monitor:
+    """A not-yet-connected monitor of the right protocol for ``address``."""
+    if address.protocol is Protocol.QMP:
+        from kvmshell.core.qmp import QmpMonitor
+        return QmpMonitor(name, address, **kw)
+    from kvmshell.core.hmp import HmpMonitor
+    return HmpMonitor(name, address, **kw)
+
+
+async def open_monitor(name: str, address: Address, **kw: Any) -> Monitor:
+    mon = make_monitor(name, address, **kw)
+    await mon.connect()
+    return mon

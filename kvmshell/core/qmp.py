@@ -1,0 +1,188 @@
+"""QMP through ``qemu.qmp.QMPClient``: the one module that imports qemu.qmp.
+
+Events are pumped from a listener and fanned out to subscribers. A watcher notices when QEMU goes
+away, awaits ``disconnect()`` (qemu.qmp needs it) and marks the monitor closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from kvmshell.core import hmptext
+from kvmshell.core.address import Kind, Protocol
+from kvmshell.core.models import (
+    Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
+)
+from kvmshell.core.monitor import Features, Monitor, check_unix_target
+from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
+
+log = logging.getLogger(__name__)
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost useful message of a qemu.qmp ConnectError."""
+    inner = getattr(e, "exc", None)
+    if isinstance(inner, FileNotFoundError):
+        return "no such socket"
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused (nothing listening there)"
+    if isinstance(inner, (EOFError, ConnectionResetError)):
+        return "the peer closed the connection during the QMP greeting (not QEMU, or the monitor is busy)"
+    if inner is not None and type(inner).__name__ in ("GreetingError", "ServerParseError", "NegotiationError"):
+        return f"not a QMP monitor ({getattr(inner, 'error_message', inner)})"
+    if inner is not None:
+        msg = getattr(inner, "error_message", None) or getattr(inner, "strerror", None) or str(inner)
+        return f"{msg or type(inner).__name__}"
+    return str(e)
+
+
+class QmpMonitor(Monitor):
+    protocol = Protocol.QMP
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._client: QMPClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def connect(self) -> None:
+        check_unix_target(self.address)
+        if self.address.ssh is not None:
+            raise ConnectFailed(f"{self.address}: monitors on other hosts (ssh://) are not supported yet",
+                                guest=self.name)
+        target: str | tuple[str, int]
+        if self.address.kind is Kind.UNIX:
+            assert self.address.path is not None
+            target = self.address.path
+        else:
+            assert self.address.host is not None and self.address.port is not None
+            target = (self.address.host, self.address.port)
+        client = QMPClient(self.name)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await client.connect(target)
+        except TimeoutError:
+            await self._discard(client)
+            raise ConnectFailed(
+                f"{self.address}: no QMP greeting within {self.connect_timeout:g} s: another client holds "
+                "this monitor (QEMU serves one at a time), or the peer is not QEMU", guest=self.name) from None
+        except ConnectError as e:
+            await self._discard(client)
+            raise ConnectFailed(f"{self.address}: {_reason(e)}", guest=self.name) from None
+        except (QMPError, OSError, EOFError) as e:
+            await self._discard(client)
+            raise ConnectFailed(f"{self.address}: {e}", guest=self.name) from None
+        self._client = client
+        greeting = client.greeting
+        if greeting is not None:
+            self.version = QemuVersion.from_qmp(greeting.QMP.version)
+        listener = EventListener()
+        client.register_listener(listener)
+        self._mark_open()
+        self._tasks = [
+            asyncio.create_task(self._pump(listener), name=f"qmp-events-{self.name}"),
+            asyncio.create_task(self._watch(client), name=f"qmp-watch-{self.name}"),
+        ]
+        try:
+            commands = await self.execute("query-commands")
+            hmp_help = await self.hmp("help")
+        except Exception:
+            await self.close()
+            raise
+        self.features = Features(frozenset(c["name"] for c in commands), hmptext.parse_help(hmp_help))
+
+    @staticmethod
+    async def _discard(client: QMPClient) -> None:
+        try:
+            await client.disconnect()
+        except (QMPError, OSError, EOFError):
+            pass
+
+    async def _pump(self, listener: EventListener) -> None:
+        async for msg in listener:
+            ts = msg.get("timestamp", {})
+            when = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 if ts else None
+            self._emit(str(msg["event"]), dict(msg.get("data", {})), when)
+
+    async def _watch(self, client: QMPClient) -> None:
+        """Wait until qemu.qmp starts disconnecting (QEMU gone, or us), then finish the job."""
+        while client.runstate not in (Runstate.DISCONNECTING, Runstate.IDLE):
+            await client.runstate_changed()
+        reason = "monitor closed the connection"
+        try:
+            await client.disconnect()
+        except (QMPError, OSError, EOFError) as e:
+            reason = f"monitor connection lost ({type(e).__name__}: {e})"
+        if self.connected:
+            self._mark_closed(reason)
+            self._emit("kvmshell.DISCONNECTED", {"reason": reason})
+
+    async def close(self) -> None:
+        self._mark_closed("closed by kvmshell")
+        client, self._client = self._client, None
+        if client is not None:
+            await self._discard(client)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+
+    # -- commands ----------------------------------------------------------------------------
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        client = self._client
+        if client is None or not self.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        timeout = timeout or self.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await client.execute(command, dict(arguments) if arguments else None)
+        except ExecuteError as e:
+            raise CommandFailed(f"{command}: {e.error.desc}", guest=self.name) from None
+        except TimeoutError:
+            raise MonitorTimeout(f"{command}: no answer within {timeout:g} s", guest=self.name) from None
+        except (QMPError, OSError, EOFError) as e:
+            raise Disconnected(f"{command}: monitor connection lost ({e})", guest=self.name) from None
+
+    async def hmp(self, line: str, timeout: float | None = None) -> str:
+        output = await self.execute("human-monitor-command", {"command-line": line}, timeout)
+        output = hmptext.strip_ansi(str(output)).replace("\r\n", "\n").rstrip("\n")
+        error = hmptext.error_in(output)
+        if error is not None:
+            raise CommandFailed(error, guest=self.name)
+        return output
+
+    async def status(self) -> Status:
+        return Status.from_qmp(await self.execute("query-status"))
+
+    async def migration(self) -> MigrationInfo:
+        return MigrationInfo.from_qmp(await self.execute("query-migrate"))
+
+    async def migrate_parameters(self) -> MigrationParameters:
+        return MigrationParameters.from_qmp(await self.execute("query-migrate-parameters"))
+
+    async def migrate_capabilities(self) -> Capabilities:
+        return Capabilities.from_qmp(await self.execute("query-migrate-capabilities"))
+
+    async def snapshots(self) -> tuple[Snapshot, ...]:
+        """Snapshots present on every writable disk (what `info snapshots` lists first)."""
+        per_disk: list[dict[str, Snapshot]] = []
+        for dev in await self.execute("query-block"):
+            inserted = dev.get("inserted")
+            if not inserted or inserted.get("ro"):
+                continue
+            snaps = inserted.get("image", {}).get("snapshots", [])
+            per_disk.append({s.tag: s for s in map(Snapshot.from_qmp, snaps)})
+        if not per_disk:
+            return ()
+        common = set(per_disk[0]).intersection(*per_disk[1:])
+        return tuple(s for s in per_disk[0].values() if s.tag in common)
