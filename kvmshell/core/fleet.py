@@ -1,0 +1,216 @@
+"""Many guests at once: concurrent connect, reconnect with backoff, event fan-in.
+
+Each guest has a supervisor task that connects, waits for the monitor to go away, and reconnects
+with exponential backoff. One guest's failure never touches the others: its state becomes
+UNREACHABLE with the reason, and the fleet carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmshell.core.address import Address, Kind, check_guest_name
+from kvmshell.core.models import Event, QemuVersion
+from kvmshell.core.monitor import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Monitor, make_monitor
+from kvmshell.errors import ConfigError, Disconnected, KvmError
+
+log = logging.getLogger(__name__)
+
+CONNECTED_EVENT = "kvmshell.CONNECTED"
+UNREACHABLE_EVENT = "kvmshell.UNREACHABLE"
+
+
+class GuestState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    UNREACHABLE = "unreachable"
+    CLOSED = "closed"
+
+
+@dataclass
+class Guest:
+    """A named guest of the fleet and the state of its monitor connection."""
+
+    name: str
+    address: Address
+    state: GuestState = GuestState.CONNECTING
+    reason: str | None = None               # why it is unreachable
+    monitor: Monitor | None = None
+    attempts: int = 0
+    first_attempt: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    connected: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def version(self) -> QemuVersion | None:
+        return self.monitor.version if self.monitor else None
+
+    def require(self) -> Monitor:
+        """The connected monitor, or a Disconnected error naming the guest and the reason."""
+        if self.monitor is None or not self.monitor.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.reason or self.state.value})",
+                               guest=self.name)
+        return self.monitor
+
+
+def _identity(address: Address) -> tuple[Any, ...]:
+    """What makes two addresses the same monitor (symlinks resolved for local paths)."""
+    ssh = (address.ssh.host, address.ssh.port) if address.ssh else None
+    if address.kind is Kind.TCP:
+        return (ssh, "tcp", address.host, address.port)
+    path = address.path or ""
+    return (ssh, address.kind.value, os.path.realpath(path) if ssh is None else path)
+
+
+class Fleet:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 reconnect: bool = True, backoff: tuple[float, float] = (0.25, 8.0)) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self._guests: dict[str, Guest] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._closing = False
+
+    # -- membership --------------------------------------------------------------------------
+    def add(self, name: str, address: Address) -> Guest:
+        check_guest_name(name)
+        if name in self._guests:
+            raise ConfigError(f"guest {name!r} is defined twice")
+        ident = _identity(address)
+        for other in self._guests.values():
+            if _identity(other.address) == ident:
+                raise ConfigError(f"guests {other.name!r} and {name!r} are the same monitor ({address}): "
+                                  "give each guest one name")
+        guest = Guest(name, address)
+        self._guests[name] = guest
+        if self._tasks or self._started:
+            self._spawn(guest)
+        return guest
+
+    _started = False
+
+    def __iter__(self) -> Iterator[Guest]:
+        return iter(self._guests.values())
+
+    def __len__(self) -> int:
+        return len(self._guests)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._guests
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._guests)
+
+    def get(self, name: str) -> Guest:
+        try:
+            return self._guests[name]
+        except KeyError:
+            known = ", ".join(self._guests) or "none"
+            raise KvmError(f"no guest named {name!r} (guests: {known})", title="unknown guest") from None
+
+    def monitor(self, name: str) -> Monitor:
+        return self.get(name).require()
+
+    # -- events ------------------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _emit(self, event: Event) -> None:
+        for cb in list(self._subscribers):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("fleet event subscriber failed on %s", event.name)
+
+    def _emit_state(self, guest: Guest, name: str, **data: Any) -> None:
+        import time
+        self._emit(Event(guest.name, name, data, time.time()))
+
+    # -- connecting --------------------------------------------------------------------------
+    async def start(self, wait: bool = True) -> None:
+        """Start connecting every guest; with ``wait``, return once each has connected or failed once."""
+        self._started = True
+        for guest in self._guests.values():
+            if guest.name not in self._tasks:
+                self._spawn(guest)
+        if wait:
+            await self.wait_first_attempts()
+
+    async def wait_first_attempts(self, names: Iterable[str] | None = None) -> None:
+        guests = [self.get(n) for n in names] if names is not None else list(self._guests.values())
+        await asyncio.gather(*(g.first_attempt.wait() for g in guests))
+
+    def _spawn(self, guest: Guest) -> None:
+        self._tasks[guest.name] = asyncio.create_task(self._supervise(guest), name=f"fleet-{guest.name}")
+
+    async def _supervise(self, guest: Guest) -> None:
+        delay = self.backoff[0]
+        while not self._closing:
+            guest.state = GuestState.CONNECTING
+            guest.attempts += 1
+            mon = make_monitor(guest.name, guest.address, timeout=self.timeout,
+                               connect_timeout=self.connect_timeout)
+            try:
+                await mon.connect()
+            except KvmError as e:
+                guest.state, guest.reason, guest.monitor = GuestState.UNREACHABLE, e.message, None
+                guest.first_attempt.set()
+                self._emit_state(guest, UNREACHABLE_EVENT, reason=e.message)
+                if not self.reconnect:
+                    return
+                await asyncio.sleep(delay)          # backoff between attempts, not a wait for a condition
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            unsubscribe = mon.subscribe(self._emit)
+            guest.monitor, guest.state, guest.reason = mon, GuestState.CONNECTED, None
+            guest.connected.set()
+            guest.first_attempt.set()
+            delay = self.backoff[0]
+            self._emit_state(guest, CONNECTED_EVENT, version=str(mon.version or ""))
+            try:
+                await mon.wait_closed()
+            finally:
+                unsubscribe()
+                guest.connected.clear()
+            if self._closing:
+                break
+            guest.state, guest.reason = GuestState.UNREACHABLE, mon.disconnect_reason
+            await mon.close()
+            if not self.reconnect:
+                return
+
+    async def aclose(self) -> None:
+        """Disconnect every monitor and stop every supervisor."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        await asyncio.gather(*(g.monitor.close() for g in self._guests.values() if g.monitor),
+                             return_exceptions=True)
+        for g in self._guests.values():
+            g.state = GuestState.CLOSED
+
+    async def __aenter__(self) -> Fleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def fleet_from(guests: Mapping[str, Address], **kw: Any) -> Fleet:
+    fleet = Fleet(**kw)
+    for name, address in guests.items():
+        fleet.add(name, address)
+    return fleet

@@ -1,0 +1,317 @@
+"""Real QEMU guests on this machine, for the tests, the benchmarks and `kvmshell demo`.
+
+A ``Lab`` owns a work directory and every QEMU process it starts; ``aclose()`` kills and reaps them
+all. Monitor sockets are bound here and passed to QEMU as file descriptors, so an address is ready
+the moment ``start`` returns (clients wait in the listen backlog until QEMU accepts): no polling for
+a socket file, no race for a free TCP port. Guests die with the process that started them
+(PR_SET_PDEATHSIG), so not even a killed test run leaves one behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmshell.core.address import Address, Kind, Protocol
+from kvmshell.errors import LabError
+from kvmshell.lab import image
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+LAB_DIR_PREFIX = "kvmshell-lab-"
+_PTY_RE = re.compile(rb"char device redirected to (/dev/pts/\d+) \(label mon0\)")
+
+
+class MonitorKind(enum.Enum):
+    QMP_UNIX = "qmp:unix"
+    QMP_TCP = "qmp:tcp"
+    HMP_UNIX = "hmp:unix"
+    HMP_TCP = "hmp:tcp"
+    HMP_PTY = "hmp:pty"
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(self.value.split(":")[0])
+
+    @property
+    def kind(self) -> Kind:
+        return Kind(self.value.split(":")[1])
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def choose_accel() -> str:
+    """KVMSHELL_ACCEL=kvm|tcg forces one; otherwise KVM when /dev/kvm opens, else TCG."""
+    forced = os.environ.get("KVMSHELL_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return forced
+    return "kvm" if kvm_usable() else "tcg"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LabGuest:
+    name: str
+    address: Address
+    proc: asyncio.subprocess.Process
+    disk: Path
+    ws_pages: int
+    ram_mib: int
+    accel: str
+    incoming: bool
+    log_path: Path
+    heartbeats: int = 0
+    banner: asyncio.Event = field(default_factory=asyncio.Event)
+    _beat: asyncio.Event = field(default_factory=asyncio.Event)
+    _readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    @property
+    def guest_option(self) -> str:
+        return f"{self.name}={self.address}"
+
+    async def wait_heartbeats(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until the guest has finished ``count`` more passes over its working set."""
+        target = self.heartbeats + count
+        async with asyncio.timeout(timeout):
+            while self.heartbeats < target:
+                if not self.alive:
+                    raise LabError(f"{self.name}: QEMU exited ({self.proc.returncode}); see {self.log_path}")
+                self._beat.clear()
+                await self._beat.wait()
+
+    async def kill(self) -> None:
+        """Kill QEMU (SIGKILL) and reap it."""
+        if self.alive:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        await self.proc.wait()
+        for task in self._readers:
+            task.cancel()
+        for task in self._readers:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._readers.clear()
+
+    async def _read_stdout(self, stream: asyncio.StreamReader, pty: asyncio.Future[str] | None) -> None:
+        """Serial console on stdout: banner, then one heartbeat per pass. Also QEMU's pty notice."""
+        head = b""
+        while chunk := await stream.read(65536):
+            if pty is not None and not pty.done():
+                head += chunk
+                m = _PTY_RE.search(head)
+                if m:
+                    pty.set_result(m.group(1).decode())
+                    chunk = head[m.end():]
+                    head = b""
+                else:
+                    continue
+            if not self.banner.is_set():
+                head += chunk
+                if image.BANNER in head:
+                    self.banner.set()
+                    chunk = head.split(image.BANNER, 1)[1]
+                    head = b""
+                else:
+                    continue
+            beats = chunk.count(image.HEARTBEAT)
+            if beats:
+                self.heartbeats += beats
+                self._beat.set()
+        self._beat.set()
+        if pty is not None and not pty.done():
+            pty.set_exception(LabError(f"{self.name}: QEMU exited before opening its pty; see {self.log_path}"))
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        with open(self.log_path, "ab") as f:
+            while chunk := await stream.read(65536):
+                f.write(chunk)
+                f.flush()
+
+
+class Lab:
+    """A work directory and the QEMU guests started in it."""
+
+    def __init__(self, workdir: Path | None = None, accel: str | None = None) -> None:
+        if shutil.which(QEMU) is None:
+            raise LabError(f"{QEMU} not found: install it with `apt-get install qemu-system-x86 qemu-utils` "
+                           "(or run `make test`/`make demo` as root, which does)")
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=LAB_DIR_PREFIX))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.accel = accel or choose_accel()
+        self.guests: dict[str, LabGuest] = {}
+        self._bases: dict[tuple[int, int], Path] = {}
+
+    async def __aenter__(self) -> Lab:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _base_image(self, ws_pages: int, pace: int) -> Path:
+        key = (ws_pages, pace)
+        if key not in self._bases:
+            path = self.workdir / f"boot-{ws_pages}-{pace}.raw"
+            image.write_disk_image(path, ws_pages, pace)
+            self._bases[key] = path
+        return self._bases[key]
+
+    async def _run(self, *argv: str) -> None:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode:
+            raise LabError(f"{argv[0]} failed: {out.decode(errors='replace').strip()}")
+
+    async def make_disk(self, name: str, ws_pages: int, pace: int = 0) -> Path:
+        """A qcow2 overlay (so savevm works) on the raw boot image."""
+        base = self._base_image(ws_pages, pace)
+        disk = self.workdir / f"{name}.qcow2"
+        await self._run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(disk))
+        return disk
+
+    async def start(self, name: str, monitor: MonitorKind | str = MonitorKind.QMP_UNIX, *,
+                    ws_pages: int = 256, pace: int = 0, ram_mib: int | None = None,
+                    incoming: bool = False, disk: Path | None = None, mem_file: Path | None = None,
+                    accel: str | None = None, extra_args: tuple[str, ...] = (),
+                    paused: bool = False, wait_banner: bool = True) -> LabGuest:
+        """Start a guest; return once its monitor address is ready and, unless it is an incoming
+        or ``paused`` (-S) guest or ``wait_banner`` is false, once the guest printed its banner
+        (under nested KVM the firmware alone takes seconds: skip the wait when you can)."""
+        if name in self.guests and self.guests[name].alive:
+            raise LabError(f"lab guest {name!r} is already running")
+        kind = MonitorKind(monitor)
+        accel = accel or self.accel
+        ram = ram_mib or max(32, image.min_ram_mib(ws_pages))
+        disk = disk or await self.make_disk(name, ws_pages, pace)
+        mode = "control" if kind.protocol is Protocol.QMP else "readline"
+        argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
+                "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel == "tcg" else "kvm64",
+                "-m", str(ram),
+                "-drive", f"file={disk},format=qcow2,if=ide,cache=unsafe",
+                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
+        if mem_file is not None:
+            argv += ["-object", f"memory-backend-file,id=ram0,size={ram}M,mem-path={mem_file},share=on",
+                     "-machine", "memory-backend=ram0"]
+        listener: socket.socket | None = None
+        address: Address | None = None
+        pass_fds: tuple[int, ...] = ()
+        if kind.kind is Kind.UNIX:
+            path = self.workdir / f"{name}.{kind.protocol.value}"
+            path.unlink(missing_ok=True)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            address = Address.unix(kind.protocol, str(path))
+        elif kind.kind is Kind.TCP:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            address = Address.tcp(kind.protocol, "127.0.0.1", listener.getsockname()[1])
+        if listener is not None:
+            listener.listen(8)
+            pass_fds = (listener.fileno(),)
+            argv += ["-chardev", f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off"]
+        else:
+            argv += ["-chardev", "pty,id=mon0"]
+        argv += ["-mon", f"chardev=mon0,mode={mode}"]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        if paused:
+            argv += ["-S"]
+        argv += list(extra_args)
+        log_path = self.workdir / f"{name}.log"
+        log.info("starting %s: %s", name, " ".join(argv))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, preexec_fn=_die_with_parent)
+        finally:
+            if listener is not None:
+                listener.close()      # QEMU holds its own copy now
+        pty: asyncio.Future[str] | None = asyncio.get_running_loop().create_future() if kind is MonitorKind.HMP_PTY else None
+        guest = LabGuest(name=name, address=address or Address.pty("?"), proc=proc, disk=disk,
+                         ws_pages=ws_pages, ram_mib=ram, accel=accel, incoming=incoming, log_path=log_path)
+        assert proc.stdout is not None and proc.stderr is not None
+        guest._readers = [asyncio.create_task(guest._read_stdout(proc.stdout, pty)),
+                          asyncio.create_task(guest._read_stderr(proc.stderr))]
+        self.guests[name] = guest
+        try:
+            async with asyncio.timeout(30):
+                if pty is not None:
+                    guest.address = Address.pty(await pty)
+                if wait_banner and not incoming and not paused:
+                    done = asyncio.ensure_future(guest.banner.wait())
+                    exited = asyncio.ensure_future(proc.wait())
+                    await asyncio.wait({done, exited}, return_when=asyncio.FIRST_COMPLETED)
+                    done.cancel()
+                    exited.cancel()
+                    if not guest.banner.is_set():
+                        raise LabError(f"{name}: QEMU exited ({proc.returncode}) before the guest booted: "
+                                       f"{self._tail(log_path)}")
+        except BaseException:
+            await guest.kill()
+            raise
+        return guest
+
+    @staticmethod
+    def _tail(path: Path) -> str:
+        try:
+            return path.read_text(errors="replace").strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return "(no output)"
+
+    async def aclose(self) -> None:
+        """Kill and reap every guest; remove the work directory if we made it."""
+        await asyncio.gather(*(g.kill() for g in self.guests.values()), return_exceptions=True)
+        self.guests.clear()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def leftover_lab_processes() -> list[int]:
+    """PIDs of QEMU processes started by any Lab that are still alive (for test teardown checks)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if cmd.startswith(QEMU.encode()) and LAB_DIR_PREFIX.encode() in cmd:
+            pids.append(int(entry))
+    return pids
