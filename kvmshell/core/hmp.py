@@ -19,7 +19,7 @@ from typing import Any
 from kvmshell.core import hmptext
 from kvmshell.core.address import Protocol
 from kvmshell.core.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
-from kvmshell.core.monitor import Features, Monitor, check_unix_target
+from kvmshell.core.monitor import Features, Monitor, check_unix_target, clean_hmp_line
 from kvmshell.core.transport import Stream, open_stream
 from kvmshell.errors import (
     CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 PROMPT = b"(qemu) "
 MAX_BUFFER = 4 * 1024 * 1024     # a reply larger than this is not HMP: drop the connection
-MAX_LINE = 4000                  # QEMU's readline keeps at most 4095 bytes of a line
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HmpMonitor(Monitor):
@@ -146,11 +144,7 @@ class HmpMonitor(Monitor):
     # -- commands ----------------------------------------------------------------------------
     async def raw(self, line: str, timeout: float | None = None) -> str:
         """One command line; its output (ANSI and echo removed), errors not interpreted."""
-        line = line.replace("\t", " ").strip()
-        if _CONTROL_RE.search(line):
-            raise CommandFailed("control characters are not allowed in a monitor command", guest=self.name)
-        if len(line.encode()) > MAX_LINE:
-            raise CommandFailed(f"command longer than {MAX_LINE} bytes", guest=self.name)
+        line = clean_hmp_line(line, self.name)
         if self._stream is None or not self.connected:
             raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
         timeout = timeout or self.timeout

@@ -91,6 +91,11 @@ def _num(v: str | None) -> int | None:
     return int(m.group(0)) if m else None
 
 
+def _float(v: str | None) -> float:
+    m = re.match(r"\d+(?:\.\d+)?", (v or "").strip())
+    return float(m.group(0)) if m else 0.0
+
+
 def parse_migrate(text: str) -> MigrationInfo:
     """``info migrate``. Idle guests print only the globals section."""
     kv = _key_values(text)
@@ -110,7 +115,7 @@ def parse_migrate(text: str) -> MigrationInfo:
             normal=_num(kv.get("normal")) or 0,
             normal_bytes=_bytes_value(kv.get("normal bytes", "0")),
             dirty_pages_rate=_num(kv.get("dirty pages rate")) or 0,
-            mbps=float(re.match(r"[\d.]*", kv.get("throughput", "0")).group(0) or 0),
+            mbps=_float(kv.get("throughput")),
             dirty_sync_count=_num(kv.get("dirty sync count")) or 0,
             page_size=_bytes_value(kv.get("page size", "4 kbytes")) or 4096,
             pages_per_second=_num(kv.get("pages-per-second")) or 0,

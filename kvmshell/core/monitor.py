@@ -10,6 +10,7 @@ import abc
 import asyncio
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from kvmshell.core.address import Address, Kind, Protocol
 from kvmshell.core.models import (
     Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
-from kvmshell.errors import ConnectFailed
+from kvmshell.errors import CommandFailed, ConnectFailed
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,20 @@ DEFAULT_TIMEOUT = 10.0          # seconds for an ordinary command
 DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds for connect + greeting/handshake
 
 EventCallback = Callable[[Event], None]
+
+MAX_HMP_LINE = 4000              # QEMU's readline keeps at most 4095 bytes of a line
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def clean_hmp_line(line: str, guest: str) -> str:
+    """One HMP command line as QEMU's readline will take it, or CommandFailed before sending."""
+    line = line.replace("\t", " ").strip()
+    if _CONTROL_RE.search(line):
+        raise CommandFailed("control characters (newlines included) are not allowed in a monitor command",
+                            guest=guest)
+    if len(line.encode()) > MAX_HMP_LINE:
+        raise CommandFailed(f"command longer than {MAX_HMP_LINE} bytes", guest=guest)
+    return line
 
 
 @dataclass(frozen=True)

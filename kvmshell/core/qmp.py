@@ -18,7 +18,7 @@ from kvmshell.core.address import Kind, Protocol
 from kvmshell.core.models import (
     Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
-from kvmshell.core.monitor import Features, Monitor, check_unix_target
+from kvmshell.core.monitor import Features, Monitor, check_unix_target, clean_hmp_line
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class QmpMonitor(Monitor):
             raise Disconnected(f"{command}: monitor connection lost ({e})", guest=self.name) from None
 
     async def hmp(self, line: str, timeout: float | None = None) -> str:
+        line = clean_hmp_line(line, self.name)
         output = await self.execute("human-monitor-command", {"command-line": line}, timeout)
         output = hmptext.strip_ansi(str(output)).replace("\r\n", "\n").rstrip("\n")
         error = hmptext.error_in(output)

@@ -1,0 +1,101 @@
+"""HMP text parsers, on replies captured from QEMU 7.2.22 (the real-QEMU tests check them live)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmshell.core import hmptext
+from kvmshell.core.models import MigrationStatus, RunState
+
+PARAMS = """announce-initial: 50 ms
+announce-max: 550 ms
+cpu-throttle-tailslow: off
+max-cpu-throttle: 99
+tls-creds: ''
+max-bandwidth: 134217728 bytes/second
+downtime-limit: 300 ms
+block-incremental: off
+multifd-compression: none
+xbzrle-cache-size: 67108864 bytes
+max-postcopy-bandwidth: 0"""
+
+FAILED_MIGRATE = """globals:
+store-global-state: on
+only-migratable: off
+clear-bitmap-shift: 18
+Migration status: failed (Failed to connect to '127.0.0.1:1': Connection refused)
+total time: 0 ms"""
+
+SNAPSHOTS = """List of snapshots present on all disks:
+ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT
+--        t1                672 KiB 2026-11-26 06:42:06 00:00:06.010           
+--        with space        1.5 MiB 2026-11-26 06:43:00 00:01:02.500           """
+
+
+def test_status() -> None:
+    assert hmptext.parse_status("VM status: running").state is RunState.RUNNING
+    st_ = hmptext.parse_status("VM status: paused (restore-vm)")
+    assert st_.state is RunState.RESTORE_VM and not st_.running
+    assert hmptext.parse_status("VM status: paused").state is RunState.PAUSED
+    with pytest.raises(ValueError):
+        hmptext.parse_status("hello")
+
+
+def test_version_glued_package() -> None:
+    v = hmptext.parse_version("7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3")
+    assert (v.major, v.minor, v.micro) == (7, 2, 22) and v.package.startswith("Debian")
+
+
+def test_parameters() -> None:
+    p = hmptext.parse_migrate_parameters(PARAMS)
+    assert p.max_bandwidth == 134217728 and p.downtime_limit_ms == 300
+    assert p.get("tls-creds") == "" and p.get("block-incremental") is False
+    assert p.get("multifd-compression") == "none" and p.get("announce-initial") == 50
+
+
+def test_migrate_idle_and_failed() -> None:
+    assert hmptext.parse_migrate("globals:\nstore-global-state: on").status is MigrationStatus.NONE
+    info = hmptext.parse_migrate(FAILED_MIGRATE)
+    assert info.status is MigrationStatus.FAILED and "Connection refused" in (info.error or "")
+    assert info.total_time_ms == 0
+
+
+def test_snapshots() -> None:
+    snaps = hmptext.parse_snapshots(SNAPSHOTS)
+    assert [s.tag for s in snaps] == ["t1", "with space"]
+    assert snaps[0].vm_state_size == 672 * 1024 and snaps[1].vm_state_size == int(1.5 * 1024**2)
+    assert snaps[1].vm_clock_ns == 62_500_000_000
+    assert hmptext.parse_snapshots("There is no snapshot available.") == ()
+
+
+@pytest.mark.parametrize("reply, error", [
+    ("unknown command: 'savvm'", "unknown command: 'savvm'"),
+    ("Error: Snapshot 'x' does not exist in one or more devices", "Snapshot 'x' does not exist"),
+    ("Expected 'on' or 'off'\nTry \"help migrate_set_capability\" for more information", "Expected 'on' or 'off'"),
+    ("migrate: string expected\nTry \"help migrate\" for more information", "migrate: string expected"),
+    ("no block device can store vmstate for snapshot", "no block device can store vmstate"),
+])
+def test_errors_recognised(reply: str, error: str) -> None:
+    found = hmptext.error_in(reply)
+    assert found is not None and error in found
+
+
+@pytest.mark.parametrize("reply", ["", "VM status: running", PARAMS, SNAPSHOTS, FAILED_MIGRATE])
+def test_ordinary_output_is_not_an_error(reply: str) -> None:
+    assert hmptext.error_in(reply) is None
+
+
+def test_ansi_echo_stripped() -> None:
+    assert hmptext.strip_ansi("i\x1b[K\x1b[Din\x1b[K\x1b[D\x1b[Dinfo\x1b[K") == "iininfo"
+
+
+@given(st.text(max_size=300))
+def test_parsers_never_crash_on_junk(text: str) -> None:
+    hmptext.error_in(text)
+    hmptext.parse_migrate(text)
+    hmptext.parse_migrate_parameters(text)
+    hmptext.parse_migrate_capabilities(text)
+    hmptext.parse_snapshots(text)
+    hmptext.parse_help(text)
