@@ -46,8 +46,11 @@ class HmpMonitor(Monitor):
 
     # -- life cycle --------------------------------------------------------------------------
     async def connect(self) -> None:
-        check_unix_target(self.address)
-        self._stream = await open_stream(self.address, self.connect_timeout)
+        try:
+            check_unix_target(self.address)
+            self._stream = await open_stream(self.address, self.connect_timeout)
+        except ConnectFailed as e:
+            raise ConnectFailed(e.message, guest=self.name) from None
         self._buf.clear()
         self._eof = self._overflow = False
         self._reader = asyncio.create_task(self._read_loop(), name=f"hmp-reader-{self.name}")

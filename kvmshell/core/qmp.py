@@ -25,20 +25,18 @@ log = logging.getLogger(__name__)
 
 
 def _reason(e: BaseException) -> str:
-    """The innermost useful message of a qemu.qmp ConnectError."""
-    inner = getattr(e, "exc", None)
+    """Why a qemu.qmp connect failed, for a user: a socket problem, or a peer that is not QMP."""
+    inner = getattr(e, "exc", None) or e
     if isinstance(inner, FileNotFoundError):
         return "no such socket"
     if isinstance(inner, ConnectionRefusedError):
         return "connection refused (nothing listening there)"
     if isinstance(inner, (EOFError, ConnectionResetError)):
         return "the peer closed the connection during the QMP greeting (not QEMU, or the monitor is busy)"
-    if inner is not None and type(inner).__name__ in ("GreetingError", "ServerParseError", "NegotiationError"):
-        return f"not a QMP monitor ({getattr(inner, 'error_message', inner)})"
-    if inner is not None:
-        msg = getattr(inner, "error_message", None) or getattr(inner, "strerror", None) or str(inner)
-        return f"{msg or type(inner).__name__}"
-    return str(e)
+    if isinstance(inner, OSError):
+        return inner.strerror or str(inner)
+    detail = getattr(inner, "error_message", None) or str(inner) or type(inner).__name__
+    return f"not a QMP monitor: no valid greeting ({detail[:120]})"
 
 
 class QmpMonitor(Monitor):
@@ -51,7 +49,10 @@ class QmpMonitor(Monitor):
 
     # -- life cycle --------------------------------------------------------------------------
     async def connect(self) -> None:
-        check_unix_target(self.address)
+        try:
+            check_unix_target(self.address)
+        except ConnectFailed as e:
+            raise ConnectFailed(e.message, guest=self.name) from None
         if self.address.ssh is not None:
             raise ConnectFailed(f"{self.address}: monitors on other hosts (ssh://) are not supported yet",
                                 guest=self.name)

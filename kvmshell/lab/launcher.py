@@ -265,6 +265,8 @@ class Lab:
         guest = LabGuest(name=name, address=address or Address.pty("?"), proc=proc, disk=disk,
                          ws_pages=ws_pages, ram_mib=ram, accel=accel, incoming=incoming, log_path=log_path)
         assert proc.stdout is not None and proc.stderr is not None
+        if incoming:
+            guest.banner.set()    # it arrives mid-loop by migration: heartbeats only, no banner
         guest._readers = [asyncio.create_task(guest._read_stdout(proc.stdout, pty)),
                           asyncio.create_task(guest._read_stderr(proc.stderr))]
         self.guests[name] = guest
