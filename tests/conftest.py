@@ -26,14 +26,5 @@ async def lab() -> AsyncIterator[Lab]:
 def no_qemu_left_behind() -> object:
     """Fail the run if any QEMU started by a Lab in this process tree is still alive at the end."""
     yield
-    mine = os.getpid()
-    left = [pid for pid in leftover_lab_processes() if _ppid(pid) == mine]
+    left = leftover_lab_processes(parent=os.getpid())
     assert not left, f"QEMU processes left running by the tests: {left}"
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None

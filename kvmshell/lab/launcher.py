@@ -303,8 +303,23 @@ class Lab:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def leftover_lab_processes() -> list[int]:
-    """PIDs of QEMU processes started by any Lab that are still alive (for test teardown checks)."""
+def _parent_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[0]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count)."""
+    info = _parent_and_state(pid)
+    return info is not None and info[1] != "Z"
+
+
+def leftover_lab_processes(parent: int | None = None) -> list[int]:
+    """PIDs of live (not zombie) QEMU processes started by a Lab, optionally only ``parent``'s children."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -314,6 +329,10 @@ def leftover_lab_processes() -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if cmd.startswith(QEMU.encode()) and LAB_DIR_PREFIX.encode() in cmd:
-            pids.append(int(entry))
+        if not (cmd.startswith(QEMU.encode()) and LAB_DIR_PREFIX.encode() in cmd):
+            continue
+        info = _parent_and_state(int(entry))
+        if info is None or info[1] == "Z" or (parent is not None and info[0] != parent):
+            continue
+        pids.append(int(entry))
     return pids

@@ -1,0 +1,113 @@
+"""The `kvmshell` command as a user runs it: real processes, exit statuses, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmshell.lab.launcher import Lab, MonitorKind, leftover_lab_processes, pid_alive
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_STATE_HOME=str(tmp_path / "state"))
+    env.pop("KVMSHELL_CONFIG", None)
+    return env
+
+
+async def kvmshell(tmp_path: Path, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.qemu
+async def test_guests_lists_a_qmp_and_a_pty_guest(lab: Lab, tmp_path: Path) -> None:
+    a = await lab.start("a", MonitorKind.QMP_UNIX, paused=True)
+    b = await lab.start("b", MonitorKind.HMP_PTY)
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"a={a.address}", "--guest", f"b={b.address}", "guests")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ADDRESS", "PROTO", "STATUS", "QEMU"]
+    assert re.match(rf"a\s+{re.escape(str(a.address))}\s+qmp\s+paused \(prelaunch\)\s+\d+\.\d+\.\d+$", lines[1])
+    assert re.match(rf"b\s+hmp:pty:/dev/pts/\d+\s+hmp\s+running\s+\d+\.\d+\.\d+$", lines[2])
+    assert err == ""
+
+
+@pytest.mark.qemu
+async def test_unreachable_guest_one_line_and_failure_status(lab: Lab, tmp_path: Path) -> None:
+    good = await lab.start("good", MonitorKind.HMP_UNIX, paused=True)
+    rc, out, err = await kvmshell(tmp_path, "--json", "--guest", f"good={good.address}",
+                                  "--guest", f"gone=qmp:unix:{tmp_path}/gone.qmp", "guests")
+    assert rc == 1
+    assert err == f"kvmshell: gone: qmp:unix:{tmp_path}/gone.qmp: no such socket (is the guest running, and the path right?)\n"
+    import json
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["good"]["status"] == "paused (prelaunch)" and rows["good"]["reason"] is None
+    assert rows["gone"]["status"] == "unreachable"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guest", "vm1", "guests"], "--guest 'vm1': expected NAME=ADDR"),
+    (["--guest", "vm1=qmp:tcp:localhost", "guests"], "--guest vm1: 'qmp:tcp:localhost': expected tcp:HOST:PORT"),
+    (["--guest", "a=qmp:unix:/x", "--guest", "a=qmp:unix:/y", "guests"], "guest 'a' is already defined"),
+    (["--guest", "a=qmp:unix:/x", "--guest", "b=qmp:unix:/x", "guests"], "'a' and 'b' are the same monitor"),
+    (["guests"], "no guests: give --guest NAME=ADDR"),
+    (["--config", "/nonexistent.toml", "guests"], "config file /nonexistent.toml does not exist"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+async def test_bad_input_exit_2_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    rc, out, err = await kvmshell(tmp_path, *args)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("kvmshell: ") and message in err, err
+    assert "Traceback" not in err
+
+
+async def test_bad_config_key_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[guests.web1]\nmonitor = "qmp:unix:/run/web1.qmp"\nprotocol = "qmp"\n')
+    rc, _, err = await kvmshell(tmp_path, "--config", str(cfg), "guests")
+    assert rc == 2 and f"kvmshell: {cfg}: [guests.web1]: unknown key 'protocol'" in err
+
+
+@pytest.mark.qemu
+async def test_demo_no_ui_starts_prints_and_stops(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", "demo", "--no-ui", env=env_for(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        text = ""
+        async with asyncio.timeout(60):
+            while "Ctrl-C" not in text:
+                line = await proc.stdout.readline()
+                assert line, "demo exited early"
+                text += line.decode()
+        options = re.findall(r"--guest (\S+)", text)
+        assert [o.split("=")[0] for o in options] == ["vm-src", "vm-dst", "vm-idle1", "vm-idle2"]
+        args = [a for o in options for a in ("--guest", o)]
+        rc, out, err = await kvmshell(tmp_path, *args, "guests")
+        assert rc == 0, err
+        assert "paused (inmigrate)" in out and out.count("running") == 3
+        pids = leftover_lab_processes(parent=proc.pid)
+        assert len(pids) == 4
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+        assert not [p for p in pids if pid_alive(p)]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
