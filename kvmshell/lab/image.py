@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import struct
 
 PAGE_SIZE = 4096
@@ -64,9 +63,23 @@ MAX_WS_PAGES = (WS_LIMIT - WS_BASE) // PAGE_SIZE
 RAM_HEADROOM_MIB = 8
 """Extra guest RAM above the working set: SeaBIOS keeps its final tables (a few hundred KiB) and
 the ACPI tables at the top of low RAM."""
-DEFAULT_TSC_HZ = 2.5e9
+TICK_HZ = 1000
+"""Nominal timer tick rate of a paced guest (PIT channel 0, ``PIT_HZ / PIT_DIVISOR``)."""
+PIT_HZ = 1193182
+PIT_DIVISOR = 1193
+"""PIT input clock and the channel-0 divisor giving TICK_HZ (really 1000.15 Hz)."""
+MAX_PACE = 2**32 - 1
+IDT_ADDR = 0x1000
+"""Where the guest builds its IDT at run time (free low RAM: above the pass counter at 0x600 and
+the BIOS data area, below the boot sector and the stack growing down from 0x7C00)."""
+IDT_ENTRIES = 256
 
 _COM1 = 0x3F8
+_PIC1_CMD = 0x20
+_PIC1_DATA = 0x21
+_PIC2_DATA = 0xA1
+_PIT_CH0 = 0x40
+_PIT_CMD = 0x43
 _CODE_SEL = 0x08
 _DATA_SEL = 0x10
 
@@ -109,16 +122,20 @@ class _Code:
         return _u8(disp)
 
 
-def _assemble(ws_pages: int, pace_ticks: int, labels: dict[str, int]) -> tuple[bytes, dict[str, int]]:
-    """One assembly pass. ``labels`` holds the addresses found by the previous pass (for forward
-    references); instruction sizes never depend on label values, so two passes are enough."""
+def _assemble(ws_pages: int, pace: int, labels: dict[str, int]) -> tuple[bytes, dict[str, int]]:
+    """One assembly pass. ``labels`` holds the addresses found by the previous pass (empty on the
+    first pass: unknown labels then read as the current address); instruction sizes never depend
+    on label values, so two passes are enough."""
     found: dict[str, int] = {}
     ws_end = WS_BASE + ws_pages * PAGE_SIZE
     a = _Code(LOAD_ADDR)
 
+    def lab(name: str) -> int:
+        return labels.get(name, a.here())
+
     # ---- 16-bit real mode, CS:IP = 0000:7C00 (or 07C0:0000 on odd BIOSes) -------------------
     a.emit(0xFA)                                          # cli
-    a.emit(0xEA, _u16(labels["start16"]), _u16(0))        # jmp 0x0000:start16  (CS = 0)
+    a.emit(0xEA, _u16(lab("start16")), _u16(0))           # jmp 0x0000:start16  (CS = 0)
     found["start16"] = a.here()
     a.emit(0x31, 0xC0)                                    # xor ax, ax
     a.emit(0x8E, 0xD8)                                    # mov ds, ax
@@ -128,11 +145,11 @@ def _assemble(ws_pages: int, pace_ticks: int, labels: dict[str, int]) -> tuple[b
     a.emit(0x0C, 0x02)                                    # or al, 0x02      (A20 on)
     a.emit(0x24, 0xFE)                                    # and al, 0xfe     (never the reset bit)
     a.emit(0xE6, 0x92)                                    # out 0x92, al
-    a.emit(0x0F, 0x01, 0x16, _u16(labels["gdt_desc"]))    # lgdt [gdt_desc]
+    a.emit(0x0F, 0x01, 0x16, _u16(lab("gdt_desc")))       # lgdt [gdt_desc]
     a.emit(0x0F, 0x20, 0xC0)                              # mov eax, cr0
     a.emit(0x66, 0x83, 0xC8, 0x01)                        # or eax, 1        (CR0.PE)
     a.emit(0x0F, 0x22, 0xC0)                              # mov cr0, eax
-    a.emit(0x66, 0xEA, _u32(labels["pm32"]), _u16(_CODE_SEL))  # jmp dword 0x08:pm32
+    a.emit(0x66, 0xEA, _u32(lab("pm32")), _u16(_CODE_SEL))  # jmp dword 0x08:pm32
 
     # ---- 32-bit protected mode ---------------------------------------------------------------
     found["pm32"] = a.here()
@@ -144,17 +161,46 @@ def _assemble(ws_pages: int, pace_ticks: int, labels: dict[str, int]) -> tuple[b
     a.emit(0xFC)                                          # cld
     a.emit(0xC7, 0x05, _u32(PASS_COUNTER_ADDR), _u32(0))  # mov dword [0x600], 0
 
-    # initialise every page: counter 0, MARKER, own address (RAM may hold firmware leftovers)
-    a.emit(0xBB, _u32(WS_BASE))                           # mov ebx, WS_BASE
-    found["init_loop"] = a.here()
-    a.emit(0xC7, 0x03, _u32(MARKER << 8))                 # mov dword [ebx], MARKER << 8
-    a.emit(0x89, 0x5B, 0x04)                              # mov [ebx+4], ebx
-    a.emit(0x81, 0xC3, _u32(PAGE_SIZE))                   # add ebx, 0x1000
-    a.emit(0x81, 0xFB, _u32(ws_end))                      # cmp ebx, WS_BASE + ws_pages*0x1000
-    a.emit(0x72, a.rel8(found["init_loop"]))              # jb init_loop
+    if ws_pages:
+        # initialise every page: counter 0, MARKER, own address (RAM may hold firmware leftovers)
+        a.emit(0xBB, _u32(WS_BASE))                       # mov ebx, WS_BASE
+        found["init_loop"] = a.here()
+        a.emit(0xC7, 0x03, _u32(MARKER << 8))             # mov dword [ebx], MARKER << 8
+        a.emit(0x89, 0x5B, 0x04)                          # mov [ebx+4], ebx
+        a.emit(0x81, 0xC3, _u32(PAGE_SIZE))               # add ebx, 0x1000
+        a.emit(0x81, 0xFB, _u32(ws_end))                  # cmp ebx, WS_BASE + ws_pages*0x1000
+        a.emit(0x72, a.rel8(found["init_loop"]))          # jb init_loop
+
+    # IDT: IDT_ENTRIES 32-bit interrupt gates (selector 0x08, type 0x8E: present, ring 0),
+    # every one pointing at irq_handler (its address is below 64 KiB: offset bits 31..16 = 0)
+    a.emit(0xBF, _u32(IDT_ADDR))                          # mov edi, IDT_ADDR
+    a.emit(0xB8, _u32(_CODE_SEL << 16 | lab("irq_handler")))  # mov eax, 0x08 << 16 | irq_handler
+    a.emit(0xBA, _u32(0x8E00))                            # mov edx, 0x8e00
+    found["idt_loop"] = a.here()
+    a.emit(0x89, 0x07)                                    # mov [edi], eax
+    a.emit(0x89, 0x57, 0x04)                              # mov [edi+4], edx
+    a.emit(0x83, 0xC7, 0x08)                              # add edi, 8
+    a.emit(0x81, 0xFF, _u32(IDT_ADDR + IDT_ENTRIES * 8))  # cmp edi, IDT_ADDR + IDT_ENTRIES*8
+    a.emit(0x72, a.rel8(found["idt_loop"]))               # jb idt_loop
+    a.emit(0x0F, 0x01, 0x1D, _u32(lab("idt_desc")))       # lidt [idt_desc]
+
+    paced = bool(ws_pages and pace)
+    if paced:
+        # only IRQ0 (the PIT; SeaBIOS leaves it on vector 8) may interrupt; PIT channel 0 at
+        # TICK_HZ. Interrupts stay disabled except in the pacing hlt.
+        a.emit(0xB0, 0xFE)                                # mov al, 0xfe
+        a.emit(0xE6, _PIC1_DATA)                          # out 0x21, al     (master: IRQ0 only)
+        a.emit(0xB0, 0xFF)                                # mov al, 0xff
+        a.emit(0xE6, _PIC2_DATA)                          # out 0xa1, al     (slave: all masked)
+        a.emit(0xB0, 0x34)                                # mov al, 0x34     (ch 0, lo/hi, mode 2, binary)
+        a.emit(0xE6, _PIT_CMD)                            # out 0x43, al
+        a.emit(0xB0, _u8(PIT_DIVISOR))                    # mov al, PIT_DIVISOR & 0xff
+        a.emit(0xE6, _PIT_CH0)                            # out 0x40, al
+        a.emit(0xB0, _u8(PIT_DIVISOR >> 8))               # mov al, PIT_DIVISOR >> 8
+        a.emit(0xE6, _PIT_CH0)                            # out 0x40, al
 
     # banner: ecx bytes from esi to COM1
-    a.emit(0xBE, _u32(labels["banner"]))                  # mov esi, banner
+    a.emit(0xBE, _u32(lab("banner")))                     # mov esi, banner
     a.emit(0xB9, _u32(len(BANNER)))                       # mov ecx, len(BANNER)
     a.emit(0x66, 0xBA, _u16(_COM1))                       # mov dx, 0x3f8
     found["banner_loop"] = a.here()
@@ -162,32 +208,57 @@ def _assemble(ws_pages: int, pace_ticks: int, labels: dict[str, int]) -> tuple[b
     a.emit(0xEE)                                          # out dx, al
     a.emit(0xE2, a.rel8(found["banner_loop"]))            # loop banner_loop
 
-    # one pass over the working set; ebx = page address
-    found["pass_loop"] = a.here()
-    a.emit(0xBB, _u32(WS_BASE))                           # mov ebx, WS_BASE
-    found["page_loop"] = a.here()
-    a.emit(0xC6, 0x43, 0x01, _u8(MARKER))                 # mov byte [ebx+1], MARKER
-    a.emit(0x89, 0x5B, 0x04)                              # mov [ebx+4], ebx
-    a.emit(0xFE, 0x03)                                    # inc byte [ebx]
-    if pace_ticks:
-        # busy-wait until the low 32 bits of the TSC moved pace_ticks past the page write
-        # (unsigned difference, so TSC wrap is harmless); rdtsc clobbers edx:eax
-        a.emit(0x0F, 0x31)                                # rdtsc
-        a.emit(0x89, 0xC6)                                # mov esi, eax
-        found["pace_loop"] = a.here()
-        a.emit(0xF3, 0x90)                                # pause
-        a.emit(0x0F, 0x31)                                # rdtsc
-        a.emit(0x29, 0xF0)                                # sub eax, esi
-        a.emit(0x3D, _u32(pace_ticks))                    # cmp eax, pace_ticks
-        a.emit(0x72, a.rel8(found["pace_loop"]))          # jb pace_loop
-    a.emit(0x81, 0xC3, _u32(PAGE_SIZE))                   # add ebx, 0x1000
-    a.emit(0x81, 0xFB, _u32(ws_end))                      # cmp ebx, WS_BASE + ws_pages*0x1000
-    a.emit(0x72, a.rel8(found["page_loop"]))              # jb page_loop
-    a.emit(0xFF, 0x05, _u32(PASS_COUNTER_ADDR))           # inc dword [0x600]
-    a.emit(0x66, 0xBA, _u16(_COM1))                       # mov dx, 0x3f8
-    a.emit(0xB0, HEARTBEAT[0])                            # mov al, '.'
-    a.emit(0xEE)                                          # out dx, al
-    a.emit(0xEB, a.rel8(found["pass_loop"]))              # jmp pass_loop
+    if not ws_pages:
+        # idle guest: interrupts stay disabled, so only an NMI ends the hlt
+        found["idle"] = a.here()
+        a.emit(0xF4)                                      # hlt
+        a.emit(0xEB, a.rel8(found["idle"]))               # jmp idle
+    else:
+        if paced:
+            a.emit(0xB9, _u32(pace))                      # mov ecx, pace    (pages until the next hlt)
+        # one pass over the working set; ebx = page address
+        found["pass_loop"] = a.here()
+        a.emit(0xBB, _u32(WS_BASE))                       # mov ebx, WS_BASE
+        found["page_loop"] = a.here()
+        a.emit(0xC6, 0x43, 0x01, _u8(MARKER))             # mov byte [ebx+1], MARKER
+        a.emit(0x89, 0x5B, 0x04)                          # mov [ebx+4], ebx
+        a.emit(0xFE, 0x03)                                # inc byte [ebx]
+        if paced:
+            # every pace pages, sleep until the next timer tick. Interrupts are enabled only
+            # here (sti holds them off for one instruction, so a tick cannot slip in between
+            # sti and hlt): a tick that fell while dirtying is still pending at the PIC and ends
+            # this hlt at once, so a pass slower than the tick is not slowed down further.
+            a.emit(0x49)                                  # dec ecx
+            a.emit(0x75, a.rel8(lab("next_page")))        # jnz next_page
+            a.emit(0xB9, _u32(pace))                      # mov ecx, pace
+            a.emit(0xFB)                                  # sti
+            a.emit(0xF4)                                  # hlt
+            a.emit(0xFA)                                  # cli
+            found["next_page"] = a.here()
+        a.emit(0x81, 0xC3, _u32(PAGE_SIZE))               # add ebx, 0x1000
+        a.emit(0x81, 0xFB, _u32(ws_end))                  # cmp ebx, WS_BASE + ws_pages*0x1000
+        a.emit(0x72, a.rel8(found["page_loop"]))          # jb page_loop
+        a.emit(0xFF, 0x05, _u32(PASS_COUNTER_ADDR))       # inc dword [0x600]
+        a.emit(0x66, 0xBA, _u16(_COM1))                   # mov dx, 0x3f8
+        a.emit(0xB0, HEARTBEAT[0])                        # mov al, '.'
+        a.emit(0xEE)                                      # out dx, al
+        a.emit(0xEB, a.rel8(found["pass_loop"]))          # jmp pass_loop
+
+    # interrupt handler for every vector: acknowledge the master PIC (non-specific EOI; harmless
+    # for an NMI or a spurious IRQ7), keep every register. It returns without iret, which KVM's
+    # instruction emulator only handles in real mode (the kvm_pvm flavour emulates this guest's
+    # interrupt returns and stops with "emulation failure" on a protected-mode iret): the frame
+    # [eip, cs, eflags] becomes [eflags, eip, -] (cs is always 0x08), then popfd and ret 4.
+    found["irq_handler"] = a.here()
+    a.emit(0x50)                                          # push eax
+    a.emit(0xB0, 0x20)                                    # mov al, 0x20
+    a.emit(0xE6, _PIC1_CMD)                               # out 0x20, al     (EOI)
+    a.emit(0x8B, 0x44, 0x24, 0x0C)                        # mov eax, [esp+12]  (eflags)
+    a.emit(0x87, 0x44, 0x24, 0x04)                        # xchg eax, [esp+4]  (eip <-> eflags)
+    a.emit(0x89, 0x44, 0x24, 0x08)                        # mov [esp+8], eax   (eip over cs)
+    a.emit(0x58)                                          # pop eax
+    a.emit(0x9D)                                          # popfd
+    a.emit(0xC2, _u16(4))                                 # ret 4            (eip; drop the old eflags)
 
     # ---- data --------------------------------------------------------------------------------
     found["banner"] = a.here()
@@ -200,6 +271,8 @@ def _assemble(ws_pages: int, pace_ticks: int, labels: dict[str, int]) -> tuple[b
     a.emit(0xFF, 0xFF, 0x00, 0x00, 0x00, 0x92, 0xCF, 0x00)  # 0x10: data, base 0, limit 4 GiB, 32-bit, ring 0, read/write
     found["gdt_desc"] = a.here()
     a.emit(_u16(3 * 8 - 1), _u32(found["gdt"]))           # dw gdt_limit; dd gdt
+    found["idt_desc"] = a.here()
+    a.emit(_u16(IDT_ENTRIES * 8 - 1), _u32(IDT_ADDR))     # dw idt_limit; dd IDT_ADDR
     return bytes(a.buf), found
 
 
@@ -209,29 +282,34 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
-def build_boot_sector(ws_pages: int, pace_ticks: int = 0) -> bytes:
+def _check_ws_pages(ws_pages: int) -> None:
+    _check_int("ws_pages", ws_pages)
+    if not 0 <= ws_pages <= MAX_WS_PAGES:
+        raise ValueError(f"ws_pages must be in 0..{MAX_WS_PAGES}, got {ws_pages}")
+
+
+def build_boot_sector(ws_pages: int, pace: int = 0) -> bytes:
     """The 512-byte boot sector dirtying ``ws_pages`` pages from ``WS_BASE``.
 
-    ``pace_ticks`` is the TSC ticks to wait after each page (0: no pacing code at all).
+    ``pace`` is the pages dirtied per timer tick (1/``TICK_HZ`` s): the guest halts after every
+    ``pace`` pages until the next tick. 0: unpaced (no timer, interrupts stay disabled).
+    ``ws_pages`` = 0 is an idle guest: the banner, then ``hlt`` forever (``pace`` is ignored).
     """
-    _check_int("ws_pages", ws_pages)
-    _check_int("pace_ticks", pace_ticks)
-    if not 1 <= ws_pages <= MAX_WS_PAGES:
-        raise ValueError(f"ws_pages must be in 1..{MAX_WS_PAGES}, got {ws_pages}")
-    if not 0 <= pace_ticks < 2**32:
-        raise ValueError(f"pace_ticks must be in 0..2**32-1, got {pace_ticks}")
-    labels = dict.fromkeys(("start16", "pm32", "banner", "gdt_desc"), LOAD_ADDR)
-    _, labels = _assemble(ws_pages, pace_ticks, labels)
-    code, final = _assemble(ws_pages, pace_ticks, labels)
+    _check_ws_pages(ws_pages)
+    _check_int("pace", pace)
+    if not 0 <= pace <= MAX_PACE:
+        raise ValueError(f"pace must be in 0..{MAX_PACE}, got {pace}")
+    _, labels = _assemble(ws_pages, pace, {})
+    code, final = _assemble(ws_pages, pace, labels)
     assert final == labels, "label addresses moved between passes"
     if len(code) > SECTOR_SIZE - 2:
         raise AssertionError(f"boot sector code too large: {len(code)} bytes")
     return code + bytes(SECTOR_SIZE - 2 - len(code)) + b"\x55\xAA"
 
 
-def write_disk_image(path: str | os.PathLike[str], ws_pages: int, pace_ticks: int = 0) -> None:
+def write_disk_image(path: str | os.PathLike[str], ws_pages: int, pace: int = 0) -> None:
     """Write a raw disk image: the boot sector, then zeros up to 1 MiB."""
-    sector = build_boot_sector(ws_pages, pace_ticks)
+    sector = build_boot_sector(ws_pages, pace)
     with open(path, "wb") as f:
         f.write(sector)
         f.write(bytes(DISK_IMAGE_SIZE - len(sector)))
@@ -239,40 +317,30 @@ def write_disk_image(path: str | os.PathLike[str], ws_pages: int, pace_ticks: in
 
 def min_ram_mib(ws_pages: int) -> int:
     """Smallest guest RAM (MiB) holding ``WS_BASE`` + the working set, rounded up, plus headroom."""
-    _check_int("ws_pages", ws_pages)
-    if not 1 <= ws_pages <= MAX_WS_PAGES:
-        raise ValueError(f"ws_pages must be in 1..{MAX_WS_PAGES}, got {ws_pages}")
+    _check_ws_pages(ws_pages)
     end = WS_BASE + ws_pages * PAGE_SIZE
     return -(-end // (1 << 20)) + RAM_HEADROOM_MIB
 
 
-def host_tsc_hz(cpuinfo_path: str = "/proc/cpuinfo") -> float:
-    """Best guess of the host TSC frequency: the nominal '@ x.xxGHz' of the model name (the TSC
-    rate on Intel), else the first 'cpu MHz', else 2.5 GHz. Under KVM the guest TSC runs at
-    the host rate."""
-    try:
-        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return DEFAULT_TSC_HZ
-    m = re.search(r"^model name\s*:.*@\s*([0-9]+(?:\.[0-9]+)?)\s*GHz", text, re.MULTILINE)
-    if m and float(m.group(1)) > 0:
-        return float(m.group(1)) * 1e9
-    m = re.search(r"^cpu MHz\s*:\s*([0-9]+(?:\.[0-9]+)?)", text, re.MULTILINE)
-    if m and float(m.group(1)) > 0:
-        return float(m.group(1)) * 1e6
-    return DEFAULT_TSC_HZ
+def rate_for_pace(pace: int) -> float:
+    """Nominal dirty rate (bytes/s) of a guest built with ``pace``: ``pace`` pages per tick, or
+    infinity for 0 (unpaced). Nominal: the real rate is lower when ``pace`` pages take longer
+    than a tick to dirty (the ``hlt`` then waits for the tick after) or when ticks are late."""
+    _check_int("pace", pace)
+    if not 0 <= pace <= MAX_PACE:
+        raise ValueError(f"pace must be in 0..{MAX_PACE}, got {pace}")
+    if pace == 0:
+        return math.inf
+    return float(pace * PAGE_SIZE * TICK_HZ)
 
 
 def pace_for_rate(bytes_per_second: float) -> int:
-    """TSC ticks per page for a target dirty rate (bytes/s); 0 (unpaced) for an infinite rate.
-
-    The wait covers only the time after each page write, so the real rate is a little below
-    the target (loop overhead); clamped to 1..2**32-1.
-    """
+    """Pages per tick for a target dirty rate (bytes/s), rounded to the nearest and at least 1;
+    0 (unpaced) for an infinite rate. The step is ``PAGE_SIZE * TICK_HZ`` (about 4 MB/s), so
+    slow targets round up to 1 page per tick; clamped to ``MAX_PACE``."""
     if math.isnan(bytes_per_second) or bytes_per_second <= 0:
         raise ValueError(f"bytes_per_second must be > 0, got {bytes_per_second}")
     if math.isinf(bytes_per_second):
         return 0
-    ticks = host_tsc_hz() * PAGE_SIZE / bytes_per_second
-    return max(1, min(2**32 - 1, round(ticks)))
+    pages = math.floor(bytes_per_second / (PAGE_SIZE * TICK_HZ) + 0.5)
+    return max(1, min(MAX_PACE, pages))
