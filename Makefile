@@ -12,7 +12,7 @@ test: deps
 	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: deps
-	$(VENV)/bin/kvmshell demo --no-ui
+	$(VENV)/bin/kvmshell demo
 
 bench: deps
 	$(VENV)/bin/python bench/bench_core.py

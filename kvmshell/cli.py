@@ -7,13 +7,16 @@ import asyncio
 import enum
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
 from kvmshell import __version__
 from kvmshell.config import Config, load_config
 from kvmshell.core.address import Address, parse_guest_option
+from kvmshell.core.commands import default_registry
 from kvmshell.core.fleet import Fleet, GuestState
+from kvmshell.core.session import Session
 from kvmshell.errors import ConfigError, KvmError
 from kvmshell.logsetup import setup_logging
 
@@ -38,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest", "-g", action="append", default=[], metavar="NAME=ADDR",
                    help="attach a guest, e.g. vm1=qmp:unix:/run/vm1.qmp or vm2=hmp:pty:/dev/pts/3 (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-y", "--yes", action="store_true", help="confirm destructive commands without asking")
+    p.add_argument("-c", dest="lines", action="append", default=[], metavar="LINE",
+                   help="run one command line and exit (repeatable)")
+    p.add_argument("--keep-going", action="store_true", help="with -c/run: go on after a failed line")
     p.add_argument("--connect-timeout", type=float, metavar="SEC", help="per-guest connect timeout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("guests", help="list the guests with their state")
+    sub.add_parser("shell", help="the interactive prompt (default on a terminal)")
+    run_p = sub.add_parser("run", help="run monitor command lines from FILE ('-' for stdin)")
+    run_p.add_argument("file", metavar="FILE")
     demo = sub.add_parser("demo", help="start local demo guests and attach to them")
     mode = demo.add_mutually_exclusive_group()
+    mode.add_argument("--shell", action="store_true", help="open the prompt on them (the default for now)")
     mode.add_argument("--no-ui", action="store_true", help="start the guests, print their addresses, wait for Ctrl-C")
     return p
 
@@ -100,9 +111,117 @@ async def cmd_guests(args: argparse.Namespace, config: Config, out: TextIO, err:
     return Exit.FAILED if bad else Exit.OK
 
 
+async def open_session(args: argparse.Namespace, config: Config, err: TextIO, *, interactive: bool) -> Session:
+    guests = inventory(args, config)
+    fleet = make_fleet(guests, config, args)
+    await fleet.start()
+    for g in fleet:
+        if g.state is not GuestState.CONNECTED:
+            err.write(f"kvmshell: {g.name}: {g.reason} (retrying in the background)\n" if interactive
+                      else f"kvmshell: {g.name}: {g.reason}\n")
+    current = fleet.names[0] if len(fleet) == 1 else None
+    return Session(fleet, default_registry(), config, assume_yes=args.yes, current=current)
+
+
+async def close_session(session: Session) -> None:
+    await session.aclose()
+    await session.fleet.aclose()
+
+
+async def cmd_shell(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
+    from kvmshell.config import state_dir
+    from kvmshell.shell.app import Shell, history_file
+    session = await open_session(args, config, err, interactive=True)
+    try:
+        await session.data.refresh_all()
+        return Exit(await Shell(session, history=history_file(state_dir()), json_output=args.json).run())
+    finally:
+        await close_session(session)
+
+
+async def run_lines(session: Session, lines: Sequence[str], args: argparse.Namespace, out: TextIO,
+                    err: TextIO, source: str) -> Exit:
+    """Non-interactive: run each line, print its outcomes, stop at the first failure unless --keep-going."""
+    from kvmshell.core.commands.results import Watch
+    from kvmshell.shell.render import outcome_lines, outcomes_json
+    status = Exit.OK
+    for number, line in enumerate(lines, 1):
+        outcomes = await session.run_line(line)
+        if not outcomes:
+            continue
+        for o in outcomes:
+            if o.ok and isinstance(o.result, Watch):
+                outcomes = await _watch_plain(session, o.result.line, o.result.interval, o.guest, out)
+        if args.json:
+            out.write(outcomes_json(outcomes) + "\n")
+        else:
+            grouped = len(outcomes) > 1
+            for style, text in outcome_lines([o for o in outcomes if o.ok], grouped):
+                out.write(text + "\n")
+        failed = [o for o in outcomes if not o.ok]
+        for o in failed:
+            where = f"{o.guest}: " if o.guest else ""
+            loc = f"{source}:{number}: " if source != "-c" else ""
+            err.write(f"kvmshell: {loc}{where}{o.error}\n")
+        out.flush()
+        if failed:
+            status = Exit.FAILED
+            if not args.keep_going:
+                break
+    return status
+
+
+async def _watch_plain(session: Session, line: str, interval: float, guest: str | None, out: TextIO) -> list:
+    """Without a prompt: print the watched output until the migration ends or Ctrl-C."""
+    from kvmshell.shell.render import outcome_lines
+    target_line = f"@{guest} {line}" if guest else line
+    while True:
+        outcomes = await session.run_line(target_line)
+        out.write(f"--- {time.strftime('%H:%M:%S')}\n")
+        for _, text in outcome_lines(outcomes, len(outcomes) > 1):
+            out.write(text + "\n")
+        out.flush()
+        texts = " ".join(o.result.text() for o in outcomes if o.ok and o.result is not None)
+        if not all(o.ok for o in outcomes) or "Migration status: active" not in texts and \
+                "Migration status: setup" not in texts and "postcopy" not in texts:
+            return []
+        await asyncio.sleep(interval)
+
+
+async def cmd_lines(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO,
+                    lines: Sequence[str], source: str) -> Exit:
+    session = await open_session(args, config, err, interactive=False)
+    try:
+        return await run_lines(session, lines, args, out, err, source)
+    finally:
+        await close_session(session)
+
+
+def read_script(name: str) -> list[str]:
+    if name == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"run {name}: {e.strerror}") from None
+
+
 async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
-    from kvmshell.lab.demo import run_demo
-    return Exit(await run_demo(out))
+    from kvmshell.lab.demo import run_demo, start_demo_guests
+    from kvmshell.lab.launcher import Lab
+    if args.no_ui:
+        return Exit(await run_demo(out))
+    async with Lab() as lab:
+        out.write("starting the demo guests...\n")
+        out.flush()
+        guests = await start_demo_guests(lab)
+        for g in guests:
+            args.guest.append(g.guest_option)
+        out.write("demo guests: " + ", ".join(g.name for g in guests) +
+                  " - vm-src dirties memory, vm-dst waits with -incoming defer. Try `help`, `@all info status`, "
+                  "`use vm-src`. `exit` stops the demo guests.\n")
+        return await cmd_shell(args, config, out, err)
 
 
 async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
@@ -112,6 +231,16 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return await cmd_guests(args, config, out, err)
     if args.command == "demo":
         return await cmd_demo(args, config, out, err)
+    if args.lines:
+        if args.command not in (None,):
+            raise ConfigError(f"-c runs lines by itself; drop the {args.command!r} command")
+        return await cmd_lines(args, config, out, err, args.lines, "-c")
+    if args.command == "run":
+        return await cmd_lines(args, config, out, err, read_script(args.file), args.file)
+    if args.command == "shell" or (args.command is None and sys.stdin.isatty()):
+        return await cmd_shell(args, config, out, err)
+    if args.command is None:
+        return await cmd_lines(args, config, out, err, read_script("-"), "stdin")
     build_parser().print_help(out)
     return Exit.USAGE
 

@@ -28,6 +28,7 @@ async def start_demo_guests(lab: Lab) -> list[LabGuest]:
 
 
 async def run_demo(out: TextIO) -> int:
+    """--no-ui: start the guests, print how to attach, wait for Ctrl-C, stop them."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -1,0 +1,10 @@
+"""The command language: one registry of specs, read by every face."""
+
+from __future__ import annotations
+
+from kvmshell.core.commands.spec import Registry
+
+
+def default_registry() -> Registry:
+    from kvmshell.core.commands import builtin, control, migration, snapshots
+    return Registry([*snapshots.SPECS, *migration.SPECS, *control.SPECS, *builtin.SPECS])

@@ -1,0 +1,98 @@
+"""Commands of kvmshell itself: help, guests, use, watch, exit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text, Watch
+from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Scope, UsageError
+from kvmshell.core.fleet import GuestState
+from kvmshell.core.session import Invocation
+from kvmshell.errors import KvmError
+
+
+async def help_(inv: Invocation) -> Result:
+    reg = inv.session.registry
+    topic = inv.values.get("command")
+    if topic:
+        words = str(topic).split()
+        spec, used = reg.lookup(words)
+        if spec is None or used != len(words):
+            raise UsageError(inv.session.unknown_command_message(str(topic)))
+        lines = [f"usage: {spec.usage}", "", spec.summary + "."]
+        if spec.details:
+            lines += ["", spec.details]
+        if spec.args or spec.flags:
+            lines.append("")
+        for a in spec.args:
+            lines.append(f"  {a.name.upper():<12} {a.help}")
+        for f in spec.flags:
+            lines.append(f"  {', '.join(f.names) + (' ' + f.value if f.value else ''):<12} {f.help}")
+        if spec.maps_to:
+            lines += ["", f"QEMU: {spec.maps_to}"]
+        if spec.aliases:
+            lines.append(f"aliases: {', '.join(spec.aliases)}")
+        return Text("\n".join(lines))
+    by_cat: dict[str, list[CommandSpec]] = {}
+    for spec in reg:
+        by_cat.setdefault(spec.category, []).append(spec)
+    lines = []
+    for cat, specs in by_cat.items():
+        lines.append(f"{cat}:")
+        lines += [f"  {s.name:<26} {s.summary}" for s in specs]
+    lines += ["", "Prefix a command with @NAME to run it on one guest, or @all for every guest.",
+              "Other HMP commands of the guest (info block, x, device_del...) are passed through.",
+              "`help COMMAND` for details."]
+    return Text("\n".join(lines))
+
+
+async def guests(inv: Invocation) -> Result:
+    fleet = inv.session.fleet
+    rows = []
+    statuses = await asyncio.gather(*(_status(g.name, inv) for g in fleet))
+    for g, status in zip(fleet, statuses):
+        mark = "*" if g.name == inv.session.current else ""
+        state = status if g.state is GuestState.CONNECTED else f"{g.state.value}: {g.reason}"
+        rows.append((mark + g.name, str(g.address), state, str(g.version or "")))
+    return Table(("NAME", "ADDRESS", "STATUS", "QEMU"), tuple(rows), empty="no guests attached")
+
+
+async def _status(name: str, inv: Invocation) -> str:
+    try:
+        return str(await inv.session.fleet.monitor(name).status())
+    except KvmError as e:
+        return f"error: {e.message}"
+
+
+async def use(inv: Invocation) -> Result:
+    name = str(inv.values["name"])
+    inv.session.fleet.get(name)
+    inv.session.current = name
+    inv.session.data.schedule(name)
+    return KeyValues((("current guest", name),))
+
+
+async def watch(inv: Invocation) -> Result:
+    line = str(inv.values["line"])
+    plan = inv.session.plan(line)           # check it now, before the face starts redrawing
+    if plan is None:
+        raise UsageError("watch needs a command, e.g. watch info migrate")
+    return Watch(line)
+
+
+async def exit_(inv: Invocation) -> Result:
+    return Exit()
+
+
+SPECS = (
+    CommandSpec("help", "list the commands, or explain one", help_, scope=Scope.SHELL,
+                args=(Arg("command", "a command name", optional=True, rest=True, complete=Completer.COMMAND),),
+                category="shell"),
+    CommandSpec("guests", "list the attached guests with their state", guests, scope=Scope.SHELL, category="shell"),
+    CommandSpec("use", "make NAME the current guest (the prompt shows it)", use, scope=Scope.SHELL,
+                args=(Arg("name", "guest name", complete=Completer.GUEST),), category="shell"),
+    CommandSpec("watch", "show a command's output live, twice a second, until Ctrl-C", watch, scope=Scope.SHELL,
+                args=(Arg("line", "the command, e.g. info migrate", rest=True, complete=Completer.COMMAND),),
+                details="Ctrl-C returns to the prompt; it does not cancel anything.", category="shell"),
+    CommandSpec("exit", "leave kvmshell (the guests keep running)", exit_, scope=Scope.SHELL, category="shell"),
+)

@@ -1,0 +1,331 @@
+"""The HMP migration commands, on any QEMU: QMP where the guest speaks it, HMP otherwise.
+
+Also the two commands QEMU removed in 6.0 and admins still type: migrate_set_speed (-> max-bandwidth)
+and migrate_set_downtime (-> downtime-limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from kvmshell.core.commands.common import is_qmp
+from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch, human_bytes
+from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
+from kvmshell.core.commands.values import (
+    check_uri, is_local_host, parse_on_off, parse_positive_int, parse_seconds, parse_size, uri_host,
+)
+from kvmshell.core.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
+from kvmshell.core.models import MigrationInfo, MigrationStatus, RunState
+from kvmshell.core.monitor import Monitor
+from kvmshell.core.session import Invocation
+from kvmshell.errors import CommandFailed, Refused, Unsupported
+
+YES = Flag(("-y", "--yes"), "do not ask for confirmation")
+# parameters that hold sizes; max-bandwidth and max-postcopy-bandwidth take MiB for a bare number, as HMP does
+BANDWIDTH_PARAMS = ("max-bandwidth", "max-postcopy-bandwidth", "avail-switchover-bandwidth")
+SIZE_PARAMS = BANDWIDTH_PARAMS + ("xbzrle-cache-size",)
+MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
+
+
+async def _migrate_args(mon: Monitor) -> set[str]:
+    """The arguments this QEMU's migrate accepts (from its QMP schema, or HMP's help text)."""
+    if is_qmp(mon):
+        schema = await mon.execute("query-qmp-schema")
+        by_name = {e.get("name"): e for e in schema}
+        cmd = by_name.get("migrate", {})
+        members = by_name.get(cmd.get("arg-type"), {}).get("members", [])
+        return {m["name"] for m in members}
+    help_text = await mon.hmp("help migrate")
+    return {name for flag, name in (("-b", "blk"), ("-i", "inc"), ("-r", "resume")) if flag in help_text} | {"uri"}
+
+
+async def migrate(inv: Invocation) -> Result:
+    mon = inv.monitor
+    uri = str(inv.values["uri"])
+    blk, inc, resume = bool(inv.flags.get("b")), bool(inv.flags.get("i")), bool(inv.flags.get("r"))
+    info = await mon.migration()
+    if info.status.is_active and not resume:
+        raise Refused(f"a migration of this guest is already {info.status}; `migrate_cancel` first", guest=inv.guest)
+    if blk or inc or resume:
+        have = await _migrate_args(mon)
+        for flag, arg, wanted in (("-b", "blk", blk), ("-i", "inc", inc), ("-r", "resume", resume)):
+            if wanted and arg not in have:
+                hint = ("block migration was removed in QEMU 9.1: use shared storage, or copy the disks "
+                        "with NBD + blockdev-mirror (kvmshell's storage migration, `migrate --copy-storage`, "
+                        "is on its way)") if arg != "resume" else "this QEMU cannot resume a migration"
+                raise Unsupported(f"migrate {flag}: {hint}", guest=inv.guest)
+    warnings = []
+    host = uri_host(uri)
+    if not is_local_host(host):
+        params = await mon.migrate_parameters()
+        if not params.get("tls-creds"):
+            warnings.append(f"the migration stream to {host} is not encrypted (no tls-creds): "
+                            "anyone on the path can read the guest's memory")
+    if is_qmp(mon):
+        args: dict[str, Any] = {"uri": uri}
+        if blk:
+            args["blk"] = True
+        if inc:
+            args["inc"] = True
+        if resume:
+            args["resume"] = True
+        await mon.execute("migrate", args)
+    else:
+        opts = "".join(f" {f}" for f, on in (("-b", blk), ("-i", inc), ("-r", resume)) if on)
+        await mon.hmp(f"migrate -d{opts} {uri}")     # always detached: a blocking migrate would hold the monitor
+    inv.session.data.schedule(inv.guest or "", MIGRATION)
+    state = await _first_state(mon)
+    if state.status is MigrationStatus.FAILED:
+        raise CommandFailed(f"migration to {uri} failed at once: {state.error or 'no reason given'}; "
+                            "the guest runs on here as before", guest=inv.guest)
+    return Done(f"migration to {uri} started ({state.status}); `info migrate` shows its progress",
+                tuple(warnings))
+
+
+async def _first_state(mon: Monitor, bound: float = 1.0) -> MigrationInfo:
+    """The migration's state once it has left `setup`, or after ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while True:
+        info = await mon.migration()
+        if info.status is not MigrationStatus.SETUP or time.monotonic() >= deadline:
+            return info
+        await asyncio.sleep(0.02)       # QEMU sends no event without the events capability
+
+
+async def migrate_cancel(inv: Invocation) -> Result:
+    mon = inv.monitor
+    info = await mon.migration()
+    if not info.status.is_active:
+        return Done(f"no migration to cancel (status: {info.status})")
+    await (mon.execute("migrate_cancel") if is_qmp(mon) else mon.hmp("migrate_cancel"))
+    inv.session.data.schedule(inv.guest or "", MIGRATION)
+    return Done("migration cancelled; the guest keeps running here")
+
+
+async def migrate_incoming(inv: Invocation) -> Result:
+    mon = inv.monitor
+    uri = str(inv.values["uri"])
+    status = await mon.status()
+    if status.state is not RunState.INMIGRATE:
+        raise CommandFailed(f"the guest is {status}, not waiting for a migration: start its QEMU with "
+                            "`-incoming defer` to receive one", guest=inv.guest)
+    await (mon.execute("migrate-incoming", {"uri": uri}) if is_qmp(mon) else mon.hmp(f"migrate_incoming {uri}"))
+    return Done(f"listening for the incoming migration on {uri}")
+
+
+async def migrate_start_postcopy(inv: Invocation) -> Result:
+    mon = inv.monitor
+    caps = await mon.migrate_capabilities()
+    if "postcopy-ram" not in caps or not caps["postcopy-ram"]:
+        raise CommandFailed("postcopy-ram is off: set it on both sides before `migrate` "
+                            "(migrate_set_capability postcopy-ram on)", guest=inv.guest)
+    info = await mon.migration()
+    if info.status is not MigrationStatus.ACTIVE:
+        raise CommandFailed(f"no active migration to switch to postcopy (status: {info.status})", guest=inv.guest)
+    await inv.confirm("switch to postcopy? From now on the guest runs on the destination while its memory "
+                      "is still being copied: if the network or the destination fails, the guest is split "
+                      "between hosts and can only be recovered with migrate_recover")
+    await (mon.execute("migrate-start-postcopy") if is_qmp(mon) else mon.hmp("migrate_start_postcopy"))
+    return Done("switched to postcopy")
+
+
+async def migrate_recover(inv: Invocation) -> Result:
+    mon = inv.monitor
+    uri = str(inv.values["uri"])
+    await (mon.execute("migrate-recover", {"uri": uri}) if is_qmp(mon) else mon.hmp(f"migrate_recover {uri}"))
+    return Done(f"destination listening on {uri} to recover the paused postcopy migration; "
+                f"then run `migrate -r URI` on the source")
+
+
+async def migrate_pause(inv: Invocation) -> Result:
+    mon = inv.monitor
+    await (mon.execute("migrate-pause") if is_qmp(mon) else mon.hmp("migrate_pause"))
+    return Done("postcopy migration paused")
+
+
+async def set_parameter(inv: Invocation, name: str, value: Any) -> None:
+    mon = inv.monitor
+    if is_qmp(mon):
+        await mon.execute("migrate-set-parameters", {name: value})
+    else:
+        text = ("on" if value else "off") if isinstance(value, bool) else (
+            f"{value}B" if name in SIZE_PARAMS else str(value))
+        await mon.hmp(f"migrate_set_parameter {name} {text}")
+    inv.session.data.schedule(inv.guest or "", PARAMETERS)
+
+
+async def migrate_set_parameter(inv: Invocation) -> Result:
+    name, text = str(inv.values["name"]), str(inv.values["value"])
+    params = await inv.monitor.migrate_parameters()
+    if name not in params.values:
+        raise UsageError(f"no migration parameter {name!r} on this guest (`info migrate_parameters` lists them)",
+                         guest=inv.guest)
+    current = params.values[name]
+    try:
+        if isinstance(current, bool):
+            value: Any = parse_on_off(text)
+        elif name in SIZE_PARAMS:
+            value = parse_size(text, bare_unit="M" if name in BANDWIDTH_PARAMS else "B")
+        elif isinstance(current, int):
+            if not text.strip().isdigit():
+                raise ValueError(f"{text!r} is not a whole number of 0 or more")
+            value = int(text)
+        else:
+            value = text
+    except ValueError as e:
+        raise UsageError(f"{name}: {e}", guest=inv.guest) from None
+    await set_parameter(inv, name, value)
+    return Done(f"{name} = {value if not isinstance(value, bool) else ('on' if value else 'off')}")
+
+
+async def migrate_set_capability(inv: Invocation) -> Result:
+    mon = inv.monitor
+    name, state = str(inv.values["name"]), bool(inv.values["state"])
+    caps = await mon.migrate_capabilities()
+    if name not in caps:
+        raise UsageError(f"no migration capability {name!r} on this guest (`info migrate_capabilities` lists them)",
+                         guest=inv.guest)
+    if is_qmp(mon):
+        await mon.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": state}]})
+    else:
+        await mon.hmp(f"migrate_set_capability {name} {'on' if state else 'off'}")
+    inv.session.data.schedule(inv.guest or "", CAPABILITIES)
+    return Done(f"{name} {'on' if state else 'off'}")
+
+
+async def migrate_set_speed(inv: Invocation) -> Result:
+    value = int(inv.values["value"])  # type: ignore[call-overload]
+    await set_parameter(inv, "max-bandwidth", value)
+    return Done(f"max-bandwidth = {value} bytes/s ({human_bytes(value)}/s)")
+
+
+async def migrate_set_downtime(inv: Invocation) -> Result:
+    seconds = float(inv.values["seconds"])  # type: ignore[arg-type]
+    ms = round(seconds * 1000)
+    if ms > MAX_DOWNTIME_MS:
+        raise UsageError(f"{seconds:g} s is more than QEMU's limit of {MAX_DOWNTIME_MS // 1000} s", guest=inv.guest)
+    await set_parameter(inv, "downtime-limit", ms)
+    return Done(f"downtime-limit = {ms} ms")
+
+
+def render_migration(info: MigrationInfo) -> KeyValues:
+    """`info migrate` as the HMP user knows it, from the typed object (same for QMP and HMP guests)."""
+    items: list[tuple[str, Any]] = [("Migration status", info.status.value + (f" ({info.error})" if info.error else ""))]
+    for label, v in (("total time", info.total_time_ms), ("expected downtime", info.expected_downtime_ms),
+                     ("downtime", info.downtime_ms), ("setup", info.setup_time_ms)):
+        if v is not None:
+            items.append((label, f"{v} ms"))
+    if info.cpu_throttle_percentage is not None:
+        items.append(("cpu throttle percentage", info.cpu_throttle_percentage))
+    if info.ram is not None:
+        r = info.ram
+        items += [("transferred ram", human_bytes(r.transferred)), ("remaining ram", human_bytes(r.remaining)),
+                  ("total ram", human_bytes(r.total)), ("throughput", f"{r.mbps:.2f} mbps"),
+                  ("dirty sync count (pass)", r.dirty_sync_count),
+                  ("dirty pages rate", f"{r.dirty_pages_rate} pages/s ({human_bytes(r.dirty_bytes_rate)}/s)"),
+                  ("duplicate (zero) pages", r.duplicate), ("normal pages", r.normal)]
+        if r.postcopy_requests:
+            items.append(("postcopy requests", r.postcopy_requests))
+    if info.disk is not None:
+        items += [("transferred disk", human_bytes(info.disk.transferred)),
+                  ("remaining disk", human_bytes(info.disk.remaining)), ("total disk", human_bytes(info.disk.total))]
+    for reason in info.blocked_reasons:
+        items.append(("blocked", reason))
+    return KeyValues(tuple(items))
+
+
+async def info_migrate(inv: Invocation) -> Result:
+    if inv.flags.get("watch"):
+        return Watch("info migrate")
+    info = await inv.monitor.migration()
+    return render_migration(info)
+
+
+async def info_migrate_parameters(inv: Invocation) -> Result:
+    params = await inv.monitor.migrate_parameters()
+    return KeyValues(tuple(sorted(params.values.items())))
+
+
+async def info_migrate_capabilities(inv: Invocation) -> Result:
+    caps = await inv.monitor.migrate_capabilities()
+    return KeyValues(tuple(sorted(caps.states.items())))
+
+
+async def calc_dirty_rate(inv: Invocation) -> Result:
+    mon = inv.monitor
+    seconds = int(inv.values["seconds"])  # type: ignore[call-overload]
+    await (mon.execute("calc-dirty-rate", {"calc-time": seconds}) if is_qmp(mon)
+           else mon.hmp(f"calc_dirty_rate {seconds}"))
+    return Done(f"measuring the dirty rate for {seconds} s; `info dirty_rate` shows the result")
+
+
+async def info_dirty_rate(inv: Invocation) -> Result:
+    mon = inv.monitor
+    if not is_qmp(mon):
+        return Text(await mon.hmp("info dirty_rate"))
+    d = await mon.execute("query-dirty-rate")
+    items: list[tuple[str, Any]] = [("status", d.get("status"))]
+    if "dirty-rate" in d:
+        items.append(("dirty rate", f"{d['dirty-rate']} MB/s"))
+    items += [(k, d[k]) for k in ("calc-time", "sample-pages", "mode", "start-time") if k in d]
+    return KeyValues(tuple(items))
+
+
+def _uri(text: str) -> str:
+    return check_uri(text)
+
+
+SPECS = (
+    CommandSpec("migrate", "migrate the guest to URI (always detached)", migrate,
+                args=(Arg("uri", "tcp:HOST:PORT, unix:PATH, exec:CMD, fd:NAME, rdma:HOST:PORT", parse=_uri,
+                          complete=Completer.URI),),
+                flags=(Flag(("-d",), "detach (accepted; kvmshell never blocks the monitor)"),
+                       Flag(("-b",), "copy the disks too (block migration, where QEMU still has it)"),
+                       Flag(("-i",), "copy only the top image over a shared backing file"),
+                       Flag(("-r",), "resume a paused postcopy migration")),
+                maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d", category="migration"),
+    CommandSpec("migrate_cancel", "cancel the migration under way", migrate_cancel,
+                maps_to="QMP migrate_cancel", category="migration"),
+    CommandSpec("migrate_incoming", "start listening for an incoming migration (guest started with -incoming defer)",
+                migrate_incoming, args=(Arg("uri", "where to listen, e.g. tcp:0:6666", parse=_uri,
+                                            complete=Completer.URI),),
+                maps_to="QMP migrate-incoming", category="migration"),
+    CommandSpec("migrate_start_postcopy", "switch the running migration to postcopy", migrate_start_postcopy,
+                flags=(YES,), maps_to="QMP migrate-start-postcopy", category="migration"),
+    CommandSpec("migrate_recover", "destination: listen on URI to recover a paused postcopy migration",
+                migrate_recover, args=(Arg("uri", "where to listen", parse=_uri, complete=Completer.URI),),
+                maps_to="QMP migrate-recover", category="migration"),
+    CommandSpec("migrate_pause", "pause a postcopy migration (to recover it on another path)", migrate_pause,
+                maps_to="QMP migrate-pause", category="migration"),
+    CommandSpec("migrate_set_parameter", "set a migration parameter", migrate_set_parameter,
+                args=(Arg("name", "parameter name", complete=Completer.PARAMETER),
+                      Arg("value", "new value (sizes take B K M G T)", complete=Completer.PARAMETER_VALUE)),
+                maps_to="QMP migrate-set-parameters", category="migration"),
+    CommandSpec("migrate_set_capability", "turn a migration capability on or off", migrate_set_capability,
+                args=(Arg("name", "capability name", complete=Completer.CAPABILITY),
+                      Arg("state", "on or off", parse=parse_on_off, complete=Completer.ON_OFF)),
+                maps_to="QMP migrate-set-capabilities", category="migration"),
+    CommandSpec("migrate_set_speed", "cap the migration bandwidth (removed from QEMU 6.0, kept here)",
+                migrate_set_speed,
+                args=(Arg("value", "bytes/s: a bare number is MiB/s as the old HMP had it; suffixes B K M G T",
+                          parse=lambda t: parse_size(t, bare_unit="M"), complete=Completer.SIZE),),
+                maps_to="QMP migrate-set-parameters max-bandwidth", category="migration (legacy)"),
+    CommandSpec("migrate_set_downtime", "set the maximum downtime (removed from QEMU 6.0, kept here)",
+                migrate_set_downtime,
+                args=(Arg("seconds", "seconds, e.g. 0.3", parse=parse_seconds),),
+                maps_to="QMP migrate-set-parameters downtime-limit (ms)", category="migration (legacy)"),
+    CommandSpec("info migrate", "show the migration status and statistics", info_migrate,
+                flags=(Flag(("--watch", "-w"), "refresh twice a second until Ctrl-C"),),
+                maps_to="QMP query-migrate", category="migration"),
+    CommandSpec("info migrate_parameters", "show the migration parameters", info_migrate_parameters,
+                maps_to="QMP query-migrate-parameters", category="migration"),
+    CommandSpec("info migrate_capabilities", "show the migration capabilities", info_migrate_capabilities,
+                maps_to="QMP query-migrate-capabilities", category="migration"),
+    CommandSpec("calc_dirty_rate", "measure how fast the guest dirties memory", calc_dirty_rate,
+                args=(Arg("seconds", "measuring time", parse=lambda t: parse_positive_int(t, "seconds")),),
+                maps_to="QMP calc-dirty-rate", category="migration"),
+    CommandSpec("info dirty_rate", "show the last dirty-rate measurement", info_dirty_rate,
+                maps_to="QMP query-dirty-rate", category="migration"),
+)

@@ -1,0 +1,91 @@
+"""Argument values: sizes, durations, on/off, migration URIs. Pure; raise ValueError with a message
+that says what was expected."""
+
+from __future__ import annotations
+
+import math
+import re
+
+SIZE_UNITS = {"": None, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([BKMGT]?)(?:I?B)?", re.I)
+
+
+def parse_size(text: str, bare_unit: str = "B") -> int:
+    """``1G``, ``512M``, ``1.5g``, ``100`` (a bare number counts in ``bare_unit``). Powers of 1024,
+    as QEMU's HMP does. Never negative."""
+    t = text.strip()
+    if t.startswith("-"):
+        raise ValueError(f"{text!r} is negative: a size must be 0 or more")
+    m = _SIZE_RE.fullmatch(t)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a number with an optional suffix B, K, M, G or T, e.g. 1G)")
+    unit = m.group(2).upper()
+    factor = SIZE_UNITS[unit] or SIZE_UNITS[bare_unit.upper()]
+    assert factor is not None
+    value = float(m.group(1)) * factor
+    if not math.isfinite(value) or value >= 2**63:
+        raise ValueError(f"{text!r} is too large")
+    return int(value)
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds (e.g. 0.3)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r}: seconds must be a finite number, 0 or more")
+    return value
+
+
+def parse_on_off(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{text!r}: expected on or off")
+
+
+def parse_positive_int(text: str, what: str = "value") -> int:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) <= 0:
+        raise ValueError(f"{text!r}: {what} must be a whole number above 0")
+    return int(text)
+
+
+URI_SCHEMES = {
+    "tcp": "tcp:HOST:PORT - a TCP stream (QEMU's default transport)",
+    "unix": "unix:PATH - a unix socket on this host",
+    "exec": "exec:COMMAND - pipe the stream through a shell command",
+    "fd": "fd:NAME - a file descriptor passed to QEMU with getfd",
+    "rdma": "rdma:HOST:PORT - RDMA transport",
+    "file": "file:PATH[,offset=N] - to a file (QEMU 8.2 and later)",
+}
+
+
+def check_uri(uri: str) -> str:
+    """A migration URI QEMU would accept, or ValueError naming what is wrong."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in URI_SCHEMES:
+        raise ValueError(f"{uri!r} is not a migration URI (expected tcp:HOST:PORT, unix:PATH, exec:CMD, "
+                         "fd:NAME, rdma:HOST:PORT or file:PATH)")
+    if scheme in ("tcp", "rdma"):
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):(\d+)(,.*)?", rest)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ValueError(f"{uri!r}: expected {scheme}:HOST:PORT with a port from 1 to 65535")
+    elif not rest:
+        raise ValueError(f"{uri!r}: {URI_SCHEMES[scheme]}")
+    return uri
+
+
+def uri_host(uri: str) -> str | None:
+    """The host a tcp:/rdma: URI points at (None for local transports)."""
+    scheme, _, rest = uri.partition(":")
+    if scheme not in ("tcp", "rdma"):
+        return None
+    host = rest.rsplit(":", 1)[0].split(",")[0] if "]" not in rest else rest.split("]")[0].lstrip("[")
+    return host
+
+
+def is_local_host(host: str | None) -> bool:
+    return host is None or host in ("", "0", "localhost", "::1", "0.0.0.0", "::") or host.startswith("127.")

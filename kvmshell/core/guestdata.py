@@ -1,0 +1,93 @@
+"""Live data about each guest that completion and the toolbars read without waiting.
+
+Refreshed in the background (tasks owned here) and swapped in with one assignment; invalidated by
+the commands that change it (savevm -> tags, migrate_set_parameter -> parameters) and by events.
+Readers never await: they get what is cached, possibly nothing yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.errors import KvmError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS, PARAMETERS, CAPABILITIES, STATUS, MIGRATION = "snapshots", "parameters", "capabilities", "status", "migration"
+ALL = (SNAPSHOTS, PARAMETERS, CAPABILITIES, STATUS, MIGRATION)
+
+
+@dataclass(frozen=True)
+class GuestSnapshot:
+    """Everything cached about one guest, as of ``when``."""
+
+    status: Status | None = None
+    migration: MigrationInfo | None = None
+    snapshots: tuple[Snapshot, ...] | None = None
+    parameters: MigrationParameters | None = None
+    capabilities: Capabilities | None = None
+    when: float = 0.0
+
+
+class GuestData:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._data: dict[str, GuestSnapshot] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def get(self, name: str) -> GuestSnapshot:
+        return self._data.get(name, GuestSnapshot())
+
+    def tags(self, name: str) -> tuple[Snapshot, ...]:
+        return self.get(name).snapshots or ()
+
+    async def refresh(self, name: str, what: tuple[str, ...] = ALL) -> GuestSnapshot:
+        """Fetch ``what`` for one guest now; keep what cannot be fetched as it was."""
+        try:
+            mon = self.fleet.monitor(name)
+        except KvmError:
+            return self.get(name)
+        fetched: dict[str, object] = {}
+        getters = {SNAPSHOTS: mon.snapshots, PARAMETERS: mon.migrate_parameters,
+                   CAPABILITIES: mon.migrate_capabilities, STATUS: mon.status, MIGRATION: mon.migration}
+        for key in what:
+            try:
+                fetched[key] = await getters[key]()
+            except KvmError as e:
+                log.info("%s: refreshing %s failed: %s", name, key, e)
+        old = self.get(name)
+        new = GuestSnapshot(
+            status=fetched.get(STATUS, old.status),               # type: ignore[arg-type]
+            migration=fetched.get(MIGRATION, old.migration),      # type: ignore[arg-type]
+            snapshots=fetched.get(SNAPSHOTS, old.snapshots),      # type: ignore[arg-type]
+            parameters=fetched.get(PARAMETERS, old.parameters),   # type: ignore[arg-type]
+            capabilities=fetched.get(CAPABILITIES, old.capabilities),  # type: ignore[arg-type]
+            when=time.monotonic())
+        self._data[name] = new
+        return new
+
+    def schedule(self, name: str, *what: str) -> None:
+        """Refresh in the background (one task per guest and kind at a time)."""
+        for key in what or ALL:
+            task = self._tasks.get((name, key))
+            if task is not None and not task.done():
+                continue
+            self._tasks[(name, key)] = asyncio.create_task(self._run(name, key), name=f"guestdata-{name}-{key}")
+
+    async def _run(self, name: str, key: str) -> None:
+        await self.refresh(name, (key,))
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(g.name) for g in self.fleet))
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
