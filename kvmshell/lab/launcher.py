@@ -257,7 +257,8 @@ class Lab:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, preexec_fn=_die_with_parent)
+                stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, preexec_fn=_die_with_parent,
+                start_new_session=True)    # a Ctrl-C at the terminal must not reach the guests
         finally:
             if listener is not None:
                 listener.close()      # QEMU holds its own copy now

@@ -69,7 +69,7 @@ class Flag:
 
     @property
     def key(self) -> str:
-        return self.names[-1].lstrip("-").replace("-", "_")
+        return max(self.names, key=len).lstrip("-").replace("-", "_")
 
 
 Handler = Callable[["Invocation"], Awaitable["Result"]]
