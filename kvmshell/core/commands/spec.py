@@ -183,7 +183,8 @@ class Registry:
                 values[rest_arg.name] = _rest_after(raw_rest, words, i)
                 i = len(words)
                 break
-            if w.startswith("-") and len(w) > 1 and not _numeric(w):
+            slots = len(spec.args) - (1 if rest_arg is not None else 0)
+            if w.startswith("-") and len(w) > 1 and not _numeric(w) and len(positional) >= slots:
                 raise UsageError(f"unknown option {w!r}; usage: {spec.usage}")
             positional.append(w)
             i += 1
