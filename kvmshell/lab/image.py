@@ -15,14 +15,29 @@ What the guest does:
    (counter 0, ``MARKER``, own address): RAM is not necessarily zero at this
    point, SeaBIOS relocates its init code to top-of-RAM minus 16 MiB, which can
    fall inside the working set. From the banner on, the working set is valid.
-3. Banner ``KVMSHELL-GUEST\\n`` on COM1 (plain ``out`` to 0x3F8; QEMU's UART
+3. An IDT of ``IDT_ENTRIES`` interrupt gates is built at ``IDT_ADDR`` and
+   loaded, all gates pointing at one handler that sends a non-specific EOI to
+   the master PIC and returns with every register kept (an NMI is survived too).
+   A paced guest (``pace`` > 0) then masks every IRQ but IRQ0 (SeaBIOS leaves
+   it on vector 8, which is fine when every gate is the same) and programs PIT
+   channel 0 to ``TICK_HZ`` (mode 2, divisor ``PIT_DIVISOR``). Interrupts stay
+   disabled (IF = 0) everywhere except in the pacing ``hlt``.
+4. Banner ``KVMSHELL-GUEST\\n`` on COM1 (plain ``out`` to 0x3F8; QEMU's UART
    needs no initialisation to transmit).
-4. Forever: walk the working set (``ws_pages`` pages of 4 KiB from
+5. Forever: walk the working set (``ws_pages`` pages of 4 KiB from
    ``WS_BASE`` = 1 MiB) in ascending order; on each page at address A write
-   ``MARKER`` at A+1, the dword A at A+4, then ``inc byte [A]``; optionally
-   busy-wait ``pace_ticks`` TSC ticks (low 32 bits of ``rdtsc``, with
-   ``pause``). After each full pass: ``inc dword [PASS_COUNTER_ADDR]`` and a
-   ``.`` heartbeat on COM1.
+   ``MARKER`` at A+1, the dword A at A+4, then ``inc byte [A]``; when paced,
+   after every ``pace`` pages ``sti; hlt; cli``: sleep until the next timer
+   tick (or return at once if a tick fell while dirtying, so a guest that
+   cannot keep its pace is not slowed further). After each full pass:
+   ``inc dword [PASS_COUNTER_ADDR]`` and a ``.`` heartbeat on COM1.
+   With ``ws_pages`` = 0 (an idle guest) there is no working set: after the
+   banner, ``hlt`` in a loop with interrupts disabled, no heartbeats.
+
+The nominal dirty rate of a paced guest is ``pace * PAGE_SIZE * TICK_HZ``
+bytes/s (:func:`rate_for_pace`; 1 page per tick is 4.1 MB/s). Between ticks
+the vCPU sleeps in ``hlt``, so a slow guest costs the host little CPU; an
+unpaced one (``pace`` = 0: no timer, no ``hlt``) runs flat out.
 
 The marker and address are rewritten on every pass (so a page that a migration
 zeroes or misplaces stays detectable) before the counter is incremented. At
@@ -32,7 +47,8 @@ any instruction boundary after the banner the dump is accepted by
 mod 256 and k the number of pages done in the current pass (right after the
 last page of a pass all pages read v+1 while the pass counter still reads v).
 
-Check the bytes with objdump (the 16-bit part is offsets 0..0x2d)::
+Check the bytes with objdump (the 16-bit part is offsets 0..0x2d; the 32-bit
+listing turns into nonsense at the banner, after the interrupt handler)::
 
     objdump -D -b binary -m i8086 --start-address=0 --stop-address=0x2e disk.img
     objdump -D -b binary -m i386 --start-address=0x2e disk.img
