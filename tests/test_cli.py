@@ -111,3 +111,43 @@ async def test_demo_no_ui_starts_prints_and_stops(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
 
+
+
+@pytest.mark.qemu
+async def test_replay_script_with_run(lab: Lab, tmp_path: Path) -> None:
+    vm = await lab.start("vm", MonitorKind.QMP_UNIX)
+    script = tmp_path / "replay.kvm"
+    script.write_text("# a savevm/loadvm sequence, replayed\n"
+                      "migrate_set_speed 1G\n"
+                      "savevm before\n"
+                      "\n"
+                      "loadvm -y before\n"
+                      "info snapshots\n"
+                      "delvm before\n")
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"vm={vm.address}", "run", str(script))
+    assert rc == 0, err
+    assert "saved snapshot 'before'" in out and "loaded snapshot 'before'" in out
+    assert "deleted snapshot 'before'" in out and err == ""
+    # the first failure stops the script: exit 1, one line naming the file, the line and the guest
+    script.write_text("info status\nloadvm missing\ninfo status\n")
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"vm={vm.address}", "run", str(script))
+    assert rc == 1 and out.count("VM status: running") == 1
+    assert err == f"kvmshell: {script}:2: vm: no snapshot 'missing' on this guest (snapshots: none); nothing was loaded\n"
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"vm={vm.address}", "--keep-going", "run", str(script))
+    assert rc == 1 and out.count("VM status: running") == 2
+
+
+@pytest.mark.qemu
+async def test_dash_c_json_and_confirmation(lab: Lab, tmp_path: Path) -> None:
+    vm = await lab.start("vm", MonitorKind.HMP_UNIX)
+    g = ["--guest", f"vm={vm.address}"]
+    rc, out, err = await kvmshell(tmp_path, *g, "--json", "-c", "info status", "-c", "migrate_set_downtime 0.5")
+    assert rc == 0, err
+    import json
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first == [{"guest": "vm", "ok": True, "result": {"output": "VM status: running"}}]
+    assert second[0]["result"]["message"] == "downtime-limit = 500 ms"
+    rc, out, err = await kvmshell(tmp_path, *g, "-c", "system_reset")
+    assert rc == 1 and "not confirmed (run with -y/--yes to confirm)" in err
+    rc, out, err = await kvmshell(tmp_path, *g, "-y", "-c", "system_reset")
+    assert rc == 0 and out == "reset\n"

@@ -72,7 +72,11 @@ class GuestData:
         return new
 
     def schedule(self, name: str, *what: str) -> None:
-        """Refresh in the background (one task per guest and kind at a time)."""
+        """Refresh in the background (one task per guest and kind at a time); a no-op outside a loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
         for key in what or ALL:
             task = self._tasks.get((name, key))
             if task is not None and not task.done():

@@ -119,6 +119,9 @@ class Session:
             if words and words[0] in ("info",) and len(words) == 1:
                 subs = ", ".join(s.name.split(" ", 1)[1] for s in self.registry.subcommands("info"))
                 raise UsageError(f"info needs a subcommand: {subs}")
+            known = set().union(*(g.monitor.features.hmp_commands for g in self.fleet if g.monitor))
+            if known and words[0] not in known:
+                raise UsageError(self.unknown_command_message(words[0]))
             return Plan(self._targets(targets, words[0]), None, passthrough=text,
                         explicit_target=m is not None)
         rest = _after_words(text, used)

@@ -22,8 +22,8 @@ async def start_demo_guests(lab: Lab) -> list[LabGuest]:
                           pace=image.pace_for_rate(SRC_RATE), ram_mib=128, wait_banner=False)
     dst = await lab.start("vm-dst", MonitorKind.QMP_UNIX, ws_pages=SRC_WS_PAGES, ram_mib=128,
                           incoming=True, disk=src.disk)
-    idle1 = await lab.start("vm-idle1", MonitorKind.QMP_UNIX, ws_pages=16, pace=1, wait_banner=False)
-    idle2 = await lab.start("vm-idle2", MonitorKind.HMP_UNIX, ws_pages=16, pace=1, wait_banner=False)
+    idle1 = await lab.start("vm-idle1", MonitorKind.QMP_UNIX, ws_pages=0, wait_banner=False)
+    idle2 = await lab.start("vm-idle2", MonitorKind.HMP_UNIX, ws_pages=0, wait_banner=False)
     return [src, dst, idle1, idle2]
 
 
