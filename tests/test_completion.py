@@ -58,6 +58,8 @@ async def test_live_candidates(engine: CompletionEngine) -> None:
     assert texts(engine, "migrate -") == ["-d", "-b", "-i", "-r"]
     assert "savevm" in texts(engine, "sav") and texts(engine, "sav")[0] == "savevm"
     assert "query-migrate" in texts(engine, "qmp query-mig")
+    assert texts(engine, "watch info migrate_c") == ["migrate_capabilities"]
+    assert texts(engine, "help savev") == ["savevm"]
     # every candidate carries a description where there is one to give
     metas = {c.text: c.meta for c in engine.complete("loadvm ")}
     assert metas["alpha"].startswith("saved ")

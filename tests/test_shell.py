@@ -119,3 +119,16 @@ async def test_quit_needs_confirmation(driver: Driver) -> None:
     driver.type("n\r")
     await driver.until_output("cancelled, nothing was done")
     assert driver.shell.session.fleet.get("vm1").monitor.connected  # type: ignore[union-attr]
+
+
+async def test_watch_redraws_until_ctrl_c(driver: Driver) -> None:
+    """`info migrate --watch` redraws twice a second; Ctrl-C (SIGINT) returns to the prompt and
+    cancels nothing."""
+    import os
+    import signal
+    driver.type("@vm1 info migrate --watch\r")
+    await driver.until_output("Ctrl-C to stop", 2, timeout=10)         # at least two frames
+    os.kill(os.getpid(), signal.SIGINT)
+    driver.type("@vm1 info status\r")
+    await driver.until_output("VM status: paused (prelaunch)")
+    assert driver.shell.session.fleet.get("vm1").monitor.connected  # type: ignore[union-attr]

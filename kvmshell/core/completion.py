@@ -7,7 +7,7 @@ for a background refresh, so the next TAB has it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
@@ -27,6 +27,7 @@ class Candidate:
     text: str                 # replaces the word being typed
     meta: str = ""            # one-line description shown in the menu
     display: str | None = None
+    start: int = 0            # where the replaced word starts, relative to the cursor (<= 0)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,12 @@ class CompletionEngine:
 
     # -- candidates ---------------------------------------------------------------------------
     def complete(self, text: str) -> list[Candidate]:
+        """Candidates for the word before the cursor, each knowing how much of the line it replaces."""
         ctx = self.context(text)
+        start = -(len(ctx.word) + (1 if ctx.completing_target else 0))
+        return [replace(c, start=start) for c in self._complete(ctx)]
+
+    def _complete(self, ctx: Context) -> list[Candidate]:
         s = self.session
         if ctx.completing_target:
             return _match(ctx.word, [Candidate("@" + n, self._guest_meta(n)) for n in s.fleet.names]
@@ -111,8 +117,9 @@ class CompletionEngine:
             return _match(ctx.word, [Candidate(n, f.help) for f in ctx.command.flags for n in f.names])
         which = ctx.flag.complete if ctx.flag else ctx.arg.complete if ctx.arg else Completer.NONE
         if ctx.arg is not None and ctx.arg.rest and which is Completer.COMMAND:
-            return self.complete(ctx.rest_text) if " " in ctx.rest_text.strip() or ctx.rest_text.endswith(" ") \
-                else _match(ctx.word, self._command_names("", ctx.target))
+            if " " in ctx.rest_text.strip() or ctx.rest_text.endswith(" "):
+                return self._complete(self.context(ctx.rest_text))
+            return _match(ctx.word, self._command_names("", ctx.target))
         return _match(ctx.word, self._values(which, ctx))
 
     def _command_names(self, first: str, target: str | None) -> list[Candidate]:

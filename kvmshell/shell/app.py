@@ -53,12 +53,8 @@ class ShellCompleter(Completer):
         self.engine = engine
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
-        text = document.text_before_cursor
-        for c in self.engine.complete(text):
-            word = self.engine.context(text).word
-            if self.engine.context(text).completing_target:
-                word = "@" + word
-            yield Completion(c.text, start_position=-len(word), display=c.display or c.text, display_meta=c.meta)
+        for c in self.engine.complete(document.text_before_cursor):
+            yield Completion(c.text, start_position=c.start, display=c.display or c.text, display_meta=c.meta)
 
 
 class Shell:
