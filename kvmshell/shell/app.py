@@ -119,10 +119,22 @@ class Shell:
             self.echo([("class:event", f"[{time.strftime('%H:%M:%S')}] {line}")])
 
     # -- the loop -----------------------------------------------------------------------------
+    async def _keep_toolbar_true(self, every: float = 1.0) -> None:
+        """Refresh the current guest's state once a second (HMP guests and guests without the events
+        capability say nothing by themselves) and redraw the toolbar."""
+        while True:
+            await asyncio.sleep(every)
+            name = self.session.current
+            if name is not None:
+                await self.session.data.refresh(name, ("status", "migration"))
+                if self.prompt.app.is_running:
+                    self.prompt.app.invalidate()
+
     async def run(self) -> int:
         unsubscribe = self.session.fleet.subscribe(self.on_event)
         for name in self.session.fleet.names:
             self.session.data.schedule(name)
+        ticker = asyncio.create_task(self._keep_toolbar_true(), name="shell-toolbar")
         try:
             with patch_stdout(raw=True):
                 while True:
@@ -136,6 +148,11 @@ class Shell:
                         break
         finally:
             unsubscribe()
+            ticker.cancel()
+            try:
+                await ticker
+            except asyncio.CancelledError:
+                pass
         return 0
 
     async def run_line(self, line: str) -> bool:
