@@ -228,3 +228,32 @@ async def test_snapshot_commands_refused_during_migration(lab: Lab) -> None:
                        what="cancelled migration")
         assert (await fleet.monitor("src").status()).state is RunState.RUNNING
         await s.aclose()
+
+
+async def test_block_migration_with_dash_b_on_qemu_72(lab: Lab) -> None:
+    """`migrate -b` (QEMU 7.2 still has block migration) copies the disk to a destination that has
+    only an empty image of the same size: afterwards the two images are identical."""
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=256)
+    empty = lab.workdir / "dst-empty.qcow2"
+    await lab._run("qemu-img", "create", "-q", "-f", "qcow2", str(empty), "1M")
+    dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=256, incoming=True, disk=empty)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with Fleet() as fleet:
+        fleet.add("src", src.address)
+        fleet.add("dst", dst.address)
+        await fleet.start()
+        s = Session(fleet, default_registry())
+        ok(await one(s, f"@dst migrate_incoming tcp:127.0.0.1:{port}"))
+        assert "started" in ok(await one(s, f"@src migrate -d -b tcp:127.0.0.1:{port}"))
+        info = await wait_for(fleet.monitor("src").migration, lambda m: m.status.is_finished, what="block migration")
+        assert info.status is MigrationStatus.COMPLETED, info
+        for name in ("dst", "src"):               # a clean quit writes qcow2's cached metadata out
+            ok(await one(s, f"@{name} quit -y"))
+        await s.aclose()
+    async with asyncio.timeout(30):
+        await src.proc.wait()
+        await dst.proc.wait()
+    proc = await asyncio.create_subprocess_exec("qemu-img", "compare", "-q", str(src.disk), str(empty))
+    assert await proc.wait() == 0, "the destination's disk differs from the source's"
