@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from kvmshell.core.models import MigrationStatus, RunState
 from kvmshell.core.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
-from tests.waiting import wait_for
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -176,9 +175,7 @@ async def test_live_migration_by_hmp_commands(lab: Lab, tmp_path: Path) -> None:
     ws = 1024
     src = await lab.start("src", MonitorKind.HMP_PTY, ws_pages=ws)
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=ws, incoming=True, disk=src.disk)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with Fleet() as fleet:
         fleet.add("src", src.address)
         fleet.add("dst", dst.address)
@@ -205,9 +202,7 @@ async def test_snapshot_commands_refused_during_migration(lab: Lab) -> None:
     ws = 4096
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=ws, ram_mib=64)
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=ws, ram_mib=64, incoming=True, disk=src.disk)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with Fleet() as fleet:
         fleet.add("src", src.address)
         fleet.add("dst", dst.address)
@@ -237,9 +232,7 @@ async def test_block_migration_with_dash_b_on_qemu_72(lab: Lab) -> None:
     empty = lab.workdir / "dst-empty.qcow2"
     await lab._run("qemu-img", "create", "-q", "-f", "qcow2", str(empty), "1M")
     dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=256, incoming=True, disk=empty)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with Fleet() as fleet:
         fleet.add("src", src.address)
         fleet.add("dst", dst.address)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from kvmshell.core.monitor import open_monitor
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
+from tests.waiting import free_port
 
 pytestmark = pytest.mark.qemu
 
@@ -66,9 +66,7 @@ async def test_live_migration_keeps_memory_and_parses_info_migrate(lab: Lab, tmp
     try:
         await src.wait_heartbeats(2)
         assert (await d.status()).state is RunState.INMIGRATE
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         await d.hmp(f"migrate_incoming tcp:127.0.0.1:{port}")
         await s.execute("migrate-set-capabilities",
                         {"capabilities": [{"capability": "events", "state": True}]})

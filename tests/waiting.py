@@ -21,3 +21,11 @@ async def wait_for(probe: Callable[[], Awaitable[T]], until: Callable[[T], bool]
                 await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError(f"{what} not reached within {timeout} s (last: {value!r})") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a migration URI)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
