@@ -1,0 +1,1 @@
+"""Live migration: samples, the convergence model (pure), strategies, and the job that runs them."""
