@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
-APT_PACKAGES := qemu-system-x86 qemu-utils
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps system-deps bench clean
@@ -24,6 +23,7 @@ system-deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
 	command -v qemu-img >/dev/null 2>&1 || missing="$$missing qemu-utils"; \
+	command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -186,6 +186,11 @@ class CompletionEngine:
                     s.data.schedule(t, CAPABILITIES)
                 return []
             return [Candidate(k, f"now {'on' if v else 'off'}") for k, v in sorted(data.capabilities.states.items())]
+        if which is Completer.STRATEGY:
+            return [Candidate("auto", "precopy, escalating to auto-converge (or postcopy if allowed)"),
+                    Candidate("precopy", "QEMU's pre-copy with the given limits"),
+                    Candidate("converge", "pre-copy with auto-converge steps chosen from the model"),
+                    Candidate("postcopy", "switch to postcopy after the first full pass")]
         if which is Completer.ON_OFF:
             return [Candidate("on"), Candidate("off")]
         if which is Completer.SIZE:

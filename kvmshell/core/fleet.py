@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,10 @@ class Fleet:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
+    def publish(self, event: Event) -> None:
+        """Give subscribers an event kvmshell made itself (a migration decision, a warning)."""
+        self._emit(event)
+
     def _emit(self, event: Event) -> None:
         for cb in list(self._subscribers):
             try:
@@ -133,7 +138,6 @@ class Fleet:
                 log.exception("fleet event subscriber failed on %s", event.name)
 
     def _emit_state(self, guest: Guest, name: str, **data: Any) -> None:
-        import time
         self._emit(Event(guest.name, name, data, time.time()))
 
     # -- connecting --------------------------------------------------------------------------

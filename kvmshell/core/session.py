@@ -19,6 +19,7 @@ from kvmshell.core.commands.results import Outcome, Result, Text
 from kvmshell.core.commands.spec import CommandSpec, Parsed, Registry, Scope, UsageError, split_words
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.guestdata import GuestData
+from kvmshell.core.migration.live import MigrationJob
 from kvmshell.core.monitor import Monitor
 from kvmshell.errors import KvmError, Refused
 
@@ -87,6 +88,8 @@ class Session:
         self.current = current
         self.data = GuestData(fleet)
         self.history: list[str] = []
+        self.migrations: dict[str, MigrationJob] = {}     # by source guest: running or the last one
+        self._job_tasks: set[asyncio.Task[object]] = set()
 
     def progress(self, guest: str, message: str) -> None:
         if self.progress_sink is not None:
@@ -192,7 +195,27 @@ class Session:
     def spec(self, name: str) -> CommandSpec | None:
         return self.registry.get(name)
 
+    # -- migrations kvmshell runs or follows ----------------------------------------------------
+    def running_job(self, guest: str) -> MigrationJob | None:
+        job = self.migrations.get(guest)
+        return job if job is not None and job.outcome is None else None
+
+    def launch(self, job: MigrationJob) -> None:
+        """Follow ``job`` in the background (owned here, cancelled at close)."""
+        self.migrations[job.req.source] = job
+        task = asyncio.create_task(job.run(), name=f"migration-{job.req.source}")
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[object]) -> None:
+        self._job_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("migration job failed", exc_info=task.exception())
+
     async def aclose(self) -> None:
+        for task in list(self._job_tasks):
+            task.cancel()
+        await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.data.aclose()
 
 

@@ -13,8 +13,9 @@ from typing import Any
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
+from kvmshell.core.commands import steer
 from kvmshell.core.commands.values import (
-    check_uri, is_local_host, parse_on_off, parse_positive_int, parse_seconds, parse_size, uri_host,
+    check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
 )
 from kvmshell.core.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
 from kvmshell.core.models import MigrationInfo, MigrationStatus, RunState
@@ -42,7 +43,11 @@ async def _migrate_args(mon: Monitor) -> set[str]:
 
 
 async def migrate(inv: Invocation) -> Result:
+    if steer.wants_steering(inv.flags):
+        return await steer.migrate_steered(inv)
     mon = inv.monitor
+    if inv.values.get("uri") is None:
+        raise UsageError("missing URI (or --to DEST); usage: " + inv.parsed.spec.usage, guest=inv.guest)
     uri = str(inv.values["uri"])
     blk, inc, resume = bool(inv.flags.get("b")), bool(inv.flags.get("i")), bool(inv.flags.get("r"))
     info = await mon.migration()
@@ -80,6 +85,8 @@ async def migrate(inv: Invocation) -> Result:
     if state.status is MigrationStatus.FAILED:
         raise CommandFailed(f"migration to {uri} failed at once: {state.error or 'no reason given'}; "
                             "the guest runs on here as before", guest=inv.guest)
+    if state.status.is_active and inv.session.running_job(inv.guest or "") is None:
+        steer.track(inv)
     return Done(f"migration to {uri} started ({state.status}); `info migrate` shows its progress",
                 tuple(warnings))
 
@@ -96,6 +103,10 @@ async def _first_state(mon: Monitor, bound: float = 1.0) -> MigrationInfo:
 
 async def migrate_cancel(inv: Invocation) -> Result:
     mon = inv.monitor
+    job = inv.session.running_job(inv.guest or "")
+    if job is not None and job.req.strategy is not steer.Strategy.NONE:
+        await job.cancel()
+        return Done("migration cancelled; the guest keeps running here")
     info = await mon.migration()
     if not info.status.is_active:
         return Done(f"no migration to cancel (status: {info.status})")
@@ -240,7 +251,10 @@ async def info_migrate(inv: Invocation) -> Result:
     if inv.flags.get("watch"):
         return Watch("info migrate")
     info = await inv.monitor.migration()
-    return render_migration(info)
+    view = render_migration(info)
+    job = inv.session.migrations.get(inv.guest or "")
+    extra = steer.live_lines(info, job)
+    return KeyValues(view.items + tuple(extra)) if extra else view
 
 
 async def info_migrate_parameters(inv: Invocation) -> Result:
@@ -278,14 +292,34 @@ def _uri(text: str) -> str:
 
 
 SPECS = (
-    CommandSpec("migrate", "migrate the guest to URI (always detached)", migrate,
+    CommandSpec("migrate", "migrate the guest to URI, or to an attached guest with --to (always detached)", migrate,
                 args=(Arg("uri", "tcp:HOST:PORT, unix:PATH, exec:CMD, fd:NAME, rdma:HOST:PORT", parse=_uri,
-                          complete=Completer.URI),),
+                          optional=True, complete=Completer.URI),),
                 flags=(Flag(("-d",), "detach (accepted; kvmshell never blocks the monitor)"),
                        Flag(("-b",), "copy the disks too (block migration, where QEMU still has it)"),
                        Flag(("-i",), "copy only the top image over a shared backing file"),
-                       Flag(("-r",), "resume a paused postcopy migration")),
-                maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d", category="migration"),
+                       Flag(("-r",), "resume a paused postcopy migration"),
+                       Flag(("--to",), "destination: an attached guest started with -incoming defer", value="GUEST",
+                            complete=Completer.GUEST),
+                       Flag(("--strategy",), "precopy | converge | postcopy | auto (default: auto)", value="S",
+                            parse=steer.parse_strategy, complete=Completer.STRATEGY),
+                       Flag(("--downtime",), "downtime limit in ms", value="MS",
+                            parse=lambda t: parse_positive_int(t, "the downtime limit")),
+                       Flag(("--bandwidth",), "bandwidth cap (1gbit, 100M...); default: uncapped up to the link",
+                            value="RATE", parse=parse_rate, complete=Completer.SIZE),
+                       Flag(("--link",), "the link's speed, for the model (1gbit, 10gbit...)", value="RATE",
+                            parse=parse_rate),
+                       Flag(("--allow-postcopy",), "let the auto strategy switch to postcopy (a network failure "
+                            "in postcopy can lose the guest)"),
+                       Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
+                       Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
+                       Flag(("--estimate",), "measure and predict each strategy; start nothing")),
+                maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d; with --to: migrate-incoming on "
+                        "the destination, capabilities on both sides, then migrate",
+                details="With --to (or any kvmshell option) kvmshell runs the migration: it samples it, predicts "
+                        "whether it converges, and the strategy acts on the prediction (auto: precopy, then "
+                        "auto-converge, or postcopy if allowed). A stalled migration is cancelled after 10 s "
+                        "without progress.", category="migration"),
     CommandSpec("migrate_cancel", "cancel the migration under way", migrate_cancel,
                 maps_to="QMP migrate_cancel", category="migration"),
     CommandSpec("migrate_incoming", "start listening for an incoming migration (guest started with -incoming defer)",
@@ -319,6 +353,14 @@ SPECS = (
     CommandSpec("info migrate", "show the migration status and statistics", info_migrate,
                 flags=(Flag(("--watch", "-w"), "refresh twice a second until Ctrl-C"),),
                 maps_to="QMP query-migrate", category="migration"),
+    CommandSpec("estimate", "measure the dirty rate and predict each migration strategy (starts nothing)",
+                steer.estimate,
+                flags=(Flag(("--link",), "the link's speed (1gbit...)", value="RATE", parse=parse_rate),
+                       Flag(("--downtime",), "downtime limit in ms", value="MS",
+                            parse=lambda t: parse_positive_int(t, "the downtime limit"))),
+                maps_to="QMP calc-dirty-rate, query-dirty-rate, query-migrate", category="migration"),
+    CommandSpec("trace", "write the running migration's samples to FILE as JSON lines", steer.trace,
+                args=(Arg("file", "trace file to write"),), maps_to="QMP query-migrate", category="migration"),
     CommandSpec("info migrate_parameters", "show the migration parameters", info_migrate_parameters,
                 maps_to="QMP query-migrate-parameters", category="migration"),
     CommandSpec("info migrate_capabilities", "show the migration capabilities", info_migrate_capabilities,

@@ -47,6 +47,7 @@ class Completer(enum.Enum):
     COMMAND = "command"
     HMP_COMMAND = "hmp-command"
     QMP_COMMAND = "qmp-command"
+    STRATEGY = "strategy"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class Registry:
         rest_arg = spec.args[-1] if spec.args and spec.args[-1].rest else None
         while i < len(words):
             w = words[i]
-            f = spec.flag(w) if w.startswith("-") and not positional else None
+            f = spec.flag(w) if w.startswith("-") else None
             if f is not None:
                 if f.value:
                     if i + 1 >= len(words):

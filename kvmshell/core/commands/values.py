@@ -89,3 +89,23 @@ def uri_host(uri: str) -> str | None:
 
 def is_local_host(host: str | None) -> bool:
     return host is None or host in ("", "0", "localhost", "::1", "0.0.0.0", "::") or host.startswith("127.")
+
+
+_BITS_RE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)bit(?:/s|ps)?", re.I)
+
+
+def parse_rate(text: str) -> int:
+    """A transfer rate in bytes/s: ``1gbit``/``100mbit`` (bits per second, powers of 1000, as links are
+    sold), or a size per second ``1G``/``512M`` (bytes, powers of 1024; a bare number is MiB/s)."""
+    t = text.strip()
+    m = _BITS_RE.fullmatch(t)
+    if m:
+        factor = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2).lower()]
+        value = int(float(m.group(1)) * factor / 8)
+        if value <= 0:
+            raise ValueError(f"{text!r}: a rate must be above 0")
+        return value
+    value = parse_size(t, bare_unit="M")
+    if value <= 0:
+        raise ValueError(f"{text!r}: a rate must be above 0")
+    return value

@@ -40,6 +40,7 @@ class Sample:
     normal_bytes: int = 0                 # non-zero pages sent (bytes)
     duplicate_pages: int = 0              # zero pages
     disk_remaining: int | None = None
+    error: str | None = None              # QEMU's error-desc, when it failed
 
     @property
     def migration_status(self) -> MigrationStatus:
@@ -56,7 +57,7 @@ class Sample:
             t=round(t, 4), status=info.status.value,
             pass_no=ram.dirty_sync_count if ram else (previous.pass_no if previous else 0),
             transferred=transferred,
-            remaining=ram.remaining if ram else 0,
+            remaining=ram.remaining if ram else (previous.remaining if previous else 0),
             total=ram.total if ram else (previous.total if previous else 0),
             dirty_pages_rate=ram.dirty_pages_rate if ram else 0,
             dirty_bytes_rate=ram.dirty_bytes_rate if ram else 0,
@@ -69,6 +70,7 @@ class Sample:
             normal_bytes=ram.normal_bytes if ram else 0,
             duplicate_pages=ram.duplicate if ram else 0,
             disk_remaining=info.disk.remaining if info.disk else None,
+            error=info.error,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,227 @@
+"""kvmshell's own migration commands: `migrate --to DEST` with a strategy, `estimate`, `trace`, and
+the live view that `info migrate` shows for a migration kvmshell follows."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from kvmshell.core.commands.common import is_qmp
+from kvmshell.core.commands.results import Done, KeyValues, Result, Table, Text, Watch, human_bytes
+from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
+from kvmshell.core.models import MigrationInfo
+from kvmshell.core.monitor import Monitor
+from kvmshell.core.session import Invocation
+from kvmshell.errors import CommandFailed, Refused
+from kvmshell.core.commands.spec import UsageError
+
+STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.NONE)
+
+
+def parse_strategy(text: str) -> Strategy:
+    try:
+        s = Strategy(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected one of {', '.join(STRATEGIES)}") from None
+    if s is Strategy.NONE:
+        raise ValueError(f"{text!r}: expected one of {', '.join(STRATEGIES)}")
+    return s
+
+
+def wants_steering(flags: dict[str, Any]) -> bool:
+    return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
+                                      "estimate", "link", "watch"))
+
+
+async def migrate_steered(inv: Invocation) -> Result:
+    s, f = inv.session, inv.flags
+    source = inv.guest or ""
+    dest = f.get("to")
+    if dest is not None:
+        s.fleet.get(str(dest))
+        if dest == source:
+            raise UsageError("--to names the guest being migrated: pick the destination guest", guest=source)
+    uri = inv.values.get("uri")
+    if dest is None and uri is None:
+        raise UsageError("give a URI or --to DEST (an attached guest started with -incoming defer)", guest=source)
+    if f.get("b") or f.get("i"):
+        raise UsageError("-b/-i (QEMU block migration) go with a plain `migrate -b URI`, not with --to or a "
+                         "strategy", guest=source)
+    if f.get("estimate"):
+        return await _estimate(inv, source, str(dest) if dest else None)
+    if s.running_job(source) is not None:
+        raise Refused("kvmshell is already migrating this guest", guest=source)
+    defaults = s.config.defaults
+    strategy = f.get("strategy") or Strategy(defaults.strategy)
+    req = MigrationRequest(
+        source=source, dest=str(dest) if dest else None, uri=str(uri) if uri else None,
+        strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
+        link=f.get("link") or None, allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
+        trace_path=str(f["trace"]) if f.get("trace") else None)
+    job = MigrationJob(s.fleet, req)
+    await job.prepare()
+    await job.start()
+    s.launch(job)
+    if f.get("watch"):
+        return Watch("info migrate")
+    return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
+                "`info migrate` shows progress and the model's prediction")
+
+
+def track(inv: Invocation) -> None:
+    """Follow a plain `migrate URI` (sampling and the model only; nothing is steered)."""
+    job = MigrationJob(inv.session.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE))
+    inv.session.launch(job)
+
+
+# -- the live view ------------------------------------------------------------------------------
+
+def bar(fraction: float, width: int = 30) -> str:
+    fraction = min(1.0, max(0.0, fraction))
+    full = int(fraction * width)
+    return "[" + "#" * full + "." * (width - full) + f"] {fraction * 100:3.0f} %"
+
+
+def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    last = job.sampler.ring.last if job is not None else None
+    ram = info.ram
+    if ram is not None and info.status.is_active:
+        first_pass = ram.dirty_sync_count <= 1
+        if first_pass and ram.total:
+            items.append(("progress", bar(1 - ram.remaining / ram.total) + " of RAM, first pass"))
+        else:
+            items.append(("progress", f"pass {ram.dirty_sync_count}: {human_bytes(ram.remaining)} dirty to send"))
+        if last is not None:
+            items.append(("throughput", f"{last.throughput / 1e6:.0f} MB/s (QEMU: {ram.mbps:.0f} Mbit/s)"))
+    if job is not None:
+        pred = job.prediction
+        if pred is not None:
+            items.append(("model", pred.verdict.value))
+            if pred.reason:
+                items.append(("why", pred.reason))
+            if pred.downtime_ms is not None and pred.verdict is Verdict.CONVERGES:
+                items.append(("predicted downtime", f"{pred.downtime_ms:.0f} ms"))
+            if pred.time_left_s is not None and info.status.is_active:
+                items.append(("predicted time left", f"{pred.time_left_s:.1f} s"))
+            if pred.verdict is Verdict.WILL_NOT_CONVERGE:
+                if pred.downtime_limit_needed_ms:
+                    items.append(("would converge with", f"downtime limit >= {pred.downtime_limit_needed_ms:.0f} ms"
+                                  + (f", or bandwidth >= {pred.bandwidth_needed / 1e6:.0f} MB/s"
+                                     if pred.bandwidth_needed else "")))
+        for d in job.decisions[-3:]:
+            items.append(("decision", d))
+        if job.outcome is not None:
+            items.append(("outcome", job.outcome.message))
+    return items
+
+
+# -- estimate -----------------------------------------------------------------------------------
+
+async def ram_bytes(mon: Monitor) -> int:
+    if is_qmp(mon):
+        return int((await mon.execute("query-memory-size-summary"))["base-memory"])
+    text = await mon.hmp("info memory_size_summary")
+    m = re.search(r"base memory:\s*(\d+)", text)
+    if not m:
+        raise CommandFailed("cannot read the guest's memory size", guest=mon.name)
+    return int(m.group(1))
+
+
+async def dirty_rate(mon: Monitor, seconds: int) -> float:
+    """calc-dirty-rate over ``seconds``: bytes/s of distinct pages dirtied in that window."""
+    if is_qmp(mon):
+        await mon.execute("calc-dirty-rate", {"calc-time": seconds})
+        async with asyncio.timeout(seconds + 10):
+            await asyncio.sleep(seconds)
+            while True:
+                r = await mon.execute("query-dirty-rate")
+                if r.get("status") == "measured":
+                    return float(r["dirty-rate"]) * 2**20
+                await asyncio.sleep(0.1)
+    await mon.hmp(f"calc_dirty_rate {seconds}")
+    async with asyncio.timeout(seconds + 10):
+        await asyncio.sleep(seconds)
+        while True:
+            text = await mon.hmp("info dirty_rate")
+            m = re.search(r"Dirty rate:\s*(\d+)", text)
+            if "measured" in text and m:
+                return float(m.group(1)) * 2**20
+            await asyncio.sleep(0.1)
+
+
+async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
+    mon = inv.monitor
+    info = await mon.migration()
+    if info.status.is_active:
+        raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
+    params = await mon.migrate_parameters()
+    ram = await ram_bytes(mon)
+    inv.progress("measuring the dirty rate over 1 s and 3 s...")
+    windows = [(1, await dirty_rate(mon, 1)), (3, await dirty_rate(mon, 3))]
+    D, W = estimate_working_set(windows)
+    link = inv.flags.get("link")
+    cap = float(params.max_bandwidth or 0) or None
+    L = (inv.flags.get("downtime") or params.downtime_limit_ms or 300) / 1000
+    R_link = float(link) if link else (cap or 0.0)
+    rows: list[tuple[str, ...]] = []
+
+    def row(name: str, p: Prediction, note: str = "") -> None:
+        rows.append((name, p.verdict.value,
+                     f"{p.total_s:.1f} s" if p.total_s is not None else "-",
+                     f"{p.downtime_ms:.0f} ms" if p.downtime_ms is not None else "-",
+                     f"{p.bytes_total / 1e6:.0f} MB" if p.bytes_total is not None else "-", note))
+
+    base = Inputs(ram_bytes=ram, dirty_rate=D, working_set=W, rate=min(R_link, cap or R_link), link=R_link,
+                  downtime_limit_s=L)
+    row("precopy (current limits)", predict(base), f"bandwidth {min(R_link, cap or R_link) / 1e6:.0f} MB/s")
+    uncapped = Inputs(**{**base.__dict__, "rate": R_link})
+    p_unc = predict(uncapped)
+    row("precopy, uncapped", p_unc, f"bandwidth {R_link / 1e6:.0f} MB/s (the link)")
+    if D > 0 and R_link > 0:
+        p = min(0.99, max(0.2, 1 - 0.5 * R_link / D))
+        row("converge (auto-converge)", predict(Inputs(**{**uncapped.__dict__, "dirty_rate": D * (1 - p)})),
+            f"guest throttled to {100 * (1 - p):.0f} % CPU while it converges")
+    if R_link > 0:
+        ws = W if W is not None else D * ram / R_link
+        total = ram / R_link + ws / R_link
+        rows.append(("postcopy after the first pass", "will converge", f"{total:.1f} s", "~ 1-10 ms",
+                     f"{(ram + ws) / 1e6:.0f} MB", "the guest stalls on page faults while its working set follows"))
+    auto = "postcopy" if p_unc.verdict is Verdict.WILL_NOT_CONVERGE and inv.session.config.defaults.allow_postcopy \
+        else "converge" if p_unc.verdict is Verdict.WILL_NOT_CONVERGE else "precopy, uncapped"
+    lines = [f"guest {source}: {human_bytes(ram)} of RAM (the first pass sends at most that; zero pages cost "
+             f"almost nothing)",
+             f"dirty rate: {windows[0][1] / 1e6:.0f} MB/s over 1 s, {windows[1][1] / 1e6:.0f} MB/s over 3 s -> "
+             + (f"re-dirties a working set of about {W / 1e6:.0f} MB at {D / 1e6:.0f} MB/s" if W is not None
+                else f"dirties about {D / 1e6:.0f} MB/s without a bounded working set"),
+             f"link: {R_link / 1e6:.0f} MB/s" + ("" if link else " (not given: assuming max-bandwidth; --link RATE "
+                                                  "says the real one)"),
+             f"downtime limit: {L * 1000:.0f} ms"]
+    if info.blocked_reasons:
+        lines.append("BLOCKED, this guest cannot migrate: " + "; ".join(info.blocked_reasons))
+    if dest is not None:
+        lines.append(f"destination: {dest}")
+    table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
+    lines += ["", table.text(), "", f"auto would run: {auto}. Nothing was started."]
+    return Text("\n".join(lines))
+
+
+async def estimate(inv: Invocation) -> Result:
+    return await _estimate(inv, inv.guest or "", None)
+
+
+async def trace(inv: Invocation) -> Result:
+    s = inv.session
+    path = str(inv.values["file"])
+    info = await inv.monitor.migration()
+    if not info.status.is_active:
+        raise CommandFailed("no migration running to trace; use `migrate ... --trace FILE` to trace one from "
+                            "its start", guest=inv.guest)
+    if s.running_job(inv.guest or "") is not None:
+        raise Refused("kvmshell already follows this migration; give --trace when you start it", guest=inv.guest)
+    job = MigrationJob(s.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE, trace_path=path))
+    await job.attach_trace()
+    s.launch(job)
+    return Done(f"tracing the migration to {path}")

@@ -1,0 +1,434 @@
+"""A live migration that kvmshell runs and steers: `migrate --to DEST`, and the tracking of a plain
+`migrate URI`.
+
+The job prepares both sides (same capabilities, parameters, `migrate-incoming` on a free port),
+starts the migration, samples it, asks the model after every sample, lets the strategy act on the
+prediction, watches progress, and ends with an outcome that says what happened and what is left
+running where. Decisions are published as events with their reasons, and written to the trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmshell.core.address import Protocol
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.model import Prediction, Verdict, assess
+from kvmshell.core.migration.sampler import Sampler
+from kvmshell.core.migration.samples import Sample, TraceEvent, TraceHeader, TraceWriter
+from kvmshell.core.models import Event, MigrationStatus, RunState
+from kvmshell.core.monitor import Monitor
+from kvmshell.errors import CommandFailed, KvmError, Refused
+
+log = logging.getLogger(__name__)
+
+UNCAPPED = 100 * 1000**3 // 8            # 100 Gbit/s: "no cap", the link decides
+DECISION = "kvmshell.MIGRATION_DECISION"
+FINISHED = "kvmshell.MIGRATION_FINISHED"
+
+
+class Strategy(enum.Enum):
+    PRECOPY = "precopy"
+    CONVERGE = "converge"
+    POSTCOPY = "postcopy"
+    AUTO = "auto"
+    NONE = "none"              # a plain `migrate URI`: observe only
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    source: str
+    dest: str | None = None             # an attached guest waiting with -incoming defer
+    uri: str | None = None              # where the source connects (None: a free local port)
+    strategy: Strategy = Strategy.AUTO
+    downtime_ms: int | None = None      # None: keep the guest's own
+    bandwidth: int | None = None        # bytes/s; None: uncapped (up to the link)
+    link: float | None = None           # bytes/s, if known
+    allow_postcopy: bool = False
+    trace_path: str | None = None
+    interval: float = 0.5
+    stall_timeout: float = 10.0
+
+
+@dataclass
+class MigrationOutcome:
+    status: str                          # completed / failed / cancelled / stalled / source-lost / postcopy-paused
+    message: str
+    total_s: float | None = None
+    downtime_ms: int | None = None
+    bytes_sent: int | None = None
+    at_start: Prediction | None = None
+    after_first_pass: Prediction | None = None
+    decisions: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listen_uri(uri: str) -> str:
+    return uri
+
+
+class MigrationJob:
+    def __init__(self, fleet: Fleet, request: MigrationRequest, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fleet = fleet
+        self.req = request
+        self.clock = clock
+        self.source: Monitor = fleet.monitor(request.source)
+        self.dest: Monitor | None = fleet.monitor(request.dest) if request.dest else None
+        self.uri: str | None = request.uri
+        self.sampler = Sampler(self.source, interval=request.interval, clock=clock)
+        self.prediction: Prediction | None = None
+        self.outcome: MigrationOutcome | None = None
+        self.decisions: list[str] = []
+        self._trace: TraceWriter | None = None
+        self._downtime_s = 0.3
+        self._bandwidth_cap: float | None = None
+        self._postcopy_ready = False
+        self._postcopy_started = False
+        self._throttle_armed = False
+        self._at_start: Prediction | None = None
+        self._after_first: Prediction | None = None
+        self._last_progress = (0, 0.0)       # (transferred, when)
+        self._stalled: str | None = None
+        self._done = asyncio.Event()
+        self._actions: set[asyncio.Task[None]] = set()
+
+    # -- decisions ------------------------------------------------------------------------------
+    def decide(self, name: str, reason: str, **detail: Any) -> None:
+        t = self.sampler.now
+        self.decisions.append(f"t={t:.1f}s {name}: {reason}")
+        self.sampler.record(TraceEvent(t, "kvmshell", name, {"reason": reason, **detail}))
+        self.fleet.publish(Event(self.req.source, DECISION, {"decision": name, "reason": reason, **detail}, time.time()))
+
+    # -- preparing both sides -------------------------------------------------------------------
+    async def prepare(self) -> None:
+        src = self.source
+        info = await src.migration()
+        if info.status.is_active:
+            raise Refused(f"a migration of this guest is already {info.status}", guest=self.req.source)
+        if info.blocked_reasons:
+            raise Refused("this guest cannot migrate: " + "; ".join(info.blocked_reasons), guest=self.req.source)
+        params = await src.migrate_parameters()
+        self._downtime_s = (self.req.downtime_ms or params.downtime_limit_ms or 300) / 1000
+        strategy = self.req.strategy
+        if self.dest is not None:
+            status = await self.dest.status()
+            if status.state is not RunState.INMIGRATE:
+                raise CommandFailed(f"{self.req.dest} is {status}, not waiting for a migration: start its QEMU with "
+                                    "`-incoming defer`", guest=self.req.source)
+            dinfo = await self.dest.migration()
+            if dinfo.status is not MigrationStatus.NONE:
+                raise CommandFailed(f"{self.req.dest} already has an incoming migration ({dinfo.status})",
+                                    guest=self.req.source)
+        caps: dict[str, bool] = {"events": True}
+        if strategy is not Strategy.NONE:
+            postcopy = strategy is Strategy.POSTCOPY or (strategy is Strategy.AUTO and self.req.allow_postcopy)
+            caps["postcopy-ram"] = postcopy
+            caps["auto-converge"] = strategy in (Strategy.CONVERGE, Strategy.AUTO) and not (
+                strategy is Strategy.AUTO and self.req.allow_postcopy)
+            self._postcopy_ready = postcopy
+        await self._set_caps(src, caps)
+        if self.dest is not None:
+            await self._set_caps(self.dest, {k: v for k, v in caps.items() if k != "events"} | {"events": True})
+        if strategy is not Strategy.NONE:
+            new: dict[str, Any] = {"max-bandwidth": self.req.bandwidth or (int(self.req.link) if self.req.link else UNCAPPED)}
+            if self.req.downtime_ms is not None:
+                new["downtime-limit"] = self.req.downtime_ms
+            if strategy is Strategy.CONVERGE:
+                new |= {"cpu-throttle-initial": 30, "cpu-throttle-increment": 20, "max-cpu-throttle": 99}
+            elif strategy is Strategy.AUTO and caps.get("auto-converge"):
+                # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
+                new |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+            await self._set_params(src, new)
+            self._bandwidth_cap = float(new["max-bandwidth"]) if self.req.bandwidth else None
+        if self.dest is not None and self.uri is None:
+            self.uri = f"tcp:127.0.0.1:{free_local_port()}"
+        if self.uri is None:
+            raise CommandFailed("no URI and no destination guest", guest=self.req.source)
+        if self.dest is not None:
+            await self._incoming(self.dest, _listen_uri(self.uri))
+
+    @staticmethod
+    async def _set_caps(mon: Monitor, caps: dict[str, bool]) -> None:
+        have = await mon.migrate_capabilities()
+        wanted = {k: v for k, v in caps.items() if k in have and have[k] != v}
+        missing = [k for k, v in caps.items() if v and k not in have]
+        if missing:
+            raise CommandFailed(f"this QEMU lacks the migration capabilities {', '.join(missing)}", guest=mon.name)
+        if not wanted:
+            return
+        if mon.protocol is Protocol.QMP:
+            await mon.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": k, "state": v} for k, v in wanted.items()]})
+        else:
+            for k, v in wanted.items():
+                await mon.hmp(f"migrate_set_capability {k} {'on' if v else 'off'}")
+
+    @staticmethod
+    async def _set_params(mon: Monitor, params: dict[str, Any]) -> None:
+        if mon.protocol is Protocol.QMP:
+            await mon.execute("migrate-set-parameters", params)
+        else:
+            for k, v in params.items():
+                await mon.hmp(f"migrate_set_parameter {k} {v}B" if k == "max-bandwidth" else
+                              f"migrate_set_parameter {k} {v}")
+
+    @staticmethod
+    async def _incoming(mon: Monitor, uri: str) -> None:
+        if mon.protocol is Protocol.QMP:
+            await mon.execute("migrate-incoming", {"uri": uri})
+        else:
+            await mon.hmp(f"migrate_incoming {uri}")
+
+    # -- running --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Send `migrate`; raise CommandFailed if it fails at once (nothing listening, refused)."""
+        assert self.uri is not None
+        src = self.source
+        await self.attach_trace()
+        self.sampler.start = self.clock()
+        if src.protocol is Protocol.QMP:
+            await src.execute("migrate", {"uri": self.uri})
+        else:
+            await src.hmp(f"migrate -d {self.uri}")
+        self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy.value}, "
+                             f"downtime limit {self._downtime_s * 1000:.0f} ms, "
+                             f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
+        first = await self.sampler.sample()
+        deadline = self.clock() + 2.0
+        while first is not None and first.status == "setup" and self.clock() < deadline:
+            await asyncio.sleep(0.02)
+            first = await self.sampler.sample()
+        if first is not None and first.status == "failed":
+            info = await src.migration()
+            await self._close_trace()
+            raise CommandFailed(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}; "
+                                f"{self.req.source} runs on as before", guest=self.req.source)
+
+    async def attach_trace(self) -> None:
+        """Open the trace file (if asked for) and write its header."""
+        if not self.req.trace_path or self._trace is not None:
+            return
+        try:
+            self._trace = TraceWriter.open(self.req.trace_path)
+        except OSError as e:
+            raise CommandFailed(f"cannot write the trace {self.req.trace_path}: {e.strerror}",
+                                guest=self.req.source) from None
+        self.sampler.trace = self._trace
+        params = await self.source.migrate_parameters()
+        caps = await self.source.migrate_capabilities()
+        self._trace.write(TraceHeader(self.req.source, time.time(), params=dict(params.values),
+                                      capabilities=dict(caps.states), strategy=self.req.strategy.value,
+                                      link_bytes_per_s=self.req.link,
+                                      note=f"to {self.req.dest or self.uri or 'an unmanaged destination'}"))
+
+    async def run(self) -> MigrationOutcome:
+        """Follow the migration to its end; the outcome."""
+        self.sampler.on_sample(self._on_sample)
+        try:
+            last = await self._follow()
+            self.outcome = await self._conclude(last)
+        finally:
+            for task in list(self._actions):
+                task.cancel()
+            await asyncio.gather(*self._actions, return_exceptions=True)
+            await self._close_trace()
+            self._done.set()
+        self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
+                                                            "message": self.outcome.message}, time.time()))
+        return self.outcome
+
+    async def _follow(self) -> Sample | None:
+        sampler_task = asyncio.create_task(self.sampler.run(), name=f"sampler-{self.req.source}")
+        try:
+            while not sampler_task.done():
+                await asyncio.wait({sampler_task}, timeout=0.25)
+                if self._stalled is None and self._check_stall():
+                    await self._cancel_stalled()
+                if self._postcopy_paused():
+                    sampler_task.cancel()
+                    break
+            return self.sampler.ring.last if sampler_task.cancelled() else await sampler_task
+        finally:
+            if not sampler_task.done():
+                sampler_task.cancel()
+                try:
+                    await sampler_task
+                except asyncio.CancelledError:
+                    pass
+
+    def _postcopy_paused(self) -> bool:
+        last = self.sampler.ring.last
+        return last is not None and last.status == "postcopy-paused"
+
+    def _check_stall(self) -> bool:
+        last = self.sampler.ring.last
+        if last is None or last.status not in ("active", "setup", "pre-switchover", "device"):
+            return False
+        now = self.clock()
+        transferred, since = self._last_progress
+        if last.transferred > transferred or since == 0.0:
+            self._last_progress = (last.transferred, now)
+            return False
+        return now - since >= self.req.stall_timeout
+
+    async def _cancel_stalled(self) -> None:
+        last = self.sampler.ring.last
+        frozen = last.transferred if last else 0
+        self._stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
+                         f"{frozen / 2**20:.1f} MiB): the destination or the link is stuck")
+        self.decide("cancel-stalled", self._stalled)
+        try:
+            await self._cancel()
+        except KvmError as e:
+            log.warning("cancelling the stalled migration failed: %s", e)
+
+    async def _cancel(self) -> None:
+        src = self.source
+        await (src.execute("migrate_cancel") if src.protocol is Protocol.QMP else src.hmp("migrate_cancel"))
+        self.sampler.wake()
+
+    async def cancel(self) -> None:
+        """Cancel on the user's request (refused in postcopy: the guest already runs on the destination)."""
+        last = self.sampler.ring.last
+        if last is not None and last.status.startswith("postcopy"):
+            raise Refused("cancel refused: the migration is in postcopy, the guest already runs on the destination",
+                          guest=self.req.source)
+        self.decide("cancel", "cancelled by the user")
+        await self._cancel()
+
+    async def wait(self) -> MigrationOutcome:
+        await self._done.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+    def _on_sample(self, s: Sample) -> None:
+        pred = assess(self.sampler.ring.list(), downtime_limit_s=self._downtime_s,
+                      bandwidth_cap=self._bandwidth_cap, link=self.req.link)
+        self.prediction = pred
+        if self._at_start is None and pred.verdict is not Verdict.UNKNOWN:
+            self._at_start = pred
+        if self._after_first is None and s.pass_no >= 2 and pred.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE):
+            self._after_first = pred
+        if s.status == "active":
+            self._steer(s, pred)
+
+    def _steer(self, s: Sample, pred: Prediction) -> None:
+        strategy = self.req.strategy
+        if strategy is Strategy.POSTCOPY and s.pass_no >= 2 and not self._postcopy_started:
+            self._start_postcopy("the first full pass is done")
+        elif strategy is Strategy.AUTO and pred.verdict is Verdict.WILL_NOT_CONVERGE:
+            if self._postcopy_ready and not self._postcopy_started:
+                self._start_postcopy(pred.reason)
+            elif not self._postcopy_ready and not self._throttle_armed:
+                self._arm_throttle(pred)
+        elif strategy is Strategy.CONVERGE and pred.verdict is Verdict.WILL_NOT_CONVERGE and not self._throttle_armed:
+            self._arm_throttle(pred)
+
+    def _start_postcopy(self, why: str) -> None:
+        self._postcopy_started = True
+        self.decide("postcopy", f"switching to postcopy: {why}")
+        self._spawn(self._postcopy_cmd())
+
+    async def _postcopy_cmd(self) -> None:
+        src = self.source
+        await (src.execute("migrate-start-postcopy") if src.protocol is Protocol.QMP else src.hmp("migrate_start_postcopy"))
+
+    def _arm_throttle(self, pred: Prediction) -> None:
+        """Throttle the guest's vCPUs enough that it dirties at about half the transfer rate."""
+        self._throttle_armed = True
+        D, R = pred.dirty_rate or 0.0, pred.rate or 0.0
+        target = 50 if D <= 0 or R <= 0 else int(min(99, max(20, round(100 * (1 - 0.5 * R / D)))))
+        self.decide("throttle", f"{pred.reason}; throttling the guest to {100 - target} % CPU "
+                                f"(auto-converge {target} %, then +10 % a pass)", target=target)
+        params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
+                  "max-cpu-throttle": 99}
+        self._spawn(self._throttle_then_step(params))
+
+    async def _throttle_then_step(self, params: dict[str, Any]) -> None:
+        await self._set_params(self.source, params)
+        # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
+        for _ in range(200):
+            last = self.sampler.ring.last
+            if last is None or last.status != "active":
+                return
+            if last.cpu_throttle >= params["cpu-throttle-initial"]:
+                await self._set_params(self.source, {"cpu-throttle-increment": 10})
+                return
+            await asyncio.sleep(self.req.interval)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(self._run_action(coro))
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _run_action(self, coro: Any) -> None:
+        try:
+            await coro
+        except KvmError as e:
+            self.decide("action-failed", str(e))
+
+    # -- the end ------------------------------------------------------------------------------
+    async def _conclude(self, last: Sample | None) -> MigrationOutcome:
+        src_name, dst_name = self.req.source, self.req.dest
+        base = dict(at_start=self._at_start, after_first_pass=self._after_first, decisions=list(self.decisions))
+        if self.sampler.lost is not None or last is None:
+            where = ""
+            if self.dest is not None:
+                try:
+                    st = await self.dest.status()
+                    where = (f"; {dst_name} is left waiting ({st}) and holds no running guest: quit it, or start "
+                             f"the source again and migrate anew")
+                except KvmError:
+                    where = f"; {dst_name} does not answer either"
+            return MigrationOutcome("source-lost", f"{src_name}'s monitor was lost during the migration "
+                                    f"({self.sampler.lost}){where}", **base)
+        if last.status == "postcopy-paused":
+            return MigrationOutcome("postcopy-paused",
+                                    f"DANGER: the migration broke in postcopy: the guest is split between "
+                                    f"{src_name} and {dst_name or 'the destination'} and paused. Do not quit either "
+                                    f"QEMU. Recover: `@{dst_name or 'DEST'} migrate_recover URI`, then "
+                                    f"`@{src_name} migrate -r URI`", **base)
+        if last.status == "completed":
+            msg = (f"completed in {(last.total_time_ms or 0) / 1000:.2f} s, downtime {last.downtime_ms} ms, "
+                   f"{last.transferred / 1e6:.0f} MB sent")
+            return MigrationOutcome("completed", msg, total_s=(last.total_time_ms or 0) / 1000,
+                                    downtime_ms=last.downtime_ms, bytes_sent=last.transferred, **base)
+        src_state = ""
+        try:
+            st = await self.source.status()
+            src_state = f"; {src_name} is {st}"
+        except KvmError:
+            pass
+        if self._stalled is not None:
+            return MigrationOutcome("stalled", f"cancelled: {self._stalled}{src_state}", **base)
+        info = await self._info_or_none()
+        reason = f" ({info.error})" if info is not None and info.error else ""
+        return MigrationOutcome(last.status, f"migration {last.status}{reason}{src_state}", **base)
+
+    async def _info_or_none(self) -> Any:
+        try:
+            return await self.source.migration()
+        except KvmError:
+            return None
+
+    async def _close_trace(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+            self.sampler.trace = None
