@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("shell", help="the interactive prompt (default on a terminal)")
     run_p = sub.add_parser("run", help="run monitor command lines from FILE ('-' for stdin)")
     run_p.add_argument("file", metavar="FILE")
+    rep = sub.add_parser("report", help="summarize a migration trace (from --trace) and plot it as SVG")
+    rep.add_argument("trace", metavar="TRACE")
+    rep.add_argument("--svg", metavar="OUT", help="where to write the plot (default: TRACE with .svg)")
     demo = sub.add_parser("demo", help="start local demo guests and attach to them")
     mode = demo.add_mutually_exclusive_group()
     mode.add_argument("--shell", action="store_true", help="open the prompt on them (the default for now)")
@@ -224,6 +227,37 @@ async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: T
         return await cmd_shell(args, config, out, err)
 
 
+def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
+    from pathlib import Path
+
+    from kvmshell.core.migration.report import summarize, summary_table, write_report
+    from kvmshell.core.migration.samples import load_trace
+    try:
+        trace = load_trace(args.trace)
+    except OSError as e:
+        raise ConfigError(f"report {args.trace}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"report: {e}") from None
+    summary = summarize(trace)
+    if args.json:
+        json.dump(dict(summary_table(summary)), out, indent=2)
+        out.write("\n")
+    else:
+        rows = summary_table(summary)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            out.write(f"{k.ljust(width)}  {v}\n")
+    svg = Path(args.svg) if args.svg else Path(args.trace).with_suffix(".svg")
+    try:
+        write_report(trace, svg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"report: cannot write {svg}: {e.strerror}") from None
+    out.write(f"plot: {svg}\n")
+    return Exit.OK
+
+
 async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     args = build_parser().parse_args(argv)
     config = load_config(args.config)
@@ -231,6 +265,8 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return await cmd_guests(args, config, out, err)
     if args.command == "demo":
         return await cmd_demo(args, config, out, err)
+    if args.command == "report":
+        return cmd_report(args, out)
     if args.lines:
         if args.command not in (None,):
             raise ConfigError(f"-c runs lines by itself; drop the {args.command!r} command")

@@ -208,10 +208,12 @@ class Lab:
                     ws_pages: int = 256, pace: int = 0, ram_mib: int | None = None,
                     incoming: bool = False, disk: Path | None = None, mem_file: Path | None = None,
                     accel: str | None = None, extra_args: tuple[str, ...] = (),
-                    paused: bool = False, wait_banner: bool = True) -> LabGuest:
+                    paused: bool = False, wait_banner: bool = True,
+                    prefix: tuple[str, ...] = ()) -> LabGuest:
         """Start a guest; return once its monitor address is ready and, unless it is an incoming
         or ``paused`` (-S) guest or ``wait_banner`` is false, once the guest printed its banner
-        (under nested KVM the firmware alone takes seconds: skip the wait when you can)."""
+        (under nested KVM the firmware alone takes seconds: skip the wait when you can).
+        ``prefix`` runs QEMU through a command, e.g. ``ip netns exec NS`` for a test host."""
         if name in self.guests and self.guests[name].alive:
             raise LabError(f"lab guest {name!r} is already running")
         kind = MonitorKind(monitor)
@@ -219,7 +221,7 @@ class Lab:
         ram = ram_mib or max(32, image.min_ram_mib(ws_pages))
         disk = disk or await self.make_disk(name, ws_pages, pace)
         mode = "control" if kind.protocol is Protocol.QMP else "readline"
-        argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
+        argv = [*prefix, QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel == "tcg" else "kvm64",
                 "-m", str(ram),
                 "-drive", f"file={disk},format=qcow2,if=ide,cache=unsafe",

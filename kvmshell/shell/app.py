@@ -110,6 +110,8 @@ class Shell:
         if ev.name in ("MIGRATION", "STOP", "RESUME"):
             self.session.data.schedule(ev.guest, "status", "migration")
         line = event_line(ev)
+        if ev.name == "MIGRATION" and ev.guest in self.session.migrations:
+            line = None                     # kvmshell follows it: its own notice says more
         if ev.name == "kvmshell.DISCONNECTED":
             self._lost.add(ev.guest)
         elif ev.name == "kvmshell.CONNECTED" and ev.guest in self._lost:

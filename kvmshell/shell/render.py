@@ -53,6 +53,12 @@ def event_line(ev: Event) -> str | None:
         if status in ("completed", "failed", "cancelled", "postcopy-active", "postcopy-paused"):
             return f"{ev.guest}: migration {status}"
         return None
+    if ev.name == "kvmshell.MIGRATION_DECISION":
+        if ev.data.get("decision") == "start":
+            return None
+        return f"{ev.guest}: {ev.data.get('decision')}: {ev.data.get('reason')}"
+    if ev.name == "kvmshell.MIGRATION_FINISHED":
+        return f"{ev.guest}: migration {ev.data.get('status')}: {ev.data.get('message')}"
     if ev.name == "kvmshell.DISCONNECTED":
         return f"{ev.guest}: monitor lost ({ev.data.get('reason')})"
     if ev.name == "kvmshell.CONNECTED":

@@ -313,6 +313,8 @@ SPECS = (
                             "in postcopy can lose the guest)"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
+                       Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
+                            value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing")),
                 maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d; with --to: migrate-incoming on "
                         "the destination, capabilities on both sides, then migrate",

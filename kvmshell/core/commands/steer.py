@@ -32,7 +32,7 @@ def parse_strategy(text: str) -> Strategy:
 
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
-                                      "estimate", "link", "watch"))
+                                      "estimate", "link", "watch", "stall_timeout"))
 
 
 async def migrate_steered(inv: Invocation) -> Result:
@@ -59,7 +59,8 @@ async def migrate_steered(inv: Invocation) -> Result:
         source=source, dest=str(dest) if dest else None, uri=str(uri) if uri else None,
         strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
         link=f.get("link") or None, allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
-        trace_path=str(f["trace"]) if f.get("trace") else None)
+        trace_path=str(f["trace"]) if f.get("trace") else None,
+        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else 10.0)
     job = MigrationJob(s.fleet, req)
     await job.prepare()
     await job.start()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 UNCAPPED = 100 * 1000**3 // 8            # 100 Gbit/s: "no cap", the link decides
 DECISION = "kvmshell.MIGRATION_DECISION"
+THROTTLE_AFTER_S = 30.0                  # converging, but slower than this: throttle (auto, converge)
 FINISHED = "kvmshell.MIGRATION_FINISHED"
 
 
@@ -261,9 +262,8 @@ class MigrationJob:
                 if self._stalled is None and self._check_stall():
                     await self._cancel_stalled()
                 if self._postcopy_paused():
-                    sampler_task.cancel()
-                    break
-            return self.sampler.ring.last if sampler_task.cancelled() else await sampler_task
+                    return self.sampler.ring.last      # the finally stops the sampler
+            return await sampler_task
         finally:
             if not sampler_task.done():
                 sampler_task.cancel()
@@ -323,22 +323,44 @@ class MigrationJob:
         self.prediction = pred
         if self._at_start is None and pred.verdict is not Verdict.UNKNOWN:
             self._at_start = pred
-        if self._after_first is None and s.pass_no >= 2 and pred.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE):
+        if self._after_first is None and s.pass_no >= 2 and not pred.rough and \
+                pred.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE):
             self._after_first = pred
         if s.status == "active":
             self._steer(s, pred)
 
     def _steer(self, s: Sample, pred: Prediction) -> None:
         strategy = self.req.strategy
-        if strategy is Strategy.POSTCOPY and s.pass_no >= 2 and not self._postcopy_started:
-            self._start_postcopy("the first full pass is done")
-        elif strategy is Strategy.AUTO and pred.verdict is Verdict.WILL_NOT_CONVERGE:
-            if self._postcopy_ready and not self._postcopy_started:
-                self._start_postcopy(pred.reason)
-            elif not self._postcopy_ready and not self._throttle_armed:
-                self._arm_throttle(pred)
-        elif strategy is Strategy.CONVERGE and pred.verdict is Verdict.WILL_NOT_CONVERGE and not self._throttle_armed:
-            self._arm_throttle(pred)
+        if strategy is Strategy.POSTCOPY:
+            if s.pass_no >= 2 and not self._postcopy_started:
+                self._start_postcopy("the first full pass is done")
+            return
+        if strategy not in (Strategy.AUTO, Strategy.CONVERGE) or s.pass_no < 2:
+            return
+        slow = self._too_slow(s, pred)
+        if pred.verdict is not Verdict.WILL_NOT_CONVERGE and slow is None:
+            return
+        why = pred.reason if pred.verdict is Verdict.WILL_NOT_CONVERGE else slow
+        if strategy is Strategy.AUTO and self._postcopy_ready:
+            if not self._postcopy_started:
+                self._start_postcopy(why or pred.reason)
+        elif not self._throttle_armed:
+            self._arm_throttle(pred, why or pred.reason)
+
+    def _too_slow(self, s: Sample, pred: Prediction) -> str | None:
+        """Converging, but so slowly that escalating is better (the reason), else None."""
+        if pred.verdict is not Verdict.CONVERGES or pred.time_left_s is None:
+            return None
+        link = self.req.link or pred.rate or 0.0
+        if self._postcopy_ready and link > 0:
+            postcopy_s = s.remaining / link + 0.5
+            if pred.time_left_s > 2 * postcopy_s:
+                return (f"pre-copy would need {pred.time_left_s:.1f} s more ({pred.reason}); "
+                        f"postcopy about {postcopy_s:.1f} s")
+            return None
+        if pred.time_left_s > THROTTLE_AFTER_S:
+            return f"pre-copy would need {pred.time_left_s:.0f} s more"
+        return None
 
     def _start_postcopy(self, why: str) -> None:
         self._postcopy_started = True
@@ -349,12 +371,12 @@ class MigrationJob:
         src = self.source
         await (src.execute("migrate-start-postcopy") if src.protocol is Protocol.QMP else src.hmp("migrate_start_postcopy"))
 
-    def _arm_throttle(self, pred: Prediction) -> None:
+    def _arm_throttle(self, pred: Prediction, why: str) -> None:
         """Throttle the guest's vCPUs enough that it dirties at about half the transfer rate."""
         self._throttle_armed = True
         D, R = pred.dirty_rate or 0.0, pred.rate or 0.0
         target = 50 if D <= 0 or R <= 0 else int(min(99, max(20, round(100 * (1 - 0.5 * R / D)))))
-        self.decide("throttle", f"{pred.reason}; throttling the guest to {100 - target} % CPU "
+        self.decide("throttle", f"{why}; throttling the guest to {100 - target} % CPU "
                                 f"(auto-converge {target} %, then +10 % a pass)", target=target)
         params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
                   "max-cpu-throttle": 99}
@@ -395,7 +417,8 @@ class MigrationJob:
                     where = (f"; {dst_name} is left waiting ({st}) and holds no running guest: quit it, or start "
                              f"the source again and migrate anew")
                 except KvmError:
-                    where = f"; {dst_name} does not answer either"
+                    where = (f"; {dst_name} has quit too (QEMU ends an incoming migration that breaks): the guest "
+                             f"runs nowhere now, restart it from its disk")
             return MigrationOutcome("source-lost", f"{src_name}'s monitor was lost during the migration "
                                     f"({self.sampler.lost}){where}", **base)
         if last.status == "postcopy-paused":

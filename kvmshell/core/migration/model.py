@@ -1,14 +1,21 @@
 """The pre-copy convergence and downtime model. Pure functions: no I/O, no clock, no monitor.
 
-Classic pre-copy (Clark et al. NSDI'05; Liu et al. HPDC'11; Akoush et al. MASCOTS'10): each pass
-sends what the previous pass dirtied; with transfer rate R and dirty rate D the passes shrink by
-lambda = D/R. The correction that matters for real guests (MIGRATION.md): a guest re-dirties a
-working set W, so a window of t seconds dirties N(t) = min(D*t, W) bytes, not D*t. QEMU stops
-iterating once what is dirty at a sync fits theta = R * L (R: its measured bandwidth, L: the
-downtime limit) and then sends that remainder with the rate limit lifted, at link speed.
+The classic pre-copy model (Clark et al. NSDI'05; Liu et al. HPDC'11; Akoush et al. MASCOTS'10): each
+pass sends what the previous one dirtied; with transfer rate R and dirty rate D it shrinks by
+lambda = D/R. Two corrections make it fit what QEMU 7.2 really does (traces in tests/data/traces):
 
-So a hot guest (D*T >= W) converges iff W <= theta: raise the bandwidth to B* = W/L, or the limit to
-L* = W/R, or throttle, or go postcopy.
+* QEMU syncs the dirty bitmap as soon as what is left of the current pass drops below
+  theta = R x L (L: the downtime limit), not at the end of the pass. So a pass starts with the
+  leftover (~theta) plus what the guest dirtied meanwhile: N' = theta + N(T), T = (N - theta) / R.
+  The excess x = N - theta shrinks by lambda each pass; QEMU completes once the fresh dirt is lost
+  in the noise of its own bandwidth estimate (x < a few % of theta), and sends the last ~theta at
+  link speed: downtime ~ theta / link.
+* A guest re-dirties a working set W, so a window of t seconds dirties N(t) = min(D t, W) bytes,
+  not D t, and the dirty set never exceeds W. A hot guest (D >= R) therefore converges iff W <= theta:
+  raise the bandwidth to B* = W/L or the limit to L* = W/R, throttle it, or go postcopy.
+
+With samples, D comes from QEMU's dirty-pages-rate or from the dirt found at the first sync, and
+lambda from the shrinking of the excess between syncs.
 """
 
 from __future__ import annotations
@@ -17,13 +24,15 @@ import enum
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvmshell.core.migration.samples import Sample
 
-FIXED_DOWNTIME_S = 0.01        # device state and the switch-over itself, measured ~5-15 ms here
-PASS_OVERHEAD_S = 0.02         # per pass: syncing the dirty bitmap, during which the guest dirties on
-MAX_PASSES = 60
+FIXED_DOWNTIME_S = 0.01        # device state and the switch itself (~5-15 ms measured here)
+SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R is measured over passes
+LATER_PASSES = 0.965           # later passes move ~3.5 % less than the streaming first pass (bitmap syncs)
+NOISE = 0.02                   # QEMU completes once the fresh dirt is below this share of theta
+MAX_PASSES = 400
 
 
 class Verdict(enum.Enum):
@@ -37,16 +46,18 @@ class Verdict(enum.Enum):
 class Inputs:
     """What the model reasons about, in bytes and seconds."""
 
-    ram_bytes: int                 # what the first pass has to send (non-zero bytes if known)
+    ram_bytes: float               # what the first pass sends (non-zero bytes if known)
     dirty_rate: float              # D, bytes/s the guest dirties while it runs
     working_set: float | None      # W, bytes it keeps re-dirtying (None: unbounded, N(t) = D t)
     rate: float                    # R, bytes/s the migration moves (min of link and max-bandwidth)
     link: float                    # bytes/s of the link (the final copy runs at this speed)
     downtime_limit_s: float        # L
-    remaining: float | None = None # bytes still to send now (None: a fresh start, = ram_bytes)
+    dirty_set: float | None = None # N at the latest sync (None: the first pass is still to go)
+    first_pass_left: float | None = None   # bytes of the first pass still to send (None: all of it)
     elapsed_s: float = 0.0
     sent: float = 0.0
-    pass_overhead_s: float = PASS_OVERHEAD_S
+    shrink: float | None = None    # lambda observed between syncs, when known
+    sync_time_s: float = SYNC_TIME_S
 
 
 @dataclass(frozen=True)
@@ -63,9 +74,10 @@ class Prediction:
     rate: float | None = None
     downtime_limit_needed_ms: float | None = None   # L* = W / R
     bandwidth_needed: float | None = None           # B* = W / L
+    rough: bool = False           # the dirty rate is only the first sync's estimate (QEMU's comes a pass later)
 
     def line(self) -> str:
-        parts = [self.verdict.value]
+        parts = [self.verdict.value + (" (rough)" if self.rough else "")]
         if self.total_s is not None:
             parts.append(f"total {self.total_s:.1f} s")
         if self.downtime_ms is not None:
@@ -76,37 +88,54 @@ class Prediction:
 
 
 def dirtied(dirty_rate: float, working_set: float | None, seconds: float) -> float:
-    """N(t): bytes dirtied in a window of ``seconds``."""
+    """N(t): distinct bytes dirtied in a window of ``seconds``."""
     n = dirty_rate * max(0.0, seconds)
     return n if working_set is None else min(n, working_set)
 
 
 def predict(inp: Inputs) -> Prediction:
-    """Simulate the passes from the current state to completion (or show they never end)."""
-    R, L, W, D = inp.rate, inp.downtime_limit_s, inp.working_set, inp.dirty_rate
+    """Run the passes forward from the current state to completion, or show they never end."""
+    R, L, W = inp.rate, inp.downtime_limit_s, inp.working_set
     if R <= 0 or not math.isfinite(R):
         return Prediction(Verdict.UNKNOWN, "no transfer rate measured yet")
+    D = inp.dirty_rate if inp.shrink is None else max(0.0, inp.shrink) * R
     theta = R * L
     link = max(inp.link, R)
-    pending = inp.ram_bytes if inp.remaining is None else inp.remaining
-    elapsed, sent = inp.elapsed_s, inp.sent
+    t, sent = inp.elapsed_s, inp.sent
     knobs = _knobs(W, D, R, L)
+    if inp.dirty_set is None:                      # the first pass: everything, at R
+        first = inp.ram_bytes if inp.first_pass_left is None else inp.first_pass_left
+        T = first / R
+        t += T
+        sent += first
+        N = dirtied(D, W, T + (inp.elapsed_s if inp.first_pass_left is not None else 0.0))
+        if W is not None:
+            N = min(N, W)
+    else:
+        N = inp.dirty_set
     for passes in range(1, MAX_PASSES + 1):
-        t_pass = pending / R + inp.pass_overhead_s
-        elapsed += t_pass
-        sent += pending
-        dirty = dirtied(D, W, t_pass)
-        if dirty <= theta:
-            final = dirty / link + FIXED_DOWNTIME_S
-            return Prediction(Verdict.CONVERGES, _why_converges(D, W, R, L, dirty), time_left_s=elapsed + final - inp.elapsed_s,
-                              total_s=elapsed + final, downtime_ms=final * 1000, bytes_total=sent + dirty,
-                              passes=passes + 1, working_set=W, dirty_rate=D, rate=R, **knobs)
-        if dirty >= pending * 0.99 and passes > 1:
-            break                       # not shrinking any more: it never ends
-        pending = dirty
-    stuck = dirtied(D, W, pending / R + inp.pass_overhead_s)
-    return Prediction(Verdict.WILL_NOT_CONVERGE, _why_not(D, W, R, L, stuck), working_set=W, dirty_rate=D, rate=R,
-                      **knobs)
+        if N <= theta * (1 + NOISE):
+            final = N / link + FIXED_DOWNTIME_S
+            return Prediction(Verdict.CONVERGES, f"final dirty set {_mb(N)} fits {_mb(theta)} ({_mbs(R)} x "
+                                                 f"{L * 1000:.0f} ms)",
+                              time_left_s=t + final - inp.elapsed_s, total_s=t + final, downtime_ms=final * 1000,
+                              bytes_total=sent + N, passes=passes, working_set=W, dirty_rate=D, rate=R, **knobs)
+        T = (N - theta) / R
+        t += T + inp.sync_time_s
+        sent += N - theta
+        fresh = dirtied(D, W, T)
+        nxt = theta + fresh
+        if W is not None:
+            nxt = min(nxt, max(W, theta))
+        if fresh <= theta * NOISE:
+            N = min(nxt, theta)
+            continue
+        if nxt >= N * 0.999:                        # not shrinking any more: it never ends
+            return Prediction(Verdict.WILL_NOT_CONVERGE, _why_not(D, W, R, L, nxt), working_set=W, dirty_rate=D,
+                              rate=R, **knobs)
+        N = nxt
+    return Prediction(Verdict.WILL_NOT_CONVERGE, _why_not(D, W, R, L, N) + f" (still {_mb(N)} after "
+                      f"{MAX_PASSES} passes)", working_set=W, dirty_rate=D, rate=R, **knobs)
 
 
 def _knobs(W: float | None, D: float, R: float, L: float) -> dict[str, float | None]:
@@ -120,55 +149,84 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:.0f} MB"
 
 
-def _why_converges(D: float, W: float | None, R: float, L: float, final: float) -> str:
-    return f"final dirty set {_mb(final)} fits {_mb(R * L)} ({R / 1e6:.0f} MB/s x {L * 1000:.0f} ms)"
+def _mbs(x: float) -> str:
+    return f"{x / 1e6:.0f} MB/s"
 
 
 def _why_not(D: float, W: float | None, R: float, L: float, stuck: float) -> str:
     ws = f" over a {_mb(W)} working set" if W is not None else ""
-    return (f"dirtying {D / 1e6:.0f} MB/s{ws}, link {R / 1e6:.0f} MB/s: the final pass would need "
+    return (f"dirtying {_mbs(D)}{ws}, link {_mbs(R)}: the final pass would need "
             f"{stuck / R * 1000:.0f} ms > limit {L * 1000:.0f} ms")
 
 
 # -- reading the samples ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Sync:
+    t: float
+    pass_no: int
+    dirty: float          # `remaining` just after the sync: the new dirty set
+
+
+@dataclass(frozen=True)
 class Observed:
     """What the samples of a running migration show."""
 
-    rate: float | None             # bytes/s moved, recent (median of non-zero sample throughputs)
-    dirty_rate: float | None       # bytes/s, QEMU's figure at the last sync
-    working_set: float | None      # bytes dirtied per pass, at the latest sync
-    passes: int
+    rate: float | None             # bytes/s moved, recent (median of sample throughputs)
+    dirty_rate: float | None       # bytes/s
+    dirty_from_qemu: bool          # QEMU's dirty-pages-rate (else the first sync's dirt over the first pass)
+    syncs: tuple[Sync, ...]
     remaining: float
     elapsed: float
     sent: float
-    first_pass_done: bool
+    shrink: float | None           # lambda, from the excess over theta between syncs
+    sync_time: float | None        # seconds a pass takes beyond sending its excess
+
+    @property
+    def first_pass_done(self) -> bool:
+        return bool(self.syncs)
 
 
-def observe(samples: Sequence[Sample]) -> Observed:
-    active = [s for s in samples if s.status in ("active", "postcopy-active", "setup")]
-    last = samples[-1] if samples else None
-    if last is None:
-        return Observed(None, None, None, 0, 0.0, 0.0, 0.0, False)
-    rates = [s.throughput for s in active[-8:] if s.throughput > 0]
+def syncs_of(samples: Sequence[Sample]) -> list[Sync]:
+    """The first sample of every pass after the first: the dirty set found at that sync."""
+    out: list[Sync] = []
+    prev = 1
+    for s in samples:
+        if s.status not in ("active", "pre-switchover"):
+            continue
+        if s.pass_no > prev and s.pass_no >= 2:
+            out.append(Sync(s.t, s.pass_no, float(s.remaining)))
+        prev = max(prev, s.pass_no)
+    return out
+
+
+def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
+    active = [s for s in samples if s.status in ("active", "postcopy-active")]
+    last = samples[-1]
+    rates = [s.throughput for s in active[-10:] if s.throughput > 0]
     rate = statistics.median(rates) if rates else None
-    first_pass_done = last.pass_no >= 2
-    working_set = None
-    dirty = None
-    if first_pass_done:
-        # at a sync, `remaining` jumps to the freshly synced dirty set: the largest value seen since
-        # the latest pass began estimates the bytes dirtied per pass
-        latest = [s for s in active if s.pass_no == last.pass_no] or [last]
-        peak = max(s.remaining for s in latest)
-        by_expected = None
-        if last.expected_downtime_ms and last.mbps:
-            by_expected = last.expected_downtime_ms * last.mbps * 125
-        working_set = max(peak, by_expected or 0.0)
-        rates_d = [s.dirty_bytes_rate for s in active if s.pass_no >= 2 and s.dirty_bytes_rate > 0]
-        dirty = float(rates_d[-1]) if rates_d else None
-    return Observed(rate, dirty, working_set, last.pass_no, float(last.remaining), last.t, float(last.transferred),
-                    first_pass_done)
+    syncs = syncs_of(samples)
+    dirty: float | None = None
+    qemu_rates = [s.dirty_bytes_rate for s in active if s.dirty_bytes_rate > 0]
+    if qemu_rates:
+        dirty = float(qemu_rates[-1])
+    elif syncs:
+        first_pass_time = syncs[0].t - (active[0].t if active else 0.0)
+        if first_pass_time > 0:
+            dirty = syncs[0].dirty / first_pass_time
+    shrink = sync_time = None
+    if rate and len(syncs) >= 3:
+        theta = rate * downtime_limit_s
+        pairs = [(a, b) for a, b in zip(syncs[-6:], syncs[-5:]) if b.pass_no == a.pass_no + 1]
+        ratios = [(b.dirty - theta) / (a.dirty - theta) for a, b in pairs if a.dirty - theta > 0.05 * theta]
+        if ratios:
+            shrink = statistics.median(ratios)
+        extra = [(b.t - a.t) - (a.dirty - theta) / rate for a, b in pairs]
+        if extra:
+            sync_time = min(0.5, max(0.0, statistics.median(extra)))
+            sync_time = 0.0 if sync_time < 0.01 else sync_time
+    return Observed(rate, dirty, bool(qemu_rates), tuple(syncs), float(last.remaining), last.t,
+                    float(last.transferred), shrink, sync_time)
 
 
 def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap: float | None,
@@ -185,25 +243,43 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
                           downtime_ms=last.downtime_ms, bytes_total=last.transferred)
     if last.status in ("failed", "cancelled"):
         return Prediction(Verdict.DONE, last.status)
-    obs = observe(samples)
+    if last.status.startswith("postcopy"):
+        return Prediction(Verdict.CONVERGES, "postcopy: the destination pulls what is left", rate=None)
+    obs = observe(samples, downtime_limit_s)
     if obs.rate is None:
         return Prediction(Verdict.UNKNOWN, "no transfer rate measured yet")
-    rate = obs.rate
-    if bandwidth_cap:
-        rate = min(rate, bandwidth_cap)
+    rate = min(obs.rate, bandwidth_cap) if bandwidth_cap else obs.rate
     D = obs.dirty_rate if obs.dirty_rate is not None else dirty_rate
-    W = obs.working_set if obs.working_set is not None else working_set
-    if not obs.first_pass_done and D is None:
-        # first pass: how long it takes is known, what it leaves dirty is not
-        return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go at "
-                                           f"{rate / 1e6:.0f} MB/s: dirty rate not known yet",
-                          time_left_s=obs.remaining / rate, rate=rate)
-    if D is None:
-        D = 0.0
-    inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate,
-                 link=link or rate, downtime_limit_s=downtime_limit_s, remaining=obs.remaining,
-                 elapsed_s=obs.elapsed, sent=obs.sent)
-    return predict(inp)
+    W = working_set
+    if not obs.first_pass_done:
+        if D is None:
+            return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go at "
+                                               f"{rate / 1e6:.0f} MB/s: the dirty rate shows at the first sync",
+                              time_left_s=obs.remaining / rate, rate=rate)
+        inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate, link=link or rate,
+                     downtime_limit_s=downtime_limit_s, first_pass_left=obs.remaining, elapsed_s=obs.elapsed,
+                     sent=obs.sent)
+        return predict(inp)
+    if W is None:
+        # the dirty set never grows past the working set: the largest seen bounds it from below
+        W = max(s.dirty for s in obs.syncs) if D is not None and D >= rate else None
+    if len(obs.syncs) < 3:
+        rate *= LATER_PASSES            # measured on the first pass only
+    inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D or 0.0, working_set=W, rate=rate,
+                 link=link or rate, downtime_limit_s=downtime_limit_s, dirty_set=obs.remaining
+                 if last.pass_no == obs.syncs[-1].pass_no and obs.remaining >= obs.syncs[-1].dirty * 0.999
+                 else obs.syncs[-1].dirty,
+                 elapsed_s=obs.syncs[-1].t, sent=_sent_at(samples, obs.syncs[-1].t), shrink=obs.shrink,
+                 sync_time_s=obs.sync_time if obs.sync_time is not None else SYNC_TIME_S)
+    p = predict(inp)
+    if not obs.dirty_from_qemu:
+        p = replace(p, rough=True)
+    return p
+
+
+def _sent_at(samples: Sequence[Sample], t: float) -> float:
+    before = [s.transferred for s in samples if s.t <= t]
+    return float(before[-1]) if before else 0.0
 
 
 def estimate_working_set(windows: Sequence[tuple[float, float]]) -> tuple[float, float | None]:

@@ -20,6 +20,7 @@ from kvmshell.errors import Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)
 
+THROUGHPUT_WINDOW_S = 0.3      # throughput is measured over at least this long
 WATCHED_EVENTS = ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "SHUTDOWN", "kvmshell.DISCONNECTED")
 
 
@@ -78,12 +79,22 @@ class Sampler:
                 await asyncio.wait_for(self.monitor.migration(), self.query_timeout)
         except (TimeoutError, MonitorTimeout):
             return None
-        s = Sample.from_info(info, self.now, self.ring.last)
+        now = self.now
+        s = Sample.from_info(info, now, self.ring.last, self.ring.at_least(THROUGHPUT_WINDOW_S, now))
         self.ring.append(s)
         if self.trace is not None:
             self.trace.write(s)
         for cb in list(self._sample_listeners):
             cb(s)
+        return s
+
+    async def _settled(self, s: Sample) -> Sample:
+        """QEMU may report `completed` a moment before it fills in total-time and downtime."""
+        for _ in range(10):
+            if s.status != "completed" or s.total_time_ms:
+                return s
+            await asyncio.sleep(0.02)
+            s = await self.sample() or s
         return s
 
     async def run(self) -> Sample | None:
@@ -101,7 +112,7 @@ class Sampler:
                 if s is not None:
                     last = s
                     if MigrationStatus(s.status).is_finished:
-                        return s
+                        return await self._settled(s)
                     if s.status == "none" and len(self.ring) > 1:
                         return s
                 try:

@@ -47,12 +47,16 @@ class Sample:
         return MigrationStatus(self.status)
 
     @classmethod
-    def from_info(cls, info: MigrationInfo, t: float, previous: Sample | None) -> Sample:
+    def from_info(cls, info: MigrationInfo, t: float, previous: Sample | None,
+                  reference: Sample | None = None) -> Sample:
+        """``previous`` fills what QEMU left out; throughput is measured since ``reference`` (an
+        older sample, so that two samples a few ms apart do not make a spike), else ``previous``."""
         ram = info.ram
         transferred = ram.transferred if ram else (previous.transferred if previous else 0)
         throughput = 0.0
-        if previous is not None and t > previous.t:
-            throughput = max(0.0, (transferred - previous.transferred) / (t - previous.t))
+        ref = reference or previous
+        if ref is not None and t > ref.t:
+            throughput = max(0.0, (transferred - ref.transferred) / (t - ref.t))
         return cls(
             t=round(t, 4), status=info.status.value,
             pass_no=ram.dirty_sync_count if ram else (previous.pass_no if previous else 0),
@@ -137,6 +141,13 @@ class SampleRing:
     @property
     def last(self) -> Sample | None:
         return self._items[-1] if self._items else None
+
+    def at_least(self, seconds: float, now: float) -> Sample | None:
+        """The newest sample taken ``seconds`` or more before ``now`` (else the oldest)."""
+        for s in reversed(self._items):
+            if s.t <= now - seconds:
+                return s
+        return self._items[0] if self._items else None
 
     def list(self) -> list[Sample]:
         return list(self._items)

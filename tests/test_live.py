@@ -1,0 +1,187 @@
+"""`migrate --to` and its faults, with real QEMU guests on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.commands import default_registry
+from kvmshell.core.commands.results import Outcome
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.live import FINISHED, MigrationJob
+from kvmshell.core.migration.samples import load_trace
+from kvmshell.core.models import Event, MigrationStatus, RunState
+from kvmshell.core.session import Session
+from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.lab.verify import check_guest_memory
+from tests.waiting import free_port, wait_for
+
+pytestmark = pytest.mark.qemu
+WS = 4096                      # 16 MiB working set
+RAM = 64
+
+
+@dataclass
+class Pair:
+    session: Session
+    src: LabGuest
+    dst: LabGuest
+    events: asyncio.Queue[Event]
+
+    async def run(self, line: str) -> Outcome:
+        outcomes = await self.session.run_line(line)
+        assert len(outcomes) == 1
+        return outcomes[0]
+
+    async def ok(self, line: str) -> str:
+        o = await self.run(line)
+        assert o.ok, o.error
+        assert o.result is not None
+        return o.result.text()
+
+    async def finished(self, timeout: float = 60) -> Event:
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.events.get()
+                if ev.name == FINISHED:
+                    return ev
+
+    def job(self) -> MigrationJob:
+        return self.session.migrations["src"]
+
+    async def until_status(self, *statuses: str, timeout: float = 30) -> None:
+        await wait_for(lambda: self.session.fleet.monitor("src").migration(),
+                       lambda m: m.status.value in statuses, timeout=timeout, what=f"status in {statuses}")
+
+
+@pytest.fixture
+async def pair(lab: Lab) -> AsyncIterator[Pair]:
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
+    dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    async with Fleet() as fleet:
+        fleet.subscribe(events.put_nowait)
+        fleet.add("src", src.address)
+        fleet.add("dst", dst.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        yield Pair(session, src, dst, events)
+        await session.aclose()
+
+
+async def test_migrate_to_completes_with_the_memory_intact(pair: Pair, tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    text = await pair.ok(f"@src migrate --to dst --strategy auto --trace {trace}")
+    assert "migrating to dst" in text
+    ev = await pair.finished()
+    assert ev.data["status"] == "completed", ev.data
+    dst = pair.session.fleet.monitor("dst")
+    await pair.dst.wait_heartbeats(2)
+    assert (await dst.status()).state is RunState.RUNNING
+    check = await check_guest_memory(dst, WS, tmp_path)
+    assert check.ok, check.summary()
+    assert (await pair.session.fleet.monitor("src").status()).state is RunState.POSTMIGRATE
+    t = load_trace(trace)
+    assert t.header.guest == "src" and t.header.strategy == "auto"
+    assert t.samples[-1].status == "completed" and t.samples[-1].total_time_ms
+    assert any(e.source == "kvmshell" and e.name == "start" for e in t.events)
+    view = await pair.ok("@src info migrate")
+    assert "outcome: completed" in view
+
+
+async def test_second_migration_refused(pair: Pair) -> None:
+    await pair.ok("@src migrate --to dst --bandwidth 2M --stall-timeout 60")
+    o = await pair.run("@src migrate --to dst")
+    assert not o.ok and "already" in (o.error or "")
+    o = await pair.run(f"@src migrate tcp:127.0.0.1:{free_port()}")
+    assert not o.ok and "already" in (o.error or "")
+    await pair.ok("@src migrate_cancel")
+    assert (await pair.finished()).data["status"] == "cancelled"
+
+
+async def test_destination_killed_reported_within_a_second(pair: Pair, tmp_path: Path) -> None:
+    await pair.ok("@src migrate --to dst --bandwidth 2M")
+    await pair.until_status("active")
+    killed = time.monotonic()
+    os.kill(pair.dst.pid, signal.SIGKILL)
+    ev = await pair.finished()
+    assert time.monotonic() - killed < 1.0
+    assert ev.data["status"] == "failed"
+    src = pair.session.fleet.monitor("src")
+    assert (await src.status()).state is RunState.RUNNING
+    check = await check_guest_memory(src, WS, tmp_path)
+    assert check.ok, check.summary()
+
+
+async def test_cancel_mid_migration(pair: Pair, tmp_path: Path) -> None:
+    await pair.ok("@src migrate --to dst --bandwidth 2M")
+    await pair.until_status("active")
+    assert "cancelled" in await pair.ok("@src migrate_cancel")
+    ev = await pair.finished()
+    assert ev.data["status"] == "cancelled"
+    src = pair.session.fleet.monitor("src")
+    assert (await src.status()).state is RunState.RUNNING
+    assert (await check_guest_memory(src, WS, tmp_path)).ok
+
+
+async def test_stalled_migration_cancelled_by_the_watchdog(pair: Pair) -> None:
+    await pair.ok("@src migrate --to dst --stall-timeout 2 --bandwidth 50M")
+    await pair.until_status("active")
+    os.kill(pair.dst.pid, signal.SIGSTOP)            # the destination freezes: QEMU would wait forever
+    try:
+        ev = await pair.finished(timeout=60)
+        assert ev.data["status"] == "stalled"
+        assert "no progress for 2 s" in ev.data["message"]
+        assert any("cancel-stalled" in d for d in pair.job().decisions)
+        assert (await pair.session.fleet.monitor("src").status()).state is RunState.RUNNING
+    finally:
+        os.kill(pair.dst.pid, signal.SIGCONT)
+
+
+async def test_destination_refuses(pair: Pair) -> None:
+    port = free_port()                               # nothing listens there
+    o = await pair.run(f"@src migrate --strategy auto tcp:127.0.0.1:{port}")
+    assert not o.ok and "Connection refused" in (o.error or "") and "runs on as before" in (o.error or "")
+    assert (await pair.session.fleet.monitor("src").status()).state is RunState.RUNNING
+    o = await pair.run("@dst migrate --to src")     # the source is no -incoming guest
+    assert not o.ok
+
+
+async def test_source_killed_leaves_destination_waiting(pair: Pair) -> None:
+    await pair.ok("@src migrate --to dst --bandwidth 2M")
+    await pair.until_status("active")
+    await pair.src.kill()
+    ev = await pair.finished()
+    assert ev.data["status"] == "source-lost"
+    # QEMU 7.2's destination quits when the stream breaks mid-way; kvmshell says which happened
+    assert "dst is left waiting" in ev.data["message"] or "dst has quit too" in ev.data["message"]
+    if not pair.dst.alive:
+        assert "dst has quit too" in ev.data["message"]
+
+
+async def test_postcopy_pause_and_recover(pair: Pair, tmp_path: Path) -> None:
+    """Postcopy that breaks is reported as the danger it is; migrate_recover + migrate -r finish it."""
+    await pair.ok("@src migrate_set_parameter max-postcopy-bandwidth 2M")     # keep it in postcopy a while
+    await pair.ok("@src migrate --to dst --strategy postcopy --bandwidth 4M")
+    await pair.until_status("postcopy-active", timeout=60)
+    await pair.ok("@src migrate_pause")
+    ev = await pair.finished()
+    assert ev.data["status"] == "postcopy-paused"
+    assert "DANGER" in ev.data["message"] and "migrate_recover" in ev.data["message"]
+    await wait_for(lambda: pair.session.fleet.monitor("dst").migration(),
+                   lambda m: m.status is MigrationStatus.POSTCOPY_PAUSED, what="destination paused")
+    port = free_port()
+    await pair.ok(f"@dst migrate_recover tcp:127.0.0.1:{port}")
+    await pair.ok("@src migrate_set_parameter max-postcopy-bandwidth 1G")
+    await pair.ok(f"@src migrate -r tcp:127.0.0.1:{port}")
+    await pair.until_status("completed", timeout=60)
+    await pair.dst.wait_heartbeats(2)
+    check = await check_guest_memory(pair.session.fleet.monitor("dst"), WS, tmp_path)
+    assert check.ok, check.summary()
