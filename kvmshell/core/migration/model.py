@@ -218,9 +218,9 @@ def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
     if rate and len(syncs) >= 3:
         theta = rate * downtime_limit_s
         pairs = [(a, b) for a, b in zip(syncs[-6:], syncs[-5:]) if b.pass_no == a.pass_no + 1]
-        ratios = [(b.dirty - theta) / (a.dirty - theta) for a, b in pairs if a.dirty - theta > 0.05 * theta]
-        if ratios:
-            shrink = statistics.median(ratios)
+        pairs = [(a, b) for a, b in pairs if a.dirty - theta > 0.05 * theta]
+        if pairs:                                   # a ratio of sums: steadier than a ratio per pass
+            shrink = max(0.0, sum(b.dirty - theta for _, b in pairs)) / sum(a.dirty - theta for a, _ in pairs)
         extra = [(b.t - a.t) - (a.dirty - theta) / rate for a, b in pairs]
         if extra:
             sync_time = min(0.5, max(0.0, statistics.median(extra)))
@@ -260,6 +260,11 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
                      downtime_limit_s=downtime_limit_s, first_pass_left=obs.remaining, elapsed_s=obs.elapsed,
                      sent=obs.sent)
         return predict(inp)
+    stuck = _stuck(obs.syncs, rate, downtime_limit_s)
+    if stuck is not None:
+        return Prediction(Verdict.WILL_NOT_CONVERGE, stuck, working_set=max(s.dirty for s in obs.syncs),
+                          dirty_rate=D, rate=rate, **_knobs(max(s.dirty for s in obs.syncs), D or 0.0, rate,
+                                                            downtime_limit_s))
     if W is None:
         # the dirty set never grows past the working set: the largest seen bounds it from below
         W = max(s.dirty for s in obs.syncs) if D is not None and D >= rate else None
@@ -275,6 +280,26 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
+
+
+STUCK_WINDOW = 4
+
+
+def _stuck(syncs: Sequence[Sync], rate: float, limit_s: float) -> str | None:
+    """The evidence that pre-copy is going nowhere: over the last passes the dirty set found at a
+    sync has reached no new low (in a converging migration every few passes brings one)."""
+    theta = rate * limit_s
+    if len(syncs) < 2 * STUCK_WINDOW:
+        return None
+    recent, before = syncs[-STUCK_WINDOW:], syncs[:-STUCK_WINDOW]
+    low_recent = min(s.dirty for s in recent) - theta
+    low_before = min(s.dirty for s in before) - theta
+    if low_recent <= theta * NOISE or low_recent < 0.95 * low_before:
+        return None
+    lo, hi = min(s.dirty for s in syncs[-2 * STUCK_WINDOW:]), max(s.dirty for s in syncs[-2 * STUCK_WINDOW:])
+    return (f"no progress over {len(syncs)} passes: the dirty set stays at {_mb(lo)}-{_mb(hi)}, above the "
+            f"{_mb(theta)} that fits the limit ({_mbs(rate)} x {limit_s * 1000:.0f} ms); the final pass would need "
+            f"{lo / rate * 1000:.0f} ms or more > limit {limit_s * 1000:.0f} ms")
 
 
 def _sent_at(samples: Sequence[Sample], t: float) -> float:
