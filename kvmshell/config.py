@@ -30,6 +30,8 @@ class Defaults:
     allow_postcopy: bool = False
     connect_timeout: float = 5.0
     timeout: float = 10.0
+    link: str | None = None            # e.g. "1gbit": the migration link's speed, for the model
+    stall_timeout: float = 10.0        # cancel a migration after this long without progress
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,20 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
     _check_keys(data, {"defaults": dict, "hosts": dict, "guests": dict}, src)
     d = data.get("defaults", {})
     _check_keys(d, {"downtime_ms": int, "strategy": str, "allow_postcopy": bool,
-                    "connect_timeout": (int, float), "timeout": (int, float)}, f"{src}: [defaults]")
+                    "connect_timeout": (int, float), "timeout": (int, float), "link": str,
+                    "stall_timeout": (int, float)}, f"{src}: [defaults]")
     defaults = Defaults(**d)
+    if defaults.link is not None:
+        from kvmshell.core.commands.values import parse_rate
+        try:
+            parse_rate(defaults.link)
+        except ValueError as e:
+            raise ConfigError(f"{src}: [defaults] link: {e}") from None
     if defaults.strategy not in STRATEGIES:
         raise ConfigError(f"{src}: [defaults] strategy: {defaults.strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if defaults.downtime_ms <= 0 or defaults.connect_timeout <= 0 or defaults.timeout <= 0:
-        raise ConfigError(f"{src}: [defaults]: downtime_ms, connect_timeout and timeout must be positive")
+    if min(defaults.downtime_ms, defaults.connect_timeout, defaults.timeout, defaults.stall_timeout) <= 0:
+        raise ConfigError(f"{src}: [defaults]: downtime_ms, connect_timeout, timeout and stall_timeout must be "
+                          "positive")
     hosts: dict[str, HostConfig] = {}
     for name, h in data.get("hosts", {}).items():
         where = f"{src}: [hosts.{name}]"

@@ -151,3 +151,20 @@ async def test_dash_c_json_and_confirmation(lab: Lab, tmp_path: Path) -> None:
     assert rc == 1 and "not confirmed (run with -y/--yes to confirm)" in err
     rc, out, err = await kvmshell(tmp_path, *g, "-y", "-c", "system_reset")
     assert rc == 0 and out == "reset\n"
+
+
+async def test_report_of_a_recorded_trace(tmp_path: Path) -> None:
+    trace = Path(__file__).parent / "data" / "traces" / "1gbit-150-auto+postcopy.jsonl"
+    svg = tmp_path / "plot.svg"
+    rc, out, err = await kvmshell(tmp_path, "report", str(trace), "--svg", str(svg))
+    assert rc == 0, err
+    assert re.search(r"outcome\s+completed", out) and re.search(r"postcopy\s+yes", out)
+    assert f"plot: {svg}" in out
+    import xml.etree.ElementTree as ET
+    assert ET.parse(svg).getroot().tag.endswith("svg")
+    rc, out, err = await kvmshell(tmp_path, "report", str(trace), "--svg", str(tmp_path / "plot.png"))
+    assert rc == 2 and "only SVG" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    rc, out, err = await kvmshell(tmp_path, "report", str(bad))
+    assert rc == 2 and "not a kvmshell trace" in err

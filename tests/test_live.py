@@ -185,3 +185,26 @@ async def test_postcopy_pause_and_recover(pair: Pair, tmp_path: Path) -> None:
     await pair.dst.wait_heartbeats(2)
     check = await check_guest_memory(pair.session.fleet.monitor("dst"), WS, tmp_path)
     assert check.ok, check.summary()
+
+
+async def test_estimate_predicts_each_strategy_and_starts_nothing(pair: Pair) -> None:
+    text = await pair.ok("@src estimate --link 1gbit")
+    assert "dirty rate:" in text and "link: 125 MB/s" in text
+    for strategy in ("precopy (current limits)", "precopy, uncapped", "postcopy after the first pass"):
+        assert strategy in text
+    assert "Nothing was started." in text
+    assert (await pair.session.fleet.monitor("src").migration()).status is MigrationStatus.NONE
+    text = await pair.ok("@src migrate --to dst --estimate --link 1gbit")
+    assert "destination: dst" in text
+    assert (await pair.session.fleet.monitor("dst").status()).state is RunState.INMIGRATE
+
+
+async def test_watch_view_shows_the_model(pair: Pair) -> None:
+    from kvmshell.core.commands.results import Watch
+    outcomes = await pair.session.run_line("@src migrate --to dst --bandwidth 2M --watch")
+    assert outcomes[0].ok and isinstance(outcomes[0].result, Watch)
+    await pair.until_status("active")
+    await wait_for(lambda: pair.ok("@src info migrate"), lambda text: "model:" in text and "progress:" in text,
+                   what="the live view")
+    await pair.ok("@src migrate_cancel")
+    await pair.finished()

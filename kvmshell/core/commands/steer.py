@@ -58,9 +58,9 @@ async def migrate_steered(inv: Invocation) -> Result:
     req = MigrationRequest(
         source=source, dest=str(dest) if dest else None, uri=str(uri) if uri else None,
         strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
-        link=f.get("link") or None, allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
+        link=f.get("link") or configured_link(inv), allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
         trace_path=str(f["trace"]) if f.get("trace") else None,
-        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else 10.0)
+        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
     job = MigrationJob(s.fleet, req)
     await job.prepare()
     await job.start()
@@ -69,6 +69,12 @@ async def migrate_steered(inv: Invocation) -> Result:
         return Watch("info migrate")
     return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
                 "`info migrate` shows progress and the model's prediction")
+
+
+def configured_link(inv: Invocation) -> float | None:
+    from kvmshell.core.commands.values import parse_rate
+    link = inv.session.config.defaults.link
+    return float(parse_rate(link)) if link else None
 
 
 def track(inv: Invocation) -> None:
@@ -163,7 +169,7 @@ async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
     inv.progress("measuring the dirty rate over 1 s and 3 s...")
     windows = [(1, await dirty_rate(mon, 1)), (3, await dirty_rate(mon, 3))]
     D, W = estimate_working_set(windows)
-    link = inv.flags.get("link")
+    link = inv.flags.get("link") or configured_link(inv)
     cap = float(params.max_bandwidth or 0) or None
     L = (inv.flags.get("downtime") or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
@@ -197,8 +203,8 @@ async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
              f"dirty rate: {windows[0][1] / 1e6:.0f} MB/s over 1 s, {windows[1][1] / 1e6:.0f} MB/s over 3 s -> "
              + (f"re-dirties a working set of about {W / 1e6:.0f} MB at {D / 1e6:.0f} MB/s" if W is not None
                 else f"dirties about {D / 1e6:.0f} MB/s without a bounded working set"),
-             f"link: {R_link / 1e6:.0f} MB/s" + ("" if link else " (not given: assuming max-bandwidth; --link RATE "
-                                                  "says the real one)"),
+             f"link: {R_link / 1e6:.0f} MB/s" + ("" if link else " (not known: assuming max-bandwidth; --link RATE "
+                                                  "or `link` in the config's [defaults] gives the real one)"),
              f"downtime limit: {L * 1000:.0f} ms"]
     if info.blocked_reasons:
         lines.append("BLOCKED, this guest cannot migrate: " + "; ".join(info.blocked_reasons))
