@@ -11,7 +11,7 @@ test: deps
 	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: deps
-	$(VENV)/bin/kvmshell demo
+	$(VENV)/bin/kvmshell demo --shell
 
 bench: deps
 	$(VENV)/bin/python bench/bench_core.py

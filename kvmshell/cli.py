@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("guests", help="list the guests with their state")
     sub.add_parser("shell", help="the interactive prompt (default on a terminal)")
+    sub.add_parser("tui", help="the dashboard")
     run_p = sub.add_parser("run", help="run monitor command lines from FILE ('-' for stdin)")
     run_p.add_argument("file", metavar="FILE")
     rep = sub.add_parser("report", help="summarize a migration trace (from --trace) and plot it as SVG")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--svg", metavar="OUT", help="where to write the plot (default: TRACE with .svg)")
     demo = sub.add_parser("demo", help="start local demo guests and attach to them")
     mode = demo.add_mutually_exclusive_group()
-    mode.add_argument("--shell", action="store_true", help="open the prompt on them (the default for now)")
+    mode.add_argument("--shell", action="store_true", help="open the prompt on them instead of the dashboard")
     mode.add_argument("--no-ui", action="store_true", help="start the guests, print their addresses, wait for Ctrl-C")
     return p
 
@@ -142,6 +143,19 @@ async def cmd_shell(args: argparse.Namespace, config: Config, out: TextIO, err: 
         await close_session(session)
 
 
+async def cmd_tui(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO, hint: str | None = None,
+                  select: str | None = None) -> Exit:
+    from kvmshell.tui.app import run_tui
+    session = await open_session(args, config, err, interactive=True)
+    if select is not None:
+        session.current = select
+    try:
+        await session.data.refresh_all()
+        return Exit(await run_tui(session, hint=hint))
+    finally:
+        await close_session(session)
+
+
 async def run_lines(session: Session, lines: Sequence[str], args: argparse.Namespace, out: TextIO,
                     err: TextIO, source: str) -> Exit:
     """Non-interactive: run each line, print its outcomes, stop at the first failure unless --keep-going."""
@@ -221,6 +235,9 @@ async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: T
         guests = await start_demo_guests(lab)
         for g in guests:
             args.guest.append(g.guest_option)
+        if not args.shell:
+            return await cmd_tui(args, config, out, err, hint="press m to migrate vm-src to vm-dst",
+                                 select="vm-src")
         out.write("demo guests: " + ", ".join(g.name for g in guests) +
                   " - vm-src dirties memory, vm-dst waits with -incoming defer. Try `help`, `@all info status`, "
                   "`use vm-src`. `exit` stops the demo guests.\n")
@@ -273,6 +290,8 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return await cmd_lines(args, config, out, err, args.lines, "-c")
     if args.command == "run":
         return await cmd_lines(args, config, out, err, read_script(args.file), args.file)
+    if args.command == "tui":
+        return await cmd_tui(args, config, out, err)
     if args.command == "shell" or (args.command is None and sys.stdin.isatty()):
         return await cmd_shell(args, config, out, err)
     if args.command is None:

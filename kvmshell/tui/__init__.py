@@ -1,0 +1,1 @@
+"""The textual face: `kvmshell tui`."""
