@@ -80,10 +80,6 @@ def free_local_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listen_uri(uri: str) -> str:
-    return uri
-
-
 class MigrationJob:
     def __init__(self, fleet: Fleet, request: MigrationRequest, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.fleet = fleet
@@ -162,7 +158,7 @@ class MigrationJob:
         if self.uri is None:
             raise CommandFailed("no URI and no destination guest", guest=self.req.source)
         if self.dest is not None:
-            await self._incoming(self.dest, _listen_uri(self.uri))
+            await self._incoming(self.dest, self.uri)
 
     @staticmethod
     async def _set_caps(mon: Monitor, caps: dict[str, bool]) -> None:
