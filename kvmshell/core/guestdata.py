@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS, PARAMETERS, CAPABILITIES, STATUS, MIGRATION = "snapshots", "parameters", "capabilities", "status", "migration"
 ALL = (SNAPSHOTS, PARAMETERS, CAPABILITIES, STATUS, MIGRATION)
+MEMORY = "memory"              # the guest's RAM size: fetched only when asked for (it does not change)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class GuestSnapshot:
     parameters: MigrationParameters | None = None
     capabilities: Capabilities | None = None
     when: float = 0.0
+    ram_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DirtyRate:
+    """An on-demand calc-dirty-rate measurement (it costs the guest, so never taken continuously)."""
+
+    bytes_per_s: float
+    window_s: int
+    when: float               # epoch seconds
 
 
 class GuestData:
@@ -39,6 +50,7 @@ class GuestData:
         self.fleet = fleet
         self._data: dict[str, GuestSnapshot] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._dirty: dict[str, DirtyRate] = {}
 
     def get(self, name: str) -> GuestSnapshot:
         return self._data.get(name, GuestSnapshot())
@@ -54,7 +66,8 @@ class GuestData:
             return self.get(name)
         fetched: dict[str, object] = {}
         getters = {SNAPSHOTS: mon.snapshots, PARAMETERS: mon.migrate_parameters,
-                   CAPABILITIES: mon.migrate_capabilities, STATUS: mon.status, MIGRATION: mon.migration}
+                   CAPABILITIES: mon.migrate_capabilities, STATUS: mon.status, MIGRATION: mon.migration,
+                   MEMORY: lambda: _ram_bytes(mon)}
         for key in what:
             try:
                 fetched[key] = await getters[key]()
@@ -67,7 +80,8 @@ class GuestData:
             snapshots=fetched.get(SNAPSHOTS, old.snapshots),      # type: ignore[arg-type]
             parameters=fetched.get(PARAMETERS, old.parameters),   # type: ignore[arg-type]
             capabilities=fetched.get(CAPABILITIES, old.capabilities),  # type: ignore[arg-type]
-            when=time.monotonic())
+            when=time.monotonic(),
+            ram_bytes=fetched.get(MEMORY, old.ram_bytes))          # type: ignore[arg-type]
         self._data[name] = new
         return new
 
@@ -86,6 +100,23 @@ class GuestData:
     async def _run(self, name: str, key: str) -> None:
         await self.refresh(name, (key,))
 
+    def dirty_rate(self, name: str) -> DirtyRate | None:
+        """The last on-demand dirty-rate measurement of ``name``, if any."""
+        return self._dirty.get(name)
+
+    async def measure_dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
+        """Measure how fast ``name`` dirties memory now (calc-dirty-rate over ``seconds``); cached."""
+        from kvmshell.core.commands.steer import dirty_rate
+        from kvmshell.errors import MonitorTimeout
+        mon = self.fleet.monitor(name)
+        try:
+            value = await dirty_rate(mon, seconds)
+        except TimeoutError:
+            raise MonitorTimeout(f"no dirty-rate result within {seconds + 10} s", guest=name) from None
+        result = DirtyRate(value, seconds, time.time())
+        self._dirty[name] = result
+        return result
+
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(g.name) for g in self.fleet))
 
@@ -95,3 +126,8 @@ class GuestData:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+async def _ram_bytes(mon: object) -> int:
+    from kvmshell.core.commands.steer import ram_bytes
+    return await ram_bytes(mon)  # type: ignore[arg-type]

@@ -1,0 +1,336 @@
+"""Modal screens: confirmations, help, and the migrate / savevm / loadvm dialogs.
+
+A dialog never runs anything itself except the model's estimate: it returns the command line the
+user confirmed, and the app runs it through the source like any command typed in the bar.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+
+from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.commands.values import parse_positive_int, parse_rate
+from kvmshell.tui.actions import ACTIONS, key_text
+from kvmshell.tui.source import DashboardSource
+from kvmshell.tui.widgets import CompletionField
+
+STRATEGIES = (("auto: precopy, escalating when it will not converge", "auto"),
+              ("precopy: QEMU's pre-copy with your limits", "precopy"),
+              ("converge: pre-copy plus auto-converge from the model", "converge"),
+              ("postcopy: after the first full pass", "postcopy"))
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; y/Enter on Yes, n/Escape for no."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str, yes: str = "Yes", no: str = "No") -> None:
+        super().__init__(classes="dialog-screen")
+        self.question = question
+        self.yes, self.no = yes, no
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="confirm-dialog"):
+            yield Static(self.question, id="question")
+            with Horizontal(classes="buttons"):
+                yield Button(f"{self.yes} (y)", variant="warning", id="yes")
+                yield Button(f"{self.no} (n)", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "close", "Close")]
+
+    def compose(self) -> ComposeResult:
+        text = Text()
+        text.append("kvmshell dashboard keys\n\n", style="bold")
+        for a in ACTIONS:
+            text.append(f"{key_text(a):>8}  ", style="bold")
+            text.append(f"{a.help}\n")
+        text.append("\n  ctrl+p  the command palette: every action above, by name\n")
+        text.append("     tab  in the command bar and the dialogs: complete\n")
+        text.append("   mouse  click a guest to select it, a column header to sort, buttons in dialogs\n\n")
+        text.append("The command bar takes every command of `kvmshell shell` (type `help` there for the list); "
+                    "commands run on the selected guest unless prefixed with @NAME or @all.", style="dim")
+        with VerticalScroll(classes="dialog", id="help-dialog"):
+            yield Static(text)
+            yield Button("Close", id="close")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed)
+    def _close(self) -> None:
+        self.dismiss(None)
+
+
+class SnapshotDialog(ModalScreen[str | None]):
+    """savevm / loadvm: a tag with completion from the guest's snapshots; returns the command line."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, source: DashboardSource, guest: str, mode: str) -> None:
+        super().__init__(classes="dialog-screen")
+        assert mode in ("savevm", "loadvm")
+        self.source, self.guest, self.mode = source, guest, mode
+        self._shown_tags: tuple[str, ...] | None = None
+
+    def compose(self) -> ComposeResult:
+        verb = "Save a snapshot of" if self.mode == "savevm" else "Load a snapshot into"
+        with Vertical(classes="dialog", id=f"{self.mode}-dialog"):
+            yield Label(Text.assemble((f"{verb} {self.guest}", "bold")))
+            yield Label("tag" + (" (empty: vm-DATE)" if self.mode == "savevm" else "") + ":")
+            yield CompletionField(self.source.complete, prefix=f"@{self.guest} {self.mode} ", input_id="tag",
+                                  placeholder="snapshot tag (TAB completes)", compact=False)
+            yield Static("", id="tags")
+            yield Static("", id="dialog-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save" if self.mode == "savevm" else "Load", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.source.want_tags(self.guest)
+        self._show_tags()
+        self.set_interval(0.5, self._show_tags)
+        self.query_one("#tag", Input).focus()
+
+    def _show_tags(self) -> None:
+        tags = self.source.tags(self.guest)
+        names = tuple(t.tag for t in tags)
+        if names == self._shown_tags:
+            return
+        self._shown_tags = names
+        if not tags:
+            self.query_one("#tags", Static).update(Text("no snapshots on this guest yet", style="dim"))
+            return
+        text = Text("snapshots:\n", style="dim")
+        for t in tags:
+            text.append(f"  {t.tag}", style="bold")
+            text.append(f"  {datetime.fromtimestamp(t.date_sec):%Y-%m-%d %H:%M}  {human_bytes(t.vm_state_size)}\n",
+                        style="dim")
+        self.query_one("#tags", Static).update(text)
+        field = self.query_one(CompletionField)
+        if field.input.has_focus:
+            field.refresh_candidates()
+
+    def _line(self) -> str | None:
+        tag = self.query_one("#tag", Input).value.strip()
+        error = self.query_one("#dialog-error", Static)
+        if self.mode == "loadvm" and not tag:
+            error.update(Text("give the tag of the snapshot to load", style="bold red"))
+            return None
+        if any(c.isspace() or c in "\"'" for c in tag):
+            error.update(Text("a tag without spaces or quotes, please", style="bold red"))
+            return None
+        return f"@{self.guest} {self.mode}" + (f" {tag}" if tag else "")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted, "#tag")
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._ok()
+
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        line = self._line()
+        if line is not None:
+            self.dismiss(line)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(CompletionField.Escaped)
+    def _escaped(self) -> None:
+        self.dismiss(None)
+
+
+class MigrateDialog(ModalScreen[str | None]):
+    """Destination (completed from the attached guests), strategy, limits, postcopy; the model's
+    prediction (`migrate --to DEST --estimate`, ~4 s) is shown before Migrate can be pressed."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, source: DashboardSource, guest: str, dest: str = "") -> None:
+        super().__init__(classes="dialog-screen")
+        self.source, self.guest, self.dest = source, guest, dest
+        self.estimating = False
+        self.estimate_text = ""
+        self._started = 0.0
+
+    def compose(self) -> ComposeResult:
+        d = self.source.defaults
+        with VerticalScroll(classes="dialog", id="migrate-dialog"):
+            yield Label(Text.assemble(("Migrate ", "bold"), (self.guest, "bold"),
+                                      " to an attached guest waiting with -incoming defer"))
+            with Grid(id="migrate-form"):
+                yield Label("destination")
+                yield CompletionField(self.source.complete, prefix=f"@{self.guest} migrate --to ", value=self.dest,
+                                      input_id="dest", placeholder="guest name (TAB completes)")
+                yield Label("strategy")
+                yield Select([(label, value) for label, value in STRATEGIES], value=d.strategy, allow_blank=False,
+                             id="strategy", compact=True)
+                yield Label("bandwidth cap")
+                yield Input(placeholder="uncapped (e.g. 1gbit, 500M)", id="bandwidth", compact=True)
+                yield Label("downtime limit")
+                yield Input(value=str(d.downtime_ms), placeholder="ms", id="downtime", compact=True)
+                yield Label("link speed")
+                yield Input(value=d.link or "", placeholder="for the model (e.g. 1gbit); optional", id="link",
+                            compact=True)
+                yield Label("postcopy")
+                yield Checkbox("allow auto to switch to postcopy", value=d.allow_postcopy, id="postcopy")
+            yield Static("", id="prediction")
+            yield Static("", id="dialog-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Migrate", variant="primary", id="ok", disabled=True)
+                yield Button("Estimate again", id="estimate")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#dest", Input).focus()
+        self.set_interval(0.5, self._tick)
+        if self.dest:
+            self.run_estimate()
+        else:
+            self.query_one("#prediction", Static).update(Text("pick a destination, then Estimate", style="dim"))
+
+    # -- the form -----------------------------------------------------------------------------
+    def _values(self) -> dict[str, str] | None:
+        """The fields, checked with the command language's own parsers; None (and a message) if wrong."""
+        get = lambda i: self.query_one(f"#{i}", Input).value.strip()  # noqa: E731
+        vals = {"dest": get("dest"), "bandwidth": get("bandwidth"), "downtime": get("downtime"), "link": get("link")}
+        error = self.query_one("#dialog-error", Static)
+        try:
+            if not vals["dest"]:
+                raise ValueError("pick the destination guest")
+            if vals["dest"] not in self.source.names:
+                raise ValueError(f"{vals['dest']!r} is not an attached guest")
+            if vals["dest"] == self.guest:
+                raise ValueError("the destination is the guest being migrated")
+            if vals["bandwidth"]:
+                parse_rate(vals["bandwidth"])
+            if vals["downtime"]:
+                parse_positive_int(vals["downtime"], "the downtime limit")
+            if vals["link"]:
+                parse_rate(vals["link"])
+        except ValueError as e:
+            error.update(Text(str(e), style="bold red"))
+            return None
+        error.update("")
+        return vals
+
+    def command_line(self) -> str | None:
+        vals = self._values()
+        if vals is None:
+            return None
+        strategy = self.query_one("#strategy", Select).value
+        line = f"@{self.guest} migrate --to {vals['dest']} --strategy {strategy}"
+        if vals["bandwidth"]:
+            line += f" --bandwidth {vals['bandwidth']}"
+        if vals["downtime"]:
+            line += f" --downtime {vals['downtime']}"
+        if vals["link"]:
+            line += f" --link {vals['link']}"
+        if self.query_one("#postcopy", Checkbox).value:
+            line += " --allow-postcopy"
+        return line
+
+    def estimate_line(self) -> str | None:
+        vals = self._values()
+        if vals is None:
+            return None
+        line = f"@{self.guest} migrate --to {vals['dest']} --estimate"
+        if vals["downtime"]:
+            line += f" --downtime {vals['downtime']}"
+        # the model runs at the link's speed; a bandwidth cap below it is what the migration will get
+        link = vals["link"] or vals["bandwidth"]
+        if vals["link"] and vals["bandwidth"] and parse_rate(vals["bandwidth"]) < parse_rate(vals["link"]):
+            link = vals["bandwidth"]
+        if link:
+            line += f" --link {link}"
+        return line
+
+    # -- the estimate -------------------------------------------------------------------------
+    def _tick(self) -> None:
+        if self.estimating:
+            self.query_one("#prediction", Static).update(Text(
+                f"the model's prediction: measuring {self.guest}'s dirty rate (1 s and 3 s windows)... "
+                f"{time.monotonic() - self._started:.0f} s", style="italic"))
+
+    @work(exclusive=True, group="estimate")
+    async def run_estimate(self) -> None:
+        line = self.estimate_line()
+        if line is None:
+            return
+        self.estimating = True
+        self._started = time.monotonic()
+        self.query_one("#ok", Button).disabled = True
+        self.query_one("#estimate", Button).disabled = True
+        self._tick()
+        try:
+            outcomes = await self.source.run_line(line)
+        finally:
+            self.estimating = False
+            self.query_one("#ok", Button).disabled = False
+            self.query_one("#estimate", Button).disabled = False
+        text = Text()
+        for o in outcomes:
+            if o.ok and o.result is not None:
+                body = o.result.text()
+                if "--link" in line and not self.query_one("#link", Input).value.strip():
+                    body += "\n(the bandwidth cap stands for the link in this prediction)"
+                text.append("the model's prediction\n", style="bold")
+                text.append(body)
+            else:
+                text.append(f"no prediction: {o.error}", style="bold red")
+        self.estimate_text = text.plain
+        self.query_one("#prediction", Static).update(text)
+
+    # -- buttons ------------------------------------------------------------------------------
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(CompletionField.Escaped)
+    def _escaped(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#estimate")
+    def _estimate(self) -> None:
+        self.run_estimate()
+
+    @on(Input.Submitted, "#dest")
+    def _dest_done(self, event: Input.Submitted) -> None:
+        event.stop()
+        if not self.estimate_text and not self.estimating:
+            self.run_estimate()
+
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        line = self.command_line()
+        if line is not None:
+            self.dismiss(line)
