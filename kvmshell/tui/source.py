@@ -93,6 +93,13 @@ class DashboardSource(Protocol):
     def recent_events(self) -> list[Event]: ...
 
 
+def short_reason(reason: str | None, address: str) -> str | None:
+    """A reason without the monitor address it starts with (the list has no room for paths)."""
+    if reason and reason.startswith(address):
+        return reason[len(address):].lstrip(": ") or reason
+    return reason
+
+
 def history_path() -> Path:
     return state_dir() / "history"
 
@@ -153,7 +160,7 @@ class SessionSource:
             rows.append(GuestRow(
                 name=g.name, host=host, state=state_of(data.status if reachable else None, g.state.value),
                 ram=data.ram_bytes, kind=g.address.protocol.value, badge=badge, badge_text=text,
-                reachable=reachable, reason=None if reachable else g.reason))
+                reachable=reachable, reason=None if reachable else short_reason(g.reason, str(g.address))))
         return rows
 
     def pane(self, name: str | None) -> PaneView:

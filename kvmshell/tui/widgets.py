@@ -154,11 +154,11 @@ class GuestList(Vertical):
     def _cells(self, r: GuestRow) -> list[Text]:
         c = theme_colors(self)
         if not r.reachable:
-            state = r.state_text
+            state = r.reason or r.state
             if len(state) > STATE_WIDTH:
                 state = state[:STATE_WIDTH - 1] + "…"
             return [Text(r.name, style="dim"), Text(r.host, style="dim"), Text(state, style="dim italic"),
-                    Text(r.ram_text, style="dim"), Text(r.kind, style="dim"), Text(r.badge_text, style="dim")]
+                    Text(r.ram_text, style="dim"), Text(r.kind, style="dim"), Text(r.state, style="dim")]
         badge_style = {Badge.ACTIVE: f"bold {c['accent']}", Badge.SETUP: c["accent"], Badge.POSTCOPY: f"bold {c['warn']}",
                        Badge.COMPLETED: c["good"], Badge.FAILED: f"bold {c['bad']}", Badge.CANCELLED: c["warn"],
                        Badge.WONT_CONVERGE: f"bold {c['bad']}", Badge.INCOMING: c["accent"]}.get(r.badge, "dim")
@@ -499,14 +499,16 @@ class CompletionField(Vertical):
         prefix = self.prefix() if callable(self.prefix) else self.prefix
         return prefix + self._input.value[:self._input.cursor_position]
 
-    def refresh_candidates(self) -> None:
+    def refresh_candidates(self, force: bool = False) -> None:
+        """Look the candidates up (in memory: completion never waits on a guest) and show them; on an
+        empty field only when asked (TAB)."""
         self.candidates = self.complete_fn(self._line())
-        word_only = [c for c in self.candidates]
-        if not word_only or not self._input.has_focus or (
-                len(word_only) == 1 and self._line().endswith(word_only[0].text)):
+        typed = self._input.value[:self._input.cursor_position]
+        only_one_done = len(self.candidates) == 1 and self._line().endswith(self.candidates[0].text)
+        if not self.candidates or not self._input.has_focus or only_one_done or not (typed.strip() or force):
             self.hide_candidates()
             return
-        shown = word_only[:50]
+        shown = self.candidates[:50]
         width = max(len(c.display or c.text) for c in shown)
         self._list.set_options([Option(Text.assemble(((c.display or c.text).ljust(width), "bold"), "  ",
                                                      (c.meta, "dim")), id=f"c{i}") for i, c in enumerate(shown)])
@@ -527,12 +529,16 @@ class CompletionField(Vertical):
             self.refresh_candidates()
 
     def accept(self, index: int | None = None) -> None:
-        """Put the highlighted candidate (or the only one) in place of the word before the cursor."""
-        if not self.candidates:
-            self.refresh_candidates()
+        """TAB: put the highlighted candidate in place of the word before the cursor; with no list
+        shown, show it (or insert the only candidate)."""
+        if index is None and not self.showing:
+            self.refresh_candidates(force=True)
+            if len(self.candidates) != 1:
+                return
+            index = 0
         if not self.candidates:
             return
-        i = index if index is not None else (self._list.highlighted or 0) if self.showing else 0
+        i = index if index is not None else (self._list.highlighted or 0)
         cand = self.candidates[min(i, len(self.candidates) - 1)]
         inp = self._input
         before, after = inp.value[:inp.cursor_position], inp.value[inp.cursor_position:]
