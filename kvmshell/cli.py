@@ -9,16 +9,19 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kvmshell import __version__
 from kvmshell.config import Config, load_config
-from kvmshell.core.address import Address, parse_guest_option
+from kvmshell.core.address import Address, SshTarget, parse_guest_option
 from kvmshell.core.commands import default_registry
 from kvmshell.core.fleet import Fleet, GuestState
 from kvmshell.core.session import Session
 from kvmshell.errors import ConfigError, KvmError
 from kvmshell.logsetup import setup_logging
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
 
 
 class Exit(enum.IntEnum):
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, metavar="SEC", help="per-guest connect timeout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("guests", help="list the guests with their state")
+    sub.add_parser("hosts", help="list the SSH hosts: reachable?, QEMU version, the QEMU guests found there")
     sub.add_parser("shell", help="the interactive prompt (default on a terminal)")
     sub.add_parser("tui", help="the dashboard")
     run_p = sub.add_parser("run", help="run monitor command lines from FILE ('-' for stdin)")
@@ -73,9 +77,17 @@ def inventory(args: argparse.Namespace, config: Config) -> dict[str, Address]:
     return guests
 
 
+def make_host_pool(config: Config, args: argparse.Namespace) -> HostPool:
+    """The SSH hosts of the config; a password is asked on the terminal, if there is one."""
+    from kvmshell.core.remote import HostPool, terminal_password_prompt
+    return HostPool.from_config(config, connect_timeout=args.connect_timeout or config.defaults.connect_timeout,
+                                password_prompt=terminal_password_prompt if sys.stdin.isatty() else None)
+
+
 def make_fleet(guests: dict[str, Address], config: Config, args: argparse.Namespace, **kw: object) -> Fleet:
     fleet = Fleet(timeout=config.defaults.timeout,
-                  connect_timeout=args.connect_timeout or config.defaults.connect_timeout, **kw)  # type: ignore[arg-type]
+                  connect_timeout=args.connect_timeout or config.defaults.connect_timeout,
+                  hosts=make_host_pool(config, args), **kw)  # type: ignore[arg-type]
     for name, address in guests.items():
         fleet.add(name, address)
     return fleet
@@ -115,10 +127,48 @@ async def cmd_guests(args: argparse.Namespace, config: Config, out: TextIO, err:
     return Exit.FAILED if bad else Exit.OK
 
 
+async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
+    from kvmshell.core.remote import survey
+    async with make_host_pool(config, args) as pool:
+        targets: dict[object, str | SshTarget] = {pool.key(name): name for name in config.hosts}
+        for address in inventory(args, config).values():
+            if address.ssh is not None:
+                targets.setdefault(pool.key(address.ssh), address.ssh)
+        if not targets:
+            raise ConfigError("no hosts: add [hosts.NAME] tables (ssh = \"USER@HOST[:PORT]\") to the config, or give "
+                              "--guest NAME=ssh://USER@HOST/PROTO:KIND:TARGET")
+        reports = await asyncio.gather(*(survey(pool, t) for t in targets.values()))
+    if args.json:
+        json.dump([r.as_dict() for r in reports], out, indent=2)
+        out.write("\n")
+    else:
+        table = [("HOST", "SSH", "STATUS", "QEMU", "GUESTS")] + [
+            (r.name, r.ssh, "reachable" if r.reachable and not r.reason else
+             f"unreachable: {r.reason}" if not r.reachable else f"error: {r.reason}",
+             str(r.qemu) if r.qemu else (r.qemu_note or "-") if r.reachable and not r.reason else "",
+             str(len(r.guests)) if r.reachable and not r.reason else "") for r in reports]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            out.write("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] + "\n")
+        for r in reports:
+            if r.guests:
+                out.write(f"\non {r.name} (attach with --guest NAME=MONITOR):\n")
+                rows = [("NAME", "PID", "MONITOR")] + [(g.name, str(g.pid), str(g.monitor)) for g in r.guests]
+                w = [max(len(row[i]) for row in rows) for i in range(2)]
+                for row in rows:
+                    out.write(f"  {row[0].ljust(w[0])}  {row[1].ljust(w[1])}  {row[2]}\n")
+    bad = [r for r in reports if r.reason]
+    for r in bad:
+        err.write(f"kvmshell: {r.name}: {r.reason}\n")
+    return Exit.FAILED if bad else Exit.OK
+
+
 async def open_session(args: argparse.Namespace, config: Config, err: TextIO, *, interactive: bool) -> Session:
     guests = inventory(args, config)
     fleet = make_fleet(guests, config, args)
     await fleet.start()
+    if fleet.hosts is not None:
+        fleet.hosts.password_prompt = None      # asked before the UI starts, never under it
     for g in fleet:
         if g.state is not GuestState.CONNECTED:
             err.write(f"kvmshell: {g.name}: {g.reason} (retrying in the background)\n" if interactive
@@ -280,6 +330,8 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     config = load_config(args.config)
     if args.command == "guests":
         return await cmd_guests(args, config, out, err)
+    if args.command == "hosts":
+        return await cmd_hosts(args, config, out, err)
     if args.command == "demo":
         return await cmd_demo(args, config, out, err)
     if args.command == "report":

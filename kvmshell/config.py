@@ -36,9 +36,18 @@ class Defaults:
 
 @dataclass(frozen=True)
 class HostConfig:
+    """``[hosts.NAME]``: how to reach a host over SSH.
+
+    ``jump`` is another host's NAME or ``[USER@]HOST[:PORT]`` to go through (like ``ssh -J``);
+    ``accept_new_host_key`` accepts a host key that no known_hosts file has yet on first use and
+    records it (a changed key is refused all the same). Nothing here can turn verification off.
+    """
+
     name: str
     ssh: SshTarget
     identity_file: str | None = None
+    jump: str | None = None
+    accept_new_host_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,39 @@ def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, type | tuple[typ
             raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
 
 
-def _parse_ssh(text: str, where: str) -> SshTarget:
-    user, at, hostport = text.rpartition("@")
-    host, _, port = hostport.partition(":")
-    if not host or (port and not port.isdigit()):
-        raise ConfigError(f"{where}: {text!r}: expected [USER@]HOST[:PORT]")
+def parse_ssh_target(text: str, where: str) -> SshTarget:
+    """``[USER@]HOST[:PORT]`` (``[V6ADDR]:PORT`` for IPv6)."""
+    user, at, hostport = text.strip().rpartition("@")
+    if hostport.startswith("["):
+        host, close, rest = hostport[1:].partition("]")
+        port = rest[1:] if close and rest.startswith(":") else ""
+        bad = not close or (rest and not rest.startswith(":"))
+    else:
+        host, _, port = hostport.partition(":")
+        bad = hostport.count(":") > 1
+    if bad or not host or (at and not user) or any(c.isspace() or c in "/@" for c in host) or (
+            port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigError(f"{where}: {text!r}: expected [USER@]HOST[:PORT], e.g. root@host2.example:22")
     return SshTarget(host=host, user=user if at else None, port=int(port) if port else None)
+
+
+def _check_jumps(hosts: Mapping[str, HostConfig], src: str) -> None:
+    """A jump names a [hosts] table or is USER@HOST[:PORT]; chains of names must not loop."""
+    for name, h in hosts.items():
+        if h.jump is None:
+            continue
+        where = f"{src}: [hosts.{name}] jump"
+        if h.jump not in hosts:
+            if not any(c in h.jump for c in "@:."):
+                raise ConfigError(f"{where}: no [hosts.{h.jump}] in the config (give a host name or "
+                                  "USER@HOST[:PORT])")
+            parse_ssh_target(h.jump, where)
+        seen, cur = [name], h.jump
+        while cur in hosts:
+            if cur in seen:
+                raise ConfigError(f"{where}: jump hosts go round in a loop: {' -> '.join([*seen, cur])}")
+            seen.append(cur)
+            cur = hosts[cur].jump
 
 
 def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
@@ -110,10 +146,12 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         where = f"{src}: [hosts.{name}]"
         if not isinstance(h, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(h, {"ssh": str, "identity_file": str}, where)
+        _check_keys(h, {"ssh": str, "identity_file": str, "jump": str, "accept_new_host_key": bool}, where)
         if "ssh" not in h:
             raise ConfigError(f"{where}: missing key 'ssh' (e.g. ssh = \"root@host2:22\")")
-        hosts[name] = HostConfig(name, _parse_ssh(h["ssh"], f"{where} ssh"), h.get("identity_file"))
+        hosts[name] = HostConfig(name, parse_ssh_target(h["ssh"], f"{where} ssh"), h.get("identity_file"),
+                                 h.get("jump"), h.get("accept_new_host_key", False))
+    _check_jumps(hosts, src)
     guests: dict[str, GuestConfig] = {}
     for name, g in data.get("guests", {}).items():
         where = f"{src}: [guests.{name}]"

@@ -25,6 +25,12 @@ class KvmError(Exception):
             return f"{self.guest}: {self.message}"
         return self.message
 
+    def for_guest(self, guest: str) -> KvmError:
+        """The same error (same class, message and title) attributed to ``guest``."""
+        err = type(self)(self.message, guest=guest)
+        err.title = self.title
+        return err
+
 
 class ConfigError(KvmError):
     """A malformed address, config file or command-line option."""
@@ -42,6 +48,38 @@ class Disconnected(KvmError):
     """The monitor went away (QEMU exited, socket closed) while we used it."""
 
     title = "disconnected"
+
+
+# -- SSH: each message is one line that names the host (user@host:port, and its [hosts.NAME]) ------
+
+class HostUnreachable(ConnectFailed):
+    """No SSH connection to a host: refused, no route, name unknown, timed out, not an SSH server."""
+
+    title = "host unreachable"
+
+
+class HostKeyUnknown(ConnectFailed):
+    """The host's key is in no known_hosts file: refused; the message has its fingerprint and how to accept it."""
+
+    title = "unknown host key"
+
+
+class HostKeyChanged(ConnectFailed):
+    """known_hosts has a different key for this host: refused (possibly an attack)."""
+
+    title = "host key changed"
+
+
+class AuthFailed(ConnectFailed):
+    """The SSH server refused every key (or password) offered for the user."""
+
+    title = "authentication failed"
+
+
+class HostDisconnected(Disconnected):
+    """An established SSH connection to a host dropped."""
+
+    title = "connection lost"
 
 
 class CommandFailed(KvmError):

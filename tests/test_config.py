@@ -65,3 +65,48 @@ def test_missing_default_file_is_empty(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("KVMSHELL_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert load_config().guests == {}
+
+
+SSH_HOSTS = """
+[hosts.bastion]
+ssh = "admin@bastion.example"
+
+[hosts.host2]
+ssh = "root@10.0.0.2:2222"
+identity_file = "~/.ssh/kvm_ed25519"
+jump = "bastion"
+accept_new_host_key = true
+
+[hosts.host3]
+ssh = "[fd00::3]:22"
+jump = "ops@gw.example:2200"
+"""
+
+
+def test_ssh_host_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SSH_HOSTS))
+    h2 = cfg.hosts["host2"]
+    assert h2.ssh == SshTarget("10.0.0.2", "root", 2222)
+    assert h2.identity_file == "~/.ssh/kvm_ed25519" and h2.jump == "bastion" and h2.accept_new_host_key is True
+    assert cfg.hosts["bastion"].accept_new_host_key is False and cfg.hosts["bastion"].jump is None
+    assert cfg.hosts["host3"].ssh == SshTarget("fd00::3", None, 22)
+    assert cfg.hosts["host3"].jump == "ops@gw.example:2200"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[hosts.h]\nssh = 'root@h'\naccept_new_host_key = 'yes'\n", r"\[hosts.h\].accept_new_host_key: expected bool"),
+    ("[hosts.h]\nssh = 'root@h'\nstrict_host_key_checking = false\n",
+     r"\[hosts.h\]: unknown key 'strict_host_key_checking'"),
+    ("[hosts.h]\nssh = 'root@h'\npassword = 'x'\n", r"\[hosts.h\]: unknown key 'password'"),
+    ("[hosts.h]\nssh = 'root@h:99999'\n", r"\[hosts.h\] ssh: 'root@h:99999': expected \[USER@\]HOST\[:PORT\]"),
+    ("[hosts.h]\nssh = '@h'\n", "expected .USER@.HOST"),
+    ("[hosts.h]\nssh = 'root@h'\njump = 'bastoin'\n", r"\[hosts.h\] jump: no \[hosts.bastoin\]"),
+    ("[hosts.h]\nssh = 'root@h'\njump = 'h'\n", r"\[hosts.h\] jump: jump hosts go round in a loop: h -> h"),
+    ("[hosts.a]\nssh = 'a'\njump = 'b'\n[hosts.b]\nssh = 'b'\njump = 'a'\n", "loop: a -> b -> a"),
+    ("[hosts.h]\nssh = 'root@h'\njump = 'x@y:port'\n", r"\[hosts.h\] jump: 'x@y:port': expected"),
+])
+def test_bad_ssh_host(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)

@@ -14,12 +14,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.address import Address, Kind, check_guest_name
 from kvmshell.core.models import Event, QemuVersion
 from kvmshell.core.monitor import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Monitor, make_monitor
 from kvmshell.errors import ConfigError, Disconnected, KvmError
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,12 @@ def _identity(address: Address) -> tuple[Any, ...]:
 
 class Fleet:
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 reconnect: bool = True, backoff: tuple[float, float] = (0.25, 8.0)) -> None:
+                 reconnect: bool = True, backoff: tuple[float, float] = (0.25, 8.0),
+                 hosts: HostPool | None = None) -> None:
+        """``hosts``: the SSH host pool for guests on other hosts (``remote.HostPool.from_config``); the
+        fleet owns it from then on and closes it in ``aclose``. Without one, the fleet makes a bare
+        pool (known_hosts, ~/.ssh/config and the agent only) the first time a guest needs it."""
+        self.hosts = hosts
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
@@ -163,7 +171,8 @@ class Fleet:
             guest.state = GuestState.CONNECTING
             guest.attempts += 1
             mon = make_monitor(guest.name, guest.address, timeout=self.timeout,
-                               connect_timeout=self.connect_timeout)
+                               connect_timeout=self.connect_timeout,
+                               hosts=self._host_pool() if guest.address.ssh is not None else None)
             try:
                 await mon.connect()
             except KvmError as e:
@@ -193,8 +202,14 @@ class Fleet:
             if not self.reconnect:
                 return
 
+    def _host_pool(self) -> HostPool:
+        if self.hosts is None:
+            from kvmshell.core.remote import HostPool
+            self.hosts = HostPool(connect_timeout=self.connect_timeout)
+        return self.hosts
+
     async def aclose(self) -> None:
-        """Disconnect every monitor and stop every supervisor."""
+        """Disconnect every monitor, stop every supervisor, close the SSH connections."""
         self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -203,6 +218,8 @@ class Fleet:
         self._tasks.clear()
         await asyncio.gather(*(g.monitor.close() for g in self._guests.values() if g.monitor),
                              return_exceptions=True)
+        if self.hosts is not None:
+            await self.hosts.aclose()
         for g in self._guests.values():
             g.state = GuestState.CLOSED
 

@@ -48,9 +48,11 @@ class HmpMonitor(Monitor):
     async def connect(self) -> None:
         try:
             check_unix_target(self.address)
-            self._stream = await open_stream(self.address, self.connect_timeout)
-        except ConnectFailed as e:
-            raise ConnectFailed(e.message, guest=self.name) from None
+            hosts = self._host_pool() if self.address.ssh is not None else None
+            self._stream = await open_stream(self.address, self.connect_timeout, hosts)
+        except KvmError as e:
+            await self._release_hosts()
+            raise e.for_guest(self.name) from None
         self._buf.clear()
         self._eof = self._overflow = False
         self._reader = asyncio.create_task(self._read_loop(), name=f"hmp-reader-{self.name}")
@@ -81,12 +83,14 @@ class HmpMonitor(Monitor):
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.close()
+        await self._release_hosts()
 
     async def _read_loop(self) -> None:
-        assert self._stream is not None
+        stream = self._stream
+        assert stream is not None
         try:
             while True:
-                chunk = await self._stream.read()
+                chunk = await stream.read()
                 if not chunk:
                     break
                 self._buf += chunk
@@ -99,7 +103,8 @@ class HmpMonitor(Monitor):
         finally:
             self._eof = True
             self._data.set()
-            reason = "reply too large (not an HMP monitor?)" if self._overflow else "monitor closed the connection"
+            reason = "reply too large (not an HMP monitor?)" if self._overflow else (
+                getattr(stream, "eof_reason", None) or "monitor closed the connection")
             self._mark_closed(reason)
             if not self._overflow:
                 self._emit("kvmshell.DISCONNECTED", {"reason": reason})

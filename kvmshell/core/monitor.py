@@ -15,13 +15,16 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.address import Address, Kind, Protocol
 from kvmshell.core.models import (
     Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +66,13 @@ class Monitor(abc.ABC):
     protocol: Protocol
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:
         self.name = name
         self.address = address
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.hosts = hosts                       # SSH connections for a monitor on another host
+        self._own_hosts = False
         self.version: QemuVersion | None = None
         self.features = Features(frozenset(), frozenset())
         self.disconnect_reason: str | None = None
@@ -83,6 +88,19 @@ class Monitor(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Disconnect (idempotent)."""
+
+    def _host_pool(self) -> HostPool:
+        """The pool that reaches ``address.ssh``: the one given, or a private one this monitor closes."""
+        if self.hosts is None:
+            from kvmshell.core.remote import HostPool
+            self.hosts = HostPool(connect_timeout=self.connect_timeout)
+            self._own_hosts = True
+        return self.hosts
+
+    async def _release_hosts(self) -> None:
+        if self._own_hosts and self.hosts is not None:
+            pool, self.hosts, self._own_hosts = self.hosts, None, False
+            await pool.aclose()
 
     @property
     def connected(self) -> bool:

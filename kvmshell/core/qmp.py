@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,8 @@ from kvmshell.core.models import (
     Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
 from kvmshell.core.monitor import Features, Monitor, check_unix_target, clean_hmp_line
-from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
+from kvmshell.core.transport import SocketBridge, open_socket
+from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class QmpMonitor(Monitor):
         super().__init__(*args, **kw)
         self._client: QMPClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._bridge: SocketBridge | None = None     # to a monitor on another host, through SSH
 
     # -- life cycle --------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -53,11 +56,15 @@ class QmpMonitor(Monitor):
             check_unix_target(self.address)
         except ConnectFailed as e:
             raise ConnectFailed(e.message, guest=self.name) from None
+        target: str | tuple[str, int] | socket.socket
         if self.address.ssh is not None:
-            raise ConnectFailed(f"{self.address}: monitors on other hosts (ssh://) are not supported yet",
-                                guest=self.name)
-        target: str | tuple[str, int]
-        if self.address.kind is Kind.UNIX:
+            try:
+                self._bridge = await open_socket(self.address, self.connect_timeout, self._host_pool())
+            except KvmError as e:
+                await self._release_hosts()
+                raise e.for_guest(self.name) from None
+            target = self._bridge.sock
+        elif self.address.kind is Kind.UNIX:
             assert self.address.path is not None
             target = self.address.path
         else:
@@ -69,14 +76,18 @@ class QmpMonitor(Monitor):
                 await client.connect(target)
         except TimeoutError:
             await self._discard(client)
+            await self._drop_bridge()
             raise ConnectFailed(
                 f"{self.address}: no QMP greeting within {self.connect_timeout:g} s: another client holds "
                 "this monitor (QEMU serves one at a time), or the peer is not QEMU", guest=self.name) from None
         except ConnectError as e:
             await self._discard(client)
-            raise ConnectFailed(f"{self.address}: {_reason(e)}", guest=self.name) from None
+            lost = self._bridge.eof_reason if self._bridge else None
+            await self._drop_bridge()
+            raise ConnectFailed(f"{self.address}: {lost or _reason(e)}", guest=self.name) from None
         except (QMPError, OSError, EOFError) as e:
             await self._discard(client)
+            await self._drop_bridge()
             raise ConnectFailed(f"{self.address}: {e}", guest=self.name) from None
         self._client = client
         greeting = client.greeting
@@ -96,6 +107,12 @@ class QmpMonitor(Monitor):
             await self.close()
             raise
         self.features = Features(frozenset(c["name"] for c in commands), hmptext.parse_help(hmp_help))
+
+    async def _drop_bridge(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.aclose()
+        await self._release_hosts()
 
     @staticmethod
     async def _discard(client: QMPClient) -> None:
@@ -119,6 +136,8 @@ class QmpMonitor(Monitor):
             await client.disconnect()
         except (QMPError, OSError, EOFError) as e:
             reason = f"monitor connection lost ({type(e).__name__}: {e})"
+        if self._bridge is not None and self._bridge.eof_reason:
+            reason = self._bridge.eof_reason
         if self.connected:
             self._mark_closed(reason)
             self._emit("kvmshell.DISCONNECTED", {"reason": reason})
@@ -136,6 +155,7 @@ class QmpMonitor(Monitor):
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        await self._drop_bridge()
 
     # -- commands ----------------------------------------------------------------------------
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
