@@ -323,11 +323,16 @@ class MigrateDialog(ModalScreen[str | None]):
     def _estimate(self) -> None:
         self.run_estimate()
 
-    @on(Input.Submitted, "#dest")
-    def _dest_done(self, event: Input.Submitted) -> None:
+    @on(Input.Submitted)
+    def _enter(self, event: Input.Submitted) -> None:
+        """Enter in a field: estimate first; once the prediction is shown, migrate."""
         event.stop()
-        if not self.estimate_text and not self.estimating:
+        if self.estimating:
+            return
+        if not self.estimate_text:
             self.run_estimate()
+        else:
+            self._ok()
 
     @on(Button.Pressed, "#ok")
     def _ok(self) -> None:

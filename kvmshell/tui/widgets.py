@@ -13,6 +13,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import DataTable, Input, OptionList, ProgressBar, RichLog, Sparkline, Static
+from textual.widgets.data_table import ColumnKey
 from textual.widgets.option_list import Option
 
 from kvmshell.core.completion import Candidate
@@ -112,7 +113,8 @@ class GuestList(Vertical):
             for (key, _, _), cell, was in zip(COLUMNS, self._cells(new),
                                               self._cells(before) if before else [None] * len(COLUMNS)):
                 if was is None or cell != was:
-                    table.update_cell(name, key, cell)
+                    wider = cell.cell_len > table.columns[ColumnKey(key)].content_width
+                    table.update_cell(name, key, cell, update_width=wider)
         self._update_title()
 
     def _visible_order(self) -> list[str]:
@@ -255,7 +257,7 @@ class Figure(Vertical):
     def set_value(self, value: str) -> None:
         if value != self.value:
             self.value = value
-            self.query_one(".figure-value", Static).update(value)
+            self.query_one(".figure-value", Static).update(value, layout=False)   # one line: no reflow
 
 
 class SparkRow(Horizontal):
@@ -273,8 +275,9 @@ class SparkRow(Horizontal):
         if tuple(spark.data or ()) != data:
             spark.data = list(data)
         label = self.query_one(".spark-value", Static)
-        if str(label.render()) != value:
-            label.update(value)
+        if getattr(label, "_kvm_last", None) != value:
+            label._kvm_last = value  # type: ignore[attr-defined]
+            label.update(value, layout=False)
 
 
 class MigrationPane(VerticalScroll):
@@ -336,12 +339,23 @@ class MigrationPane(VerticalScroll):
         self._set("#pane-dirty", Text(view.dirty_rate, style="dim") if show_dirty else "")
         self.query_one("#pane-dirty").display = show_dirty
 
-    def _set(self, selector: str, content: Text | str) -> None:
+    def _set(self, selector: str, content: Text | str, *, one_line: bool = False) -> None:
+        """Update a Static if its content changed; reflow the screen only if its height may have."""
         w = self.query_one(selector, Static)
-        key = content.markup if isinstance(content, Text) else content
-        if getattr(w, "_kvm_last", None) != key:
-            w._kvm_last = key  # type: ignore[attr-defined]
-            w.update(content)
+        text = content if isinstance(content, Text) else Text(content)
+        key = text.markup
+        if getattr(w, "_kvm_last", None) == key:
+            return
+        lines = 1 if one_line else self._height_of(text, w)
+        reflow = getattr(w, "_kvm_lines", None) != lines
+        w._kvm_last, w._kvm_lines = key, lines  # type: ignore[attr-defined]
+        w.update(content, layout=reflow)
+
+    def _height_of(self, text: Text, w: Static) -> int:
+        width = w.content_size.width or self.content_size.width or 40
+        if not text.plain:
+            return 0
+        return len(text.wrap(self.app.console, max(1, width)))
 
     def _show_migration(self, mv: MigrationView, old: MigrationView | None, c: dict[str, str]) -> None:
         if old is None or mv.figures != old.figures:
@@ -360,7 +374,7 @@ class MigrationPane(VerticalScroll):
         target = round((mv.fraction or 0.0) * 1000)
         if bar.progress != target:
             bar.update(progress=target)
-        self._set("#progress-note", mv.progress_note)
+        self._set("#progress-note", mv.progress_note, one_line=True)
         last = mv.figures
         self.query_one("#spark-remaining", SparkRow).set_data(mv.remaining, last.remaining)
         self.query_one("#spark-dirty", SparkRow).set_data(mv.dirty, last.dirty_rate)
