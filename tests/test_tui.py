@@ -164,6 +164,28 @@ async def test_resize_theme_palette_and_quit_from_a_recording() -> None:
     assert app.return_value == 0
 
 
+async def test_filter_by_typing_and_sort_by_header_click() -> None:
+    app = KvmshellApp(replay("1gbit-150-auto.jsonl", 6.0))
+    async with app.run_test(size=(100, 30)) as pilot:
+        gl = app.guest_list
+        assert gl.order == ["dst", "gone", "idle1", "idle2", "src"]
+        await pilot.press("f", *"idle")
+        assert gl.order == ["idle1", "idle2"]
+        await pilot.press("enter")                       # keeps the filter, back to the list
+        assert gl.filter_text == "idle" and app.focused is gl.table
+        await pilot.press("escape")                      # clears it
+        assert len(gl.order) == 5
+        await pilot.click("#guest-table", offset=(60, 0))     # the MIGRATION header
+        await pilot.pause()
+        assert gl.sort_key.value == "migration" and gl.order[0] == "src"    # will-not-converge first
+        await pilot.press("o")
+        assert gl.sort_key.value == "name"
+        assert app.selected == "idle1"                   # the filter moved the selection to its first match
+        await pilot.press("up")
+        await until(pilot, lambda: app.selected == "gone", "the selection follows the cursor")
+        assert app.pane.view is not None and "unreachable" in app.pane.view.headline
+
+
 # -- against real guests ------------------------------------------------------------------------
 
 @pytest.mark.qemu
@@ -257,6 +279,19 @@ async def test_command_bar_completes_and_shares_the_history(lab: Lab, fleet: Fle
         await pilot.press("up", "up")                           # back through this session, then the shell's
         assert bar.value == "info migrate_parameters"
         assert parse_history((tmp_path / "history").read_text()) == ["info migrate_parameters", "info status"]
+
+
+@pytest.mark.qemu
+async def test_dirty_rate_on_demand(lab: Lab, fleet: Fleet, tmp_path: Path) -> None:
+    vm = await lab.start("vm", MonitorKind.QMP_UNIX, paused=True)
+    source = await attach(fleet, tmp_path, vm, current="vm")
+    r = rig(source, [vm])
+    async with r.app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: r.app.pane.view and "not measured" in r.app.pane.view.dirty_rate, "the offer")
+        await pilot.press("d")
+        await until(pilot, lambda: "measured" in r.app.pane.view.dirty_rate and "not measured" not in
+                    r.app.pane.view.dirty_rate, "the measurement", timeout=20)
+        assert "MB/s" in r.app.pane.view.dirty_rate
 
 
 @pytest.mark.qemu

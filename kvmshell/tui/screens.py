@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
+from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -61,19 +62,22 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close")]
 
     def compose(self) -> ComposeResult:
-        text = Text()
-        text.append("kvmshell dashboard keys\n\n", style="bold")
+        keys = Table.grid(padding=(0, 2))
+        keys.add_column(style="bold", justify="right", no_wrap=True)
+        keys.add_column()
         for a in ACTIONS:
-            text.append(f"{key_text(a):>8}  ", style="bold")
-            text.append(f"{a.help}\n")
-        text.append("\n  ctrl+p  the command palette: every action above, by name\n")
-        text.append("     tab  in the command bar and the dialogs: complete\n")
-        text.append("   mouse  click a guest to select it, a column header to sort, buttons in dialogs\n\n")
-        text.append("The command bar takes every command of `kvmshell shell` (type `help` there for the list); "
-                    "commands run on the selected guest unless prefixed with @NAME or @all.", style="dim")
+            keys.add_row(key_text(a), a.help)
+        keys.add_row("ctrl+p", "the command palette: every action above, by name")
+        keys.add_row("tab", "in the command bar and the dialogs: complete")
+        keys.add_row("mouse", "click a guest to select it, a column header to sort it, buttons in dialogs")
         with VerticalScroll(classes="dialog", id="help-dialog"):
-            yield Static(text)
-            yield Button("Close", id="close")
+            yield Static(Text("kvmshell dashboard", style="bold"))
+            yield Static(keys, id="help-keys")
+            yield Static(Text("The command bar takes every command of `kvmshell shell` (`help` lists them); a "
+                              "command runs on the selected guest unless it starts with @NAME or @all.",
+                              style="dim"))
+            with Horizontal(classes="buttons"):
+                yield Button("Close", id="close")
 
     def action_close(self) -> None:
         self.dismiss(None)
