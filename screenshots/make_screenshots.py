@@ -119,11 +119,12 @@ async def dashboard_and_dialogs(shot: Shot, size: tuple[int, int]) -> None:
 
         await pilot.press("m")
         dialog = await until(pilot, lambda: isinstance(app.screen, MigrateDialog) and app.screen, "the migrate dialog")
+        await until(pilot, lambda: not dialog.estimating and dialog.estimate_text, "the first prediction", timeout=60)
         await pilot.click("#bandwidth")
         await pilot.press(*"30M")
-        dialog.run_estimate()             # the prediction for these limits
-        await until(pilot, lambda: not dialog.estimating and "auto would run" in dialog.estimate_text,
-                    "the model's prediction", timeout=60)
+        await pilot.click("#estimate")    # the prediction for this cap
+        await until(pilot, lambda: not dialog.estimating and "--link 30M" in (dialog.estimated_for or "")
+                    and "auto would run" in dialog.estimate_text, "the model's prediction", timeout=60)
         await shot.save(app, "migrate-dialog")
         await pilot.click("#ok")
         await until(pilot, lambda: finished(messages, "@vm-src migrate --to vm-dst"), "the migration to start")

@@ -368,7 +368,7 @@ class KvmshellApp(App[int]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
-    async def action_quit(self) -> None:
+    def action_quit(self) -> None:
         running = self.source.running()
         if not running:
             self.exit(0)

@@ -181,6 +181,7 @@ class MigrateDialog(ModalScreen[str | None]):
         self.source, self.guest, self.dest = source, guest, dest
         self.estimating = False
         self.estimate_text = ""
+        self.estimated_for: str | None = None
         self._started = 0.0
 
     def compose(self) -> ComposeResult:
@@ -205,6 +206,7 @@ class MigrateDialog(ModalScreen[str | None]):
                 yield Label("postcopy")
                 yield Checkbox("allow auto to switch to postcopy", value=d.allow_postcopy, id="postcopy")
             yield Static("", id="prediction")
+            yield Static("", id="stale")
             yield Static("", id="dialog-error")
             with Horizontal(classes="buttons"):
                 yield Button("Migrate", variant="primary", id="ok", disabled=True)
@@ -309,7 +311,21 @@ class MigrateDialog(ModalScreen[str | None]):
             else:
                 text.append(f"no prediction: {o.error}", style="bold red")
         self.estimate_text = text.plain
+        self.estimated_for = line
         self.query_one("#prediction", Static).update(text)
+        self.query_one("#stale", Static).update("")
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
+    def _changed(self) -> None:
+        """The prediction shown was made for other limits: say so."""
+        if not self.estimate_text or self.estimating:
+            return
+        stale = self.estimate_line() not in (None, self.estimated_for)
+        self.query_one("#stale", Static).update(
+            Text("the limits changed since this prediction: Estimate again to see the new one", style="bold yellow")
+            if stale else "")
 
     # -- buttons ------------------------------------------------------------------------------
     def action_cancel(self) -> None:
