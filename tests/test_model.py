@@ -78,8 +78,9 @@ def first_confident_prediction(t: Trace) -> tuple[float, object]:
     for i in range(2, len(ss) + 1):
         if ss[i - 1].pass_no < 2:
             continue
-        p = assess(ss[:i], downtime_limit_s=t.header.params["downtime-limit"] / 1000, bandwidth_cap=None,
-                   link=t.header.link_bytes_per_s)
+        cap = t.header.params.get("max-bandwidth")
+        p = assess(ss[:i], downtime_limit_s=t.header.params["downtime-limit"] / 1000,
+                   bandwidth_cap=cap if cap and cap < 1e10 else None, link=t.header.link_bytes_per_s)
         if p.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE) and not p.rough:
             return ss[i - 1].t, p
     raise AssertionError("no prediction")

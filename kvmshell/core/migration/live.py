@@ -152,7 +152,10 @@ class MigrationJob:
                 # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
                 new |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
             await self._set_params(src, new)
-            self._bandwidth_cap = float(new["max-bandwidth"]) if self.req.bandwidth else None
+            params = await src.migrate_parameters()
+        # QEMU never sends faster than max-bandwidth: the model must know the cap
+        cap = params.max_bandwidth
+        self._bandwidth_cap = float(cap) if cap and cap < UNCAPPED else None
         if self.dest is not None and self.uri is None:
             self.uri = f"tcp:127.0.0.1:{free_local_port()}"
         if self.uri is None:

@@ -30,7 +30,7 @@ from kvmshell.core.migration.samples import Sample
 
 FIXED_DOWNTIME_S = 0.01        # device state and the switch itself (~5-15 ms measured here)
 SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R is measured over passes
-LATER_PASSES = 0.965           # later passes move ~3.5 % less than the streaming first pass (bitmap syncs)
+LATER_PASSES = 0.97            # later passes move ~3 % less than the streaming first pass (bitmap syncs; fitted on the traces)
 NOISE = 0.02                   # QEMU completes once the fresh dirt is below this share of theta
 MAX_PASSES = 400
 
