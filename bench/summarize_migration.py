@@ -9,8 +9,24 @@ import argparse
 import json
 from pathlib import Path
 
+from kvmshell.core.migration.model import Verdict, assess
 from kvmshell.core.migration.report import write_report
-from kvmshell.core.migration.samples import load_trace
+from kvmshell.core.migration.samples import Trace, load_trace
+
+
+def first_prediction(trace: Trace) -> float | None:
+    """The current model's first confident total-time prediction after the first pass, replayed."""
+    ss = list(trace.samples)
+    cap = trace.header.params.get("max-bandwidth")
+    limit = trace.header.params.get("downtime-limit", 300) / 1000
+    for i in range(2, len(ss) + 1):
+        if ss[i - 1].pass_no < 2:
+            continue
+        p = assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap if cap and cap < 1e10 else None,
+                   link=trace.header.link_bytes_per_s)
+        if p.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE) and not p.rough:
+            return p.total_s
+    return None
 
 
 def main() -> None:
@@ -24,7 +40,11 @@ def main() -> None:
     print("| link | load | policy | completed | total | downtime | sent | memory check | said 'will not converge' at | "
           "predicted total (after pass 1) | error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    traces = Path(args.results).with_suffix("")
     for r in rows:
+        path = traces / f"{r['link']}-{r['load']}-{r['policy']}.jsonl"
+        if path.exists():
+            r["predicted_total_s"] = first_prediction(load_trace(path))
         total = f"{r['total_s']:.2f} s" if r["total_s"] is not None else "-"
         down = f"{r['downtime_ms']} ms" if r["downtime_ms"] is not None else "-"
         sent = f"{r['sent_mb']:.0f} MB" if r["sent_mb"] is not None else "-"
@@ -33,12 +53,13 @@ def main() -> None:
                       if " " in d)
         err = "-"
         if pred is not None and r["total_s"]:
-            err = f"{(pred - r['total_s']) / r['total_s'] * 100:+.0f} %" + (" (steered)" if steered else "")
+            qemu_steers = r["policy"] == "defaults+ac"
+            err = f"{(pred - r['total_s']) / r['total_s'] * 100:+.0f} %" + (
+                " (steered)" if steered else " (QEMU throttles)" if qemu_steers else "")
         wnc = f"{r['wnc_after_s']:.1f} s" if r["wnc_after_s"] is not None else "-"
         status = "yes" if r["completed"] else r["status"]
         print(f"| {r['link']} | {r['load']} | {r['policy']} | {status} | {total} | {down} | {sent} | {r['memcheck']} "
               f"| {wnc} | {f'{pred:.1f} s' if pred is not None else '-'} | {err} |")
-    traces = Path(args.results).with_suffix("")
     out = Path(args.plots)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.plot:
