@@ -14,6 +14,19 @@ from kvmshell.core.migration.report import write_report
 from kvmshell.core.migration.samples import Trace, load_trace
 
 
+def first_no(trace: Trace) -> float | None:
+    """When the current model, replayed, first says "will not converge" (rough calls included)."""
+    ss = list(trace.samples)
+    cap = trace.header.params.get("max-bandwidth")
+    limit = trace.header.params.get("downtime-limit", 300) / 1000
+    for i in range(1, len(ss) + 1):
+        p = assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap if cap and cap < 1e10 else None,
+                   link=trace.header.link_bytes_per_s)
+        if p.verdict is Verdict.WILL_NOT_CONVERGE:
+            return ss[i - 1].t
+    return None
+
+
 def first_prediction(trace: Trace) -> float | None:
     """The current model's first confident total-time prediction after the first pass, replayed."""
     ss = list(trace.samples)
@@ -45,6 +58,7 @@ def main() -> None:
         path = traces / f"{r['link']}-{r['load']}-{r['policy']}.jsonl"
         if path.exists():
             r["predicted_total_s"] = first_prediction(load_trace(path))
+            r["wnc_after_s"] = first_no(load_trace(path))
         total = f"{r['total_s']:.2f} s" if r["total_s"] is not None else "-"
         down = f"{r['downtime_ms']} ms" if r["downtime_ms"] is not None else "-"
         sent = f"{r['sent_mb']:.0f} MB" if r["sent_mb"] is not None else "-"
