@@ -291,6 +291,40 @@ class Lab:
             raise
         return guest
 
+    async def start_argv(self, name: str, argv: list[str], address: Address, *, ws_pages: int, ram_mib: int,
+                         disk: Path, incoming: bool = True, timeout: float = 30.0) -> LabGuest:
+        """Start a QEMU from a complete command line (e.g. one derived from another guest's) whose
+        monitor listens on the unix socket ``address``; return once that socket accepts."""
+        if address.path is None:
+            raise LabError(f"{name}: start_argv needs a unix socket monitor address")
+        log_path = self.workdir / f"{name}.log"
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
+        guest = LabGuest(name=name, address=address, proc=proc, disk=disk, ws_pages=ws_pages, ram_mib=ram_mib,
+                         accel=self.accel, incoming=incoming, log_path=log_path)
+        guest.banner.set()
+        assert proc.stdout is not None and proc.stderr is not None
+        guest._readers = [asyncio.create_task(guest._read_stdout(proc.stdout, None)),
+                          asyncio.create_task(guest._read_stderr(proc.stderr))]
+        self.guests[name] = guest
+        try:
+            async with asyncio.timeout(timeout):
+                while True:                     # QEMU binds the socket during start-up
+                    if not guest.alive:
+                        raise LabError(f"{name}: QEMU exited ({proc.returncode}): {self._tail(log_path)}")
+                    try:
+                        _, w = await asyncio.open_unix_connection(address.path)
+                        w.close()
+                        await w.wait_closed()
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.02)
+        except BaseException:
+            await guest.kill()
+            raise
+        return guest
+
     @staticmethod
     def _tail(path: Path) -> str:
         try:
