@@ -238,12 +238,19 @@ class SshTestHost:
         return pids
 
     async def stop(self) -> None:
-        """Kill sshd and every session it forked; wait until they are gone."""
-        self.kill_sessions()
+        """Kill sshd, then every session it forked (so that no new one starts meanwhile); wait until
+        they are gone."""
+        sessions = self.sessions()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc is not None:
-            if self.proc.returncode is None:
-                self.proc.kill()
-            await self.proc.wait()
+            async with asyncio.timeout(10):
+                await self.proc.wait()       # also waits for the stderr pipe, which sessions share
         if self._reader is not None:
             async with asyncio.timeout(5):
                 await self._reader
@@ -265,7 +272,9 @@ class SshTestbed:
         self.base = base
         self.names = names
         self.password_auth = password_auth
-        self.use_netns = (netns_available() is None) if netns is None else netns
+        if netns is None:       # KVMSHELL_TEST_NETNS=0 tests the loopback set-up as root too
+            netns = netns_available() is None and os.environ.get("KVMSHELL_TEST_NETNS", "1") != "0"
+        self.use_netns = netns
         self.hosts: dict[str, SshTestHost] = {}
         self.client_key = base / "id_client"
         self.stranger_key = base / "id_stranger"

@@ -15,8 +15,10 @@ import re
 import shutil
 import subprocess
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,7 @@ from kvmshell.core.monitor import open_monitor
 from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
 from kvmshell.errors import AuthFailed, ConfigError, ConnectFailed, HostKeyChanged, HostKeyUnknown, HostUnreachable
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from tests import fakes
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
 
 pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
@@ -81,11 +84,12 @@ class EventLog:
     def mark(self) -> int:
         return len(self.events)
 
-    async def wait(self, name: str, guest: str, since: int = 0, timeout: float = 20) -> Event:
+    async def wait(self, name: str, guest: str, since: int = 0, timeout: float = 20,
+                   data: Callable[[Mapping[str, Any]], bool] = lambda d: True) -> Event:
         async with asyncio.timeout(timeout):
             while True:
                 for ev in self.events[since:]:
-                    if ev.name == name and ev.guest == guest:
+                    if ev.name == name and ev.guest == guest and data(ev.data):
                         return ev
                 self._changed.clear()
                 await self._changed.wait()
@@ -131,6 +135,10 @@ async def test_qmp_and_hmp_through_one_ssh_connection(lab: Lab, bed: SshTestbed)
         assert (await fleet.monitor("vm-qmp").execute("query-name")) == {"name": "vm"}
         await fleet.monitor("vm-qmp").execute("cont")
         assert (await fleet.monitor("vm-tcp").status()).state is RunState.RUNNING
+        # QEMU serves one client per monitor: a second one through SSH hears what it would hear locally
+        with pytest.raises(ConnectFailed, match="another client holds") as info:
+            await open_monitor("again", qmp, hosts=fleet.hosts, connect_timeout=1)
+        assert one_line(info.value).startswith(f"again: {qmp}: no QMP greeting within 1 s")
     assert accepted(bed, "a") == 1          # one connection served all three monitors
 
 
@@ -154,6 +162,47 @@ async def test_monitor_errors_through_ssh_are_those_of_a_local_one(bed: SshTestb
     assert accepted(bed, "a") == 1
 
 
+@asynccontextmanager
+async def unix_fake(path: Path, handler: fakes.Handler) -> AsyncIterator[None]:
+    """A fake monitor peer (tests/fakes.py) on a unix socket: reachable from every test host by path."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(r, w)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_unix_server(wrapped, str(path))
+    try:
+        yield
+    finally:
+        server.close()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("proto", ["qmp", "hmp"])
+@pytest.mark.parametrize("handler, reason", [
+    (fakes.echo, "(not QEMU|not a QEMU|not a QMP)"),
+    (fakes.garbage, "(not QEMU|not a QEMU|not a QMP|not an HMP)"),
+], ids=["echo", "garbage"])
+async def test_peer_that_is_not_qemu_through_ssh(bed: SshTestbed, tmp_path: Path, proto: str,
+                                                 handler: fakes.Handler, reason: str) -> None:
+    bed.trust("a")
+    async with pool_for(bed) as pool, unix_fake(tmp_path / "fake.sock", handler):
+        addr = remote(bed, "a", parse_address(f"{proto}:unix:{tmp_path}/fake.sock"))
+        with pytest.raises(ConnectFailed, match=reason) as info:
+            await open_monitor("vm1", addr, hosts=pool, connect_timeout=1)
+        assert one_line(info.value).startswith(f"vm1: {addr}: ")
+        assert pool.connected("a")
+
+
 # -- host keys -----------------------------------------------------------------------------------
 
 async def test_unknown_host_key_refused_then_accepted_and_recorded(bed: SshTestbed) -> None:
@@ -165,15 +214,12 @@ async def test_unknown_host_key_refused_then_accepted_and_recorded(bed: SshTestb
         assert text.startswith(f"host a ({bed['a'].ssh}): host key not known")
         assert fingerprint in text and "accept_new_host_key = true in [hosts.a]" in text
         assert f"ssh-keyscan" in text and str(bed.known_hosts) in text
-        # through a monitor: the same line, with the guest's name in front
+        # through a monitor: the same line, with the guest's name in front (the pool, in backoff after
+        # the refusal, gives the same error again without connecting)
         addr = remote(bed, "a", parse_address("qmp:unix:/run/vm.qmp"))
-        async with asyncio.timeout(10):
-            while True:                       # the pool is in backoff after the failure: wait it out
-                try:
-                    await open_monitor("vm1", addr, hosts=pool)
-                except HostKeyUnknown as e:
-                    assert one_line(e).startswith("vm1: host a (") and fingerprint in str(e)
-                    break
+        with pytest.raises(HostKeyUnknown) as info:
+            await open_monitor("vm1", addr, hosts=pool)
+        assert one_line(info.value).startswith("vm1: host a (") and fingerprint in str(info.value)
     assert bed.known_hosts.read_text() == ""             # refusing records nothing
     async with pool_for(bed, {"accept_new_host_key": "true"}) as pool:
         conn = await pool.connection("a")
@@ -203,16 +249,11 @@ async def test_changed_host_key_refused_even_with_accept_new(bed: SshTestbed) ->
         await bed["a"].new_host_key()                     # the host was "reinstalled"
         await bed["a"].start()
         new = await bed["a"].fingerprint()
-        assert not conn.alive
         async with asyncio.timeout(10):
-            while True:                                   # the same pool reconnects: and refuses
-                try:
-                    await pool.connection("a")
-                except HostKeyChanged as e:
-                    text = one_line(e)
-                    break
-                except HostUnreachable:
-                    continue                              # an attempt from before the restart, in backoff
+            await conn.wait_lost()
+        with pytest.raises(HostKeyChanged) as info:           # the same pool reconnects: and refuses
+            await pool.connection("a")
+        text = one_line(info.value)
         assert text.startswith(f"host a ({bed['a'].ssh}): HOST KEY CHANGED") and new in text and old not in text
         assert "ssh-keygen -R" in text
     async with pool_for(bed, {"accept_new_host_key": "true"}) as pool:
@@ -302,11 +343,10 @@ async def test_ssh_connection_killed_then_restored_and_the_fleet_reconnects(lab:
         # 2. the whole sshd goes away: the guests are unreachable, saying why; then it is back
         mark = log.mark()
         await bed["a"].stop()
+        refused = f"host a ({bed['a'].ssh}): connection refused (no SSH server listening on port {bed['a'].port})"
         for name in ("qmp", "hmp"):
             await log.wait("kvmshell.DISCONNECTED", name, mark)
-            ev = await log.wait("kvmshell.UNREACHABLE", name, mark)
-            assert ev.data["reason"] == f"host a ({bed['a'].ssh}): connection refused (no SSH server listening " \
-                                        f"on port {bed['a'].port})"
+            await log.wait("kvmshell.UNREACHABLE", name, mark, data=lambda d: d["reason"] == refused)
         assert fleet.get("hmp").state is not GuestState.CONNECTED
         mark = log.mark()
         await bed["a"].start()
@@ -319,6 +359,22 @@ async def test_ssh_connection_killed_then_restored_and_the_fleet_reconnects(lab:
 
 
 # -- kvmshell hosts, discovery -------------------------------------------------------------------
+
+def test_pool_finds_the_host_settings_of_an_address() -> None:
+    config = parse_config(tomllib.loads(
+        '[hosts.h2]\nssh = "root@10.0.0.2"\nidentity_file = "/k"\naccept_new_host_key = true\n'
+        '[hosts.h3]\nssh = "10.0.0.3:2222"\njump = "h2"\n'))
+    pool = HostPool.from_config(config)
+    assert pool.lookup(SshTarget("10.0.0.2", "root", 22)) is config.hosts["h2"]
+    assert pool.lookup(SshTarget("10.0.0.2")) is config.hosts["h2"]
+    assert pool.lookup(SshTarget("h2")).ssh == SshTarget("10.0.0.2", "root")     # by its name
+    h3 = pool.lookup(SshTarget("10.0.0.3", "ops", 2222))
+    assert (h3.name, h3.ssh.user, h3.jump) == ("h3", "ops", "h2")                # the address's user wins
+    assert pool.lookup(SshTarget("10.0.0.2", "admin")).name == "admin@10.0.0.2"  # another user: not h2's key
+    assert pool.lookup(SshTarget("10.0.0.3")).name == "10.0.0.3"                 # another port
+    assert pool.label("h3") == "host h3 (10.0.0.3:2222)"
+    assert pool.key(SshTarget("10.0.0.2", "root")) == pool.key("h2") == ("root", "10.0.0.2", 22)
+
 
 def test_monitors_read_from_qemu_command_lines() -> None:
     name, mons = parse_qemu_cmdline([
@@ -349,11 +405,11 @@ async def test_kvmshell_hosts_lists_qemu_and_the_guests_found(lab: Lab, bed: Ssh
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     down = _free_port()
     config = tmp_path / "config.toml"
-    config.write_text(f'[hosts.a]\nssh = "{bed["a"].ssh}"\n\n[hosts.down]\nssh = "root@127.0.0.1:{down}"\n')
+    config.write_text(f'[hosts.a]\nssh = "{bed["a"].ssh}"\n\n[hosts.h2]\nssh = "root@127.0.0.1:{down}"\n')
     out, err = io.StringIO(), io.StringIO()
     status = await cli.run(["--config", str(config), "--json", "hosts"], out, err)
     assert status == cli.Exit.FAILED                        # one host is down
-    assert err.getvalue() == (f"kvmshell: down: host down (root@127.0.0.1:{down}): connection refused (no SSH "
+    assert err.getvalue() == (f"kvmshell: h2: host h2 (root@127.0.0.1:{down}): connection refused (no SSH "
                               f"server listening on port {down})\n")
     reports = {r["name"]: r for r in json.loads(out.getvalue())}
     a = reports["a"]
@@ -367,17 +423,24 @@ async def test_kvmshell_hosts_lists_qemu_and_the_guests_found(lab: Lab, bed: Ssh
     assert found[0]["monitors"] == [f"{target}/qmp:unix:{guest.address.path}",
                                     f"{target}/hmp:unix:{lab.workdir}/web.hmp", f"{target}/hmp:tcp:127.0.0.1:{port}"]
     assert found[0]["name"].startswith("web")
-    assert not reports["down"]["reachable"]
+    assert not reports["h2"]["reachable"] and reports["h2"]["guests"] == []
     # the table, and attaching what was found without typing a path
     out = io.StringIO()
     await cli.run(["--config", str(config), "hosts"], out, io.StringIO())
     text = out.getvalue()
     assert re.search(rf"^a +{re.escape(bed['a'].ssh)} +reachable +{re.escape(a['qemu'])} +\d+$", text, re.M), text
-    assert f"  {guest.pid}  {target}/qmp:unix:{guest.address.path}" in text
+    assert re.search(rf"^  web\S* +{guest.pid} +{re.escape(f'{target}/qmp:unix:{guest.address.path}')}$", text, re.M)
     out = io.StringIO()
     status = await cli.run(["--config", str(config), "--guest", f"web={found[0]['monitor']}", "-c", "info status"],
                            out, io.StringIO())
     assert status == cli.Exit.OK and "paused (prelaunch)" in out.getvalue()
+    # a monitor opened on its own (no pool given) makes, and closes, its own SSH connection
+    mon = await open_monitor("web", parse_address(found[0]["monitors"][1]))
+    try:
+        assert "paused (prelaunch)" in await mon.hmp("info status")
+    finally:
+        await mon.close()
+    assert mon.hosts is None
 
 
 @pytest.mark.qemu
