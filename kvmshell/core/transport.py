@@ -313,6 +313,8 @@ def _describe_lost(exc: BaseException | None) -> str:
         return "closed"
     if isinstance(exc, asyncssh.DisconnectError):
         reason = exc.reason.strip() or type(exc).__name__
+        if reason.lower() == "connection lost":
+            return "the connection closed (sshd on the host went away, or the network reset it)"
         if "keepalive" in reason.lower():
             return f"no answer to keepalives ({reason})"
         return reason
@@ -401,13 +403,10 @@ def _client_class() -> type[_ClientCallbacks]:
     return type("_Client", (_ClientCallbacks, asyncssh.SSHClient), {})
 
 
-_Client = _ClientCallbacks      # the type the rest of this module names
-
-
 class SshConnection:
     """One SSH connection to a host: channels to monitors, commands. Made by ``ssh_connect``."""
 
-    def __init__(self, params: SshParams, conn: asyncssh.SSHClientConnection, client: _Client) -> None:
+    def __init__(self, params: SshParams, conn: asyncssh.SSHClientConnection, client: _ClientCallbacks) -> None:
         self.params = params
         self._conn = conn
         self._client = client
@@ -516,7 +515,7 @@ def _sources(params: SshParams) -> str:
     return "the agent's keys and ~/.ssh/id_*"
 
 
-def _unknown_key_message(params: SshParams, client: _Client) -> str:
+def _unknown_key_message(params: SshParams, client: _ClientCallbacks) -> str:
     key = client.offered
     assert key is not None
     host, port = client.key_host
@@ -525,12 +524,12 @@ def _unknown_key_message(params: SshParams, client: _Client) -> str:
     how = (f"set accept_new_host_key = true in [hosts.{params.host_name}]" if params.host_name else
            "add a [hosts.NAME] table for it with accept_new_host_key = true")
     keyscan = f"ssh-keyscan{f' -p {port}' if port not in (None, 22) else ''} -t {key.get_algorithm()} {host}"
-    return (f"{params.label}: host key not known: the server's {key.get_algorithm()} key {key.get_fingerprint('sha256')} "
-            f"is not in {files} for {pattern}; if that fingerprint is right, {how} (it is then accepted once and "
-            f"recorded), or add it with `{keyscan} >> {params.known_hosts}`")
+    return (f"{params.label}: host key not known: no key for {pattern} in {files}; the server's "
+            f"{key.get_algorithm()} key is {key.get_fingerprint('sha256')}; if that fingerprint is right, {how} (it "
+            f"is then accepted once and recorded), or add it with `{keyscan} >> {params.known_hosts}`")
 
 
-def _changed_key_message(params: SshParams, client: _Client) -> str:
+def _changed_key_message(params: SshParams, client: _ClientCallbacks) -> str:
     key = client.offered
     assert key is not None
     host, port = client.key_host
