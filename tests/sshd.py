@@ -23,7 +23,6 @@ import asyncio
 import ctypes
 import getpass
 import ipaddress
-import logging
 import os
 import secrets
 import shutil
@@ -33,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmshell.lab.netns import TestNetwork, netns_available
-
-log = logging.getLogger(__name__)
 
 SSHD = "/usr/sbin/sshd"
 HAVE_SSHD = os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None

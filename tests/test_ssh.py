@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 
 from kvmshell import cli
 from kvmshell.config import parse_config
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, parse_address
+from kvmshell.core.address import Address, Protocol, SshTarget, parse_address
 from kvmshell.core.fleet import CONNECTED_EVENT, Fleet, GuestState
 from kvmshell.core.models import Event, RunState
 from kvmshell.core.monitor import open_monitor
@@ -459,7 +458,7 @@ async def test_discover_here_and_through_a_jump_host(lab: Lab, tmp_path: Path) -
             f'[hosts.b]\nssh = "{bed["b"].user}@{inner}"\nidentity_file = "{bed.client_key}"\njump = "a"\n'))
         async with HostPool.from_config(config, known_hosts=bed.known_hosts, ssh_config=bed.ssh_config,
                                         **FAST) as pool:
-            found = [g for g in await discover(pool, "b") if g.pid == guest.pid]
+            found = [g for g in await pool.discover("b") if g.pid == guest.pid]
             assert [str(g.monitor) for g in found] == [f"ssh://{bed['b'].user}@{inner}/qmp:unix:{guest.address.path}"]
             mon = await open_monitor("behind", found[0].monitor, hosts=pool)
             try:

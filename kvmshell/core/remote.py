@@ -193,6 +193,10 @@ class HostPool:
         """Run a shell command on the host, through its shared connection."""
         return await (await self.connection(host)).run(command, timeout)
 
+    async def discover(self, host: SshTarget | str) -> list[DiscoveredGuest]:
+        """The QEMU guests on ``host`` and their monitors: see the module function ``discover``."""
+        return await discover(self, host)
+
     async def aclose(self) -> None:
         """Close every connection (idempotent). Monitors still using one see it drop."""
         self._closed = True
