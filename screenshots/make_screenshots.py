@@ -54,8 +54,11 @@ class Shot:
         svg = self.out / f"{name}.svg"
         app.save_screenshot(svg.name, str(self.out))
         png = svg.with_suffix(".png")
-        proc = await asyncio.create_subprocess_exec("rsvg-convert", str(svg), "-o", str(png))
-        if await proc.wait() != 0:
+        # rsvg drops the non-breaking spaces that start a run of text unless told to preserve them
+        text = svg.read_text().replace("<svg class=", '<svg xml:space="preserve" class=', 1)
+        proc = await asyncio.create_subprocess_exec("rsvg-convert", "-o", str(png), stdin=asyncio.subprocess.PIPE)
+        await proc.communicate(text.encode())
+        if proc.returncode != 0:
             raise SystemExit(f"rsvg-convert failed on {svg}")
         self.made += [svg, png]
         print(f"  {svg}  {png}", flush=True)

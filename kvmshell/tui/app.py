@@ -80,7 +80,6 @@ class KvmshellApp(App[int]):
         self.dashboard = Dashboard(source, hint)
         self._polling = False
         self._stale = True
-        self._cancel_enabled = False
         self._unsubscribe: object = None
         self.theme = theme
 
@@ -159,10 +158,6 @@ class KvmshellApp(App[int]):
             self.selected = gl.order[0]
             self.source.current = self.selected
         self.pane.show(self.source.pane(self.selected))
-        enabled = self.selected is not None and self.source.migrating(self.selected)
-        if enabled != self._cancel_enabled:
-            self._cancel_enabled = enabled
-            self.refresh_bindings()
 
     @on(GuestList.Selected)
     def _selected(self, event: GuestList.Selected) -> None:
@@ -377,11 +372,6 @@ class KvmshellApp(App[int]):
         self.push_screen(ConfirmScreen(f"A migration is running ({which}). Quit anyway? kvmshell stops following "
                                        "it; QEMU carries on with it.", yes="Quit", no="Stay"),
                          callback=lambda ok: self.exit(0) if ok else None)
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "cancel_migration":
-            return True if self._cancel_enabled else None
-        return True
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         for cmd in super().get_system_commands(screen):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,9 +142,15 @@ def badge_for_status(status: MigrationStatus, fraction: float | None = None,
     return Badge.UNKNOWN, status.value
 
 
+def is_savevm_trace(info: MigrationInfo) -> bool:
+    """QEMU 7.2 leaves `query-migrate` at "completed" after a savevm (it saves through the migration
+    code), with a total time of 0: that is a snapshot, not a migration."""
+    return info.status is MigrationStatus.COMPLETED and not info.total_time_ms
+
+
 def badge_for_info(info: MigrationInfo | None) -> tuple[Badge, str]:
     """The badge of a guest kvmshell does not follow, from its last `query-migrate`."""
-    if info is None:
+    if info is None or is_savevm_trace(info):
         return Badge.IDLE, "idle"
     fraction = None
     if info.ram is not None and info.ram.total:
@@ -292,7 +299,7 @@ def _with(fig: Figures, **kw: str) -> Figures:
 
 def info_summary(info: MigrationInfo | None) -> str:
     """One line about the last migration QEMU remembers (for guests kvmshell did not migrate)."""
-    if info is None or info.status is MigrationStatus.NONE:
+    if info is None or info.status is MigrationStatus.NONE or is_savevm_trace(info):
         return "no migration since this QEMU started"
     parts = [f"last migration: {info.status.value}"]
     if info.total_time_ms is not None:
@@ -346,7 +353,9 @@ def event_line(ev: Event) -> LogLine | None:
     elif name == "JOB_STATUS_CHANGE":
         if d.get("status") not in ("concluded",):
             return None
-        text = f"job {d.get('id')} {d.get('status')}"
+        job = str(d.get("id"))
+        m = re.fullmatch(r"kvmshell-(.+)-\d+", job)
+        text = f"{m.group(1) if m else job} job {d.get('status')}"
     elif name in _EVENT_TEXT:
         text = _EVENT_TEXT[name]
     else:

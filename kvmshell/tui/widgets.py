@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from rich.table import Table
 from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import DataTable, Input, OptionList, ProgressBar, RichLog, Sparkline, Static
@@ -17,7 +18,7 @@ from textual.widgets.data_table import ColumnKey
 from textual.widgets.option_list import Option
 
 from kvmshell.core.completion import Candidate
-from kvmshell.tui.views import Badge, GuestRow, LogLine, MigrationView, PaneView, SortKey, sort_rows
+from kvmshell.tui.views import Badge, Figures, GuestRow, LogLine, MigrationView, PaneView, SortKey, sort_rows
 
 # -- colours that follow the theme ----------------------------------------------------------------
 
@@ -242,22 +243,39 @@ FIGURES: tuple[tuple[str, str], ...] = (
 )
 
 
-class Figure(Vertical):
-    """A caption over a big value (side by side on short terminals)."""
+class FigureGrid(Static):
+    """The big figures, as one widget (one update, no reflow): a caption over each value, or side by
+    side on short terminals."""
 
-    def __init__(self, caption: str, **kw: object) -> None:
+    def __init__(self, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
-        self.caption = caption
-        self.value = ""
+        self.figures: Figures | None = None
+        self._lines = -1
+        self._shape: tuple[bool, int] | None = None
 
-    def compose(self) -> ComposeResult:
-        yield Static(self.caption, classes="figure-caption")
-        yield Static("-", classes="figure-value")
+    def show(self, figures: Figures) -> None:
+        if figures != self.figures:
+            self.figures = figures
+            self._draw()
 
-    def set_value(self, value: str) -> None:
-        if value != self.value:
-            self.value = value
-            self.query_one(".figure-value", Static).update(value, layout=False)   # one line: no reflow
+    def on_resize(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        f = self.figures or Figures()
+        short = self.screen.has_class("-short") if self.is_attached else False
+        cols = 3 if not short or self.size.width >= 66 else 2
+        grid = Table.grid(expand=True, padding=(0, 2))
+        for _ in range(cols):
+            grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        cells = [Text.assemble((caption, "dim"), " " if short else "\n", (getattr(f, key), "bold"))
+                 for key, caption in FIGURES]
+        for i in range(0, len(cells), cols):
+            row = cells[i:i + cols]
+            grid.add_row(*row, *([""] * (cols - len(row))))
+        lines = -(-len(cells) // cols) * (1 if short else 2)
+        self.update(grid, layout=lines != self._lines)
+        self._lines = lines
 
 
 class SparkRow(Horizontal):
@@ -294,9 +312,7 @@ class MigrationPane(VerticalScroll):
             with Horizontal(id="progress-row"):
                 yield ProgressBar(total=1000, show_eta=False, id="progress")
                 yield Static("", id="progress-note")
-            with Grid(id="figures"):
-                for key, caption in FIGURES:
-                    yield Figure(caption, id=f"fig-{key}", classes="figure")
+            yield FigureGrid(id="figures")
             yield Static("", id="verdict")
             yield SparkRow("remaining", id="spark-remaining", classes="spark-row")
             yield SparkRow("dirty rate", id="spark-dirty", classes="spark-row")
@@ -358,9 +374,7 @@ class MigrationPane(VerticalScroll):
         return len(text.wrap(self.app.console, max(1, width)))
 
     def _show_migration(self, mv: MigrationView, old: MigrationView | None, c: dict[str, str]) -> None:
-        if old is None or mv.figures != old.figures:
-            for key, _ in FIGURES:
-                self.query_one(f"#fig-{key}", Figure).set_value(getattr(mv.figures, key))
+        self.query_one(FigureGrid).show(mv.figures)
         style = {"good": c["good"], "bad": c["bad"], "done": c["good"], "unknown": c["warn"]}[mv.verdict_kind]
         verdict = Text.assemble((mv.verdict.upper(), f"bold {style}"))
         if mv.reason and mv.verdict not in ("completed",):
