@@ -182,6 +182,7 @@ class SshTestHost:
             "PermitRootLogin prohibit-password",
             "AllowTcpForwarding yes",
             "AllowStreamLocalForwarding yes",
+            "Subsystem sftp internal-sftp",
             "MaxStartups 64",
             "LogLevel VERBOSE",
             "",

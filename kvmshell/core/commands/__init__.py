@@ -6,5 +6,5 @@ from kvmshell.core.commands.spec import Registry
 
 
 def default_registry() -> Registry:
-    from kvmshell.core.commands import builtin, control, migration, snapshots
-    return Registry([*snapshots.SPECS, *migration.SPECS, *control.SPECS, *builtin.SPECS])
+    from kvmshell.core.commands import builtin, control, migration, snapshots, static
+    return Registry([*snapshots.SPECS, *migration.SPECS, *static.SPECS, *control.SPECS, *builtin.SPECS])

@@ -1,0 +1,65 @@
+"""`static-migrate GUEST --to HOST`: savevm, copy the images, loadvm on the other host (the engine is
+``kvmshell.core.static``; this is its command-line face)."""
+
+from __future__ import annotations
+
+import os
+
+from kvmshell.core.commands.results import KeyValues, Result, human_bytes
+from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
+from kvmshell.core.session import Invocation
+from kvmshell.core.static import StaticRequest, migrate_static
+from kvmshell.errors import ConfigError
+
+
+async def static_migrate(inv: Invocation) -> Result:
+    guest = str(inv.values["guest"])
+    f = inv.flags
+    if not f.get("to"):
+        raise UsageError("static-migrate needs --to HOST (a [hosts.NAME] of the config)")
+    fleet = inv.session.fleet
+    pool = fleet.hosts
+    if pool is None or not pool.hosts:
+        raise ConfigError("static-migrate needs the destination in the config: add a [hosts.NAME] table")
+    req = StaticRequest(guest=guest, to=str(f["to"]), tag=str(f["tag"]) if f.get("tag") else None,
+                        keep_source=bool(f.get("keep_source")), dest_dir=str(f["dir"]) if f.get("dir") else None,
+                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None)
+
+    def progress(message: str) -> None:
+        inv.session.progress(guest, message)
+
+    r = await migrate_static(fleet, pool, req, progress=progress, confirm=inv.confirm)
+    t = r.times
+    items: list[tuple[str, object]] = [
+        ("destination", f"{r.new_name} ({r.address})"),
+        ("snapshot", r.tag),
+        ("images", ", ".join(f"{os.path.basename(i.dest)} ({human_bytes(i.size)}, {i.outcome})" for i in r.files)),
+        ("copied", f"{human_bytes(r.copied_bytes)} in {t.get('copy', 0):.1f} s"
+                   + (f", {r.throughput / 1e6:.0f} MB/s" if r.throughput else "")),
+        ("times", ", ".join(f"{k} {v:.1f} s" for k, v in t.items())),
+        ("copy is", r.dest_state),
+        ("source", r.source_state),
+    ]
+    items += [("note", n) for n in r.notes]
+    return KeyValues(tuple(items), title=f"{guest} moved to {r.host} as {r.new_name}")
+
+
+SPECS = (
+    CommandSpec("static-migrate", "move a guest to another host: stop, savevm, copy its images, loadvm there",
+                static_migrate, scope=Scope.SHELL,
+                args=(Arg("guest", "the guest to move", complete=Completer.GUEST),),
+                flags=(Flag(("--to",), "destination host ([hosts.NAME])", value="HOST"),
+                       Flag(("--tag",), "snapshot tag (default: static-YYYYmmdd-HHMMSS)", value="TAG",
+                            complete=Completer.SNAPSHOT_TAG),
+                       Flag(("--keep-source",), "leave the source paused instead of quitting it"),
+                       Flag(("--dir",), "image directory on the destination (default /var/lib/kvmshell/images/NAME)",
+                            value="DIR"),
+                       Flag(("--name",), "the copy's guest name in kvmshell (default GUEST.HOST)", value="NAME"),
+                       Flag(("--paused",), "start the copy paused (-S): check it before `cont`"),
+                       Flag(("-y", "--yes"), "do not ask before quitting the source")),
+                maps_to="stop, savevm TAG; sha256sum + SFTP copy; QEMU -loadvm TAG -daemonize on HOST; quit",
+                details="Preflight checks the host, the images and their backing chain, free space and the name "
+                        "first. Any failure before the source is quit puts it back (snapshot deleted, resumed) and "
+                        "says what was done and undone; copied files stay and a new run continues from them.",
+                category="migration"),
+)

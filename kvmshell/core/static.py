@@ -1,0 +1,644 @@
+"""Static migration: stop the guest, `savevm`, copy its images to another host, start it there with
+`-loadvm`, and only then quit the source.
+
+The steps, and what a failure at each leaves (``StaticMigration.run``):
+
+1. preflight - nothing is touched: the destination is a configured host and answers; the guest's
+   command line (its pid from the monitor, through ``remote.discover``) and its images with their
+   qcow2 backing chains (``qemu-img info -U --backing-chain``); no guest of the same name there;
+   room in the destination directory (``df``) for what is not there yet.
+2. ``stop`` and ``savevm TAG`` on the source.
+3. copy each file (backing files first) over SFTP through kvmshell, to ``FILE.part`` then renamed:
+   a ``.part`` left by an interrupted run is continued when its bytes are a prefix of the source
+   (size + sha256 of the prefix); a file already there with the same sha256 is not copied again.
+   Every copy is checked with ``sha256sum`` on both hosts. Copied overlays are then pointed at the
+   copied backing files (``qemu-img rebase -u``).
+4. start the copy from the derived command line (``cmdline.derive(loadvm=TAG)``, ``-daemonize``,
+   monitors in a run directory beside the images), check its status through its monitor, and
+   attach it to the fleet as ``NAME@HOST``.
+5. quit the source (unless ``keep_source``), after confirmation.
+
+A failure before step 5 undoes, in reverse order: the destination QEMU is killed, the snapshot
+made in step 2 is deleted (``delvm``: the source's disks hold what they held before), the source
+is resumed if it was running. Copied files stay on the destination (a later run continues from
+them) and the error says so, with what was done and what was undone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol as TypingProtocol
+
+from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, parse_cmdline, rewrite_images
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.models import RunState
+from kvmshell.core.monitor import Monitor, open_monitor
+from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
+from kvmshell.core.transport import RemoteResult, Sftp, SftpFile, open_sftp
+from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20                  # bytes per read/write of the copy loop
+HASH_TIMEOUT = 600.0
+SAVEVM_TIMEOUT = 600.0
+START_TIMEOUT = 120.0
+DEFAULT_DIR = "/var/lib/kvmshell/images"
+MAX_SOCKET_PATH = 100            # sun_path is 108 bytes
+
+
+class StaticFailed(KvmError):
+    """Static migration stopped before the end; the message says what was done and undone."""
+
+    title = "static migration failed"
+
+
+@dataclass(frozen=True)
+class StaticRequest:
+    guest: str                   # fleet name of the source
+    to: str                      # [hosts.NAME] of the destination
+    tag: str | None = None       # default: a timestamped tag
+    keep_source: bool = False
+    dest_dir: str | None = None  # default: DEFAULT_DIR/GUEST
+    paused: bool = False         # start the copy with -S (check it before it runs)
+    new_name: str | None = None  # the copy's name in the fleet; default GUEST.HOST
+
+
+@dataclass
+class ImageFile:
+    """One file to copy: a disk image or a file of its backing chain."""
+
+    source: str
+    dest: str
+    format: str
+    size: int = 0
+    backing: str | None = None            # the backing file's source path, as the chain resolved it
+    backing_format: str | None = None
+    top: bool = True                      # named on the command line (not only a backing file)
+    outcome: str = ""                     # copied / resumed / already there
+
+
+@dataclass
+class StaticResult:
+    guest: str
+    new_name: str
+    host: str
+    tag: str
+    address: Address
+    dest_dir: str
+    files: list[ImageFile]
+    times: dict[str, float] = field(default_factory=dict)
+    copied_bytes: int = 0
+    source_state: str = ""
+    dest_state: str = ""
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float | None:
+        t = self.times.get("copy")
+        return self.copied_bytes / t if t and self.copied_bytes else None
+
+
+Progress = Callable[[str], None]
+Confirm = Callable[[str], Awaitable[None]]     # raises Refused when not confirmed
+
+
+# == the two ends ==================================================================================
+
+class _Reader(TypingProtocol):
+    async def read(self, size: int, offset: int) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class _LocalFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def read(self, size: int, offset: int) -> bytes:
+        try:
+            return await asyncio.to_thread(os.pread, self._fd, size, offset)
+        except OSError as e:
+            raise StaticFailed(f"reading {self.path}: {e.strerror}") from None
+
+    async def close(self) -> None:
+        os.close(self._fd)
+
+
+class Side:
+    """A host as the engine uses it: shell commands, and files to read (local or over SFTP)."""
+
+    def __init__(self, pool: HostPool | None, host: SshTarget | str | None) -> None:
+        self.pool = pool
+        self.host = host
+        self.label = "this host" if host is None else (pool.label(host) if pool else str(host))
+        self._sftp: Sftp | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.host is None
+
+    async def sh(self, command: str, timeout: float = 30.0) -> RemoteResult:
+        if self.host is None:
+            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            try:
+                async with asyncio.timeout(timeout):
+                    out, err = await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise StaticFailed(f"`{command.split()[0]}` did not finish within {timeout:g} s here") from None
+            return RemoteResult(command, proc.returncode or 0, out, err)
+        assert self.pool is not None
+        return await self.pool.run(self.host, command, timeout)
+
+    async def check(self, command: str, what: str, timeout: float = 30.0) -> str:
+        """Run ``command``; its stdout, or StaticFailed naming ``what`` and the host with its stderr."""
+        r = await self.sh(command, timeout)
+        if not r.ok:
+            err = (r.stderr.decode(errors="replace") or r.text).strip().splitlines()
+            raise StaticFailed(f"{what} on {self.label} failed: {err[-1] if err else f'exit status {r.exit_status}'}")
+        return r.text
+
+    async def sftp(self) -> Sftp:
+        if self._sftp is None:
+            assert self.pool is not None and self.host is not None
+            self._sftp = await open_sftp(await self.pool.connection(self.host))
+        return self._sftp
+
+    async def open_read(self, path: str) -> _Reader:
+        if self.host is None:
+            try:
+                return _LocalFile(path)
+            except OSError as e:
+                raise StaticFailed(f"opening {path}: {e.strerror}") from None
+        return await (await self.sftp()).open(path, "rb")
+
+    async def sha256(self, path: str, prefix: int | None = None) -> str:
+        p = shlex.quote(path)
+        cmd = f"sha256sum -- {p}" if prefix is None else f"head -c {prefix} -- {p} | sha256sum"
+        out = await self.check(cmd, f"sha256sum of {path}", timeout=HASH_TIMEOUT)
+        return out.split()[0] if out.split() else ""
+
+    async def sizes(self, paths: list[str]) -> dict[str, int]:
+        """Sizes of the regular files among ``paths`` (missing ones are left out)."""
+        if not paths:
+            return {}
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        r = await self.sh(f"for f in {quoted}; do [ -f \"$f\" ] && printf '%s\\t%s\\n' \"$(stat -c %s -- \"$f\")\" \"$f\"; "
+                          "done; true")
+        out = {}
+        for line in r.text.splitlines():
+            n, _, path = line.partition("\t")
+            if n.isdigit():
+                out[path] = int(n)
+        return out
+
+    async def aclose(self) -> None:
+        if self._sftp is not None:
+            await self._sftp.close()
+            self._sftp = None
+
+
+# == the engine =====================================================================================
+
+def default_tag() -> str:
+    return datetime.now().strftime("static-%Y%m%d-%H%M%S")
+
+
+def _ram_bytes(cmd: QemuCommand) -> int:
+    for v in reversed(cmd.values("-m")):
+        m = re.match(r"(?:size=)?(\d+)([MGKT]?)", v)
+        if m:
+            return int(m.group(1)) << {"": 20, "M": 20, "G": 30, "K": 10, "T": 40}[m.group(2).upper()]
+    return 128 << 20
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _same(a: Address, b: Address) -> bool:
+    return (a.protocol, a.kind, a.path, a.host, a.port) == (b.protocol, b.kind, b.path, b.host, b.port)
+
+
+class StaticMigration:
+    """One run of the steps in the module docstring. ``run()`` returns a StaticResult or raises
+    StaticFailed (after undoing) / another KvmError from the preflight (nothing touched)."""
+
+    def __init__(self, fleet: Fleet, pool: HostPool, req: StaticRequest, *,
+                 progress: Progress | None = None, confirm: Confirm | None = None) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self.req = req
+        self.progress = progress or (lambda message: None)
+        self.confirm = confirm
+        self.done: list[str] = []
+        self.undone: list[str] = []
+        self.kept: list[str] = []
+
+    # -- 1. preflight ------------------------------------------------------------------------
+    async def preflight(self) -> None:
+        req, pool = self.req, self.pool
+        guest = self.fleet.get(req.guest)
+        self.mon: Monitor = guest.require()
+        self.address = guest.address
+        if req.to not in pool.hosts:
+            known = ", ".join(pool.hosts) or "none configured"
+            raise ConfigError(f"--to {req.to}: not a configured host (hosts: {known}); add a [hosts.{req.to}] table")
+        self.dest_target = pool.lookup(req.to).ssh
+        src_host = self.address.ssh
+        if src_host is not None and pool.key(src_host) == pool.key(req.to):
+            raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: static migration copies a guest to "
+                          "another host (use savevm/loadvm on the same host)")
+        self.src = Side(pool if src_host else None, src_host)
+        self.dst = Side(pool, req.to)
+        self.progress(f"preflight: connecting to {self.dst.label}")
+        await pool.connection(req.to)                         # reachable, or the SSH error says why
+        self.cmd = await self._command_line()
+        qemu_name, _ = parse_qemu_cmdline(self.cmd.argv())
+        self.qemu_name = qemu_name or req.guest
+        self.new_name = check_guest_name(req.new_name or f"{req.guest}.{req.to}", "name of the copy")
+        if self.new_name in self.fleet:
+            raise Refused(f"a guest named {self.new_name!r} is already attached")
+        for g in await discover(pool, req.to):
+            if g.pid == self.source_pid and any(_same(m, self.address) for m in g.monitors):
+                continue               # the source itself, seen through a process table both hosts share
+            if g.name == self.qemu_name or g.name.startswith(f"{self.qemu_name}-"):
+                raise Refused(f"a guest named {self.qemu_name!r} already runs on {self.dst.label} (pid {g.pid}): "
+                              "quit it first")
+        self.tag = req.tag or default_tag()
+        existing = {s.tag for s in await self.mon.snapshots()}
+        if self.tag in existing:
+            raise Refused(f"{req.guest} already has a snapshot {self.tag!r}: pick another --tag (static-migrate "
+                          "does not replace snapshots)")
+        self.dest_dir = (req.dest_dir or f"{DEFAULT_DIR}/{self.qemu_name}").rstrip("/") or "/"
+        self.files = await self._images()
+        await self.dst.check(f"mkdir -p -- {shlex.quote(self.dest_dir)}", f"creating {self.dest_dir}")
+        need = await self._space_needed()
+        avail = await self._avail()
+        ram = _ram_bytes(self.cmd)
+        if avail < need:
+            raise Refused(f"not enough space in {self.dest_dir} on {self.dst.label}: {_human(avail)} free, the "
+                          f"images need {_human(need)} (plus up to {_human(ram)} of saved RAM)")
+        if avail < need + ram:
+            self.kept.append(f"{self.dest_dir} has {_human(avail)} free: enough for the images "
+                             f"({_human(need)}) but maybe not for the saved RAM (up to {_human(ram)})")
+
+    async def _command_line(self) -> QemuCommand:
+        host = self.address.ssh
+        found = await discover(self.pool if host else None, host)
+        match = next((g for g in found if any(_same(m, self.address) for m in g.monitors)), None)
+        if match is None:
+            where = self.src.label
+            raise CommandFailed(f"cannot find the QEMU process behind {self.address} on {where} (no process there "
+                                "has that monitor socket): its command line is needed to start the copy",
+                                guest=self.req.guest)
+        self.source_pid = match.pid
+        raw = await self.src.sh(f"cat /proc/{match.pid}/cmdline")
+        try:
+            return parse_cmdline(raw.stdout)
+        except ValueError as e:
+            raise CommandFailed(f"pid {match.pid} on {self.src.label}: {e}", guest=self.req.guest) from None
+
+    async def _images(self) -> list[ImageFile]:
+        paths = images_of(self.cmd)
+        if not paths:
+            raise Refused(f"{self.req.guest} has no disk image: savevm needs a qcow2 disk")
+        files: dict[str, ImageFile] = {}
+        order: list[ImageFile] = []
+        for top in paths:
+            text = await self.src.check(f"qemu-img info -U --backing-chain --output=json -- {shlex.quote(top)}",
+                                        f"qemu-img info {top}")
+            try:
+                chain = json.loads(text)
+            except ValueError:
+                raise StaticFailed(f"qemu-img info {top}: unreadable answer") from None
+            chain = chain if isinstance(chain, list) else [chain]
+            for i, info in enumerate(chain):
+                path = str(info.get("filename", ""))
+                if not path.startswith("/") or path.startswith("/dev/"):
+                    raise Refused(f"{path or top}: only image files can be copied (not devices or network disks)")
+                nxt = chain[i + 1] if i + 1 < len(chain) else None
+                if path in files:
+                    files[path].top = files[path].top or i == 0
+                    continue
+                f = ImageFile(path, "", str(info.get("format", "raw")), top=(i == 0),
+                              backing=str(nxt["filename"]) if nxt else None,
+                              backing_format=str(nxt.get("format")) if nxt else None)
+                files[path] = f
+                order.append(f)
+        if not any(f.format == "qcow2" and f.top for f in order):
+            raise Refused(f"{self.req.guest} has no qcow2 disk: savevm needs one to hold the snapshot")
+        used: set[str] = set()
+        for f in order:
+            base = os.path.basename(f.source)
+            name, i = base, 1
+            while name in used:
+                i += 1
+                name = f"{i}-{base}"
+            used.add(name)
+            f.dest = f"{self.dest_dir}/{name}"
+            if f.dest == f.source:
+                raise Refused(f"{f.source} would be copied onto itself: pick another --dir")
+        sizes = await self.src.sizes([f.source for f in order])
+        for f in order:
+            if f.source not in sizes:
+                raise Refused(f"{f.source}: not a regular file on {self.src.label}")
+            f.size = sizes[f.source]
+        order.sort(key=lambda f: f.top)                      # backing files first
+        return order
+
+    async def _space_needed(self) -> int:
+        there = await self.dst.sizes([p for f in self.files for p in (f.dest, f.dest + ".part")])
+        need = 0
+        for f in self.files:
+            have = max(there.get(f.dest, 0) if there.get(f.dest) == f.size else 0, there.get(f.dest + ".part", 0))
+            need += max(0, f.size - min(have, f.size))
+        return need
+
+    async def _avail(self) -> int:
+        out = await self.dst.check(f"df -B1 --output=avail -- {shlex.quote(self.dest_dir)}",
+                                   f"df {self.dest_dir}")
+        nums = [int(w) for w in out.split() if w.isdigit()]
+        if not nums:
+            raise StaticFailed(f"df {self.dest_dir} on {self.dst.label}: unreadable answer {out.strip()!r}")
+        return nums[-1]
+
+    # -- the whole run -----------------------------------------------------------------------
+    async def run(self) -> StaticResult:
+        t0 = time.monotonic()
+        try:
+            await self.preflight()
+            times = {"preflight": time.monotonic() - t0}
+            result = await self._migrate(times)
+        finally:
+            await asyncio.gather(*(s.aclose() for s in (getattr(self, "src", None), getattr(self, "dst", None))
+                                   if s is not None), return_exceptions=True)
+        return result
+
+    async def _migrate(self, times: dict[str, float]) -> StaticResult:
+        req = self.req
+        self.was_running = False
+        self.stopped = self.saved = False
+        self.dest_pidfile: str | None = None
+        step = "stop"
+        try:
+            t = time.monotonic()
+            self.was_running = (await self.mon.status()).running
+            if self.was_running:
+                await self.mon.hmp("stop")
+                self.stopped = True
+                self.done.append(f"stopped {req.guest}")
+            step = "savevm"
+            self.progress(f"savevm {self.tag}")
+            await self.mon.hmp(f"savevm {self.tag}", timeout=SAVEVM_TIMEOUT)
+            self.saved = True
+            self.done.append(f"saved snapshot {self.tag!r} on {req.guest}")
+            times["savevm"] = time.monotonic() - t
+            step = "copy"
+            t = time.monotonic()
+            copied = await self._copy_all()
+            times["copy"] = time.monotonic() - t
+            step = "start"
+            t = time.monotonic()
+            result = await self._start(copied, times)
+            times["start"] = time.monotonic() - t
+            self.fleet.add(result.new_name, result.address)
+        except (KvmError, OSError) as e:
+            message = e.message if isinstance(e, KvmError) else str(e)
+            await self._undo()
+            parts = [f"{step} failed: {message}"]
+            parts.append(f"done: {'; '.join(self.done)}" if self.done else "nothing was done")
+            if self.undone:
+                parts.append(f"undone: {'; '.join(self.undone)}")
+            if self.kept:
+                parts.append(f"kept: {'; '.join(self.kept)}")
+            raise StaticFailed(". ".join(parts), guest=req.guest) from None
+        except BaseException:
+            await asyncio.shield(self._undo())
+            raise
+        await self._finish(result)
+        return result
+
+    async def _undo(self) -> None:
+        """Put the source back as it was (the copy on the destination is killed, not left running)."""
+        if self.dest_pidfile is not None:
+            p = shlex.quote(self.dest_pidfile)
+            try:
+                await self.dst.sh(f"[ -f {p} ] && kill $(cat {p}) 2>/dev/null; rm -f {p}; true")
+                self.undone.append(f"killed the copy started on {self.dst.label}")
+            except KvmError as e:
+                self.kept.append(f"could not kill the copy on {self.dst.label} ({e.message}): pid in {self.dest_pidfile}")
+        if self.saved:
+            try:
+                await self.mon.hmp(f"delvm {self.tag}", timeout=SAVEVM_TIMEOUT)
+                self.undone.append(f"deleted snapshot {self.tag!r}")
+            except KvmError as e:
+                self.kept.append(f"snapshot {self.tag!r} could not be deleted ({e.message})")
+        if self.stopped:
+            try:
+                await self.mon.hmp("cont")
+                self.undone.append(f"resumed {self.req.guest} (it is running again)")
+            except KvmError as e:
+                self.kept.append(f"could not resume {self.req.guest} ({e.message}): run `cont` on it")
+        elif self.done:
+            self.undone.append(f"{self.req.guest} was paused before and stays paused")
+        if getattr(self, "copied_any", False):
+            self.kept.append(f"the files copied to {self.dest_dir} on {self.dst.label} (a new run continues from "
+                             "them)")
+
+    # -- 3. copy -----------------------------------------------------------------------------
+    async def _copy_all(self) -> int:
+        sizes = await self.src.sizes([f.source for f in self.files])   # the overlay grew with savevm
+        for f in self.files:
+            f.size = sizes.get(f.source, f.size)
+        need, avail = await self._space_needed(), await self._avail()
+        if avail < need:
+            raise StaticFailed(f"not enough space in {self.dest_dir} on {self.dst.label} after savevm: "
+                               f"{_human(avail)} free, {_human(need)} to copy")
+        total = sum(f.size for f in self.files)
+        copied = 0
+        sftp = await self.dst.sftp()
+        for f in self.files:
+            copied += await self._copy_one(sftp, f, total)
+        self.done.append(f"copied {len(self.files)} file(s) to {self.dest_dir} on {self.dst.label} "
+                         f"({', '.join(f'{os.path.basename(f.dest)}: {f.outcome}' for f in self.files)})")
+        for f in self.files:                                   # overlays point at the copied backing files
+            if f.backing and f.format == "qcow2":
+                new = next((g.dest for g in self.files if g.source == f.backing), None)
+                if new and new != f.backing:
+                    await self.dst.check(f"qemu-img rebase -u -f qcow2 -F {shlex.quote(f.backing_format or 'raw')} "
+                                         f"-b {shlex.quote(new)} -- {shlex.quote(f.dest)}",
+                                         f"qemu-img rebase {f.dest}")
+        return copied
+
+    async def _copy_one(self, sftp: Sftp, f: ImageFile, total: int) -> int:
+        part = f.dest + ".part"
+        have = await sftp.size(f.dest)
+        if have == f.size:
+            self.progress(f"{os.path.basename(f.dest)}: already there? comparing sha256")
+            if await self.src.sha256(f.source) == await self.dst.sha256(f.dest):
+                f.outcome = "already there (same sha256)"
+                return 0
+        offset = await sftp.size(part) or 0
+        if offset > f.size:
+            offset = 0
+        if offset:
+            self.progress(f"{os.path.basename(f.dest)}: checking the {_human(offset)} copied before")
+            if await self.src.sha256(f.source, offset) == await self.dst.sha256(part):
+                f.outcome = f"resumed at {_human(offset)}"
+            else:
+                offset = 0
+        if not offset:
+            f.outcome = "copied"
+        out = await sftp.open(part, "r+b" if offset else "wb")
+        self.copied_any = True
+        src = await self.src.open_read(f.source)
+        moved = 0
+        try:
+            moved = await self._pump(src, out, f, offset)
+        finally:
+            await src.close()
+            await out.close()
+        self.progress(f"{os.path.basename(f.dest)}: verifying sha256 on both hosts")
+        a, b = await asyncio.gather(self.src.sha256(f.source), self.dst.sha256(part))
+        if a != b:
+            raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
+                               f"(sha256 {b[:12]}... vs {a[:12]}...)")
+        await sftp.rename(part, f.dest)
+        return moved
+
+    async def _pump(self, src: _Reader, out: SftpFile, f: ImageFile, offset: int) -> int:
+        """Read ahead while writing: one task reads chunks into a small queue, this one writes them."""
+        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=4)
+        start, name, t0, last = offset, os.path.basename(f.dest), time.monotonic(), 0.0
+
+        async def reader() -> None:
+            pos = offset
+            while pos < f.size:
+                data = await src.read(min(CHUNK, f.size - pos), pos)
+                if not data:
+                    raise StaticFailed(f"{f.source} ended at {pos} bytes, {f.size} expected (it changed?)")
+                await queue.put((pos, data))
+                pos += len(data)
+            await queue.put(None)
+
+        task = asyncio.create_task(reader(), name=f"static-read {name}")
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    task.result()                    # the reader failed: raise its error
+                    continue
+                item = get.result()
+                if item is None:
+                    break
+                pos, data = item
+                await out.write(data, pos)
+                offset = pos + len(data)
+                now = time.monotonic()
+                if now - last >= 0.5 or offset == f.size:
+                    last = now
+                    rate = (offset - start) / max(now - t0, 1e-6)
+                    self.progress(f"copying {name}: {_human(offset)} of {_human(f.size)} "
+                                  f"({offset * 100 // max(f.size, 1)} %), {rate / 1e6:.0f} MB/s")
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, KvmError):
+                    pass
+        return offset - start
+
+    # -- 4. start ----------------------------------------------------------------------------
+    async def _start(self, copied: int, times: dict[str, float]) -> StaticResult:
+        req = self.req
+        run_dir = f"{self.dest_dir}/run"
+        sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.qemu_name)
+        if len(f"{run_dir}/{sock_name}-2.hmp") > MAX_SOCKET_PATH:
+            run_dir = f"/run/kvmshell/{sock_name}"
+        await self.dst.check(f"mkdir -p -- {shlex.quote(run_dir)}", f"creating {run_dir}")
+        cmd = self.cmd
+        if not cmd.has("-daemonize"):
+            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
+        cmd = rewrite_images(cmd, {f.source: f.dest for f in self.files if f.top})
+        pidfile = f"{run_dir}/{sock_name}.pid"
+        d = derive(cmd, socket_dir=run_dir, name=sock_name, loadvm=self.tag, pidfile=pidfile)
+        argv = d.command
+        argv = QemuCommand(argv.binary, tuple(o for o in argv.options if o.name != "-S"))
+        if req.paused or not self.was_running:              # the copy stays paused, like the source was
+            argv = QemuCommand(argv.binary, (*argv.options, Option("-S")))
+        logfile = f"{run_dir}/{sock_name}.log"
+        for _, path in d.monitors:
+            await self.dst.sh(f"rm -f -- {shlex.quote(path)}")
+        self.progress(f"starting {self.new_name} on {self.dst.label} with -loadvm {self.tag}")
+        self.dest_pidfile = pidfile
+        r = await self.dst.sh(f"{argv.shell()} </dev/null >{shlex.quote(logfile)} 2>&1", timeout=START_TIMEOUT)
+        if not r.ok:
+            tail = (await self.dst.sh(f"tail -n 3 -- {shlex.quote(logfile)}")).text.strip().replace("\n", " | ")
+            raise StaticFailed(f"QEMU on {self.dst.label} exited with status {r.exit_status}: {tail or '(no output)'}")
+        self.done.append(f"started {self.new_name} on {self.dst.label} from snapshot {self.tag!r}")
+        proto, path = next(((p, s) for p, s in d.monitors if p == "qmp"), d.monitors[0])
+        address = Address(Protocol(proto), Kind.UNIX, path=path, ssh=self.dest_target)
+        mon = await open_monitor(self.new_name, address, hosts=self.pool, connect_timeout=15)
+        try:
+            status = await mon.status()
+        finally:
+            await mon.close()
+        want_running = self.was_running and not req.paused
+        if want_running and not status.running:
+            raise StaticFailed(f"{self.new_name} started but is {status}, not running")
+        if not want_running and status.state not in (RunState.PAUSED, RunState.PRELAUNCH, RunState.RUNNING):
+            raise StaticFailed(f"{self.new_name} started but is {status}")
+        return StaticResult(req.guest, self.new_name, req.to, self.tag, address, self.dest_dir, self.files,
+                            times, copied, dest_state=str(status), command=argv.shell(), notes=list(d.notes))
+
+    # -- 5. the source -----------------------------------------------------------------------
+    async def _finish(self, result: StaticResult) -> None:
+        req = self.req
+        if req.keep_source:
+            result.source_state = "kept, paused (--keep-source): `cont` it only if the copy is quit"
+            return
+        try:
+            if self.confirm is not None:
+                await self.confirm(f"{result.new_name} runs on {self.dst.label}; quit the source {req.guest}?")
+        except Refused:
+            result.source_state = "kept, paused (quitting it was not confirmed)"
+            return
+        try:
+            await self.mon.hmp("quit", timeout=10)
+        except KvmError as e:            # QEMU may close the monitor before it answers
+            log.debug("%s: quit: %s", req.guest, e)
+        result.source_state = "quit"
+
+
+async def migrate_static(fleet: Fleet, pool: HostPool, req: StaticRequest, *, progress: Progress | None = None,
+                         confirm: Confirm | None = None) -> StaticResult:
+    """Run a static migration; see the module docstring."""
+    return await StaticMigration(fleet, pool, req, progress=progress, confirm=confirm).run()
+
+
+__all__ = ["StaticFailed", "StaticMigration", "StaticRequest", "StaticResult", "default_tag", "migrate_static"]

@@ -1,0 +1,172 @@
+"""Static migration (savevm, copy, loadvm on another host) between real sshd test hosts, real QEMU.
+
+Host ``a`` and host ``b`` are network namespaces with their own sshd (tests/sshd.py); they share
+this machine's filesystem, so pmemsave files written by a QEMU on either are read here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.commands import default_registry
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.models import RunState
+from kvmshell.core.monitor import Monitor
+from kvmshell.core.session import Session
+from kvmshell.lab import image
+from kvmshell.lab.launcher import Lab, MonitorKind
+from kvmshell.lab.verify import check_guest_memory, dump_memory
+from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
+from tests.test_ssh import FAST, pool_for, remote
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
+              pytest.mark.timeout(90), pytest.mark.qemu]
+
+# the test hosts share this machine's process table, and other tests' guests show on them: a name of
+# our own keeps the destination's name check about our guest only
+VM = f"st{secrets.token_hex(3)}"
+WS = 512          # pages of working set: 2 MiB the guest keeps dirtying
+PACE = 2
+
+
+@pytest.fixture
+async def bed(tmp_path: Path) -> AsyncIterator[SshTestbed]:
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as testbed:
+        testbed.trust()
+        yield testbed
+    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
+
+
+@pytest.fixture
+async def dest_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    """The image directory on host b; every QEMU started from it is killed afterwards."""
+    d = tmp_path / "dest"
+    yield d
+    for pid in processes_mentioning(str(d)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    await wait_for(lambda: asyncio.sleep(0, processes_mentioning(str(d))), lambda left: not left,
+                   timeout=10, what="the copies' QEMU exited")
+
+
+async def ws_dump(mon: Monitor, path: Path) -> bytes:
+    return await dump_memory(mon, image.WS_BASE, WS * image.PAGE_SIZE, path)
+
+
+async def counter(mon: Monitor, path: Path) -> bytes:
+    return await dump_memory(mon, image.PASS_COUNTER_ADDR, 4, path)
+
+
+async def wait_connected(fleet: Fleet, name: str) -> Monitor:
+    async with asyncio.timeout(20):
+        await fleet.get(name).connected.wait()
+    return fleet.monitor(name)
+
+
+async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed: SshTestbed, dest_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, prefix=bed["a"].prefix)
+    await src.wait_heartbeats(2)
+    progress: list[str] = []
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, remote(bed, "a", src.address))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True, progress=lambda g, m: progress.append(m))
+        [o] = await session.run_line(f"static-migrate {VM} --to b --keep-source --paused --dir {dest_dir}")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert f"{VM}.b" in text and "kept, paused" in text, text
+        assert any(m.startswith(f"copying {VM}.qcow2") for m in progress), progress
+        # the source stays paused since `stop`: its memory is what savevm saved
+        assert (await fleet.monitor(VM).status()).state is RunState.PAUSED
+        before = await ws_dump(fleet.monitor(VM), tmp_path / "src.bin")
+        copy = await wait_connected(fleet, f"{VM}.b")
+        assert not (await copy.status()).running                 # -S: loaded, not yet run
+        after = await ws_dump(copy, tmp_path / "dst.bin")
+        assert after == before, "the working set after -loadvm on b differs from the source's at savevm"
+        assert (await check_guest_memory(copy, WS, tmp_path)).ok
+        start = await counter(copy, tmp_path / "c.bin")
+        await copy.hmp("cont")
+        await wait_for(lambda: counter(copy, tmp_path / "c.bin"), lambda c: c != start, what="the copy runs")
+        check = await check_guest_memory(copy, WS, tmp_path)
+        assert check.ok, check.summary()
+        assert src.alive                                          # --keep-source
+        await session.aclose()
+    assert (dest_dir / f"{VM}.qcow2").exists() and not (dest_dir / f"{VM}.qcow2.part").exists()
+
+
+async def test_static_migration_from_here_quits_the_source(lab: Lab, bed: SshTestbed, dest_dir: Path,
+                                                           tmp_path: Path) -> None:
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE)
+    await src.wait_heartbeats(2)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, src.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag move1 --dir {dest_dir}")
+        assert o.ok, o.error
+        async with asyncio.timeout(20):
+            await src.proc.wait()                                 # the source was quit
+        copy = await wait_connected(fleet, f"{VM}.b")
+        assert (await copy.status()).running
+        start = await counter(copy, tmp_path / "c.bin")
+        await wait_for(lambda: counter(copy, tmp_path / "c.bin"), lambda c: c != start, what="the copy runs")
+        check = await check_guest_memory(copy, WS, tmp_path)
+        assert check.ok, check.summary()
+        assert "move1" in {s.tag for s in await copy.snapshots()}
+        await session.aclose()
+
+
+@pytest.fixture
+async def small_dest(dest_dir: Path) -> AsyncIterator[Path]:
+    """host b's image directory on a 2 MiB tmpfs: room for the lab images as they are (1.2 MiB), not
+    for them plus a savevm's RAM. Mounted before the test hosts start: each sshd gets a copy of this
+    machine's mounts when its namespace is made (no mount propagation is assumed)."""
+    dest_dir.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(dest_dir))
+    try:
+        yield dest_dir
+    finally:
+        await run("umount", "-l", str(dest_dir), check=False)
+
+
+@pytest.fixture
+async def bed_small(small_dest: Path, tmp_path: Path) -> AsyncIterator[SshTestbed]:
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as testbed:
+        testbed.trust()
+        yield testbed
+    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
+
+
+async def test_a_full_destination_disk_leaves_the_source_running(lab: Lab, bed_small: SshTestbed, small_dest: Path,
+                                                                 tmp_path: Path) -> None:
+    bed = bed_small
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, prefix=bed["a"].prefix)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, remote(bed, "a", src.address))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag full1 --dir {small_dest}")
+        assert not o.ok, o.result.text() if o.result else ""
+        assert o.error_title == "static migration failed", o.error
+        msg = o.error or ""
+        assert msg.startswith(f"{VM}: copy failed: not enough space"), msg
+        assert "undone: " in msg and "deleted snapshot 'full1'" in msg and f"resumed {VM}" in msg, msg
+        mon = fleet.monitor(VM)
+        assert (await mon.status()).running
+        assert "full1" not in {s.tag for s in await mon.snapshots()}
+        await src.wait_heartbeats(2)
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+        assert f"{VM}.b" not in fleet
+        await session.aclose()
