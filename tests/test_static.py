@@ -77,6 +77,9 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
                                                                    tmp_path: Path) -> None:
     src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, prefix=bed["a"].prefix)
     await src.wait_heartbeats(2)
+    base = lab.workdir / f"boot-{WS}-{PACE}.raw"
+    dest_dir.mkdir()
+    (dest_dir / base.name).write_bytes(base.read_bytes())      # the backing file is there already
     progress: list[str] = []
     async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
         fleet.add(VM, remote(bed, "a", src.address))
@@ -86,6 +89,7 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
         assert f"{VM}.b" in text and "kept, paused" in text, text
+        assert f"{base.name} (1.0 MiB, already there (same sha256))" in text, text
         assert any(m.startswith(f"copying {VM}.qcow2") for m in progress), progress
         # the source stays paused since `stop`: its memory is what savevm saved
         assert (await fleet.monitor(VM).status()).state is RunState.PAUSED
@@ -109,12 +113,17 @@ async def test_static_migration_from_here_quits_the_source(lab: Lab, bed: SshTes
                                                            tmp_path: Path) -> None:
     src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE)
     await src.wait_heartbeats(2)
+    base = lab.workdir / f"boot-{WS}-{PACE}.raw"
+    dest_dir.mkdir()
+    (dest_dir / f"{base.name}.part").write_bytes(base.read_bytes()[:300_000])    # an interrupted copy
     async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
         fleet.add(VM, src.address)
         await fleet.start()
         session = Session(fleet, default_registry(), assume_yes=True)
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag move1 --dir {dest_dir}")
         assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert f"{base.name} (1.0 MiB, resumed at 293.0 KiB)" in text, text
         async with asyncio.timeout(20):
             await src.proc.wait()                                 # the source was quit
         copy = await wait_connected(fleet, f"{VM}.b")

@@ -17,6 +17,9 @@ async def static_migrate(inv: Invocation) -> Result:
     f = inv.flags
     if not f.get("to"):
         raise UsageError("static-migrate needs --to HOST (a [hosts.NAME] of the config)")
+    if not f.get("keep_source") and not (inv.session.assume_yes or f.get("yes")) and inv.session.confirmer is None:
+        raise UsageError("static-migrate quits the source at the end and there is no one to ask: add -y, or "
+                         "--keep-source")
     fleet = inv.session.fleet
     pool = fleet.hosts
     if pool is None or not pool.hosts:
