@@ -85,7 +85,7 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         fleet.add(VM, remote(bed, "a", src.address))
         await fleet.start()
         session = Session(fleet, default_registry(), assume_yes=True, progress=lambda g, m: progress.append(m))
-        [o] = await session.run_line(f"static-migrate {VM} --to b --keep-source --paused --dir {dest_dir}")
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag t1 --keep-source --paused --dir {dest_dir}")
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
         assert f"{VM}.b" in text and "kept, paused" in text, text
@@ -105,6 +105,20 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         check = await check_guest_memory(copy, WS, tmp_path)
         assert check.ok, check.summary()
         assert src.alive                                          # --keep-source
+        # replay: quit the copy, start another from the images on b, which hold t1
+        await copy.hmp("quit")
+        await wait_for(lambda: asyncio.sleep(0, processes_mentioning(str(dest_dir))), lambda left: not left,
+                       timeout=10, what="the copy exited")
+        [o] = await session.run_line(f"loadvm-on b {VM} nosuch --dir {dest_dir} --name again")
+        assert not o.ok and "has no snapshot 'nosuch'" in (o.error or ""), o.error
+        [o] = await session.run_line(f"loadvm-on b {VM} t1 --dir {dest_dir} --name again")
+        assert o.ok, o.error
+        again = await wait_connected(fleet, "again")
+        assert (await again.status()).running
+        start = await counter(again, tmp_path / "c.bin")
+        await wait_for(lambda: counter(again, tmp_path / "c.bin"), lambda c: c != start, what="the replay runs")
+        check = await check_guest_memory(again, WS, tmp_path)
+        assert check.ok, check.summary()
         await session.aclose()
     assert (dest_dir / f"{VM}.qcow2").exists() and not (dest_dir / f"{VM}.qcow2.part").exists()
 

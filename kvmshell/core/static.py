@@ -254,9 +254,12 @@ class StaticMigration:
         self.done: list[str] = []
         self.undone: list[str] = []
         self.kept: list[str] = []
+        self.warnings: list[str] = []
 
     # -- 1. preflight ------------------------------------------------------------------------
-    async def preflight(self) -> None:
+    async def preflight(self, replay: bool = False) -> None:
+        """Step 1 (nothing is touched). ``replay``: for ``loadvm-on`` - the images are already on the
+        host and hold the tag; the host may be the guest's own."""
         req, pool = self.req, self.pool
         guest = self.fleet.get(req.guest)
         self.mon: Monitor = guest.require()
@@ -266,7 +269,7 @@ class StaticMigration:
             raise ConfigError(f"--to {req.to}: not a configured host (hosts: {known}); add a [hosts.{req.to}] table")
         self.dest_target = pool.lookup(req.to).ssh
         src_host = self.address.ssh
-        if src_host is not None and pool.key(src_host) == pool.key(req.to):
+        if not replay and src_host is not None and pool.key(src_host) == pool.key(req.to):
             raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: static migration copies a guest to "
                           "another host (use savevm/loadvm on the same host)")
         self.src = Side(pool if src_host else None, src_host)
@@ -285,12 +288,18 @@ class StaticMigration:
             if g.name == self.qemu_name or g.name.startswith(f"{self.qemu_name}-"):
                 raise Refused(f"a guest named {self.qemu_name!r} already runs on {self.dst.label} (pid {g.pid}): "
                               "quit it first")
+        self.dest_dir = (req.dest_dir or f"{DEFAULT_DIR}/{self.qemu_name}").rstrip("/") or "/"
+        if replay:
+            assert req.tag
+            self.tag = req.tag
+            self.files = await self._images()
+            await self._check_replay_images()
+            return
         self.tag = req.tag or default_tag()
         existing = {s.tag for s in await self.mon.snapshots()}
         if self.tag in existing:
             raise Refused(f"{req.guest} already has a snapshot {self.tag!r}: pick another --tag (static-migrate "
                           "does not replace snapshots)")
-        self.dest_dir = (req.dest_dir or f"{DEFAULT_DIR}/{self.qemu_name}").rstrip("/") or "/"
         self.files = await self._images()
         await self.dst.check(f"mkdir -p -- {shlex.quote(self.dest_dir)}", f"creating {self.dest_dir}")
         need = await self._space_needed()
@@ -300,8 +309,53 @@ class StaticMigration:
             raise Refused(f"not enough space in {self.dest_dir} on {self.dst.label}: {_human(avail)} free, the "
                           f"images need {_human(need)} (plus up to {_human(ram)} of saved RAM)")
         if avail < need + ram:
-            self.kept.append(f"{self.dest_dir} has {_human(avail)} free: enough for the images "
+            self.warnings.append(f"{self.dest_dir} has {_human(avail)} free: enough for the images "
                              f"({_human(need)}) but maybe not for the saved RAM (up to {_human(ram)})")
+
+    async def _check_replay_images(self) -> None:
+        tops = [f for f in self.files if f.top]
+        there = await self.dst.sizes([f.dest for f in tops])
+        missing = [f.dest for f in tops if f.dest not in there]
+        if missing:
+            raise Refused(f"not on {self.dst.label}: {', '.join(missing)} (copy the images there first, e.g. "
+                          "with static-migrate --keep-source)")
+        for f in tops:
+            if f.format != "qcow2":
+                continue
+            text = await self.dst.check(f"qemu-img info -U --output=json -- {shlex.quote(f.dest)}",
+                                        f"qemu-img info {f.dest}")
+            try:
+                tags = {str(t.get("name")) for t in json.loads(text).get("snapshots", [])}
+            except (ValueError, AttributeError):
+                raise StaticFailed(f"qemu-img info {f.dest}: unreadable answer") from None
+            if self.tag not in tags:
+                raise Refused(f"{f.dest} on {self.dst.label} has no snapshot {self.tag!r} "
+                              f"(it has: {', '.join(sorted(tags)) or 'none'})")
+
+    async def replay(self) -> StaticResult:
+        """``loadvm-on``: start a copy of the guest on the host from images there that hold the tag;
+        the guest itself is not touched."""
+        t0 = time.monotonic()
+        try:
+            await self.preflight(replay=True)
+            times = {"preflight": time.monotonic() - t0}
+            self.was_running, self.dest_pidfile = True, None
+            t = time.monotonic()
+            try:
+                result = await self._start(0, times)
+                self.fleet.add(result.new_name, result.address)
+            except (KvmError, OSError) as e:
+                message = e.message if isinstance(e, KvmError) else str(e)
+                self.stopped = self.saved = False
+                await self._undo()
+                undone = f"; undone: {'; '.join(self.undone)}" if self.undone else ""
+                raise StaticFailed(f"start failed: {message}{undone}", guest=self.req.guest) from None
+            times["start"] = time.monotonic() - t
+            result.source_state = "untouched"
+            return result
+        finally:
+            await asyncio.gather(*(s.aclose() for s in (getattr(self, "src", None), getattr(self, "dst", None))
+                                   if s is not None), return_exceptions=True)
 
     async def _command_line(self) -> QemuCommand:
         host = self.address.ssh
@@ -460,7 +514,7 @@ class StaticMigration:
                 self.undone.append(f"resumed {self.req.guest} (it is running again)")
             except KvmError as e:
                 self.kept.append(f"could not resume {self.req.guest} ({e.message}): run `cont` on it")
-        elif self.done:
+        elif self.saved:
             self.undone.append(f"{self.req.guest} was paused before and stays paused")
         if getattr(self, "copied_any", False):
             self.kept.append(f"the files copied to {self.dest_dir} on {self.dst.label} (a new run continues from "
@@ -577,7 +631,7 @@ class StaticMigration:
     async def _start(self, copied: int, times: dict[str, float]) -> StaticResult:
         req = self.req
         run_dir = f"{self.dest_dir}/run"
-        sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.qemu_name)
+        sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.new_name)     # one set of sockets per copy
         if len(f"{run_dir}/{sock_name}-2.hmp") > MAX_SOCKET_PATH:
             run_dir = f"/run/kvmshell/{sock_name}"
         await self.dst.check(f"mkdir -p -- {shlex.quote(run_dir)}", f"creating {run_dir}")
@@ -614,7 +668,7 @@ class StaticMigration:
         if not want_running and status.state not in (RunState.PAUSED, RunState.PRELAUNCH, RunState.RUNNING):
             raise StaticFailed(f"{self.new_name} started but is {status}")
         return StaticResult(req.guest, self.new_name, req.to, self.tag, address, self.dest_dir, self.files,
-                            times, copied, dest_state=str(status), command=argv.shell(), notes=list(d.notes))
+                            times, copied, dest_state=str(status), command=argv.shell(), notes=[*d.notes, *self.warnings])
 
     # -- 5. the source -----------------------------------------------------------------------
     async def _finish(self, result: StaticResult) -> None:
@@ -641,4 +695,11 @@ async def migrate_static(fleet: Fleet, pool: HostPool, req: StaticRequest, *, pr
     return await StaticMigration(fleet, pool, req, progress=progress, confirm=confirm).run()
 
 
-__all__ = ["StaticFailed", "StaticMigration", "StaticRequest", "StaticResult", "default_tag", "migrate_static"]
+async def loadvm_on(fleet: Fleet, pool: HostPool, req: StaticRequest, *,
+                    progress: Progress | None = None) -> StaticResult:
+    """Start a copy of ``req.guest`` on ``req.to`` from its images in ``req.dest_dir`` there, which
+    already hold ``req.tag`` (``-loadvm``); attach it. The guest itself is not touched."""
+    return await StaticMigration(fleet, pool, req, progress=progress).replay()
+
+
+__all__ = ["StaticFailed", "StaticMigration", "StaticRequest", "StaticResult", "default_tag", "loadvm_on", "migrate_static"]

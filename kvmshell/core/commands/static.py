@@ -8,7 +8,7 @@ import os
 from kvmshell.core.commands.results import KeyValues, Result, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
 from kvmshell.core.session import Invocation
-from kvmshell.core.static import StaticRequest, migrate_static
+from kvmshell.core.static import StaticRequest, StaticResult, loadvm_on, migrate_static
 from kvmshell.errors import ConfigError
 
 
@@ -32,6 +32,10 @@ async def static_migrate(inv: Invocation) -> Result:
         inv.session.progress(guest, message)
 
     r = await migrate_static(fleet, pool, req, progress=progress, confirm=inv.confirm)
+    return _report(r, f"{guest} moved to {r.host} as {r.new_name}")
+
+
+def _report(r: StaticResult, title: str) -> KeyValues:
     t = r.times
     items: list[tuple[str, object]] = [
         ("destination", f"{r.new_name} ({r.address})"),
@@ -43,8 +47,26 @@ async def static_migrate(inv: Invocation) -> Result:
         ("copy is", r.dest_state),
         ("source", r.source_state),
     ]
+    if not r.files or not any(i.outcome for i in r.files):
+        items = [i for i in items if i[0] not in ("images", "copied")]
     items += [("note", n) for n in r.notes]
-    return KeyValues(tuple(items), title=f"{guest} moved to {r.host} as {r.new_name}")
+    return KeyValues(tuple(items), title=title)
+
+
+async def loadvm_on_(inv: Invocation) -> Result:
+    guest, host, tag = str(inv.values["guest"]), str(inv.values["host"]), str(inv.values["tag"])
+    f = inv.flags
+    pool = inv.session.fleet.hosts
+    if pool is None or not pool.hosts:
+        raise ConfigError("loadvm-on needs the host in the config: add a [hosts.NAME] table")
+    req = StaticRequest(guest=guest, to=host, tag=tag, dest_dir=str(f["dir"]) if f.get("dir") else None,
+                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None)
+
+    def progress(message: str) -> None:
+        inv.session.progress(guest, message)
+
+    r = await loadvm_on(inv.session.fleet, pool, req, progress=progress)
+    return _report(r, f"started {r.new_name} on {host} from snapshot {tag!r}")
 
 
 SPECS = (
@@ -64,5 +86,18 @@ SPECS = (
                 details="Preflight checks the host, the images and their backing chain, free space and the name "
                         "first. Any failure before the source is quit puts it back (snapshot deleted, resumed) and "
                         "says what was done and undone; copied files stay and a new run continues from them.",
+                category="migration"),
+    CommandSpec("loadvm-on", "start a copy of a guest on HOST from its images there that hold TAG (-loadvm)",
+                loadvm_on_, scope=Scope.SHELL,
+                args=(Arg("host", "a [hosts.NAME] of the config"),
+                      Arg("guest", "the attached guest whose command line the copy uses", complete=Completer.GUEST),
+                      Arg("tag", "the snapshot the images on HOST hold")),
+                flags=(Flag(("--dir",), "where the images are on HOST (default /var/lib/kvmshell/images/NAME)",
+                            value="DIR"),
+                       Flag(("--name",), "the copy's guest name in kvmshell (default GUEST.HOST)", value="NAME"),
+                       Flag(("--paused",), "start the copy paused (-S)")),
+                maps_to="qemu-img info (the tag); QEMU -loadvm TAG -daemonize on HOST",
+                details="The images are found in DIR by the names static-migrate gives them; the guest itself "
+                        "is not touched (it must be attached: its command line is the template).",
                 category="migration"),
 )
