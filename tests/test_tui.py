@@ -51,6 +51,20 @@ def screen_text(app: KvmshellApp) -> str:
     return console.export_text()
 
 
+async def settled_text(pilot: Pilot[Any], app: KvmshellApp) -> str:
+    """The screen once two frames in a row are the same (everything deferred has been drawn)."""
+    previous = None
+
+    async def probe() -> tuple[str, str | None]:
+        nonlocal previous
+        await pilot.pause()
+        text, before = screen_text(app), previous
+        previous = text
+        return text, before
+    text, _ = await wait_for(probe, lambda tb: tb[0] == tb[1], timeout=10, what="a settled screen")
+    return text
+
+
 async def until(pilot: Pilot[Any], condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
     """Let the app run until ``condition()`` is true (processing its messages between checks)."""
     async def probe() -> Any:
@@ -121,8 +135,7 @@ async def test_snapshot_layout_from_a_recorded_trace(trace: str, at: float, size
     decisions) and the events log must look exactly like the committed picture."""
     app = KvmshellApp(replay(trace, at), hint="recorded trace: " + trace)
     async with app.run_test(size=size) as pilot:
-        await pilot.pause()
-        text = screen_text(app)
+        text = await settled_text(pilot, app)
         expected = SNAPSHOTS / f"{picture}.txt"
         if UPDATE:
             SNAPSHOTS.mkdir(parents=True, exist_ok=True)
