@@ -5,13 +5,18 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps system-deps bench clean
+.PHONY: test demo deps system-deps bench screenshots clean
 
 test: deps
 	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: deps
-	$(VENV)/bin/kvmshell demo --shell
+	$(VENV)/bin/kvmshell demo
+
+# real captures of the dashboard on the demo guests (SVG, and PNG through rsvg-convert)
+screenshots: deps
+	@command -v rsvg-convert >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends librsvg2-bin; } || { echo "screenshots need rsvg-convert: sudo apt-get install librsvg2-bin" >&2; exit 1; }
+	$(VENV)/bin/python screenshots/make_screenshots.py
 
 bench: deps
 	$(VENV)/bin/python bench/bench_core.py
