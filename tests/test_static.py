@@ -123,21 +123,38 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
     assert (dest_dir / f"{VM}.qcow2").exists() and not (dest_dir / f"{VM}.qcow2.part").exists()
 
 
-async def test_static_migration_from_here_quits_the_source(lab: Lab, bed: SshTestbed, dest_dir: Path,
-                                                           tmp_path: Path) -> None:
-    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE)
+async def test_static_migration_from_here_resumes_after_a_cut_and_quits_the_source(
+        lab: Lab, bed: SshTestbed, dest_dir: Path, tmp_path: Path) -> None:
+    # a read-only data disk big enough to be copied in several chunks (savevm skips read-only disks)
+    data = lab.workdir / "data.raw"
+    data.write_bytes(os.urandom(16 << 20))
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE,
+                          extra_args=("-drive", f"file={data},format=raw,if=virtio,readonly=on"))
     await src.wait_heartbeats(2)
-    base = lab.workdir / f"boot-{WS}-{PACE}.raw"
-    dest_dir.mkdir()
-    (dest_dir / f"{base.name}.part").write_bytes(base.read_bytes()[:300_000])    # an interrupted copy
+    cut: list[str] = []
+
+    def progress(guest: str, message: str) -> None:
+        if not cut and message.startswith("copying data.raw"):     # after its first chunk: cut host b
+            cut.append(message)
+            bed["b"].kill_sessions()
+
     async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
         fleet.add(VM, src.address)
         await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
+        session = Session(fleet, default_registry(), assume_yes=True, progress=progress)
+        [o] = await session.run_line(f"static-migrate {VM} --to b --dir {dest_dir}")
+        assert cut and not o.ok, o.result.text() if o.result else cut
+        msg = o.error or ""
+        assert msg.startswith(f"{VM}: copy failed:") and f"resumed {VM}" in msg and "deleted snapshot" in msg, msg
+        assert "a new run continues from them" in msg, msg
+        assert (await fleet.monitor(VM).status()).running
+        # again: what arrived before the cut is not sent twice
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag move1 --dir {dest_dir}")
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
-        assert f"{base.name} (1.0 MiB, resumed at 293.0 KiB)" in text, text
+        assert f"boot-{WS}-{PACE}.raw (1.0 MiB, already there (same sha256))" in text, text
+        assert "data.raw (16.0 MiB, resumed at " in text, text
+        assert (dest_dir / "data.raw").read_bytes() == data.read_bytes()
         async with asyncio.timeout(20):
             await src.proc.wait()                                 # the source was quit
         copy = await wait_connected(fleet, f"{VM}.b")

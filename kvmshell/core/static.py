@@ -44,13 +44,14 @@ from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor, open_monitor
 from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
-from kvmshell.core.transport import RemoteResult, Sftp, SftpFile, open_sftp
+from kvmshell.core.transport import RemoteResult, Sftp, SftpFailed, SftpFile, open_sftp
 from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20                  # bytes per read/write of the copy loop
 HASH_TIMEOUT = 600.0
+HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as stuck
 SAVEVM_TIMEOUT = 600.0
 START_TIMEOUT = 120.0
 DEFAULT_DIR = "/var/lib/kvmshell/images"
@@ -188,10 +189,11 @@ class Side:
                 raise StaticFailed(f"opening {path}: {e.strerror}") from None
         return await (await self.sftp()).open(path, "rb")
 
-    async def sha256(self, path: str, prefix: int | None = None) -> str:
+    async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
         p = shlex.quote(path)
         cmd = f"sha256sum -- {p}" if prefix is None else f"head -c {prefix} -- {p} | sha256sum"
-        out = await self.check(cmd, f"sha256sum of {path}", timeout=HASH_TIMEOUT)
+        timeout = max(HASH_TIMEOUT, (prefix or size) / HASH_RATE_FLOOR)
+        out = await self.check(cmd, f"sha256sum of {path}", timeout=timeout)
         return out.split()[0] if out.split() else ""
 
     async def sizes(self, paths: list[str]) -> dict[str, int]:
@@ -379,7 +381,13 @@ class StaticMigration:
             raise Refused(f"{self.req.guest} has no disk image: savevm needs a qcow2 disk")
         files: dict[str, ImageFile] = {}
         order: list[ImageFile] = []
-        for top in paths:
+        self.named: dict[str, str] = {}          # the image path as the command line has it -> absolute
+        cwd = ""
+        if any(not p.startswith("/") for p in paths):       # relative to where QEMU was started
+            cwd = (await self.src.check(f"readlink /proc/{self.source_pid}/cwd", "the QEMU's directory")).strip()
+        for given in paths:
+            top = given if given.startswith("/") else f"{cwd.rstrip('/')}/{given}"
+            self.named[given] = top
             text = await self.src.check(f"qemu-img info -U --backing-chain --output=json -- {shlex.quote(top)}",
                                         f"qemu-img info {top}")
             try:
@@ -550,7 +558,8 @@ class StaticMigration:
         have = await sftp.size(f.dest)
         if have == f.size:
             self.progress(f"{os.path.basename(f.dest)}: already there? comparing sha256")
-            if await self.src.sha256(f.source) == await self.dst.sha256(f.dest):
+            a, b = await asyncio.gather(self.src.sha256(f.source, size=f.size), self.dst.sha256(f.dest, size=f.size))
+            if a == b:
                 f.outcome = "already there (same sha256)"
                 return 0
         offset = await sftp.size(part) or 0
@@ -558,7 +567,7 @@ class StaticMigration:
             offset = 0
         if offset:
             self.progress(f"{os.path.basename(f.dest)}: checking the {_human(offset)} copied before")
-            if await self.src.sha256(f.source, offset) == await self.dst.sha256(part):
+            if await self.src.sha256(f.source, offset) == await self.dst.sha256(part, size=offset):
                 f.outcome = f"resumed at {_human(offset)}"
             else:
                 offset = 0
@@ -570,11 +579,20 @@ class StaticMigration:
         moved = 0
         try:
             moved = await self._pump(src, out, f, offset)
+        except SftpFailed as e:            # OpenSSH says only "Failure" for a full disk: look
+            try:
+                avail = await self._avail()
+            except KvmError:
+                raise e from None
+            if avail < CHUNK:
+                raise StaticFailed(f"no space left in {self.dest_dir} on {self.dst.label} while copying "
+                                   f"{os.path.basename(f.dest)} ({_human(avail)} free; {e.message})") from None
+            raise
         finally:
             await src.close()
             await out.close()
         self.progress(f"{os.path.basename(f.dest)}: verifying sha256 on both hosts")
-        a, b = await asyncio.gather(self.src.sha256(f.source), self.dst.sha256(part))
+        a, b = await asyncio.gather(self.src.sha256(f.source, size=f.size), self.dst.sha256(part, size=f.size))
         if a != b:
             raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
                                f"(sha256 {b[:12]}... vs {a[:12]}...)")
@@ -638,7 +656,12 @@ class StaticMigration:
         cmd = self.cmd
         if not cmd.has("-daemonize"):
             cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
-        cmd = rewrite_images(cmd, {f.source: f.dest for f in self.files if f.top})
+        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
+            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
+                                           Option("-display", "none")))
+            self.warnings.append("-nographic (not allowed with -daemonize) became -display none")
+        dest_of = {f.source: f.dest for f in self.files}
+        cmd = rewrite_images(cmd, {given: dest_of[top] for given, top in self.named.items() if top in dest_of})
         pidfile = f"{run_dir}/{sock_name}.pid"
         d = derive(cmd, socket_dir=run_dir, name=sock_name, loadvm=self.tag, pidfile=pidfile)
         argv = d.command
