@@ -11,8 +11,9 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @asynccontextmanager
-async def tcp_server(handler: Handler) -> AsyncIterator[int]:
-    """Serve ``handler`` on 127.0.0.1; yield the port. Handlers are cancelled on exit."""
+async def _serving(start: Callable[[Handler], Awaitable[asyncio.AbstractServer]], handler: Handler
+                   ) -> AsyncIterator[asyncio.AbstractServer]:
+    """Serve ``handler``; on exit stop the server and cancel the handlers still running."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -24,15 +25,29 @@ async def tcp_server(handler: Handler) -> AsyncIterator[int]:
         finally:
             w.close()
 
-    server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+    server = await start(wrapped)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield server
     finally:
         server.close()
         for t in list(tasks):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
+
+
+@asynccontextmanager
+async def tcp_server(handler: Handler) -> AsyncIterator[int]:
+    """Serve ``handler`` on 127.0.0.1; yield the port."""
+    async with _serving(lambda h: asyncio.start_server(h, "127.0.0.1", 0), handler) as server:
+        yield server.sockets[0].getsockname()[1]
+
+
+@asynccontextmanager
+async def unix_server(path: str, handler: Handler) -> AsyncIterator[None]:
+    """Serve ``handler`` on a unix socket at ``path``."""
+    async with _serving(lambda h: asyncio.start_unix_server(h, path), handler):
+        yield
 
 
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

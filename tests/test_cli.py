@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ async def test_guests_lists_a_qmp_and_a_pty_guest(lab: Lab, tmp_path: Path) -> N
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "ADDRESS", "PROTO", "STATUS", "QEMU"]
     assert re.match(rf"a\s+{re.escape(str(a.address))}\s+qmp\s+paused \(prelaunch\)\s+\d+\.\d+\.\d+$", lines[1])
-    assert re.match(rf"b\s+hmp:pty:/dev/pts/\d+\s+hmp\s+running\s+\d+\.\d+\.\d+$", lines[2])
+    assert re.match(r"b\s+hmp:pty:/dev/pts/\d+\s+hmp\s+running\s+\d+\.\d+\.\d+$", lines[2])
     assert err == ""
 
 

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,29 +160,9 @@ async def test_monitor_errors_through_ssh_are_those_of_a_local_one(bed: SshTestb
     assert accepted(bed, "a") == 1
 
 
-@asynccontextmanager
-async def unix_fake(path: Path, handler: fakes.Handler) -> AsyncIterator[None]:
+def unix_fake(path: Path, handler: fakes.Handler) -> Any:
     """A fake monitor peer (tests/fakes.py) on a unix socket: reachable from every test host by path."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await handler(r, w)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            w.close()
-
-    server = await asyncio.start_unix_server(wrapped, str(path))
-    try:
-        yield
-    finally:
-        server.close()
-        for t in list(tasks):
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+    return fakes.unix_server(str(path), handler)
 
 
 @pytest.mark.parametrize("proto", ["qmp", "hmp"])
@@ -212,7 +191,7 @@ async def test_unknown_host_key_refused_then_accepted_and_recorded(bed: SshTestb
         text = one_line(info.value)
         assert text.startswith(f"host a ({bed['a'].ssh}): host key not known")
         assert fingerprint in text and "accept_new_host_key = true in [hosts.a]" in text
-        assert f"ssh-keyscan" in text and str(bed.known_hosts) in text
+        assert "ssh-keyscan" in text and str(bed.known_hosts) in text
         # through a monitor: the same line, with the guest's name in front (the pool, in backoff after
         # the refusal, gives the same error again without connecting)
         addr = remote(bed, "a", parse_address("qmp:unix:/run/vm.qmp"))

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
-from kvmshell.core.commands.results import Done, KeyValues, Result, Table, Text, Watch, human_bytes
+from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
 from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
 from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.models import MigrationInfo
