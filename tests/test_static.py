@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,6 +58,8 @@ async def dest_dir(tmp_path: Path) -> AsyncIterator[Path]:
             pass
     await wait_for(lambda: asyncio.sleep(0, processes_mentioning(str(d))), lambda left: not left,
                    timeout=10, what="the copies' QEMU exited")
+    for run_dir in Path("/run/kvmshell").glob(f"{VM}.*"):        # sockets moved there when the path is long
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def ws_dump(mon: Monitor, path: Path) -> bytes:
@@ -195,7 +198,20 @@ async def test_a_full_destination_disk_leaves_the_source_running(lab: Lab, bed_s
     async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
         fleet.add(VM, remote(bed, "a", src.address))
         await fleet.start()
+        # preflight refusals touch nothing and say what is wrong
+        lines = {f"static-migrate {VM} --to nowhere --dir {small_dest}": "--to nowhere: not a configured host",
+                 f"static-migrate {VM} --to a --dir {small_dest}": f"{VM} already runs on host a",
+                 f"static-migrate {VM} --to b --tag a/b --dir {small_dest}": "snapshot tag 'a/b': use letters",
+                 f"static-migrate {VM} --to b --dir {src.disk.parent}": "would be copied onto itself"}
+        quiet = Session(fleet, default_registry())
+        [o] = await quiet.run_line(f"static-migrate {VM} --to b --dir {small_dest}")
+        assert not o.ok and "there is no one to ask: add -y, or --keep-source" in (o.error or ""), o.error
         session = Session(fleet, default_registry(), assume_yes=True)
+        for line, expected in lines.items():
+            [o] = await session.run_line(line)
+            assert not o.ok and expected in (o.error or ""), (line, o.error)
+        mon = fleet.monitor(VM)
+        assert (await mon.status()).running and not await mon.snapshots()
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag full1 --dir {small_dest}")
         assert not o.ok, o.result.text() if o.result else ""
         assert o.error_title == "static migration failed", o.error

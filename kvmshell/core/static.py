@@ -238,6 +238,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+_TAG_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
 def _same(a: Address, b: Address) -> bool:
     return (a.protocol, a.kind, a.path, a.host, a.port) == (b.protocol, b.kind, b.path, b.host, b.port)
 
@@ -287,7 +290,7 @@ class StaticMigration:
         for g in await discover(pool, req.to):
             if g.pid == self.source_pid and any(_same(m, self.address) for m in g.monitors):
                 continue               # the source itself, seen through a process table both hosts share
-            if g.name == self.qemu_name or g.name.startswith(f"{self.qemu_name}-"):
+            if g.name in (self.qemu_name, f"{self.qemu_name}-{g.pid}"):     # discover adds -PID to twins
                 raise Refused(f"a guest named {self.qemu_name!r} already runs on {self.dst.label} (pid {g.pid}): "
                               "quit it first")
         self.dest_dir = (req.dest_dir or f"{DEFAULT_DIR}/{self.qemu_name}").rstrip("/") or "/"
@@ -298,6 +301,9 @@ class StaticMigration:
             await self._check_replay_images()
             return
         self.tag = req.tag or default_tag()
+        if not _TAG_RE.fullmatch(self.tag):
+            raise Refused(f"snapshot tag {self.tag!r}: use letters, digits and _ . : - (it goes on QEMU's "
+                          "command line as -loadvm TAG)")
         existing = {s.tag for s in await self.mon.snapshots()}
         if self.tag in existing:
             raise Refused(f"{req.guest} already has a snapshot {self.tag!r}: pick another --tag (static-migrate "
