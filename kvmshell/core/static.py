@@ -543,11 +543,12 @@ class StaticMigration:
         if avail < need:
             raise StaticFailed(f"not enough space in {self.dest_dir} on {self.dst.label} after savevm: "
                                f"{_human(avail)} free, {_human(need)} to copy")
-        total = sum(f.size for f in self.files)
+        self._total, self._before = sum(f.size for f in self.files), 0
         copied = 0
         sftp = await self.dst.sftp()
         for f in self.files:
-            copied += await self._copy_one(sftp, f, total)
+            copied += await self._copy_one(sftp, f)
+            self._before += f.size
         self.done.append(f"copied {len(self.files)} file(s) to {self.dest_dir} on {self.dst.label} "
                          f"({', '.join(f'{os.path.basename(f.dest)}: {f.outcome}' for f in self.files)})")
         for f in self.files:                                   # overlays point at the copied backing files
@@ -559,7 +560,7 @@ class StaticMigration:
                                          f"qemu-img rebase {f.dest}")
         return copied
 
-    async def _copy_one(self, sftp: Sftp, f: ImageFile, total: int) -> int:
+    async def _copy_one(self, sftp: Sftp, f: ImageFile) -> int:
         part = f.dest + ".part"
         have = await sftp.size(f.dest)
         if have == f.size:
@@ -639,8 +640,9 @@ class StaticMigration:
                 if now - last >= 0.5 or offset == f.size:
                     last = now
                     rate = (offset - start) / max(now - t0, 1e-6)
+                    overall = (self._before + offset) * 100 // max(self._total, 1)
                     self.progress(f"copying {name}: {_human(offset)} of {_human(f.size)} "
-                                  f"({offset * 100 // max(f.size, 1)} %), {rate / 1e6:.0f} MB/s")
+                                  f"({offset * 100 // max(f.size, 1)} %; {overall} % of all), {rate / 1e6:.0f} MB/s")
             await task
         finally:
             if not task.done():
