@@ -107,3 +107,14 @@ def test_parser_and_completer_never_raise(offline_session: Session, line: str) -
         outcomes = asyncio.run(offline_session.run_line(line))
         # a rejected line yields one error that belongs to no guest: nothing was sent anywhere
         assert len(outcomes) == 1 and not outcomes[0].ok and outcomes[0].guest is None
+
+
+def test_hosts_complete_from_the_config(tmp_path: Path) -> None:
+    from kvmshell.config import parse_config
+    cfg = parse_config({"hosts": {"host2": {"ssh": "root@10.0.0.2"}, "host3": {"ssh": "h3:2222"}}})
+    fleet = Fleet()
+    fleet.add("vm", parse_address(f"qmp:unix:{tmp_path}/vm.qmp"))
+    engine = CompletionEngine(Session(fleet, default_registry(), cfg, current="vm"))
+    assert [(c.text, c.meta) for c in engine.complete("static-migrate --to ")] == [("host2", "root@10.0.0.2"),
+                                                                                 ("host3", "h3")]
+    assert texts(engine, "loadvm-on host3") == ["host3"]

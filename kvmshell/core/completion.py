@@ -186,6 +186,9 @@ class CompletionEngine:
                     s.data.schedule(t, CAPABILITIES)
                 return []
             return [Candidate(k, f"now {'on' if v else 'off'}") for k, v in sorted(data.capabilities.states.items())]
+        if which is Completer.HOST:
+            return [Candidate(name, f"{h.ssh.user + '@' if h.ssh.user else ''}{h.ssh.host}")
+                    for name, h in s.config.hosts.items()]
         if which is Completer.STRATEGY:
             return [Candidate("auto", "precopy, escalating to auto-converge (or postcopy if allowed)"),
                     Candidate("precopy", "QEMU's pre-copy with the given limits"),

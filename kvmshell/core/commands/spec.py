@@ -48,6 +48,7 @@ class Completer(enum.Enum):
     HMP_COMMAND = "hmp-command"
     QMP_COMMAND = "qmp-command"
     STRATEGY = "strategy"
+    HOST = "host"
 
 
 @dataclass(frozen=True)
