@@ -135,3 +135,17 @@ async def test_qmp_and_hmp_text_give_the_same_objects(lab: Lab) -> None:
         assert hmptext.parse_version(await mon.hmp("info version")) == mon.version
     finally:
         await mon.close()
+
+
+async def test_qmp_error_replies_become_command_failures(lab: Lab) -> None:
+    guest = await lab.start("vm", MonitorKind.QMP_UNIX, paused=True)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        with pytest.raises(CommandFailed, match=r"^vm: migrate-set-parameters: .*downtime") as info:
+            await mon.execute("migrate-set-parameters", {"downtime-limit": 10**9})
+        assert "\n" not in str(info.value)
+        with pytest.raises(CommandFailed, match="nosuch-command"):
+            await mon.execute("nosuch-command")
+        assert (await mon.status()).state is RunState.PRELAUNCH          # still in step
+    finally:
+        await mon.close()

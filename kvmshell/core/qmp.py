@@ -168,7 +168,7 @@ class QmpMonitor(Monitor):
             async with asyncio.timeout(timeout):
                 return await client.execute(command, dict(arguments) if arguments else None)
         except ExecuteError as e:
-            raise CommandFailed(f"{command}: {e.error.desc}", guest=self.name) from None
+            raise CommandFailed(f"{command}: {e.error.error.desc}", guest=self.name) from None
         except TimeoutError:
             raise MonitorTimeout(f"{command}: no answer within {timeout:g} s", guest=self.name) from None
         except (QMPError, OSError, EOFError) as e:
