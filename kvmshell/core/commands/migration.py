@@ -14,6 +14,7 @@ from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
+from kvmshell.core.migration.blockers import explain
 from kvmshell.core.commands.values import (
     check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
 )
@@ -53,6 +54,8 @@ async def migrate(inv: Invocation) -> Result:
     info = await mon.migration()
     if info.status.is_active and not resume:
         raise Refused(f"a migration of this guest is already {info.status}; `migrate_cancel` first", guest=inv.guest)
+    if info.blocked_reasons:
+        raise Refused("this guest cannot migrate: " + explain(info.blocked_reasons), guest=inv.guest)
     if blk or inc or resume:
         have = await _migrate_args(mon)
         for flag, arg, wanted in (("-b", "blk", blk), ("-i", "inc", inc), ("-r", "resume", resume)):

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
+from kvmshell.core.migration.blockers import explain
 from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
 from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.models import MigrationInfo
@@ -207,7 +208,7 @@ async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
                                                   "or `link` in the config's [defaults] gives the real one)"),
              f"downtime limit: {L * 1000:.0f} ms"]
     if info.blocked_reasons:
-        lines.append("BLOCKED, this guest cannot migrate: " + "; ".join(info.blocked_reasons))
+        lines.append("BLOCKED, this guest cannot migrate: " + explain(info.blocked_reasons))
     if dest is not None:
         lines.append(f"destination: {dest}")
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))

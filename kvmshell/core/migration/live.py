@@ -20,6 +20,7 @@ from typing import Any
 
 from kvmshell.core.address import Protocol
 from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.blockers import explain
 from kvmshell.core.migration.model import Prediction, Verdict, assess
 from kvmshell.core.migration.sampler import Sampler
 from kvmshell.core.migration.samples import Sample, TraceEvent, TraceHeader, TraceWriter
@@ -119,7 +120,7 @@ class MigrationJob:
         if info.status.is_active:
             raise Refused(f"a migration of this guest is already {info.status}", guest=self.req.source)
         if info.blocked_reasons:
-            raise Refused("this guest cannot migrate: " + "; ".join(info.blocked_reasons), guest=self.req.source)
+            raise Refused("this guest cannot migrate: " + explain(info.blocked_reasons), guest=self.req.source)
         params = await src.migrate_parameters()
         self._downtime_s = (self.req.downtime_ms or params.downtime_limit_ms or 300) / 1000
         strategy = self.req.strategy
