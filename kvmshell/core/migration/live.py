@@ -26,6 +26,7 @@ from kvmshell.core.migration.sampler import Sampler
 from kvmshell.core.migration.samples import Sample, TraceEvent, TraceHeader, TraceWriter
 from kvmshell.core.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor import Monitor
+from kvmshell.core.tls import TlsSetup, disable as tls_disable, enable as tls_enable
 from kvmshell.errors import CommandFailed, KvmError, Refused
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class MigrationRequest:
     trace_path: str | None = None
     interval: float = 0.5
     stall_timeout: float = 10.0
+    tls: TlsSetup | None = None         # encrypt the stream (tls-creds-x509 on both sides)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class MigrationJob:
         self._stalled: str | None = None
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
+        self._tls_on = False
 
     # -- decisions ------------------------------------------------------------------------------
     def decide(self, name: str, reason: str, **detail: Any) -> None:
@@ -157,6 +160,12 @@ class MigrationJob:
         # QEMU never sends faster than max-bandwidth: the model must know the cap
         cap = params.max_bandwidth
         self._bandwidth_cap = float(cap) if cap and cap < UNCAPPED else None
+        if self.req.tls is not None:
+            if self.dest is None:
+                raise CommandFailed("TLS needs a destination kvmshell attaches (--to DEST)", guest=self.req.source)
+            await tls_enable(self.dest, self.req.tls.dest_dir, server=True)
+            await tls_enable(src, self.req.tls.source_dir, server=False, hostname=self.req.tls.hostname)
+            self._tls_on = True
         if self.dest is not None and self.uri is None:
             self.uri = f"tcp:127.0.0.1:{free_local_port()}"
         if self.uri is None:
@@ -217,6 +226,8 @@ class MigrationJob:
             first = await self.sampler.sample()
         if first is not None and first.status == "failed":
             info = await src.migration()
+            if self._tls_on:
+                await self._tls_off()
             await self._close_trace()
             raise CommandFailed(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}; "
                                 f"{self.req.source} runs on as before", guest=self.req.source)
@@ -248,6 +259,8 @@ class MigrationJob:
             for task in list(self._actions):
                 task.cancel()
             await asyncio.gather(*self._actions, return_exceptions=True)
+            if self._tls_on and (self.outcome is None or not self.outcome.ok):
+                await self._tls_off()
             await self._close_trace()
             self._done.set()
         self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
@@ -443,6 +456,13 @@ class MigrationJob:
         info = await self._info_or_none()
         reason = f" ({info.error})" if info is not None and info.error else ""
         return MigrationOutcome(last.status, f"migration {last.status}{reason}{src_state}", **base)
+
+    async def _tls_off(self) -> None:
+        """A failed TLS migration leaves the source as it was: no tls-creds for the next migration."""
+        try:
+            await tls_disable(self.source)
+        except KvmError as e:
+            log.info("%s: could not drop the TLS credentials: %s", self.req.source, e)
 
     async def _info_or_none(self) -> Any:
         try:

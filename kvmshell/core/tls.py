@@ -1,0 +1,149 @@
+"""TLS for the migration stream: a small CA and per-host certificates (`tls-init`), and the QEMU side
+(`tls-creds-x509` objects and the tls-creds/tls-hostname parameters) on both ends of a migration.
+
+Layout written by ``init_ca``, the directory QEMU's tls-creds-x509 reads for each host:
+
+    DIR/ca-cert.pem, DIR/ca-key.pem (0600)
+    DIR/HOST/ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem (keys 0600)
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kvmshell.core.address import Protocol
+from kvmshell.core.monitor import Monitor
+from kvmshell.errors import CommandFailed, ConfigError
+
+OBJECT_ID = "kvmshell-tls"
+VALID_DAYS = 3650
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600 if private else 0o644)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _issue(subject: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCurvePrivateKey,
+           ca_name: x509.Name, *, server: bool, names: Sequence[str]) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(ca_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
+                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def init_ca(directory: str | Path, hosts: Sequence[str]) -> list[Path]:
+    """A CA (reused if DIR already has one) and server + client certificates for each host; the
+    per-host directories written."""
+    if not hosts:
+        raise ConfigError("tls-init needs at least one host name (or address) to certify")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    ca_cert_path, ca_key_path = root / "ca-cert.pem", root / "ca-key.pem"
+    if ca_cert_path.exists() and ca_key_path.exists():
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    else:
+        ca_key = _key()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmshell migration CA")])
+        ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
+                                                content_commitment=False, data_encipherment=False,
+                                                key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                                encipher_only=False, decipher_only=False), critical=True)
+                   .sign(ca_key, hashes.SHA256()))
+        _write(ca_key_path, _pem_key(ca_key), private=True)
+        _write(ca_cert_path, _pem_cert(ca_cert))
+    written = []
+    for host in hosts:
+        d = root / host
+        d.mkdir(mode=0o755, exist_ok=True)
+        _write(d / "ca-cert.pem", _pem_cert(ca_cert))
+        for role, server in (("server", True), ("client", False)):
+            key = _key()
+            cert = _issue(host, key, ca_key, ca_cert.subject, server=server, names=[host])
+            _write(d / f"{role}-key.pem", _pem_key(key), private=True)
+            _write(d / f"{role}-cert.pem", _pem_cert(cert))
+        written.append(d)
+    return written
+
+
+@dataclass(frozen=True)
+class TlsSetup:
+    source_dir: str        # a host directory written by init_ca, as the source QEMU sees it
+    dest_dir: str          # the destination's
+    hostname: str          # the name in the destination's server certificate
+
+
+async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | None = None) -> None:
+    """Create (or replace) kvmshell's tls-creds-x509 object and make migration use it."""
+    if mon.protocol is not Protocol.QMP:
+        raise CommandFailed("TLS migration needs a QMP monitor (object-add)", guest=mon.name)
+    objects = await mon.execute("qom-list", {"path": "/objects"})
+    if any(o.get("name") == OBJECT_ID for o in objects):
+        await mon.execute("migrate-set-parameters", {"tls-creds": ""})
+        await mon.execute("object-del", {"id": OBJECT_ID})
+    await mon.execute("object-add", {"qom-type": "tls-creds-x509", "id": OBJECT_ID, "dir": directory,
+                                     "endpoint": "server" if server else "client", "verify-peer": True})
+    params: dict[str, object] = {"tls-creds": OBJECT_ID}
+    if hostname is not None:
+        params["tls-hostname"] = hostname
+    await mon.execute("migrate-set-parameters", params)
+
+
+async def disable(mon: Monitor) -> None:
+    """Migrate in plain TCP again and drop kvmshell's credentials object."""
+    await mon.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    objects = await mon.execute("qom-list", {"path": "/objects"})
+    if any(o.get("name") == OBJECT_ID for o in objects):
+        await mon.execute("object-del", {"id": OBJECT_ID})

@@ -1,0 +1,78 @@
+"""TLS for the migration stream: certificates from tls-init, accepted by QEMU; a wrong CA fails cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.models import RunState
+from kvmshell.core.tls import TlsSetup, init_ca
+from kvmshell.lab.launcher import Lab, MonitorKind
+from kvmshell.lab.verify import check_guest_memory
+
+WS = 1024
+
+
+def test_tls_init_layout_and_permissions(tmp_path: Path) -> None:
+    [host] = init_ca(tmp_path, ["localhost"])
+    assert sorted(p.name for p in host.iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem",
+                                                     "server-cert.pem", "server-key.pem"]
+    for key in (tmp_path / "ca-key.pem", host / "server-key.pem", host / "client-key.pem"):
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    ca = (tmp_path / "ca-cert.pem").read_bytes()
+    init_ca(tmp_path, ["other"])                         # a second host: the same CA
+    assert (tmp_path / "ca-cert.pem").read_bytes() == ca == (tmp_path / "other" / "ca-cert.pem").read_bytes()
+
+
+async def _migrate(lab: Lab, tmp_path: Path, setup: TlsSetup | None, dst_tls: bool = True):  # type: ignore[no-untyped-def]
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, incoming=True, disk=src.disk)
+    fleet = Fleet()
+    fleet.add("src", src.address)
+    fleet.add("dst", dst.address)
+    await fleet.start()
+    job = MigrationJob(fleet, MigrationRequest("src", "dst", strategy=Strategy.PRECOPY, tls=setup,
+                                               stall_timeout=5))
+    return src, dst, fleet, job
+
+
+@pytest.mark.qemu
+async def test_tls_migration_completes(lab: Lab, tmp_path: Path) -> None:
+    [host] = init_ca(tmp_path / "pki", ["localhost"])
+    src, dst, fleet, job = await _migrate(lab, tmp_path, TlsSetup(str(host), str(host), "localhost"))
+    async with fleet:
+        await job.prepare()
+        params = await fleet.monitor("src").migrate_parameters()
+        assert params.get("tls-creds") == "kvmshell-tls" and params.get("tls-hostname") == "localhost"
+        await job.start()
+        outcome = await asyncio.wait_for(job.run(), 60)
+        assert outcome.status == "completed", outcome.message
+        await dst.wait_heartbeats(2)
+        check = await check_guest_memory(fleet.monitor("dst"), WS, tmp_path)
+        assert check.ok, check.summary()
+
+
+@pytest.mark.qemu
+async def test_wrong_ca_fails_cleanly_and_the_source_runs_on(lab: Lab, tmp_path: Path) -> None:
+    [good] = init_ca(tmp_path / "pki-a", ["localhost"])
+    [other] = init_ca(tmp_path / "pki-b", ["localhost"])       # another CA: the source must not trust it
+    src, dst, fleet, job = await _migrate(lab, tmp_path, TlsSetup(str(good), str(other), "localhost"))
+    async with fleet:
+        await job.prepare()
+        try:
+            await job.start()
+            outcome = await asyncio.wait_for(job.run(), 60)
+            assert outcome.status == "failed", outcome.message
+        except Exception as e:                                      # or it fails at once
+            assert "failed at once" in str(e)
+        mon = fleet.monitor("src")
+        assert (await mon.status()).state is RunState.RUNNING
+        assert (await mon.migrate_parameters()).get("tls-creds") == ""          # dropped again
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
