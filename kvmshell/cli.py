@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tui", help="the dashboard")
     run_p = sub.add_parser("run", help="run monitor command lines from FILE ('-' for stdin)")
     run_p.add_argument("file", metavar="FILE")
+    tls = sub.add_parser("tls-init", help="create a CA and TLS certificates for migration between HOSTs")
+    tls.add_argument("dir", metavar="DIR")
+    tls.add_argument("hosts", metavar="HOST", nargs="+", help="host names or addresses, as the source will "
+                     "name the destination (tls-hostname)")
     rep = sub.add_parser("report", help="summarize a migration trace (from --trace) and plot it as SVG")
     rep.add_argument("trace", metavar="TRACE")
     rep.add_argument("--svg", metavar="OUT", help="where to write the plot (default: TRACE with .svg)")
@@ -336,6 +340,14 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return await cmd_demo(args, config, out, err)
     if args.command == "report":
         return cmd_report(args, out)
+    if args.command == "tls-init":
+        from kvmshell.core.tls import init_ca
+        try:
+            for d in init_ca(args.dir, args.hosts):
+                out.write(f"{d}: ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem (keys 0600)\n")
+        except OSError as e:
+            raise ConfigError(f"tls-init {args.dir}: {e.strerror}") from None
+        return Exit.OK
     if args.lines:
         if args.command not in (None,):
             raise ConfigError(f"-c runs lines by itself; drop the {args.command!r} command")

@@ -167,3 +167,12 @@ async def test_report_of_a_recorded_trace(tmp_path: Path) -> None:
     bad.write_text("not json\n")
     rc, out, err = await kvmshell(tmp_path, "report", str(bad))
     assert rc == 2 and "not a kvmshell trace" in err
+
+
+async def test_tls_init(tmp_path: Path) -> None:
+    rc, out, err = await kvmshell(tmp_path, "tls-init", str(tmp_path / "pki"), "host2", "10.0.0.2")
+    assert rc == 0, err
+    assert out.count("keys 0600") == 2
+    assert (tmp_path / "pki" / "10.0.0.2" / "server-key.pem").stat().st_mode & 0o777 == 0o600
+    rc, out, err = await kvmshell(tmp_path, "tls-init", str(tmp_path / "pki2"))
+    assert rc == 2 and err.count("\n") == 1
