@@ -746,6 +746,45 @@ class SocketBridge:
         self._writer.close()
 
 
+
+class LocalForward:
+    """A unix socket here whose connections go, through an SSH connection, to a unix socket on the
+    host (``forward_local_unix``); ``close()`` stops listening (connections already made go on until
+    either end closes them)."""
+
+    def __init__(self, listener: asyncssh.SSHListener, path: str, remote_path: str, label: str) -> None:
+        self._listener = listener
+        self.path = path
+        self.remote_path = remote_path
+        self.label = label
+
+    async def close(self) -> None:
+        self._listener.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._listener.wait_closed()
+        except (TimeoutError, asyncssh.Error, OSError):
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+async def forward_local_unix(conn: SshConnection, local_path: str, remote_path: str) -> LocalForward:
+    """Listen on the unix socket ``local_path`` here and carry every connection to ``remote_path`` on
+    the connection's host (direct stream-local forwarding: sshd connects there; nothing else runs on
+    the host). The caller closes the forward."""
+    try:
+        listener = await conn._conn.forward_local_path(local_path, remote_path)
+    except OSError as e:
+        raise ConnectFailed(f"cannot listen on {local_path} here to forward to {conn.label}: "
+                            f"{_describe_os_error(e)}") from None
+    except asyncssh.Error as e:
+        raise conn._gone(e) from None
+    return LocalForward(listener, local_path, remote_path, conn.label)
+
+
 # == SFTP (file copies between hosts: static migration) ===========================================
 
 SFTP_REQUESTS = 128              # requests in flight per read or write (their size: what the server's

@@ -44,6 +44,8 @@ async def _migrate_args(mon: Monitor) -> set[str]:
 
 
 async def migrate(inv: Invocation) -> Result:
+    if inv.flags.get("to_host"):
+        return await steer.migrate_to_host(inv)
     if steer.wants_steering(inv.flags):
         return await steer.migrate_steered(inv)
     mon = inv.monitor
@@ -318,9 +320,20 @@ SPECS = (
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
                             value="SEC", parse=parse_seconds),
-                       Flag(("--estimate",), "measure and predict each strategy; start nothing")),
+                       Flag(("--estimate",), "measure and predict each strategy; start nothing"),
+                       Flag(("--to-host",), "live-migrate to another host ([hosts.NAME]): kvmshell starts the "
+                            "destination there over SSH (shared storage: same image paths), then quits the source",
+                            value="HOST", complete=Completer.HOST),
+                       Flag(("--tunnel",), "with --to-host: carry the stream through the SSH connection "
+                            "(encrypted; costs throughput; the source must run on this host)"),
+                       Flag(("--dir",), "with --to-host: run directory on HOST for the destination's sockets, "
+                            "pidfile and log (default /run/kvmshell/GUEST.HOST)", value="DIR"),
+                       Flag(("--name",), "with --to-host: the destination's name in kvmshell (default GUEST.HOST)",
+                            value="NAME"),
+                       Flag(("-y", "--yes"), "with --to-host: do not ask before quitting the source")),
                 maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d; with --to: migrate-incoming on "
-                        "the destination, capabilities on both sides, then migrate",
+                        "the destination, capabilities on both sides, then migrate; with --to-host: QEMU "
+                        "-incoming defer -daemonize on HOST over SSH, then as --to, then quit",
                 details="With --to (or any kvmshell option) kvmshell runs the migration: it samples it, predicts "
                         "whether it converges, and the strategy acts on the prediction (auto: precopy, then "
                         "auto-converge, or postcopy if allowed). A stalled migration is cancelled after 10 s "

@@ -233,3 +233,57 @@ async def trace(inv: Invocation) -> Result:
     await job.attach_trace()
     s.launch(job)
     return Done(f"tracing the migration to {path}")
+
+
+# -- migrate --to-host HOST ---------------------------------------------------------------------
+
+async def migrate_to_host(inv: Invocation) -> Result:
+    """`migrate --to-host HOST [--tunnel]`: start the destination there, migrate, quit the source
+    (the engine is ``kvmshell.core.crosshost``)."""
+    from kvmshell.core.crosshost import CrossHostRequest, migrate_to_host as run_migration
+    from kvmshell.errors import ConfigError
+
+    s, f = inv.session, inv.flags
+    source = inv.guest or ""
+    host = str(f["to_host"])
+    if f.get("to"):
+        raise UsageError("--to (an attached destination) and --to-host (one kvmshell starts) exclude each other",
+                         guest=source)
+    if inv.values.get("uri") is not None:
+        raise UsageError("--to-host picks the URI itself: drop the URI", guest=source)
+    for flag in ("b", "i", "r", "estimate"):
+        if f.get(flag):
+            raise UsageError(f"{'-' if len(flag) == 1 else '--'}{flag} does not go with --to-host", guest=source)
+    if not (s.assume_yes or f.get("yes")) and s.confirmer is None:
+        raise UsageError("migrate --to-host quits the source at the end and there is no one to ask: add -y",
+                         guest=source)
+    if s.running_job(source) is not None:
+        raise Refused("kvmshell is already migrating this guest", guest=source)
+    pool = s.fleet.hosts
+    if pool is None or not pool.hosts:
+        raise ConfigError("migrate --to-host needs the destination in the config: add a [hosts.NAME] table")
+    defaults = s.config.defaults
+    job = MigrationRequest(
+        source=source, strategy=f.get("strategy") or Strategy(defaults.strategy),
+        downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
+        link=f.get("link") or configured_link(inv),
+        allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
+        trace_path=str(f["trace"]) if f.get("trace") else None,
+        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
+    req = CrossHostRequest(guest=source, to=host, job=job, tunnel=bool(f.get("tunnel")),
+                           run_dir=str(f["dir"]) if f.get("dir") else None,
+                           new_name=str(f["name"]) if f.get("name") else None)
+
+    def on_job(j: MigrationJob) -> None:
+        s.migrations[source] = j            # `info migrate` shows the live view meanwhile
+
+    r = await run_migration(s.fleet, pool, req, progress=inv.progress, confirm=inv.confirm, on_job=on_job)
+    o = r.outcome
+    lines = [f"{source} moved live to {host} as {r.new_name}",
+             f"destination: {r.new_name} ({r.address}), {r.dest_state}",
+             f"stream: {r.uri}" + (" (through SSH)" if req.tunnel else ""),
+             f"migration: {o.message}",
+             f"source: {r.source_state}",
+             *(f"decision: {d}" for d in o.decisions),
+             *(f"note: {n}" for n in r.notes)]
+    return Done("\n".join(lines), tuple(r.warnings))

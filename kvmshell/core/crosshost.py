@@ -1,0 +1,483 @@
+"""Live migration to another host: `migrate GUEST --to-host HOST [--tunnel]`.
+
+Shared storage is assumed (the seed's NFS workflow): the destination opens the very image files the
+source uses, at the same paths. The steps, and what a failure at each leaves:
+
+1. preflight - nothing is touched: HOST is a configured host and answers; the source's command line
+   (its pid from the monitor, through ``remote.discover``, then ``/proc/PID/cmdline``); every image of
+   it and of its backing chains exists on HOST at the same path with the same size (else: refused,
+   saying that live migration to another host needs shared storage).
+2. start the destination on HOST from the derived command line (``cmdline.derive``: monitors and
+   pidfile in a run directory, ``-incoming defer``, ``-daemonize``), and open its monitor through SSH.
+3. the live-migration engine (``MigrationJob``) with that destination: both sides prepared, the
+   destination listens on ``tcp:ADDR:PORT`` (ADDR: the host of HOST's ssh target, PORT free there),
+   or with ``tunnel`` on a unix socket in the run directory that kvmshell forwards a local unix socket
+   to through its SSH connection (``transport.forward_local_unix``; the source must run here).
+4. on success: the destination is attached to the fleet as ``GUEST.HOST`` and the source is quit
+   (after confirmation).
+
+A failure in steps 2-3 kills the destination QEMU (a source whose migration failed or was cancelled
+runs on where it was) and says what was done and undone. A migration that broke in postcopy is the
+exception: the guest is split between the two QEMUs, and both are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, parse_cmdline, rewrite_images
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
+from kvmshell.core.models import Event, RunState
+from kvmshell.core.monitor import Monitor, open_monitor
+from kvmshell.core.remote import HostPool, discover
+from kvmshell.core.static import Side
+from kvmshell.core.transport import LocalForward, forward_local_unix
+from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0
+MAX_SOCKET_PATH = 100                 # sun_path is 108 bytes
+PORTS = (49152, 60999)                # where a free port for the incoming migration is looked for
+
+
+class CrossHostFailed(KvmError):
+    """Live migration to another host stopped; the message says what was done and undone."""
+
+    title = "live migration failed"
+
+
+@dataclass(frozen=True)
+class CrossHostRequest:
+    guest: str                        # fleet name of the source
+    to: str                           # [hosts.NAME] of the destination
+    job: MigrationRequest             # strategy and limits (source/dest/uri are filled in here)
+    tunnel: bool = False
+    run_dir: str | None = None        # on HOST: sockets, pidfile, log (default /run/kvmshell/NAME)
+    new_name: str | None = None       # default GUEST.HOST
+
+
+@dataclass
+class CrossHostResult:
+    guest: str
+    new_name: str
+    host: str
+    address: Address
+    uri: str
+    outcome: MigrationOutcome
+    command: str = ""
+    source_state: str = ""
+    dest_state: str = ""
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
+OnJob = Callable[[MigrationJob], None]
+
+
+def _same(a: Address, b: Address) -> bool:
+    return (a.protocol, a.kind, a.path, a.host, a.port) == (b.protocol, b.kind, b.path, b.host, b.port)
+
+
+def _tcp_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def used_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in /proc/net/tcp{,6} text (any state: a port in TIME_WAIT cannot be bound either)."""
+    ports = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[1]:
+            try:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
+    return ports
+
+
+class _JobFleet:
+    """What the job sees as its fleet: the real one, plus the destination's monitor, which joins the
+    real fleet only once the migration succeeded (a failed attempt leaves no stray guest there)."""
+
+    def __init__(self, fleet: Fleet, name: str, mon: Monitor) -> None:
+        self._fleet, self._name, self._mon = fleet, name, mon
+
+    def monitor(self, name: str) -> Monitor:
+        return self._mon if name == self._name else self._fleet.monitor(name)
+
+    def publish(self, event: Event) -> None:
+        self._fleet.publish(event)
+
+
+class _CrossHostJob(MigrationJob):
+    """The engine, with the destination listening where the source does not connect (the far end of
+    an SSH tunnel); without ``listen_uri`` it is the engine as it is."""
+
+    listen_uri: str | None = None
+
+    async def _incoming(self, mon: Monitor, uri: str) -> None:  # type: ignore[override]
+        await MigrationJob._incoming(mon, self.listen_uri or uri)
+
+
+class CrossHostMigration:
+    """One run of the steps in the module docstring."""
+
+    def __init__(self, fleet: Fleet, pool: HostPool, req: CrossHostRequest, *, progress: Progress | None = None,
+                 confirm: Confirm | None = None, on_job: OnJob | None = None) -> None:
+        self.fleet = fleet
+        self.pool = pool
+        self.req = req
+        self.progress = progress or (lambda message: None)
+        self.confirm = confirm
+        self.on_job = on_job
+        self.done: list[str] = []
+        self.undone: list[str] = []
+        self.kept: list[str] = []
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.pidfile: str | None = None
+        self.dest_mon: Monitor | None = None
+        self.forward: LocalForward | None = None
+        self.local_dir: str | None = None
+        self.source_after = ""
+
+    # -- 1. preflight ------------------------------------------------------------------------
+    async def preflight(self) -> None:
+        req, pool = self.req, self.pool
+        guest = self.fleet.get(req.guest)
+        self.mon: Monitor = guest.require()
+        self.address = guest.address
+        if req.to not in pool.hosts:
+            known = ", ".join(pool.hosts) or "none configured"
+            raise ConfigError(f"--to-host {req.to}: not a configured host (hosts: {known}); add a "
+                              f"[hosts.{req.to}] table")
+        self.dest_target: SshTarget = pool.lookup(req.to).ssh
+        src_host = self.address.ssh
+        if src_host is not None and pool.key(src_host) == pool.key(req.to):
+            raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: start a destination there with "
+                          "-incoming defer and use `migrate --to DEST`")
+        if req.tunnel and src_host is not None:
+            raise Refused(f"--tunnel needs the source QEMU on this host (the local end of the tunnel is here); "
+                          f"{req.guest} runs on {pool.label(src_host)}")
+        self.src = Side(pool if src_host else None, src_host)
+        self.dst = Side(pool, req.to)
+        self.new_name = check_guest_name(req.new_name or f"{req.guest}.{req.to}", "name of the destination")
+        if self.new_name in self.fleet:
+            raise Refused(f"a guest named {self.new_name!r} is already attached")
+        status = await self.mon.status()
+        if status.state in (RunState.INMIGRATE, RunState.POSTMIGRATE, RunState.SHUTDOWN):
+            raise Refused(f"{req.guest} is {status}: nothing to migrate")
+        info = await self.mon.migration()
+        if info.status.is_active:
+            raise Refused(f"a migration of {req.guest} is already {info.status}")
+        self.progress(f"preflight: connecting to {self.dst.label}")
+        await pool.connection(req.to)
+        self.cmd = await self._command_line()
+        await self._check_shared_storage()
+        self.sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.new_name)
+        self.run_dir = (req.run_dir or f"/run/kvmshell/{self.sock_name}").rstrip("/") or "/"
+        if len(f"{self.run_dir}/{self.sock_name}-2.hmp") > MAX_SOCKET_PATH:
+            raise Refused(f"--dir {self.run_dir}: too long for the monitor sockets there (at most "
+                          f"{MAX_SOCKET_PATH} characters with the socket name): pick a shorter one")
+
+    async def _command_line(self) -> QemuCommand:
+        host = self.address.ssh
+        found = await discover(self.pool if host else None, host)
+        match = next((g for g in found if any(_same(m, self.address) for m in g.monitors)), None)
+        if match is None:
+            raise CommandFailed(f"cannot find the QEMU process behind {self.address} on {self.src.label} (no process "
+                                "there has that monitor socket): its command line is needed to start the destination",
+                                guest=self.req.guest)
+        self.source_pid = match.pid
+        raw = await self.src.sh(f"cat /proc/{match.pid}/cmdline")
+        try:
+            cmd = parse_cmdline(raw.stdout)
+        except ValueError as e:
+            raise CommandFailed(f"pid {match.pid} on {self.src.label}: {e}", guest=self.req.guest) from None
+        given = images_of(cmd)
+        if any(not p.startswith("/") for p in given):          # relative to where the source QEMU started
+            cwd = (await self.src.check(f"readlink /proc/{match.pid}/cwd", "the QEMU's directory")).strip()
+            cmd = rewrite_images(cmd, {p: f"{cwd.rstrip('/')}/{p}" for p in given if not p.startswith("/")})
+        return cmd
+
+    async def _check_shared_storage(self) -> None:
+        """Every image (and backing file) at the same path on HOST, with the same size."""
+        paths: list[str] = []
+        for top in images_of(self.cmd):
+            if top.startswith("/dev/"):
+                paths.append(top)
+                continue
+            r = await self.src.sh(f"qemu-img info -U --backing-chain -- {shlex.quote(top)} 2>/dev/null | "
+                                  "sed -n 's/^image: //p'")
+            chain = [p for p in r.text.splitlines() if p.startswith("/")] or [top]
+            paths += [p for p in chain if p not in paths]
+        if not paths:
+            return
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        script = (f"for f in {quoted}; do if [ -e \"$f\" ]; then printf '%s\\t%s\\n' "
+                  f"\"$(stat -L -c %s -- \"$f\")\" \"$f\"; else printf 'missing\\t%s\\n' \"$f\"; fi; done")
+        here, there = await asyncio.gather(self.src.check(script, "looking at the images"),
+                                           self.dst.check(script, "looking for the images"))
+
+        def table(text: str) -> dict[str, str]:
+            return {path: size for size, _, path in (line.partition("\t") for line in text.splitlines())}
+        mine, theirs = table(here), table(there)
+        missing = [p for p in paths if theirs.get(p, "missing") == "missing"]
+        if missing:
+            raise Refused(f"{', '.join(missing)}: not on {self.dst.label}. Live migration to another host needs "
+                          "shared storage (the same image files at the same paths on both hosts, e.g. over NFS); "
+                          "without it, use static-migrate, which copies the images")
+        differ = [p for p in paths if not p.startswith("/dev/") and mine.get(p) != theirs.get(p)]
+        if differ:
+            raise Refused(f"{', '.join(differ)} on {self.dst.label} is not the file the source uses (size "
+                          f"{theirs.get(differ[0])} there, {mine.get(differ[0])} here): live migration to another "
+                          "host needs shared storage; without it, use static-migrate")
+        self.notes.append(f"shared storage: {len(paths)} image file(s) found at the same paths on {self.dst.label}")
+
+    # -- 2. the destination ------------------------------------------------------------------
+    async def _start_destination(self) -> Address:
+        run_dir, name = self.run_dir, self.sock_name
+        await self.dst.check(f"mkdir -p -- {shlex.quote(run_dir)}", f"creating {run_dir}")
+        cmd = self.cmd
+        if not cmd.has("-daemonize"):
+            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
+        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
+            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
+                                           Option("-display", "none")))
+            self.notes.append("-nographic (not allowed with -daemonize) became -display none")
+        self.pidfile = pidfile = f"{run_dir}/{name}.pid"
+        d = derive(cmd, socket_dir=run_dir, name=name, incoming="defer", pidfile=pidfile)
+        argv = QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S"))
+        self.command = argv.shell()
+        self.notes += list(d.notes)
+        logfile = f"{run_dir}/{name}.log"
+        for _, path in d.monitors:
+            await self.dst.sh(f"rm -f -- {shlex.quote(path)}")
+        self.progress(f"starting {self.new_name} on {self.dst.label} with -incoming defer")
+        r = await self.dst.sh(f"{self.command} </dev/null >{shlex.quote(logfile)} 2>&1", timeout=START_TIMEOUT)
+        if not r.ok:
+            tail = (await self.dst.sh(f"tail -n 3 -- {shlex.quote(logfile)}")).text.strip().replace("\n", " | ")
+            raise CrossHostFailed(f"QEMU on {self.dst.label} exited with status {r.exit_status}: "
+                                  f"{tail or '(no output)'}")
+        self.done.append(f"started {self.new_name} on {self.dst.label} (-incoming defer)")
+        proto, path = next(((p, s) for p, s in d.monitors if p == "qmp"), d.monitors[0])
+        address = Address(Protocol(proto), Kind.UNIX, path=path, ssh=self.dest_target)
+        self.dest_mon = await open_monitor(self.new_name, address, hosts=self.pool, connect_timeout=15)
+        return address
+
+    async def _free_port(self) -> int:
+        text = await self.dst.check("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true", "listing the ports in use")
+        used = used_ports(text)
+        free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
+        if not free:
+            raise CrossHostFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {self.dst.label}")
+        return free[0]
+
+    async def _uris(self) -> tuple[str, str | None]:
+        """(where the source connects, where the destination listens if elsewhere)."""
+        if not self.req.tunnel:
+            port = await self._free_port()
+            return f"tcp:{_tcp_host(self.dest_target.host)}:{port}", None
+        remote = f"{self.run_dir}/{self.sock_name}.mig"
+        if len(remote) > MAX_SOCKET_PATH:
+            raise CrossHostFailed(f"{remote}: too long for a unix socket; pick a shorter --dir")
+        await self.dst.sh(f"rm -f -- {shlex.quote(remote)}")
+        self.local_dir = tempfile.mkdtemp(prefix="kvmshell-tunnel-")
+        local = f"{self.local_dir}/mig.sock"
+        self.forward = await forward_local_unix(await self.pool.connection(self.req.to), local, remote)
+        self.done.append(f"forwarded {local} here to {remote} on {self.dst.label} through SSH")
+        return f"unix:{local}", f"unix:{remote}"
+
+    # -- 3. the migration --------------------------------------------------------------------
+    async def _migrate(self) -> tuple[MigrationOutcome, str]:
+        assert self.dest_mon is not None
+        uri, listen = await self._uris()
+        params = await self.mon.migrate_parameters()
+        if not self.req.tunnel and not params.get("tls-creds"):
+            self.warnings.append(f"the migration stream to {self.dst.label} ({uri}) is not encrypted (no tls-creds): "
+                                 "anyone on the path can read the guest's memory; --tunnel carries it through SSH")
+        if self.req.tunnel:
+            self.notes.append("the stream went through the SSH connection (encrypted, relayed by kvmshell): "
+                              "tunnelling costs throughput, expect it slower than a direct TCP stream")
+        req = MigrationRequest(**{**self.req.job.__dict__, "source": self.req.guest, "dest": self.new_name, "uri": uri})
+        job = _CrossHostJob(cast(Fleet, _JobFleet(self.fleet, self.new_name, self.dest_mon)), req)
+        job.listen_uri = listen
+        await job.prepare()
+        self.progress(f"migrating {self.req.guest} to {self.new_name} ({listen + ' via ' + uri if listen else uri})")
+        await job.start()
+        self.done.append(f"started the migration to {uri}")
+        if self.on_job is not None:
+            self.on_job(job)
+        reporter = asyncio.create_task(self._report(job))
+        try:
+            outcome = await job.run()
+        finally:
+            reporter.cancel()
+        return outcome, uri
+
+    async def _report(self, job: MigrationJob) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            last = job.sampler.ring.last
+            if last is not None:
+                self.progress(f"migration {last.status}: pass {last.pass_no}, {last.transferred / 2**20:.0f} MiB sent, "
+                              f"{last.remaining / 2**20:.0f} MiB to go, {last.throughput / 1e6:.0f} MB/s")
+
+    # -- the whole run -----------------------------------------------------------------------
+    async def run(self) -> CrossHostResult:
+        try:
+            await self.preflight()
+            return await self._run()
+        finally:
+            await self._close_tunnel()
+            for side in (getattr(self, "src", None), getattr(self, "dst", None)):
+                if side is not None:
+                    await side.aclose()
+
+    async def _run(self) -> CrossHostResult:
+        req = self.req
+        self.was_running = (await self.mon.status()).running
+        step = "start"
+        outcome: MigrationOutcome | None = None
+        self.dest_address: Address | None = None
+        try:
+            self.dest_address = address = await self._start_destination()
+            step = "migration"
+            outcome, uri = await self._migrate()
+            if outcome.status in ("postcopy-paused", "source-lost"):
+                await self._close_dest_monitor()
+                raise CrossHostFailed(f"{outcome.message}. {self.new_name} on {self.dst.label} is left as it is "
+                                      f"(pidfile {self.pidfile})", guest=req.guest)
+            if not outcome.ok:
+                raise CrossHostFailed(outcome.message)
+            dest_state = await self.dest_mon.status() if self.dest_mon else None
+        except CrossHostFailed as e:
+            if outcome is not None and outcome.status in ("postcopy-paused", "source-lost"):
+                raise
+            await self._undo()
+            raise CrossHostFailed(self._story(step, e.message), guest=req.guest) from None
+        except (KvmError, OSError) as e:
+            await self._undo()
+            raise CrossHostFailed(self._story(step, e.message if isinstance(e, KvmError) else str(e)),
+                                  guest=req.guest) from None
+        except BaseException:
+            await asyncio.shield(self._undo())
+            raise
+        await self._close_dest_monitor()
+        self.fleet.add(self.new_name, address)
+        result = CrossHostResult(req.guest, self.new_name, req.to, address, uri, outcome, command=self.command,
+                                 dest_state=str(dest_state) if dest_state else "", notes=self.notes,
+                                 warnings=self.warnings)
+        await self._finish(result)
+        return result
+
+    def _story(self, step: str, message: str) -> str:
+        parts = [f"{step} failed: {message}", f"done: {'; '.join(self.done)}" if self.done else "nothing was done"]
+        if self.undone:
+            parts.append(f"undone: {'; '.join(self.undone)}")
+        if self.kept:
+            parts.append(f"kept: {'; '.join(self.kept)}")
+        if self.source_after:
+            parts.append(self.source_after)
+        return ". ".join(parts)
+
+    async def _close_dest_monitor(self) -> None:
+        if self.dest_mon is not None:
+            mon, self.dest_mon = self.dest_mon, None
+            try:
+                await mon.close()
+            except KvmError:
+                pass
+
+    async def _close_tunnel(self) -> None:
+        if self.forward is not None:
+            forward, self.forward = self.forward, None
+            await forward.close()
+        if self.local_dir is not None:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+            self.local_dir = None
+
+    async def _undo(self) -> None:
+        """Kill the destination, unless the migration completed (then the guest's state is there and
+        the source is stopped in postmigrate: both are left alone, the destination attached); check
+        the source runs where it was."""
+        await self._close_dest_monitor()
+        await self._close_tunnel()
+        try:
+            st = await self.mon.status()
+        except KvmError as e:
+            st = None
+            self.kept.append(f"{self.req.guest}: its monitor does not answer ({e.message})")
+        if st is not None and st.state is RunState.POSTMIGRATE and self.pidfile is not None and self.dest_address:
+            self.kept.append(f"{self.new_name} on {self.dst.label}, not killed: the migration completed, so the "
+                             f"guest's state is there (attached as {self.new_name}; its pid is in {self.pidfile}); "
+                             f"{self.req.guest} is stopped in postmigrate: `cont` it only if {self.new_name} is "
+                             "dead, or quit it once the destination runs")
+            if self.new_name not in self.fleet:
+                self.fleet.add(self.new_name, self.dest_address)
+            return
+        if self.pidfile is not None:
+            p = shlex.quote(self.pidfile)
+            try:
+                # TERM, then KILL if it is still there 2 s later (a stopped or stuck QEMU)
+                r = await self.dst.sh(f"if [ -f {p} ] && pid=$(cat {p}) && kill $pid 2>/dev/null; then echo killed; "
+                                      f"for i in $(seq 20); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
+                                      f"kill -KILL $pid 2>/dev/null; fi; rm -f {p}; true")
+                if "killed" in r.text:
+                    self.undone.append(f"killed {self.new_name} on {self.dst.label}")
+                elif any(s.startswith("started ") and self.new_name in s for s in self.done):
+                    self.undone.append(f"{self.new_name} on {self.dst.label} had exited already")
+            except KvmError as e:
+                self.kept.append(f"could not kill {self.new_name} on {self.dst.label} ({e.message}): its pid is in "
+                                 f"{self.pidfile} there")
+        if st is None:
+            return
+        if self.was_running and not st.running:
+            try:
+                await self.mon.hmp("cont")
+                self.undone.append(f"resumed {self.req.guest}")
+            except KvmError as e:
+                self.kept.append(f"could not resume {self.req.guest} ({e.message}): run `cont` on it")
+                return
+            st = await self.mon.status()
+        self.source_after = f"{self.req.guest} is {st} on {self.src.label}, as before"
+
+    # -- 4. the source -----------------------------------------------------------------------
+    async def _finish(self, result: CrossHostResult) -> None:
+        req = self.req
+        try:
+            if self.confirm is not None:
+                await self.confirm(f"{result.new_name} runs on {self.dst.label}; quit the source {req.guest}?")
+        except Refused:
+            result.source_state = ("kept, stopped after the migration (postmigrate; quitting it was not confirmed): "
+                                   "do not `cont` it while the destination runs")
+            return
+        try:
+            await self.mon.hmp("quit", timeout=10)
+        except KvmError as e:            # QEMU may close the monitor before it answers
+            log.debug("%s: quit: %s", req.guest, e)
+        result.source_state = "quit"
+
+
+async def migrate_to_host(fleet: Fleet, pool: HostPool, req: CrossHostRequest, *, progress: Progress | None = None,
+                          confirm: Confirm | None = None, on_job: OnJob | None = None) -> CrossHostResult:
+    """Run a live migration to another host; see the module docstring."""
+    return await CrossHostMigration(fleet, pool, req, progress=progress, confirm=confirm, on_job=on_job).run()
+
+
+__all__ = ["CrossHostFailed", "CrossHostMigration", "CrossHostRequest", "CrossHostResult", "migrate_to_host",
+           "used_ports"]

@@ -1,0 +1,193 @@
+"""Live migration to another host (`migrate --to-host HOST [--tunnel]`) with real sshd test hosts and
+real QEMU.
+
+The source runs here (kvmshell's host); host ``b`` is a network namespace with its own sshd
+(tests/sshd.py). The two share this machine's filesystem: that is the shared storage live migration
+to another host assumes, and pmemsave files written by the destination are read here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.commands import default_registry
+from kvmshell.core.crosshost import used_ports
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.models import RunState
+from kvmshell.core.monitor import Monitor
+from kvmshell.core.session import Session
+from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.lab.verify import check_guest_memory
+from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
+from tests.test_ssh import pool_for
+from tests.test_static import counter, wait_connected
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
+              pytest.mark.timeout(90), pytest.mark.qemu]
+
+VM = f"xh{secrets.token_hex(3)}"
+WS = 1024          # pages of working set: 4 MiB the guest keeps dirtying
+PACE = 2
+RAM = 64
+BIG_WS = 4096      # 16 MiB: more than the socket buffers hold, so a hung destination stalls the source
+
+
+@pytest.fixture
+async def bed(tmp_path: Path) -> AsyncIterator[SshTestbed]:
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as testbed:
+        testbed.trust()
+        yield testbed
+    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
+
+
+@pytest.fixture
+async def run_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    """The destination's run directory on host b; every QEMU started from it is killed afterwards."""
+    d = tmp_path / "run"
+    yield d
+    left = processes_mentioning(str(d))
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    await wait_for(lambda: asyncio.sleep(0, processes_mentioning(str(d))), lambda pids: not pids,
+                   timeout=10, what="the destinations' QEMU exited")
+
+
+async def source(lab: Lab, ws: int = WS) -> LabGuest:
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=ws, pace=PACE, ram_mib=RAM)
+    await src.wait_heartbeats(2)
+    return src
+
+
+async def moved_and_checked(fleet: Fleet, src: LabGuest, tmp_path: Path) -> None:
+    """The source QEMU is gone; the destination runs with the guest's memory intact."""
+    async with asyncio.timeout(20):
+        await src.proc.wait()
+    dest = await wait_connected(fleet, f"{VM}.b")
+    assert (await dest.status()).state is RunState.RUNNING
+    start = await counter(dest, tmp_path / "c.bin")
+    await wait_for(lambda: counter(dest, tmp_path / "c.bin"), lambda c: c != start, what="the guest runs on b")
+    check = await check_guest_memory(dest, WS, tmp_path)
+    assert check.ok, check.summary()
+
+
+async def active(mon: Monitor) -> None:
+    await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active", timeout=20,
+                   what="the migration is under way")
+
+
+async def gone(run_dir: Path) -> None:
+    await wait_for(lambda: asyncio.sleep(0, processes_mentioning(str(run_dir))), lambda pids: not pids,
+                   timeout=10, what="no destination QEMU left on b")
+
+
+def test_used_ports_reads_proc_net_tcp() -> None:
+    text = ("  sl  local_address rem_address   st tx_queue rx_queue\n"
+            "   0: 0100007F:0016 00000000:0000 0A 00000000:00000000\n"
+            "   1: 00000000000000000000000001000000:C350 00000000000000000000000000000000:0000 0A\n")
+    assert used_ports(text) == {22, 50000}
+
+
+async def test_live_migration_to_host_b_keeps_the_memory_and_quits_the_source(
+        lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path) -> None:
+    src = await source(lab)
+    progress: list[str] = []
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, src.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True, progress=lambda g, m: progress.append(m))
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --dir {run_dir}")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert f"moved live to b as {VM}.b" in text and "source: quit" in text, text
+        assert f"tcp:{bed['b'].addr}:" in text, text
+        assert "warning: the migration stream to host b" in text and "not encrypted" in text, text
+        assert "shared storage" in text, text
+        assert any(m.startswith("starting") for m in progress), progress
+        await moved_and_checked(fleet, src, tmp_path)
+        await session.aclose()
+
+
+async def test_a_destination_that_cannot_start_leaves_the_source_running(
+        lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path) -> None:
+    src = await source(lab, BIG_WS)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, src.address)
+        await fleet.start()
+        mon = fleet.monitor(VM)
+        quiet = Session(fleet, default_registry())
+        [o] = await quiet.run_line(f"@{VM} migrate --to-host b --dir {run_dir}")
+        assert not o.ok and "there is no one to ask: add -y" in (o.error or ""), o.error
+        session = Session(fleet, default_registry(), assume_yes=True)
+        # the image is not there (as without shared storage): refused, nothing started
+        hidden = src.disk.with_suffix(".hidden")
+        src.disk.rename(hidden)
+        try:
+            [o] = await session.run_line(f"@{VM} migrate --to-host b --dir {run_dir}")
+        finally:
+            hidden.rename(src.disk)
+        assert not o.ok and f"{src.disk}: not on host b" in (o.error or ""), o.error
+        assert "needs shared storage" in (o.error or ""), o.error
+        # a run directory that cannot be made: nothing started
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --dir {blocker}/run")
+        assert not o.ok and o.error_title == "live migration failed", o.error
+        assert "nothing was done" in (o.error or "") and f"{VM} is running" in (o.error or ""), o.error
+        assert (o.error or "").startswith(f"start failed: creating {blocker}/run on host b ("), o.error
+        # QEMU starts, then the migration is cancelled: the 7.2 destination exits by itself
+        task = asyncio.create_task(session.run_line(f"@{VM} migrate --to-host b --dir {run_dir} --bandwidth 1M"))
+        await active(mon)
+        assert processes_mentioning(str(run_dir)), "no destination QEMU on b"
+        [c] = await session.run_line(f"@{VM} migrate_cancel")
+        assert c.ok, c.error
+        [o] = await task
+        msg = o.error or ""
+        assert not o.ok and msg.startswith("migration failed: migration cancelled"), msg
+        assert f"undone: {VM}.b on host b" in msg and "had exited already" in msg, msg
+        assert f"{VM} is running on this host, as before" in msg, msg
+        await gone(run_dir)
+        # the destination hangs (SIGSTOP): the stalled migration is cancelled and the destination killed
+        task = asyncio.create_task(session.run_line(f"@{VM} migrate --to-host b --dir {run_dir} --bandwidth 4M --stall-timeout 1"))
+        await active(mon)
+        [pid] = processes_mentioning(str(run_dir))
+        os.kill(pid, signal.SIGSTOP)
+        [o] = await task
+        msg = o.error or ""
+        assert not o.ok and msg.startswith("migration failed: cancelled: no progress for 1 s"), msg
+        assert f"undone: killed {VM}.b on host b" in msg, msg
+        assert f"{VM} is running on this host, as before" in msg, msg
+        await gone(run_dir)
+        assert f"{VM}.b" not in fleet
+        assert (await mon.status()).running and src.alive
+        await src.wait_heartbeats(2)
+        check = await check_guest_memory(mon, BIG_WS, tmp_path)
+        assert check.ok, check.summary()
+        await session.aclose()
+
+
+async def test_tunnelled_live_migration_through_ssh(lab: Lab, bed: SshTestbed, run_dir: Path,
+                                                    tmp_path: Path) -> None:
+    src = await source(lab)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, src.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --tunnel --dir {run_dir}")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert "(through SSH)" in text and "tunnelling costs throughput" in text, text
+        assert "not encrypted" not in text, text
+        await moved_and_checked(fleet, src, tmp_path)
+        await session.aclose()
+    assert not list(Path("/tmp").glob("kvmshell-tunnel-*/mig.sock")), "the tunnel's socket was left behind"
