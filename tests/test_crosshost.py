@@ -26,7 +26,7 @@ from kvmshell.core.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
-from tests.test_ssh import pool_for
+from tests.test_ssh import pool_for, remote
 from tests.test_static import counter, wait_connected
 from tests.waiting import wait_for
 
@@ -114,6 +114,29 @@ async def test_live_migration_to_host_b_keeps_the_memory_and_quits_the_source(
         assert "warning: the migration stream to host b" in text and "not encrypted" in text, text
         assert "shared storage" in text, text
         assert any(m.startswith("starting") for m in progress), progress
+        await moved_and_checked(fleet, src, tmp_path)
+        await session.aclose()
+
+
+async def test_live_migration_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run_dir: Path,
+                                                    tmp_path: Path) -> None:
+    if bed.net is None:
+        pytest.skip("the test hosts are not network namespaces (not root): no host a to migrate from")
+    b_link = bed.net.hosts[1].ip                # b's address on the a-b link (its ssh address is on the uplink)
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM, prefix=bed["a"].prefix)
+    await src.wait_heartbeats(2)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, remote(bed, "a", src.address))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --tunnel --dir {run_dir}")
+        assert not o.ok and "--tunnel needs the source QEMU on this host" in (o.error or ""), o.error
+        [o] = await session.run_line(f"@{VM} migrate --to-host a --dir {run_dir}")
+        assert not o.ok and f"{VM} already runs on host a" in (o.error or ""), o.error
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --address {b_link} --dir {run_dir}")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert f"tcp:{b_link}:" in text and "source: quit" in text, text
         await moved_and_checked(fleet, src, tmp_path)
         await session.aclose()
 

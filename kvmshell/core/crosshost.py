@@ -10,7 +10,8 @@ source uses, at the same paths. The steps, and what a failure at each leaves:
 2. start the destination on HOST from the derived command line (``cmdline.derive``: monitors and
    pidfile in a run directory, ``-incoming defer``, ``-daemonize``), and open its monitor through SSH.
 3. the live-migration engine (``MigrationJob``) with that destination: both sides prepared, the
-   destination listens on ``tcp:ADDR:PORT`` (ADDR: the host of HOST's ssh target, PORT free there),
+   destination listens on ``tcp:ADDR:PORT`` (ADDR: the host of HOST's ssh target, or the address
+   given, which must be one of HOST's; PORT free there),
    or with ``tunnel`` on a unix socket in the run directory that kvmshell forwards a local unix socket
    to through its SSH connection (``transport.forward_local_unix``; the source must run here).
 4. on success: the destination is attached to the fleet as ``GUEST.HOST`` and the source is quit
@@ -66,6 +67,7 @@ class CrossHostRequest:
     tunnel: bool = False
     run_dir: str | None = None        # on HOST: sockets, pidfile, log (default /run/kvmshell/NAME)
     new_name: str | None = None       # default GUEST.HOST
+    address: str | None = None        # where the source reaches HOST (default: the host of its ssh target)
 
 
 @dataclass
@@ -170,6 +172,9 @@ class CrossHostMigration:
         if src_host is not None and pool.key(src_host) == pool.key(req.to):
             raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: start a destination there with "
                           "-incoming defer and use `migrate --to DEST`")
+        if req.tunnel and req.address:
+            raise Refused("--address is where the source connects to HOST directly; with --tunnel it connects "
+                          "to the tunnel's end here: drop one of them")
         if req.tunnel and src_host is not None:
             raise Refused(f"--tunnel needs the source QEMU on this host (the local end of the tunnel is here); "
                           f"{req.guest} runs on {pool.label(src_host)}")
@@ -291,7 +296,7 @@ class CrossHostMigration:
         """(where the source connects, where the destination listens if elsewhere)."""
         if not self.req.tunnel:
             port = await self._free_port()
-            return f"tcp:{_tcp_host(self.dest_target.host)}:{port}", None
+            return f"tcp:{_tcp_host(self.req.address or self.dest_target.host)}:{port}", None
         remote = f"{self.run_dir}/{self.sock_name}.mig"
         if len(remote) > MAX_SOCKET_PATH:
             raise CrossHostFailed(f"{remote}: too long for a unix socket; pick a shorter --dir")

@@ -326,6 +326,8 @@ SPECS = (
                             value="HOST", complete=Completer.HOST),
                        Flag(("--tunnel",), "with --to-host: carry the stream through the SSH connection "
                             "(encrypted; costs throughput; the source must run on this host)"),
+                       Flag(("--address",), "with --to-host: HOST's address as the source reaches it (the "
+                            "destination listens there; default: the host of its ssh target)", value="ADDR"),
                        Flag(("--dir",), "with --to-host: run directory on HOST for the destination's sockets, "
                             "pidfile and log (default /run/kvmshell/GUEST.HOST)", value="DIR"),
                        Flag(("--name",), "with --to-host: the destination's name in kvmshell (default GUEST.HOST)",

@@ -272,7 +272,8 @@ async def migrate_to_host(inv: Invocation) -> Result:
         stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
     req = CrossHostRequest(guest=source, to=host, job=job, tunnel=bool(f.get("tunnel")),
                            run_dir=str(f["dir"]) if f.get("dir") else None,
-                           new_name=str(f["name"]) if f.get("name") else None)
+                           new_name=str(f["name"]) if f.get("name") else None,
+                           address=str(f["address"]) if f.get("address") else None)
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile
