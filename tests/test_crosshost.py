@@ -112,7 +112,7 @@ async def test_live_migration_to_host_b_keeps_the_memory_and_quits_the_source(
         assert f"moved live to b as {VM}.b" in text and "source: quit" in text, text
         assert f"tcp:{bed['b'].addr}:" in text, text
         assert "warning: the migration stream to host b" in text and "not encrypted" in text, text
-        assert "shared storage" in text, text
+        assert "shared storage" in text and "-incoming defer" in text and "-daemonize" in text, text
         assert any(m.startswith("starting") for m in progress), progress
         await moved_and_checked(fleet, src, tmp_path)
         await session.aclose()
@@ -151,7 +151,8 @@ async def test_a_destination_that_cannot_start_leaves_the_source_running(
         quiet = Session(fleet, default_registry())
         [o] = await quiet.run_line(f"@{VM} migrate --to-host b --dir {run_dir}")
         assert not o.ok and "there is no one to ask: add -y" in (o.error or ""), o.error
-        session = Session(fleet, default_registry(), assume_yes=True)
+        progress: list[str] = []
+        session = Session(fleet, default_registry(), assume_yes=True, progress=lambda g, m: progress.append(m))
         # the image is not there (as without shared storage): refused, nothing started
         hidden = src.disk.with_suffix(".hidden")
         src.disk.rename(hidden)
@@ -189,6 +190,7 @@ async def test_a_destination_that_cannot_start_leaves_the_source_running(
         msg = o.error or ""
         assert not o.ok and msg.startswith("migration failed: cancelled: no progress for 1 s"), msg
         assert f"undone: killed {VM}.b on host b" in msg, msg
+        assert any(m.startswith("migration active: pass 1,") for m in progress), progress
         assert f"{VM} is running on this host, as before" in msg, msg
         await gone(run_dir)
         assert f"{VM}.b" not in fleet

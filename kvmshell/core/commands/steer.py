@@ -285,6 +285,7 @@ async def migrate_to_host(inv: Invocation) -> Result:
              f"stream: {r.uri}" + (" (through SSH)" if req.tunnel else ""),
              f"migration: {o.message}",
              f"source: {r.source_state}",
+             f"command on {host}: {r.command}",
              *(f"decision: {d}" for d in o.decisions),
              *(f"note: {n}" for n in r.notes)]
     return Done("\n".join(lines), tuple(r.warnings))
