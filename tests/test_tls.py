@@ -76,3 +76,27 @@ async def test_wrong_ca_fails_cleanly_and_the_source_runs_on(lab: Lab, tmp_path:
         assert (await mon.migrate_parameters()).get("tls-creds") == ""          # dropped again
         check = await check_guest_memory(mon, WS, tmp_path)
         assert check.ok, check.summary()
+
+
+@pytest.mark.qemu
+async def test_migrate_to_with_tls_from_the_shell_language(lab: Lab, tmp_path: Path) -> None:
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.migration.live import FINISHED
+    from kvmshell.core.models import Event
+    from kvmshell.core.session import Session
+    src, dst, fleet, _ = await _migrate(lab, tmp_path, None)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    fleet.subscribe(events.put_nowait)
+    async with fleet:
+        session = Session(fleet, default_registry())
+        [o] = await session.run_line(f"@src migrate --to dst --tls {tmp_path}/pki")
+        assert not o.ok and "tls-init" in (o.error or "")                   # no certificates yet: says how
+        init_ca(tmp_path / "pki", ["localhost"])
+        [o] = await session.run_line(f"@src migrate --to dst --tls {tmp_path}/pki")
+        assert o.ok, o.error
+        async with asyncio.timeout(60):
+            while (ev := await events.get()).name != FINISHED:
+                pass
+        assert ev.data["status"] == "completed", ev.data
+        assert (await fleet.monitor("src").migrate_parameters()).get("tls-creds") == "kvmshell-tls"
+        await session.aclose()

@@ -318,6 +318,8 @@ SPECS = (
                             "in postcopy can lose the guest)"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
+                       Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
+                            "made (needs --to)", value="DIR"),
                        Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
                             value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing"),

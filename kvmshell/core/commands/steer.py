@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
 from kvmshell.core.migration.blockers import explain
+from kvmshell.core.tls import TlsSetup
 from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
 from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.models import MigrationInfo
@@ -33,7 +35,7 @@ def parse_strategy(text: str) -> Strategy:
 
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
-                                      "estimate", "link", "watch", "stall_timeout"))
+                                      "estimate", "link", "watch", "stall_timeout", "tls"))
 
 
 async def migrate_steered(inv: Invocation) -> Result:
@@ -61,7 +63,8 @@ async def migrate_steered(inv: Invocation) -> Result:
         strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
         link=f.get("link") or configured_link(inv), allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
         trace_path=str(f["trace"]) if f.get("trace") else None,
-        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
+        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout,
+        tls=tls_setup(inv, str(dest) if dest else None))
     job = MigrationJob(s.fleet, req)
     await job.prepare()
     await job.start()
@@ -70,6 +73,28 @@ async def migrate_steered(inv: Invocation) -> Result:
         return Watch("info migrate")
     return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
                 "`info migrate` shows progress and the model's prediction")
+
+
+def _host_of(inv: Invocation, guest: str) -> str:
+    """The name a guest's host has in `tls-init` (its ssh host, or localhost)."""
+    ssh = inv.session.fleet.get(guest).address.ssh
+    return ssh.host if ssh is not None else "localhost"
+
+
+def tls_setup(inv: Invocation, dest: str | None) -> TlsSetup | None:
+    """--tls DIR: the per-host directories `kvmshell tls-init DIR HOST...` wrote."""
+    directory = inv.flags.get("tls")
+    if not directory:
+        return None
+    if dest is None:
+        raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=inv.guest)
+    src_host, dst_host = _host_of(inv, inv.guest or ""), _host_of(inv, dest)
+    root = Path(str(directory)).expanduser()
+    for host in (src_host, dst_host):
+        if not (root / host / "ca-cert.pem").exists():
+            raise UsageError(f"--tls {root}: no certificates for {host} there; run `kvmshell tls-init {root} "
+                             f"{src_host} {dst_host}` first", guest=inv.guest)
+    return TlsSetup(str(root / src_host), str(root / dst_host), dst_host)
 
 
 def configured_link(inv: Invocation) -> float | None:
