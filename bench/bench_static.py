@@ -54,7 +54,7 @@ from kvmshell.core.remote import HostPool  # noqa: E402
 from kvmshell.core.session import Session  # noqa: E402
 from kvmshell.lab import image  # noqa: E402
 from kvmshell.lab.launcher import Lab, MonitorKind, choose_accel  # noqa: E402
-from kvmshell.lab.netns import TBF_LATENCY, netns_available, parse_rate, tbf_burst  # noqa: E402
+from kvmshell.lab.netns import TBF_LATENCY, leftover_namespaces, netns_available, parse_rate, tbf_burst  # noqa: E402
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run  # noqa: E402
 
 VM = "benchst"
@@ -69,11 +69,17 @@ class Timed:
     pumps: list[tuple[str, int, float]] = field(default_factory=list)      # file, bytes, seconds
     hashes: list[tuple[str, float, float]] = field(default_factory=list)   # host, start, end
     progress: list[tuple[float, str]] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)                   # StaticResult.times, unrounded
 
 
 def instrument(timed: Timed) -> None:
     """Time the engine's transfer loop and its sha256 runs by wrapping them (the engine is unchanged)."""
-    pump, sha = engine.StaticMigration._pump, engine.Side.sha256
+    pump, sha, run_ = engine.StaticMigration._pump, engine.Side.sha256, engine.StaticMigration.run
+
+    async def timed_run(self):  # type: ignore[no-untyped-def]
+        result = await run_(self)
+        timed.times.update(result.times)
+        return result
 
     async def timed_pump(self, src, out, f, offset):  # type: ignore[no-untyped-def]
         t = time.monotonic()
@@ -90,6 +96,7 @@ def instrument(timed: Timed) -> None:
 
     engine.StaticMigration._pump = timed_pump  # type: ignore[method-assign]
     engine.Side.sha256 = timed_sha  # type: ignore[method-assign]
+    engine.StaticMigration.run = timed_run  # type: ignore[method-assign]
 
 
 async def shape(bed: SshTestbed, rate: str) -> list[str]:
@@ -159,6 +166,7 @@ async def bench(args: argparse.Namespace, base: Path) -> dict[str, object]:
     async with SshTestbed(base / "ssh", ("a", "b")) as bed:
         bed.trust()
         assert bed.net is not None
+        res["netns_id"] = bed.net.id
         res["shaped"] = await shape(bed, args.rate) if args.rate else []
         dest = base / "dest"
         scp_dir = base / "scp"
@@ -206,7 +214,7 @@ async def bench(args: argparse.Namespace, base: Path) -> dict[str, object]:
                     finally:
                         await session.aclose()
                 res["report"] = report
-                res["times"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", str(report.get("times", "")))}
+                res["times"] = dict(timed.times)
                 # the files kvmshell copied, as they are on a now (the source stays paused)
                 files = [lab.workdir / f"boot-{ws}-{pace}.raw", disk]
                 res["files"] = [(f.name, f.stat().st_size) for f in files]
@@ -285,7 +293,7 @@ def render(args: argparse.Namespace, res: dict[str, object], machine: str, when:
     r_copy_direct = direct / copy if copy else float("nan")
     r_copy_relay = relay / copy if copy else float("nan")
     ratios = [
-        f"kvmshell throughput / scp throughput (1.00 = as fast; target >= 0.90):",
+        "kvmshell throughput / scp throughput (1.00 = as fast; target >= 0.90):",
         f"  SFTP transfer vs scp a->b        {r_transfer_direct:.2f}",
         f"  SFTP transfer vs scp -3 via here {r_transfer_relay:.2f}",
         f"  whole copy step vs scp a->b      {r_copy_direct:.2f}",
@@ -310,7 +318,9 @@ def render(args: argparse.Namespace, res: dict[str, object], machine: str, when:
         f"{args.ram_mib} MiB RAM, {args.ws_mib} MiB working set dirtied at ~{args.dirty_mbps:g} MB/s. "
         f"`static-migrate {VM} --to b --keep-source` through kvmshell's Session; link: "
         f"{args.rate or 'unshaped'}{' (a-b veth and both uplinks)' if args.rate else ''}. "
-        f"Files copied: {files}; {nbytes / 1e6:.0f} MB in all. {res['ssh_version']}.",
+        f"Files copied: {files}; {nbytes / 1e6:.0f} MB in all. {res['ssh_version']}. "
+        f"1-minute load average before/after the run: {res['load'][0]:.2f}/{res['load'][1]:.2f}; "  # type: ignore[index]
+        f"other QEMU processes on the machine before/after: {res['others'][0]}/{res['others'][1]}.",  # type: ignore[index]
         "",
         "```",
         table,
@@ -342,8 +352,14 @@ async def main() -> int:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"machine: {machine}, {when}, link {args.rate or 'unshaped'}", flush=True)
     base = Path(tempfile.mkdtemp(prefix="kvmshell-bench-static-"))
+    load_before, others_before = os.getloadavg()[0], len(processes_mentioning("qemu-system"))
     try:
         res = await bench(args, base)
+        res["load"] = (load_before, os.getloadavg()[0])
+        res["others"] = (others_before, len(processes_mentioning("qemu-system")))
+        left = [*leftover_namespaces(str(res["netns_id"])), *map(str, processes_mentioning(str(base)))]
+        if left:
+            raise RuntimeError(f"left behind: {left}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     table, md = render(args, res, machine, when)
