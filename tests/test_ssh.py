@@ -445,5 +445,6 @@ async def test_discover_here_and_through_a_jump_host(lab: Lab, tmp_path: Path) -
             finally:
                 await mon.close()
         assert accepted(bed, "a") == 1 and accepted(bed, "b") == 1
-    here = [g for g in await discover(None, None) if g.pid == guest.pid]
-    assert here and here[0].monitor == guest.address      # the same scan on this machine, no SSH
+        here = [g for g in await discover(None, None) if g.pid == guest.pid]
+        assert here and here[0].monitor == guest.address      # the same scan on this machine, no SSH
+    await asyncio.wait_for(guest.proc.wait(), 10)      # the test host's end took its QEMU along

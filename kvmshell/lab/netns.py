@@ -42,6 +42,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import signal
 import re
 import secrets
 import shutil
@@ -247,6 +248,7 @@ class TestNetwork:
         failures = []
         while self._created:
             ns = self._created.pop()
+            await self._kill_inside(ns)
             rc, out = await _run("ip", "netns", "del", ns)
             if rc and "No such file" not in out:      # already gone is fine
                 failures.append(f"{ns}: {out}")
@@ -259,6 +261,20 @@ class TestNetwork:
             log.warning("%s", msg)
         else:
             log.info("test network %s removed", self.id)
+
+    @staticmethod
+    async def _kill_inside(ns: str) -> None:
+        """Nothing outlives its test host: processes still in the namespace (an sshd's session
+        process, a QEMU a test forgot) are killed before it goes."""
+        rc, out = await _run("ip", "netns", "pids", ns)
+        pids = [int(p) for p in out.split() if p.isdigit()] if rc == 0 else []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if pids:
+            log.info("killed %d process(es) left in %s", len(pids), ns)
 
     def _require_up(self) -> None:
         if not self._entered:
