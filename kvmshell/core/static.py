@@ -39,6 +39,7 @@ from datetime import datetime
 from typing import Any, Protocol as TypingProtocol
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, parse_cmdline, rewrite_images
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
@@ -230,12 +231,6 @@ def _ram_bytes(cmd: QemuCommand) -> int:
     return 128 << 20
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -314,11 +309,11 @@ class StaticMigration:
         avail = await self._avail()
         ram = _ram_bytes(self.cmd)
         if avail < need:
-            raise Refused(f"not enough space in {self.dest_dir} on {self.dst.label}: {_human(avail)} free, the "
-                          f"images need {_human(need)} (plus up to {_human(ram)} of saved RAM)")
+            raise Refused(f"not enough space in {self.dest_dir} on {self.dst.label}: {human_bytes(avail)} free, the "
+                          f"images need {human_bytes(need)} (plus up to {human_bytes(ram)} of saved RAM)")
         if avail < need + ram:
-            self.warnings.append(f"{self.dest_dir} has {_human(avail)} free: enough for the images "
-                             f"({_human(need)}) but maybe not for the saved RAM (up to {_human(ram)})")
+            self.warnings.append(f"{self.dest_dir} has {human_bytes(avail)} free: enough for the images "
+                             f"({human_bytes(need)}) but maybe not for the saved RAM (up to {human_bytes(ram)})")
 
     async def _check_replay_images(self) -> None:
         tops = [f for f in self.files if f.top]
@@ -542,7 +537,7 @@ class StaticMigration:
         need, avail = await self._space_needed(), await self._avail()
         if avail < need:
             raise StaticFailed(f"not enough space in {self.dest_dir} on {self.dst.label} after savevm: "
-                               f"{_human(avail)} free, {_human(need)} to copy")
+                               f"{human_bytes(avail)} free, {human_bytes(need)} to copy")
         self._total, self._before = sum(f.size for f in self.files), 0
         copied = 0
         sftp = await self.dst.sftp()
@@ -573,9 +568,9 @@ class StaticMigration:
         if offset > f.size:
             offset = 0
         if offset:
-            self.progress(f"{os.path.basename(f.dest)}: checking the {_human(offset)} copied before")
+            self.progress(f"{os.path.basename(f.dest)}: checking the {human_bytes(offset)} copied before")
             if await self.src.sha256(f.source, offset) == await self.dst.sha256(part, size=offset):
-                f.outcome = f"resumed at {_human(offset)}"
+                f.outcome = f"resumed at {human_bytes(offset)}"
             else:
                 offset = 0
         if not offset:
@@ -593,7 +588,7 @@ class StaticMigration:
                 raise e from None
             if avail < CHUNK:
                 raise StaticFailed(f"no space left in {self.dest_dir} on {self.dst.label} while copying "
-                                   f"{os.path.basename(f.dest)} ({_human(avail)} free; {e.message})") from None
+                                   f"{os.path.basename(f.dest)} ({human_bytes(avail)} free; {e.message})") from None
             raise
         finally:
             await src.close()
@@ -641,7 +636,7 @@ class StaticMigration:
                     last = now
                     rate = (offset - start) / max(now - t0, 1e-6)
                     overall = (self._before + offset) * 100 // max(self._total, 1)
-                    self.progress(f"copying {name}: {_human(offset)} of {_human(f.size)} "
+                    self.progress(f"copying {name}: {human_bytes(offset)} of {human_bytes(f.size)} "
                                   f"({offset * 100 // max(f.size, 1)} %; {overall} % of all), {rate / 1e6:.0f} MB/s")
             await task
         finally:
