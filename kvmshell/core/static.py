@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
 from kvmshell.core.commands.results import human_bytes
