@@ -250,3 +250,19 @@ async def test_block_migration_with_dash_b_on_qemu_72(lab: Lab) -> None:
         await dst.proc.wait()
     proc = await asyncio.create_subprocess_exec("qemu-img", "compare", "-q", str(src.disk), str(empty))
     assert await proc.wait() == 0, "the destination's disk differs from the source's"
+
+
+async def test_attach_finds_running_guests_on_this_machine(lab: Lab, two: tuple[Session, LabGuest, LabGuest]) -> None:
+    import secrets
+    s, q, h = two
+    name = f"extra-{secrets.token_hex(3)}"        # --match keeps other tests' guests (xdist) out of it
+    extra = await lab.start(name, MonitorKind.QMP_UNIX, paused=True)
+    [o] = await s.run_line(f"attach --match {name}")
+    table = ok(o)
+    assert name in table and str(extra.address) in table and "connected" in table
+    assert (await s.fleet.monitor(name).status()).state is RunState.PRELAUNCH
+    [again] = await s.run_line(f"attach --match {name}")
+    assert "not attached already" in ok(again)                                      # nothing new the 2nd time
+    assert s.fleet.names.count("q") == 1 and len(s.fleet) == 3
+    [bad] = await s.run_line("attach nosuchhost")
+    assert not bad.ok and "no host 'nosuchhost' in the config" in (bad.error or "")

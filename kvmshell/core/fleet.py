@@ -172,7 +172,7 @@ class Fleet:
             guest.attempts += 1
             mon = make_monitor(guest.name, guest.address, timeout=self.timeout,
                                connect_timeout=self.connect_timeout,
-                               hosts=self._host_pool() if guest.address.ssh is not None else None)
+                               hosts=self.host_pool() if guest.address.ssh is not None else None)
             try:
                 await mon.connect()
             except KvmError as e:
@@ -202,7 +202,7 @@ class Fleet:
             if not self.reconnect:
                 return
 
-    def _host_pool(self) -> HostPool:
+    def host_pool(self) -> HostPool:
         if self.hosts is None:
             from kvmshell.core.remote import HostPool
             self.hosts = HostPool(connect_timeout=self.connect_timeout)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 
 from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text, Watch
-from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Scope, UsageError
+from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
 from kvmshell.core.fleet import GuestState
 from kvmshell.core.session import Invocation
 from kvmshell.errors import KvmError
@@ -72,6 +73,46 @@ async def use(inv: Invocation) -> Result:
     return KeyValues((("current guest", name),))
 
 
+async def attach(inv: Invocation) -> Result:
+    """Attach the QEMU guests running on HOST (or this machine) that are not attached yet."""
+    from kvmshell.core.address import GUEST_NAME_RE
+    from kvmshell.core.remote import discover
+    s = inv.session
+    host = inv.values.get("host")
+    if host is not None and str(host) not in s.config.hosts:
+        known = ", ".join(s.config.hosts) or "none configured"
+        raise UsageError(f"no host {host!r} in the config (hosts: {known})")
+    pool = s.fleet.host_pool() if host is not None else None
+    found = await discover(pool, str(host) if host is not None else None)
+    have = {str(g.address) for g in s.fleet}
+    added: list[str] = []
+    pattern = inv.flags.get("match")
+    for g in found:
+        if str(g.monitor) in have or any(str(m) in have for m in g.monitors):
+            continue
+        if pattern and not fnmatch.fnmatchcase(g.name, str(pattern)):
+            continue
+        name = g.name if GUEST_NAME_RE.fullmatch(g.name) and g.name != "all" else f"qemu-{g.pid}"
+        if name in s.fleet:
+            name = f"{name}-{g.pid}"
+        try:
+            s.fleet.add(name, g.monitor)
+        except KvmError:
+            continue                    # the same monitor under another spelling: already attached
+        added.append(name)
+    if not added:
+        where = f"on {host}" if host is not None else "on this machine"
+        return Table(("NAME", "ADDRESS", "STATUS"), (), empty=f"no guest {where} that is not attached already")
+    await asyncio.wait_for(s.fleet.wait_first_attempts(added), s.fleet.connect_timeout + 5)
+    for name in added:
+        s.data.schedule(name)
+    rows = []
+    for name in added:
+        g = s.fleet.get(name)
+        rows.append((name, str(g.address), g.state.value if g.reason is None else f"{g.state.value}: {g.reason}"))
+    return Table(("NAME", "ADDRESS", "STATUS"), tuple(rows))
+
+
 async def watch(inv: Invocation) -> Result:
     line = str(inv.values["line"])
     plan = inv.session.plan(line)           # check it now, before the face starts redrawing
@@ -91,6 +132,12 @@ SPECS = (
     CommandSpec("guests", "list the attached guests with their state", guests, scope=Scope.SHELL, category="shell"),
     CommandSpec("use", "make NAME the current guest (the prompt shows it)", use, scope=Scope.SHELL,
                 args=(Arg("name", "guest name", complete=Completer.GUEST),), category="shell"),
+    CommandSpec("attach", "attach the QEMU guests running on HOST (default: this machine)", attach,
+                scope=Scope.SHELL,
+                args=(Arg("host", "a [hosts.NAME] of the config", optional=True, complete=Completer.HOST),),
+                flags=(Flag(("--match",), "only guests whose QEMU -name matches GLOB", value="GLOB"),),
+                details="Finds QEMU processes and their monitor sockets from /proc (over SSH for a host) and "
+                        "attaches those not attached yet, QMP first.", category="shell"),
     CommandSpec("watch", "show a command's output live, twice a second, until Ctrl-C", watch, scope=Scope.SHELL,
                 args=(Arg("line", "the command, e.g. info migrate", rest=True, complete=Completer.COMMAND),),
                 details="Ctrl-C returns to the prompt; it does not cancel anything.", category="shell"),
