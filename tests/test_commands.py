@@ -185,7 +185,7 @@ async def test_live_migration_by_hmp_commands(lab: Lab, tmp_path: Path) -> None:
         ok(await one(s, "@src migrate_set_speed 10G"))
         assert "started" in ok(await one(s, f"@src migrate -d tcp:127.0.0.1:{port}"))
         text = await wait_for(lambda: one(s, "@src info migrate"),
-                              lambda o: not o.ok or "Migration status: completed" in ok(o)
+                              lambda o: not o.ok or ("Migration status: completed" in ok(o) and "downtime:" in ok(o))
                               or "failed" in ok(o), timeout=60, what="migration end")
         text = ok(text)
         assert "Migration status: completed" in text

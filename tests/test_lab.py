@@ -13,7 +13,7 @@ from kvmshell.core.monitor import open_monitor
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
-from tests.waiting import free_port
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -77,7 +77,9 @@ async def test_live_migration_keeps_memory_and_parses_info_migrate(lab: Lab, tmp
         await s.hmp(f"migrate -d tcp:127.0.0.1:{port}")
         async with asyncio.timeout(60):
             await done.wait()
-        info = await s.migration()
+        # QEMU says `completed` a moment before it fills in total-time: wait for the figures to settle
+        info = await wait_for(s.migration, lambda m: m.total_time_ms is not None and m.total_time_ms > 0,
+                              timeout=10, what="total-time after completion")
         assert info.status is MigrationStatus.COMPLETED, info
         text = hmptext.parse_migrate(await s.hmp("info migrate"))
         assert text.status is MigrationStatus.COMPLETED
