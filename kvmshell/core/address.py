@@ -63,6 +63,11 @@ class Address:
         prefix = f"{self.ssh}/" if self.ssh else ""
         return f"{prefix}{self.protocol.value}:{self.kind.value}:{self.target}"
 
+    def same_target(self, other: Address) -> bool:
+        """The same monitor, whichever way it is reached (the ssh:// prefix is not compared)."""
+        return (self.protocol, self.kind, self.path, self.host, self.port) == \
+            (other.protocol, other.kind, other.path, other.host, other.port)
+
     @classmethod
     def unix(cls, protocol: Protocol | str, path: str) -> Address:
         return cls(Protocol(protocol), Kind.UNIX, path=path)

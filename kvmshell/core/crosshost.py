@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
-from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, parse_cmdline, rewrite_images
+from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, rewrite_images
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.models import Event, RunState
 from kvmshell.core.monitor import Monitor, open_monitor
-from kvmshell.core.remote import HostPool, discover
-from kvmshell.core.static import Side
+from kvmshell.core.remote import HostPool
+from kvmshell.core.static import Side, source_command
 from kvmshell.core.transport import LocalForward, forward_local_unix
-from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
+from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,6 @@ class CrossHostResult:
 Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
 OnJob = Callable[[MigrationJob], None]
-
-
-def _same(a: Address, b: Address) -> bool:
-    return (a.protocol, a.kind, a.path, a.host, a.port) == (b.protocol, b.kind, b.path, b.host, b.port)
 
 
 def _tcp_host(host: str) -> str:
@@ -200,22 +196,11 @@ class CrossHostMigration:
                           f"{MAX_SOCKET_PATH} characters with the socket name): pick a shorter one")
 
     async def _command_line(self) -> QemuCommand:
-        host = self.address.ssh
-        found = await discover(self.pool if host else None, host)
-        match = next((g for g in found if any(_same(m, self.address) for m in g.monitors)), None)
-        if match is None:
-            raise CommandFailed(f"cannot find the QEMU process behind {self.address} on {self.src.label} (no process "
-                                "there has that monitor socket): its command line is needed to start the destination",
-                                guest=self.req.guest)
-        self.source_pid = match.pid
-        raw = await self.src.sh(f"cat /proc/{match.pid}/cmdline")
-        try:
-            cmd = parse_cmdline(raw.stdout)
-        except ValueError as e:
-            raise CommandFailed(f"pid {match.pid} on {self.src.label}: {e}", guest=self.req.guest) from None
+        self.source_pid, cmd = await source_command(self.pool, self.src, self.address, self.req.guest,
+                                                    "the destination")
         given = images_of(cmd)
         if any(not p.startswith("/") for p in given):          # relative to where the source QEMU started
-            cwd = (await self.src.check(f"readlink /proc/{match.pid}/cwd", "the QEMU's directory")).strip()
+            cwd = (await self.src.check(f"readlink /proc/{self.source_pid}/cwd", "the QEMU's directory")).strip()
             cmd = rewrite_images(cmd, {p: f"{cwd.rstrip('/')}/{p}" for p in given if not p.startswith("/")})
         return cmd
 

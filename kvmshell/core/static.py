@@ -236,8 +236,20 @@ def _ram_bytes(cmd: QemuCommand) -> int:
 _TAG_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def _same(a: Address, b: Address) -> bool:
-    return (a.protocol, a.kind, a.path, a.host, a.port) == (b.protocol, b.kind, b.path, b.host, b.port)
+async def source_command(pool: HostPool, side: Side, address: Address, guest: str, purpose: str
+                         ) -> tuple[int, QemuCommand]:
+    """The pid and command line of the QEMU behind ``address`` (found on its host from /proc)."""
+    host = address.ssh
+    found = await discover(pool if host else None, host)
+    match = next((g for g in found if any(m.same_target(address) for m in g.monitors)), None)
+    if match is None:
+        raise CommandFailed(f"cannot find the QEMU process behind {address} on {side.label} (no process there "
+                            f"has that monitor socket): its command line is needed to start {purpose}", guest=guest)
+    raw = await side.sh(f"cat /proc/{match.pid}/cmdline")
+    try:
+        return match.pid, parse_cmdline(raw.stdout)
+    except ValueError as e:
+        raise CommandFailed(f"pid {match.pid} on {side.label}: {e}", guest=guest) from None
 
 
 class StaticMigration:
@@ -283,7 +295,7 @@ class StaticMigration:
         if self.new_name in self.fleet:
             raise Refused(f"a guest named {self.new_name!r} is already attached")
         for g in await discover(pool, req.to):
-            if g.pid == self.source_pid and any(_same(m, self.address) for m in g.monitors):
+            if g.pid == self.source_pid and any(m.same_target(self.address) for m in g.monitors):
                 continue               # the source itself, seen through a process table both hosts share
             if g.name in (self.qemu_name, f"{self.qemu_name}-{g.pid}"):     # discover adds -PID to twins
                 raise Refused(f"a guest named {self.qemu_name!r} already runs on {self.dst.label} (pid {g.pid}): "
@@ -361,20 +373,8 @@ class StaticMigration:
                                    if s is not None), return_exceptions=True)
 
     async def _command_line(self) -> QemuCommand:
-        host = self.address.ssh
-        found = await discover(self.pool if host else None, host)
-        match = next((g for g in found if any(_same(m, self.address) for m in g.monitors)), None)
-        if match is None:
-            where = self.src.label
-            raise CommandFailed(f"cannot find the QEMU process behind {self.address} on {where} (no process there "
-                                "has that monitor socket): its command line is needed to start the copy",
-                                guest=self.req.guest)
-        self.source_pid = match.pid
-        raw = await self.src.sh(f"cat /proc/{match.pid}/cmdline")
-        try:
-            return parse_cmdline(raw.stdout)
-        except ValueError as e:
-            raise CommandFailed(f"pid {match.pid} on {self.src.label}: {e}", guest=self.req.guest) from None
+        self.source_pid, cmd = await source_command(self.pool, self.src, self.address, self.req.guest, "the copy")
+        return cmd
 
     async def _images(self) -> list[ImageFile]:
         paths = images_of(self.cmd)
