@@ -55,6 +55,7 @@ class GuestConfig:
     name: str
     address: Address
     host: str | None = None
+    unplug: tuple[str, ...] = ()       # devices to unplug before a migration and plug back after
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,10 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         check_guest_name(name, where)
         if not isinstance(g, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(g, {"monitor": str, "host": str}, where)
+        _check_keys(g, {"monitor": str, "host": str, "unplug": list}, where)
+        unplug = g.get("unplug", [])
+        if not all(isinstance(d, str) and d for d in unplug):
+            raise ConfigError(f"{where}.unplug: expected a list of device ids, e.g. unplug = [\"hostnet0\"]")
         if "monitor" not in g:
             raise ConfigError(f"{where}: missing key 'monitor' (e.g. monitor = \"qmp:unix:/run/{name}.qmp\")")
         address = parse_address(g["monitor"], f"{where} monitor")
@@ -169,7 +173,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
             if address.ssh is None:
                 address = Address(address.protocol, address.kind, address.path, address.host,
                                   address.port, hosts[host].ssh)
-        guests[name] = GuestConfig(name, address, host)
+        guests[name] = GuestConfig(name, address, host, tuple(unplug))
     return Config(path, defaults, hosts, guests)
 
 

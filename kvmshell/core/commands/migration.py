@@ -292,6 +292,12 @@ async def info_dirty_rate(inv: Invocation) -> Result:
     return KeyValues(tuple(items))
 
 
+def parse_copy_storage(text: str) -> str:
+    if text not in ("all", "inc"):
+        raise ValueError(f"{text!r}: expected all (whole disks) or inc (top layer over a shared backing file)")
+    return text
+
+
 def _uri(text: str) -> str:
     return check_uri(text)
 
@@ -323,6 +329,14 @@ SPECS = (
                        Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
                             value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing"),
+                       Flag(("--copy-storage",), "no shared storage: copy the disks over NBD while RAM migrates "
+                            "(all: whole disks; inc: the top qcow2 layer over a backing file both hosts have)",
+                            value="all|inc", parse=parse_copy_storage),
+                       Flag(("--unplug",), "unplug this device (a passthrough NIC...) before, plug it back after "
+                            "(on the destination; on the source if the migration fails)", value="DEVICE_ID",
+                            repeat=True),
+                       Flag(("--replug",), "plug SPEC (device_add syntax) on the destination instead of the "
+                            "unplugged device ID", value="ID=SPEC", repeat=True),
                        Flag(("--to-host",), "live-migrate to another host ([hosts.NAME]): kvmshell starts the "
                             "destination there over SSH (shared storage: same image paths), then quits the source",
                             value="HOST", complete=Completer.HOST),

@@ -68,6 +68,7 @@ class Flag:
     value: str | None = None             # metavar when the flag takes a value
     parse: Callable[[str], Any] = str
     complete: Completer = Completer.NONE
+    repeat: bool = False                 # may be given more than once: the values form a list
 
     @property
     def key(self) -> str:
@@ -94,7 +95,7 @@ class CommandSpec:
     def usage(self) -> str:
         parts = [self.name]
         for f in self.flags:
-            parts.append(f"[{f.names[0]}{' ' + f.value if f.value else ''}]")
+            parts.append(f"[{f.names[0]}{' ' + f.value if f.value else ''}]{'...' if f.repeat else ''}")
         for a in self.args:
             parts.append(f"[{a.name.upper()}]" if a.optional else a.name.upper())
         return " ".join(parts)
@@ -175,7 +176,13 @@ class Registry:
                 if f.value:
                     if i + 1 >= len(words):
                         raise UsageError(f"{w} needs a value ({f.value}); usage: {spec.usage}")
-                    flags[f.key] = self._value(spec, f.parse, words[i + 1], f.names[0])
+                    value = self._value(spec, f.parse, words[i + 1], f.names[0])
+                    if f.repeat:
+                        flags.setdefault(f.key, []).append(value)
+                    elif f.key in flags:
+                        raise UsageError(f"{w} given twice; usage: {spec.usage}")
+                    else:
+                        flags[f.key] = value
                     i += 2
                 else:
                     flags[f.key] = True

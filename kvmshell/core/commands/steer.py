@@ -13,6 +13,7 @@ from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, hum
 from kvmshell.core.migration.blockers import explain
 from kvmshell.core.tls import TlsSetup
 from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.stages import Stage
 from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.models import MigrationInfo
 from kvmshell.core.monitor import Monitor
@@ -35,7 +36,8 @@ def parse_strategy(text: str) -> Strategy:
 
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
-                                      "estimate", "link", "watch", "stall_timeout", "tls"))
+                                      "estimate", "link", "watch", "stall_timeout", "tls", "copy_storage",
+                                      "unplug", "replug"))
 
 
 async def migrate_steered(inv: Invocation) -> Result:
@@ -65,14 +67,36 @@ async def migrate_steered(inv: Invocation) -> Result:
         trace_path=str(f["trace"]) if f.get("trace") else None,
         stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout,
         tls=tls_setup(inv, str(dest) if dest else None))
-    job = MigrationJob(s.fleet, req)
+    stages = stages_for(inv, source, req.dest)
+    job = MigrationJob(s.fleet, req, stages=stages)
     await job.prepare()
-    await job.start()
-    s.launch(job)
+    if not stages:
+        await job.start()                  # a failure at once is this command's error
+    s.launch(job)                          # with stages, their work and the start run in the background
     if f.get("watch"):
         return Watch("info migrate")
+    warnings = tuple(w for st in stages for w in st.warnings)
+    if stages:
+        return Done(f"preparing ({', '.join(st.name for st in stages)}), then migrating to {req.dest or job.uri} "
+                    f"({job.uri}), strategy {req.strategy.value}; `info migrate` shows progress", warnings)
     return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
                 "`info migrate` shows progress and the model's prediction")
+
+
+def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
+    """The stages the flags ask for, in the order they run: devices leave before the disks are
+    mirrored and come back after."""
+    f = inv.flags
+    stages: list[Stage] = []
+    guest_cfg = inv.session.config.guests.get(source)
+    unplug = list(f.get("unplug") or []) or list(guest_cfg.unplug if guest_cfg is not None else ())
+    if unplug or f.get("replug"):
+        from kvmshell.core.migration.passthrough import passthrough_stage
+        stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
+    if f.get("copy_storage"):
+        from kvmshell.core.migration.storage import storage_stage
+        stages.append(storage_stage(inv, source, dest, str(f["copy_storage"])))
+    return stages
 
 
 def _host_of(inv: Invocation, guest: str) -> str:
@@ -144,10 +168,12 @@ def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str,
                     items.append(("would converge with", f"downtime limit >= {pred.downtime_limit_needed_ms:.0f} ms"
                                   + (f", or bandwidth >= {pred.bandwidth_needed / 1e6:.0f} MB/s"
                                      if pred.bandwidth_needed else "")))
+        for stage in job.stages:
+            items += stage.lines()
         for d in job.decisions[-3:]:
             items.append(("decision", d))
         if job.outcome is not None:
-            items.append(("outcome", job.outcome.message))
+            items.append(("outcome", job.outcome.full_message))
     return items
 
 

@@ -14,7 +14,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from kvmshell.core.migration.blockers import explain
 from kvmshell.core.migration.model import Prediction, Verdict, assess
 from kvmshell.core.migration.sampler import Sampler
 from kvmshell.core.migration.samples import Sample, TraceEvent, TraceHeader, TraceWriter
+from kvmshell.core.migration.stages import Stage
 from kvmshell.core.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor import Monitor
 from kvmshell.core.tls import TlsSetup, disable as tls_disable, enable as tls_enable
@@ -71,10 +72,15 @@ class MigrationOutcome:
     at_start: Prediction | None = None
     after_first_pass: Prediction | None = None
     decisions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)        # what the stages did and undid
 
     @property
     def ok(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def full_message(self) -> str:
+        return "; ".join([self.message, *self.notes])
 
 
 def free_local_port() -> int:
@@ -84,9 +90,14 @@ def free_local_port() -> int:
 
 
 class MigrationJob:
-    def __init__(self, fleet: Fleet, request: MigrationRequest, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, fleet: Fleet, request: MigrationRequest, *, clock: Callable[[], float] = time.monotonic,
+                 stages: Sequence[Stage] = ()) -> None:
         self.fleet = fleet
         self.req = request
+        self.stages: list[Stage] = list(stages)
+        self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
+        self._started = False                 # `migrate` was sent
+        self._switchover: asyncio.Task[None] | None = None
         self.clock = clock
         self.source: Monitor = fleet.monitor(request.source)
         self.dest: Monitor | None = fleet.monitor(request.dest) if request.dest else None
@@ -118,6 +129,33 @@ class MigrationJob:
 
     # -- preparing both sides -------------------------------------------------------------------
     async def prepare(self) -> None:
+        """Check and set up both sides; nothing runs yet. A failure leaves both as they were."""
+        try:
+            await self._prepare()
+        except BaseException as e:
+            await self._unwind(str(e) if isinstance(e, KvmError) else "interrupted")
+            raise
+
+    async def _unwind(self, why: str) -> None:
+        """Undo what was set up before `migrate` was sent: the stages, the TLS credentials."""
+        failed = MigrationOutcome("failed", why)
+        await self._finish_stages(failed)
+        if self._tls_on:
+            await self._tls_off()
+        await self._close_trace()
+
+    async def _finish_stages(self, outcome: MigrationOutcome) -> None:
+        for stage in reversed(self._prepared):
+            try:
+                await stage.finish(self, outcome)
+            except KvmError as e:
+                stage.notes.append(f"{stage.name}: could not finish: {e}")
+            except Exception as e:          # a bug in a stage must not hide the outcome
+                log.exception("stage %s failed to finish", stage.name)
+                stage.notes.append(f"{stage.name}: could not finish: {e}")
+        self._prepared = []
+
+    async def _prepare(self) -> None:
         src = self.source
         info = await src.migration()
         if info.status.is_active:
@@ -143,9 +181,12 @@ class MigrationJob:
             caps["auto-converge"] = strategy in (Strategy.CONVERGE, Strategy.AUTO) and not (
                 strategy is Strategy.AUTO and self.req.allow_postcopy)
             self._postcopy_ready = postcopy
+        if any(stage.pause_before_switchover for stage in self.stages):
+            caps["pause-before-switchover"] = True
         await self._set_caps(src, caps)
         if self.dest is not None:
-            await self._set_caps(self.dest, {k: v for k, v in caps.items() if k != "events"} | {"events": True})
+            await self._set_caps(self.dest, {k: v for k, v in caps.items()
+                                             if k not in ("events", "pause-before-switchover")} | {"events": True})
         if strategy is not Strategy.NONE:
             new: dict[str, Any] = {"max-bandwidth": self.req.bandwidth or (int(self.req.link) if self.req.link else UNCAPPED)}
             if self.req.downtime_ms is not None:
@@ -170,6 +211,9 @@ class MigrationJob:
             self.uri = f"tcp:127.0.0.1:{free_local_port()}"
         if self.uri is None:
             raise CommandFailed("no URI and no destination guest", guest=self.req.source)
+        for stage in self.stages:
+            self._prepared.append(stage)
+            await stage.prepare(self)
         if self.dest is not None:
             await self._incoming(self.dest, self.uri)
 
@@ -207,15 +251,27 @@ class MigrationJob:
 
     # -- running --------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Send `migrate`; raise CommandFailed if it fails at once (nothing listening, refused)."""
+        """Run the stages' ``before_start``, then send `migrate`; raise CommandFailed if it fails at
+        once (nothing listening, refused). A failure undoes the stages."""
+        try:
+            await self._start()
+        except BaseException as e:
+            if not self._started:
+                await self._unwind(str(e) if isinstance(e, KvmError) else "interrupted")
+            raise
+
+    async def _start(self) -> None:
         assert self.uri is not None
         src = self.source
         await self.attach_trace()
+        for stage in self.stages:
+            await stage.before_start(self)
         self.sampler.start = self.clock()
         if src.protocol is Protocol.QMP:
             await src.execute("migrate", {"uri": self.uri})
         else:
             await src.hmp(f"migrate -d {self.uri}")
+        self._started = True
         self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy.value}, "
                              f"downtime limit {self._downtime_s * 1000:.0f} ms, "
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
@@ -226,9 +282,7 @@ class MigrationJob:
             first = await self.sampler.sample()
         if first is not None and first.status == "failed":
             info = await src.migration()
-            if self._tls_on:
-                await self._tls_off()
-            await self._close_trace()
+            await self._unwind(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}")
             raise CommandFailed(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}; "
                                 f"{self.req.source} runs on as before", guest=self.req.source)
 
@@ -250,7 +304,19 @@ class MigrationJob:
                                       note=f"to {self.req.dest or self.uri or 'an unmanaged destination'}"))
 
     async def run(self) -> MigrationOutcome:
-        """Follow the migration to its end; the outcome."""
+        """Follow the migration to its end (starting it first if ``start`` was not called: stages
+        with long work before the start run here, in the background); the outcome."""
+        if not self._started:
+            try:
+                await self.start()
+            except KvmError as e:
+                self.outcome = MigrationOutcome("failed", f"not started: {e}",
+                                                notes=[n for st in self.stages for n in st.notes])
+                self._done.set()
+                self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
+                                                                    "message": self.outcome.full_message},
+                                         time.time()))
+                return self.outcome
         self.sampler.on_sample(self._on_sample)
         try:
             last = await self._follow()
@@ -259,12 +325,16 @@ class MigrationJob:
             for task in list(self._actions):
                 task.cancel()
             await asyncio.gather(*self._actions, return_exceptions=True)
+            ended = self.outcome or MigrationOutcome("failed", "interrupted")
+            await self._finish_stages(ended)
+            if self.outcome is not None:
+                self.outcome.notes += [n for st in self.stages for n in st.notes]
             if self._tls_on and (self.outcome is None or not self.outcome.ok):
                 await self._tls_off()
             await self._close_trace()
             self._done.set()
         self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
-                                                            "message": self.outcome.message}, time.time()))
+                                                            "message": self.outcome.full_message}, time.time()))
         return self.outcome
 
     async def _follow(self) -> Sample | None:
@@ -293,6 +363,8 @@ class MigrationJob:
         last = self.sampler.ring.last
         if last is None or last.status not in ("active", "setup", "pre-switchover", "device"):
             return False
+        if self._switchover is not None and not self._switchover.done():
+            return False                     # the stages finish their work while the guest is stopped
         now = self.clock()
         transferred, since = self._last_progress
         if last.transferred > transferred or since == 0.0:
@@ -341,6 +413,33 @@ class MigrationJob:
             self._after_first = pred
         if s.status == "active":
             self._steer(s, pred)
+        elif s.status == "pre-switchover" and self._switchover is None:
+            self._switchover = asyncio.create_task(self._switch_over())
+            self._actions.add(self._switchover)
+
+    async def _switch_over(self) -> None:
+        """The source is stopped and waits: let every stage finish its part, then continue (or cancel,
+        and the source runs on)."""
+        try:
+            for stage in self.stages:
+                await stage.at_switchover(self)
+        except Exception as e:
+            why = str(e) if isinstance(e, KvmError) else f"{type(e).__name__}: {e}"
+            self.decide("cancel", f"switch-over refused: {why}")
+            try:
+                await self._cancel()
+            except KvmError as err:
+                log.warning("cancelling at switch-over failed: %s", err)
+            return
+        src = self.source
+        try:
+            if src.protocol is Protocol.QMP:
+                await src.execute("migrate-continue", {"state": "pre-switchover"})
+            else:
+                await src.hmp("migrate_continue pre-switchover")
+        except KvmError as e:
+            self.decide("action-failed", f"migrate-continue: {e}")
+        self.sampler.wake()
 
     def _steer(self, s: Sample, pred: Prediction) -> None:
         strategy = self.req.strategy
