@@ -160,7 +160,8 @@ class MigrationJob:
         info = await src.migration()
         if info.status.is_active:
             raise Refused(f"a migration of this guest is already {info.status}", guest=self.req.source)
-        if info.blocked_reasons:
+        if info.blocked_reasons and not any(getattr(st, "clears_blockers", False) for st in self.stages):
+            # a stage that unplugs devices checks what still blocks after the unplug
             raise Refused("this guest cannot migrate: " + explain(info.blocked_reasons), guest=self.req.source)
         params = await src.migrate_parameters()
         self._downtime_s = (self.req.downtime_ms or params.downtime_limit_ms or 300) / 1000
