@@ -216,6 +216,12 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
     from kvmshell.core.commands.results import Watch
     from kvmshell.shell.render import outcome_lines, outcomes_json
     status = Exit.OK
+    if source == "-c" and sys.stdin.isatty() and sys.stdout.isatty() and session.editor is None:
+        from kvmshell.shell.editor import edit_text
+
+        async def edit(text: str) -> str:
+            return await asyncio.to_thread(edit_text, text)
+        session.editor = edit              # `-c "static-migrate ... --edit"` from a terminal
     for number, line in enumerate(lines, 1):
         outcomes = await session.run_line(line)
         if not outcomes:

@@ -80,3 +80,33 @@ async def test_a_derived_twin_receives_a_live_migration(lab: Lab, tmp_path: Path
         check = await check_guest_memory(fleet.monitor("twin"), ws, tmp_path)
         assert check.ok, check.summary()
         await session.aclose()
+
+
+def test_an_option_unknown_to_kvmshell_does_not_swallow_the_next_one() -> None:
+    from kvmshell.core.cmdline import parse_cmdline
+    cmd = parse_cmdline(["qemu-system-x86_64", "-new-flag-of-qemu-10", "-m", "256", "-append", "-v quiet"])
+    assert [o.name for o in cmd.options] == ["-new-flag-of-qemu-10", "-m", "-append"]
+    assert cmd.values("-m") == ["256"] and cmd.values("-append") == ["-v quiet"]
+
+
+def test_an_edited_command_line_is_read_back_and_checked() -> None:
+    from kvmshell.core.cmdline import Option, editable, missing_after_edit, parse_cmdline, parse_edited
+    cmd = parse_cmdline(["/usr/bin/qemu-system-x86_64", "-m", "256", "-qmp", "unix:/run/x/vm.qmp,server=on,wait=off",
+                         "-name", "my vm", "-loadvm", "t1"])
+    text = editable(cmd, "the command", ["-loadvm t1"])
+    assert text.startswith("# the command") and "    -name 'my vm'\n" in text
+    assert parse_edited(text) == cmd
+    assert parse_edited("# all gone\n\n") is None
+    edited = parse_edited(text.replace("-m 256", "-m 512 \\"))
+    assert edited is not None and edited.values("-m") == ["512"]
+    required = [Option("-loadvm", "t1")]
+    assert missing_after_edit(cmd, required, ["/run/x/vm.qmp"]) == []
+    broken = parse_edited(text.replace("-loadvm t1", "").replace("/run/x/vm.qmp", "/tmp/other.qmp"))
+    assert broken is not None and missing_after_edit(broken, required, ["/run/x/vm.qmp"]) == ["-loadvm t1",
+                                                                                            "/run/x/vm.qmp"]
+    try:
+        parse_edited("qemu-system-x86_64 -name 'unbalanced\n")
+    except ValueError as e:
+        assert "line 1" in str(e)
+    else:
+        raise AssertionError("an unbalanced quote was accepted")

@@ -226,3 +226,49 @@ async def test_a_full_destination_disk_leaves_the_source_running(lab: Lab, bed_s
         assert check.ok, check.summary()
         assert f"{VM}.b" not in fleet
         await session.aclose()
+
+
+async def test_the_copys_command_line_is_shown_and_edited_before_anything_is_touched(
+        lab: Lab, bed: SshTestbed, dest_dir: Path, tmp_path: Path) -> None:
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, prefix=bed["a"].prefix)
+    dest_dir.mkdir()
+    uuid = "5f1c0b7e-2a4d-4c1e-9b7a-0d3e8f6a1c22"
+    shown: list[str] = []
+    plans = iter([
+        lambda text: "\n".join(line for line in text.splitlines() if "-loadvm" not in line),   # drops -loadvm
+        lambda text: "# nothing left\n",                                                        # emptied
+        lambda text: text + f"    -uuid {uuid}\n",                                              # a real change
+    ])
+
+    async def editor(text: str) -> str:
+        shown.append(text)
+        return next(plans)(text)
+
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, remote(bed, "a", src.address))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        mon = fleet.monitor(VM)
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --dry-run")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert "nothing was done" in text and "-loadvm e1" in text and "-incoming" not in text, text
+        assert f"{dest_dir}/{VM}.qcow2" in text and "-daemonize" in text, text
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit")
+        assert not o.ok and "UsageError" not in (o.error or "") and "needs a terminal" in (o.error or ""), o.error
+        session.editor = editor
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit")
+        assert not o.ok and "lacks -loadvm e1" in (o.error or "") and "nothing was done" in (o.error or ""), o.error
+        assert shown[0].startswith("# the command that starts") and f"-loadvm e1" in shown[0], shown[0]
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit")
+        assert not o.ok and "cancelled, nothing was done" in (o.error or ""), o.error
+        # nothing was touched by the dry run and the refused edits
+        assert (await mon.status()).running and not await mon.snapshots()
+        assert not list(dest_dir.iterdir())
+        [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit --keep-source")
+        assert o.ok, o.error
+        assert "edited before it ran" in (o.result.text() if o.result else "")
+        copy = await wait_connected(fleet, f"{VM}.b")
+        assert (await copy.execute("query-uuid"))["UUID"] == uuid
+        assert (await copy.status()).running
+        await session.aclose()

@@ -22,6 +22,9 @@ FLAG_OPTIONS = frozenset({
     "-nodefconfig", "-win2k-hack", "-no-fd-bootchk", "-no-frame", "-singlestep", "-enable-fips",
 })
 
+# options whose value may itself start with "-"
+FREE_TEXT_OPTIONS = frozenset({"-append", "-name", "-smbios", "-fw_cfg", "-global", "-set"})
+
 
 @dataclass(frozen=True)
 class Option:
@@ -68,7 +71,9 @@ def parse_cmdline(raw: bytes | Sequence[str]) -> QemuCommand:
         if name is None:                               # a bare disk image (legacy `qemu IMG`)
             opts.append(Option("-hda", a))
             i += 1
-        elif name in FLAG_OPTIONS or i + 1 >= len(rest):
+        elif name in FLAG_OPTIONS or i + 1 >= len(rest) or (
+                rest[i + 1].startswith("-") and len(rest[i + 1]) > 1 and name not in FREE_TEXT_OPTIONS):
+            # an option missing from FLAG_OPTIONS (a newer QEMU's) still must not swallow the next one
             opts.append(Option(name))
             i += 1
         else:
@@ -77,7 +82,7 @@ def parse_cmdline(raw: bytes | Sequence[str]) -> QemuCommand:
     return QemuCommand(binary, tuple(opts))
 
 
-def _props(value: str) -> list[str]:
+def split_props(value: str) -> list[str]:
     """QEMU's comma-separated properties (',,' escapes a comma)."""
     parts, cur, i = [], "", 0
     while i < len(value):
@@ -114,7 +119,7 @@ def images_of(cmd: QemuCommand) -> list[str]:
         if o.name in ("-hda", "-hdb", "-hdc", "-hdd") and o.value:
             paths.append(o.value)
         elif o.name in ("-drive", "-blockdev") and o.value:
-            for p in _props(o.value):
+            for p in split_props(o.value):
                 if p.startswith("file=") and not p.startswith("file=/dev/fd"):
                     paths.append(p.split("=", 1)[1])
                 elif p.startswith("filename="):
@@ -132,7 +137,7 @@ def derive(cmd: QemuCommand, *, socket_dir: str, name: str, incoming: str | None
     chardev_mode: dict[str, str] = {}
     for o in cmd.options:                         # which chardevs are monitors, and of what kind
         if o.name == "-mon" and o.value:
-            props = dict(p.split("=", 1) for p in _props(o.value) if "=" in p)
+            props = dict(p.split("=", 1) for p in split_props(o.value) if "=" in p)
             if "chardev" in props:
                 chardev_mode[props["chardev"]] = "qmp" if props.get("mode") == "control" else "hmp"
     daemonize = cmd.has("-daemonize")
@@ -156,7 +161,7 @@ def derive(cmd: QemuCommand, *, socket_dir: str, name: str, incoming: str | None
             out.append(Option(o.name, f"unix:{sock(proto)},server=on,wait=off"))
             continue
         if o.name == "-chardev" and o.value:
-            props = _props(o.value)
+            props = split_props(o.value)
             backend, rest = props[0], props[1:]
             ident = next((p.split("=", 1)[1] for p in rest if p.startswith("id=")), "")
             if backend == "socket" and ident in chardev_mode:
@@ -199,10 +204,47 @@ def rewrite_images(cmd: QemuCommand, mapping: dict[str, str]) -> QemuCommand:
     for o in cmd.options:
         if o.value and o.name in ("-drive", "-blockdev"):
             props = [re.sub(r"^(file|filename)=(.*)$", lambda m: f"{m.group(1)}={mapping.get(m.group(2), m.group(2))}", p)
-                     for p in _props(o.value)]
+                     for p in split_props(o.value)]
             out.append(Option(o.name, _join(props)))
         elif o.value and o.name in ("-hda", "-hdb", "-hdc", "-hdd"):
             out.append(Option(o.name, mapping.get(o.value, o.value)))
         else:
             out.append(o)
     return QemuCommand(cmd.binary, tuple(out))
+
+
+# -- showing and editing a derived command line ---------------------------------------------------
+
+def editable(cmd: QemuCommand, title: str, keep: Sequence[str]) -> str:
+    """``cmd`` as a text to edit: one option per line under a commented header."""
+    lines = [f"# {title}",
+             "# One option per line, shell quoting; lines starting with # are ignored.",
+             "# Save and quit to go on; delete every line to cancel (nothing is done then).",
+             f"# kvmshell needs these kept: {'; '.join(keep)}", "",
+             shlex.quote(cmd.binary)]
+    lines += ["    " + " ".join(shlex.quote(a) for a in o.argv()) for o in cmd.options]
+    return "\n".join(lines) + "\n"
+
+
+def parse_edited(text: str) -> QemuCommand | None:
+    """The command line in an edited text (None when it was emptied); ValueError says what is wrong."""
+    words: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removesuffix("\\").rstrip()
+        try:
+            words += shlex.split(line)
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
+    return parse_cmdline(words) if words else None
+
+
+def missing_after_edit(edited: QemuCommand, required: Sequence[Option], paths: Sequence[str]) -> list[str]:
+    """What kvmshell relies on that an edit removed: whole options, and paths (monitor sockets) that
+    must still appear in some option's value."""
+    missing = [" ".join(o.argv()) for o in required if o not in edited.options]
+    text = "\0".join(edited.argv())
+    missing += [p for p in paths if p not in text]
+    return missing

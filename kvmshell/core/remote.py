@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmshell.config import Config, HostConfig, parse_ssh_target
+from kvmshell.core.cmdline import parse_cmdline, split_props
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget
 from kvmshell.core.models import QemuVersion
 from kvmshell.core.transport import (
@@ -268,27 +269,9 @@ _QEMU_RE = re.compile(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm)$")
 _ON = ("on", "yes", "true", "y")
 
 
-def _split_opts(text: str) -> list[str]:
-    """QEMU's option syntax: comma-separated, ',,' is a literal comma."""
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
 def _opts(text: str, implied: str | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
-    for i, part in enumerate(_split_opts(text)):
+    for i, part in enumerate(split_props(text)):
         if "=" in part:
             k, v = part.split("=", 1)
         elif i == 0 and implied:
@@ -335,7 +318,7 @@ def _legacy_monitor(protocol: Protocol, spec: str, chardevs: Mapping[str, dict[s
     if spec.startswith("chardev:"):
         o = chardevs.get(spec[len("chardev:"):])
         return _socket_monitor(protocol, o) if o and o.get("backend") == "socket" else None
-    first, *rest = _split_opts(spec)
+    first, *rest = split_props(spec)
     flags = _opts(",".join(rest)) if rest else {}
     if first.startswith("unix:"):
         return _socket_monitor(protocol, {**flags, "path": first[len("unix:"):]})
@@ -351,22 +334,23 @@ def parse_qemu_cmdline(argv: Sequence[str]) -> tuple[str | None, list[_Monitor]]
     chardevs: dict[str, dict[str, str]] = {}
     mons: list[tuple[str, str]] = []             # (chardev id, mode)
     legacy: list[tuple[Protocol, str]] = []
-    args = [a[1:] if a.startswith("--") else a for a in argv]
-    for i, arg in enumerate(args[:-1]):
-        value = argv[i + 1]
-        if arg == "-name":
+    for opt in parse_cmdline(argv).options:
+        value = opt.value
+        if value is None:
+            continue
+        if opt.name == "-name":
             name = _opts(value, "guest").get("guest") or None
-        elif arg == "-chardev":
+        elif opt.name == "-chardev":
             o = _opts(value, "backend")
             if "id" in o:
                 chardevs[o["id"]] = o
-        elif arg == "-mon":
+        elif opt.name == "-mon":
             o = _opts(value, "chardev")
             if "chardev" in o:
                 mons.append((o["chardev"], o.get("mode", "readline")))
-        elif arg in ("-qmp", "-qmp-pretty"):
+        elif opt.name in ("-qmp", "-qmp-pretty"):
             legacy.append((Protocol.QMP, value))
-        elif arg == "-monitor":
+        elif opt.name == "-monitor":
             legacy.append((Protocol.HMP, value))
     found: list[_Monitor] = []
     for chardev, mode in mons:

@@ -26,6 +26,7 @@ from kvmshell.errors import KvmError, Refused
 log = logging.getLogger(__name__)
 
 Confirmer = Callable[[str], Awaitable[bool]]
+Editor = Callable[[str], Awaitable[str]]
 Progress = Callable[[str, str], None]          # (guest, message)
 
 _TARGET_RE = re.compile(r"^@(\S*)\s*(.*)$", re.S)
@@ -65,6 +66,13 @@ class Invocation:
     def progress(self, message: str) -> None:
         self.session.progress(self.guest or "", message)
 
+    async def edit(self, text: str) -> str:
+        """Let the user edit ``text`` (the shell and the TUI open $EDITOR); the edited text."""
+        if self.session.editor is None:
+            raise UsageError("editing needs a terminal: run it in `kvmshell shell` or `kvmshell tui`, or drop --edit",
+                             guest=self.guest)
+        return await self.session.editor(text)
+
     async def confirm(self, question: str) -> None:
         """Ask the user; raise Refused unless they agree (or -y/--yes was given)."""
         if self.session.assume_yes or self.parsed.flags.get("yes"):
@@ -83,6 +91,7 @@ class Session:
         self.registry = registry
         self.config = config or Config()
         self.confirmer = confirmer
+        self.editor: Editor | None = None      # opens a text in the user's editor (shell, TUI)
         self.assume_yes = assume_yes
         self.progress_sink = progress
         self.current = current

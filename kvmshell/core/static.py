@@ -40,7 +40,10 @@ from typing import Protocol as TypingProtocol
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
 from kvmshell.core.commands.results import human_bytes
-from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, parse_cmdline, rewrite_images
+from kvmshell.core.cmdline import (
+    Derived, Option, QemuCommand, derive, editable, images_of, missing_after_edit, parse_cmdline, parse_edited,
+    rewrite_images,
+)
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor, open_monitor
@@ -74,6 +77,7 @@ class StaticRequest:
     dest_dir: str | None = None  # default: DEFAULT_DIR/GUEST
     paused: bool = False         # start the copy with -S (check it before it runs)
     new_name: str | None = None  # the copy's name in the fleet; default GUEST.HOST
+    dry_run: bool = False        # preflight and the derived command line only: nothing is touched
 
 
 @dataclass
@@ -114,6 +118,7 @@ class StaticResult:
 
 Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]     # raises Refused when not confirmed
+Edit = Callable[[str], Awaitable[str]]         # the user edits a text (the derived command line)
 
 
 # == the two ends ==================================================================================
@@ -257,12 +262,14 @@ class StaticMigration:
     StaticFailed (after undoing) / another KvmError from the preflight (nothing touched)."""
 
     def __init__(self, fleet: Fleet, pool: HostPool, req: StaticRequest, *,
-                 progress: Progress | None = None, confirm: Confirm | None = None) -> None:
+                 progress: Progress | None = None, confirm: Confirm | None = None,
+                 edit: Edit | None = None) -> None:
         self.fleet = fleet
         self.pool = pool
         self.req = req
         self.progress = progress or (lambda message: None)
         self.confirm = confirm
+        self.edit = edit
         self.done: list[str] = []
         self.undone: list[str] = []
         self.kept: list[str] = []
@@ -306,6 +313,7 @@ class StaticMigration:
             self.tag = req.tag
             self.files = await self._images()
             await self._check_replay_images()
+            await self._review()
             return
         self.tag = req.tag or default_tag()
         if not _TAG_RE.fullmatch(self.tag):
@@ -326,6 +334,61 @@ class StaticMigration:
         if avail < need + ram:
             self.warnings.append(f"{self.dest_dir} has {human_bytes(avail)} free: enough for the images "
                              f"({human_bytes(need)}) but maybe not for the saved RAM (up to {human_bytes(ram)})")
+        await self._review()
+
+    def _derive(self) -> Derived:
+        """The copy's command line: the source's, with images in ``dest_dir``, monitors and pidfile in
+        a run directory there, ``-daemonize`` and ``-loadvm TAG``."""
+        self.sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.new_name)     # one set of sockets per copy
+        self.run_dir = f"{self.dest_dir}/run"
+        if len(f"{self.run_dir}/{self.sock_name}-2.hmp") > MAX_SOCKET_PATH:
+            self.run_dir = f"/run/kvmshell/{self.sock_name}"
+        cmd = self.cmd
+        if not cmd.has("-daemonize"):
+            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
+        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
+            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
+                                           Option("-display", "none")))
+            self.warnings.append("-nographic (not allowed with -daemonize) became -display none")
+        dest_of = {f.source: f.dest for f in self.files}
+        cmd = rewrite_images(cmd, {given: dest_of[top] for given, top in self.named.items() if top in dest_of})
+        self.pidfile = f"{self.run_dir}/{self.sock_name}.pid"
+        d = derive(cmd, socket_dir=self.run_dir, name=self.sock_name, loadvm=self.tag, pidfile=self.pidfile)
+        return Derived(QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S")),
+                       d.monitors, d.images, d.notes)
+
+    async def _review(self) -> None:
+        """Derive the copy's command line and, with ``edit``, let the user change it (before anything
+        is touched: the source keeps running while they edit)."""
+        self.derived = self._derive()
+        self.dest_argv = self.derived.command
+        if self.edit is None:
+            return
+        required = [Option("-loadvm", self.tag), Option("-daemonize"), Option("-pidfile", self.pidfile)]
+        paths = [path for _, path in self.derived.monitors]
+        text = editable(self.dest_argv, f"the command that starts {self.new_name} on {self.dst.label}",
+                        [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
+        try:
+            edited = parse_edited(await self.edit(text))
+        except ValueError as e:
+            raise Refused(f"the edited command line: {e}; nothing was done") from None
+        if edited is None:
+            raise Refused("the command line was emptied: cancelled, nothing was done")
+        missing = missing_after_edit(edited, required, paths)
+        if missing:
+            raise Refused(f"the edited command line lacks {', '.join(missing)} (kvmshell needs it to start and "
+                          "attach the copy); nothing was done")
+        if edited != self.dest_argv:
+            self.warnings.append("the copy's command line was edited before it ran")
+        self.dest_argv = edited
+
+    def dry_result(self) -> StaticResult:
+        """What a run would do, after the preflight; nothing was touched."""
+        proto, path = next(((p, s) for p, s in self.derived.monitors if p == "qmp"), self.derived.monitors[0])
+        return StaticResult(self.req.guest, self.new_name, self.req.to, self.tag,
+                            Address(Protocol(proto), Kind.UNIX, path=path, ssh=self.dest_target), self.dest_dir,
+                            self.files, dest_state="not started (--dry-run)", source_state="untouched (--dry-run)",
+                            command=self.dest_argv.shell(), notes=[*self.derived.notes, *self.warnings])
 
     async def _check_replay_images(self) -> None:
         tops = [f for f in self.files if f.top]
@@ -353,6 +416,8 @@ class StaticMigration:
         t0 = time.monotonic()
         try:
             await self.preflight(replay=True)
+            if self.req.dry_run:
+                return self.dry_result()
             times = {"preflight": time.monotonic() - t0}
             self.was_running, self.dest_pidfile = True, None
             t = time.monotonic()
@@ -451,6 +516,8 @@ class StaticMigration:
         t0 = time.monotonic()
         try:
             await self.preflight()
+            if self.req.dry_run:
+                return self.dry_result()
             times = {"preflight": time.monotonic() - t0}
             result = await self._migrate(times)
         finally:
@@ -651,26 +718,12 @@ class StaticMigration:
     # -- 4. start ----------------------------------------------------------------------------
     async def _start(self, copied: int, times: dict[str, float]) -> StaticResult:
         req = self.req
-        run_dir = f"{self.dest_dir}/run"
-        sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.new_name)     # one set of sockets per copy
-        if len(f"{run_dir}/{sock_name}-2.hmp") > MAX_SOCKET_PATH:
-            run_dir = f"/run/kvmshell/{sock_name}"
+        run_dir, sock_name, d = self.run_dir, self.sock_name, self.derived
         await self.dst.check(f"mkdir -p -- {shlex.quote(run_dir)}", f"creating {run_dir}")
-        cmd = self.cmd
-        if not cmd.has("-daemonize"):
-            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
-        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
-            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
-                                           Option("-display", "none")))
-            self.warnings.append("-nographic (not allowed with -daemonize) became -display none")
-        dest_of = {f.source: f.dest for f in self.files}
-        cmd = rewrite_images(cmd, {given: dest_of[top] for given, top in self.named.items() if top in dest_of})
-        pidfile = f"{run_dir}/{sock_name}.pid"
-        d = derive(cmd, socket_dir=run_dir, name=sock_name, loadvm=self.tag, pidfile=pidfile)
-        argv = d.command
-        argv = QemuCommand(argv.binary, tuple(o for o in argv.options if o.name != "-S"))
-        if req.paused or not self.was_running:              # the copy stays paused, like the source was
+        argv = self.dest_argv
+        if (req.paused or not self.was_running) and not argv.has("-S"):   # stays paused, like the source was
             argv = QemuCommand(argv.binary, (*argv.options, Option("-S")))
+        pidfile = self.pidfile
         logfile = f"{run_dir}/{sock_name}.log"
         for _, path in d.monitors:
             await self.dst.sh(f"rm -f -- {shlex.quote(path)}")
@@ -716,16 +769,16 @@ class StaticMigration:
 
 
 async def migrate_static(fleet: Fleet, pool: HostPool, req: StaticRequest, *, progress: Progress | None = None,
-                         confirm: Confirm | None = None) -> StaticResult:
+                         confirm: Confirm | None = None, edit: Edit | None = None) -> StaticResult:
     """Run a static migration; see the module docstring."""
-    return await StaticMigration(fleet, pool, req, progress=progress, confirm=confirm).run()
+    return await StaticMigration(fleet, pool, req, progress=progress, confirm=confirm, edit=edit).run()
 
 
 async def loadvm_on(fleet: Fleet, pool: HostPool, req: StaticRequest, *,
-                    progress: Progress | None = None) -> StaticResult:
+                    progress: Progress | None = None, edit: Edit | None = None) -> StaticResult:
     """Start a copy of ``req.guest`` on ``req.to`` from its images in ``req.dest_dir`` there, which
     already hold ``req.tag`` (``-loadvm``); attach it. The guest itself is not touched."""
-    return await StaticMigration(fleet, pool, req, progress=progress).replay()
+    return await StaticMigration(fleet, pool, req, progress=progress, edit=edit).replay()
 
 
 __all__ = ["StaticFailed", "StaticMigration", "StaticRequest", "StaticResult", "default_tag", "loadvm_on", "migrate_static"]

@@ -70,7 +70,9 @@ class Shell:
             mouse_support=False)
         self._confirm_prompt = PromptSession[str](input=input, output=output, style=STYLE)
         session.confirmer = self.confirm
+        session.editor = self.edit
         session.progress_sink = self.show_progress
+        self._held: list[list[tuple[str, str]]] | None = None     # output held while an editor runs
 
     # -- pieces the prompt reads (cached state only) ------------------------------------------
     def prompt_text(self) -> FormattedText:
@@ -93,11 +95,25 @@ class Shell:
         return FormattedText([("", " | ".join(parts) + " ")])
 
     def echo(self, lines: Iterable[tuple[str, str]]) -> None:
+        if self._held is not None:
+            self._held.append(list(lines))
+            return
         for style, text in lines:
             print_formatted_text(FormattedText([(style, text)]), style=STYLE, output=self.prompt.output)
 
     def show_progress(self, guest: str, message: str) -> None:
         self.echo([("class:progress", f"  {guest}: {message}" if guest else f"  {message}")])
+
+    async def edit(self, text: str) -> str:
+        """The session's editor: $EDITOR owns the terminal meanwhile; events are shown after."""
+        from kvmshell.shell.editor import edit_text
+        self._held = []
+        try:
+            return await asyncio.to_thread(edit_text, text)
+        finally:
+            held, self._held = self._held, None
+            for lines in held:
+                self.echo(lines)
 
     async def confirm(self, question: str) -> bool:
         try:

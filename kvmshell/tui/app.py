@@ -111,7 +111,7 @@ class KvmshellApp(App[int]):
     def start(self) -> None:
         """Once the dashboard is up: events in, the UI hooks into the session, the timers."""
         self._unsubscribe = self.source.subscribe(self._fleet_event)
-        self.source.attach_ui(self.confirm, self._progress)
+        self.source.attach_ui(self.confirm, self._progress, self.edit)
         for ev in self.source.recent_events():
             line = event_line(ev)
             if line is not None:
@@ -242,6 +242,12 @@ class KvmshellApp(App[int]):
 
     def _progress(self, guest: str, text: str) -> None:
         self.post_message(ProgressNote(guest, text))
+
+    async def edit(self, text: str) -> str:
+        """The session's editor: the dashboard steps aside while $EDITOR runs."""
+        from kvmshell.shell.editor import edit_text
+        with self.suspend():
+            return await asyncio.to_thread(edit_text, text)
 
     async def confirm(self, question: str) -> bool:
         """The session's confirmer: a modal yes/no."""

@@ -18,7 +18,7 @@ from kvmshell.core.migration.samples import Trace
 from kvmshell.core.models import Event, MigrationStatus, Snapshot
 from kvmshell.errors import KvmError
 from kvmshell.tui.history import History
-from kvmshell.tui.source import Clock, Confirmer, FixedClock, ProgressSink
+from kvmshell.tui.source import Clock, Confirmer, Editor, FixedClock, ProgressSink
 from kvmshell.tui.views import Badge, GuestRow, PaneView, badge_for, migration_view
 
 REPLAY_ERROR = "a recorded trace is shown: commands do not run"
@@ -156,5 +156,6 @@ class ReplaySource:
     async def measure_dirty_rate(self, name: str) -> float:
         raise KvmError(REPLAY_ERROR, title="replay")
 
-    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None) -> None:
+    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None,
+                  editor: Editor | None = None) -> None:
         return None

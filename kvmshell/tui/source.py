@@ -29,6 +29,7 @@ from kvmshell.tui.views import (
 )
 
 Confirmer = Callable[[str], Awaitable[bool]]
+Editor = Callable[[str], Awaitable[str]]
 ProgressSink = Callable[[str, str], None]
 
 MIGRATION_EVERY = 5          # idle guests: query-migrate every 5th status poll (events say the rest)
@@ -88,7 +89,8 @@ class DashboardSource(Protocol):
 
     async def measure_dirty_rate(self, name: str) -> float: ...
 
-    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None) -> None: ...
+    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None,
+                  editor: Editor | None = None) -> None: ...
 
     def recent_events(self) -> list[Event]: ...
 
@@ -234,6 +236,8 @@ class SessionSource:
     async def measure_dirty_rate(self, name: str) -> float:
         return (await self.session.data.measure_dirty_rate(name)).bytes_per_s
 
-    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None) -> None:
+    def attach_ui(self, confirmer: Confirmer | None, progress: ProgressSink | None,
+                  editor: Editor | None = None) -> None:
         self.session.confirmer = confirmer
+        self.session.editor = editor
         self.session.progress_sink = progress

@@ -17,7 +17,8 @@ async def static_migrate(inv: Invocation) -> Result:
     f = inv.flags
     if not f.get("to"):
         raise UsageError("static-migrate needs --to HOST (a [hosts.NAME] of the config)")
-    if not f.get("keep_source") and not (inv.session.assume_yes or f.get("yes")) and inv.session.confirmer is None:
+    if not f.get("keep_source") and not f.get("dry_run") and not (inv.session.assume_yes or f.get("yes")) \
+            and inv.session.confirmer is None:
         raise UsageError("static-migrate quits the source at the end and there is no one to ask: add -y, or "
                          "--keep-source")
     fleet = inv.session.fleet
@@ -26,12 +27,16 @@ async def static_migrate(inv: Invocation) -> Result:
         raise ConfigError("static-migrate needs the destination in the config: add a [hosts.NAME] table")
     req = StaticRequest(guest=guest, to=str(f["to"]), tag=str(f["tag"]) if f.get("tag") else None,
                         keep_source=bool(f.get("keep_source")), dest_dir=str(f["dir"]) if f.get("dir") else None,
-                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None)
+                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None,
+                        dry_run=bool(f.get("dry_run")))
 
     def progress(message: str) -> None:
         inv.session.progress(guest, message)
 
-    r = await migrate_static(fleet, pool, req, progress=progress, confirm=inv.confirm)
+    r = await migrate_static(fleet, pool, req, progress=progress, confirm=inv.confirm,
+                             edit=inv.edit if f.get("edit") else None)
+    if req.dry_run:
+        return _report(r, f"dry run: {guest} would move to {r.host} as {r.new_name}; nothing was done")
     return _report(r, f"{guest} moved to {r.host} as {r.new_name}")
 
 
@@ -47,6 +52,9 @@ def _report(r: StaticResult, title: str) -> KeyValues:
         ("copy is", r.dest_state),
         ("source", r.source_state),
     ]
+    if r.dest_state.startswith("not started"):
+        items = [i for i in items if i[0] not in ("copied", "times")]
+        items.append(("command", r.command))
     if not r.files or not any(i.outcome for i in r.files):
         items = [i for i in items if i[0] not in ("images", "copied")]
     items += [("note", n) for n in r.notes]
@@ -60,12 +68,15 @@ async def loadvm_on_(inv: Invocation) -> Result:
     if pool is None or not pool.hosts:
         raise ConfigError("loadvm-on needs the host in the config: add a [hosts.NAME] table")
     req = StaticRequest(guest=guest, to=host, tag=tag, dest_dir=str(f["dir"]) if f.get("dir") else None,
-                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None)
+                        paused=bool(f.get("paused")), new_name=str(f["name"]) if f.get("name") else None,
+                        dry_run=bool(f.get("dry_run")))
 
     def progress(message: str) -> None:
         inv.session.progress(guest, message)
 
-    r = await loadvm_on(inv.session.fleet, pool, req, progress=progress)
+    r = await loadvm_on(inv.session.fleet, pool, req, progress=progress, edit=inv.edit if f.get("edit") else None)
+    if req.dry_run:
+        return _report(r, f"dry run: would start {r.new_name} on {host} from snapshot {tag!r}; nothing was done")
     return _report(r, f"started {r.new_name} on {host} from snapshot {tag!r}")
 
 
@@ -81,6 +92,8 @@ SPECS = (
                             value="DIR"),
                        Flag(("--name",), "the copy's guest name in kvmshell (default GUEST.HOST)", value="NAME"),
                        Flag(("--paused",), "start the copy paused (-S): check it before `cont`"),
+                       Flag(("--edit",), "open the copy's command line in $EDITOR before anything is done"),
+                       Flag(("--dry-run",), "preflight and show the copy's command line; do nothing"),
                        Flag(("-y", "--yes"), "do not ask before quitting the source")),
                 maps_to="stop, savevm TAG; sha256sum + SFTP copy; QEMU -loadvm TAG -daemonize on HOST; quit",
                 details="Preflight checks the host, the images and their backing chain, free space and the name "
@@ -95,7 +108,9 @@ SPECS = (
                 flags=(Flag(("--dir",), "where the images are on HOST (default /var/lib/kvmshell/images/NAME)",
                             value="DIR"),
                        Flag(("--name",), "the copy's guest name in kvmshell (default GUEST.HOST)", value="NAME"),
-                       Flag(("--paused",), "start the copy paused (-S)")),
+                       Flag(("--paused",), "start the copy paused (-S)"),
+                       Flag(("--edit",), "open the copy's command line in $EDITOR before anything is done"),
+                       Flag(("--dry-run",), "preflight and show the copy's command line; do nothing")),
                 maps_to="qemu-img info (the tag); QEMU -loadvm TAG -daemonize on HOST",
                 details="The images are found in DIR by the names static-migrate gives them; the guest itself "
                         "is not touched (it must be attached: its command line is the template).",
