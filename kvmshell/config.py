@@ -48,6 +48,7 @@ class HostConfig:
     identity_file: str | None = None
     jump: str | None = None
     accept_new_host_key: bool = False
+    tls_dir: str | None = None         # where `migrate --tls` puts this host's certificates (on the host)
 
 
 @dataclass(frozen=True)
@@ -147,11 +148,12 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         where = f"{src}: [hosts.{name}]"
         if not isinstance(h, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(h, {"ssh": str, "identity_file": str, "jump": str, "accept_new_host_key": bool}, where)
+        _check_keys(h, {"ssh": str, "identity_file": str, "jump": str, "accept_new_host_key": bool,
+                        "tls_dir": str}, where)
         if "ssh" not in h:
             raise ConfigError(f"{where}: missing key 'ssh' (e.g. ssh = \"root@host2:22\")")
         hosts[name] = HostConfig(name, parse_ssh_target(h["ssh"], f"{where} ssh"), h.get("identity_file"),
-                                 h.get("jump"), h.get("accept_new_host_key", False))
+                                 h.get("jump"), h.get("accept_new_host_key", False), h.get("tls_dir"))
     _check_jumps(hosts, src)
     guests: dict[str, GuestConfig] = {}
     for name, g in data.get("guests", {}).items():

@@ -100,3 +100,66 @@ async def test_migrate_to_with_tls_from_the_shell_language(lab: Lab, tmp_path: P
         assert ev.data["status"] == "completed", ev.data
         assert (await fleet.monitor("src").migrate_parameters()).get("tls-creds") == "kvmshell-tls"
         await session.aclose()
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(120)
+async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> None:
+    """Source on test host a, destination on b (network namespaces with their own sshd); kvmshell
+    installs each host's certificates there over SFTP and the stream crosses the a-b link in TLS."""
+    import shutil
+
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.migration.endpoints import free_port_on, plan
+    from kvmshell.core.migration.live import FINISHED
+    from kvmshell.core.models import Event
+    from kvmshell.core.session import Session
+    from kvmshell.core.tls import REMOTE_ROOT
+    from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
+    from tests.test_ssh import pool_for, remote
+
+    if not HAVE_SSHD:
+        pytest.skip("OpenSSH server not installed (make test installs it)")
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed:
+        if bed.net is None:
+            pytest.skip("the test hosts are not network namespaces (not root)")
+        bed.trust()
+        a, b = bed["a"].addr, bed["b"].addr
+        b_link = bed.net.hosts[1].ip                # b as a reaches it (its ssh address is on the uplink)
+        installed = [Path(REMOTE_ROOT) / a, Path(REMOTE_ROOT) / b]
+        src = await lab.start("tsrc", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, prefix=bed["a"].prefix)
+        dst = await lab.start("tdst", MonitorKind.QMP_UNIX, ws_pages=WS, incoming=True, disk=src.disk,
+                              prefix=bed["b"].prefix)
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+                fleet.add("tsrc", remote(bed, "a", src.address))
+                fleet.add("tdst", remote(bed, "b", dst.address))
+                fleet.subscribe(events.put_nowait)
+                await fleet.start()
+                plain = await plan(fleet, "tsrc", "tdst", None, None)
+                assert plain.uri and plain.uri.startswith(f"tcp:{b}:") and plain.tls is None
+                assert any("crosses hosts in plain TCP" in w for w in plain.warnings), plain.warnings
+                init_ca(tmp_path / "pki", [a, b])
+                uri = f"tcp:{b_link}:{await free_port_on(fleet, fleet.get('tdst').address)}"
+                session = Session(fleet, default_registry())
+                [o] = await session.run_line(f"@tsrc migrate --to tdst {uri} --tls {tmp_path}/pki")
+                assert o.ok, o.error
+                assert o.result is not None and "plain TCP" not in o.result.text(), o.result
+                for d in installed:                          # the keys arrived private
+                    assert stat.S_IMODE(os.stat(d / "server-key.pem").st_mode) == 0o600
+                    assert (d / "ca-cert.pem").read_bytes() == (tmp_path / "pki" / "ca-cert.pem").read_bytes()
+                async with asyncio.timeout(60):
+                    while (ev := await events.get()).name != FINISHED:
+                        pass
+                assert ev.data["status"] == "completed", ev.data
+                params = await fleet.monitor("tsrc").migrate_parameters()
+                assert params.get("tls-creds") == "kvmshell-tls" and params.get("tls-hostname") == b
+                await dst.wait_heartbeats(2)
+                check = await check_guest_memory(fleet.monitor("tdst"), WS, tmp_path)
+                assert check.ok, check.summary()
+                await session.aclose()
+        finally:
+            for d in installed:
+                shutil.rmtree(d, ignore_errors=True)
+    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"

@@ -68,6 +68,17 @@ class Address:
         return (self.protocol, self.kind, self.path, self.host, self.port) == \
             (other.protocol, other.kind, other.path, other.host, other.port)
 
+    def exposure(self) -> str | None:
+        """A warning when the monitor listens on TCP beyond loopback (it has no authentication)."""
+        if self.kind is not Kind.TCP or self.host is None:
+            return None
+        host = self.host.strip("[]")
+        if host in ("localhost", "::1") or host.startswith("127."):
+            return None
+        return (f"its {self.protocol.value.upper()} monitor listens on TCP {self.target}, not on loopback: a QEMU "
+                "monitor has no authentication, anyone who reaches that port controls the guest; prefer a unix "
+                "socket (reached over SSH from elsewhere)")
+
     @classmethod
     def unix(cls, protocol: Protocol | str, path: str) -> Address:
         return cls(Protocol(protocol), Kind.UNIX, path=path)

@@ -10,10 +10,13 @@ Layout written by ``init_ca``, the directory QEMU's tls-creds-x509 reads for eac
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from cryptography import x509
@@ -21,9 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmshell.core.address import Protocol
+from kvmshell.core.address import Protocol, SshTarget
 from kvmshell.core.monitor import Monitor
 from kvmshell.errors import CommandFailed, ConfigError
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
 
 OBJECT_ID = "kvmshell-tls"
 VALID_DAYS = 3650
@@ -147,3 +153,44 @@ async def disable(mon: Monitor) -> None:
     objects = await mon.execute("qom-list", {"path": "/objects"})
     if any(o.get("name") == OBJECT_ID for o in objects):
         await mon.execute("object-del", {"id": OBJECT_ID})
+
+
+# -- certificates on another host ------------------------------------------------------------------
+
+REMOTE_ROOT = "/var/lib/kvmshell/tls"      # + /HOST, unless [hosts.NAME] tls_dir says where
+FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
+
+
+def remote_dir(pool: HostPool, host: SshTarget, name: str) -> str:
+    """Where a host's certificates live on it: its ``tls_dir``, else REMOTE_ROOT/NAME."""
+    return pool.lookup(host).tls_dir or f"{REMOTE_ROOT}/{name}"
+
+
+async def install(pool: HostPool, host: SshTarget, local: Path, directory: str) -> bool:
+    """Put the certificates ``tls-init`` wrote for a host (``local``) into ``directory`` on it, over
+    SFTP (keys created 0600 before a byte is written). False if they were there already."""
+    from kvmshell.core.transport import open_sftp
+
+    here = {f: hashlib.sha256((local / f).read_bytes()).hexdigest() for f in FILES}
+    q = shlex.quote(directory)
+    r = await pool.run(host, f"cd -- {q} 2>/dev/null && sha256sum -- {' '.join(FILES)} 2>/dev/null; true")
+    there = {line.split()[1]: line.split()[0] for line in r.text.splitlines() if len(line.split()) == 2}
+    if there == here:
+        return False
+    keys = " ".join(shlex.quote(f"{directory}/{f}") for f in FILES if f.endswith("-key.pem"))
+    r = await pool.run(host, f"umask 077 && mkdir -p -- {q} && chmod 0755 -- {q} && rm -f -- {keys} && "
+                             f"touch -- {keys}")
+    if not r.ok:
+        raise CommandFailed(f"cannot create {directory} on {pool.label(host)}: "
+                            f"{r.stderr.decode(errors='replace').strip() or r.exit_status}")
+    sftp = await open_sftp(await pool.connection(host))
+    try:
+        for f in FILES:
+            out = await sftp.open(f"{directory}/{f}", "wb")
+            try:
+                await out.write((local / f).read_bytes(), 0)
+            finally:
+                await out.close()
+    finally:
+        await sftp.close()
+    return True

@@ -1,0 +1,138 @@
+"""Where a migration's stream goes between two attached guests, and whether it is encrypted.
+
+For ``migrate SRC --to DEST`` kvmshell picks the URI the destination listens on and the source
+connects to: a free port on 127.0.0.1 when both QEMUs run on one host (here or the same SSH host),
+else a free port on the destination host's address (its SSH target's host). With ``--tls DIR`` each
+side's certificates (written by ``kvmshell tls-init DIR HOST...``) are used from DIR/HOST here, or
+installed into the host's ``tls_dir`` (default /var/lib/kvmshell/tls/HOST) over SFTP for a guest on
+another host. A stream that crosses hosts in plain TCP is warned about, and so is a monitor that
+listens on TCP beyond loopback.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmshell.core.address import Address
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.stages import BaseStage
+from kvmshell.core.tls import TlsSetup, install, remote_dir
+from kvmshell.errors import CommandFailed, ConfigError, Refused
+
+PORTS = (49152, 60999)                # where a free port for the incoming migration is looked for
+
+
+@dataclass
+class Endpoints:
+    uri: str | None                   # None: the engine picks a free port on 127.0.0.1 here
+    tls: TlsSetup | None = None
+    crosses_hosts: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def host_name(address: Address) -> str:
+    """A guest's host as `tls-init` names it: its SSH target's host, or localhost."""
+    return address.ssh.host if address.ssh is not None else "localhost"
+
+
+def _tcp_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def used_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in /proc/net/tcp{,6} text (any state: a port in TIME_WAIT cannot be bound either)."""
+    ports = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[1]:
+            try:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
+    return ports
+
+
+async def free_port_on(fleet: Fleet, address: Address) -> int:
+    assert address.ssh is not None and fleet.hosts is not None
+    r = await fleet.hosts.run(address.ssh, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
+    used = used_ports(r.text)
+    free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
+    if not free:
+        raise CommandFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {fleet.hosts.label(address.ssh)}")
+    return free[0]
+
+
+def same_host(fleet: Fleet, a: Address, b: Address) -> bool:
+    if a.ssh is None or b.ssh is None:
+        return a.ssh is None and b.ssh is None
+    return fleet.hosts is not None and fleet.hosts.key(a.ssh) == fleet.hosts.key(b.ssh)
+
+
+async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: str | None,
+               progress: Callable[[str], None] = lambda message: None) -> Endpoints:
+    src, dst = fleet.get(source).address, fleet.get(dest).address
+    crosses = not same_host(fleet, src, dst)
+    ends = Endpoints(uri, crosses_hosts=crosses)
+    if uri is None and dst.ssh is not None:
+        host = "127.0.0.1" if not crosses else _tcp_host(dst.ssh.host)
+        ends.uri = f"tcp:{host}:{await free_port_on(fleet, dst)}"
+    elif uri is None and crosses:
+        raise Refused(f"{dest} runs here and {source} on another host: give the URI the source reaches this host "
+                      f"at (e.g. tcp:ADDR:PORT), kvmshell cannot tell which of this host's addresses that is",
+                      guest=source)
+    if tls_root is not None:
+        ends.tls = await _tls(fleet, source, src, dest, dst, Path(tls_root).expanduser(), progress)
+    ends.warnings = warnings_for(fleet, source, dest, ends.uri, encrypted=ends.tls is not None)
+    return ends
+
+
+def warnings_for(fleet: Fleet, source: str, dest: str, uri: str | None, *, encrypted: bool) -> list[str]:
+    """What is unsafe about this migration's path: plain TCP across hosts, monitors open on TCP."""
+    src, dst = fleet.get(source).address, fleet.get(dest).address
+    warnings = []
+    if not same_host(fleet, src, dst) and not encrypted and (uri is None or uri.startswith("tcp:")):
+        warnings.append(f"the migration stream from {source} to {dest}{f' ({uri})' if uri else ''} crosses hosts in "
+                        "plain TCP: anyone on the path can read the guest's memory; --tls DIR (certificates from "
+                        "`kvmshell tls-init`) encrypts it")
+    for name, address in ((source, src), (dest, dst)):
+        exposed = address.exposure()
+        if exposed:
+            warnings.append(f"{name}: {exposed}")
+    return warnings
+
+
+class Notices(BaseStage):
+    """The warnings of a migration, shown by the live view for as long as it runs."""
+
+    name = "notices"
+
+    def __init__(self, warnings: list[str]) -> None:
+        super().__init__()
+        self.warnings = list(warnings)
+
+    def lines(self) -> list[tuple[str, Any]]:
+        return [("warning", w) for w in self.warnings]
+
+
+async def _tls(fleet: Fleet, source: str, src: Address, dest: str, dst: Address, root: Path,
+               progress: Callable[[str], None]) -> TlsSetup:
+    dirs = []
+    for name, address in ((source, src), (dest, dst)):
+        host = host_name(address)
+        local = root / host
+        if not (local / "ca-cert.pem").exists():
+            raise ConfigError(f"--tls {root}: no certificates for {host} ({name}'s host) there; run `kvmshell "
+                              f"tls-init {root} {host_name(src)} {host_name(dst)}` first")
+        if address.ssh is None:
+            dirs.append(str(local))
+            continue
+        assert fleet.hosts is not None
+        target = remote_dir(fleet.hosts, address.ssh, host)
+        if await install(fleet.hosts, address.ssh, local, target):
+            progress(f"installed the certificates for {host} in {target} on {fleet.hosts.label(address.ssh)}")
+        dirs.append(target)
+    return TlsSetup(dirs[0], dirs[1], host_name(dst))
