@@ -325,10 +325,14 @@ SPECS = (
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
-                            "made (needs --to)", value="DIR"),
+                            "made (needs --to; a remote host's are installed into its tls_dir over SFTP)",
+                            value="DIR"),
                        Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
                             value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing"),
+                       Flag(("--probe",), "with --estimate: probe the link with a short transfer (2 s or 64 MiB) "
+                            "even if the config gives one (default: probe when no link is configured)"),
+                       Flag(("--no-probe",), "with --estimate: do not probe the link"),
                        Flag(("--copy-storage",), "no shared storage: copy the disks over NBD while RAM migrates "
                             "(all: whole disks; inc: the top qcow2 layer over a backing file both hosts have)",
                             value="all|inc", parse=parse_copy_storage),
@@ -392,6 +396,11 @@ SPECS = (
     CommandSpec("estimate", "measure the dirty rate and predict each migration strategy (starts nothing)",
                 steer.estimate,
                 flags=(Flag(("--link",), "the link's speed (1gbit...)", value="RATE", parse=parse_rate),
+                       Flag(("--to",), "the destination guest: probe the link to it (see --probe)", value="GUEST",
+                            complete=Completer.GUEST),
+                       Flag(("--probe",), "probe the link to --to DEST with a short transfer (2 s or 64 MiB) even "
+                            "if the config gives one (default: probe when no link is configured)"),
+                       Flag(("--no-probe",), "do not probe the link"),
                        Flag(("--downtime",), "downtime limit in ms", value="MS",
                             parse=lambda t: parse_positive_int(t, "the downtime limit"))),
                 maps_to="QMP calc-dirty-rate, query-dirty-rate, query-migrate", category="migration"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
 from kvmshell.core.migration.blockers import explain
-from kvmshell.core.tls import TlsSetup
+from kvmshell.core.migration.probe import LinkFigure, probe_path
+from kvmshell.core.migration.endpoints import Notices, plan as plan_endpoints, warnings_for
 from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
 from kvmshell.core.migration.stages import Stage
 from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
@@ -36,8 +37,8 @@ def parse_strategy(text: str) -> Strategy:
 
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
-                                      "estimate", "link", "watch", "stall_timeout", "tls", "copy_storage",
-                                      "unplug", "replug"))
+                                      "estimate", "link", "probe", "no_probe", "watch", "stall_timeout", "tls",
+                                      "copy_storage", "unplug", "replug"))
 
 
 async def migrate_steered(inv: Invocation) -> Result:
@@ -54,8 +55,11 @@ async def migrate_steered(inv: Invocation) -> Result:
     if f.get("b") or f.get("i"):
         raise UsageError("-b/-i (QEMU block migration) go with a plain `migrate -b URI`, not with --to or a "
                          "strategy", guest=source)
+    if (f.get("probe") or f.get("no_probe")) and not f.get("estimate"):
+        raise UsageError("--probe/--no-probe go with --estimate (a migration uses --link or the config's link)",
+                         guest=source)
     if f.get("estimate"):
-        return await _estimate(inv, source, str(dest) if dest else None)
+        return await _estimate(inv, source, str(dest) if dest else None, str(uri) if uri else None)
     if s.running_job(source) is not None:
         raise Refused("kvmshell is already migrating this guest", guest=source)
     defaults = s.config.defaults
@@ -65,22 +69,30 @@ async def migrate_steered(inv: Invocation) -> Result:
         strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
         link=f.get("link") or configured_link(inv), allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
         trace_path=str(f["trace"]) if f.get("trace") else None,
-        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout,
-        tls=tls_setup(inv, str(dest) if dest else None))
+        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
     stages = stages_for(inv, source, req.dest)
+    if f.get("tls") and dest is None:
+        raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=source)
+    if dest is not None:
+        ends = await plan_endpoints(s.fleet, source, str(dest), req.uri, str(f["tls"]) if f.get("tls") else None,
+                                    inv.progress)
+        req = replace(req, uri=ends.uri, tls=ends.tls)
+        if ends.warnings:
+            stages.insert(0, Notices(ends.warnings))
     job = MigrationJob(s.fleet, req, stages=stages)
+    work = [st for st in stages if not isinstance(st, Notices)]
     await job.prepare()
-    if not stages:
+    if not work:
         await job.start()                  # a failure at once is this command's error
     s.launch(job)                          # with stages, their work and the start run in the background
     if f.get("watch"):
         return Watch("info migrate")
     warnings = tuple(w for st in stages for w in st.warnings)
-    if stages:
-        return Done(f"preparing ({', '.join(st.name for st in stages)}), then migrating to {req.dest or job.uri} "
+    if work:
+        return Done(f"preparing ({', '.join(st.name for st in work)}), then migrating to {req.dest or job.uri} "
                     f"({job.uri}), strategy {req.strategy.value}; `info migrate` shows progress", warnings)
     return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
-                "`info migrate` shows progress and the model's prediction")
+                "`info migrate` shows progress and the model's prediction", warnings)
 
 
 def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
@@ -97,28 +109,6 @@ def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
         from kvmshell.core.migration.storage import storage_stage
         stages.append(storage_stage(inv, source, dest, str(f["copy_storage"])))
     return stages
-
-
-def _host_of(inv: Invocation, guest: str) -> str:
-    """The name a guest's host has in `tls-init` (its ssh host, or localhost)."""
-    ssh = inv.session.fleet.get(guest).address.ssh
-    return ssh.host if ssh is not None else "localhost"
-
-
-def tls_setup(inv: Invocation, dest: str | None) -> TlsSetup | None:
-    """--tls DIR: the per-host directories `kvmshell tls-init DIR HOST...` wrote."""
-    directory = inv.flags.get("tls")
-    if not directory:
-        return None
-    if dest is None:
-        raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=inv.guest)
-    src_host, dst_host = _host_of(inv, inv.guest or ""), _host_of(inv, dest)
-    root = Path(str(directory)).expanduser()
-    for host in (src_host, dst_host):
-        if not (root / host / "ca-cert.pem").exists():
-            raise UsageError(f"--tls {root}: no certificates for {host} there; run `kvmshell tls-init {root} "
-                             f"{src_host} {dst_host}` first", guest=inv.guest)
-    return TlsSetup(str(root / src_host), str(root / dst_host), dst_host)
 
 
 def configured_link(inv: Invocation) -> float | None:
@@ -211,17 +201,43 @@ async def dirty_rate(mon: Monitor, seconds: int) -> float:
             await asyncio.sleep(0.1)
 
 
-async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
+async def link_figure(inv: Invocation, source: str, dest: str | None, uri: str | None) -> LinkFigure:
+    """The link speed for the estimate, and how it is known: --link, a probe of the migration path
+    (--probe, or by default when no link is configured), the config's [defaults] link, or assumed."""
+    f = inv.flags
+    if f.get("probe") and f.get("no_probe"):
+        raise UsageError("--probe and --no-probe exclude each other", guest=source)
+    if f.get("link"):
+        if f.get("probe"):
+            raise UsageError("--link gives the link's speed, --probe measures it: pick one", guest=source)
+        return LinkFigure(float(f["link"]), "configured", "configured: --link")
+    configured = configured_link(inv)
+    why = "--no-probe"
+    if f.get("probe") or (configured is None and not f.get("no_probe")):
+        fleet = inv.session.fleet
+        result, why = await probe_path(source, fleet.get(source).address, dest,
+                                       fleet.get(dest).address if dest else None, uri, inv.progress)
+        if result is not None:
+            extra = f"; the config says {configured / 1e6:.0f} MB/s" if configured else ""
+            return LinkFigure(result.rate, "probed", result.describe() + extra)
+    if configured is not None:
+        return LinkFigure(configured, "configured", "configured: [defaults] link in the config"
+                          + (f"; not probed: {why}" if f.get("probe") else ""))
+    return LinkFigure(None, "assumed", f"not probed: {why}")
+
+
+async def _estimate(inv: Invocation, source: str, dest: str | None, uri: str | None = None) -> Result:
     mon = inv.monitor
     info = await mon.migration()
     if info.status.is_active:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
     ram = await ram_bytes(mon)
+    figure = await link_figure(inv, source, dest, uri)
     inv.progress("measuring the dirty rate over 1 s and 3 s...")
     windows = [(1, await dirty_rate(mon, 1)), (3, await dirty_rate(mon, 3))]
     D, W = estimate_working_set(windows)
-    link = inv.flags.get("link") or configured_link(inv)
+    link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
     L = (inv.flags.get("downtime") or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
@@ -255,20 +271,27 @@ async def _estimate(inv: Invocation, source: str, dest: str | None) -> Result:
              f"dirty rate: {windows[0][1] / 1e6:.0f} MB/s over 1 s, {windows[1][1] / 1e6:.0f} MB/s over 3 s -> "
              + (f"re-dirties a working set of about {W / 1e6:.0f} MB at {D / 1e6:.0f} MB/s" if W is not None
                 else f"dirties about {D / 1e6:.0f} MB/s without a bounded working set"),
-             f"link: {R_link / 1e6:.0f} MB/s" + ("" if link else " (not known: assuming max-bandwidth; --link RATE "
-                                                  "or `link` in the config's [defaults] gives the real one)"),
+             figure.text() if link else (f"link: {R_link / 1e6:.0f} MB/s (assumed: max-bandwidth; {figure.detail}; "
+                                         "--link RATE or `link` in the config's [defaults] gives the real one)"),
              f"downtime limit: {L * 1000:.0f} ms"]
     if info.blocked_reasons:
         lines.append("BLOCKED, this guest cannot migrate: " + explain(info.blocked_reasons))
     if dest is not None:
         lines.append(f"destination: {dest}")
+        lines += [f"WARNING: {w}" for w in warnings_for(inv.session.fleet, source, dest, uri,
+                                                       encrypted=bool(inv.flags.get("tls")))]
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
     lines += ["", table.text(), "", f"auto would run: {auto}. Nothing was started."]
     return Text("\n".join(lines))
 
 
 async def estimate(inv: Invocation) -> Result:
-    return await _estimate(inv, inv.guest or "", None)
+    dest = inv.flags.get("to")
+    if dest is not None:
+        inv.session.fleet.get(str(dest))
+        if dest == inv.guest:
+            raise UsageError("--to names the guest being estimated: pick the destination guest", guest=inv.guest)
+    return await _estimate(inv, inv.guest or "", str(dest) if dest else None)
 
 
 async def trace(inv: Invocation) -> Result:

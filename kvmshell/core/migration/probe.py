@@ -1,0 +1,283 @@
+"""How fast is the path the migration stream will take? A short, bounded TCP transfer along it.
+
+The stream goes from the source QEMU's network namespace to where the destination listens (for
+`migrate --to DEST` without a URI: tcp:127.0.0.1:PORT, so both QEMUs must share a namespace; with
+a URI tcp:HOST:PORT, HOST in the destination's namespace). The probe runs a receiver where the
+destination would listen (same namespace, same address, a free port) and a sender where the source
+runs, sends zeros for at most ``PROBE_SECONDS`` or ``PROBE_BYTES`` (whichever comes first), and
+takes the receiver's figure: bytes received after the first read, over the time from the first to
+the last read.
+
+Both ends are small Python processes (this interpreter, ``-c``), started through ``nsenter
+--net=/proc/PID/ns/net`` when the QEMU's namespace is not kvmshell's own. They die with kvmshell
+(PR_SET_PDEATHSIG) and are killed and reaped when the probe ends, whatever happens.
+
+Only guests on this host are probed. Where the path cannot be known or probed (a remote guest, a
+monitor whose QEMU cannot be found, different namespaces and no URI), ``plan_probe`` says why in
+one line instead, and the caller says "not probed: ..." rather than guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmshell.core.address import Address, Kind
+from kvmshell.core.procinfo import pid_listening_on
+from kvmshell.errors import KvmError
+
+PROBE_SECONDS = 2.0
+PROBE_BYTES = 64 * 2**20
+CHUNK = 256 * 1024
+
+# argv: recv HOST SECONDS | send HOST PORT MAX_BYTES MAX_SECONDS
+_PROGRAM = r"""
+import socket, sys, time
+mode, host = sys.argv[1], sys.argv[2]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+if mode == "recv":
+    wait = float(sys.argv[3])
+    s = socket.socket(fam)
+    s.bind((host, 0))
+    s.listen(1)
+    print(s.getsockname()[1], flush=True)
+    s.settimeout(wait)
+    c, _ = s.accept()
+    c.settimeout(wait)
+    buf = bytearray(1 << 20)
+    total = first_n = 0
+    first = last = None
+    while True:
+        k = c.recv_into(buf)
+        if not k:
+            break
+        now = time.monotonic()
+        if first is None:
+            first, first_n = now, k
+        total += k
+        last = now
+    c.close()
+    print(total, first_n, (last - first) if first is not None else 0.0, flush=True)
+else:
+    port, limit, seconds = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    c = socket.create_connection((host, port), timeout=seconds + 5)
+    chunk = bytes(%(chunk)d)
+    sent, deadline = 0, time.monotonic() + seconds
+    while sent < limit and time.monotonic() < deadline:
+        n = min(len(chunk), limit - sent)
+        c.sendall(chunk[:n] if n < len(chunk) else chunk)
+        sent += n
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    print(sent, flush=True)
+""" % {"chunk": CHUNK}
+
+
+class ProbeFailed(KvmError):
+    """The link probe could not run or did not finish; the message says where it broke."""
+
+    title = "link probe failed"
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """Where to run the probe: the namespaces (None: kvmshell's own) and the address to listen on."""
+
+    src_netns: str | None
+    dst_netns: str | None
+    host: str
+    path: str                  # the path in words: "loopback in one network namespace", ...
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    rate: float                # bytes/s
+    bytes: int                 # bytes counted (received after the first read)
+    seconds: float
+    sent: int
+    path: str
+
+    def describe(self) -> str:
+        return (f"probed: {self.bytes / 2**20:.0f} MiB in {self.seconds:.2f} s over {self.path}")
+
+
+@dataclass(frozen=True)
+class LinkFigure:
+    """The link speed the model uses and where it came from (said in the estimate, never silently)."""
+
+    rate: float | None         # bytes/s
+    how: str                   # configured | probed | assumed
+    detail: str                # one line: the flag or setting, the probe's bytes and time, or why not
+
+    def text(self) -> str:
+        head = f"{self.rate / 1e6:.0f} MB/s" if self.rate else "not known"
+        return f"link: {head} ({self.detail})"
+
+
+def _own_netns() -> tuple[int, int]:
+    st = os.stat("/proc/self/ns/net")
+    return st.st_dev, st.st_ino
+
+
+def netns_of(pid: int) -> str:
+    """The network namespace path of a local process (ProbeFailed if it cannot be read)."""
+    path = f"/proc/{pid}/ns/net"
+    try:
+        os.stat(path)
+    except OSError as e:
+        raise ProbeFailed(f"cannot read the network namespace of pid {pid}: {e.strerror}") from None
+    return path
+
+
+def same_netns(a: str | None, b: str | None) -> bool:
+    def key(p: str | None) -> tuple[int, int]:
+        if p is None:
+            return _own_netns()
+        st = os.stat(p)
+        return st.st_dev, st.st_ino
+    return key(a) == key(b)
+
+
+def local_qemu_netns(name: str, address: Address) -> tuple[str | None, str | None]:
+    """(namespace path, None) for a guest whose QEMU runs here, else (None, why it cannot be probed)."""
+    if address.ssh is not None:
+        return None, f"{name} is on {address.ssh.host} over SSH: kvmshell probes only guests on this host"
+    if address.kind is not Kind.UNIX or address.path is None:
+        return None, f"cannot tell which process serves {name}'s monitor {address} (only unix sockets are traced)"
+    pid = pid_listening_on(address.path)
+    if pid is None:
+        return None, f"no process found holding {name}'s monitor socket {address.path}"
+    return netns_of(pid), None
+
+
+def tcp_host(uri: str) -> str | None:
+    """The host of a tcp:HOST:PORT migration URI (None for other transports)."""
+    if not uri.startswith("tcp:"):
+        return None
+    rest = uri[4:]
+    if rest.startswith("["):
+        host, _, _ = rest[1:].partition("]")
+        return host
+    host, _, _ = rest.rpartition(":")
+    return host
+
+
+def plan_probe(source: str, src_addr: Address, dest: str, dst_addr: Address,
+               uri: str | None) -> tuple[ProbePlan | None, str | None]:
+    """Where the probe must run for a migration from ``source`` to ``dest`` (optionally at ``uri``):
+    a plan, or why there is none."""
+    src_ns, why = local_qemu_netns(source, src_addr)
+    if why is not None:
+        return None, why
+    dst_ns, why = local_qemu_netns(dest, dst_addr)
+    if why is not None:
+        return None, why
+    shared = same_netns(src_ns, dst_ns)
+    if uri is not None:
+        host = tcp_host(uri)
+        if host is None:
+            return None, f"the stream would go over {uri.split(':', 1)[0]}:, not TCP: only TCP paths are probed"
+        if host in ("", "0", "0.0.0.0", "::"):
+            return None, f"{uri} names no address the source can connect to"
+        where = "one network namespace" if shared else f"{source}'s network namespace to {dest}'s"
+        return ProbePlan(src_ns, dst_ns, host, f"TCP to {host} ({where})"), None
+    if not shared:
+        return None, (f"{source} and {dest} run in different network namespaces, and tcp:127.0.0.1 (where kvmshell "
+                      f"would migrate) does not join them: give the destination's address as the URI (tcp:HOST:PORT)")
+    return ProbePlan(src_ns, dst_ns, "127.0.0.1", "loopback in one network namespace (tcp:127.0.0.1, where "
+                                                  "kvmshell would migrate)"), None
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+def _argv(netns: str | None, *args: str) -> list[str]:
+    prog = [sys.executable, "-c", _PROGRAM, *args]
+    if netns is None or same_netns(netns, None):
+        return prog
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise ProbeFailed("nsenter (util-linux) not found: cannot enter the guests' network namespace")
+    return [nsenter, f"--net={netns}", *prog]
+
+
+async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=_die_with_parent)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    await proc.wait()
+
+
+def _last_error(stderr: bytes) -> str:
+    lines = [ln for ln in stderr.decode(errors="replace").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+async def run_probe(plan: ProbePlan, *, max_bytes: int = PROBE_BYTES, max_seconds: float = PROBE_SECONDS,
+                    timeout: float | None = None) -> ProbeResult:
+    """Run the transfer of ``plan``; ProbeFailed (one line) if it cannot."""
+    limit = timeout if timeout is not None else max_seconds + 15
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        async with asyncio.timeout(limit):
+            recv = await _spawn(_argv(plan.dst_netns, "recv", plan.host, str(max_seconds + 10)))
+            procs.append(recv)
+            assert recv.stdout is not None and recv.stderr is not None
+            line = await recv.stdout.readline()
+            if not line.strip().isdigit():
+                await recv.wait()
+                raise ProbeFailed(f"the receiver could not listen on {plan.host}: "
+                                  f"{_last_error(await recv.stderr.read())}")
+            port = line.decode().strip()
+            send = await _spawn(_argv(plan.src_netns, "send", plan.host, port, str(max_bytes), str(max_seconds)))
+            procs.append(send)
+            s_out, s_err = await send.communicate()
+            r_out, r_err = await recv.communicate()
+            if send.returncode or recv.returncode:
+                err = s_err if send.returncode else r_err
+                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(err)}")
+            total, first_n, seconds = r_out.split()
+            counted = int(total) - int(first_n)
+            secs = float(seconds)
+            if counted <= 0 or secs <= 0:
+                raise ProbeFailed(f"the transfer to {plan.host} was too short to time ({int(total)} bytes)")
+            return ProbeResult(rate=counted / secs, bytes=counted, seconds=secs, sent=int(s_out.split()[0]),
+                               path=plan.path)
+    except TimeoutError:
+        raise ProbeFailed(f"the transfer to {plan.host} did not finish within {limit:.0f} s") from None
+    finally:
+        await asyncio.shield(asyncio.gather(*(_reap(p) for p in procs)))
+
+
+
+async def probe_path(src_name: str, src_addr: Address, dst_name: str | None, dst_addr: Address | None,
+                     uri: str | None, progress: Callable[[str], None] | None = None
+                     ) -> tuple[ProbeResult | None, str]:
+    """Probe the migration path from ``src_name`` to ``dst_name``: (result, "") or (None, why not)."""
+    if dst_name is None or dst_addr is None:
+        return None, "no destination given (--to DEST) to probe the path to"
+    plan, why = plan_probe(src_name, src_addr, dst_name, dst_addr, uri)
+    if plan is None:
+        return None, why or "no path"
+    if progress is not None:
+        progress(f"probing the link: up to {PROBE_BYTES // 2**20} MiB or {PROBE_SECONDS:g} s over {plan.path}...")
+    try:
+        return await run_probe(plan), ""
+    except ProbeFailed as e:
+        return None, f"the probe failed: {e}"

@@ -1,0 +1,158 @@
+"""The link probe: a short transfer along the migration path, between real network namespaces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from kvmshell.core.address import Address, SshTarget
+from kvmshell.core.commands import default_registry
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.probe import PROBE_BYTES, ProbeFailed, ProbePlan, plan_probe, run_probe, tcp_host
+from kvmshell.core.session import Session
+from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.lab.netns import TestNetwork, netns_available
+
+_WHY = netns_available()
+needs_netns = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+SHAPED = "200mbit"
+SHAPED_BYTES = 200e6 / 8
+
+
+def netns_pids(ns: str) -> set[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_tcp_host_of_a_uri() -> None:
+    assert tcp_host("tcp:10.0.0.2:4444") == "10.0.0.2"
+    assert tcp_host("tcp:[fd00::2]:4444") == "fd00::2"
+    assert tcp_host("unix:/run/x.sock") is None
+
+
+def test_remote_guests_are_not_probed() -> None:
+    local = Address.unix("qmp", "/run/vm.qmp")
+    remote = Address(local.protocol, local.kind, path=local.path, ssh=SshTarget("hostb"))
+    plan, why = plan_probe("a", Address.unix("qmp", "/nonexistent/a.qmp"), "b", remote, None)
+    assert plan is None and why is not None
+    assert "no process found" in why            # the source is checked first: nothing serves that socket
+    plan, why = plan_probe("b", remote, "a", Address.unix("qmp", "/x"), None)
+    assert plan is None and why is not None and "over SSH" in why and "only guests on this host" in why
+
+
+async def test_probe_refuses_an_address_the_destination_does_not_have() -> None:
+    with pytest.raises(ProbeFailed, match="could not listen on 192.0.2.77"):
+        await run_probe(ProbePlan(None, None, "192.0.2.77", "nowhere"), timeout=20)
+
+
+@dataclass
+class Hosts:
+    net: TestNetwork
+    src: LabGuest
+    dst: LabGuest
+    session: Session
+
+
+@pytest.fixture
+async def hosts(lab: Lab) -> AsyncIterator[Hosts]:
+    if _WHY is not None:
+        pytest.skip(_WHY)
+    async with TestNetwork(rate=SHAPED, prefix=f"kvprb{id(lab) % 1000}") as net:
+        src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=256, pace=1, ram_mib=32,
+                              prefix=tuple(net.exec_prefix(net.src)))
+        dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=256, ram_mib=32, incoming=True,
+                              disk=src.disk, prefix=tuple(net.exec_prefix(net.dst)))
+        try:
+            async with Fleet() as fleet:
+                fleet.add("src", src.address)
+                fleet.add("dst", dst.address)
+                await fleet.start()
+                session = Session(fleet, default_registry(), assume_yes=True)
+                yield Hosts(net, src, dst, session)
+                await session.aclose()
+        finally:
+            await src.kill()
+            await dst.kill()
+
+
+@needs_netns
+async def test_probe_between_namespaces_measures_the_shaped_rate(hosts: Hosts) -> None:
+    net = hosts.net
+    plan = ProbePlan(f"/proc/{hosts.src.pid}/ns/net", f"/proc/{hosts.dst.pid}/ns/net", net.dst.ip, "the veth")
+    r = await run_probe(plan)
+    assert 0.5 * SHAPED_BYTES <= r.rate <= 1.2 * SHAPED_BYTES, r
+    assert 0 < r.bytes <= r.sent <= PROBE_BYTES and 1.0 < r.seconds < 4.0, r
+    # nothing of the probe is left in either namespace: only the QEMUs
+    assert netns_pids(net.src.netns) == {hosts.src.pid}
+    assert netns_pids(net.dst.netns) == {hosts.dst.pid}
+
+
+@needs_netns
+async def test_estimate_says_probed_or_why_not(hosts: Hosts) -> None:
+    net, s = hosts.net, hosts.session
+    [o] = await s.run_line(f"@src migrate --estimate --to dst tcp:{net.dst.ip}:4444")
+    assert o.ok, o.error
+    text = o.result.text()
+    link = next(line for line in text.splitlines() if line.startswith("link:"))
+    assert "probed:" in link and f"TCP to {net.dst.ip}" in link and "network namespace to dst's" in link, link
+    mb_s = float(link.split()[1])
+    assert 0.5 * SHAPED_BYTES / 1e6 <= mb_s <= 1.2 * SHAPED_BYTES / 1e6, link
+    assert "Nothing was started." in text
+    assert netns_pids(net.src.netns) == {hosts.src.pid} and netns_pids(net.dst.netns) == {hosts.dst.pid}
+
+    # without a URI kvmshell would use tcp:127.0.0.1, which does not join two namespaces: said, not guessed
+    [o] = await s.run_line("@src estimate --to dst")
+    assert o.ok, o.error
+    link = next(line for line in o.result.text().splitlines() if line.startswith("link:"))
+    assert "assumed" in link and "not probed" in link and "different network namespaces" in link, link
+
+    [o] = await s.run_line(f"@src migrate --estimate --to dst --link 1gbit tcp:{net.dst.ip}:4444")
+    assert o.ok and "link: 125 MB/s (configured: --link)" in o.result.text()
+    [o] = await s.run_line(f"@src migrate --estimate --to dst --link 1gbit --probe tcp:{net.dst.ip}:4444")
+    assert not o.ok and "pick one" in (o.error or "")
+
+
+async def test_estimate_probes_loopback_between_guests_of_one_namespace(lab: Lab) -> None:
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=256, pace=1, ram_mib=32)
+    dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=256, ram_mib=32, incoming=True, disk=src.disk)
+    async with Fleet() as fleet:
+        fleet.add("src", src.address)
+        fleet.add("dst", dst.address)
+        await fleet.start()
+        plan, why = plan_probe("src", src.address, "dst", dst.address, None)
+        assert why is None and plan is not None and plan.host == "127.0.0.1" and "loopback" in plan.path
+        session = Session(fleet, default_registry(), assume_yes=True)
+        try:
+            [o] = await session.run_line("@src estimate --to dst --no-probe")
+            assert o.ok and "not probed: --no-probe" in o.result.text()
+            before = set(lab_children())
+            [o] = await session.run_line("@src migrate --estimate --to dst")
+            assert o.ok, o.error
+            link = next(line for line in o.result.text().splitlines() if line.startswith("link:"))
+            assert "probed:" in link and "loopback" in link, link
+            assert set(lab_children()) <= before           # the probe's processes are gone
+            [o] = await session.run_line("@src migrate --to dst --probe")
+            assert not o.ok and "--estimate" in (o.error or "")
+        finally:
+            await session.aclose()
+
+
+def lab_children() -> list[int]:
+    """Live children of this test process (the QEMUs, and the probe's processes while it runs)."""
+    me = str(os.getpid())
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
