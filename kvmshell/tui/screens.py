@@ -6,6 +6,7 @@ user confirmed, and the app runs it through the source like any command typed in
 
 from __future__ import annotations
 
+import shlex
 import time
 from datetime import datetime
 
@@ -170,6 +171,10 @@ class SnapshotDialog(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+DISKS = [("shared storage (nothing to copy)", ""), ("copy whole disks over NBD", "all"),
+         ("copy the top qcow2 layer over NBD", "inc")]
+
+
 class MigrateDialog(ModalScreen[str | None]):
     """Destination (completed from the attached guests), strategy, limits, postcopy; the model's
     prediction (`migrate --to DEST --estimate`, ~4 s) is shown before Migrate can be pressed."""
@@ -205,6 +210,11 @@ class MigrateDialog(ModalScreen[str | None]):
                             compact=True)
                 yield Label("postcopy")
                 yield Checkbox("allow auto to switch to postcopy", value=d.allow_postcopy, id="postcopy")
+                yield Label("disks")
+                yield Select(DISKS, value="", allow_blank=False, id="disks", compact=True)
+                yield Label("TLS")
+                yield Input(placeholder="certificates DIR from `kvmshell tls-init` (optional)", id="tls",
+                            compact=True)
             yield Static("", id="prediction")
             yield Static("", id="stale")
             yield Static("", id="dialog-error")
@@ -225,7 +235,8 @@ class MigrateDialog(ModalScreen[str | None]):
     def _values(self) -> dict[str, str] | None:
         """The fields, checked with the command language's own parsers; None (and a message) if wrong."""
         get = lambda i: self.query_one(f"#{i}", Input).value.strip()  # noqa: E731
-        vals = {"dest": get("dest"), "bandwidth": get("bandwidth"), "downtime": get("downtime"), "link": get("link")}
+        vals = {"dest": get("dest"), "bandwidth": get("bandwidth"), "downtime": get("downtime"), "link": get("link"),
+                "tls": get("tls")}
         error = self.query_one("#dialog-error", Static)
         try:
             if not vals["dest"]:
@@ -260,6 +271,11 @@ class MigrateDialog(ModalScreen[str | None]):
             line += f" --link {vals['link']}"
         if self.query_one("#postcopy", Checkbox).value:
             line += " --allow-postcopy"
+        disks = self.query_one("#disks", Select).value
+        if disks:
+            line += f" --copy-storage {disks}"
+        if vals["tls"]:
+            line += f" --tls {shlex.quote(vals['tls'])}"
         return line
 
     def estimate_line(self) -> str | None:
@@ -275,6 +291,8 @@ class MigrateDialog(ModalScreen[str | None]):
             link = vals["bandwidth"]
         if link:
             line += f" --link {link}"
+        if vals["tls"]:
+            line += f" --tls {shlex.quote(vals['tls'])}"      # the estimate warns about plain TCP without it
         return line
 
     # -- the estimate -------------------------------------------------------------------------
