@@ -115,6 +115,9 @@ async def migrate_cancel(inv: Invocation) -> Result:
     info = await mon.migration()
     if not info.status.is_active:
         return Done(f"no migration to cancel (status: {info.status})")
+    if info.status.value.startswith("postcopy"):
+        raise Refused(f"cancel refused: the migration is {info.status}, the guest already runs on the destination; "
+                      "`migrate_pause` stops the stream so that it can be recovered", guest=inv.guest)
     await (mon.execute("migrate_cancel") if is_qmp(mon) else mon.hmp("migrate_cancel"))
     inv.session.data.schedule(inv.guest or "", MIGRATION)
     return Done("migration cancelled; the guest keeps running here")
