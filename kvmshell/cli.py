@@ -128,7 +128,16 @@ async def cmd_guests(args: argparse.Namespace, config: Config, out: TextIO, err:
     bad = [r for r in rows if r["reason"]]
     for r in bad:
         err.write(f"kvmshell: {r['name']}: {r['reason']}\n")
+    warn_exposed(guests, err)
     return Exit.FAILED if bad else Exit.OK
+
+
+def warn_exposed(guests: dict[str, Address], err: TextIO) -> None:
+    """One line per guest whose monitor listens on TCP beyond loopback (no authentication there)."""
+    for name, address in guests.items():
+        exposed = address.exposure()
+        if exposed:
+            err.write(f"kvmshell: warning: {name}: {exposed}\n")
 
 
 async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
@@ -169,6 +178,7 @@ async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: 
 
 async def open_session(args: argparse.Namespace, config: Config, err: TextIO, *, interactive: bool) -> Session:
     guests = inventory(args, config)
+    warn_exposed(guests, err)
     fleet = make_fleet(guests, config, args)
     await fleet.start()
     if fleet.hosts is not None:

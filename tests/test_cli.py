@@ -176,3 +176,15 @@ async def test_tls_init(tmp_path: Path) -> None:
     assert (tmp_path / "pki" / "10.0.0.2" / "server-key.pem").stat().st_mode & 0o777 == 0o600
     rc, out, err = await kvmshell(tmp_path, "tls-init", str(tmp_path / "pki2"))
     assert rc == 2 and err.count("\n") == 1
+
+
+async def test_a_monitor_on_tcp_beyond_loopback_is_warned_about(tmp_path: Path) -> None:
+    from tests.waiting import free_port
+    port = free_port()                                # nothing listens: unreachable, and warned about
+    rc, _, err = await kvmshell(tmp_path, "--guest", f"open=qmp:tcp:0.0.0.0:{port}",
+                                "--guest", f"lo=qmp:tcp:127.0.0.1:{port}", "guests")
+    assert rc == 1
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("kvmshell: warning: open: its QMP monitor listens on TCP "
+                                                         f"0.0.0.0:{port}, not on loopback"), err
+    assert "no authentication" in warnings[0]
