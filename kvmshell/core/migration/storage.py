@@ -1,0 +1,457 @@
+"""Migration without shared storage: `migrate --to DEST --copy-storage all|inc`.
+
+A stage (see ``stages``) that copies the source's disks into the destination's own images over NBD
+while RAM migrates, the way libvirt does it:
+
+``prepare``        the source's writable disks are matched, by drive id (or qdev id), with the
+                   destination's (same virtual size; for ``inc`` the same backing file), then the
+                   destination exports each one writable on an NBD server (a unix socket in a private
+                   directory when both guests are local; TCP otherwise). Every check comes first: a
+                   mismatch refuses before anything is started.
+``before_start``   the source opens an NBD client node per export and mirrors each disk into it
+                   (``sync: full`` for all, ``top`` for inc, ``copy-mode: write-blocking`` so the
+                   guest's writes reach the destination synchronously), until every job is ready.
+``at_switchover``  (the source's vCPUs are stopped) each mirror is cancelled, which for a ready
+                   mirror completes it with a consistent copy.
+``finish``         the client nodes go, the NBD server stops; after a failure the mirror jobs are
+                   cancelled first. The source's own images are never written.
+
+QMP is needed on both guests (HMP has no blockdev-mirror). Commands are chosen from what each QEMU
+offers (``block-export-add`` or ``nbd-server-add``; ``blockdev-mirror`` or ``drive-mirror``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmshell.core.address import Protocol
+from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.migration.live import free_local_port
+from kvmshell.core.migration.stages import BaseStage
+from kvmshell.core.models import Event
+from kvmshell.core.monitor import Monitor
+from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
+
+if TYPE_CHECKING:
+    from kvmshell.core.migration.live import MigrationJob, MigrationOutcome
+    from kvmshell.core.session import Invocation
+
+log = logging.getLogger(__name__)
+
+MODES = ("all", "inc")
+POLL_S = 0.5                 # query-block-jobs while the mirrors run (events wake us sooner)
+SWITCHOVER_TIMEOUT_S = 60.0  # the guest is stopped: the last dirty blocks must go within this
+JOB_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+
+
+@dataclass
+class Disk:
+    """One disk copied from the source to the destination, and its mirror's state."""
+
+    key: str                 # drive id (or qdev id): the same on both guests
+    source_node: str         # what the mirror reads (the source's root node)
+    dest_node: str           # what the destination exports
+    size: int                # virtual size, bytes
+    index: int
+    offset: int = 0          # query-block-jobs: bytes copied
+    length: int = 0          # ... of this many (grows as the guest writes)
+    busy: bool = False
+    ready: bool = False
+    ended: str | None = None     # completed / cancelled / failed: ...
+    error: str | None = None
+    written_rate: float | None = None    # bytes/s the guest writes to this disk (from ``length``)
+    _seen: tuple[float, int] | None = None
+
+    @property
+    def export(self) -> str:
+        return f"kvmshell-{self.index}"
+
+    @property
+    def client_node(self) -> str:
+        return f"kvmshell-nbd-{self.index}"
+
+    @property
+    def job_id(self) -> str:
+        return f"kvmshell-mirror-{self.index}"
+
+    def update(self, job: dict[str, Any], now: float) -> None:
+        self.offset, length = int(job.get("offset", 0)), int(job.get("len", 0))
+        if self._seen is not None and now > self._seen[0]:
+            self.written_rate = max(0, length - self._seen[1]) / (now - self._seen[0])
+        self._seen = (now, length)
+        self.length = length
+        self.busy = bool(job.get("busy"))
+        self.ready = self.ready or bool(job.get("ready"))
+
+    def line(self) -> tuple[str, Any]:
+        total = self.length or self.size
+        done = f"{human_bytes(self.offset)} / {human_bytes(total)}"
+        if self.ended is not None:
+            return (f"disk {self.key}", f"{self.ended}, {done}")
+        pct = 100 * self.offset / total if total else 0
+        state = "ready (in sync)" if self.ready else "copying" if self.busy else "copying (paced)"
+        text = f"{state}: {done} ({pct:.0f} %), {human_bytes(max(0, self.length - self.offset))} dirty"
+        if self.written_rate:
+            text += f", guest writes {human_bytes(self.written_rate)}/s"
+        return (f"disk {self.key}", text)
+
+
+def disk_key(dev: dict[str, Any]) -> str:
+    return str(dev.get("device") or dev.get("qdev") or "")
+
+
+async def block_devices(mon: Monitor) -> dict[str, dict[str, Any]]:
+    """Every device with a medium, by drive id (or qdev id): its query-block entry."""
+    devices = await mon.execute("query-block")
+    return {disk_key(d): d for d in devices if d.get("inserted") and disk_key(d)}
+
+
+def writable_disks(devices: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The disks worth copying: a file behind them, not read-only (no CD-ROM, no empty drive)."""
+    return {k: d for k, d in devices.items() if d["inserted"].get("file") and not d["inserted"].get("ro")}
+
+
+def _backing(dev: dict[str, Any]) -> dict[str, Any] | None:
+    return dev["inserted"].get("image", {}).get("backing-image")
+
+
+async def _schema_args(mon: Monitor, command: str) -> set[str]:
+    """The argument names this QEMU's ``command`` takes (from its QMP schema)."""
+    schema = await mon.execute("query-qmp-schema")
+    by_name = {e.get("name"): e for e in schema}
+    members = by_name.get(by_name.get(command, {}).get("arg-type"), {}).get("members", [])
+    return {m["name"] for m in members}
+
+
+def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> StorageStage:
+    """The stage `migrate --to DEST --copy-storage all|inc` runs (checks what it can at once)."""
+    from kvmshell.core.commands.spec import UsageError
+    if mode not in MODES:
+        raise UsageError(f"--copy-storage {mode}: expected all or inc", guest=source)
+    if dest is None:
+        raise UsageError("--copy-storage needs --to DEST (a guest started with -incoming defer and its own "
+                         "disks) or --to-host HOST", guest=source)
+    fleet = inv.session.fleet
+    for name in (source, dest):
+        if fleet.monitor(name).protocol is not Protocol.QMP:
+            raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
+    return StorageStage(mode)
+
+
+class StorageStage(BaseStage):
+    """Copy every writable disk to the destination over NBD while RAM migrates."""
+
+    name = "storage"
+    pause_before_switchover = True
+
+    def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None) -> None:
+        """``tcp``: where the destination's NBD server listens and the source connects (another
+        host); by default a unix socket when both guests are local, else 127.0.0.1."""
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(mode)
+        self.mode = mode
+        self.tcp = tcp
+        self.disks: list[Disk] = []
+        self._src: Monitor | None = None
+        self._dst: Monitor | None = None
+        self._src_name = self._dst_name = ""
+        self._sock_dir: str | None = None
+        self._server: dict[str, Any] | None = None     # the NBD server as the source's blockdev-add sees it
+        self._exports: list[str] = []                  # block-export-add ids (or export names)
+        self._clients: list[str] = []                  # NBD client nodes on the source
+        self._jobs: list[str] = []                     # mirror job ids started
+        self._blockdev = True                          # blockdev-add + blockdev-mirror (else drive-mirror)
+        self._mirror_args: set[str] = set()
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()                   # ends the poller
+        self._unsubscribe: Callable[[], None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- prepare: check everything, then export the destination's disks -------------------------
+    async def prepare(self, job: MigrationJob) -> None:
+        if job.dest is None or job.req.dest is None:
+            raise CommandFailed("--copy-storage needs a destination guest (--to DEST)", guest=job.req.source)
+        src, dst = self._src, self._dst = job.source, job.dest
+        self._src_name, self._dst_name = job.req.source, job.req.dest
+        for mon in (src, dst):
+            if mon.protocol is not Protocol.QMP:
+                raise Refused(f"--copy-storage needs a QMP monitor on both guests ({mon.name} speaks HMP)",
+                              guest=self._src_name)
+        self._check_commands(src, dst)
+        ours = writable_disks(await block_devices(src))
+        theirs = await block_devices(dst)
+        if not ours:
+            raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
+        problems = [p for key, dev in ours.items() if (p := self._mismatch(key, dev, theirs.get(key)))]
+        if problems:
+            raise Refused("--copy-storage: " + "; ".join(problems) + f". Nothing was started; {self._src_name} "
+                          "runs on as before", guest=self._src_name)
+        for i, (key, dev) in enumerate(ours.items()):
+            self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
+                                   int(dev["inserted"]["image"]["virtual-size"]), i))
+        self._mirror_args = await _schema_args(src, "blockdev-mirror" if self._blockdev else "drive-mirror")
+        await self._start_server(dst)
+        for disk in self.disks:
+            await self._export(dst, disk)
+        self.notes.append(f"storage: {dst.name} exported {', '.join(d.key for d in self.disks)} over NBD "
+                          f"({self._where()})")
+
+    def _check_commands(self, src: Monitor, dst: Monitor) -> None:
+        f, g = src.features, dst.features
+        self._blockdev = f.has_qmp("blockdev-add") and f.has_qmp("blockdev-mirror") and f.has_qmp("blockdev-del")
+        if not (self._blockdev or f.has_qmp("drive-mirror")):
+            raise Unsupported("--copy-storage: this QEMU has neither blockdev-mirror nor drive-mirror",
+                              guest=src.name)
+        if not g.has_qmp("nbd-server-start") or not (g.has_qmp("block-export-add") or g.has_qmp("nbd-server-add")):
+            raise Unsupported(f"--copy-storage: {dst.name}'s QEMU has no NBD server (nbd-server-start, "
+                              "block-export-add)", guest=src.name)
+
+    def _mismatch(self, key: str, dev: dict[str, Any], theirs: dict[str, Any] | None) -> str | None:
+        """Why ``dev`` cannot be copied into the destination's ``theirs`` (None: it can)."""
+        size = int(dev["inserted"]["image"]["virtual-size"])
+        want = f"start {self._dst_name} with a disk of id {key} and {human_bytes(size)} ({size} bytes)"
+        if theirs is None:
+            return f"{self._dst_name} has no disk {key}: {want}"
+        ins = theirs["inserted"]
+        if ins.get("ro"):
+            return f"{self._dst_name}'s disk {key} is read-only"
+        other = int(ins["image"]["virtual-size"])
+        if other != size:
+            return (f"{self._dst_name}'s disk {key} has {human_bytes(other)} ({other} bytes), the source's "
+                    f"{human_bytes(size)} ({size} bytes): {want}")
+        if self.mode != "inc":
+            return None
+        ours, back = _backing(dev), _backing(theirs)
+        if ours is None:
+            return f"disk {key} has no backing file: copy it whole with --copy-storage all"
+        if back is None:
+            return (f"{self._dst_name}'s disk {key} has no backing file; for inc it must be a new top image "
+                    f"over {ours['filename']} (qemu-img create -f qcow2 -F {ours.get('format')} "
+                    f"-b {ours['filename']} TOP)")
+        for what in ("filename", "format", "virtual-size", "actual-size"):
+            if ours.get(what) != back.get(what):
+                return (f"disk {key}: the backing files differ ({what}: {ours.get(what)} here, "
+                        f"{back.get(what)} on {self._dst_name}); inc needs the same backing file on both")
+        return None
+
+    def _where(self) -> str:
+        if self._server is None:
+            return "no server"
+        if self._server["type"] == "unix":
+            return f"unix:{self._server['path']}"
+        return f"tcp:{self._server['host']}:{self._server['port']}"
+
+    async def _start_server(self, dst: Monitor) -> None:
+        local = self._src is not None and self._src.address.ssh is None and dst.address.ssh is None
+        if self.tcp is None and local:
+            self._sock_dir = tempfile.mkdtemp(prefix="kvmshell-nbd-")
+            path = os.path.join(self._sock_dir, "nbd.sock")
+            try:
+                await dst.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": path}}})
+                self._server = {"type": "unix", "path": path}
+                return
+            except CommandFailed as e:    # e.g. a QEMU running as another user cannot bind there
+                log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
+                self._drop_sock_dir()
+        host, port = self.tcp or ("127.0.0.1", free_local_port())
+        await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}})
+        self._server = {"type": "inet", "host": host, "port": str(port)}
+
+    async def _export(self, dst: Monitor, disk: Disk) -> None:
+        if dst.features.has_qmp("block-export-add"):
+            await dst.execute("block-export-add", {"type": "nbd", "id": disk.export, "node-name": disk.dest_node,
+                                                   "name": disk.export, "writable": True})
+        else:
+            await dst.execute("nbd-server-add", {"device": disk.dest_node, "name": disk.export, "writable": True})
+        self._exports.append(disk.export)
+
+    # -- before_start: mirror every disk until all are ready -------------------------------------
+    async def before_start(self, job: MigrationJob) -> None:
+        src = job.source
+        self._unsubscribe = src.subscribe(self._on_event)
+        speed = job.req.bandwidth // len(self.disks) if job.req.bandwidth else 0
+        for disk in self.disks:
+            await self._mirror(src, disk, speed)
+        self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
+        await self._wait(lambda: all(d.ready for d in self.disks), stall_s=job.req.stall_timeout,
+                         what="the disk copy")
+        self.notes.append(f"storage: {len(self.disks)} disk(s) in sync on {self._dst_name} "
+                          f"({', '.join(f'{d.key} {human_bytes(d.size)}' for d in self.disks)})")
+
+    async def _mirror(self, src: Monitor, disk: Disk, speed: int) -> None:
+        sync = "full" if self.mode == "all" else "top"
+        args: dict[str, Any] = {"job-id": disk.job_id, "device": disk.source_node, "sync": sync}
+        if "copy-mode" in self._mirror_args:
+            args["copy-mode"] = "write-blocking"
+        if speed:
+            args["speed"] = speed
+        assert self._server is not None
+        if self._blockdev:
+            await src.execute("blockdev-add", {"driver": "nbd", "node-name": disk.client_node,
+                                               "server": self._server, "export": disk.export})
+            self._clients.append(disk.client_node)
+            await src.execute("blockdev-mirror", args | {"target": disk.client_node})
+        else:
+            s = self._server
+            uri = (f"nbd+unix:///{disk.export}?socket={s['path']}" if s["type"] == "unix"
+                   else f"nbd://{s['host']}:{s['port']}/{disk.export}")
+            await src.execute("drive-mirror", args | {"target": uri, "format": "raw", "mode": "existing"})
+        self._jobs.append(disk.job_id)
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.name not in JOB_EVENTS:
+            return
+        disk = next((d for d in self.disks if d.job_id == ev.data.get("device")), None)
+        if disk is None:
+            return
+        if "offset" in ev.data:
+            disk.update(dict(ev.data), time.monotonic())
+        if ev.name == "BLOCK_JOB_READY":
+            disk.ready = True
+        elif ev.name == "BLOCK_JOB_ERROR":
+            disk.error = f"{ev.data.get('operation', 'I/O')} error on {self._dst_name}'s side"
+        elif ev.name == "BLOCK_JOB_COMPLETED":
+            disk.ended = f"failed: {ev.data['error']}" if ev.data.get("error") else "completed"
+        else:
+            disk.ended = "cancelled"
+        self._changed.set()
+
+    async def _refresh(self) -> None:
+        """query-block-jobs into the disks; a job that vanished without an event has ended."""
+        if self._src is None:
+            return
+        jobs = {j.get("device"): j for j in await self._src.execute("query-block-jobs")}
+        now = time.monotonic()
+        for disk in self.disks:
+            if disk.job_id in jobs:
+                disk.update(jobs[disk.job_id], now)
+            elif disk.job_id in self._jobs and disk.ended is None:
+                disk.ended = "ended"
+
+    async def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._refresh()
+            except KvmError:
+                return
+            try:
+                async with asyncio.timeout(POLL_S):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+    async def _wait(self, done: Callable[[], bool], *, stall_s: float, what: str) -> None:
+        """Until ``done()``; CommandFailed when a mirror failed or nothing moved for ``stall_s``."""
+        moved = (-1, time.monotonic())
+        while True:
+            for disk in self.disks:
+                if disk.ended not in (None, "completed") or disk.error:
+                    raise CommandFailed(f"{what}: the mirror of disk {disk.key} to {self._dst_name} "
+                                        f"{disk.ended or 'failed'}{f' ({disk.error})' if disk.error else ''}",
+                                        guest=self._src_name)
+            if done():
+                return
+            progress = sum(d.offset for d in self.disks)
+            now = time.monotonic()
+            if progress != moved[0]:
+                moved = (progress, now)
+            elif now - moved[1] > stall_s:
+                raise CommandFailed(f"{what}: no progress for {stall_s:g} s ({human_bytes(progress)} copied): "
+                                    f"{self._dst_name} or the link is stuck", guest=self._src_name)
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(POLL_S):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            await self._refresh()
+
+    # -- at_switchover: complete every mirror while the vCPUs are stopped ------------------------
+    async def at_switchover(self, job: MigrationJob) -> None:
+        src = job.source
+        await self._refresh()
+        for disk in self.disks:
+            if not disk.ready or disk.ended is not None:
+                raise CommandFailed(f"the mirror of disk {disk.key} is {disk.ended or 'not in sync'}",
+                                    guest=self._src_name)
+        for disk in self.disks:
+            await src.execute("block-job-set-speed", {"device": disk.job_id, "speed": 0})
+            await src.execute("block-job-cancel", {"device": disk.job_id})
+        await self._wait(lambda: all(d.ended is not None for d in self.disks), stall_s=SWITCHOVER_TIMEOUT_S,
+                         what="completing the disk copy")
+
+    # -- finish: clean up on both sides ------------------------------------------------------
+    async def finish(self, job: MigrationJob, outcome: MigrationOutcome) -> None:
+        if self._poller is not None:
+            self._stop.set()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        done: list[str] = []
+        mirrored = bool(self._jobs)
+        if self._src is not None:
+            done += await self._clean_source(self._src)
+        if self._dst is not None and self._server is not None:
+            try:
+                await self._dst.execute("nbd-server-stop")
+                done.append(f"NBD server on {self._dst_name} stopped")
+            except KvmError as e:
+                done.append(f"NBD server on {self._dst_name} not stopped ({e.message})"
+                            if self._dst.connected else f"{self._dst_name} is gone, its NBD server with it")
+            self._server = None
+        self._drop_sock_dir()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if not outcome.ok and mirrored:
+            done.append(f"{self._src_name}'s own disks were only read: it runs on them as before")
+        if done:
+            self.notes.append("storage: " + ", ".join(done))
+
+    async def _clean_source(self, src: Monitor) -> list[str]:
+        done: list[str] = []
+        try:
+            left = [j["device"] for j in await src.execute("query-block-jobs") if j.get("device") in self._jobs]
+            for job_id in left:
+                await src.execute("block-job-cancel", {"device": job_id, "force": True})
+            if left:
+                await self._gone(src, left)
+                done.append(f"{len(left)} mirror job(s) cancelled")
+            for node in list(self._clients):
+                await src.execute("blockdev-del", {"node-name": node})
+                self._clients.remove(node)
+            if self._blockdev and self._jobs:
+                done.append("NBD client nodes removed")
+        except KvmError as e:
+            done.append(f"could not clean up on {self._src_name}: {e.message}")
+        except TimeoutError:
+            done.append(f"mirror jobs on {self._src_name} still there after the cancel (query-block-jobs)")
+        self._jobs = []
+        return done
+
+    async def _gone(self, src: Monitor, job_ids: list[str], timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while any(j.get("device") in job_ids for j in await src.execute("query-block-jobs")):
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(POLL_S):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+
+    def _drop_sock_dir(self) -> None:
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
+
+    # -- the live view ------------------------------------------------------------------------
+    def lines(self) -> list[tuple[str, Any]]:
+        return [d.line() for d in self.disks]

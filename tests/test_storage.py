@@ -1,0 +1,304 @@
+"""Migration without shared storage, with real QEMU guests on this host: `migrate --to DEST
+--copy-storage all|inc` (NBD + blockdev-mirror) and QEMU's own block migration (`migrate -b`).
+
+Each guest gets a small qcow2 data disk (id data0) beside its boot disk; data is written through the
+source's monitor (qemu-io) before and while the disks are copied, and once both QEMUs have quit
+the images are compared with `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.commands import default_registry
+from kvmshell.core.commands.results import Outcome
+from kvmshell.core.fleet import Fleet
+from kvmshell.core.migration.live import FINISHED
+from kvmshell.core.migration.storage import StorageStage
+from kvmshell.core.models import Event, RunState
+from kvmshell.core.monitor import Monitor
+from kvmshell.core.session import Session
+from kvmshell.errors import KvmError
+from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from tests.waiting import free_port, wait_for
+
+pytestmark = pytest.mark.qemu
+WS, PACE = 4096, 8             # 16 MiB working set dirtied at ~33 MB/s: RAM capped below that stays in
+RAM = 64                       # pre-copy until the test raises the cap (see HOLD)
+MiB = 1 << 20
+
+
+async def run(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, f"{argv}: {out.decode()}"
+    return out.decode()
+
+
+async def qcow2(path: Path, size: str = "16M", backing: Path | None = None) -> Path:
+    extra = ["-F", "qcow2", "-b", str(backing)] if backing else []
+    await run("qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), *([] if backing else [size]))
+    return path
+
+
+async def offline_io(path: Path, *commands: str) -> str:
+    out = await run("qemu-io", "-f", "qcow2", *(a for c in commands for a in ("-c", c)), str(path))
+    assert "fail" not in out.lower(), out
+    return out
+
+
+async def compare(a: Path, b: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec("qemu-img", "compare", str(a), str(b),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode().strip()
+
+
+def data_drive(path: Path) -> tuple[str, ...]:
+    return ("-drive", f"file={path},format=qcow2,if=virtio,id=data0")
+
+
+@dataclass
+class Rig:
+    lab: Lab
+    session: Session
+    guests: dict[str, LabGuest]
+    images: dict[str, Path]
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+
+    def mon(self, name: str) -> Monitor:
+        return self.session.fleet.monitor(name)
+
+    async def run(self, line: str) -> Outcome:
+        outcomes = await self.session.run_line(line)
+        assert len(outcomes) == 1
+        return outcomes[0]
+
+    async def ok(self, line: str) -> str:
+        o = await self.run(line)
+        assert o.ok, o.error
+        assert o.result is not None
+        return o.result.text()
+
+    async def io(self, guest: str, command: str) -> None:
+        out = await self.mon(guest).hmp(f'qemu-io data0 "{command}"')
+        assert "fail" not in out.lower(), out
+
+    async def finished(self, timeout: float = 60) -> Event:
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.events.get()
+                if ev.name == FINISHED:
+                    return ev
+
+    def stage(self) -> StorageStage:
+        stage = next(st for st in self.session.migrations["src"].stages if isinstance(st, StorageStage))
+        return stage
+
+    async def quit(self, *names: str) -> None:
+        """Quit QEMU cleanly (a kill could lose qcow2 metadata QEMU still caches) and reap it."""
+        for name in names:
+            try:
+                await self.mon(name).execute("quit")
+            except KvmError:
+                pass
+            async with asyncio.timeout(20):
+                await self.guests[name].proc.wait()
+
+    async def attach(self, name: str, guest: LabGuest) -> None:
+        self.guests[name] = guest
+        self.session.fleet.add(name, guest.address)
+        await self.session.fleet.start()
+
+
+@pytest.fixture
+async def rig(lab: Lab) -> AsyncIterator[Rig]:
+    async with Fleet() as fleet:
+        session = Session(fleet, default_registry(), assume_yes=True)
+        r = Rig(lab, session, {}, {})
+        fleet.subscribe(r.events.put_nowait)
+        yield r
+        await session.aclose()
+
+
+async def start_pair(rig: Rig, src_data: Path, dst_data: Path | None, *, dst_monitor: str = "qmp:unix",
+                     dst_name: str = "dst") -> None:
+    lab = rig.lab
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM,
+                          extra_args=data_drive(src_data))
+    await rig.attach("src", src)
+    await start_dest(rig, dst_data, monitor=dst_monitor, name=dst_name)
+
+
+async def start_dest(rig: Rig, data: Path | None, *, monitor: str = "qmp:unix", name: str = "dst") -> None:
+    guest = await rig.lab.start(name, monitor, ws_pages=WS, pace=PACE, ram_mib=RAM, incoming=True,
+                                extra_args=data_drive(data) if data is not None else ())
+    await rig.attach(name, guest)
+
+
+async def no_leftovers_on_source(rig: Rig) -> None:
+    src = rig.mon("src")
+    assert await src.execute("query-block-jobs") == []
+    nodes = [n.get("node-name", "") for n in await src.execute("query-named-block-nodes")]
+    assert not [n for n in nodes if n.startswith("kvmshell-")], nodes
+
+
+async def ram_phase(rig: Rig) -> None:
+    """Wait until RAM migrates: the migration was started with a bandwidth cap below the guest's dirty
+    rate, so it stays there (writes through qemu-io now reach a mirror in sync) until ``release``."""
+    await wait_for(lambda: rig.mon("src").migration(), lambda m: m.status.value == "active" and m.ram is not None
+                   and m.ram.dirty_sync_count >= 2, what="RAM under way")
+
+
+async def release(rig: Rig) -> None:
+    await rig.ok("@src migrate_set_parameter max-bandwidth 1G")
+
+
+HOLD = "--strategy precopy --bandwidth 16M"     # RAM cannot converge until released; each mirror 8 MB/s
+
+
+async def test_copy_storage_all_copies_the_disks_written_during_the_migration(rig: Rig) -> None:
+    w = rig.lab.workdir
+    base = await qcow2(w / "base.qcow2")
+    await offline_io(base, "write -P 0x33 8M 4M")                   # `all` copies the backing file's data too
+    src_data, dst_data = await qcow2(w / "src-data.qcow2", backing=base), await qcow2(w / "dst-data.qcow2")
+    await start_pair(rig, src_data, dst_data)
+    await rig.io("src", "write -P 0x11 0 8M")                         # before: 1 s of mirror at 8 MB/s
+    text = await rig.ok(f"@src migrate --to dst --copy-storage all {HOLD}")
+    assert "preparing (storage)" in text
+    await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: len(ds) == 2 and ds[1].offset > 0
+                   and not ds[1].ready, what="the mirror under way", every=0.02)
+    await rig.io("src", "write -P 0x5a 12M 1M")                      # while the mirror copies
+    view = await rig.ok("@src info migrate")
+    assert "disk data0: copying" in view, view
+    await ram_phase(rig)
+    await rig.io("src", "write -P 0x6b 6M 512K")                     # once the mirror is in sync
+    view = await rig.ok("@src info migrate")
+    assert "disk data0: ready (in sync): " in view and "(100 %), 0 B dirty" in view, view
+    await release(rig)
+    ev = await rig.finished()
+    assert ev.data["status"] == "completed", ev.data
+    msg = ev.data["message"]
+    assert "in sync on dst" in msg and "NBD server on dst stopped" in msg, msg
+    assert (await rig.mon("dst").status()).state is RunState.RUNNING
+    assert [d.ended for d in rig.stage().disks] == ["completed", "completed"]
+    await no_leftovers_on_source(rig)
+    assert await rig.mon("dst").execute("query-block-exports") == []
+    await rig.quit("src", "dst")
+    assert await compare(src_data, dst_data) == (0, "Images are identical.")
+    assert await compare(w / "src.qcow2", w / "dst.qcow2") == (0, "Images are identical.")     # the boot disks
+    await offline_io(dst_data, "read -P 0x11 0 2M", "read -P 0x6b 6M 512K", "read -P 0x33 9M 2M",
+                     "read -P 0x5a 12M 1M")
+    assert "backing-filename" not in await run("qemu-img", "info", "--output=json", str(dst_data))
+
+
+async def allocated_in_top(path: Path) -> int:
+    out = await run("qemu-img", "map", "--output=json", "-f", "qcow2", str(path))
+    return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
+
+
+async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
+    w = rig.lab.workdir
+    base = await qcow2(w / "base.qcow2")
+    await offline_io(base, "write -P 0x33 0 16M")
+    src_top, dst_top = await qcow2(w / "src-top.qcow2", backing=base), await qcow2(w / "dst-top.qcow2", backing=base)
+    await start_pair(rig, src_top, dst_top)
+    await rig.io("src", "write -P 0x44 1M 2M")
+    await rig.ok(f"@src migrate --to dst --copy-storage inc {HOLD}")
+    await ram_phase(rig)
+    await rig.io("src", "write -P 0x55 10M 256K")
+    await release(rig)
+    ev = await rig.finished()
+    assert ev.data["status"] == "completed", ev.data
+    await no_leftovers_on_source(rig)
+    await rig.quit("src", "dst")
+    assert await compare(src_top, dst_top) == (0, "Images are identical.")
+    top = await allocated_in_top(dst_top)
+    assert top == await allocated_in_top(src_top)
+    assert 2 * MiB <= top < 4 * MiB                         # the top layer only, not the 16 MiB base
+    await offline_io(dst_top, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")
+
+
+async def test_mismatched_destinations_are_refused_before_anything_starts(rig: Rig) -> None:
+    w = rig.lab.workdir
+    base = await qcow2(w / "base.qcow2")
+    other = await qcow2(w / "other-base.qcow2")
+    await start_pair(rig, await qcow2(w / "src-top.qcow2", backing=base), None, dst_name="nodisk")
+    await start_dest(rig, await qcow2(w / "small-data.qcow2", "8M"), name="small")
+    await start_dest(rig, await qcow2(w / "wrongbase-data.qcow2", backing=other), name="wrongbase")
+    await start_dest(rig, await qcow2(w / "hmp-data.qcow2"), monitor="hmp:unix", name="hmp")
+    cases = {"@src migrate --to nodisk --copy-storage all": "nodisk has no disk data0",
+             "@src migrate --to small --copy-storage all": "small's disk data0 has 8.0 MiB",
+             "@src migrate --to wrongbase --copy-storage inc": "the backing files differ (filename",
+             "@src migrate --to hmp --copy-storage all": "needs a QMP monitor on both guests (hmp speaks HMP)"}
+    for line, why in cases.items():
+        o = await rig.run(line)
+        assert not o.ok and why in (o.error or ""), (line, o.error)
+    src = rig.mon("src")
+    assert (await src.status()).state is RunState.RUNNING
+    assert (await src.migration()).status.value == "none"
+    await no_leftovers_on_source(rig)
+    for name in ("nodisk", "small", "wrongbase"):
+        dst = rig.mon(name)
+        assert (await dst.status()).state is RunState.INMIGRATE
+        assert await dst.execute("query-block-exports") == []
+        # no NBD server was left: starting one works
+        await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1",
+                                                                                 "port": str(free_port())}}})
+        await dst.execute("nbd-server-stop")
+
+
+async def test_destination_killed_during_the_mirror(rig: Rig) -> None:
+    w = rig.lab.workdir
+    src_data = await qcow2(w / "src-data.qcow2")
+    expected = await qcow2(w / "expected.qcow2")
+    await start_pair(rig, src_data, await qcow2(w / "dst-data.qcow2"))
+    await rig.io("src", "write -P 0x21 0 2M")
+    await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
+    await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
+                   what="the mirror under way", every=0.02)
+    await rig.io("src", "write -P 0x22 12M 1M")
+    os.kill(rig.guests["dst"].pid, signal.SIGKILL)
+    ev = await rig.finished()
+    assert ev.data["status"] == "failed", ev.data
+    msg = ev.data["message"]
+    assert "not started" in msg and "mirror of disk" in msg, msg
+    assert "dst is gone" in msg and "runs on them as before" in msg, msg
+    src = rig.mon("src")
+    assert (await src.status()).state is RunState.RUNNING
+    await no_leftovers_on_source(rig)
+    await rig.io("src", "write -P 0x23 14M 64K")                     # its disk works as before
+    await rig.io("src", "read -P 0x22 12M 1M")
+    await rig.quit("src")
+    await offline_io(expected, "write -P 0x21 0 2M", "write -P 0x22 12M 1M", "write -P 0x23 14M 64K")
+    assert await compare(src_data, expected) == (0, "Images are identical.")
+
+
+async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig) -> None:
+    w = rig.lab.workdir
+    src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    await start_pair(rig, src_data, dst_data)
+    await rig.io("src", "write -P 0x71 0 8M")
+    port = free_port()
+    await rig.ok("@src migrate_set_speed 8M")
+    await rig.ok(f"@dst migrate_incoming tcp:127.0.0.1:{port}")
+    await rig.ok(f"@src migrate -b tcp:127.0.0.1:{port}")
+    view = await wait_for(lambda: rig.ok("@src info migrate"), lambda t: "total disk" in t, what="the disk section")
+    assert "transferred disk" in view and "remaining disk" in view
+    await rig.io("src", "write -P 0x72 10M 1M")                      # block migration tracks it as dirty
+    await rig.ok("@src migrate_set_speed 1G")
+    await wait_for(lambda: rig.mon("src").migration(), lambda m: m.status.value in ("completed", "failed"),
+                   what="the end")
+    assert (await rig.mon("src").migration()).status.value == "completed"
+    await rig.quit("src", "dst")
+    assert await compare(src_data, dst_data) == (0, "Images are identical.")
+    await offline_io(dst_data, "read -P 0x72 10M 1M")
