@@ -36,6 +36,7 @@ UNCAPPED = 100 * 1000**3 // 8            # 100 Gbit/s: "no cap", the link decide
 DECISION = "kvmshell.MIGRATION_DECISION"
 THROTTLE_AFTER_S = 30.0                  # converging, but slower than this: throttle (auto, converge)
 FINISHED = "kvmshell.MIGRATION_FINISHED"
+DIRTY_LIMIT_INERT = 1_000_000            # MB/s per vCPU: dirty-limit armed, but no vCPU is ever held back
 
 
 class Strategy(enum.Enum):
@@ -112,6 +113,9 @@ class MigrationJob:
         self._postcopy_ready = False
         self._postcopy_started = False
         self._throttle_armed = False
+        self._dirty_limit = False             # converge with dirty-limit (else auto-converge)
+        self._vcpus = 1
+        self._converge_with: tuple[str, str] | None = None     # (decision, reason), said at the start
         self._at_start: Prediction | None = None
         self._after_first: Prediction | None = None
         self._last_progress = (0, 0.0)       # (transferred, when)
@@ -182,12 +186,16 @@ class MigrationJob:
             caps["auto-converge"] = strategy in (Strategy.CONVERGE, Strategy.AUTO) and not (
                 strategy is Strategy.AUTO and self.req.allow_postcopy)
             self._postcopy_ready = postcopy
+            caps["dirty-limit"] = False
+            if caps["auto-converge"]:
+                await self._choose_converge(src, caps)
         if any(stage.pause_before_switchover for stage in self.stages):
             caps["pause-before-switchover"] = True
         await self._set_caps(src, caps)
         if self.dest is not None:
             await self._set_caps(self.dest, {k: v for k, v in caps.items()
-                                             if k not in ("events", "pause-before-switchover")} | {"events": True})
+                                             if k not in ("events", "pause-before-switchover", "dirty-limit")}
+                                 | {"events": True})
         if strategy is not Strategy.NONE:
             new: dict[str, Any] = {"max-bandwidth": self.req.bandwidth or (int(self.req.link) if self.req.link else UNCAPPED)}
             if self.req.downtime_ms is not None:
@@ -197,6 +205,10 @@ class MigrationJob:
             elif strategy is Strategy.AUTO and caps.get("auto-converge"):
                 # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
                 new |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+            if caps.get("dirty-limit"):
+                known = self.req.bandwidth or self.req.link
+                new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy is Strategy.CONVERGE and known \
+                    else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
             await self._set_params(src, new)
             params = await src.migrate_parameters()
         # QEMU never sends faster than max-bandwidth: the model must know the cap
@@ -276,6 +288,8 @@ class MigrationJob:
         self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy.value}, "
                              f"downtime limit {self._downtime_s * 1000:.0f} ms, "
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
+        if self._converge_with is not None:
+            self.decide(*self._converge_with)
         first = await self.sampler.sample()
         deadline = self.clock() + 2.0
         while first is not None and first.status == "setup" and self.clock() < deadline:
@@ -484,13 +498,51 @@ class MigrationJob:
         src = self.source
         await (src.execute("migrate-start-postcopy") if src.protocol is Protocol.QMP else src.hmp("migrate_start_postcopy"))
 
+    async def _choose_converge(self, src: Monitor, caps: dict[str, bool]) -> None:
+        """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's
+        dirty ring is on; QEMU itself says whether it is (it refuses the capability without it)."""
+        if "dirty-limit" not in await src.migrate_capabilities():
+            self._converge_with = ("converge-with", "auto-converge: dirty-limit not used, this QEMU has no "
+                                                    "dirty-limit capability")
+            return
+        try:
+            await self._set_caps(src, {"auto-converge": False, "dirty-limit": True})
+            self._vcpus = await self._vcpu_count(src)
+        except CommandFailed as e:
+            self._converge_with = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
+                                                    f"({e.message})")
+            return
+        caps |= {"auto-converge": False, "dirty-limit": True}
+        self._dirty_limit = True
+        self._converge_with = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it "
+                                                f"holds back each of the {self._vcpus} vCPUs that dirties too fast, "
+                                                f"where auto-converge would slow every vCPU")
+
+    @staticmethod
+    async def _vcpu_count(mon: Monitor) -> int:
+        if mon.protocol is Protocol.QMP:
+            return max(1, len(await mon.execute("query-cpus-fast")))
+        text = await mon.hmp("info cpus")
+        return max(1, sum(1 for line in text.splitlines() if "CPU #" in line))
+
+    def _dirty_limit_mb(self, rate: float) -> int:
+        """vcpu-dirty-limit (MB/s per vCPU) so that all vCPUs together dirty about half of ``rate``."""
+        return max(1, int(0.5 * rate / self._vcpus / 2**20))
+
     def _arm_throttle(self, pred: Prediction, why: str) -> None:
         """Throttle the guest's vCPUs enough that it dirties at about half the transfer rate."""
         self._throttle_armed = True
         D, R = pred.dirty_rate or 0.0, pred.rate or 0.0
+        if self._dirty_limit:
+            limit = self._dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
+            self.decide("throttle", f"{why}; dirty-limit: each of the {self._vcpus} vCPU(s) may dirty {limit} MB/s "
+                                    f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
+            self._spawn(self._set_params(self.source, {"vcpu-dirty-limit": limit}))
+            return
         target = 50 if D <= 0 or R <= 0 else int(min(99, max(20, round(100 * (1 - 0.5 * R / D)))))
+        not_dl = f"; {self._converge_with[1].split(': ', 1)[1]}" if self._converge_with else ""
         self.decide("throttle", f"{why}; throttling the guest to {100 - target} % CPU "
-                                f"(auto-converge {target} %, then +10 % a pass)", target=target)
+                                f"(auto-converge {target} %, then +10 % a pass{not_dl})", target=target)
         params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
                   "max-cpu-throttle": 99}
         self._spawn(self._throttle_then_step(params))
