@@ -302,3 +302,64 @@ async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig) -> 
     await rig.quit("src", "dst")
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
     await offline_io(dst_data, "read -P 0x72 10M 1M")
+
+
+# -- to another host: `migrate --to-host HOST --copy-storage inc` --------------------------------
+
+async def test_to_host_copy_storage_inc_creates_the_images_there_and_copies_the_top(lab: Lab, tmp_path: Path) -> None:
+    """Host b is a network namespace with its own sshd (tests/sshd.py) sharing this filesystem: the
+    images are created in a directory of their own there, over the same backing files."""
+    from kvmshell.lab.launcher import pid_alive
+    from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
+    from tests.test_ssh import pool_for
+    from tests.test_static import wait_connected
+    if not HAVE_SSHD:
+        pytest.skip("OpenSSH server not installed (make test installs it)")
+    w, run_dir, vm = lab.workdir, tmp_path / "run", "xs"
+    base = await qcow2(w / "base.qcow2")
+    await offline_io(base, "write -P 0x33 0 16M")
+    src_top = await qcow2(w / "src-top.qcow2", backing=base)
+    src = await lab.start(vm, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM, extra_args=data_drive(src_top))
+    try:
+        async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed, \
+                Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+            bed.trust()
+            fleet.add(vm, src.address)
+            await fleet.start()
+            session = Session(fleet, default_registry(), assume_yes=True)
+            mon = fleet.monitor(vm)
+            await mon.hmp('qemu-io data0 "write -P 0x44 1M 2M"')
+            task = asyncio.create_task(session.run_line(
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M"))
+            await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active" and m.ram is not None
+                           and m.ram.dirty_sync_count >= 2, what="RAM under way", timeout=60)
+            assert "fail" not in await mon.hmp('qemu-io data0 "write -P 0x55 10M 256K"')
+            await mon.execute("migrate-set-parameters", {"max-bandwidth": 1 << 30})
+            [o] = await task
+            assert o.ok, o.error
+            text = o.result.text() if o.result else ""
+            assert f"no shared storage: 2 disk(s) copied over NBD into new images in {run_dir} on host b" in text, text
+            assert "disk(s) in sync on" in text and "NBD server on" in text and "source: quit" in text, text
+            assert "over NBD on TCP port" in text, text               # the warning: not encrypted
+            async with asyncio.timeout(20):
+                await src.proc.wait()
+            dest = await wait_connected(fleet, f"{vm}.b")
+            assert (await dest.status()).state is RunState.RUNNING
+            pids = processes_mentioning(str(run_dir))
+            try:
+                await dest.execute("quit")
+            except KvmError:
+                pass
+            await wait_for(lambda: asyncio.sleep(0, [p for p in pids if pid_alive(p)]), lambda left: not left,
+                           what="the destination quit")
+            await session.aclose()
+    finally:
+        for pid in processes_mentioning(str(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    copy = run_dir / "src-top.qcow2"
+    info = json.loads(await run("qemu-img", "info", "--output=json", str(copy)))
+    assert info["backing-filename"] == str(base) and info["virtual-size"] == 16 * MiB
+    assert await compare(src_top, copy) == (0, "Images are identical.")
+    assert await compare(w / f"{vm}.qcow2", run_dir / f"{vm}.qcow2") == (0, "Images are identical.")  # boot disk
+    assert 2 * MiB <= await allocated_in_top(copy) < 4 * MiB
+    await offline_io(copy, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")

@@ -17,6 +17,12 @@ source uses, at the same paths. The steps, and what a failure at each leaves:
 4. on success: the destination is attached to the fleet as ``GUEST.HOST`` and the source is quit
    (after confirmation).
 
+Without shared storage (``copy_storage`` all or inc): the source's writable disks get new images on
+HOST (in ``run_dir`` if given, else ``/var/lib/kvmshell/images/NAME``): ``qemu-img create`` with the
+same format and size, for inc on top of the same backing file (checked there: same path, size and
+sha256). The destination starts on them, and ``migration.storage.StorageStage`` copies the disks over
+NBD (TCP to the address the migration stream uses) while RAM migrates. A failure removes them again.
+
 A failure in steps 2-3 kills the destination QEMU (a source whose migration failed or was cancelled
 runs on where it was) and says what was done and undone. A migration that broke in postcopy is the
 exception: the guest is split between the two QEMUs, and both are left alone.
@@ -25,7 +31,9 @@ exception: the guest is split between the two QEMUs, and both are left alone.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
 import re
 import shlex
@@ -39,6 +47,7 @@ from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_gues
 from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, rewrite_images
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
+from kvmshell.core.migration.stages import Stage
 from kvmshell.core.models import Event, RunState
 from kvmshell.core.monitor import Monitor, open_monitor
 from kvmshell.core.remote import HostPool
@@ -68,6 +77,7 @@ class CrossHostRequest:
     run_dir: str | None = None        # on HOST: sockets, pidfile, log (default /run/kvmshell/NAME)
     new_name: str | None = None       # default GUEST.HOST
     address: str | None = None        # where the source reaches HOST (default: the host of its ssh target)
+    copy_storage: str | None = None   # no shared storage: all | inc (new images on HOST, copied over NBD)
 
 
 @dataclass
@@ -152,6 +162,8 @@ class CrossHostMigration:
         self.forward: LocalForward | None = None
         self.local_dir: str | None = None
         self.source_after = ""
+        self.created: list[str] = []          # --copy-storage: images created on HOST (removed on failure)
+        self.creates: list[str] = []          # ... the commands that create them
 
     # -- 1. preflight ------------------------------------------------------------------------
     async def preflight(self) -> None:
@@ -185,15 +197,23 @@ class CrossHostMigration:
         info = await self.mon.migration()
         if info.status.is_active:
             raise Refused(f"a migration of {req.guest} is already {info.status}")
+        if req.copy_storage and req.tunnel:
+            raise Refused("--copy-storage does not go through --tunnel yet: drop --tunnel (the disks go over NBD "
+                          "on TCP)")
+        if req.copy_storage and self.mon.protocol is not Protocol.QMP:
+            raise Refused(f"--copy-storage needs a QMP monitor on both guests ({req.guest} speaks HMP)")
         self.progress(f"preflight: connecting to {self.dst.label}")
         await pool.connection(req.to)
         self.cmd = await self._command_line()
-        await self._check_shared_storage()
         self.sock_name = re.sub(r"[^A-Za-z0-9_.-]", "-", self.new_name)
         self.run_dir = (req.run_dir or f"/run/kvmshell/{self.sock_name}").rstrip("/") or "/"
         if len(f"{self.run_dir}/{self.sock_name}-2.hmp") > MAX_SOCKET_PATH:
             raise Refused(f"--dir {self.run_dir}: too long for the monitor sockets there (at most "
                           f"{MAX_SOCKET_PATH} characters with the socket name): pick a shorter one")
+        if req.copy_storage:
+            await self._plan_images(req.copy_storage)
+        else:
+            await self._check_shared_storage()
 
     async def _command_line(self) -> QemuCommand:
         self.source_pid, cmd = await source_command(self.pool, self.src, self.address, self.req.guest,
@@ -204,10 +224,10 @@ class CrossHostMigration:
             cmd = rewrite_images(cmd, {p: f"{cwd.rstrip('/')}/{p}" for p in given if not p.startswith("/")})
         return cmd
 
-    async def _check_shared_storage(self) -> None:
+    async def _check_shared_storage(self, tops: list[str] | None = None) -> None:
         """Every image (and backing file) at the same path on HOST, with the same size."""
         paths: list[str] = []
-        for top in images_of(self.cmd):
+        for top in images_of(self.cmd) if tops is None else tops:
             if top.startswith("/dev/"):
                 paths.append(top)
                 continue
@@ -230,13 +250,91 @@ class CrossHostMigration:
         if missing:
             raise Refused(f"{', '.join(missing)}: not on {self.dst.label}. Live migration to another host needs "
                           "shared storage (the same image files at the same paths on both hosts, e.g. over NFS); "
-                          "without it, use static-migrate, which copies the images")
+                          "without it, use --copy-storage all|inc, or static-migrate, which copies the images")
         differ = [p for p in paths if not p.startswith("/dev/") and mine.get(p) != theirs.get(p)]
         if differ:
             raise Refused(f"{', '.join(differ)} on {self.dst.label} is not the file the source uses (size "
                           f"{theirs.get(differ[0])} there, {mine.get(differ[0])} here): live migration to another "
                           "host needs shared storage; without it, use static-migrate")
         self.notes.append(f"shared storage: {len(paths)} image file(s) found at the same paths on {self.dst.label}")
+
+    async def _plan_images(self, mode: str) -> None:
+        """--copy-storage: a new image on HOST for each writable disk of the source (checked here, made
+        by ``_create_images``); the other images (a CD-ROM...) must be there as with shared storage."""
+        from kvmshell.core.migration.storage import block_devices, writable_disks
+        from kvmshell.core.static import DEFAULT_DIR
+        self.image_dir = (self.req.run_dir or f"{DEFAULT_DIR}/{self.sock_name}").rstrip("/") or "/"
+        writable = {str(d["inserted"]["file"]) for d in writable_disks(await block_devices(self.mon)).values()}
+        mapping: dict[str, str] = {}
+        backing: list[str] = []
+        for top in images_of(self.cmd):
+            if top not in writable:
+                continue
+            if top.startswith("/dev/"):
+                raise Refused(f"--copy-storage: {top} is a device, not an image file kvmshell can create on "
+                              f"{self.dst.label}")
+            text = await self.src.check(f"qemu-img info -U --backing-chain --output=json -- {shlex.quote(top)}",
+                                        f"qemu-img info {top}")
+            chain = json.loads(text)
+            chain = chain if isinstance(chain, list) else [chain]
+            info = chain[0]
+            fmt, size = str(info.get("format", "raw")), int(info["virtual-size"])
+            name, i = os.path.basename(top), 1
+            while f"{self.image_dir}/{name}" in mapping.values():
+                i += 1
+                name = f"{i}-{os.path.basename(top)}"
+            dest = mapping[top] = f"{self.image_dir}/{name}"
+            if mode == "inc":
+                if len(chain) < 2 or fmt != "qcow2":
+                    raise Refused(f"--copy-storage inc: {top} is not a qcow2 image over a backing file: copy it "
+                                  "whole with --copy-storage all")
+                base = chain[1]
+                backing += [str(c["filename"]) for c in chain[1:] if str(c["filename"]) not in backing]
+                create = (f"qemu-img create -q -f qcow2 -F {shlex.quote(str(base.get('format', 'raw')))} "
+                          f"-b {shlex.quote(str(base['filename']))} {shlex.quote(dest)} {size}")
+            else:
+                create = f"qemu-img create -q -f {shlex.quote(fmt)} {shlex.quote(dest)} {size}"
+            self.creates.append(create)
+        if not mapping:
+            raise Refused(f"--copy-storage: {self.req.guest} has no writable disk image to copy")
+        there = await self.dst.sizes(list(mapping.values()))
+        if there:
+            raise Refused(f"--copy-storage: {', '.join(there)} already on {self.dst.label}: kvmshell does not "
+                          "overwrite images; remove them or pick another --dir")
+        await self._check_backing(backing)
+        rest = [p for p in images_of(self.cmd) if p not in mapping]
+        if rest:
+            await self._check_shared_storage(rest)
+        self.cmd = rewrite_images(self.cmd, mapping)
+        self.notes.append(f"no shared storage: {len(mapping)} disk(s) copied over NBD into new images in "
+                          f"{self.image_dir} on {self.dst.label} ({mode})")
+
+    async def _check_backing(self, paths: list[str]) -> None:
+        """inc: each backing file at the same path on HOST, with the same size and sha256."""
+        if not paths:
+            return
+        here, there = await asyncio.gather(self.src.sizes(paths), self.dst.sizes(paths))
+        for p in paths:
+            if p not in there:
+                raise Refused(f"--copy-storage inc: the backing file {p} is not on {self.dst.label}: copy it there "
+                              "first (same path), or use --copy-storage all")
+            if here.get(p) != there[p]:
+                raise Refused(f"--copy-storage inc: the backing file {p} on {self.dst.label} has {there[p]} bytes, "
+                              f"{here.get(p)} here: not the same file")
+        for p in paths:
+            self.progress(f"preflight: sha256 of {p} on both hosts")
+            mine, theirs = await asyncio.gather(self.src.sha256(p, size=here[p]), self.dst.sha256(p, size=there[p]))
+            if mine != theirs:
+                raise Refused(f"--copy-storage inc: the backing file {p} on {self.dst.label} differs from the one "
+                              f"here (sha256 {theirs[:12]}... there, {mine[:12]}... here)")
+
+    async def _create_images(self) -> None:
+        await self.dst.check(f"mkdir -p -- {shlex.quote(self.image_dir)}", f"creating {self.image_dir}")
+        for create in self.creates:
+            dest = shlex.split(create)[-2]
+            await self.dst.check(create, f"creating {dest}")
+            self.created.append(dest)
+        self.done.append(f"created {len(self.created)} image(s) in {self.image_dir} on {self.dst.label}")
 
     # -- 2. the destination ------------------------------------------------------------------
     async def _start_destination(self) -> Address:
@@ -304,9 +402,19 @@ class CrossHostMigration:
             self.notes.append("the stream went through the SSH connection (encrypted, relayed by kvmshell): "
                               "tunnelling costs throughput, expect it slower than a direct TCP stream")
         req = MigrationRequest(**{**self.req.job.__dict__, "source": self.req.guest, "dest": self.new_name, "uri": uri})
-        job = _CrossHostJob(cast(Fleet, _JobFleet(self.fleet, self.new_name, self.dest_mon)), req)
+        stages: list[Stage] = []
+        if self.req.copy_storage:
+            from kvmshell.core.migration.storage import StorageStage
+            port = await self._free_port()
+            while uri.endswith(f":{port}"):
+                port = await self._free_port()
+            stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port)))
+            self.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {port}, not encrypted")
+        job = _CrossHostJob(cast(Fleet, _JobFleet(self.fleet, self.new_name, self.dest_mon)), req, stages=stages)
         job.listen_uri = listen
         await job.prepare()
+        if stages:
+            return await self._migrate_with_stages(job, uri)
         self.progress(f"migrating {self.req.guest} to {self.new_name} ({listen + ' via ' + uri if listen else uri})")
         await job.start()
         self.done.append(f"started the migration to {uri}")
@@ -319,10 +427,29 @@ class CrossHostMigration:
             reporter.cancel()
         return outcome, uri
 
+    async def _migrate_with_stages(self, job: MigrationJob, uri: str) -> tuple[MigrationOutcome, str]:
+        """The stages' long work (the disk copy) comes before `migrate`: ``run`` does both."""
+        self.progress(f"copying the disks to {self.new_name}, then migrating ({uri})")
+        if self.on_job is not None:
+            self.on_job(job)
+        reporter = asyncio.create_task(self._report(job))
+        try:
+            outcome = await job.run()
+        finally:
+            reporter.cancel()
+        self.done.append(f"ran the migration to {uri} ({outcome.status})")
+        if outcome.ok:
+            self.notes += outcome.notes
+        return outcome, uri
+
     async def _report(self, job: MigrationJob) -> None:
         while True:
             await asyncio.sleep(1.0)
             last = job.sampler.ring.last
+            if last is None:
+                for stage in job.stages:
+                    for name, value in stage.lines():
+                        self.progress(f"{name}: {value}")
             if last is not None:
                 self.progress(f"migration {last.status}: pass {last.pass_no}, {last.transferred / 2**20:.0f} MiB sent, "
                               f"{last.remaining / 2**20:.0f} MiB to go, {last.throughput / 1e6:.0f} MB/s")
@@ -345,6 +472,8 @@ class CrossHostMigration:
         outcome: MigrationOutcome | None = None
         self.dest_address: Address | None = None
         try:
+            if self.creates:
+                await self._create_images()
             self.dest_address = address = await self._start_destination()
             step = "migration"
             outcome, uri = await self._migrate()
@@ -353,7 +482,7 @@ class CrossHostMigration:
                 raise CrossHostFailed(f"{outcome.message}. {self.new_name} on {self.dst.label} is left as it is "
                                       f"(pidfile {self.pidfile})", guest=req.guest)
             if not outcome.ok:
-                raise CrossHostFailed(outcome.message)
+                raise CrossHostFailed(outcome.full_message)
             dest_state = await self.dest_mon.status() if self.dest_mon else None
         except CrossHostFailed as e:
             if outcome is not None and outcome.status in ("postcopy-paused", "source-lost"):
@@ -434,6 +563,7 @@ class CrossHostMigration:
             except KvmError as e:
                 self.kept.append(f"could not kill {self.new_name} on {self.dst.label} ({e.message}): its pid is in "
                                  f"{self.pidfile} there")
+        await self._remove_images()
         if st is None:
             return
         if self.was_running and not st.running:
@@ -445,6 +575,18 @@ class CrossHostMigration:
                 return
             st = await self.mon.status()
         self.source_after = f"{self.req.guest} is {st} on {self.src.label}, as before"
+
+    async def _remove_images(self) -> None:
+        """--copy-storage: the images created on HOST go with a failed attempt."""
+        if not self.created:
+            return
+        try:
+            await self.dst.check("rm -f -- " + " ".join(shlex.quote(p) for p in self.created), "removing the images")
+            self.undone.append(f"removed the {len(self.created)} image(s) created in {self.image_dir} on "
+                               f"{self.dst.label}")
+        except KvmError as e:
+            self.kept.append(f"the images created in {self.image_dir} on {self.dst.label} ({e.message})")
+        self.created = []
 
     # -- 4. the source -----------------------------------------------------------------------
     async def _finish(self, result: CrossHostResult) -> None:

@@ -63,8 +63,8 @@ async def migrate(inv: Invocation) -> Result:
         for flag, arg, wanted in (("-b", "blk", blk), ("-i", "inc", inc), ("-r", "resume", resume)):
             if wanted and arg not in have:
                 hint = ("block migration was removed in QEMU 9.1: use shared storage, or copy the disks "
-                        "with NBD + blockdev-mirror (kvmshell's storage migration, `migrate --copy-storage`, "
-                        "is on its way)") if arg != "resume" else "this QEMU cannot resume a migration"
+                        "over NBD with `migrate --to DEST --copy-storage all|inc`") if arg != "resume" \
+                    else "this QEMU cannot resume a migration"
                 raise Unsupported(f"migrate {flag}: {hint}", guest=inv.guest)
     warnings = []
     host = uri_host(uri)
@@ -352,7 +352,8 @@ SPECS = (
                        Flag(("--address",), "with --to-host: HOST's address as the source reaches it (the "
                             "destination listens there; default: the host of its ssh target)", value="ADDR"),
                        Flag(("--dir",), "with --to-host: run directory on HOST for the destination's sockets, "
-                            "pidfile and log (default /run/kvmshell/GUEST.HOST)", value="DIR"),
+                            "pidfile and log (default /run/kvmshell/GUEST.HOST); with --copy-storage its new "
+                            "images too (default /var/lib/kvmshell/images/GUEST.HOST)", value="DIR"),
                        Flag(("--name",), "with --to-host: the destination's name in kvmshell (default GUEST.HOST)",
                             value="NAME"),
                        Flag(("-y", "--yes"), "with --to-host: do not ask before quitting the source")),

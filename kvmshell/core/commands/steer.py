@@ -347,7 +347,8 @@ async def migrate_to_host(inv: Invocation) -> Result:
     req = CrossHostRequest(guest=source, to=host, job=job, tunnel=bool(f.get("tunnel")),
                            run_dir=str(f["dir"]) if f.get("dir") else None,
                            new_name=str(f["name"]) if f.get("name") else None,
-                           address=str(f["address"]) if f.get("address") else None)
+                           address=str(f["address"]) if f.get("address") else None,
+                           copy_storage=str(f["copy_storage"]) if f.get("copy_storage") else None)
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile
