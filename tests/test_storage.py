@@ -257,21 +257,29 @@ async def test_mismatched_destinations_are_refused_before_anything_starts(rig: R
         await dst.execute("nbd-server-stop")
 
 
-async def test_destination_killed_during_the_mirror(rig: Rig) -> None:
+@pytest.mark.parametrize("phase", ["mirror", "ram"])
+async def test_destination_killed_leaves_the_source_on_its_own_disks(rig: Rig, phase: str) -> None:
     w = rig.lab.workdir
     src_data = await qcow2(w / "src-data.qcow2")
     expected = await qcow2(w / "expected.qcow2")
     await start_pair(rig, src_data, await qcow2(w / "dst-data.qcow2"))
     await rig.io("src", "write -P 0x21 0 2M")
-    await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
-    await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
-                   what="the mirror under way", every=0.02)
+    if phase == "mirror":
+        await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
+        await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
+                       what="the mirror under way", every=0.02)
+    else:
+        await rig.ok(f"@src migrate --to dst --copy-storage all {HOLD}")
+        await ram_phase(rig)
     await rig.io("src", "write -P 0x22 12M 1M")
     os.kill(rig.guests["dst"].pid, signal.SIGKILL)
     ev = await rig.finished()
     assert ev.data["status"] == "failed", ev.data
     msg = ev.data["message"]
-    assert "not started" in msg and "mirror of disk" in msg, msg
+    if phase == "mirror":
+        assert "not started" in msg and "the mirror of disk" in msg, msg
+    else:
+        assert "in sync on dst" in msg, msg
     assert "dst is gone" in msg and "runs on them as before" in msg, msg
     src = rig.mon("src")
     assert (await src.status()).state is RunState.RUNNING

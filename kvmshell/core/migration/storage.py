@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("all", "inc")
 POLL_S = 0.5                 # query-block-jobs while the mirrors run (events wake us sooner)
+RATE_WINDOW_S = 1.0          # the guest's write rate to a disk is measured over this
 SWITCHOVER_TIMEOUT_S = 60.0  # the guest is stopped: the last dirty blocks must go within this
 JOB_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
 
@@ -84,9 +85,11 @@ class Disk:
 
     def update(self, job: dict[str, Any], now: float) -> None:
         self.offset, length = int(job.get("offset", 0)), int(job.get("len", 0))
-        if self._seen is not None and now > self._seen[0]:
+        if self._seen is None:
+            self._seen = (now, length)
+        elif now - self._seen[0] >= RATE_WINDOW_S:          # len grows by what the guest writes
             self.written_rate = max(0, length - self._seen[1]) / (now - self._seen[0])
-        self._seen = (now, length)
+            self._seen = (now, length)
         self.length = length
         self.busy = bool(job.get("busy"))
         self.ready = self.ready or bool(job.get("ready"))
@@ -314,7 +317,7 @@ class StorageStage(BaseStage):
         if disk is None:
             return
         if "offset" in ev.data:
-            disk.update(dict(ev.data), time.monotonic())
+            disk.offset, disk.length = int(ev.data["offset"]), int(ev.data.get("len", disk.length))
         if ev.name == "BLOCK_JOB_READY":
             disk.ready = True
         elif ev.name == "BLOCK_JOB_ERROR":
