@@ -192,20 +192,7 @@ class PassthroughStage(BaseStage):
         cmd = await command_line(job)
         options = {p["id"]: v if not v.lstrip().startswith("{") else device_text(p)     # JSON: as text
                    for v in (cmd.values("-device") if cmd else ()) if "id" in (p := device_props(v))}
-        fo = failover_of(cmd)
-        for dev_id in have:                   # a hot-plugged standby is not on the command line
-            if dev_id not in fo.standbys and have[dev_id].startswith("virtio-net") and \
-                    await qom_get(mon, dev_id, "failover") is True:
-                fo.standbys.add(dev_id)
-        for primary, standby in fo.primaries.items():
-            self.failover.append(f"{primary} is the primary of {standby}: QEMU unplugs it "
-                                 "when the migration starts and the guest takes it back on the destination")
-        for standby in sorted(fo.standbys - set(fo.primaries.values())):
-            self.failover.append(f"{standby} has failover=on: QEMU unplugs its primary itself during a "
-                                 "migration")
-        if self.failover:
-            self.warnings.append("virtio-net failover: " + "; ".join(self.failover) + ". kvmshell leaves those "
-                                 "devices to QEMU and does not unplug them by hand")
+        fo = await self._failover(mon, cmd, have)
         keep: list[Device] = []
         for dev in self.devices:
             standby = fo.primaries.get(dev.id) or await self._pair_of(mon, dev.id, have)
@@ -230,6 +217,23 @@ class PassthroughStage(BaseStage):
             dev.state = f"recorded from {dev.origin}: {dev.spec}"
             keep.append(dev)
         self.devices = keep
+
+    async def _failover(self, mon: Monitor, cmd: QemuCommand | None, have: dict[str, str]) -> Failover:
+        """The failover pairs (from the command line, and QOM for a hot-plugged standby), said in warnings."""
+        fo = failover_of(cmd)
+        for dev_id, kind in have.items():
+            if dev_id not in fo.standbys and kind.startswith("virtio-net") and \
+                    await qom_get(mon, dev_id, "failover") is True:
+                fo.standbys.add(dev_id)
+        for primary, standby in fo.primaries.items():
+            self.failover.append(f"{primary} is the primary of {standby}: QEMU unplugs it when the migration "
+                                 "starts and the guest takes it back on the destination")
+        for standby in sorted(fo.standbys - set(fo.primaries.values())):
+            self.failover.append(f"{standby} has failover=on: QEMU unplugs its primary itself during a migration")
+        if self.failover:
+            self.warnings.append("virtio-net failover: " + "; ".join(self.failover) + ". kvmshell leaves those "
+                                 "devices to QEMU and does not unplug them by hand")
+        return fo
 
     async def _pair_of(self, mon: Monitor, dev_id: str, have: dict[str, str]) -> str | None:
         if dev_id not in have:
