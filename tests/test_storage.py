@@ -291,15 +291,24 @@ async def test_destination_killed_leaves_the_source_on_its_own_disks(rig: Rig, p
     assert await compare(src_data, expected) == (0, "Images are identical.")
 
 
-async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig) -> None:
+@pytest.mark.parametrize("flag", ["-b", "-i"])
+async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig, flag: str) -> None:
+    """QEMU's own block migration (7.2 still has it): -b copies whole disks, -i only the top images
+    over a backing file both sides have."""
     w = rig.lab.workdir
-    src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    if flag == "-b":
+        src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    else:
+        base = await qcow2(w / "base.qcow2")
+        await offline_io(base, "write -P 0x33 0 16M")
+        src_data = await qcow2(w / "src-data.qcow2", backing=base)
+        dst_data = await qcow2(w / "dst-data.qcow2", backing=base)
     await start_pair(rig, src_data, dst_data)
     await rig.io("src", "write -P 0x71 0 8M")
     port = free_port()
     await rig.ok("@src migrate_set_speed 8M")
     await rig.ok(f"@dst migrate_incoming tcp:127.0.0.1:{port}")
-    await rig.ok(f"@src migrate -b tcp:127.0.0.1:{port}")
+    await rig.ok(f"@src migrate {flag} tcp:127.0.0.1:{port}")
     view = await wait_for(lambda: rig.ok("@src info migrate"), lambda t: "total disk" in t, what="the disk section")
     assert "transferred disk" in view and "remaining disk" in view
     await rig.io("src", "write -P 0x72 10M 1M")                      # block migration tracks it as dirty
@@ -309,7 +318,10 @@ async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig) -> 
     assert (await rig.mon("src").migration()).status.value == "completed"
     await rig.quit("src", "dst")
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
-    await offline_io(dst_data, "read -P 0x72 10M 1M")
+    await offline_io(dst_data, "read -P 0x71 0 8M", "read -P 0x72 10M 1M")
+    if flag == "-i":
+        await offline_io(dst_data, "read -P 0x33 12M 4M")
+        assert await allocated_in_top(dst_data) < 12 * MiB               # not the whole 16 MiB base
 
 
 # -- to another host: `migrate --to-host HOST --copy-storage inc` --------------------------------
@@ -337,6 +349,27 @@ async def test_to_host_copy_storage_inc_creates_the_images_there_and_copies_the_
             session = Session(fleet, default_registry(), assume_yes=True)
             mon = fleet.monitor(vm)
             await mon.hmp('qemu-io data0 "write -P 0x44 1M 2M"')
+            [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --tunnel")
+            assert not o.ok and "--copy-storage does not go through --tunnel" in (o.error or ""), o.error
+            run_dir.mkdir()
+            (run_dir / "src-top.qcow2").write_bytes(b"not to be overwritten")
+            [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc")
+            assert not o.ok and f"{run_dir}/src-top.qcow2 already on host b" in (o.error or ""), o.error
+            assert (run_dir / "src-top.qcow2").read_bytes() == b"not to be overwritten"
+            assert not processes_mentioning(str(run_dir)) and (await mon.status()).running
+            (run_dir / "src-top.qcow2").unlink()
+            # the destination dies during the disk copy: it is gone, and so are the images made for it
+            task = asyncio.create_task(session.run_line(
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --bandwidth 2M"))
+            await wait_for(lambda: mon.execute("query-block-jobs"), lambda jobs: any(j["offset"] for j in jobs),
+                           what="the mirror under way", timeout=60)
+            for pid in processes_mentioning(str(run_dir)):
+                os.kill(pid, signal.SIGKILL)
+            [o] = await task
+            msg = o.error or ""
+            assert not o.ok and "the mirror of disk" in msg and "removed the 2 image(s) created" in msg, msg
+            assert f"{vm} is running on this host, as before" in msg, msg
+            assert not list(run_dir.glob("*.qcow2")) and await mon.execute("query-block-jobs") == []
             task = asyncio.create_task(session.run_line(
                 f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M"))
             await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active" and m.ram is not None
