@@ -264,7 +264,7 @@ class PassthroughStage(BaseStage):
         info = await mon.migration()
         if info.blocked_reasons:
             gone = ", ".join(d.id for d in self.devices)
-            raise Refused(f"this guest still cannot migrate after unplugging {gone}: "
+            raise Refused(f"this guest still cannot migrate{f' after unplugging {gone}' if gone else ''}: "
                           + explain(info.blocked_reasons), guest=self.source)
 
     async def _unplug(self, mon: Monitor, dev: Device) -> None:
