@@ -328,6 +328,9 @@ async def migrate_to_host(inv: Invocation) -> Result:
     for flag in ("b", "i", "r", "estimate"):
         if f.get(flag):
             raise UsageError(f"{'-' if len(flag) == 1 else '--'}{flag} does not go with --to-host", guest=source)
+    if f.get("unplug") or f.get("replug"):
+        raise UsageError("--unplug/--replug do not go with --to-host yet: device_del the device first, or "
+                         "migrate to a destination you start (--to DEST)", guest=source)
     if not (s.assume_yes or f.get("yes")) and s.confirmer is None:
         raise UsageError("migrate --to-host quits the source at the end and there is no one to ask: add -y",
                          guest=source)
