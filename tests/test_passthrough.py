@@ -246,6 +246,8 @@ async def test_hmp_source_refused_and_replug_needs_an_unplug(lab: Lab, run_in: M
     assert not o.ok and "needs the guest's QMP monitor" in (o.error or "")
     o = await r.line(f"@src migrate tcp:127.0.0.1:{free_port()} --replug tab0=usb-kbd")
     assert not o.ok and "tab0 is not unplugged; add --unplug tab0" in (o.error or "")
+    o = await r.line("@src migrate --to-host h1 --unplug tab0 -y")          # refused, not ignored
+    assert not o.ok and "--unplug/--replug do not go with --to-host" in (o.error or "")
     assert (await r.session.fleet.monitor("src").status()).state is RunState.RUNNING
 
 
