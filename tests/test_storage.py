@@ -213,7 +213,8 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
     src_top, dst_top = await qcow2(w / "src-top.qcow2", backing=base), await qcow2(w / "dst-top.qcow2", backing=base)
     await start_pair(rig, src_top, dst_top)
     await rig.io("src", "write -P 0x44 1M 2M")
-    await rig.ok(f"@src migrate --to dst --copy-storage inc {HOLD}")
+    text = await rig.ok(f"@src migrate --to dst --copy-storage inc {HOLD}")
+    assert "dst's top images must be new (empty)" in text, text
     await ram_phase(rig)
     await rig.io("src", "write -P 0x55 10M 256K")
     await release(rig)

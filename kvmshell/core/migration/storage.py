@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MODES = ("all", "inc")
 POLL_S = 0.5                 # query-block-jobs while the mirrors run (events wake us sooner)
 RATE_WINDOW_S = 1.0          # the guest's write rate to a disk is measured over this
+MIRROR_BUFFER = 16 << 20     # QEMU's default buf-size of a mirror job
 SWITCHOVER_TIMEOUT_S = 60.0  # the guest is stopped: the last dirty blocks must go within this
 JOB_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
 
@@ -146,7 +147,11 @@ def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> 
     for name in (source, dest):
         if fleet.monitor(name).protocol is not Protocol.QMP:
             raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
-    return StorageStage(mode)
+    stage = StorageStage(mode)
+    if mode == "inc":
+        stage.warnings.append(f"--copy-storage inc copies what {source}'s top images hold: {dest}'s top images must "
+                              "be new (empty), or what they hold elsewhere stays there")
+    return stage
 
 
 class StorageStage(BaseStage):
@@ -285,7 +290,9 @@ class StorageStage(BaseStage):
         for disk in self.disks:
             await self._mirror(src, disk, speed)
         self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
-        await self._wait(lambda: all(d.ready for d in self.disks), stall_s=job.req.stall_timeout,
+        # a capped mirror copies a buffer (up to 16 MiB) at once, then sleeps: allow for that pause
+        stall = max(job.req.stall_timeout, 2 * MIRROR_BUFFER / speed) if speed else job.req.stall_timeout
+        await self._wait(lambda: all(d.ready for d in self.disks), stall_s=stall,
                          what="the disk copy")
         self.notes.append(f"storage: {len(self.disks)} disk(s) in sync on {self._dst_name} "
                           f"({', '.join(f'{d.key} {human_bytes(d.size)}' for d in self.disks)})")
