@@ -216,7 +216,7 @@ async def link_figure(inv: Invocation, source: str, dest: str | None, uri: str |
     if f.get("probe") or (configured is None and not f.get("no_probe")):
         fleet = inv.session.fleet
         result, why = await probe_path(source, fleet.get(source).address, dest,
-                                       fleet.get(dest).address if dest else None, uri, inv.progress)
+                                       fleet.get(dest).address if dest else None, uri, inv.progress, fleet.hosts)
         if result is not None:
             extra = f"; the config says {configured / 1e6:.0f} MB/s" if configured else ""
             return LinkFigure(result.rate, "probed", result.describe() + extra)

@@ -8,13 +8,19 @@ runs, sends zeros for at most ``PROBE_SECONDS`` or ``PROBE_BYTES`` (whichever co
 takes the receiver's figure: bytes received after the first read, over the time from the first to
 the last read.
 
-Both ends are small Python processes (this interpreter, ``-c``), started through ``nsenter
---net=/proc/PID/ns/net`` when the QEMU's namespace is not kvmshell's own. They die with kvmshell
-(PR_SET_PDEATHSIG) and are killed and reaped when the probe ends, whatever happens.
+Both ends are small Python processes. Here: this interpreter (``-c``), started through ``nsenter
+--net=/proc/PID/ns/net`` when the QEMU's namespace is not kvmshell's own; they die with kvmshell
+(PR_SET_PDEATHSIG) and are killed and reaped when the probe ends, whatever happens. On a guest's
+SSH host: ``python3 -c`` in kvmshell's SSH session there (the namespace sshd runs in, which is the
+QEMU's in the usual case but is not checked); without python3 there, no probe (nc or dd are not
+used: their options differ between implementations and they report no timing). A remote end
+always ends by itself within ``RECV_WAIT`` s of losing its peer.
 
-Only guests on this host are probed. Where the path cannot be known or probed (a remote guest, a
-monitor whose QEMU cannot be found, different namespaces and no URI), ``plan_probe`` says why in
-one line instead, and the caller says "not probed: ..." rather than guessing.
+Where kvmshell would migrate (no URI): 127.0.0.1 when both QEMUs share a namespace or an SSH host,
+the destination host's SSH address when they are on different hosts. Where the path cannot be
+known or probed (a monitor whose QEMU cannot be found, two namespaces here and no URI, a source on
+another host migrating to this one and no URI), ``plan_probe`` says why in one line instead, and
+the caller says "not probed: ..." rather than guessing.
 """
 
 from __future__ import annotations
@@ -22,19 +28,26 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shlex
 import shutil
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kvmshell.core.address import Address, Kind
+from kvmshell.core.address import Address, Kind, SshTarget
 from kvmshell.core.procinfo import pid_listening_on
 from kvmshell.errors import KvmError
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
+    from kvmshell.core.transport import RemoteProcess
 
 PROBE_SECONDS = 2.0
 PROBE_BYTES = 64 * 2**20
 CHUNK = 256 * 1024
+RECV_WAIT = 10.0           # the receiver gives up after this long without a connection or data
 
 # argv: recv HOST SECONDS | send HOST PORT MAX_BYTES MAX_SECONDS
 _PROGRAM = r"""
@@ -87,12 +100,15 @@ class ProbeFailed(KvmError):
 
 @dataclass(frozen=True)
 class ProbePlan:
-    """Where to run the probe: the namespaces (None: kvmshell's own) and the address to listen on."""
+    """Where to run the probe: the namespaces here (None: kvmshell's own) or the SSH hosts, and the
+    address to listen on."""
 
     src_netns: str | None
     dst_netns: str | None
     host: str
     path: str                  # the path in words: "loopback in one network namespace", ...
+    src_ssh: SshTarget | None = None    # an end on another host: run there, in its SSH session
+    dst_ssh: SshTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -168,30 +184,53 @@ def tcp_host(uri: str) -> str | None:
     return host
 
 
-def plan_probe(source: str, src_addr: Address, dest: str, dst_addr: Address,
-               uri: str | None) -> tuple[ProbePlan | None, str | None]:
+def _place(name: str, address: Address, pool: HostPool | None) -> tuple[str | None, SshTarget | None, str | None]:
+    """Where a guest's QEMU runs: (namespace path here, None, None), (None, its SSH host, None), or why not."""
+    if address.ssh is not None:
+        if pool is None:
+            return None, None, f"{name} is on {address.ssh.host} over SSH and kvmshell has no SSH hosts configured"
+        return None, address.ssh, None
+    ns, why = local_qemu_netns(name, address)
+    return ns, None, why
+
+
+def plan_probe(source: str, src_addr: Address, dest: str, dst_addr: Address, uri: str | None,
+               pool: HostPool | None = None) -> tuple[ProbePlan | None, str | None]:
     """Where the probe must run for a migration from ``source`` to ``dest`` (optionally at ``uri``):
-    a plan, or why there is none."""
-    src_ns, why = local_qemu_netns(source, src_addr)
+    a plan, or why there is none. Guests on SSH hosts are probed from their host's SSH session."""
+    src_ns, src_ssh, why = _place(source, src_addr, pool)
     if why is not None:
         return None, why
-    dst_ns, why = local_qemu_netns(dest, dst_addr)
+    dst_ns, dst_ssh, why = _place(dest, dst_addr, pool)
     if why is not None:
         return None, why
-    shared = same_netns(src_ns, dst_ns)
+    if src_ssh is None and dst_ssh is None:
+        shared = same_netns(src_ns, dst_ns)
+        where = "one network namespace" if shared else f"{source}'s network namespace to {dest}'s"
+    else:
+        assert pool is not None
+        shared = src_ssh is not None and dst_ssh is not None and pool.key(src_ssh) == pool.key(dst_ssh)
+
+        def at(ssh: SshTarget | None) -> str:
+            return f"{pool.label(ssh)} (its SSH session)" if ssh is not None else "this host"
+        where = f"on {at(src_ssh)}" if shared else f"{at(src_ssh)} to {at(dst_ssh)}"
     if uri is not None:
         host = tcp_host(uri)
         if host is None:
             return None, f"the stream would go over {uri.split(':', 1)[0]}:, not TCP: only TCP paths are probed"
         if host in ("", "0", "0.0.0.0", "::"):
             return None, f"{uri} names no address the source can connect to"
-        where = "one network namespace" if shared else f"{source}'s network namespace to {dest}'s"
-        return ProbePlan(src_ns, dst_ns, host, f"TCP to {host} ({where})"), None
-    if not shared:
-        return None, (f"{source} and {dest} run in different network namespaces, and tcp:127.0.0.1 (where kvmshell "
-                      f"would migrate) does not join them: give the destination's address as the URI (tcp:HOST:PORT)")
-    return ProbePlan(src_ns, dst_ns, "127.0.0.1", "loopback in one network namespace (tcp:127.0.0.1, where "
-                                                  "kvmshell would migrate)"), None
+        return ProbePlan(src_ns, dst_ns, host, f"TCP to {host} ({where})", src_ssh, dst_ssh), None
+    if shared:
+        return ProbePlan(src_ns, dst_ns, "127.0.0.1", f"loopback ({where}; tcp:127.0.0.1, where kvmshell would "
+                                                      f"migrate)", src_ssh, dst_ssh), None
+    if dst_ssh is not None:          # where kvmshell would migrate: the destination host's SSH address
+        return ProbePlan(src_ns, dst_ns, dst_ssh.host, f"TCP to {dst_ssh.host} ({where})", src_ssh, dst_ssh), None
+    if src_ssh is not None:
+        return None, (f"{dest} runs here and {source} on another host: kvmshell cannot tell which of this host's "
+                      f"addresses {source} reaches; give it as the URI (tcp:HOST:PORT)")
+    return None, (f"{source} and {dest} run in different network namespaces, and tcp:127.0.0.1 (where kvmshell "
+                  f"would migrate) does not join them: give the destination's address as the URI (tcp:HOST:PORT)")
 
 
 def _die_with_parent() -> None:  # in the child, between fork and exec
@@ -209,19 +248,83 @@ def _argv(netns: str | None, *args: str) -> list[str]:
     return [nsenter, f"--net={netns}", *prog]
 
 
+class _End:
+    """One end of the probe, running here (a child process) or on a host (an SSH channel)."""
+
+    async def readline(self) -> bytes:
+        raise NotImplementedError
+
+    async def finish(self, timeout: float) -> tuple[int, bytes, bytes]:
+        raise NotImplementedError
+
+    async def kill(self) -> None:
+        raise NotImplementedError
+
+
+class _LocalEnd(_End):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def readline(self) -> bytes:
+        assert self.proc.stdout is not None
+        return await self.proc.stdout.readline()
+
+    async def finish(self, timeout: float) -> tuple[int, bytes, bytes]:
+        async with asyncio.timeout(timeout):
+            out, err = await self.proc.communicate()
+        return self.proc.returncode or 0, out, err
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        await self.proc.wait()
+
+
+class _RemoteEnd(_End):
+    """A remote end ends by itself: the receiver stops waiting after ``RECV_WAIT`` s, the sender after
+    its bound; closing the channel is all that is left to do."""
+
+    def __init__(self, proc: RemoteProcess) -> None:
+        self.proc = proc
+        self.buf = b""
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = await self.proc.read(4096)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    async def finish(self, timeout: float) -> tuple[int, bytes, bytes]:
+        r = await self.proc.finish(timeout)
+        return r.exit_status, self.buf + r.stdout, r.stderr
+
+    async def kill(self) -> None:
+        self.proc.close()
+
+
 async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 preexec_fn=_die_with_parent)
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-    await proc.wait()
+async def _start(netns: str | None, ssh: SshTarget | None, pool: HostPool | None, *args: str) -> _End:
+    if ssh is None:
+        return _LocalEnd(await _spawn(_argv(netns, *args)))
+    assert pool is not None
+    found = await pool.run(ssh, "command -v python3")
+    if not found.ok:
+        raise ProbeFailed(f"no python3 on {pool.label(ssh)}: the probe runs its two ends with python3 "
+                          f"(nc or dd are not used)")
+    conn = await pool.connection(ssh)
+    return _RemoteEnd(await conn.start("exec python3 -c " + " ".join(shlex.quote(a) for a in (_PROGRAM, *args))))
 
 
 def _last_error(stderr: bytes) -> str:
@@ -230,28 +333,26 @@ def _last_error(stderr: bytes) -> str:
 
 
 async def run_probe(plan: ProbePlan, *, max_bytes: int = PROBE_BYTES, max_seconds: float = PROBE_SECONDS,
-                    timeout: float | None = None) -> ProbeResult:
+                    timeout: float | None = None, pool: HostPool | None = None) -> ProbeResult:
     """Run the transfer of ``plan``; ProbeFailed (one line) if it cannot."""
-    limit = timeout if timeout is not None else max_seconds + 15
-    procs: list[asyncio.subprocess.Process] = []
+    limit = timeout if timeout is not None else max_seconds + RECV_WAIT + 5
+    ends: list[_End] = []
     try:
         async with asyncio.timeout(limit):
-            recv = await _spawn(_argv(plan.dst_netns, "recv", plan.host, str(max_seconds + 10)))
-            procs.append(recv)
-            assert recv.stdout is not None and recv.stderr is not None
-            line = await recv.stdout.readline()
+            recv = await _start(plan.dst_netns, plan.dst_ssh, pool, "recv", plan.host, str(RECV_WAIT))
+            ends.append(recv)
+            line = await recv.readline()
             if not line.strip().isdigit():
-                await recv.wait()
-                raise ProbeFailed(f"the receiver could not listen on {plan.host}: "
-                                  f"{_last_error(await recv.stderr.read())}")
+                _, _, err = await recv.finish(limit)
+                raise ProbeFailed(f"the receiver could not listen on {plan.host}: {_last_error(err)}")
             port = line.decode().strip()
-            send = await _spawn(_argv(plan.src_netns, "send", plan.host, port, str(max_bytes), str(max_seconds)))
-            procs.append(send)
-            s_out, s_err = await send.communicate()
-            r_out, r_err = await recv.communicate()
-            if send.returncode or recv.returncode:
-                err = s_err if send.returncode else r_err
-                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(err)}")
+            send = await _start(plan.src_netns, plan.src_ssh, pool, "send", plan.host, port, str(max_bytes),
+                                str(max_seconds))
+            ends.append(send)
+            s_rc, s_out, s_err = await send.finish(limit)
+            r_rc, r_out, r_err = await recv.finish(limit)
+            if s_rc or r_rc:
+                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(s_err if s_rc else r_err)}")
             total, first_n, seconds = r_out.split()
             counted = int(total) - int(first_n)
             secs = float(seconds)
@@ -261,23 +362,26 @@ async def run_probe(plan: ProbePlan, *, max_bytes: int = PROBE_BYTES, max_second
                                path=plan.path)
     except TimeoutError:
         raise ProbeFailed(f"the transfer to {plan.host} did not finish within {limit:.0f} s") from None
+    except KvmError as e:
+        if isinstance(e, ProbeFailed):
+            raise
+        raise ProbeFailed(str(e)) from None
     finally:
-        await asyncio.shield(asyncio.gather(*(_reap(p) for p in procs)))
-
+        await asyncio.shield(asyncio.gather(*(end.kill() for end in ends), return_exceptions=True))
 
 
 async def probe_path(src_name: str, src_addr: Address, dst_name: str | None, dst_addr: Address | None,
-                     uri: str | None, progress: Callable[[str], None] | None = None
-                     ) -> tuple[ProbeResult | None, str]:
+                     uri: str | None, progress: Callable[[str], None] | None = None,
+                     pool: HostPool | None = None) -> tuple[ProbeResult | None, str]:
     """Probe the migration path from ``src_name`` to ``dst_name``: (result, "") or (None, why not)."""
     if dst_name is None or dst_addr is None:
         return None, "no destination given (--to DEST) to probe the path to"
-    plan, why = plan_probe(src_name, src_addr, dst_name, dst_addr, uri)
+    plan, why = plan_probe(src_name, src_addr, dst_name, dst_addr, uri, pool)
     if plan is None:
         return None, why or "no path"
     if progress is not None:
         progress(f"probing the link: up to {PROBE_BYTES // 2**20} MiB or {PROBE_SECONDS:g} s over {plan.path}...")
     try:
-        return await run_probe(plan), ""
+        return await run_probe(plan, pool=pool), ""
     except ProbeFailed as e:
         return None, f"the probe failed: {e}"
