@@ -160,8 +160,8 @@ async def test_config_unplug_list_and_a_destination_kvmshell_does_not_attach(lab
     r = await run_in(src, dst, config=config)
     smon = r.session.fleet.monitor("src")
 
-    # no --unplug: the config's list (tab0) is used; usb-audio still blocks after it: tab0 comes back
-    o = await r.line(f"@src migrate tcp:127.0.0.1:{free_port()} --strategy precopy")
+    # a plain `migrate URI`: the config's list (tab0) is used; usb-audio still blocks after it: tab0 comes back
+    o = await r.line(f"@src migrate tcp:127.0.0.1:{free_port()}")
     assert o.ok, o.error
     assert [type(st) for st in r.session.migrations["src"].stages] == [PassthroughStage]
     ev = await r.outcome()

@@ -46,7 +46,9 @@ async def _migrate_args(mon: Monitor) -> set[str]:
 async def migrate(inv: Invocation) -> Result:
     if inv.flags.get("to_host"):
         return await steer.migrate_to_host(inv)
-    if steer.wants_steering(inv.flags):
+    guest_cfg = inv.session.config.guests.get(inv.guest or "")
+    unplugs = guest_cfg is not None and bool(guest_cfg.unplug) and not any(inv.flags.get(k) for k in "bir")
+    if steer.wants_steering(inv.flags) or unplugs:       # [guests.X] unplug: kvmshell runs the migration
         return await steer.migrate_steered(inv)
     mon = inv.monitor
     if inv.values.get("uri") is None:
