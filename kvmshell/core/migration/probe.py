@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -42,14 +43,18 @@ from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
     from kvmshell.core.remote import HostPool
-    from kvmshell.core.transport import RemoteProcess
+    from kvmshell.core.transport import RemoteResult
 
 PROBE_SECONDS = 2.0
 PROBE_BYTES = 64 * 2**20
 CHUNK = 256 * 1024
 RECV_WAIT = 10.0           # the receiver gives up after this long without a connection or data
+CONNECT_WAIT = 5.0         # the sender retries a refused connection this long
+PORTS = (49152, 60999)     # where a free port is picked for a receiver on another host
 
-# argv: recv HOST SECONDS | send HOST PORT MAX_BYTES MAX_SECONDS
+# argv: recv HOST WAIT [PORT] | send HOST PORT MAX_BYTES MAX_SECONDS
+# The receiver prints its port, then "bytes first_read_bytes seconds"; the sender retries a refused
+# connection for CONNECT_WAIT s (a receiver on another host may not listen yet) and prints what it sent.
 _PROGRAM = r"""
 import socket, sys, time
 mode, host = sys.argv[1], sys.argv[2]
@@ -57,7 +62,7 @@ fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 if mode == "recv":
     wait = float(sys.argv[3])
     s = socket.socket(fam)
-    s.bind((host, 0))
+    s.bind((host, int(sys.argv[4]) if len(sys.argv) > 4 else 0))
     s.listen(1)
     print(s.getsockname()[1], flush=True)
     s.settimeout(wait)
@@ -79,7 +84,15 @@ if mode == "recv":
     print(total, first_n, (last - first) if first is not None else 0.0, flush=True)
 else:
     port, limit, seconds = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-    c = socket.create_connection((host, port), timeout=seconds + 5)
+    until = time.monotonic() + %(connect_wait)f
+    while True:
+        try:
+            c = socket.create_connection((host, port), timeout=seconds + 5)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > until:
+                raise
+            time.sleep(0.05)
     chunk = bytes(%(chunk)d)
     sent, deadline = 0, time.monotonic() + seconds
     while sent < limit and time.monotonic() < deadline:
@@ -89,7 +102,7 @@ else:
     c.shutdown(socket.SHUT_WR)
     c.recv(1)
     print(sent, flush=True)
-""" % {"chunk": CHUNK}
+""" % {"chunk": CHUNK, "connect_wait": CONNECT_WAIT}
 
 
 class ProbeFailed(KvmError):
@@ -161,9 +174,7 @@ def same_netns(a: str | None, b: str | None) -> bool:
 
 
 def local_qemu_netns(name: str, address: Address) -> tuple[str | None, str | None]:
-    """(namespace path, None) for a guest whose QEMU runs here, else (None, why it cannot be probed)."""
-    if address.ssh is not None:
-        return None, f"{name} is on {address.ssh.host} over SSH: kvmshell probes only guests on this host"
+    """(namespace path, None) for a guest whose QEMU runs here, else (None, why it cannot be found)."""
     if address.kind is not Kind.UNIX or address.path is None:
         return None, f"cannot tell which process serves {name}'s monitor {address} (only unix sockets are traced)"
     pid = pid_listening_on(address.path)
@@ -284,29 +295,42 @@ class _LocalEnd(_End):
 
 
 class _RemoteEnd(_End):
-    """A remote end ends by itself: the receiver stops waiting after ``RECV_WAIT`` s, the sender after
-    its bound; closing the channel is all that is left to do."""
+    """An end run on a host through ``HostPool.run``: it ends by itself (the receiver stops waiting
+    after ``RECV_WAIT`` s, the sender after its bound), so dropping the command is all ``kill`` does."""
 
-    def __init__(self, proc: RemoteProcess) -> None:
-        self.proc = proc
-        self.buf = b""
+    def __init__(self, task: asyncio.Task[RemoteResult], port: int | None) -> None:
+        self.task = task
+        self.port = port              # a receiver's port, chosen before it started
 
     async def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = await self.proc.read(4096)
-            if not chunk:
-                line, self.buf = self.buf, b""
-                return line
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
+        return f"{self.port}\n".encode()
 
     async def finish(self, timeout: float) -> tuple[int, bytes, bytes]:
-        r = await self.proc.finish(timeout)
-        return r.exit_status, self.buf + r.stdout, r.stderr
+        async with asyncio.timeout(timeout):
+            r = await self.task
+        out = r.stdout.partition(b"\n")[2] if self.port is not None else r.stdout
+        return r.exit_status, out, r.stderr
 
     async def kill(self) -> None:
-        self.proc.close()
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _free_port(pool: HostPool, ssh: SshTarget) -> int:
+    r = await pool.run(ssh, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
+    used = set()
+    for line in r.text.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[1]:
+            try:
+                used.add(int(fields[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
+    free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
+    if not free:
+        raise ProbeFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {pool.label(ssh)}")
+    return free[0]
 
 
 async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
@@ -323,8 +347,13 @@ async def _start(netns: str | None, ssh: SshTarget | None, pool: HostPool | None
     if not found.ok:
         raise ProbeFailed(f"no python3 on {pool.label(ssh)}: the probe runs its two ends with python3 "
                           f"(nc or dd are not used)")
-    conn = await pool.connection(ssh)
-    return _RemoteEnd(await conn.start("exec python3 -c " + " ".join(shlex.quote(a) for a in (_PROGRAM, *args))))
+    port = None
+    if args[0] == "recv":
+        port = await _free_port(pool, ssh)
+        args = (*args, str(port))
+    command = "exec python3 -c " + " ".join(shlex.quote(a) for a in (_PROGRAM, *args))
+    task = asyncio.create_task(pool.run(ssh, command, timeout=RECV_WAIT + PROBE_SECONDS + CONNECT_WAIT + 10))
+    return _RemoteEnd(task, port)
 
 
 def _last_error(stderr: bytes) -> str:
@@ -350,9 +379,15 @@ async def run_probe(plan: ProbePlan, *, max_bytes: int = PROBE_BYTES, max_second
                                 str(max_seconds))
             ends.append(send)
             s_rc, s_out, s_err = await send.finish(limit)
+            if s_rc:
+                try:                  # a receiver that failed (could not bind) has the better message
+                    r_rc, _, r_err = await recv.finish(0.5)
+                except TimeoutError:
+                    r_rc, r_err = 0, b""
+                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(r_err if r_rc else s_err)}")
             r_rc, r_out, r_err = await recv.finish(limit)
-            if s_rc or r_rc:
-                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(s_err if s_rc else r_err)}")
+            if r_rc:
+                raise ProbeFailed(f"the transfer to {plan.host} failed: {_last_error(r_err)}")
             total, first_n, seconds = r_out.split()
             counted = int(total) - int(first_n)
             secs = float(seconds)
