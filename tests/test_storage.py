@@ -145,6 +145,10 @@ async def start_dest(rig: Rig, data: Path | None, *, monitor: str = "qmp:unix", 
     await rig.attach(name, guest)
 
 
+async def dest_running(rig: Rig) -> None:
+    await wait_for(lambda: rig.mon("dst").status(), lambda st: st.state is RunState.RUNNING, what="dst runs")
+
+
 async def no_leftovers_on_source(rig: Rig) -> None:
     src = rig.mon("src")
     assert await src.execute("query-block-jobs") == []
@@ -221,6 +225,7 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
     ev = await rig.finished()
     assert ev.data["status"] == "completed", ev.data
     await no_leftovers_on_source(rig)
+    await dest_running(rig)
     await rig.quit("src", "dst")
     assert await compare(src_top, dst_top) == (0, "Images are identical.")
     top = await allocated_in_top(dst_top)
@@ -292,6 +297,22 @@ async def test_destination_killed_leaves_the_source_on_its_own_disks(rig: Rig, p
     assert await compare(src_data, expected) == (0, "Images are identical.")
 
 
+async def test_kvmshell_closing_mid_migration_cancels_it(rig: Rig) -> None:
+    """The session ends (kvmshell quits) while RAM migrates: the mirrors go, and so must the migration
+    (it would otherwise wait at pre-switchover with the guest paused, or switch over onto stale disks)."""
+    w = rig.lab.workdir
+    await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
+    await rig.ok(f"@src migrate --to dst --copy-storage all {HOLD}")
+    await ram_phase(rig)
+    stage = rig.stage()
+    await rig.session.aclose()
+    assert any("the RAM migration cancelled" in n for n in stage.notes), stage.notes
+    src = rig.mon("src")
+    await wait_for(lambda: src.migration(), lambda m: not m.status.is_active, what="the migration ended")
+    assert (await src.status()).state is RunState.RUNNING
+    await no_leftovers_on_source(rig)
+
+
 @pytest.mark.parametrize("flag", ["-b", "-i"])
 async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig, flag: str) -> None:
     """QEMU's own block migration (7.2 still has it): -b copies whole disks, -i only the top images
@@ -307,16 +328,21 @@ async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig, fla
     await start_pair(rig, src_data, dst_data)
     await rig.io("src", "write -P 0x71 0 8M")
     port = free_port()
-    await rig.ok("@src migrate_set_speed 8M")
     await rig.ok(f"@dst migrate_incoming tcp:127.0.0.1:{port}")
+    await rig.ok("@src migrate_set_speed 1G")          # QEMU would switch over with the disks half-copied
+    o = await rig.run(f"@src migrate {flag} tcp:127.0.0.1:{port}")
+    assert not o.ok and "may switch over before the disks are copied" in (o.error or ""), o.error
+    assert (await rig.mon("src").migration()).status.value == "none"
+    await rig.ok("@src migrate_set_speed 8M")
     await rig.ok(f"@src migrate {flag} tcp:127.0.0.1:{port}")
     view = await wait_for(lambda: rig.ok("@src info migrate"), lambda t: "total disk" in t, what="the disk section")
     assert "transferred disk" in view and "remaining disk" in view
     await rig.io("src", "write -P 0x72 10M 1M")                      # block migration tracks it as dirty
-    await rig.ok("@src migrate_set_speed 1G")
+    await rig.ok("@src migrate_set_speed 100M")                      # faster than the guest dirties RAM
     await wait_for(lambda: rig.mon("src").migration(), lambda m: m.status.value in ("completed", "failed"),
                    what="the end")
     assert (await rig.mon("src").migration()).status.value == "completed"
+    await dest_running(rig)               # the destination may still be loading what the source sent
     await rig.quit("src", "dst")
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
     await offline_io(dst_data, "read -P 0x71 0 8M", "read -P 0x72 10M 1M")

@@ -68,6 +68,8 @@ async def migrate(inv: Invocation) -> Result:
                         "over NBD with `migrate --to DEST --copy-storage all|inc`") if arg != "resume" \
                     else "this QEMU cannot resume a migration"
                 raise Unsupported(f"migrate {flag}: {hint}", guest=inv.guest)
+    if blk or inc:
+        await _check_block_migration_limits(inv, "-b" if blk else "-i")
     warnings = []
     host = uri_host(uri)
     if not is_local_host(host):
@@ -96,6 +98,25 @@ async def migrate(inv: Invocation) -> Result:
         steer.track(inv)
     return Done(f"migration to {uri} started ({state.status}); `info migrate` shows its progress",
                 tuple(warnings))
+
+
+# QEMU's block migration switches over once its pending bytes fit max-bandwidth x downtime-limit, and
+# during the bulk copy it counts only the blocks in flight: with a large product it switches over with
+# the disks half-copied. Measured on QEMU 7.2 here (256 MiB disk, downtime-limit 300 ms): identical at
+# 100 and 200 MiB/s, 80 % of the disk never sent at 400 MiB/s.
+BLOCK_MIGRATION_MAX_WINDOW = 64 << 20
+
+
+async def _check_block_migration_limits(inv: Invocation, flag: str) -> None:
+    params = await inv.monitor.migrate_parameters()
+    bandwidth, downtime_ms = params.max_bandwidth or 0, params.downtime_limit_ms or 0
+    window = bandwidth * downtime_ms // 1000
+    if window > BLOCK_MIGRATION_MAX_WINDOW:
+        raise Refused(f"migrate {flag}: max-bandwidth {human_bytes(bandwidth)}/s x downtime-limit {downtime_ms} ms "
+                      f"= {human_bytes(window)}: with that much QEMU's block migration may switch over before the "
+                      f"disks are copied (the destination then runs on half-copied disks); lower it first "
+                      f"(migrate_set_speed 100M), or use `migrate --to DEST --copy-storage all|inc`",
+                      guest=inv.guest)
 
 
 async def _first_state(mon: Monitor, bound: float = 1.0) -> MigrationInfo:

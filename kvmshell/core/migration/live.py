@@ -321,6 +321,9 @@ class MigrationJob:
     async def run(self) -> MigrationOutcome:
         """Follow the migration to its end (starting it first if ``start`` was not called: stages
         with long work before the start run here, in the background); the outcome."""
+        if not self._started and self.uri is None:     # an observer (`migrate URI`, `trace`): the
+            self._started = True                       # migration runs already; its stages were set
+            self._prepared = list(self.stages)         # up by the caller and are finished at the end
         if not self._started:
             try:
                 await self.start()

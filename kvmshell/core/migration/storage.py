@@ -407,6 +407,8 @@ class StorageStage(BaseStage):
             self._poller = None
         done: list[str] = []
         mirrored = bool(self._jobs)
+        if self._src is not None and not outcome.ok and mirrored:
+            done += await self._cancel_migration(self._src)
         if self._src is not None:
             done += await self._clean_source(self._src)
         if self._dst is not None and self._server is not None:
@@ -425,6 +427,19 @@ class StorageStage(BaseStage):
             done.append(f"{self._src_name}'s own disks were only read: it runs on them as before")
         if done:
             self.notes.append("storage: " + ", ".join(done))
+
+    @staticmethod
+    async def _cancel_migration(src: Monitor) -> list[str]:
+        """A migration still going when the copy is abandoned (kvmshell interrupted) must not switch
+        over onto disks that are no longer copied: cancel it."""
+        try:
+            status = (await src.migration()).status
+            if status.is_active and not status.value.startswith("postcopy"):   # postcopy: copied already
+                await src.execute("migrate_cancel")
+                return ["the RAM migration cancelled (its disks are no longer copied)"]
+        except KvmError as e:
+            return [f"could not cancel the migration ({e.message}): run migrate_cancel"]
+        return []
 
     async def _clean_source(self, src: Monitor) -> list[str]:
         done: list[str] = []
@@ -465,3 +480,4 @@ class StorageStage(BaseStage):
     # -- the live view ------------------------------------------------------------------------
     def lines(self) -> list[tuple[str, Any]]:
         return [d.line() for d in self.disks]
+
