@@ -342,6 +342,8 @@ async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig, fla
     await wait_for(lambda: rig.mon("src").migration(), lambda m: m.status.value in ("completed", "failed"),
                    what="the end")
     assert (await rig.mon("src").migration()).status.value == "completed"
+    async with asyncio.timeout(10):       # kvmshell followed the plain migration to its end
+        assert (await rig.session.migrations["src"].wait()).status == "completed"
     await dest_running(rig)               # the destination may still be loading what the source sent
     await rig.quit("src", "dst")
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
