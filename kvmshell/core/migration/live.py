@@ -98,6 +98,8 @@ class MigrationJob:
         self.stages: list[Stage] = list(stages)
         self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
         self._started = False                 # `migrate` was sent
+        self._starting: asyncio.Task[None] | None = None
+        self._cancel_requested = False
         self._switchover: asyncio.Task[None] | None = None
         self.clock = clock
         self.source: Monitor = fleet.monitor(request.source)
@@ -325,10 +327,15 @@ class MigrationJob:
             self._started = True                       # migration runs already; its stages were set
             self._prepared = list(self.stages)         # up by the caller and are finished at the end
         if not self._started:
+            self._starting = asyncio.create_task(self.start())
             try:
-                await self.start()
-            except KvmError as e:
-                self.outcome = MigrationOutcome("failed", f"not started: {e}",
+                await self._starting
+            except (KvmError, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not self._cancel_requested:
+                    raise                                   # the session is closing
+                status, why = ("cancelled", "cancelled by the user before the migration started") \
+                    if self._cancel_requested else ("failed", f"not started: {e}")
+                self.outcome = MigrationOutcome(status, f"{why}; {self.req.source} runs on as before",
                                                 notes=[n for st in self.stages for n in st.notes])
                 self._done.set()
                 self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
@@ -379,7 +386,7 @@ class MigrationJob:
 
     def _check_stall(self) -> bool:
         last = self.sampler.ring.last
-        if last is None or last.status not in ("active", "setup", "pre-switchover", "device"):
+        if last is None or last.status not in ("active", "setup", "pre-switchover", "device", "postcopy-active"):
             return False
         if self._switchover is not None and not self._switchover.done():
             return False                     # the stages finish their work while the guest is stopped
@@ -395,6 +402,18 @@ class MigrationJob:
         frozen = last.transferred if last else 0
         self._stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
                          f"{frozen / 2**20:.1f} MiB): the destination or the link is stuck")
+        if last is not None and last.status == "postcopy-active":
+            # the guest runs on the destination already: cancelling is impossible, waiting for TCP to
+            # give up takes many minutes; pausing keeps both halves so the migration can be recovered
+            self.decide("pause-stalled", f"{self._stalled}; pausing the postcopy migration so it can be "
+                                         "recovered (migrate_recover on the destination, migrate -r here)")
+            try:
+                src = self.source
+                await (src.execute("migrate-pause") if src.protocol is Protocol.QMP else src.hmp("migrate_pause"))
+                self.sampler.wake()
+            except KvmError as e:
+                log.warning("pausing the stalled postcopy migration failed: %s", e)
+            return
         self.decide("cancel-stalled", self._stalled)
         try:
             await self._cancel()
@@ -408,6 +427,10 @@ class MigrationJob:
 
     async def cancel(self) -> None:
         """Cancel on the user's request (refused in postcopy: the guest already runs on the destination)."""
+        if not self._started and self._starting is not None:
+            self._cancel_requested = True            # stages still at work: stop them, they undo
+            self._starting.cancel()
+            return
         last = self.sampler.ring.last
         if last is not None and last.status.startswith("postcopy"):
             raise Refused("cancel refused: the migration is in postcopy, the guest already runs on the destination",
@@ -590,14 +613,16 @@ class MigrationJob:
             return MigrationOutcome("source-lost", f"{src_name}'s monitor was lost during the migration "
                                     f"({self.sampler.lost}){where}", **base)
         if last.status == "postcopy-paused":
+            why = f" ({self._stalled})" if self._stalled else ""
             return MigrationOutcome("postcopy-paused",
-                                    f"DANGER: the migration broke in postcopy: the guest is split between "
+                                    f"DANGER: the migration broke in postcopy{why}: the guest is split between "
                                     f"{src_name} and {dst_name or 'the destination'} and paused. Do not quit either "
                                     f"QEMU. Recover: `@{dst_name or 'DEST'} migrate_recover URI`, then "
                                     f"`@{src_name} migrate -r URI`", **base)
         if last.status == "completed":
             msg = (f"completed in {(last.total_time_ms or 0) / 1000:.2f} s, downtime {last.downtime_ms} ms, "
-                   f"{last.transferred / 1e6:.0f} MB sent")
+                   f"{last.transferred / 1e6:.0f} MB sent; {src_name} stays paused with its memory until you quit "
+                   f"it (`cont` there brings the guest back if {dst_name or 'the destination'} fails)")
             return MigrationOutcome("completed", msg, total_s=(last.total_time_ms or 0) / 1000,
                                     downtime_ms=last.downtime_ms, bytes_sent=last.transferred, **base)
         src_state = ""

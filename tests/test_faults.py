@@ -1,0 +1,126 @@
+"""Faults of the migration path that need a real link: the a-b link cut (network namespaces, see
+kvmshell/lab/netns.py) during precopy and during postcopy; the destination killed after the switch;
+cancel at each phase. tests/FAULTS.md lists every fault and the test that covers it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kvmshell.core.models import MigrationStatus, RunState
+from kvmshell.lab.launcher import Lab, MonitorKind
+from kvmshell.lab.netns import TestNetwork
+from kvmshell.lab.verify import check_guest_memory
+from tests.test_live import RAM, WS, Pair, pair  # noqa: F401  (the fixture)
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+async def linked(lab: Lab) -> AsyncIterator[tuple[Pair, TestNetwork]]:
+    """src in one network namespace, dst (-incoming defer) in another, joined by a 100 Mbit/s link."""
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.fleet import Fleet
+    from kvmshell.core.models import Event
+    from kvmshell.core.session import Session
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    async with TestNetwork("100mbit", prefix="kvft") as net:
+        src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM,
+                              prefix=tuple(net.exec_prefix(net.src)))
+        dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk,
+                              prefix=tuple(net.exec_prefix(net.dst)))
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            async with Fleet() as fleet:
+                fleet.subscribe(events.put_nowait)
+                fleet.add("src", src.address)
+                fleet.add("dst", dst.address)
+                await fleet.start()
+                session = Session(fleet, default_registry(), assume_yes=True)
+                yield Pair(session, src, dst, events), net
+                await session.aclose()
+        finally:
+            for g in (src, dst):                     # before the namespaces go
+                if g.alive:
+                    await g.kill()
+
+
+def uri(net: TestNetwork) -> str:
+    return f"tcp:{net.dst.ip}:{random.randint(20000, 40000)}"
+
+
+async def test_link_cut_during_precopy_cancels_and_the_source_runs_on(
+        linked: tuple[Pair, TestNetwork], tmp_path: Path) -> None:
+    p, net = linked
+    await p.ok(f"@src migrate --to dst {uri(net)} --bandwidth 2M --stall-timeout 2")
+    await p.until_status("active")
+    await net.cut()
+    ev = await p.finished(timeout=60)
+    assert ev.data["status"] == "stalled" and "no progress for 2 s" in ev.data["message"], ev.data
+    src = p.session.fleet.monitor("src")
+    assert (await src.status()).state is RunState.RUNNING
+    check = await check_guest_memory(src, WS, tmp_path)
+    assert check.ok, check.summary()
+    await net.heal()
+
+
+async def test_link_cut_during_postcopy_pauses_and_recovers(linked: tuple[Pair, TestNetwork],
+                                                            tmp_path: Path) -> None:
+    p, net = linked
+    await p.ok("@src migrate_set_parameter max-postcopy-bandwidth 1M")      # stay in postcopy a while
+    await p.ok(f"@src migrate --to dst {uri(net)} --strategy postcopy --bandwidth 4M --stall-timeout 2")
+    await p.until_status("postcopy-active", timeout=60)
+    o = await p.run("@src migrate_cancel")
+    assert not o.ok and "cancel refused" in (o.error or ""), o.error
+    await net.cut()
+    ev = await p.finished(timeout=60)
+    assert ev.data["status"] == "postcopy-paused", ev.data
+    assert "DANGER" in ev.data["message"] and "no progress for 2 s" in ev.data["message"], ev.data
+    assert any("pause-stalled" in d for d in p.job().decisions), p.job().decisions
+    await net.heal()
+    # the destination learns of the pause once the link carries the source's FIN again
+    await wait_for(lambda: p.session.fleet.monitor("dst").migration(),
+                   lambda m: m.status is MigrationStatus.POSTCOPY_PAUSED, timeout=60, what="destination paused")
+    again = uri(net)
+    await p.ok(f"@dst migrate_recover {again}")
+    await p.ok("@src migrate_set_parameter max-postcopy-bandwidth 1G")
+    await p.ok(f"@src migrate -r {again}")
+    await p.until_status("completed", timeout=60)
+    await p.dst.wait_heartbeats(2)
+    check = await check_guest_memory(p.session.fleet.monitor("dst"), WS, tmp_path)
+    assert check.ok, check.summary()
+
+
+async def test_destination_killed_after_the_switch_the_source_comes_back(pair: Pair, tmp_path: Path) -> None:
+    await pair.ok("@src migrate --to dst")
+    ev = await pair.finished()
+    assert ev.data["status"] == "completed" and "`cont` there brings the guest back" in ev.data["message"], ev.data
+    src = pair.session.fleet.monitor("src")
+    assert (await src.status()).state is RunState.POSTMIGRATE
+    os.kill(pair.dst.pid, signal.SIGKILL)
+    await pair.ok("@src cont")
+    assert (await src.status()).running
+    await pair.src.wait_heartbeats(2)
+    check = await check_guest_memory(src, WS, tmp_path)
+    assert check.ok, check.summary()
+
+
+async def test_cancel_before_during_and_after(pair: Pair) -> None:
+    text = await pair.ok("@src migrate_cancel")
+    assert "no migration to cancel" in text, text
+    await pair.ok("@src migrate --to dst --bandwidth 2M --stall-timeout 60")
+    await pair.until_status("active")
+    await pair.ok("@src migrate_cancel")
+    assert (await pair.finished()).data["status"] == "cancelled"
+    src = pair.session.fleet.monitor("src")
+    assert (await src.status()).running
+    text = await pair.ok("@src migrate_cancel")
+    assert "no migration to cancel (status: cancelled)" in text, text
