@@ -355,7 +355,7 @@ async def test_hmp_block_migration_still_copies_and_shows_the_disk(rig: Rig, fla
 
 # -- to another host: `migrate --to-host HOST --copy-storage inc` --------------------------------
 
-async def test_to_host_copy_storage_inc_creates_the_images_there_and_copies_the_top(lab: Lab, tmp_path: Path) -> None:
+async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab: Lab, tmp_path: Path) -> None:
     """Host b is a network namespace with its own sshd (tests/sshd.py) sharing this filesystem: the
     images are created in a directory of their own there, over the same backing files."""
     from kvmshell.lab.launcher import pid_alive
@@ -388,8 +388,8 @@ async def test_to_host_copy_storage_inc_creates_the_images_there_and_copies_the_
             assert not processes_mentioning(str(run_dir)) and (await mon.status()).running
             (run_dir / "src-top.qcow2").unlink()
             # the destination dies during the disk copy: it is gone, and so are the images made for it
-            task = asyncio.create_task(session.run_line(
-                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --bandwidth 2M"))
+            task = asyncio.create_task(session.run_line(          # (all: empty images of the same size)
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M"))
             await wait_for(lambda: mon.execute("query-block-jobs"), lambda jobs: any(j["offset"] for j in jobs),
                            what="the mirror under way", timeout=60)
             for pid in processes_mentioning(str(run_dir)):
