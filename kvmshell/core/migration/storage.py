@@ -102,7 +102,8 @@ class Disk:
             return (f"disk {self.key}", f"{self.ended}, {done}")
         pct = 100 * self.offset / total if total else 0
         state = "ready (in sync)" if self.ready else "copying" if self.busy else "copying (paced)"
-        text = f"{state}: {done} ({pct:.0f} %), {human_bytes(max(0, self.length - self.offset))} dirty"
+        left = human_bytes(max(0, self.length - self.offset))
+        text = f"{state}: {done} ({pct:.0f} %), {left} {'dirty' if self.ready else 'left'}"
         if self.written_rate:
             text += f", guest writes {human_bytes(self.written_rate)}/s"
         return (f"disk {self.key}", text)
@@ -121,6 +122,11 @@ async def block_devices(mon: Monitor) -> dict[str, dict[str, Any]]:
 def writable_disks(devices: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The disks worth copying: a file behind them, not read-only (no CD-ROM, no empty drive)."""
     return {k: d for k, d in devices.items() if d["inserted"].get("file") and not d["inserted"].get("ro")}
+
+
+def _host(mon: Monitor) -> tuple[str, int | None] | None:
+    ssh = mon.address.ssh
+    return (ssh.host, ssh.port) if ssh is not None else None
 
 
 def _backing(dev: dict[str, Any]) -> dict[str, Any] | None:
@@ -174,7 +180,6 @@ class StorageStage(BaseStage):
         self._src_name = self._dst_name = ""
         self._sock_dir: str | None = None
         self._server: dict[str, Any] | None = None     # the NBD server as the source's blockdev-add sees it
-        self._exports: list[str] = []                  # block-export-add ids (or export names)
         self._clients: list[str] = []                  # NBD client nodes on the source
         self._jobs: list[str] = []                     # mirror job ids started
         self._blockdev = True                          # blockdev-add + blockdev-mirror (else drive-mirror)
@@ -194,6 +199,10 @@ class StorageStage(BaseStage):
             if mon.protocol is not Protocol.QMP:
                 raise Refused(f"--copy-storage needs a QMP monitor on both guests ({mon.name} speaks HMP)",
                               guest=self._src_name)
+        if self.tcp is None and _host(src) != _host(dst):
+            raise Refused(f"--copy-storage: {self._src_name} and {self._dst_name} run on different hosts: use "
+                          "`migrate --to-host HOST --copy-storage all|inc`, which starts the destination there",
+                          guest=self._src_name)
         self._check_commands(src, dst)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
@@ -280,7 +289,6 @@ class StorageStage(BaseStage):
                                                    "name": disk.export, "writable": True})
         else:
             await dst.execute("nbd-server-add", {"device": disk.dest_node, "name": disk.export, "writable": True})
-        self._exports.append(disk.export)
 
     # -- before_start: mirror every disk until all are ready -------------------------------------
     async def before_start(self, job: MigrationJob) -> None:
