@@ -124,3 +124,69 @@ async def test_cancel_before_during_and_after(pair: Pair) -> None:
     assert (await src.status()).running
     text = await pair.ok("@src migrate_cancel")
     assert "no migration to cancel (status: cancelled)" in text, text
+
+
+# -- the disk copy (migrate --copy-storage): the rig of tests/test_storage.py -----------------------
+
+async def test_cancel_while_the_disks_are_mirrored_undoes_everything(lab: Lab) -> None:
+    from tests.test_storage import Rig, no_leftovers_on_source, qcow2, start_pair
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.fleet import Fleet
+    from kvmshell.core.session import Session
+    async with Fleet() as fleet:
+        session = Session(fleet, default_registry(), assume_yes=True)
+        rig = Rig(lab, session, {}, {})
+        fleet.subscribe(rig.events.put_nowait)
+        w = lab.workdir
+        await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
+        await rig.io("src", "write -P 0x31 0 8M")                 # 8 MiB at 4 MB/s: the mirror takes a while
+        await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
+        await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
+                       what="the mirror under way", every=0.02)
+        text = await rig.ok("@src migrate_cancel")
+        assert "cancelled" in text, text
+        ev = await rig.finished()
+        assert ev.data["status"] == "cancelled" and "before the migration started" in ev.data["message"], ev.data
+        src = rig.mon("src")
+        assert (await src.status()).state is RunState.RUNNING
+        assert (await src.migration()).status.value == "none"      # `migrate` was never sent
+        await no_leftovers_on_source(rig)
+        dst = rig.mon("dst")
+        assert (await dst.status()).state is RunState.INMIGRATE
+        assert await dst.execute("query-block-exports") == []      # the NBD export went
+        await rig.io("src", "read -P 0x31 0 8M")                   # the source's disk as it was
+        await session.aclose()
+
+
+async def test_destination_disk_full_during_the_mirror(lab: Lab, tmp_path: Path) -> None:
+    """The destination's image sits on a 2 MiB tmpfs: the mirror's writes fail with ENOSPC there."""
+    from tests.test_storage import Rig, no_leftovers_on_source, qcow2, start_pair
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.fleet import Fleet
+    from kvmshell.core.session import Session
+    from tests.sshd import run
+    small = tmp_path / "small"
+    small.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small))
+    try:
+        async with Fleet() as fleet:
+            session = Session(fleet, default_registry(), assume_yes=True)
+            rig = Rig(lab, session, {}, {})
+            fleet.subscribe(rig.events.put_nowait)
+            w = lab.workdir
+            await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(small / "dst-data.qcow2"))
+            await rig.io("src", "write -P 0x41 0 8M")                 # 8 MiB into 2 MiB of room
+            await rig.ok("@src migrate --to dst --copy-storage all")
+            ev = await rig.finished()
+            msg = ev.data["message"]
+            assert ev.data["status"] == "failed" and "not started" in msg, ev.data
+            assert "No space left on device" in msg and "src runs on as before" in msg, msg
+            src = rig.mon("src")
+            assert (await src.status()).state is RunState.RUNNING
+            assert (await src.migration()).status.value == "none"
+            await no_leftovers_on_source(rig)
+            await rig.io("src", "read -P 0x41 0 8M")
+            await rig.quit("src", "dst")
+            await session.aclose()
+    finally:
+        await run("umount", "-l", str(small), check=False)
