@@ -433,3 +433,47 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
     assert await compare(w / f"{vm}.qcow2", run_dir / f"{vm}.qcow2") == (0, "Images are identical.")  # boot disk
     assert 2 * MiB <= await allocated_in_top(copy) < 4 * MiB
     await offline_io(copy, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")
+
+
+async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: Lab, tmp_path: Path) -> None:
+    """Source on test host a, destination on b (network namespaces with their own sshd): the NBD
+    server listens on b where the migration URI points (the a-b link), on a port free there."""
+    from tests.sshd import HAVE_SSHD, SshTestbed
+    from tests.test_ssh import pool_for, remote
+    from kvmshell.core.migration.endpoints import free_port_on
+    if not HAVE_SSHD:
+        pytest.skip("OpenSSH server not installed (make test installs it)")
+    w = lab.workdir
+    src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed:
+        if bed.net is None:
+            pytest.skip("the test hosts are not network namespaces (not root)")
+        bed.trust()
+        b_link = bed.net.hosts[1].ip                # b as a reaches it
+        src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM,
+                              extra_args=data_drive(src_data), prefix=bed["a"].prefix)
+        dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM, incoming=True,
+                              extra_args=data_drive(dst_data), prefix=bed["b"].prefix)
+        async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+            session = Session(fleet, default_registry(), assume_yes=True)
+            rig = Rig(lab, session, {"src": src, "dst": dst}, {})
+            fleet.subscribe(rig.events.put_nowait)
+            fleet.add("src", remote(bed, "a", src.address))
+            fleet.add("dst", remote(bed, "b", dst.address))
+            await fleet.start()
+            await rig.io("src", "write -P 0x61 0 4M")
+            uri = f"tcp:{b_link}:{await free_port_on(fleet, fleet.get('dst').address)}"
+            text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage all {HOLD}")
+            assert "over NBD in plain TCP" in text, text
+            await ram_phase(rig)
+            await rig.io("src", "write -P 0x62 8M 1M")
+            await release(rig)
+            ev = await rig.finished()
+            assert ev.data["status"] == "completed", ev.data
+            assert f"over NBD (tcp:{b_link}:" in ev.data["message"], ev.data["message"]
+            await no_leftovers_on_source(rig)
+            await dest_running(rig)
+            await rig.quit("src", "dst")
+            await session.aclose()
+    assert await compare(src_data, dst_data) == (0, "Images are identical.")
+    await offline_io(dst_data, "read -P 0x61 0 4M", "read -P 0x62 8M 1M")

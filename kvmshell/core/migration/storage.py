@@ -6,8 +6,9 @@ while RAM migrates, the way libvirt does it:
 ``prepare``        the source's writable disks are matched, by drive id (or qdev id), with the
                    destination's (same virtual size; for ``inc`` the same backing file), then the
                    destination exports each one writable on an NBD server (a unix socket in a private
-                   directory when both guests are local; TCP otherwise). Every check comes first: a
-                   mismatch refuses before anything is started.
+                   directory when both guests are here; else TCP on the migration URI's host, at a port
+                   free on the destination's host). Every check comes first: a mismatch refuses before
+                   anything is started.
 ``before_start``   the source opens an NBD client node per export and mirrors each disk into it
                    (``sync: full`` for all, ``top`` for inc, ``copy-mode: write-blocking`` so the
                    guest's writes reach the destination synchronously), until every job is ready.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -124,11 +126,6 @@ def writable_disks(devices: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     return {k: d for k, d in devices.items() if d["inserted"].get("file") and not d["inserted"].get("ro")}
 
 
-def _host(mon: Monitor) -> tuple[str, int | None] | None:
-    ssh = mon.address.ssh
-    return (ssh.host, ssh.port) if ssh is not None else None
-
-
 def _backing(dev: dict[str, Any]) -> dict[str, Any] | None:
     return dev["inserted"].get("image", {}).get("backing-image")
 
@@ -167,8 +164,8 @@ class StorageStage(BaseStage):
     pause_before_switchover = True
 
     def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None) -> None:
-        """``tcp``: where the destination's NBD server listens and the source connects (another
-        host); by default a unix socket when both guests are local, else 127.0.0.1."""
+        """``tcp``: where the destination's NBD server listens and the source connects; by default
+        a unix socket when both guests are here, else the migration URI's host (``_tcp_beside``)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(mode)
@@ -199,10 +196,7 @@ class StorageStage(BaseStage):
             if mon.protocol is not Protocol.QMP:
                 raise Refused(f"--copy-storage needs a QMP monitor on both guests ({mon.name} speaks HMP)",
                               guest=self._src_name)
-        if self.tcp is None and _host(src) != _host(dst):
-            raise Refused(f"--copy-storage: {self._src_name} and {self._dst_name} run on different hosts: use "
-                          "`migrate --to-host HOST --copy-storage all|inc`, which starts the destination there",
-                          guest=self._src_name)
+        where = self.tcp if self.tcp is not None else await self._tcp_beside(job)
         self._check_commands(src, dst)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
@@ -216,7 +210,7 @@ class StorageStage(BaseStage):
             self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
                                    int(dev["inserted"]["image"]["virtual-size"]), i))
         self._mirror_args = await _schema_args(src, "blockdev-mirror" if self._blockdev else "drive-mirror")
-        await self._start_server(dst)
+        await self._start_server(dst, where)
         for disk in self.disks:
             await self._export(dst, disk)
         self.notes.append(f"storage: {dst.name} exported {', '.join(d.key for d in self.disks)} over NBD "
@@ -260,6 +254,28 @@ class StorageStage(BaseStage):
                         f"{back.get(what)} on {self._dst_name}); inc needs the same backing file on both")
         return None
 
+    async def _tcp_beside(self, job: MigrationJob) -> tuple[str, int] | None:
+        """Where the NBD server listens: None for a unix socket (both guests here); else the host of the
+        migration URI (where the source reaches the destination) and a free port on DEST's host."""
+        assert job.dest is not None
+        src, dst = job.source.address, job.dest.address
+        if src.ssh is None and dst.ssh is None:
+            return None
+        m = re.match(r"tcp:\[?([^\]]+?)\]?:(\d+)$", job.uri or "")
+        if m is None:
+            raise Refused(f"--copy-storage: the guests are not both on this host and the migration URI "
+                          f"{job.uri} is not tcp:HOST:PORT: kvmshell cannot tell where the source reaches "
+                          f"{self._dst_name}", guest=self._src_name)
+        if dst.ssh is None:
+            port = free_local_port()
+        else:
+            from kvmshell.core.migration.endpoints import free_port_on
+            port = await free_port_on(job.fleet, dst)
+        if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
+            self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "
+                                 "anyone on the path can read and change them")
+        return m.group(1), port
+
     def _where(self) -> str:
         if self._server is None:
             return "no server"
@@ -267,9 +283,8 @@ class StorageStage(BaseStage):
             return f"unix:{self._server['path']}"
         return f"tcp:{self._server['host']}:{self._server['port']}"
 
-    async def _start_server(self, dst: Monitor) -> None:
-        local = self._src is not None and self._src.address.ssh is None and dst.address.ssh is None
-        if self.tcp is None and local:
+    async def _start_server(self, dst: Monitor, where: tuple[str, int] | None) -> None:
+        if where is None:
             self._sock_dir = tempfile.mkdtemp(prefix="kvmshell-nbd-")
             path = os.path.join(self._sock_dir, "nbd.sock")
             try:
@@ -279,7 +294,7 @@ class StorageStage(BaseStage):
             except CommandFailed as e:    # e.g. a QEMU running as another user cannot bind there
                 log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
                 self._drop_sock_dir()
-        host, port = self.tcp or ("127.0.0.1", free_local_port())
+        host, port = where or ("127.0.0.1", free_local_port())
         await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}})
         self._server = {"type": "inet", "host": host, "port": str(port)}
 
