@@ -163,3 +163,30 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
             for d in installed:
                 shutil.rmtree(d, ignore_errors=True)
     assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
+
+
+async def test_plain_tcp_across_hosts_is_warned_in_the_live_view() -> None:
+    from kvmshell.core.address import Address, SshTarget
+    from kvmshell.core.commands.steer import live_lines
+    from kvmshell.core.migration.endpoints import Notices, warnings_for
+    from kvmshell.core.migration.live import MigrationJob
+    from kvmshell.core.models import MigrationInfo, MigrationStatus
+    from kvmshell.core.remote import HostPool
+    async with HostPool() as pool, Fleet(hosts=pool) as fleet:
+        fleet.add("here", Address.unix("qmp", "/run/here.qmp"))
+        fleet.add("there", Address(Address.unix("qmp", "/run/there.qmp").protocol,
+                                   Address.unix("qmp", "/run/there.qmp").kind, "/run/there.qmp",
+                                   ssh=SshTarget("192.0.2.7", "root", 22)))
+        fleet.add("open", Address.tcp("qmp", "0.0.0.0", 4444))
+        [plain] = warnings_for(fleet, "here", "there", "tcp:192.0.2.7:5000", encrypted=False)
+        assert "crosses hosts in plain TCP" in plain and "--tls DIR" in plain
+        assert warnings_for(fleet, "here", "there", "tcp:192.0.2.7:5000", encrypted=True) == []
+        assert warnings_for(fleet, "here", "there", "unix:/tmp/tunnel.sock", encrypted=False) == []
+        [exposed] = warnings_for(fleet, "open", "here", None, encrypted=False)
+        assert exposed.startswith("open: its QMP monitor listens on TCP 0.0.0.0:4444")
+        # the live view of a job with these warnings (no monitor needed: the view reads only these)
+        job = MigrationJob.__new__(MigrationJob)
+        job.stages, job.prediction, job.decisions, job.outcome = [Notices([plain])], None, [], None
+        job.sampler = type("NoSamples", (), {"ring": type("Ring", (), {"last": None})()})()
+        rows = live_lines(MigrationInfo(MigrationStatus.ACTIVE), job)
+        assert ("warning", plain) in rows, rows
