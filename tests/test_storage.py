@@ -1,5 +1,6 @@
-"""Migration without shared storage, with real QEMU guests on this host: `migrate --to DEST
---copy-storage all|inc` (NBD + blockdev-mirror) and QEMU's own block migration (`migrate -b`).
+"""Migration without shared storage, with real QEMU guests: `migrate --to DEST --copy-storage
+all|inc` (NBD + blockdev-mirror) here and between sshd test hosts, `migrate --to-host HOST
+--copy-storage`, and QEMU's own block migration (`migrate -b/-i`).
 
 Each guest gets a small qcow2 data disk (id data0) beside its boot disk; data is written through the
 source's monitor (qemu-io) before and while the disks are copied, and once both QEMUs have quit
@@ -72,7 +73,6 @@ class Rig:
     lab: Lab
     session: Session
     guests: dict[str, LabGuest]
-    images: dict[str, Path]
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
     def mon(self, name: str) -> Monitor:
@@ -124,7 +124,7 @@ class Rig:
 async def rig(lab: Lab) -> AsyncIterator[Rig]:
     async with Fleet() as fleet:
         session = Session(fleet, default_registry(), assume_yes=True)
-        r = Rig(lab, session, {}, {})
+        r = Rig(lab, session, {})
         fleet.subscribe(r.events.put_nowait)
         yield r
         await session.aclose()
@@ -456,7 +456,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
                               extra_args=data_drive(dst_data), prefix=bed["b"].prefix)
         async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
             session = Session(fleet, default_registry(), assume_yes=True)
-            rig = Rig(lab, session, {"src": src, "dst": dst}, {})
+            rig = Rig(lab, session, {"src": src, "dst": dst})
             fleet.subscribe(rig.events.put_nowait)
             fleet.add("src", remote(bed, "a", src.address))
             fleet.add("dst", remote(bed, "b", dst.address))
