@@ -73,6 +73,7 @@ class Rig:
     lab: Lab
     session: Session
     guests: dict[str, LabGuest]
+    images: dict[str, Path] = field(default_factory=dict)     # (test_faults.py passes it)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
     def mon(self, name: str) -> Monitor:
