@@ -57,6 +57,7 @@ class GuestConfig:
     address: Address
     host: str | None = None
     unplug: tuple[str, ...] = ()       # devices to unplug before a migration and plug back after
+    copy_storage: str | None = None    # "all" | "inc": no shared storage, migrate --to/--to-host copies the disks
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,10 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         check_guest_name(name, where)
         if not isinstance(g, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(g, {"monitor": str, "host": str, "unplug": list}, where)
+        _check_keys(g, {"monitor": str, "host": str, "unplug": list, "copy_storage": str}, where)
+        if g.get("copy_storage", "all") not in ("all", "inc"):
+            raise ConfigError(f"{where}.copy_storage: expected \"all\" (whole disks) or \"inc\" (the top images "
+                              "over a backing file both hosts have)")
         unplug = g.get("unplug", [])
         if not all(isinstance(d, str) and d for d in unplug):
             raise ConfigError(f"{where}.unplug: expected a list of device ids, e.g. unplug = [\"hostnet0\"]")
@@ -175,7 +179,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
             if address.ssh is None:
                 address = Address(address.protocol, address.kind, address.path, address.host,
                                   address.port, hosts[host].ssh)
-        guests[name] = GuestConfig(name, address, host, tuple(unplug))
+        guests[name] = GuestConfig(name, address, host, tuple(unplug), g.get("copy_storage"))
     return Config(path, defaults, hosts, guests)
 
 

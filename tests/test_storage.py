@@ -27,7 +27,8 @@ from kvmshell.core.migration.storage import StorageStage
 from kvmshell.core.models import Event, RunState
 from kvmshell.core.monitor import Monitor
 from kvmshell.core.session import Session
-from kvmshell.errors import KvmError
+from kvmshell.config import parse_config
+from kvmshell.errors import ConfigError, KvmError
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from tests.waiting import free_port, wait_for
 
@@ -218,8 +219,11 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
     src_top, dst_top = await qcow2(w / "src-top.qcow2", backing=base), await qcow2(w / "dst-top.qcow2", backing=base)
     await start_pair(rig, src_top, dst_top)
     await rig.io("src", "write -P 0x44 1M 2M")
-    text = await rig.ok(f"@src migrate --to dst --copy-storage inc {HOLD}")
-    assert "dst's top images must be new (empty)" in text, text
+    # the mode from the config's [guests.src] copy_storage, no flag
+    rig.session.config = parse_config({"guests": {"src": {"monitor": str(rig.guests["src"].address),
+                                                          "copy_storage": "inc"}}})
+    text = await rig.ok(f"@src migrate --to dst {HOLD}")
+    assert "preparing (storage)" in text and "dst's top images must be new (empty)" in text, text
     await ram_phase(rig)
     await rig.io("src", "write -P 0x55 10M 256K")
     await release(rig)
@@ -233,6 +237,14 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
     assert top == await allocated_in_top(src_top)
     assert 2 * MiB <= top < 4 * MiB                         # the top layer only, not the 16 MiB base
     await offline_io(dst_top, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")
+
+
+def test_copy_storage_in_the_config() -> None:
+    guest = {"monitor": "qmp:unix:/run/vm.qmp"}
+    assert parse_config({"guests": {"vm": guest}}).guests["vm"].copy_storage is None
+    assert parse_config({"guests": {"vm": guest | {"copy_storage": "all"}}}).guests["vm"].copy_storage == "all"
+    with pytest.raises(ConfigError, match=r"\[guests.vm\].copy_storage: expected \"all\""):
+        parse_config({"guests": {"vm": guest | {"copy_storage": "yes"}}})
 
 
 async def test_mismatched_destinations_are_refused_before_anything_starts(rig: Rig) -> None:

@@ -360,7 +360,8 @@ SPECS = (
                             "even if the config gives one (default: probe when no link is configured)"),
                        Flag(("--no-probe",), "with --estimate: do not probe the link"),
                        Flag(("--copy-storage",), "no shared storage: copy the disks over NBD while RAM migrates "
-                            "(all: whole disks; inc: the top qcow2 layer over a backing file both hosts have)",
+                            "(all: whole disks; inc: the top qcow2 layer over a backing file both hosts have; "
+                            "default: the guest's copy_storage in the config)",
                             value="all|inc", parse=parse_copy_storage),
                        Flag(("--unplug",), "unplug this device (a passthrough NIC...) before, plug it back after "
                             "(on the destination; on the source if the migration fails)", value="DEVICE_ID",

@@ -95,6 +95,13 @@ async def migrate_steered(inv: Invocation) -> Result:
                 "`info migrate` shows progress and the model's prediction", warnings)
 
 
+def copy_storage_of(inv: Invocation, guest: str) -> str | None:
+    """--copy-storage, else the guest's `copy_storage` in the config (all, inc or None)."""
+    cfg = inv.session.config.guests.get(guest)
+    mode = inv.flags.get("copy_storage") or (cfg.copy_storage if cfg is not None else None)
+    return str(mode) if mode else None
+
+
 def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
     """The stages the flags ask for, in the order they run: devices leave before the disks are
     mirrored and come back after."""
@@ -105,9 +112,10 @@ def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
     if unplug or f.get("replug"):
         from kvmshell.core.migration.passthrough import passthrough_stage
         stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
-    if f.get("copy_storage"):
+    copy_storage = copy_storage_of(inv, source)
+    if copy_storage:
         from kvmshell.core.migration.storage import storage_stage
-        stages.append(storage_stage(inv, source, dest, str(f["copy_storage"])))
+        stages.append(storage_stage(inv, source, dest, copy_storage))
     return stages
 
 
@@ -351,7 +359,7 @@ async def migrate_to_host(inv: Invocation) -> Result:
                            run_dir=str(f["dir"]) if f.get("dir") else None,
                            new_name=str(f["name"]) if f.get("name") else None,
                            address=str(f["address"]) if f.get("address") else None,
-                           copy_storage=str(f["copy_storage"]) if f.get("copy_storage") else None)
+                           copy_storage=copy_storage_of(inv, source))
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile
