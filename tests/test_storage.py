@@ -239,6 +239,26 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
     await offline_io(dst_top, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")
 
 
+async def test_older_commands_drive_mirror_and_nbd_server_add(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a QEMU lacks block-export-add or blockdev-mirror the stage uses nbd-server-add and
+    drive-mirror (mode existing, an nbd+unix URI): 7.2 has both kinds, the newer ones are hidden here."""
+    from kvmshell.core.monitor import Features
+    hidden = {"block-export-add", "blockdev-mirror"}
+    monkeypatch.setattr(Features, "has_qmp", lambda self, name: name in self.qmp_commands and name not in hidden)
+    w = rig.lab.workdir
+    src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    await start_pair(rig, src_data, dst_data)
+    await rig.io("src", "write -P 0x41 0 4M")
+    await rig.ok("@src migrate --to dst --copy-storage all")
+    ev = await rig.finished()
+    assert ev.data["status"] == "completed", ev.data
+    assert "NBD client nodes" not in ev.data["message"], ev.data      # drive-mirror made none
+    await no_leftovers_on_source(rig)
+    await dest_running(rig)
+    await rig.quit("src", "dst")
+    assert await compare(src_data, dst_data) == (0, "Images are identical.")
+
+
 def test_copy_storage_in_the_config() -> None:
     guest = {"monitor": "qmp:unix:/run/vm.qmp"}
     assert parse_config({"guests": {"vm": guest}}).guests["vm"].copy_storage is None
