@@ -470,14 +470,18 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
 
 async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: Lab, tmp_path: Path) -> None:
     """Source on test host a, destination on b (network namespaces with their own sshd): the NBD
-    server listens on b where the migration URI points (the a-b link), on a port free there."""
+    server listens on b where the migration URI points (the a-b link), on a port free there; inc
+    checks the backing files there by sha256 (the hosts share this filesystem: the same files)."""
     from tests.sshd import HAVE_SSHD, SshTestbed
     from tests.test_ssh import pool_for, remote
     from kvmshell.core.migration.endpoints import free_port_on
     if not HAVE_SSHD:
         pytest.skip("OpenSSH server not installed (make test installs it)")
     w = lab.workdir
-    src_data, dst_data = await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2")
+    base = await qcow2(w / "base.qcow2")
+    await offline_io(base, "write -P 0x33 0 16M")
+    src_data = await qcow2(w / "src-data.qcow2", backing=base)
+    dst_data = await qcow2(w / "dst-data.qcow2", backing=base)
     async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed:
         if bed.net is None:
             pytest.skip("the test hosts are not network namespaces (not root)")
@@ -496,7 +500,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
             await fleet.start()
             await rig.io("src", "write -P 0x61 0 4M")
             uri = f"tcp:{b_link}:{await free_port_on(fleet, fleet.get('dst').address)}"
-            text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage all {HOLD}")
+            text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD}")
             assert "over NBD in plain TCP" in text, text
             await ram_phase(rig)
             await rig.io("src", "write -P 0x62 8M 1M")
@@ -504,9 +508,11 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
             ev = await rig.finished()
             assert ev.data["status"] == "completed", ev.data
             assert f"over NBD (tcp:{b_link}:" in ev.data["message"], ev.data["message"]
+            assert "2 backing file(s) checked on dst's host (sha256)" in ev.data["message"], ev.data["message"]
             await no_leftovers_on_source(rig)
             await dest_running(rig)
             await rig.quit("src", "dst")
             await session.aclose()
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
-    await offline_io(dst_data, "read -P 0x61 0 4M", "read -P 0x62 8M 1M")
+    await offline_io(dst_data, "read -P 0x61 0 4M", "read -P 0x62 8M 1M", "read -P 0x33 12M 4M")
+    assert await allocated_in_top(dst_data) < 8 * MiB                 # the top only

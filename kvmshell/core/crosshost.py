@@ -408,7 +408,8 @@ class CrossHostMigration:
             port = await self._free_port()
             while uri.endswith(f":{port}"):
                 port = await self._free_port()
-            stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port)))
+            stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port),
+                                       check_backing=False))        # _check_backing did (sha256)
             self.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {port}, not encrypted")
         job = _CrossHostJob(cast(Fleet, _JobFleet(self.fleet, self.new_name, self.dest_mon)), req, stages=stages)
         job.listen_uri = listen

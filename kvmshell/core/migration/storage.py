@@ -130,6 +130,15 @@ def _backing(dev: dict[str, Any]) -> dict[str, Any] | None:
     return dev["inserted"].get("image", {}).get("backing-image")
 
 
+def _backing_chain(dev: dict[str, Any]) -> list[str]:
+    """The file names under a disk's top image, nearest first."""
+    names, image = [], _backing(dev)
+    while image is not None:
+        names.append(str(image["filename"]))
+        image = image.get("backing-image")
+    return names
+
+
 async def _schema_args(mon: Monitor, command: str) -> set[str]:
     """The argument names this QEMU's ``command`` takes (from its QMP schema)."""
     schema = await mon.execute("query-qmp-schema")
@@ -163,10 +172,13 @@ class StorageStage(BaseStage):
     name = "storage"
     pause_before_switchover = True
 
-    def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None) -> None:
+    def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None, check_backing: bool = True) -> None:
         """``tcp``: where the destination's NBD server listens and the source connects; by default
-        a unix socket when both guests are here, else the migration URI's host (``_tcp_beside``)."""
+        a unix socket when both guests are here, else the migration URI's host (``_tcp_beside``).
+        ``check_backing``: for inc across hosts, compare the backing files' sha256 (the caller may
+        have done it already)."""
         super().__init__()
+        self.check_backing = check_backing
         if mode not in MODES:
             raise ValueError(mode)
         self.mode = mode
@@ -206,6 +218,10 @@ class StorageStage(BaseStage):
         if problems:
             raise Refused("--copy-storage: " + "; ".join(problems) + f". Nothing was started; {self._src_name} "
                           "runs on as before", guest=self._src_name)
+        if self.mode == "inc" and self.check_backing and (src.address.ssh or dst.address.ssh):
+            from kvmshell.core.migration.endpoints import same_host
+            if not same_host(job.fleet, src.address, dst.address):
+                await self._same_files_there(job, [f for dev in ours.values() for f in _backing_chain(dev)])
         for i, (key, dev) in enumerate(ours.items()):
             self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
                                    int(dev["inserted"]["image"]["virtual-size"]), i))
@@ -248,11 +264,33 @@ class StorageStage(BaseStage):
             return (f"{self._dst_name}'s disk {key} has no backing file; for inc it must be a new top image "
                     f"over {ours['filename']} (qemu-img create -f qcow2 -F {ours.get('format')} "
                     f"-b {ours['filename']} TOP)")
-        for what in ("filename", "format", "virtual-size", "actual-size"):
+        for what in ("filename", "format", "virtual-size"):
             if ours.get(what) != back.get(what):
                 return (f"disk {key}: the backing files differ ({what}: {ours.get(what)} here, "
                         f"{back.get(what)} on {self._dst_name}); inc needs the same backing file on both")
         return None
+
+    async def _same_files_there(self, job: MigrationJob, paths: list[str]) -> None:
+        """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
+        from kvmshell.core.static import Side
+        assert job.dest is not None
+        pool, a, b = job.fleet.hosts, job.source.address.ssh, job.dest.address.ssh
+        here, there = Side(pool if a else None, a), Side(pool if b else None, b)
+        try:
+            mine, theirs = await asyncio.gather(here.sizes(paths), there.sizes(paths))
+            for p in dict.fromkeys(paths):
+                if theirs.get(p) is None or theirs.get(p) != mine.get(p):
+                    found = f"has {theirs[p]} bytes, {mine.get(p)} here" if p in theirs else "is missing"
+                    raise Refused(f"--copy-storage inc: the backing file {p} on {self._dst_name}'s host {found}: "
+                                  "inc needs the same file on both hosts (or use --copy-storage all)",
+                                  guest=self._src_name)
+                x, y = await asyncio.gather(here.sha256(p, size=mine[p]), there.sha256(p, size=theirs[p]))
+                if x != y:
+                    raise Refused(f"--copy-storage inc: the backing file {p} differs on {self._dst_name}'s host "
+                                  f"(sha256 {y[:12]}... there, {x[:12]}... here)", guest=self._src_name)
+        finally:
+            await asyncio.gather(here.aclose(), there.aclose())
+        self.notes.append(f"storage: {len(set(paths))} backing file(s) checked on {self._dst_name}'s host (sha256)")
 
     async def _tcp_beside(self, job: MigrationJob) -> tuple[str, int] | None:
         """Where the NBD server listens: None for a unix socket (both guests here); else the host of the
