@@ -462,6 +462,7 @@ class StorageStage(BaseStage):
 
     # -- finish: clean up on both sides ------------------------------------------------------
     async def finish(self, job: MigrationJob, outcome: MigrationOutcome) -> None:
+        self._drop_sock_dir()        # first: nothing needs the socket now, and a closing session may cut the rest short
         if self._poller is not None:
             self._stop.set()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -480,7 +481,6 @@ class StorageStage(BaseStage):
                 done.append(f"NBD server on {self._dst_name} not stopped ({e.message})"
                             if self._dst.connected else f"{self._dst_name} is gone, its NBD server with it")
             self._server = None
-        self._drop_sock_dir()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
