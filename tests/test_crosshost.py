@@ -216,3 +216,45 @@ async def test_tunnelled_live_migration_through_ssh(lab: Lab, bed: SshTestbed, r
         await moved_and_checked(fleet, src, tmp_path)
         await session.aclose()
     assert not list(Path("/tmp").glob("kvmshell-tunnel-*/mig.sock")), "the tunnel's socket was left behind"
+
+
+async def test_to_host_dry_run_edit_and_tls(lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path) -> None:
+    """--dry-run shows the destination's command line and starts nothing; --edit changes it before it
+    runs; --tls puts host b's certificates there and encrypts the stream."""
+    import shutil
+
+    from kvmshell.core.tls import REMOTE_ROOT, init_ca
+    src = await source(lab)
+    b = bed["b"].addr
+    uuid = "0e6f7a3c-81b2-4d55-a1d4-5c9e2b7f0a11"
+
+    async def editor(text: str) -> str:
+        assert "-incoming defer" in text and text.startswith("# the command that starts"), text
+        return text + f"    -uuid {uuid}\n"
+
+    try:
+        async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+            fleet.add(VM, src.address)
+            await fleet.start()
+            session = Session(fleet, default_registry(), assume_yes=True)
+            [o] = await session.run_line(f"@{VM} migrate --to-host b --dir {run_dir} --dry-run")
+            assert o.ok, o.error
+            text = o.result.text() if o.result else ""
+            assert "nothing was started" in text and "-incoming defer" in text and f"{run_dir}/" in text, text
+            assert not processes_mentioning(str(run_dir)) and (await fleet.monitor(VM).status()).running
+            [o] = await session.run_line(f"@{VM} migrate --edit --dir {run_dir}")
+            assert not o.ok and "--edit goes with --to-host" in (o.error or ""), o.error
+            session.editor = editor
+            init_ca(tmp_path / "pki", ["localhost", b])
+            [o] = await session.run_line(f"@{VM} migrate --to-host b --dir {run_dir} --edit --tls {tmp_path}/pki")
+            assert o.ok, o.error
+            text = o.result.text() if o.result else ""
+            assert "not encrypted" not in text and "the stream went in TLS" in text, text
+            assert "edited before it ran" in text, text
+            await moved_and_checked(fleet, src, tmp_path)
+            dest = fleet.monitor(f"{VM}.b")
+            assert (await dest.execute("query-uuid"))["UUID"] == uuid
+            assert (await dest.migrate_parameters()).get("tls-creds") == "kvmshell-tls"
+            await session.aclose()
+    finally:
+        shutil.rmtree(Path(REMOTE_ROOT) / b, ignore_errors=True)

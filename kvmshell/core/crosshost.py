@@ -44,7 +44,10 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
-from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, rewrite_images
+from kvmshell.core.migration.endpoints import tls_between
+from kvmshell.core.cmdline import (
+    Option, QemuCommand, derive, editable, images_of, missing_after_edit, parse_edited, rewrite_images,
+)
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.stages import Stage
@@ -78,6 +81,8 @@ class CrossHostRequest:
     new_name: str | None = None       # default GUEST.HOST
     address: str | None = None        # where the source reaches HOST (default: the host of its ssh target)
     copy_storage: str | None = None   # no shared storage: all | inc (new images on HOST, copied over NBD)
+    tls_root: str | None = None       # encrypt the stream: certificates `kvmshell tls-init DIR HOST...` wrote
+    dry_run: bool = False             # preflight and the destination's command line only
 
 
 @dataclass
@@ -97,6 +102,7 @@ class CrossHostResult:
 
 Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
+Edit = Callable[[str], Awaitable[str]]          # the user edits a text (the destination's command line)
 OnJob = Callable[[MigrationJob], None]
 
 
@@ -145,7 +151,8 @@ class CrossHostMigration:
     """One run of the steps in the module docstring."""
 
     def __init__(self, fleet: Fleet, pool: HostPool, req: CrossHostRequest, *, progress: Progress | None = None,
-                 confirm: Confirm | None = None, on_job: OnJob | None = None) -> None:
+                 confirm: Confirm | None = None, on_job: OnJob | None = None, edit: Edit | None = None) -> None:
+        self.edit = edit
         self.fleet = fleet
         self.pool = pool
         self.req = req
@@ -214,6 +221,42 @@ class CrossHostMigration:
             await self._plan_images(req.copy_storage)
         else:
             await self._check_shared_storage()
+        await self._review()
+
+    async def _review(self) -> None:
+        """Derive the destination's command line and, with ``edit``, let the user change it (before
+        anything is started: the source keeps running meanwhile)."""
+        run_dir, name = self.run_dir, self.sock_name
+        cmd = self.cmd
+        if not cmd.has("-daemonize"):
+            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
+        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
+            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
+                                           Option("-display", "none")))
+            self.notes.append("-nographic (not allowed with -daemonize) became -display none")
+        self.pidfile = pidfile = f"{run_dir}/{name}.pid"
+        self.derived = d = derive(cmd, socket_dir=run_dir, name=name, incoming="defer", pidfile=pidfile)
+        self.argv = QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S"))
+        self.notes += list(d.notes)
+        if self.edit is None:
+            return
+        required = [Option("-incoming", "defer"), Option("-daemonize"), Option("-pidfile", pidfile)]
+        paths = [path for _, path in d.monitors]
+        text = editable(self.argv, f"the command that starts {self.new_name} on {self.dst.label}",
+                        [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
+        try:
+            edited = parse_edited(await self.edit(text))
+        except ValueError as e:
+            raise Refused(f"the edited command line: {e}; nothing was done") from None
+        if edited is None:
+            raise Refused("the command line was emptied: cancelled, nothing was done")
+        missing = missing_after_edit(edited, required, paths)
+        if missing:
+            raise Refused(f"the edited command line lacks {', '.join(missing)} (kvmshell needs it to start and "
+                          "attach the destination); nothing was done")
+        if edited != self.argv:
+            self.warnings.append("the destination's command line was edited before it ran")
+        self.argv = edited
 
     async def _command_line(self) -> QemuCommand:
         self.source_pid, cmd = await source_command(self.pool, self.src, self.address, self.req.guest,
@@ -338,20 +381,9 @@ class CrossHostMigration:
 
     # -- 2. the destination ------------------------------------------------------------------
     async def _start_destination(self) -> Address:
-        run_dir, name = self.run_dir, self.sock_name
+        run_dir, name, d = self.run_dir, self.sock_name, self.derived
         await self.dst.check(f"mkdir -p -- {shlex.quote(run_dir)}", f"creating {run_dir}")
-        cmd = self.cmd
-        if not cmd.has("-daemonize"):
-            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
-        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
-            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
-                                           Option("-display", "none")))
-            self.notes.append("-nographic (not allowed with -daemonize) became -display none")
-        self.pidfile = pidfile = f"{run_dir}/{name}.pid"
-        d = derive(cmd, socket_dir=run_dir, name=name, incoming="defer", pidfile=pidfile)
-        argv = QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S"))
-        self.command = argv.shell()
-        self.notes += list(d.notes)
+        self.command = self.argv.shell()
         logfile = f"{run_dir}/{name}.log"
         for _, path in d.monitors:
             await self.dst.sh(f"rm -f -- {shlex.quote(path)}")
@@ -395,13 +427,20 @@ class CrossHostMigration:
         assert self.dest_mon is not None
         uri, listen = await self._uris()
         params = await self.mon.migrate_parameters()
-        if not self.req.tunnel and not params.get("tls-creds"):
+        tls = None
+        if self.req.tls_root is not None:
+            dest = Address(Protocol.QMP, Kind.UNIX, path="-", ssh=self.dest_target)
+            tls = await tls_between(self.pool, (self.req.guest, self.address), (self.new_name, dest),
+                                    self.req.tls_root, self.progress)
+            self.notes.append(f"the stream went in TLS (certificates of {tls.hostname} in {tls.dest_dir} there)")
+        if not self.req.tunnel and not params.get("tls-creds") and tls is None:
             self.warnings.append(f"the migration stream to {self.dst.label} ({uri}) is not encrypted (no tls-creds): "
                                  "anyone on the path can read the guest's memory; --tunnel carries it through SSH")
         if self.req.tunnel:
             self.notes.append("the stream went through the SSH connection (encrypted, relayed by kvmshell): "
                               "tunnelling costs throughput, expect it slower than a direct TCP stream")
-        req = MigrationRequest(**{**self.req.job.__dict__, "source": self.req.guest, "dest": self.new_name, "uri": uri})
+        req = MigrationRequest(**{**self.req.job.__dict__, "source": self.req.guest, "dest": self.new_name, "uri": uri,
+                                  "tls": tls})
         stages: list[Stage] = []
         if self.req.copy_storage:
             from kvmshell.core.migration.storage import StorageStage
@@ -459,12 +498,23 @@ class CrossHostMigration:
     async def run(self) -> CrossHostResult:
         try:
             await self.preflight()
+            if self.req.dry_run:
+                return self.dry_result()
             return await self._run()
         finally:
             await self._close_tunnel()
             for side in (getattr(self, "src", None), getattr(self, "dst", None)):
                 if side is not None:
                     await side.aclose()
+
+    def dry_result(self) -> CrossHostResult:
+        """What a run would do, after the preflight; nothing was started."""
+        proto, path = next(((p, s) for p, s in self.derived.monitors if p == "qmp"), self.derived.monitors[0])
+        return CrossHostResult(self.req.guest, self.new_name, self.req.to,
+                               Address(Protocol(proto), Kind.UNIX, path=path, ssh=self.dest_target), "-",
+                               MigrationOutcome("not started", "dry run: nothing was started"),
+                               command=self.argv.shell(), source_state="untouched (--dry-run)",
+                               dest_state="not started (--dry-run)", notes=self.notes, warnings=self.warnings)
 
     async def _run(self) -> CrossHostResult:
         req = self.req
@@ -607,9 +657,11 @@ class CrossHostMigration:
 
 
 async def migrate_to_host(fleet: Fleet, pool: HostPool, req: CrossHostRequest, *, progress: Progress | None = None,
-                          confirm: Confirm | None = None, on_job: OnJob | None = None) -> CrossHostResult:
+                          confirm: Confirm | None = None, on_job: OnJob | None = None,
+                          edit: Edit | None = None) -> CrossHostResult:
     """Run a live migration to another host; see the module docstring."""
-    return await CrossHostMigration(fleet, pool, req, progress=progress, confirm=confirm, on_job=on_job).run()
+    return await CrossHostMigration(fleet, pool, req, progress=progress, confirm=confirm, on_job=on_job,
+                                    edit=edit).run()
 
 
 __all__ = ["CrossHostFailed", "CrossHostMigration", "CrossHostRequest", "CrossHostResult", "migrate_to_host",

@@ -46,6 +46,10 @@ async def _migrate_args(mon: Monitor) -> set[str]:
 async def migrate(inv: Invocation) -> Result:
     if inv.flags.get("to_host"):
         return await steer.migrate_to_host(inv)
+    for flag in ("edit", "dry_run", "tunnel", "address", "dir", "name"):
+        if inv.flags.get(flag):
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --to-host (the destination kvmshell starts)",
+                             guest=inv.guest)
     guest_cfg = inv.session.config.guests.get(inv.guest or "")
     unplugs = guest_cfg is not None and bool(guest_cfg.unplug) and not any(inv.flags.get(k) for k in "bir")
     if steer.wants_steering(inv.flags) or unplugs:       # [guests.X] unplug: kvmshell runs the migration
@@ -380,6 +384,10 @@ SPECS = (
                             "images too (default /var/lib/kvmshell/images/GUEST.HOST)", value="DIR"),
                        Flag(("--name",), "with --to-host: the destination's name in kvmshell (default GUEST.HOST)",
                             value="NAME"),
+                       Flag(("--edit",), "with --to-host: open the destination's command line in $EDITOR "
+                            "before it starts"),
+                       Flag(("--dry-run",), "with --to-host: preflight and show the destination's command line; "
+                            "start nothing"),
                        Flag(("-y", "--yes"), "with --to-host: do not ask before quitting the source")),
                 maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d; with --to: migrate-incoming on "
                         "the destination, capabilities on both sides, then migrate; with --to-host: QEMU "

@@ -339,7 +339,9 @@ async def migrate_to_host(inv: Invocation) -> Result:
     if f.get("unplug") or f.get("replug"):
         raise UsageError("--unplug/--replug do not go with --to-host yet: device_del the device first, or "
                          "migrate to a destination you start (--to DEST)", guest=source)
-    if not (s.assume_yes or f.get("yes")) and s.confirmer is None:
+    if f.get("tls") and f.get("tunnel"):
+        raise UsageError("--tls and --tunnel both encrypt the stream: pick one", guest=source)
+    if not (s.assume_yes or f.get("yes") or f.get("dry_run")) and s.confirmer is None:
         raise UsageError("migrate --to-host quits the source at the end and there is no one to ask: add -y",
                          guest=source)
     if s.running_job(source) is not None:
@@ -359,13 +361,19 @@ async def migrate_to_host(inv: Invocation) -> Result:
                            run_dir=str(f["dir"]) if f.get("dir") else None,
                            new_name=str(f["name"]) if f.get("name") else None,
                            address=str(f["address"]) if f.get("address") else None,
-                           copy_storage=copy_storage_of(inv, source))
+                           copy_storage=copy_storage_of(inv, source),
+                           tls_root=str(f["tls"]) if f.get("tls") else None, dry_run=bool(f.get("dry_run")))
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile
 
-    r = await run_migration(s.fleet, pool, req, progress=inv.progress, confirm=inv.confirm, on_job=on_job)
+    r = await run_migration(s.fleet, pool, req, progress=inv.progress, confirm=inv.confirm, on_job=on_job,
+                            edit=inv.edit if f.get("edit") else None)
     o = r.outcome
+    if req.dry_run:
+        return Done("\n".join([f"dry run: {source} would move live to {host} as {r.new_name}; nothing was started",
+                                f"command on {host}: {r.command}", *(f"note: {n}" for n in r.notes)]),
+                    tuple(r.warnings))
     lines = [f"{source} moved live to {host} as {r.new_name}",
              f"destination: {r.new_name} ({r.address}), {r.dest_state}",
              f"stream: {r.uri}" + (" (through SSH)" if req.tunnel else ""),

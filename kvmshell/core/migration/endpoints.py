@@ -15,13 +15,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.address import Address
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.stages import BaseStage
 from kvmshell.core.tls import TlsSetup, install, remote_dir
 from kvmshell.errors import CommandFailed, ConfigError, Refused
+
+if TYPE_CHECKING:
+    from kvmshell.core.remote import HostPool
 
 PORTS = (49152, 60999)                # where a free port for the incoming migration is looked for
 
@@ -85,7 +88,7 @@ async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: 
                       f"at (e.g. tcp:ADDR:PORT), kvmshell cannot tell which of this host's addresses that is",
                       guest=source)
     if tls_root is not None:
-        ends.tls = await _tls(fleet, source, src, dest, dst, Path(tls_root).expanduser(), progress)
+        ends.tls = await tls_between(fleet.hosts, (source, src), (dest, dst), tls_root, progress)
     ends.warnings = warnings_for(fleet, source, dest, ends.uri, encrypted=ends.tls is not None)
     return ends
 
@@ -118,10 +121,13 @@ class Notices(BaseStage):
         return [("warning", w) for w in self.warnings]
 
 
-async def _tls(fleet: Fleet, source: str, src: Address, dest: str, dst: Address, root: Path,
-               progress: Callable[[str], None]) -> TlsSetup:
+async def tls_between(pool: HostPool | None, source: tuple[str, Address], dest: tuple[str, Address],
+                      tls_root: str, progress: Callable[[str], None] = lambda message: None) -> TlsSetup:
+    """Each side's certificate directory as its QEMU sees it (installed there first if remote)."""
+    root = Path(tls_root).expanduser()
+    (_, src), (_, dst) = source, dest
     dirs = []
-    for name, address in ((source, src), (dest, dst)):
+    for name, address in (source, dest):
         host = host_name(address)
         local = root / host
         if not (local / "ca-cert.pem").exists():
@@ -130,9 +136,9 @@ async def _tls(fleet: Fleet, source: str, src: Address, dest: str, dst: Address,
         if address.ssh is None:
             dirs.append(str(local))
             continue
-        assert fleet.hosts is not None
-        target = remote_dir(fleet.hosts, address.ssh, host)
-        if await install(fleet.hosts, address.ssh, local, target):
-            progress(f"installed the certificates for {host} in {target} on {fleet.hosts.label(address.ssh)}")
+        assert pool is not None
+        target = remote_dir(pool, address.ssh, host)
+        if await install(pool, address.ssh, local, target):
+            progress(f"installed the certificates for {host} in {target} on {pool.label(address.ssh)}")
         dirs.append(target)
     return TlsSetup(dirs[0], dirs[1], host_name(dst))
