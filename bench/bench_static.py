@@ -5,8 +5,10 @@ network namespaces joined by a veth pair, each with its own sshd and an uplink v
 machine's namespace). On ``a``: a guest with a 1 GiB qcow2 image, filled with non-zero data before
 it starts (``qemu-io -c 'write -P 0xa5 ...'``), 256 MiB of RAM and a working set it keeps dirtying.
 Then ``static-migrate GUEST --to b --keep-source`` through kvmshell's Session, as the test runs it,
-with the steps timed: savevm, copy (of which: the SFTP transfer itself, timed by wrapping the
-engine's ``_pump`` from outside, and the sha256 checks), start with -loadvm.
+with the steps timed: savevm, copy (of which: the transfer itself - the bytes streamed from a
+pipeline on a through kvmshell to a pipeline on b, each hashing them as they go - timed by wrapping
+the engine's ``_relay`` from outside; the wait for the two hashes after the last byte, ``_verify``;
+the checksums before a copy), start with -loadvm.
 
 Then the same files (the qcow2 as savevm left it, and its backing file) copied with ``scp`` on the
 same test hosts:
@@ -52,6 +54,7 @@ from kvmshell.core.commands import default_registry  # noqa: E402
 from kvmshell.core.fleet import Fleet  # noqa: E402
 from kvmshell.core.remote import HostPool  # noqa: E402
 from kvmshell.core.session import Session  # noqa: E402
+from kvmshell.core.transport import PREFERRED_CIPHERS  # noqa: E402
 from kvmshell.lab import image  # noqa: E402
 from kvmshell.lab.launcher import Lab, MonitorKind, choose_accel  # noqa: E402
 from kvmshell.lab.netns import TBF_LATENCY, leftover_namespaces, netns_available, parse_rate, tbf_burst  # noqa: E402
@@ -66,36 +69,51 @@ PATTERN = "0xa5"
 class Timed:
     """What the wrappers around the engine saw."""
 
-    pumps: list[tuple[str, int, float]] = field(default_factory=list)      # file, bytes, seconds
-    hashes: list[tuple[str, float, float]] = field(default_factory=list)   # host, start, end
+    relays: list[tuple[str, int, float]] = field(default_factory=list)     # file, bytes, seconds
+    verifies: list[float] = field(default_factory=list)                    # seconds from the last byte to both hashes
+    hashes: list[tuple[str, float, float]] = field(default_factory=list)   # host, start, end of each checksum run
+    streams: list[tuple[float, float]] = field(default_factory=list)       # start, end of each relay + verify
     progress: list[tuple[float, str]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)                   # StaticResult.times, unrounded
 
 
 def instrument(timed: Timed) -> None:
-    """Time the engine's transfer loop and its sha256 runs by wrapping them (the engine is unchanged)."""
-    pump, sha, run_ = engine.StaticMigration._pump, engine.Side.sha256, engine.StaticMigration.run
+    """Time the engine's transfer loop, the wait for the hashes after it, and the checksum runs before
+    a copy (a file already there, a .part's prefix) by wrapping them (the engine is unchanged)."""
+    relay, verify, sha, run_ = (engine.StaticMigration._relay, engine.StaticMigration._verify, engine.Side.checksum,
+                                engine.StaticMigration.run)
 
     async def timed_run(self):  # type: ignore[no-untyped-def]
         result = await run_(self)
         timed.times.update(result.times)
         return result
 
-    async def timed_pump(self, src, out, f, offset):  # type: ignore[no-untyped-def]
+    async def timed_relay(self, src, dst, f, offset):  # type: ignore[no-untyped-def]
         t = time.monotonic()
-        moved = await pump(self, src, out, f, offset)
-        timed.pumps.append((os.path.basename(f.dest), moved, time.monotonic() - t))
+        moved = await relay(self, src, dst, f, offset)
+        timed.relays.append((os.path.basename(f.dest), moved, time.monotonic() - t))
+        timed.streams.append((t, time.monotonic()))
         return moved
 
-    async def timed_sha(self, path, prefix=None, size=0):  # type: ignore[no-untyped-def]
+    async def timed_verify(self, stream, f):  # type: ignore[no-untyped-def]
         t = time.monotonic()
         try:
-            return await sha(self, path, prefix, size)
+            return await verify(self, stream, f)
+        finally:
+            timed.verifies.append(time.monotonic() - t)
+            start, _ = timed.streams[-1]
+            timed.streams[-1] = (start, time.monotonic())
+
+    async def timed_sha(self, path, prefix=None, size=0, tool=engine.CHECKSUM):  # type: ignore[no-untyped-def]
+        t = time.monotonic()
+        try:
+            return await sha(self, path, prefix, size, tool)
         finally:
             timed.hashes.append((self.label, t, time.monotonic()))
 
-    engine.StaticMigration._pump = timed_pump  # type: ignore[method-assign]
-    engine.Side.sha256 = timed_sha  # type: ignore[method-assign]
+    engine.StaticMigration._relay = timed_relay  # type: ignore[method-assign]
+    engine.StaticMigration._verify = timed_verify  # type: ignore[method-assign]
+    engine.Side.checksum = timed_sha  # type: ignore[method-assign]
     engine.StaticMigration.run = timed_run  # type: ignore[method-assign]
 
 
@@ -219,8 +237,10 @@ async def bench(args: argparse.Namespace, base: Path) -> dict[str, object]:
                 files = [lab.workdir / f"boot-{ws}-{pace}.raw", disk]
                 res["files"] = [(f.name, f.stat().st_size) for f in files]
                 res["bytes"] = sum(size for _, size in res["files"])      # type: ignore[misc]
-                res["pumps"] = timed.pumps
+                res["relays"] = timed.relays
+                res["verifies"] = timed.verifies
                 res["hashes"] = timed.hashes
+                res["streams"] = timed.streams
                 res["progress"] = timed.progress
                 ok = all((dest / f.name).stat().st_size == f.stat().st_size for f in files)
                 res["dest_sizes_ok"] = ok
@@ -258,16 +278,22 @@ async def bench(args: argparse.Namespace, base: Path) -> dict[str, object]:
 
 def render(args: argparse.Namespace, res: dict[str, object], machine: str, when: str) -> tuple[str, str]:
     times: dict[str, float] = res["times"]            # type: ignore[assignment]
-    pumps: list[tuple[str, int, float]] = res["pumps"]   # type: ignore[assignment]
+    relays: list[tuple[str, int, float]] = res["relays"]   # type: ignore[assignment]
+    verify: float = sum(res["verifies"])              # type: ignore[arg-type]
     hashes: list[tuple[str, float, float]] = res["hashes"]   # type: ignore[assignment]
     nbytes: int = res["bytes"]                        # type: ignore[assignment]
-    moved = sum(p[1] for p in pumps)
-    transfer = sum(p[2] for p in pumps)
-    # sha256 runs: the two hosts hash at the same time; count wall-clock time covered
-    spans = sorted((s, e) for _, s, e in hashes)
+    moved = sum(p[1] for p in relays)
+    transfer = sum(p[2] for p in relays)
+    # checksum runs outside the transfers (a file already there? a .part's prefix): wall-clock time they
+    # cover (the two hosts hash at the same time) and no transfer does; the source's hash that runs
+    # during a transfer is part of it
+    streams: list[tuple[float, float]] = res["streams"]   # type: ignore[assignment]
     hash_wall, end = 0.0, float("-inf")
-    for s, e in spans:
-        if e > end:
+    for s, e in sorted((s, e) for _, s, e in hashes):
+        for a, b in streams:
+            if a <= s < b:
+                s = min(b, e)
+        if e > max(s, end):
             hash_wall += e - max(s, end)
             end = e
     direct = statistics.median(res["scp_direct"])      # type: ignore[arg-type]
@@ -276,26 +302,27 @@ def render(args: argparse.Namespace, res: dict[str, object], machine: str, when:
     rows = [
         ("savevm (stop + savevm on a)", times.get("savevm"), None),
         ("copy step (kvmshell, all of it)", copy, nbytes / copy if copy else None),
-        ("  of which SFTP transfer", transfer, moved / transfer if transfer else None),
-        ("  of which sha256 (both hosts, parallel)", hash_wall, None),
-        ("  other (sizes, df, rename, rebase)", copy - transfer - hash_wall, None),
+        ("  of which transfer (hashed as it flows)", transfer, moved / transfer if transfer else None),
+        ("  of which the hashes' end after the last byte", verify, None),
+        ("  of which checksums before (already there?)", hash_wall, None),
+        ("  other (sizes+df, starts, mv, rebase)", copy - transfer - verify - hash_wall, None),
         ("load/start (-loadvm on b, status)", times.get("start"), None),
         ("preflight", times.get("preflight"), None),
         ("static-migrate, whole command", res["total"], None),   # type: ignore[arg-type]
         (f"scp a->b over the a-b link (median of {len(res['scp_direct'])})", direct, nbytes / direct),  # type: ignore[arg-type]
         (f"scp -3 a->here->b (median of {len(res['scp_relay'])})", relay, nbytes / relay),  # type: ignore[arg-type]
     ]
-    lines = [f"{'step':46} {'seconds':>8} {'MB/s':>7}"]
+    lines = [f"{'step':48} {'seconds':>8} {'MB/s':>7}"]
     for name, secs, rate in rows:
-        lines.append(f"{name:46} {secs if secs is not None else float('nan'):8.2f} {mb(rate) if rate else '':>7}")
+        lines.append(f"{name:48} {secs if secs is not None else float('nan'):8.2f} {mb(rate) if rate else '':>7}")
     r_transfer_direct = direct / transfer if transfer else float("nan")
     r_transfer_relay = relay / transfer if transfer else float("nan")
     r_copy_direct = direct / copy if copy else float("nan")
     r_copy_relay = relay / copy if copy else float("nan")
     ratios = [
         "kvmshell throughput / scp throughput (1.00 = as fast; target >= 0.90):",
-        f"  SFTP transfer vs scp a->b        {r_transfer_direct:.2f}",
-        f"  SFTP transfer vs scp -3 via here {r_transfer_relay:.2f}",
+        f"  transfer vs scp a->b             {r_transfer_direct:.2f}",
+        f"  transfer vs scp -3 via here      {r_transfer_relay:.2f}",
         f"  whole copy step vs scp a->b      {r_copy_direct:.2f}",
         f"  whole copy step vs scp -3        {r_copy_relay:.2f}",
     ]
@@ -318,7 +345,9 @@ def render(args: argparse.Namespace, res: dict[str, object], machine: str, when:
         f"{args.ram_mib} MiB RAM, {args.ws_mib} MiB working set dirtied at ~{args.dirty_mbps:g} MB/s. "
         f"`static-migrate {VM} --to b --keep-source` through kvmshell's Session; link: "
         f"{args.rate or 'unshaped'}{' (a-b veth and both uplinks)' if args.rate else ''}. "
-        f"Files copied: {files}; {nbytes / 1e6:.0f} MB in all. {res['ssh_version']}. "
+        f"Files copied: {files}; {nbytes / 1e6:.0f} MB in all. Engine: streamed through kvmshell, checked by "
+        f"`{engine.CHECKSUM}` on both hosts as the bytes flow; kvmshell's ciphers: `{PREFERRED_CIPHERS}` "
+        f"(scp: OpenSSH's default, chacha20-poly1305). {res['ssh_version']}. "
         f"1-minute load average before/after the run: {res['load'][0]:.2f}/{res['load'][1]:.2f}; "  # type: ignore[index]
         f"other QEMU processes on the machine before/after: {res['others'][0]}/{res['others'][1]}.",  # type: ignore[index]
         "",

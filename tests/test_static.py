@@ -7,7 +7,9 @@ this machine's filesystem, so pmemsave files written by a QEMU on either are rea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,6 +23,9 @@ from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor
 from kvmshell.core.session import Session
+from kvmshell.core.static import CHECKSUM, Side, receive_command, send_command
+from kvmshell.core.transport import RemoteResult
+from kvmshell.errors import KvmError
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory, dump_memory
@@ -92,7 +97,7 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
         assert f"{VM}.b" in text and "kept, paused" in text, text
-        assert f"{base.name} (1.0 MiB, already there (same sha256))" in text, text
+        assert f"{base.name} (1.0 MiB, already there (same checksum))" in text, text
         assert any(m.startswith(f"copying {VM}.qcow2") for m in progress), progress
         # the source stays paused since `stop`: its memory is what savevm saved
         assert (await fleet.monitor(VM).status()).state is RunState.PAUSED
@@ -137,7 +142,10 @@ async def test_static_migration_from_here_resumes_after_a_cut_and_quits_the_sour
     cut: list[str] = []
 
     def progress(guest: str, message: str) -> None:
-        if not cut and message.startswith("copying data.raw"):     # after its first chunk: cut host b
+        # cut host b once a quarter of data.raw is sent: b's sshd took all but its window (2 MiB) of
+        # it and passed it to the pipeline that writes the .part file (it gets it all before its EOF)
+        m = re.match(r"copying data\.raw: .* \((\d+) %", message)
+        if not cut and m and 25 <= int(m.group(1)) < 100:
             cut.append(message)
             bed["b"].kill_sessions()
 
@@ -155,7 +163,7 @@ async def test_static_migration_from_here_resumes_after_a_cut_and_quits_the_sour
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag move1 --dir {dest_dir}")
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
-        assert f"boot-{WS}-{PACE}.raw (1.0 MiB, already there (same sha256))" in text, text
+        assert f"boot-{WS}-{PACE}.raw (1.0 MiB, already there (same checksum))" in text, text
         assert "data.raw (16.0 MiB, resumed at " in text, text
         assert (dest_dir / "data.raw").read_bytes() == data.read_bytes()
         async with asyncio.timeout(20):
@@ -272,3 +280,59 @@ async def test_the_copys_command_line_is_shown_and_edited_before_anything_is_tou
         assert (await copy.execute("query-uuid"))["UUID"] == uuid
         assert (await copy.status()).running
         await session.aclose()
+
+
+async def _pass(side: Side, source: Path, part: Path, offset: int) -> RemoteResult:
+    """Stream ``source`` from ``offset`` into ``part`` with the engine's two pipelines (both here),
+    as the engine relays them; what the receiving end said."""
+    src = await side.start(send_command(str(source), offset))
+    dst = await side.start(receive_command(str(part), offset))
+    try:
+        while data := await src.read(1 << 20):
+            try:
+                await dst.write(data)
+            except KvmError:
+                break
+        _, got = await asyncio.gather(src.finish(30), dst.finish(30))
+    finally:
+        src.close()
+        dst.close()
+    return got
+
+
+async def test_the_receiving_pipeline_hashes_the_kept_prefix_and_what_it_writes(tmp_path: Path) -> None:
+    side = Side(None, None)
+    try:
+        source = tmp_path / "image.raw"
+        source.write_bytes(os.urandom(3 << 20) + b"tail")
+        want = hashlib.blake2b(source.read_bytes()).hexdigest()
+        assert CHECKSUM == "b2sum"
+        part = tmp_path / "image.raw.part"
+        # a fresh copy, then one resumed after 1 MiB (the .part holds a prefix, as after a cut)
+        for offset in (0, 1 << 20):
+            part.write_bytes(source.read_bytes()[:offset] if offset else b"stale bytes, truncated")
+            got = await _pass(side, source, part, offset)
+            assert got.stdout.decode().split() == ["written", "0", want, "-"], got
+            assert part.read_bytes() == source.read_bytes()
+        # the hash is over the file's content: a wrong prefix shows
+        part.write_bytes(b"x" * (1 << 20))
+        got = await _pass(side, source, part, 1 << 20)
+        assert want not in got.stdout.decode() and b"written 0" in got.stdout, got
+    finally:
+        await side.aclose()
+
+
+async def test_a_write_that_fails_is_reported_not_hashed_over(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small))
+    side = Side(None, None)
+    try:
+        source = tmp_path / "image.raw"
+        source.write_bytes(os.urandom(4 << 20))
+        got = await _pass(side, source, small / "image.raw.part", 0)
+        assert b"written 0" not in got.stdout, got
+        assert "No space left on device" in got.stderr.decode(), got
+    finally:
+        await side.aclose()
+        await run("umount", "-l", str(small), check=False)

@@ -8,11 +8,14 @@ The steps, and what a failure at each leaves (``StaticMigration.run``):
    qcow2 backing chains (``qemu-img info -U --backing-chain``); no guest of the same name there;
    room in the destination directory (``df``) for what is not there yet.
 2. ``stop`` and ``savevm TAG`` on the source.
-3. copy each file (backing files first) over SFTP through kvmshell, to ``FILE.part`` then renamed:
-   a ``.part`` left by an interrupted run is continued when its bytes are a prefix of the source
-   (size + sha256 of the prefix); a file already there with the same sha256 is not copied again.
-   Every copy is checked with ``sha256sum`` on both hosts. Copied overlays are then pointed at the
-   copied backing files (``qemu-img rebase -u``).
+3. copy each file (backing files first) through kvmshell, to ``FILE.part`` then renamed: kvmshell
+   relays what a command on the source reads (``send_command``) over the two SSH connections to a
+   pipeline on the destination (``receive_command``) that appends it to the .part file and hashes the
+   file's content as it grows, while ``b2sum`` reads the file on the source: both checksums are
+   ready with the last byte, and compared before the rename. A ``.part`` left by an interrupted run
+   is continued when its bytes are a prefix of the source (size + checksum of the prefix on both
+   hosts); a file already there with the same checksum is not copied again. Copied overlays are
+   pointed at the copied backing files (``qemu-img rebase -u``, with the rename).
 4. start the copy from the derived command line (``cmdline.derive(loadvm=TAG)``, ``-daemonize``,
    monitors in a run directory beside the images), check its status through its monitor, and
    attach it to the fleet as ``NAME@HOST``.
@@ -32,6 +35,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,12 +52,14 @@ from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor, open_monitor
 from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
-from kvmshell.core.transport import RemoteResult, Sftp, SftpFailed, SftpFile, open_sftp
+from kvmshell.core.transport import RemoteResult
 from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20                  # bytes per read/write of the copy loop
+CHUNK = 4 << 20                  # bytes per read/write of the copy loop (at most)
+PROGRESS_EVERY = 0.5             # seconds between progress messages of a copy (and at least every 5 %)
+CHECKSUM = "b2sum"               # of each copied file: BLAKE2b-512 (coreutils), ~40 % of sha256sum's CPU time
 HASH_TIMEOUT = 600.0
 HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as stuck
 SAVEVM_TIMEOUT = 600.0
@@ -122,36 +128,115 @@ Edit = Callable[[str], Awaitable[str]]         # the user edits a text (the deri
 
 
 # == the two ends ==================================================================================
+#
+# A file is copied as one byte stream: kvmshell relays what a command on the source host reads from
+# the file to a pipeline on the destination host that appends it to the .part file and hashes the
+# file's content as it grows; meanwhile CHECKSUM reads the file on the source. Both hashes are
+# ready when the last byte is written: nothing is read again after the copy. Only sh and coreutils
+# are needed on the hosts.
 
-class _Reader(TypingProtocol):
-    async def read(self, size: int, offset: int) -> bytes: ...
+def send_command(path: str, offset: int) -> str:
+    """Source side: stdout is the file from byte ``offset`` on."""
+    return f"tail -c +{offset + 1} -- {shlex.quote(path)}"
 
-    async def close(self) -> None: ...
+
+def receive_command(part: str, offset: int) -> str:
+    """Destination side: stdin is appended to ``part`` (which holds ``offset`` bytes, checked before;
+    created or emptied when 0) and CHECKSUM hashes those ``offset`` bytes followed by each byte tee
+    writes. stdout: ``written STATUS`` (tee's exit status: 0 when every byte reached the file, and it
+    stops at the first write that fails) then the hash."""
+    p = shlex.quote(part)
+    write = f"head -c {offset} -- {p} && tee --output-error=exit -a -- {p}" if offset else \
+        f"tee --output-error=exit -- {p}"
+    return f"{{ {{ {write}; echo \"written $?\" >&3; }} | {CHECKSUM}; }} 3>&1"
 
 
-class _LocalFile:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+_HASH_RE = re.compile(rb"^([0-9a-f]{32,}) ", re.M)
+_WRITTEN_RE = re.compile(rb"^written (\d+)$", re.M)
 
-    async def read(self, size: int, offset: int) -> bytes:
+
+def _last_line(data: bytes) -> str:
+    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class _Process(TypingProtocol):
+    """A pipeline started by ``Side.start`` (here: a subprocess; on a host: transport.RemoteProcess)."""
+
+    async def read(self, size: int) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self, timeout: float) -> RemoteResult: ...
+
+    def close(self) -> None: ...
+
+
+class _LocalProcess:
+    def __init__(self, command: str, proc: asyncio.subprocess.Process) -> None:
+        self.command = command
+        self._proc = proc
+
+    async def read(self, size: int) -> bytes:
+        assert self._proc.stdout is not None
+        return await self._proc.stdout.read(size)
+
+    async def write(self, data: bytes) -> None:
+        assert self._proc.stdin is not None
         try:
-            return await asyncio.to_thread(os.pread, self._fd, size, offset)
-        except OSError as e:
-            raise StaticFailed(f"reading {self.path}: {e.strerror}") from None
+            self._proc.stdin.write(data)
+            await self._proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise StaticFailed(f"`{self.command.split()[0]}` here stopped reading: {e}") from None
+
+    async def finish(self, timeout: float) -> RemoteResult:
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            async with asyncio.timeout(timeout):
+                proc.stdin.close()
+                out, err, _ = await asyncio.gather(proc.stdout.read(), proc.stderr.read(), proc.wait())
+        except TimeoutError:
+            self.close()
+            raise StaticFailed(f"`{self.command.split()[0]}` did not finish within {timeout:g} s here") from None
+        return RemoteResult(self.command, proc.returncode or 0, out, err)
+
+    def close(self) -> None:
+        """Kill the pipeline (its own process group: sh and every command in it); ``reap`` waits for it."""
+        if self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def reap(self) -> None:
+        self.close()
+        await self._proc.communicate()
+
+
+@dataclass
+class _Stream:
+    """One file on its way: the pipelines on both ends, and the source's checksum of the file."""
+
+    src: _Process
+    dst: _Process
+    source_hash: asyncio.Future[str]
 
     async def close(self) -> None:
-        os.close(self._fd)
+        self.src.close()
+        self.dst.close()
+        self.source_hash.cancel()
+        await asyncio.gather(self.source_hash, return_exceptions=True)
 
 
 class Side:
-    """A host as the engine uses it: shell commands, and files to read (local or over SFTP)."""
+    """A host as the engine uses it: shell commands, and pipelines that stream files (here or over SSH)."""
 
     def __init__(self, pool: HostPool | None, host: SshTarget | str | None) -> None:
         self.pool = pool
         self.host = host
         self.label = "this host" if host is None else (pool.label(host) if pool else str(host))
-        self._sftp: Sftp | None = None
+        self._local: list[_LocalProcess] = []
 
     @property
     def local(self) -> bool:
@@ -181,45 +266,54 @@ class Side:
             raise StaticFailed(f"{what} on {self.label} failed: {err[-1] if err else f'exit status {r.exit_status}'}")
         return r.text
 
-    async def sftp(self) -> Sftp:
-        if self._sftp is None:
-            assert self.pool is not None and self.host is not None
-            self._sftp = await open_sftp(await self.pool.connection(self.host))
-        return self._sftp
-
-    async def open_read(self, path: str) -> _Reader:
+    async def start(self, command: str) -> _Process:
+        """Start ``command`` with its stdin and stdout as byte streams; the caller finishes or closes it."""
         if self.host is None:
-            try:
-                return _LocalFile(path)
-            except OSError as e:
-                raise StaticFailed(f"opening {path}: {e.strerror}") from None
-        return await (await self.sftp()).open(path, "rb")
+            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.PIPE,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE, limit=CHUNK,
+                                                        start_new_session=True)
+            self._local.append(_LocalProcess(command, proc))
+            return self._local[-1]
+        assert self.pool is not None
+        return await (await self.pool.connection(self.host)).start(command)
 
-    async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
+    async def checksum(self, path: str, prefix: int | None = None, size: int = 0, tool: str = CHECKSUM) -> str:
+        """``tool``'s hash of the file (of its first ``prefix`` bytes); ``size`` sets the time allowed."""
         p = shlex.quote(path)
-        cmd = f"sha256sum -- {p}" if prefix is None else f"head -c {prefix} -- {p} | sha256sum"
+        cmd = f"{tool} -- {p}" if prefix is None else f"head -c {prefix} -- {p} | {tool}"
         timeout = max(HASH_TIMEOUT, (prefix or size) / HASH_RATE_FLOOR)
-        out = await self.check(cmd, f"sha256sum of {path}", timeout=timeout)
+        out = await self.check(cmd, f"{tool} of {path}", timeout=timeout)
         return out.split()[0] if out.split() else ""
 
-    async def sizes(self, paths: list[str]) -> dict[str, int]:
-        """Sizes of the regular files among ``paths`` (missing ones are left out)."""
-        if not paths:
+    async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
+        return await self.checksum(path, prefix, size, "sha256sum")
+
+    async def sizes(self, paths: list[str], free_in: str | None = None) -> dict[str, int]:
+        """Sizes of the regular files among ``paths`` (missing ones are left out); with ``free_in``, the
+        bytes free in that directory too, under the key ``free_in`` + "/" (one command either way)."""
+        if not paths and free_in is None:
             return {}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        r = await self.sh(f"for f in {quoted}; do [ -f \"$f\" ] && printf '%s\\t%s\\n' \"$(stat -c %s -- \"$f\")\" \"$f\"; "
-                          "done; true")
+        script = (f"for f in {quoted}; do [ -f \"$f\" ] && printf '%s\\t%s\\n' \"$(stat -c %s -- \"$f\")\" \"$f\"; "
+                  "done; true")
+        if free_in is not None:
+            d = shlex.quote(free_in)
+            script += f"; printf '%s\\t%s/\\n' \"$(df -B1 --output=avail -- {d} | tail -n 1)\" {d}"
+        r = await self.sh(script)
         out = {}
         for line in r.text.splitlines():
             n, _, path = line.partition("\t")
-            if n.isdigit():
+            if n.strip().isdigit():
                 out[path] = int(n)
+        if free_in is not None and free_in + "/" not in out:
+            raise StaticFailed(f"df {free_in} on {self.label}: unreadable answer {r.text.strip()!r}")
         return out
 
     async def aclose(self) -> None:
-        if self._sftp is not None:
-            await self._sftp.close()
-            self._sftp = None
+        for p in self._local:                 # the pipelines started here: killed if still running, reaped
+            await p.reap()
+        self._local.clear()
 
 
 # == the engine =====================================================================================
@@ -496,7 +590,10 @@ class StaticMigration:
         return order
 
     async def _space_needed(self) -> int:
-        there = await self.dst.sizes([p for f in self.files for p in (f.dest, f.dest + ".part")])
+        return self._need(await self.dst.sizes([p for f in self.files for p in (f.dest, f.dest + ".part")]))
+
+    def _need(self, there: dict[str, int]) -> int:
+        """Bytes still to copy, given the sizes of the files and .part files on the destination."""
         need = 0
         for f in self.files:
             have = max(there.get(f.dest, 0) if there.get(f.dest) == f.size else 0, there.get(f.dest + ".part", 0))
@@ -598,122 +695,147 @@ class StaticMigration:
 
     # -- 3. copy -----------------------------------------------------------------------------
     async def _copy_all(self) -> int:
-        sizes = await self.src.sizes([f.source for f in self.files])   # the overlay grew with savevm
+        paths = [p for f in self.files for p in (f.dest, f.dest + ".part")]
+        sizes, there = await asyncio.gather(self.src.sizes([f.source for f in self.files]),   # savevm grew the overlay
+                                            self.dst.sizes(paths, free_in=self.dest_dir))
         for f in self.files:
             f.size = sizes.get(f.source, f.size)
-        need, avail = await self._space_needed(), await self._avail()
+        need, avail = self._need(there), there[self.dest_dir + "/"]
         if avail < need:
             raise StaticFailed(f"not enough space in {self.dest_dir} on {self.dst.label} after savevm: "
                                f"{human_bytes(avail)} free, {human_bytes(need)} to copy")
         self._total, self._before = sum(f.size for f in self.files), 0
+        self._finishing: list[str] = []     # the last file's rename (and rebase): run with the next command
         copied = 0
-        sftp = await self.dst.sftp()
-        for f in self.files:
-            copied += await self._copy_one(sftp, f)
-            self._before += f.size
+        try:
+            for f in self.files:
+                copied += await self._copy_one(f, there.get(f.dest), there.get(f.dest + ".part", 0))
+                self._before += f.size
+        except (KvmError, OSError):
+            try:                                # a file checked before the failure keeps its name
+                await self._finish_previous()
+            except (KvmError, OSError) as e:
+                log.debug("after a failed copy: %s", e)
+            raise
+        await self._finish_previous()
         self.done.append(f"copied {len(self.files)} file(s) to {self.dest_dir} on {self.dst.label} "
                          f"({', '.join(f'{os.path.basename(f.dest)}: {f.outcome}' for f in self.files)})")
-        for f in self.files:                                   # overlays point at the copied backing files
-            if f.backing and f.format == "qcow2":
-                new = next((g.dest for g in self.files if g.source == f.backing), None)
-                if new and new != f.backing:
-                    await self.dst.check(f"qemu-img rebase -u -f qcow2 -F {shlex.quote(f.backing_format or 'raw')} "
-                                         f"-b {shlex.quote(new)} -- {shlex.quote(f.dest)}",
-                                         f"qemu-img rebase {f.dest}")
         return copied
 
-    async def _copy_one(self, sftp: Sftp, f: ImageFile) -> int:
-        part = f.dest + ".part"
-        have = await sftp.size(f.dest)
+    async def _finish_previous(self) -> None:
+        """Rename (and rebase) the file copied last, if that is still to do: one command on its own."""
+        if self._finishing:
+            steps, self._finishing = self._finishing, []
+            await self.dst.check(" && ".join(steps), "renaming the copied file" + (" and qemu-img rebase" if
+                                                                                   len(steps) > 1 else ""))
+
+    def _rebase(self, f: ImageFile, path: str) -> list[str]:
+        """The command that points a copied overlay (at ``path``) at its copied backing file, if needed."""
+        if f.backing and f.format == "qcow2":
+            new = next((g.dest for g in self.files if g.source == f.backing), None)
+            if new and new != f.backing:
+                return [f"qemu-img rebase -u -f qcow2 -F {shlex.quote(f.backing_format or 'raw')} "
+                        f"-b {shlex.quote(new)} -- {shlex.quote(path)}"]
+        return []
+
+    async def _copy_one(self, f: ImageFile, have: int | None, offset: int) -> int:
+        """Copy one file to FILE.part (continuing a .part whose bytes are a prefix of the source), compare
+        the two hashes made as the bytes flowed, rebase it if it is an overlay, rename it. The bytes sent."""
+        name, part = os.path.basename(f.dest), f.dest + ".part"
+        if have == f.size or offset:
+            await self._finish_previous()               # before looking at the destination's files
         if have == f.size:
-            self.progress(f"{os.path.basename(f.dest)}: already there? comparing sha256")
-            a, b = await asyncio.gather(self.src.sha256(f.source, size=f.size), self.dst.sha256(f.dest, size=f.size))
+            self.progress(f"{name}: already there? comparing checksums")
+            a, b = await asyncio.gather(self.src.checksum(f.source, size=f.size),
+                                        self.dst.checksum(f.dest, size=f.size))
             if a == b:
-                f.outcome = "already there (same sha256)"
+                f.outcome = "already there (same checksum)"
+                if rebase := self._rebase(f, f.dest):
+                    await self.dst.check(rebase[0], f"qemu-img rebase {f.dest}")
                 return 0
-        offset = await sftp.size(part) or 0
         if offset > f.size:
             offset = 0
         if offset:
-            self.progress(f"{os.path.basename(f.dest)}: checking the {human_bytes(offset)} copied before")
-            if await self.src.sha256(f.source, offset) == await self.dst.sha256(part, size=offset):
-                f.outcome = f"resumed at {human_bytes(offset)}"
-            else:
+            self.progress(f"{name}: checking the {human_bytes(offset)} copied before")
+            a, b = await asyncio.gather(self.src.checksum(f.source, offset), self.dst.checksum(part, size=offset))
+            if a != b:
                 offset = 0
-        if not offset:
-            f.outcome = "copied"
-        out = await sftp.open(part, "r+b" if offset else "wb")
+        f.outcome = f"resumed at {human_bytes(offset)}" if offset else "copied"
         self.copied_any = True
-        src = await self.src.open_read(f.source)
-        moved = 0
+        # the previous file's rename goes first in the receiving command: one round trip less per file
+        receive = " && ".join([*self._finishing, receive_command(part, offset)])
+        started = await asyncio.gather(self.src.start(send_command(f.source, offset)), self.dst.start(receive),
+                                       return_exceptions=True)
+        src, dst = started
+        if isinstance(src, BaseException) or isinstance(dst, BaseException):
+            for p in started:
+                if not isinstance(p, BaseException):
+                    p.close()
+            raise next(p for p in started if isinstance(p, BaseException))
+        self._finishing = []
+        stream = _Stream(src, dst, asyncio.ensure_future(self.src.checksum(f.source, size=f.size)))  # meanwhile
         try:
-            moved = await self._pump(src, out, f, offset)
-        except SftpFailed as e:            # OpenSSH says only "Failure" for a full disk: look
-            try:
-                avail = await self._avail()
-            except KvmError:
-                raise e from None
-            if avail < CHUNK:
-                raise StaticFailed(f"no space left in {self.dest_dir} on {self.dst.label} while copying "
-                                   f"{os.path.basename(f.dest)} ({human_bytes(avail)} free; {e.message})") from None
-            raise
+            moved = await self._relay(src, dst, f, offset)
+            await self._verify(stream, f)
         finally:
-            await src.close()
-            await out.close()
-        self.progress(f"{os.path.basename(f.dest)}: verifying sha256 on both hosts")
-        a, b = await asyncio.gather(self.src.sha256(f.source, size=f.size), self.dst.sha256(part, size=f.size))
-        if a != b:
-            raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
-                               f"(sha256 {b[:12]}... vs {a[:12]}...)")
-        await sftp.rename(part, f.dest)
+            await stream.close()
+        self._finishing = [*self._rebase(f, part), f"mv -f -- {shlex.quote(part)} {shlex.quote(f.dest)}"]
         return moved
 
-    async def _pump(self, src: _Reader, out: SftpFile, f: ImageFile, offset: int) -> int:
-        """Read ahead while writing: one task reads chunks into a small queue, this one writes them."""
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=4)
-        start, name, t0, last = offset, os.path.basename(f.dest), time.monotonic(), 0.0
-
-        async def reader() -> None:
-            pos = offset
-            while pos < f.size:
-                data = await src.read(min(CHUNK, f.size - pos), pos)
-                if not data:
-                    raise StaticFailed(f"{f.source} ended at {pos} bytes, {f.size} expected (it changed?)")
-                await queue.put((pos, data))
-                pos += len(data)
-            await queue.put(None)
-
-        task = asyncio.create_task(reader(), name=f"static-read {name}")
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
-                    task.result()                    # the reader failed: raise its error
-                    continue
-                item = get.result()
-                if item is None:
-                    break
-                pos, data = item
-                await out.write(data, pos)
-                offset = pos + len(data)
-                now = time.monotonic()
-                if now - last >= 0.5 or offset == f.size:
-                    last = now
-                    rate = (offset - start) / max(now - t0, 1e-6)
-                    overall = (self._before + offset) * 100 // max(self._total, 1)
-                    self.progress(f"copying {name}: {human_bytes(offset)} of {human_bytes(f.size)} "
-                                  f"({offset * 100 // max(f.size, 1)} %; {overall} % of all), {rate / 1e6:.0f} MB/s")
-            await task
-        finally:
-            if not task.done():
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, KvmError):
-                    pass
+    async def _relay(self, src: _Process, dst: _Process, f: ImageFile, offset: int) -> int:
+        """Pass the source's stdout to the destination's stdin, with progress; the bytes passed."""
+        start, name, t0, last, reported = offset, os.path.basename(f.dest), time.monotonic(), 0.0, offset
+        while offset < f.size:
+            data = await src.read(min(CHUNK, f.size - offset))
+            if not data:
+                err = _last_line((await src.finish(10)).stderr)
+                raise StaticFailed(f"{f.source} on {self.src.label} ended at {offset} bytes, {f.size} expected"
+                                   f"{': ' + err if err else ' (it changed?)'}")
+            try:
+                await dst.write(data)
+            except KvmError:                         # the destination stopped reading: ask it why
+                await self._why_not_written(dst, f)
+                raise
+            offset += len(data)
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY or offset - reported >= f.size // 20 or offset == f.size:
+                last, reported = now, offset
+                rate = (offset - start) / max(now - t0, 1e-6)
+                overall = (self._before + offset) * 100 // max(self._total, 1)
+                self.progress(f"copying {name}: {human_bytes(offset)} of {human_bytes(f.size)} "
+                              f"({offset * 100 // max(f.size, 1)} %; {overall} % of all), {rate / 1e6:.0f} MB/s")
         return offset - start
+
+    async def _verify(self, stream: _Stream, f: ImageFile) -> None:
+        """Both ends' checksums: the source's over its file (read there while the bytes flowed),
+        the destination's over its .part file's content (the prefix kept and every byte tee wrote).
+        They must match, and every byte must have reached the file."""
+        src, dst = stream.src, stream.dst
+        sent, got = await asyncio.gather(src.finish(30), dst.finish(max(HASH_TIMEOUT, f.size / HASH_RATE_FLOOR)))
+        if sent.stdout:
+            raise StaticFailed(f"{f.source} on {self.src.label} is longer than {f.size} bytes (it changed?)")
+        written, b = _WRITTEN_RE.search(got.stdout), _HASH_RE.search(got.stdout)
+        if written is None or written.group(1) != b"0" or b is None:
+            raise StaticFailed(f"writing {f.dest}.part on {self.dst.label} failed: "
+                               f"{_last_line(got.stderr) or f'exit status {got.exit_status}'}")
+        a = await stream.source_hash
+        if a != b.group(1).decode():
+            raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
+                               f"({CHECKSUM} {b.group(1)[:12].decode()}... vs {a[:12]}...)")
+
+    async def _why_not_written(self, dst: _Process, f: ImageFile) -> None:
+        """Raise what the destination's pipeline said when it stopped taking bytes (a full disk...)."""
+        try:
+            got = await dst.finish(10)
+        except KvmError:
+            return
+        err = _last_line(got.stderr)
+        if not err:
+            return
+        if "No space left" in err or "Disk quota" in err:
+            raise StaticFailed(f"no space left in {self.dest_dir} on {self.dst.label} while copying "
+                               f"{os.path.basename(f.dest)} ({err})") from None
+        raise StaticFailed(f"writing {f.dest}.part on {self.dst.label} failed: {err}") from None
 
     # -- 4. start ----------------------------------------------------------------------------
     async def _start(self, copied: int, times: dict[str, float]) -> StaticResult:

@@ -95,7 +95,7 @@ SPECS = (
                        Flag(("--edit",), "open the copy's command line in $EDITOR before anything is done"),
                        Flag(("--dry-run",), "preflight and show the copy's command line; do nothing"),
                        Flag(("-y", "--yes"), "do not ask before quitting the source")),
-                maps_to="stop, savevm TAG; sha256sum + SFTP copy; QEMU -loadvm TAG -daemonize on HOST; quit",
+                maps_to="stop, savevm TAG; copy over SSH checked by b2sum; QEMU -loadvm TAG -daemonize on HOST; quit",
                 details="Preflight checks the host, the images and their backing chain, free space and the name "
                         "first. Any failure before the source is quit puts it back (snapshot deleted, resumed) and "
                         "says what was done and undone; copied files stay and a new run continues from them.",
