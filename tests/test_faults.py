@@ -106,6 +106,8 @@ async def test_destination_killed_after_the_switch_the_source_comes_back(pair: P
     src = pair.session.fleet.monitor("src")
     assert (await src.status()).state is RunState.POSTMIGRATE
     os.kill(pair.dst.pid, signal.SIGKILL)
+    async with asyncio.timeout(10):
+        await pair.dst.proc.wait()               # its image locks go with the process
     await pair.ok("@src cont")
     assert (await src.status()).running
     await pair.src.wait_heartbeats(2)

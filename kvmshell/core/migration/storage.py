@@ -505,11 +505,14 @@ class StorageStage(BaseStage):
     async def _clean_source(self, src: Monitor) -> list[str]:
         done: list[str] = []
         try:
-            left = [j["device"] for j in await src.execute("query-block-jobs") if j.get("device") in self._jobs]
+            ours = [d.job_id for d in self.disks]
+            listed = [j["device"] for j in await src.execute("query-block-jobs") if j.get("device") in ours]
+            left = [job_id for job_id in listed if job_id in self._jobs]
             for job_id in left:
                 await src.execute("block-job-cancel", {"device": job_id, "force": True})
+            if listed:                   # also a job that failed by itself and is still being torn down
+                await self._gone(src, listed)
             if left:
-                await self._gone(src, left)
                 done.append(f"{len(left)} mirror job(s) cancelled")
             for node in list(self._clients):
                 await src.execute("blockdev-del", {"node-name": node})
