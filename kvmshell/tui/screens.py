@@ -213,7 +213,7 @@ class MigrateDialog(ModalScreen[str | None]):
                 yield Label("disks")
                 yield Select(DISKS, value="", allow_blank=False, id="disks", compact=True)
                 yield Label("TLS")
-                yield Input(placeholder="certificates DIR from `kvmshell tls-init` (optional)", id="tls",
+                yield Input(placeholder="DIR from `kvmshell tls-init`; optional", id="tls",
                             compact=True)
             yield Static("", id="prediction")
             yield Static("", id="stale")
