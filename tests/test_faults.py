@@ -192,3 +192,24 @@ async def test_destination_disk_full_during_the_mirror(lab: Lab, tmp_path: Path)
             await session.aclose()
     finally:
         await run("umount", "-l", str(small), check=False)
+
+
+async def test_copy_storage_onto_the_very_same_file_is_refused(lab: Lab) -> None:
+    """Guests that share their image (shared storage, like the demo's): --copy-storage would mirror a
+    disk onto itself through NBD, with two QEMUs writing one qcow2."""
+    from tests.test_storage import Rig
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.fleet import Fleet
+    from kvmshell.core.session import Session
+    async with Fleet() as fleet:
+        rig = Rig(lab, Session(fleet, default_registry(), assume_yes=True), {}, {})
+        src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
+        await rig.attach("src", src)
+        await rig.attach("dst", await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM,
+                                                incoming=True, disk=src.disk))
+        o = await rig.run("@src migrate --to dst --copy-storage all")
+        assert not o.ok and "is the very file the source uses" in (o.error or ""), o.error
+        assert (await rig.mon("src").status()).running
+        assert (await rig.mon("src").migration()).status is MigrationStatus.NONE
+        assert await rig.mon("dst").execute("query-block-exports") == []
+        await rig.session.aclose()

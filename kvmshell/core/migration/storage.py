@@ -188,6 +188,7 @@ class StorageStage(BaseStage):
         self._dst: Monitor | None = None
         self._src_name = self._dst_name = ""
         self._sock_dir: str | None = None
+        self._one_host = False                         # both QEMUs on one host: a shared file is possible
         self._server: dict[str, Any] | None = None     # the NBD server as the source's blockdev-add sees it
         self._clients: list[str] = []                  # NBD client nodes on the source
         self._jobs: list[str] = []                     # mirror job ids started
@@ -212,6 +213,8 @@ class StorageStage(BaseStage):
         self._check_commands(src, dst)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
+        from kvmshell.core.migration.endpoints import same_host
+        self._one_host = same_host(job.fleet, src.address, dst.address)
         if not ours:
             raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
         problems = [p for key, dev in ours.items() if (p := self._mismatch(key, dev, theirs.get(key)))]
@@ -249,6 +252,9 @@ class StorageStage(BaseStage):
         if theirs is None:
             return f"{self._dst_name} has no disk {key}: {want}"
         ins = theirs["inserted"]
+        if self._one_host and ins.get("file") and ins.get("file") == dev["inserted"].get("file"):
+            return (f"{self._dst_name}'s disk {key} is the very file the source uses ({ins['file']}): that is shared "
+                    "storage, nothing to copy; drop --copy-storage (copying a disk onto itself would corrupt it)")
         if ins.get("ro"):
             return f"{self._dst_name}'s disk {key} is read-only"
         other = int(ins["image"]["virtual-size"])
