@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import textwrap
 
 from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text, Watch
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
 from kvmshell.core.fleet import GuestState
 from kvmshell.core.session import Invocation
 from kvmshell.errors import KvmError
+
+
+def _two_columns(entries: list[tuple[str, str]], width: int = 100) -> list[str]:
+    """Names in a column (a name too long for it gets a line of its own), help wrapped beside them."""
+    column = min(22, max((len(name) for name, _ in entries), default=0))
+    out: list[str] = []
+    for name, text in entries:
+        wrapped = textwrap.wrap(text, width - column - 4) or [""]
+        if len(name) > column:
+            out.append(f"  {name}")
+            out += [f"  {'':<{column}}  {line}" for line in wrapped]
+        else:
+            out.append(f"  {name:<{column}}  {wrapped[0]}")
+            out += [f"  {'':<{column}}  {line}" for line in wrapped[1:]]
+    return out
 
 
 async def help_(inv: Invocation) -> Result:
@@ -25,10 +41,10 @@ async def help_(inv: Invocation) -> Result:
             lines += ["", spec.details]
         if spec.args or spec.flags:
             lines.append("")
-        for a in spec.args:
-            lines.append(f"  {a.name.upper():<12} {a.help}")
-        for f in spec.flags:
-            lines.append(f"  {', '.join(f.names) + (' ' + f.value if f.value else ''):<12} {f.help}")
+        entries = [(a.name.upper(), a.help) for a in spec.args]
+        entries += [(", ".join(f.names) + (f" {f.value}" if f.value else "") + ("..." if f.repeat else ""), f.help)
+                    for f in spec.flags]
+        lines += _two_columns(entries)
         if spec.maps_to:
             lines += ["", f"QEMU: {spec.maps_to}"]
         if spec.aliases:
