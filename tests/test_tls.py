@@ -190,3 +190,53 @@ async def test_plain_tcp_across_hosts_is_warned_in_the_live_view() -> None:
         job.sampler = type("NoSamples", (), {"ring": type("Ring", (), {"last": None})()})()
         rows = live_lines(MigrationInfo(MigrationStatus.ACTIVE), job)
         assert ("warning", plain) in rows, rows
+
+
+@pytest.mark.qemu
+async def test_tls_authz_admits_only_the_source_hosts_certificate(lab: Lab, tmp_path: Path) -> None:
+    from kvmshell.core.tls import client_identity
+    [host] = init_ca(tmp_path / "pki", ["localhost"])
+    assert client_identity(host) == "CN=localhost"
+    # a destination that admits someone else: the handshake is refused, the source runs on
+    wrong = TlsSetup(str(host), str(host), "localhost", authz="CN=another-host")
+    src, dst, fleet, job = await _migrate(lab, tmp_path, wrong)
+    async with fleet:
+        await job.prepare()
+        assert (await fleet.monitor("dst").migrate_parameters()).get("tls-authz") == "kvmshell-tls-authz"
+        try:
+            await job.start()
+            outcome = await asyncio.wait_for(job.run(), 60)
+            assert outcome.status == "failed", outcome.message
+        except Exception as e:                                      # or it fails at once
+            assert "failed at once" in str(e)
+        mon = fleet.monitor("src")
+        assert (await mon.status()).state is RunState.RUNNING
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+
+
+@pytest.mark.qemu
+async def test_migrate_with_tls_authz_from_the_shell_language(lab: Lab, tmp_path: Path) -> None:
+    from kvmshell.core.commands import default_registry
+    from kvmshell.core.migration.live import FINISHED
+    from kvmshell.core.models import Event
+    from kvmshell.core.session import Session
+    src, dst, fleet, _ = await _migrate(lab, tmp_path, None)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    fleet.subscribe(events.put_nowait)
+    init_ca(tmp_path / "pki", ["localhost"])
+    async with fleet:
+        session = Session(fleet, default_registry())
+        [o] = await session.run_line("@src migrate --to dst --tls-authz")
+        assert not o.ok and "--tls-authz goes with --tls DIR" in (o.error or ""), o.error
+        [o] = await session.run_line(f"@src migrate --to dst --tls {tmp_path}/pki --tls-authz")
+        assert o.ok, o.error
+        async with asyncio.timeout(60):
+            while (ev := await events.get()).name != FINISHED:
+                pass
+        assert ev.data["status"] == "completed", ev.data
+        assert (await fleet.monitor("dst").migrate_parameters()).get("tls-authz") == "kvmshell-tls-authz"
+        await dst.wait_heartbeats(2)
+        check = await check_guest_memory(fleet.monitor("dst"), WS, tmp_path)
+        assert check.ok, check.summary()
+        await session.aclose()

@@ -82,6 +82,7 @@ class CrossHostRequest:
     address: str | None = None        # where the source reaches HOST (default: the host of its ssh target)
     copy_storage: str | None = None   # no shared storage: all | inc (new images on HOST, copied over NBD)
     tls_root: str | None = None       # encrypt the stream: certificates `kvmshell tls-init DIR HOST...` wrote
+    tls_authz: bool = False           # and admit only the source host's client certificate
     dry_run: bool = False             # preflight and the destination's command line only
 
 
@@ -431,7 +432,7 @@ class CrossHostMigration:
         if self.req.tls_root is not None:
             dest = Address(Protocol.QMP, Kind.UNIX, path="-", ssh=self.dest_target)
             tls = await tls_between(self.pool, (self.req.guest, self.address), (self.new_name, dest),
-                                    self.req.tls_root, self.progress)
+                                    self.req.tls_root, self.progress, only_source=self.req.tls_authz)
             self.notes.append(f"the stream went in TLS (certificates of {tls.hostname} in {tls.dest_dir} there)")
         if not self.req.tunnel and not params.get("tls-creds") and tls is None:
             self.warnings.append(f"the migration stream to {self.dst.label} ({uri}) is not encrypted (no tls-creds): "

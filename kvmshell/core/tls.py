@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from kvmshell.core.remote import HostPool
 
 OBJECT_ID = "kvmshell-tls"
+AUTHZ_ID = "kvmshell-tls-authz"
 VALID_DAYS = 3650
 
 
@@ -129,10 +130,19 @@ class TlsSetup:
     source_dir: str        # a host directory written by init_ca, as the source QEMU sees it
     dest_dir: str          # the destination's
     hostname: str          # the name in the destination's server certificate
+    authz: str | None = None   # the destination admits only this client (its certificate's DN)
 
 
-async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | None = None) -> None:
-    """Create (or replace) kvmshell's tls-creds-x509 object and make migration use it."""
+def client_identity(host_dir: str | Path) -> str:
+    """The distinguished name of a host's client certificate, as QEMU's authz-simple matches it."""
+    cert = x509.load_pem_x509_certificate((Path(host_dir) / "client-cert.pem").read_bytes())
+    return cert.subject.rfc4514_string()
+
+
+async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | None = None,
+                 authz: str | None = None) -> None:
+    """Create (or replace) kvmshell's tls-creds-x509 object and make migration use it; ``authz``
+    (server side): admit only the client whose certificate has this DN (an authz-simple object)."""
     if mon.protocol is not Protocol.QMP:
         raise CommandFailed("TLS migration needs a QMP monitor (object-add)", guest=mon.name)
     objects = await mon.execute("qom-list", {"path": "/objects"})
@@ -144,15 +154,22 @@ async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | 
     params: dict[str, object] = {"tls-creds": OBJECT_ID}
     if hostname is not None:
         params["tls-hostname"] = hostname
+    if authz is not None:
+        if any(o.get("name") == AUTHZ_ID for o in objects):
+            await mon.execute("migrate-set-parameters", {"tls-authz": ""})
+            await mon.execute("object-del", {"id": AUTHZ_ID})
+        await mon.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": authz})
+        params["tls-authz"] = AUTHZ_ID
     await mon.execute("migrate-set-parameters", params)
 
 
 async def disable(mon: Monitor) -> None:
     """Migrate in plain TCP again and drop kvmshell's credentials object."""
-    await mon.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    await mon.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": "", "tls-authz": ""})
     objects = await mon.execute("qom-list", {"path": "/objects"})
-    if any(o.get("name") == OBJECT_ID for o in objects):
-        await mon.execute("object-del", {"id": OBJECT_ID})
+    for ident in (OBJECT_ID, AUTHZ_ID):
+        if any(o.get("name") == ident for o in objects):
+            await mon.execute("object-del", {"id": ident})
 
 
 # -- certificates on another host ------------------------------------------------------------------

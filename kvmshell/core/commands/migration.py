@@ -357,6 +357,8 @@ SPECS = (
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
                             "made (needs --to; a remote host's are installed into its tls_dir over SFTP)",
                             value="DIR"),
+                       Flag(("--tls-authz",), "with --tls: the destination admits only the source host's client "
+                            "certificate (an authz-simple object with its DN, tls-authz)"),
                        Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
                             value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing"),

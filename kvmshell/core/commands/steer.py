@@ -38,7 +38,7 @@ def parse_strategy(text: str) -> Strategy:
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
                                       "estimate", "link", "probe", "no_probe", "watch", "stall_timeout", "tls",
-                                      "copy_storage", "unplug", "replug"))
+                                      "tls_authz", "copy_storage", "unplug", "replug"))
 
 
 async def migrate_steered(inv: Invocation) -> Result:
@@ -74,8 +74,10 @@ async def migrate_steered(inv: Invocation) -> Result:
     if f.get("tls") and dest is None:
         raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=source)
     if dest is not None:
+        if f.get("tls_authz") and not f.get("tls"):
+            raise UsageError("--tls-authz goes with --tls DIR", guest=source)
         ends = await plan_endpoints(s.fleet, source, str(dest), req.uri, str(f["tls"]) if f.get("tls") else None,
-                                    inv.progress)
+                                    inv.progress, tls_authz=bool(f.get("tls_authz")))
         req = replace(req, uri=ends.uri, tls=ends.tls)
         if ends.warnings:
             stages.insert(0, Notices(ends.warnings))
@@ -339,6 +341,8 @@ async def migrate_to_host(inv: Invocation) -> Result:
     if f.get("unplug") or f.get("replug"):
         raise UsageError("--unplug/--replug do not go with --to-host yet: device_del the device first, or "
                          "migrate to a destination you start (--to DEST)", guest=source)
+    if f.get("tls_authz") and not f.get("tls"):
+        raise UsageError("--tls-authz goes with --tls DIR", guest=source)
     if f.get("tls") and f.get("tunnel"):
         raise UsageError("--tls and --tunnel both encrypt the stream: pick one", guest=source)
     if not (s.assume_yes or f.get("yes") or f.get("dry_run")) and s.confirmer is None:
@@ -362,7 +366,8 @@ async def migrate_to_host(inv: Invocation) -> Result:
                            new_name=str(f["name"]) if f.get("name") else None,
                            address=str(f["address"]) if f.get("address") else None,
                            copy_storage=copy_storage_of(inv, source),
-                           tls_root=str(f["tls"]) if f.get("tls") else None, dry_run=bool(f.get("dry_run")))
+                           tls_root=str(f["tls"]) if f.get("tls") else None, tls_authz=bool(f.get("tls_authz")),
+                           dry_run=bool(f.get("dry_run")))
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile

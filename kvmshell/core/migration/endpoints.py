@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kvmshell.core.address import Address
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.stages import BaseStage
-from kvmshell.core.tls import TlsSetup, install, remote_dir
+from kvmshell.core.tls import TlsSetup, client_identity, install, remote_dir
 from kvmshell.errors import CommandFailed, ConfigError, Refused
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def same_host(fleet: Fleet, a: Address, b: Address) -> bool:
 
 
 async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: str | None,
-               progress: Callable[[str], None] = lambda message: None) -> Endpoints:
+               progress: Callable[[str], None] = lambda message: None, *, tls_authz: bool = False) -> Endpoints:
     src, dst = fleet.get(source).address, fleet.get(dest).address
     crosses = not same_host(fleet, src, dst)
     ends = Endpoints(uri, crosses_hosts=crosses)
@@ -88,7 +88,8 @@ async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: 
                       f"at (e.g. tcp:ADDR:PORT), kvmshell cannot tell which of this host's addresses that is",
                       guest=source)
     if tls_root is not None:
-        ends.tls = await tls_between(fleet.hosts, (source, src), (dest, dst), tls_root, progress)
+        ends.tls = await tls_between(fleet.hosts, (source, src), (dest, dst), tls_root, progress,
+                                     only_source=tls_authz)
     ends.warnings = warnings_for(fleet, source, dest, ends.uri, encrypted=ends.tls is not None)
     return ends
 
@@ -122,8 +123,10 @@ class Notices(BaseStage):
 
 
 async def tls_between(pool: HostPool | None, source: tuple[str, Address], dest: tuple[str, Address],
-                      tls_root: str, progress: Callable[[str], None] = lambda message: None) -> TlsSetup:
-    """Each side's certificate directory as its QEMU sees it (installed there first if remote)."""
+                      tls_root: str, progress: Callable[[str], None] = lambda message: None, *,
+                      only_source: bool = False) -> TlsSetup:
+    """Each side's certificate directory as its QEMU sees it (installed there first if remote);
+    ``only_source``: the destination admits only the source host's client certificate (tls-authz)."""
     root = Path(tls_root).expanduser()
     (_, src), (_, dst) = source, dest
     dirs = []
@@ -141,4 +144,5 @@ async def tls_between(pool: HostPool | None, source: tuple[str, Address], dest: 
         if await install(pool, address.ssh, local, target):
             progress(f"installed the certificates for {host} in {target} on {pool.label(address.ssh)}")
         dirs.append(target)
-    return TlsSetup(dirs[0], dirs[1], host_name(dst))
+    authz = client_identity(root / host_name(src)) if only_source else None
+    return TlsSetup(dirs[0], dirs[1], host_name(dst), authz)

@@ -219,7 +219,7 @@ class MigrationJob:
         if self.req.tls is not None:
             if self.dest is None:
                 raise CommandFailed("TLS needs a destination kvmshell attaches (--to DEST)", guest=self.req.source)
-            await tls_enable(self.dest, self.req.tls.dest_dir, server=True)
+            await tls_enable(self.dest, self.req.tls.dest_dir, server=True, authz=self.req.tls.authz)
             await tls_enable(src, self.req.tls.source_dir, server=False, hostname=self.req.tls.hostname)
             self._tls_on = True
         if self.dest is not None and self.uri is None:
