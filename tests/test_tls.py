@@ -240,3 +240,26 @@ async def test_migrate_with_tls_authz_from_the_shell_language(lab: Lab, tmp_path
         check = await check_guest_memory(fleet.monitor("dst"), WS, tmp_path)
         assert check.ok, check.summary()
         await session.aclose()
+
+
+@pytest.mark.qemu
+async def test_a_plain_tcp_destination_refuses_a_tls_stream(lab: Lab, tmp_path: Path) -> None:
+    """The proof that the stream is encrypted: a destination without TLS cannot read it."""
+    from kvmshell.core.tls import disable, enable
+    [host] = init_ca(tmp_path / "pki", ["localhost"])
+    src, dst, fleet, job = await _migrate(lab, tmp_path, None)          # the destination: plain TCP
+    async with fleet:
+        mon = fleet.monitor("src")
+        await enable(mon, str(host), server=False, hostname="localhost")
+        await job.prepare()
+        try:
+            await job.start()
+            outcome = await asyncio.wait_for(job.run(), 60)
+            assert outcome.status == "failed", outcome.message
+        except Exception as e:
+            assert "failed at once" in str(e)
+        assert (await mon.status()).state is RunState.RUNNING
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+        await disable(mon)
+        assert (await mon.migrate_parameters()).get("tls-creds") == ""
