@@ -91,6 +91,11 @@ async def run_in() -> AsyncIterator[Maker]:
 
 
 async def test_unplug_migrate_replug_on_the_destination(lab: Lab, run_in: Maker) -> None:
+    if lab.accel == "tcg":
+        # measured here: under TCG, QEMU 7.2's main loop hangs (monitor dead, process alive) after a
+        # USB device is hot-plugged on an xhci controller of a guest that just came in by migration
+        # (~1 run in 8, and every run once the destination has settled); under KVM it never did
+        pytest.skip("USB hotplug on a migrated-in guest hangs QEMU 7.2 under TCG; runs with KVM")
     src = await lab.start("src", ws_pages=WS, ram_mib=RAM, extra_args=(*XHCI, *TABLET, *AUDIO), wait_banner=False)
     # the destination has the controller but not the devices: after the unplug the source has none
     dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk,

@@ -169,6 +169,8 @@ class HmpMonitor(Monitor):
                 end = await self._wait_until(found, timeout, f"answer to {line.split()[0]!r}" if line else "prompt")
             except MonitorTimeout:
                 # The reply may still come and would be taken for the next one: start afresh.
+                log.info("%s: no answer to %r within %g s (so far: %r): closing the monitor (it reconnects)",
+                         self.name, line, timeout, bytes(self._buf[-200:]))
                 await self.close()
                 raise
             reply = bytes(self._buf[:end - len(PROMPT)])
