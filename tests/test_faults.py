@@ -78,6 +78,8 @@ async def test_link_cut_during_postcopy_pauses_and_recovers(linked: tuple[Pair, 
     await p.ok("@src migrate_set_parameter max-postcopy-bandwidth 1M")      # stay in postcopy a while
     await p.ok(f"@src migrate --to dst {uri(net)} --strategy postcopy --bandwidth 4M --stall-timeout 2")
     await p.until_status("postcopy-active", timeout=60)
+    await wait_for(lambda: p.session.fleet.monitor("dst").migration(),      # the guest runs there now
+                   lambda m: m.status is MigrationStatus.POSTCOPY_ACTIVE, what="destination in postcopy")
     o = await p.run("@src migrate_cancel")
     assert not o.ok and "cancel refused" in (o.error or ""), o.error
     await net.cut()
