@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.core.commands import default_registry
-from kvmshell.core.crosshost import used_ports
+from kvmshell.core.remote import used_ports
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor

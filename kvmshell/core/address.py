@@ -30,6 +30,11 @@ class Kind(enum.Enum):
     PTY = "pty"
 
 
+def uri_host(host: str) -> str:
+    """A host as it goes before ``:PORT`` (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 @dataclass(frozen=True)
 class SshTarget:
     host: str
@@ -54,8 +59,7 @@ class Address:
     @property
     def target(self) -> str:
         if self.kind is Kind.TCP:
-            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            return f"{host}:{self.port}"
+            return f"{uri_host(self.host or '')}:{self.port}"
         assert self.path is not None
         return self.path
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 # options that take no value (QEMU 7.2); every other -option takes exactly one
@@ -128,10 +128,19 @@ def images_of(cmd: QemuCommand) -> list[str]:
 
 
 def derive(cmd: QemuCommand, *, socket_dir: str, name: str, incoming: str | None = "defer",
-           loadvm: str | None = None, keep_stdio: bool = False, pidfile: str | None = None) -> Derived:
+           loadvm: str | None = None, keep_stdio: bool = False, pidfile: str | None = None,
+           detach: bool = False) -> Derived:
     """The twin's command line: monitors on unix sockets under ``socket_dir`` named after ``name``,
     then `-incoming INCOMING` (live) or `-loadvm TAG` (static)."""
     notes: list[str] = []
+    if detach:                    # the twin runs in the background, started over SSH
+        opts = [o for o in cmd.options if o.name != "-S"]
+        if not cmd.has("-daemonize"):
+            opts.append(Option("-daemonize"))
+        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
+            opts = [o for o in opts if o.name != "-nographic"] + [Option("-display", "none")]
+            notes.append("-nographic (not allowed with -daemonize) became -display none")
+        cmd = QemuCommand(cmd.binary, tuple(opts))
     out: list[Option] = []
     monitors: list[tuple[str, str]] = []
     chardev_mode: dict[str, str] = {}
@@ -248,3 +257,23 @@ def missing_after_edit(edited: QemuCommand, required: Sequence[Option], paths: S
     text = "\0".join(edited.argv())
     missing += [p for p in paths if p not in text]
     return missing
+
+
+async def review(argv: QemuCommand, edit: Callable[[str], Awaitable[str]], *, title: str,
+                 required: Sequence[Option], paths: Sequence[str]) -> QemuCommand:
+    """Let the user edit ``argv`` (``edit`` gets the text of ``editable``); the edited command line.
+    Refused, with nothing done, if it was emptied, does not parse, or lacks what kvmshell needs
+    (``required`` options, monitor socket ``paths``)."""
+    from kvmshell.errors import Refused
+    text = editable(argv, title, [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
+    try:
+        edited = parse_edited(await edit(text))
+    except ValueError as e:
+        raise Refused(f"the edited command line: {e}; nothing was done") from None
+    if edited is None:
+        raise Refused("the command line was emptied: cancelled, nothing was done")
+    missing = missing_after_edit(edited, required, paths)
+    if missing:
+        raise Refused(f"the edited command line lacks {', '.join(missing)} (kvmshell needs it to start and attach "
+                      "the guest); nothing was done")
+    return edited

@@ -34,7 +34,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import re
 import shlex
 import shutil
@@ -43,17 +42,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name, uri_host
 from kvmshell.core.migration.endpoints import tls_between
-from kvmshell.core.cmdline import (
-    Option, QemuCommand, derive, editable, images_of, missing_after_edit, parse_edited, rewrite_images,
-)
+from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, review, rewrite_images
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.stages import Stage
 from kvmshell.core.models import Event, RunState
 from kvmshell.core.monitor import Monitor, open_monitor
-from kvmshell.core.remote import HostPool
+from kvmshell.core.remote import HostPool, free_port
 from kvmshell.core.static import Side, source_command
 from kvmshell.core.transport import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused
@@ -62,7 +59,6 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 MAX_SOCKET_PATH = 100                 # sun_path is 108 bytes
-PORTS = (49152, 60999)                # where a free port for the incoming migration is looked for
 
 
 class CrossHostFailed(KvmError):
@@ -105,23 +101,6 @@ Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
 Edit = Callable[[str], Awaitable[str]]          # the user edits a text (the destination's command line)
 OnJob = Callable[[MigrationJob], None]
-
-
-def _tcp_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def used_ports(proc_net_tcp: str) -> set[int]:
-    """Local ports in /proc/net/tcp{,6} text (any state: a port in TIME_WAIT cannot be bound either)."""
-    ports = set()
-    for line in proc_net_tcp.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and ":" in fields[1]:
-            try:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-            except ValueError:
-                continue
-    return ports
 
 
 class _JobFleet:
@@ -227,34 +206,16 @@ class CrossHostMigration:
     async def _review(self) -> None:
         """Derive the destination's command line and, with ``edit``, let the user change it (before
         anything is started: the source keeps running meanwhile)."""
-        run_dir, name = self.run_dir, self.sock_name
-        cmd = self.cmd
-        if not cmd.has("-daemonize"):
-            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
-        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
-            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
-                                           Option("-display", "none")))
-            self.notes.append("-nographic (not allowed with -daemonize) became -display none")
-        self.pidfile = pidfile = f"{run_dir}/{name}.pid"
-        self.derived = d = derive(cmd, socket_dir=run_dir, name=name, incoming="defer", pidfile=pidfile)
-        self.argv = QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S"))
+        self.pidfile = pidfile = f"{self.run_dir}/{self.sock_name}.pid"
+        self.derived = d = derive(self.cmd, socket_dir=self.run_dir, name=self.sock_name, incoming="defer",
+                                  pidfile=pidfile, detach=True)
+        self.argv = d.command
         self.notes += list(d.notes)
         if self.edit is None:
             return
-        required = [Option("-incoming", "defer"), Option("-daemonize"), Option("-pidfile", pidfile)]
-        paths = [path for _, path in d.monitors]
-        text = editable(self.argv, f"the command that starts {self.new_name} on {self.dst.label}",
-                        [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
-        try:
-            edited = parse_edited(await self.edit(text))
-        except ValueError as e:
-            raise Refused(f"the edited command line: {e}; nothing was done") from None
-        if edited is None:
-            raise Refused("the command line was emptied: cancelled, nothing was done")
-        missing = missing_after_edit(edited, required, paths)
-        if missing:
-            raise Refused(f"the edited command line lacks {', '.join(missing)} (kvmshell needs it to start and "
-                          "attach the destination); nothing was done")
+        edited = await review(self.argv, self.edit, paths=[path for _, path in d.monitors],
+                              required=[Option("-incoming", "defer"), Option("-daemonize"), Option("-pidfile", pidfile)],
+                              title=f"the command that starts {self.new_name} on {self.dst.label}")
         if edited != self.argv:
             self.warnings.append("the destination's command line was edited before it ran")
         self.argv = edited
@@ -401,18 +362,13 @@ class CrossHostMigration:
         return address
 
     async def _free_port(self) -> int:
-        text = await self.dst.check("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true", "listing the ports in use")
-        used = used_ports(text)
-        free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
-        if not free:
-            raise CrossHostFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {self.dst.label}")
-        return free[0]
+        return await free_port(self.pool, self.req.to)
 
     async def _uris(self) -> tuple[str, str | None]:
         """(where the source connects, where the destination listens if elsewhere)."""
         if not self.req.tunnel:
             port = await self._free_port()
-            return f"tcp:{_tcp_host(self.req.address or self.dest_target.host)}:{port}", None
+            return f"tcp:{uri_host(self.req.address or self.dest_target.host)}:{port}", None
         remote = f"{self.run_dir}/{self.sock_name}.mig"
         if len(remote) > MAX_SOCKET_PATH:
             raise CrossHostFailed(f"{remote}: too long for a unix socket; pick a shorter --dir")
@@ -459,29 +415,26 @@ class CrossHostMigration:
         self.progress(f"migrating {self.req.guest} to {self.new_name} ({listen + ' via ' + uri if listen else uri})")
         await job.start()
         self.done.append(f"started the migration to {uri}")
-        if self.on_job is not None:
-            self.on_job(job)
-        reporter = asyncio.create_task(self._report(job))
-        try:
-            outcome = await job.run()
-        finally:
-            reporter.cancel()
-        return outcome, uri
+        return await self._follow(job), uri
 
     async def _migrate_with_stages(self, job: MigrationJob, uri: str) -> tuple[MigrationOutcome, str]:
         """The stages' long work (the disk copy) comes before `migrate`: ``run`` does both."""
         self.progress(f"copying the disks to {self.new_name}, then migrating ({uri})")
-        if self.on_job is not None:
-            self.on_job(job)
-        reporter = asyncio.create_task(self._report(job))
-        try:
-            outcome = await job.run()
-        finally:
-            reporter.cancel()
+        outcome = await self._follow(job)
         self.done.append(f"ran the migration to {uri} ({outcome.status})")
         if outcome.ok:
             self.notes += outcome.notes
         return outcome, uri
+
+    async def _follow(self, job: MigrationJob) -> MigrationOutcome:
+        """Run the job to its end, with a progress line every second."""
+        if self.on_job is not None:
+            self.on_job(job)
+        reporter = asyncio.create_task(self._report(job))
+        try:
+            return await job.run()
+        finally:
+            reporter.cancel()
 
     async def _report(self, job: MigrationJob) -> None:
         while True:
@@ -665,5 +618,4 @@ async def migrate_to_host(fleet: Fleet, pool: HostPool, req: CrossHostRequest, *
                                     edit=edit).run()
 
 
-__all__ = ["CrossHostFailed", "CrossHostMigration", "CrossHostRequest", "CrossHostResult", "migrate_to_host",
-           "used_ports"]
+__all__ = ["CrossHostFailed", "CrossHostMigration", "CrossHostRequest", "CrossHostResult", "migrate_to_host"]

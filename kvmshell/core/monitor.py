@@ -79,6 +79,7 @@ class Monitor(abc.ABC):
         self._closed = asyncio.Event()
         self._closed.set()                       # not connected yet
         self._subscribers: list[EventCallback] = []
+        self._command_args: dict[str, frozenset[str]] | None = None    # from the QMP schema, once
 
     # -- life cycle --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -111,6 +112,7 @@ class Monitor(abc.ABC):
         await self._closed.wait()
 
     def _mark_open(self) -> None:
+        self._command_args = None                # another QEMU may answer on this address now
         self.disconnect_reason = None
         self._closed.clear()
 
@@ -135,6 +137,17 @@ class Monitor(abc.ABC):
                 log.exception("%s: event subscriber failed on %s", self.name, name)
 
     # -- commands ----------------------------------------------------------------------------
+    async def command_args(self, command: str) -> frozenset[str]:
+        """The argument names this QEMU's QMP ``command`` takes, from its schema (read once per
+        connection: it is large)."""
+        if self._command_args is None:
+            schema = await self.execute("query-qmp-schema")
+            by_name = {e.get("name"): e for e in schema}
+            self._command_args = {
+                e["name"]: frozenset(m["name"] for m in by_name.get(e.get("arg-type"), {}).get("members", []))
+                for e in schema if e.get("meta-type") == "command"}
+        return self._command_args.get(command, frozenset())
+
     @abc.abstractmethod
     async def hmp(self, line: str, timeout: float | None = None) -> str:
         """Run one HMP command line; its output. Raises CommandFailed when QEMU reports an error."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import random
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,12 +30,12 @@ from typing import Any
 
 from kvmshell.config import Config, HostConfig, parse_ssh_target
 from kvmshell.core.cmdline import parse_cmdline, split_props
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget
+from kvmshell.core.address import Address, Kind, Protocol, SshTarget, uri_host
 from kvmshell.core.models import QemuVersion
 from kvmshell.core.transport import (
     DEFAULT_KNOWN_HOSTS, GLOBAL_KNOWN_HOSTS, PasswordPrompt, RemoteResult, SshConnection, SshParams, ssh_connect,
 )
-from kvmshell.errors import ConfigError, ConnectFailed, Disconnected, KvmError
+from kvmshell.errors import CommandFailed, ConfigError, ConnectFailed, Disconnected, KvmError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ COMMAND_TIMEOUT = 15.0
 
 def ssh_text(t: SshTarget) -> str:
     """``user@host:port`` as written in a [hosts.NAME] ssh key (the parts that are known)."""
-    host = f"[{t.host}]" if ":" in t.host else t.host
+    host = uri_host(t.host)
     return f"{t.user + '@' if t.user else ''}{host}{':' + str(t.port) if t.port else ''}"
 
 
@@ -494,3 +495,31 @@ async def survey(pool: HostPool, host: SshTarget | str) -> HostReport:
     except KvmError as e:
         return HostReport(name, ssh, pool.connected(host), e.message)
     return HostReport(name, ssh, True, None, version, note, tuple(guests))
+
+
+# -- a free TCP port on a host ---------------------------------------------------------------------
+
+PORTS = (49152, 60999)                # where a free port (an incoming migration, NBD, a probe) is picked
+
+
+def used_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in /proc/net/tcp{,6} text (any state: a port in TIME_WAIT cannot be bound either)."""
+    ports = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and ":" in fields[1]:
+            try:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
+    return ports
+
+
+async def free_port(pool: HostPool, host: SshTarget | str) -> int:
+    """A TCP port nothing uses on ``host`` right now (from its /proc/net/tcp), picked at random."""
+    r = await pool.run(host, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
+    used = used_ports(r.text)
+    free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
+    if not free:
+        raise CommandFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {pool.label(host)}")
+    return free[0]

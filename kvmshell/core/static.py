@@ -45,8 +45,7 @@ from typing import Protocol as TypingProtocol
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
 from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.cmdline import (
-    Derived, Option, QemuCommand, derive, editable, images_of, missing_after_edit, parse_cmdline, parse_edited,
-    rewrite_images,
+    Derived, Option, QemuCommand, derive, images_of, parse_cmdline, review, rewrite_images,
 )
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.models import RunState
@@ -437,19 +436,11 @@ class StaticMigration:
         self.run_dir = f"{self.dest_dir}/run"
         if len(f"{self.run_dir}/{self.sock_name}-2.hmp") > MAX_SOCKET_PATH:
             self.run_dir = f"/run/kvmshell/{self.sock_name}"
-        cmd = self.cmd
-        if not cmd.has("-daemonize"):
-            cmd = QemuCommand(cmd.binary, (*cmd.options, Option("-daemonize")))
-        if cmd.has("-nographic"):                          # QEMU refuses it with -daemonize
-            cmd = QemuCommand(cmd.binary, (*(o for o in cmd.options if o.name != "-nographic"),
-                                           Option("-display", "none")))
-            self.warnings.append("-nographic (not allowed with -daemonize) became -display none")
         dest_of = {f.source: f.dest for f in self.files}
-        cmd = rewrite_images(cmd, {given: dest_of[top] for given, top in self.named.items() if top in dest_of})
+        cmd = rewrite_images(self.cmd, {given: dest_of[top] for given, top in self.named.items() if top in dest_of})
         self.pidfile = f"{self.run_dir}/{self.sock_name}.pid"
-        d = derive(cmd, socket_dir=self.run_dir, name=self.sock_name, loadvm=self.tag, pidfile=self.pidfile)
-        return Derived(QemuCommand(d.command.binary, tuple(o for o in d.command.options if o.name != "-S")),
-                       d.monitors, d.images, d.notes)
+        return derive(cmd, socket_dir=self.run_dir, name=self.sock_name, loadvm=self.tag, pidfile=self.pidfile,
+                      detach=True)
 
     async def _review(self) -> None:
         """Derive the copy's command line and, with ``edit``, let the user change it (before anything
@@ -459,19 +450,9 @@ class StaticMigration:
         if self.edit is None:
             return
         required = [Option("-loadvm", self.tag), Option("-daemonize"), Option("-pidfile", self.pidfile)]
-        paths = [path for _, path in self.derived.monitors]
-        text = editable(self.dest_argv, f"the command that starts {self.new_name} on {self.dst.label}",
-                        [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
-        try:
-            edited = parse_edited(await self.edit(text))
-        except ValueError as e:
-            raise Refused(f"the edited command line: {e}; nothing was done") from None
-        if edited is None:
-            raise Refused("the command line was emptied: cancelled, nothing was done")
-        missing = missing_after_edit(edited, required, paths)
-        if missing:
-            raise Refused(f"the edited command line lacks {', '.join(missing)} (kvmshell needs it to start and "
-                          "attach the copy); nothing was done")
+        edited = await review(self.dest_argv, self.edit, required=required,
+                              title=f"the command that starts {self.new_name} on {self.dst.label}",
+                              paths=[path for _, path in self.derived.monitors])
         if edited != self.dest_argv:
             self.warnings.append("the copy's command line was edited before it ran")
         self.dest_argv = edited

@@ -34,11 +34,7 @@ MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
 async def _migrate_args(mon: Monitor) -> set[str]:
     """The arguments this QEMU's migrate accepts (from its QMP schema, or HMP's help text)."""
     if is_qmp(mon):
-        schema = await mon.execute("query-qmp-schema")
-        by_name = {e.get("name"): e for e in schema}
-        cmd = by_name.get("migrate", {})
-        members = by_name.get(cmd.get("arg-type"), {}).get("members", [])
-        return {m["name"] for m in members}
+        return set(await mon.command_args("migrate"))
     help_text = await mon.hmp("help migrate")
     return {name for flag, name in (("-b", "blk"), ("-i", "inc"), ("-r", "resume")) if flag in help_text} | {"uri"}
 

@@ -11,22 +11,20 @@ listens on TCP beyond loopback.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.address import Address
+from kvmshell.core.address import Address, uri_host
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.stages import BaseStage
+from kvmshell.core.remote import free_port
 from kvmshell.core.tls import TlsSetup, client_identity, install, remote_dir
-from kvmshell.errors import CommandFailed, ConfigError, Refused
+from kvmshell.errors import ConfigError, Refused
 
 if TYPE_CHECKING:
     from kvmshell.core.remote import HostPool
-
-PORTS = (49152, 60999)                # where a free port for the incoming migration is looked for
 
 
 @dataclass
@@ -42,31 +40,10 @@ def host_name(address: Address) -> str:
     return address.ssh.host if address.ssh is not None else "localhost"
 
 
-def _tcp_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def used_ports(proc_net_tcp: str) -> set[int]:
-    """Local ports in /proc/net/tcp{,6} text (any state: a port in TIME_WAIT cannot be bound either)."""
-    ports = set()
-    for line in proc_net_tcp.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and ":" in fields[1]:
-            try:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-            except ValueError:
-                continue
-    return ports
-
-
 async def free_port_on(fleet: Fleet, address: Address) -> int:
+    """A free TCP port on the host of a guest on another host."""
     assert address.ssh is not None and fleet.hosts is not None
-    r = await fleet.hosts.run(address.ssh, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
-    used = used_ports(r.text)
-    free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
-    if not free:
-        raise CommandFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {fleet.hosts.label(address.ssh)}")
-    return free[0]
+    return await free_port(fleet.hosts, address.ssh)
 
 
 def same_host(fleet: Fleet, a: Address, b: Address) -> bool:
@@ -81,7 +58,7 @@ async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: 
     crosses = not same_host(fleet, src, dst)
     ends = Endpoints(uri, crosses_hosts=crosses)
     if uri is None and dst.ssh is not None:
-        host = "127.0.0.1" if not crosses else _tcp_host(dst.ssh.host)
+        host = "127.0.0.1" if not crosses else uri_host(dst.ssh.host)
         ends.uri = f"tcp:{host}:{await free_port_on(fleet, dst)}"
     elif uri is None and crosses:
         raise Refused(f"{dest} runs here and {source} on another host: give the URI the source reaches this host "

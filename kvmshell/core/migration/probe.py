@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from kvmshell.core.address import Address, Kind, SshTarget
 from kvmshell.core.procinfo import pid_listening_on
+from kvmshell.core.remote import free_port
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ PROBE_BYTES = 64 * 2**20
 CHUNK = 256 * 1024
 RECV_WAIT = 10.0           # the receiver gives up after this long without a connection or data
 CONNECT_WAIT = 5.0         # the sender retries a refused connection this long
-PORTS = (49152, 60999)     # where a free port is picked for a receiver on another host
 
 # argv: recv HOST WAIT [PORT] | send HOST PORT MAX_BYTES MAX_SECONDS
 # The receiver prints its port, then "bytes first_read_bytes seconds"; the sender retries a refused
@@ -317,22 +316,6 @@ class _RemoteEnd(_End):
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _free_port(pool: HostPool, ssh: SshTarget) -> int:
-    r = await pool.run(ssh, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
-    used = set()
-    for line in r.text.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and ":" in fields[1]:
-            try:
-                used.add(int(fields[1].rsplit(":", 1)[1], 16))
-            except ValueError:
-                continue
-    free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
-    if not free:
-        raise ProbeFailed(f"no free TCP port between {PORTS[0]} and {PORTS[1]} on {pool.label(ssh)}")
-    return free[0]
-
-
 async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -349,7 +332,7 @@ async def _start(netns: str | None, ssh: SshTarget | None, pool: HostPool | None
                           f"(nc or dd are not used)")
     port = None
     if args[0] == "recv":
-        port = await _free_port(pool, ssh)
+        port = await free_port(pool, ssh)
         args = (*args, str(port))
     command = "exec python3 -c " + " ".join(shlex.quote(a) for a in (_PROGRAM, *args))
     task = asyncio.create_task(pool.run(ssh, command, timeout=RECV_WAIT + PROBE_SECONDS + CONNECT_WAIT + 10))

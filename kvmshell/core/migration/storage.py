@@ -139,14 +139,6 @@ def _backing_chain(dev: dict[str, Any]) -> list[str]:
     return names
 
 
-async def _schema_args(mon: Monitor, command: str) -> set[str]:
-    """The argument names this QEMU's ``command`` takes (from its QMP schema)."""
-    schema = await mon.execute("query-qmp-schema")
-    by_name = {e.get("name"): e for e in schema}
-    members = by_name.get(by_name.get(command, {}).get("arg-type"), {}).get("members", [])
-    return {m["name"] for m in members}
-
-
 def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> StorageStage:
     """The stage `migrate --to DEST --copy-storage all|inc` runs (checks what it can at once)."""
     from kvmshell.core.commands.spec import UsageError
@@ -228,7 +220,7 @@ class StorageStage(BaseStage):
         for i, (key, dev) in enumerate(ours.items()):
             self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
                                    int(dev["inserted"]["image"]["virtual-size"]), i))
-        self._mirror_args = await _schema_args(src, "blockdev-mirror" if self._blockdev else "drive-mirror")
+        self._mirror_args = set(await src.command_args("blockdev-mirror" if self._blockdev else "drive-mirror"))
         await self._start_server(dst, where)
         for disk in self.disks:
             await self._export(dst, disk)
@@ -444,12 +436,7 @@ class StorageStage(BaseStage):
             elif now - moved[1] > stall_s:
                 raise CommandFailed(f"{what}: no progress for {stall_s:g} s ({human_bytes(progress)} copied): "
                                     f"{self._dst_name} or the link is stuck", guest=self._src_name)
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(POLL_S):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
+            await self._next_change()
             await self._refresh()
 
     # -- at_switchover: complete every mirror while the vCPUs are stopped ------------------------
@@ -535,12 +522,16 @@ class StorageStage(BaseStage):
     async def _gone(self, src: Monitor, job_ids: list[str], timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
             while any(j.get("device") in job_ids for j in await src.execute("query-block-jobs")):
-                self._changed.clear()
-                try:
-                    async with asyncio.timeout(POLL_S):
-                        await self._changed.wait()
-                except TimeoutError:
-                    pass
+                await self._next_change()
+
+    async def _next_change(self) -> None:
+        """Until a block-job event says something changed, or POLL_S at most."""
+        self._changed.clear()
+        try:
+            async with asyncio.timeout(POLL_S):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
 
     def _drop_sock_dir(self) -> None:
         if self._sock_dir is not None:
