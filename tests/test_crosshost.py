@@ -27,7 +27,7 @@ from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
 from tests.test_ssh import pool_for, remote
-from tests.test_static import counter, wait_connected
+from tests.test_static import bed, counter, wait_connected  # noqa: F401  (bed: the fixture)
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
@@ -38,14 +38,6 @@ WS = 1024          # pages of working set: 4 MiB the guest keeps dirtying
 PACE = 2
 RAM = 64
 BIG_WS = 4096      # 16 MiB: more than the socket buffers hold, so a hung destination stalls the source
-
-
-@pytest.fixture
-async def bed(tmp_path: Path) -> AsyncIterator[SshTestbed]:
-    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as testbed:
-        testbed.trust()
-        yield testbed
-    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
 
 
 @pytest.fixture

@@ -18,19 +18,15 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import FINISHED, MigrationJob
+from kvmshell.core.migration.live import MigrationJob
 from kvmshell.core.migration.samples import load_trace
-from kvmshell.core.models import Event
-from kvmshell.core.session import Session
-from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
+from tests.test_live import Pair, attached
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.qemu
@@ -40,44 +36,13 @@ NEW_QEMU = os.environ.get("KVMSHELL_QEMU_NEW", "")
 needs_new_qemu = pytest.mark.skipif(not NEW_QEMU, reason="KVMSHELL_QEMU_NEW does not name a QEMU >= 8.1 binary")
 
 
-@dataclass
-class Pair:
-    session: Session
-    src: LabGuest
-    dst: LabGuest
-    events: asyncio.Queue[Event]
-
-    async def ok(self, line: str) -> str:
-        [o] = await self.session.run_line(line)
-        assert o.ok, o.error
-        assert o.result is not None
-        return o.result.text()
-
-    async def finished(self, timeout: float = 60) -> Event:
-        async with asyncio.timeout(timeout):
-            while True:
-                ev = await self.events.get()
-                if ev.name == FINISHED:
-                    return ev
-
-    def job(self) -> MigrationJob:
-        return self.session.migrations["src"]
-
-
 @asynccontextmanager
 async def make_pair(lab: Lab, prefix: tuple[str, ...] = (), accel: str | None = None) -> AsyncIterator[Pair]:
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, prefix=prefix, accel=accel)
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk,
                           prefix=prefix, accel=accel)
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    async with Fleet() as fleet:
-        fleet.subscribe(events.put_nowait)
-        fleet.add("src", src.address)
-        fleet.add("dst", dst.address)
-        await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
-        yield Pair(session, src, dst, events)
-        await session.aclose()
+    async with attached(src, dst) as p:
+        yield p
 
 
 @pytest.fixture

@@ -17,7 +17,9 @@ from kvmshell.core.models import MigrationStatus, RunState
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.netns import TestNetwork
 from kvmshell.lab.verify import check_guest_memory
-from tests.test_live import RAM, WS, Pair, pair  # noqa: F401  (the fixture)
+from tests.test_live import RAM, WS, Pair, attached, pair  # noqa: F401  (the fixture)
+from tests.test_storage import Rig, no_leftovers_on_source, qcow2, rig, start_pair  # noqa: F401  (rig: the fixture)
+from tests.sshd import run
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
@@ -26,10 +28,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 @pytest.fixture
 async def linked(lab: Lab) -> AsyncIterator[tuple[Pair, TestNetwork]]:
     """src in one network namespace, dst (-incoming defer) in another, joined by a 100 Mbit/s link."""
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.fleet import Fleet
-    from kvmshell.core.models import Event
-    from kvmshell.core.session import Session
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     async with TestNetwork("100mbit", prefix="kvft") as net:
@@ -37,16 +35,9 @@ async def linked(lab: Lab) -> AsyncIterator[tuple[Pair, TestNetwork]]:
                               prefix=tuple(net.exec_prefix(net.src)))
         dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk,
                               prefix=tuple(net.exec_prefix(net.dst)))
-        events: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            async with Fleet() as fleet:
-                fleet.subscribe(events.put_nowait)
-                fleet.add("src", src.address)
-                fleet.add("dst", dst.address)
-                await fleet.start()
-                session = Session(fleet, default_registry(), assume_yes=True)
-                yield Pair(session, src, dst, events), net
-                await session.aclose()
+            async with attached(src, dst) as p:
+                yield p, net
         finally:
             for g in (src, dst):                     # before the namespaces go
                 if g.alive:
@@ -132,86 +123,60 @@ async def test_cancel_before_during_and_after(pair: Pair) -> None:
 
 # -- the disk copy (migrate --copy-storage): the rig of tests/test_storage.py -----------------------
 
-async def test_cancel_while_the_disks_are_mirrored_undoes_everything(lab: Lab) -> None:
-    from tests.test_storage import Rig, no_leftovers_on_source, qcow2, start_pair
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.fleet import Fleet
-    from kvmshell.core.session import Session
-    async with Fleet() as fleet:
-        session = Session(fleet, default_registry(), assume_yes=True)
-        rig = Rig(lab, session, {}, {})
-        fleet.subscribe(rig.events.put_nowait)
-        w = lab.workdir
-        await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
-        await rig.io("src", "write -P 0x31 0 8M")                 # 8 MiB at 4 MB/s: the mirror takes a while
-        await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
-        await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
-                       what="the mirror under way", every=0.02)
-        text = await rig.ok("@src migrate_cancel")
-        assert "cancelled" in text, text
-        ev = await rig.finished()
-        assert ev.data["status"] == "cancelled" and "before the migration started" in ev.data["message"], ev.data
-        src = rig.mon("src")
-        assert (await src.status()).state is RunState.RUNNING
-        assert (await src.migration()).status.value == "none"      # `migrate` was never sent
-        await no_leftovers_on_source(rig)
-        dst = rig.mon("dst")
-        assert (await dst.status()).state is RunState.INMIGRATE
-        assert await dst.execute("query-block-exports") == []      # the NBD export went
-        await rig.io("src", "read -P 0x31 0 8M")                   # the source's disk as it was
-        await session.aclose()
+async def test_cancel_while_the_disks_are_mirrored_undoes_everything(rig: Rig) -> None:
+    w = rig.lab.workdir
+    await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
+    await rig.io("src", "write -P 0x31 0 8M")                 # 8 MiB at 4 MB/s: the mirror takes a while
+    await rig.ok("@src migrate --to dst --copy-storage all --bandwidth 4M")
+    await wait_for(lambda: asyncio.sleep(0, rig.stage().disks), lambda ds: any(d.offset > 0 for d in ds),
+                   what="the mirror under way", every=0.02)
+    text = await rig.ok("@src migrate_cancel")
+    assert "cancelled" in text, text
+    ev = await rig.finished()
+    assert ev.data["status"] == "cancelled" and "before the migration started" in ev.data["message"], ev.data
+    src = rig.mon("src")
+    assert (await src.status()).state is RunState.RUNNING
+    assert (await src.migration()).status.value == "none"      # `migrate` was never sent
+    await no_leftovers_on_source(rig)
+    dst = rig.mon("dst")
+    assert (await dst.status()).state is RunState.INMIGRATE
+    assert await dst.execute("query-block-exports") == []      # the NBD export went
+    await rig.io("src", "read -P 0x31 0 8M")                   # the source's disk as it was
 
 
-async def test_destination_disk_full_during_the_mirror(lab: Lab, tmp_path: Path) -> None:
+async def test_destination_disk_full_during_the_mirror(rig: Rig, tmp_path: Path) -> None:
     """The destination's image sits on a 2 MiB tmpfs: the mirror's writes fail with ENOSPC there."""
-    from tests.test_storage import Rig, no_leftovers_on_source, qcow2, start_pair
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.fleet import Fleet
-    from kvmshell.core.session import Session
-    from tests.sshd import run
     small = tmp_path / "small"
     small.mkdir()
     await run("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small))
     try:
-        async with Fleet() as fleet:
-            session = Session(fleet, default_registry(), assume_yes=True)
-            rig = Rig(lab, session, {}, {})
-            fleet.subscribe(rig.events.put_nowait)
-            w = lab.workdir
-            await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(small / "dst-data.qcow2"))
-            await rig.io("src", "write -P 0x41 0 8M")                 # 8 MiB into 2 MiB of room
-            await rig.ok("@src migrate --to dst --copy-storage all")
-            ev = await rig.finished()
-            msg = ev.data["message"]
-            assert ev.data["status"] == "failed" and "not started" in msg, ev.data
-            assert "write error on dst's side" in msg and "src runs on as before" in msg, msg
-            src = rig.mon("src")
-            assert (await src.status()).state is RunState.RUNNING
-            assert (await src.migration()).status.value == "none"
-            await no_leftovers_on_source(rig)
-            await rig.io("src", "read -P 0x41 0 8M")
-            await rig.quit("src", "dst")
-            await session.aclose()
+        w = rig.lab.workdir
+        await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(small / "dst-data.qcow2"))
+        await rig.io("src", "write -P 0x41 0 8M")                 # 8 MiB into 2 MiB of room
+        await rig.ok("@src migrate --to dst --copy-storage all")
+        ev = await rig.finished()
+        msg = ev.data["message"]
+        assert ev.data["status"] == "failed" and "not started" in msg, ev.data
+        assert "write error on dst's side" in msg and "src runs on as before" in msg, msg
+        src = rig.mon("src")
+        assert (await src.status()).state is RunState.RUNNING
+        assert (await src.migration()).status.value == "none"
+        await no_leftovers_on_source(rig)
+        await rig.io("src", "read -P 0x41 0 8M")
+        await rig.quit("src", "dst")
     finally:
         await run("umount", "-l", str(small), check=False)
 
 
-async def test_copy_storage_onto_the_very_same_file_is_refused(lab: Lab) -> None:
+async def test_copy_storage_onto_the_very_same_file_is_refused(rig: Rig) -> None:
     """Guests that share their image (shared storage, like the demo's): --copy-storage would mirror a
     disk onto itself through NBD, with two QEMUs writing one qcow2."""
-    from tests.test_storage import Rig
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.fleet import Fleet
-    from kvmshell.core.session import Session
-    async with Fleet() as fleet:
-        rig = Rig(lab, Session(fleet, default_registry(), assume_yes=True), {}, {})
-        src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
-        await rig.attach("src", src)
-        await rig.attach("dst", await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM,
+    src = await rig.lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
+    await rig.attach("src", src)
+    await rig.attach("dst", await rig.lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM,
                                                 incoming=True, disk=src.disk))
-        o = await rig.run("@src migrate --to dst --copy-storage all")
-        assert not o.ok and "is the very file the source uses" in (o.error or ""), o.error
-        assert (await rig.mon("src").status()).running
-        assert (await rig.mon("src").migration()).status is MigrationStatus.NONE
-        assert await rig.mon("dst").execute("query-block-exports") == []
-        await rig.session.aclose()
+    o = await rig.run("@src migrate --to dst --copy-storage all")
+    assert not o.ok and "is the very file the source uses" in (o.error or ""), o.error
+    assert (await rig.mon("src").status()).running
+    assert (await rig.mon("src").migration()).status is MigrationStatus.NONE
+    assert await rig.mon("dst").execute("query-block-exports") == []

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,9 @@ class Pair:
                        lambda m: m.status.value in statuses, timeout=timeout, what=f"status in {statuses}")
 
 
-@pytest.fixture
-async def pair(lab: Lab) -> AsyncIterator[Pair]:
-    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
-    dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk)
+@asynccontextmanager
+async def attached(src: LabGuest, dst: LabGuest) -> AsyncIterator[Pair]:
+    """A session over the two guests (as "src" and "dst"), its events queued."""
     events: asyncio.Queue[Event] = asyncio.Queue()
     async with Fleet() as fleet:
         fleet.subscribe(events.put_nowait)
@@ -74,6 +74,14 @@ async def pair(lab: Lab) -> AsyncIterator[Pair]:
         session = Session(fleet, default_registry(), assume_yes=True)
         yield Pair(session, src, dst, events)
         await session.aclose()
+
+
+@pytest.fixture
+async def pair(lab: Lab) -> AsyncIterator[Pair]:
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)
+    dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk)
+    async with attached(src, dst) as p:
+        yield p
 
 
 async def test_migrate_to_completes_with_the_memory_intact(pair: Pair, tmp_path: Path) -> None:
