@@ -351,6 +351,8 @@ class MigrationJob:
                 task.cancel()
             await asyncio.gather(*self._actions, return_exceptions=True)
             ended = self.outcome or MigrationOutcome("failed", "interrupted")
+            if ended.ok and self.dest is not None and self._prepared:
+                await self._dest_settled()
             await self._finish_stages(ended)
             if self.outcome is not None:
                 self.outcome.notes += [n for st in self.stages for n in st.notes]
@@ -636,6 +638,20 @@ class MigrationJob:
         info = await self._info_or_none()
         reason = f" ({info.error})" if info is not None and info.error else ""
         return MigrationOutcome(last.status, f"migration {last.status}{reason}{src_state}", **base)
+
+    async def _dest_settled(self, timeout: float = 30.0) -> None:
+        """Wait until the destination has loaded the whole stream before the stages finish there: the
+        source says `completed` once it has sent the last byte, and a device_add while the destination
+        still loads the devices' state has hung QEMU 7.2 (seen under TCG). Polled: an HMP destination
+        has no events."""
+        assert self.dest is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while (await self.dest.status()).state is RunState.INMIGRATE or \
+                        (await self.dest.migration()).status.is_active:
+                    await asyncio.sleep(0.05)
+        except (TimeoutError, KvmError):
+            return              # the stages say what goes wrong there, if anything
 
     async def _tls_off(self) -> None:
         """A failed TLS migration leaves the source as it was: no tls-creds for the next migration."""

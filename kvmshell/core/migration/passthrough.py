@@ -29,7 +29,6 @@ from kvmshell.core.address import Protocol
 from kvmshell.core.cmdline import QemuCommand
 from kvmshell.core.migration.blockers import explain
 from kvmshell.core.migration.stages import BaseStage
-from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor
 from kvmshell.errors import CommandFailed, ConfigError, Disconnected, KvmError, Refused
 
@@ -300,14 +299,10 @@ class PassthroughStage(BaseStage):
 
     # -- finish: plug on the destination, or back on the source ----------------------------------
     async def finish(self, job: MigrationJob, outcome: MigrationOutcome) -> None:
-        settled = False
         for dev in self.devices:
             if not (dev.unplugged or dev.pending):
                 continue
             if outcome.ok:
-                if not settled and job.dest is not None:
-                    await self._dest_settled(job)
-                    settled = True
                 await self._plug_on_dest(job, dev)
             elif outcome.status == "postcopy-paused":
                 dev.state = "plugged nowhere: the migration is paused in postcopy"
@@ -315,22 +310,6 @@ class PassthroughStage(BaseStage):
                                   f"after recovering it, plug it on the destination: device_add {dev.dest_spec}")
             else:
                 await self._plug_back(job.source, dev)
-
-    @staticmethod
-    async def _dest_settled(job: MigrationJob, timeout: float = 30.0) -> None:
-        """Wait until the destination has loaded the whole stream: the source says `completed` once it
-        has sent the last byte, and a device_add while the destination still loads the devices' state
-        has hung QEMU 7.2 (seen under TCG). Polled: an HMP destination has no events."""
-        assert job.dest is not None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    status = await job.dest.status()
-                    if status.state is not RunState.INMIGRATE and not (await job.dest.migration()).status.is_active:
-                        return
-                    await asyncio.sleep(0.05)
-        except (TimeoutError, KvmError):
-            return              # plugging says what goes wrong, if anything
 
     async def _plug_on_dest(self, job: MigrationJob, dev: Device) -> None:
         where = self.dest_name
