@@ -167,6 +167,7 @@ class SshTestHost:
         await keygen(self.host_key, f"host-{self.name}")
 
     def write_config(self) -> None:
+        (self.dir / "home").mkdir(exist_ok=True)
         listen = "0.0.0.0" if self.netns else self.addr
         self.config.write_text("\n".join([
             f"Port {self.port}",
@@ -185,6 +186,10 @@ class SshTestHost:
             "Subsystem sftp internal-sftp",
             "MaxStartups 64",
             "LogLevel VERBOSE",
+            # a home of its own: the commands run through root's shell, which would read root's
+            # ~/.bashrc (Debian's bash does under sshd) - on this machine a pyenv init there can wait
+            # 60 s for a lock another session left behind
+            f"SetEnv HOME={self.dir / 'home'}",
             "",
         ]))
 
