@@ -86,7 +86,7 @@ async def one_run(net: TestNetwork, link: str, load: str, policy: str, cap: floa
                 await d.execute("migrate-incoming", {"uri": f"tcp:0.0.0.0:{port}"})
                 req = MigrationRequest("src", None, uri, strategy=Strategy.NONE, trace_path=trace,
                                        link=LINK_BYTES[link], stall_timeout=cap * 2)
-                job = MigrationJob(fleet, req)
+                job = MigrationJob.of(fleet, req)
                 await job.prepare()            # NONE: only the events capability
                 await job.attach_trace()
                 job.sampler.start = job.clock()
@@ -96,7 +96,7 @@ async def one_run(net: TestNetwork, link: str, load: str, policy: str, cap: floa
                 req = MigrationRequest("src", "dst", uri, strategy=strategy, downtime_ms=300,
                                        link=LINK_BYTES[link], allow_postcopy=policy == "auto+postcopy",
                                        trace_path=trace, stall_timeout=cap * 2)
-                job = MigrationJob(fleet, req)
+                job = MigrationJob.of(fleet, req)
                 await job.prepare()
                 await job.start()
             wnc: list[float] = []

@@ -250,3 +250,26 @@ async def test_to_host_dry_run_edit_and_tls(lab: Lab, bed: SshTestbed, run_dir: 
             await session.aclose()
     finally:
         shutil.rmtree(Path(REMOTE_ROOT) / b, ignore_errors=True)
+
+
+async def test_copy_storage_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path) -> None:
+    """A source that itself runs on an SSH host copies its disk to host b (the engine's view of the
+    fleet must know the hosts: this died with an AttributeError once)."""
+    if bed.net is None:
+        pytest.skip("the test hosts are not network namespaces (not root): no host a to migrate from")
+    b_link = bed.net.hosts[1].ip
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE, ram_mib=RAM, prefix=bed["a"].prefix)
+    await src.wait_heartbeats(2)
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add(VM, remote(bed, "a", src.address))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        [o] = await session.run_line(f"@{VM} migrate --to-host b --address {b_link} --dir {run_dir} "
+                                     "--copy-storage all")
+        assert o.ok, o.error
+        text = o.result.text() if o.result else ""
+        assert f"no shared storage: 1 disk(s) copied over NBD into new images in {run_dir} on host b" in text, text
+        assert "source: quit" in text, text
+        await moved_and_checked(fleet, src, tmp_path)
+        assert (run_dir / f"{VM}.qcow2").exists()
+        await session.aclose()

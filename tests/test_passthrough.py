@@ -127,7 +127,7 @@ async def test_guest_that_never_releases_the_device_is_not_migrated(lab: Lab, ru
     src = await lab.start("src", ws_pages=WS, ram_mib=RAM, extra_args=ROOT_PORT_NIC)
     r = await run_in(src)
     smon = r.session.fleet.monitor("src")
-    job = MigrationJob(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{free_port()}"),
+    job = MigrationJob.of(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{free_port()}"),
                        stages=[PassthroughStage("src", None, ["nic0"], {}, timeout=1.0)])
     await job.prepare()
     outcome = await job.run()
@@ -210,7 +210,7 @@ async def test_virtio_net_failover_is_left_to_qemu(lab: Lab, run_in: Maker) -> N
 
     # the standby, asked for by name: a warning, and it is not unplugged
     stage = PassthroughStage("src", None, ["net1", "tab0"], {})
-    job = MigrationJob(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{port}"), stages=[stage])
+    job = MigrationJob.of(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{port}"), stages=[stage])
     await stage.prepare(job)
     text = " ".join(stage.warnings)
     assert "virtio-net failover" in text and "hostdev0 is the primary of net1" in text
@@ -228,12 +228,12 @@ async def test_a_hot_plugged_device_is_recorded_from_qom(lab: Lab, run_in: Maker
     await smon.hmp("device_add usb-kbd,id=kbd0,bus=xhci.0,port=2")          # on no command line
     await smon.hmp("device_add e1000e,id=nic9,bus=rp1,netdev=hn5,mac=52:54:00:00:00:09")
     stage = PassthroughStage("src", None, ["kbd0", "nic9"], {})
-    await stage.prepare(MigrationJob(r.session.fleet, MigrationRequest("src", uri="tcp:127.0.0.1:1"), stages=[stage]))
+    await stage.prepare(MigrationJob.of(r.session.fleet, MigrationRequest("src", uri="tcp:127.0.0.1:1"), stages=[stage]))
     kbd, nic = stage.devices
     assert kbd.spec == "usb-kbd,id=kbd0,bus=xhci.0,port=2" and "QOM" in kbd.origin
     assert nic.spec == "e1000e,id=nic9,bus=rp1,addr=00.0,mac=52:54:00:00:00:09,netdev=hn5"
     # the rebuilt text plugs it back: a migration to where nothing listens fails after the unplug
-    job = MigrationJob(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{free_port()}"),
+    job = MigrationJob.of(r.session.fleet, MigrationRequest("src", uri=f"tcp:127.0.0.1:{free_port()}"),
                        stages=[PassthroughStage("src", None, ["kbd0"], {})])
     await job.prepare()
     outcome = await job.run()

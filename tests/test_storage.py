@@ -499,7 +499,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
             fleet.add("dst", remote(bed, "b", dst.address))
             await fleet.start()
             await rig.io("src", "write -P 0x61 0 4M")
-            uri = f"tcp:{b_link}:{await free_port_on(fleet, fleet.get('dst').address)}"
+            uri = f"tcp:{b_link}:{await free_port_on(fleet.hosts, fleet.get('dst').address)}"
             text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD}")
             assert "over NBD in plain TCP" in text, text
             await ram_phase(rig)

@@ -37,7 +37,7 @@ async def _migrate(lab: Lab, tmp_path: Path, setup: TlsSetup | None, dst_tls: bo
     fleet.add("src", src.address)
     fleet.add("dst", dst.address)
     await fleet.start()
-    job = MigrationJob(fleet, MigrationRequest("src", "dst", strategy=Strategy.PRECOPY, tls=setup,
+    job = MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy=Strategy.PRECOPY, tls=setup,
                                                stall_timeout=5))
     return src, dst, fleet, job
 
@@ -145,7 +145,7 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
                 assert plain.uri and plain.uri.startswith(f"tcp:{b}:") and plain.tls is None
                 assert any("crosses hosts in plain TCP" in w for w in plain.warnings), plain.warnings
                 init_ca(tmp_path / "pki", [a, b])
-                uri = f"tcp:{b_link}:{await free_port_on(fleet, fleet.get('tdst').address)}"
+                uri = f"tcp:{b_link}:{await free_port_on(fleet.hosts, fleet.get('tdst').address)}"
                 session = Session(fleet, default_registry())
                 [o] = await session.run_line(f"@tsrc migrate --to tdst {uri} --tls {tmp_path}/pki")
                 assert o.ok, o.error

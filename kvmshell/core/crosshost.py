@@ -40,7 +40,6 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
 
 from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name, uri_host
 from kvmshell.core.migration.endpoints import tls_between
@@ -48,7 +47,7 @@ from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, review
 from kvmshell.core.fleet import Fleet
 from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.stages import Stage
-from kvmshell.core.models import Event, RunState
+from kvmshell.core.models import RunState
 from kvmshell.core.monitor import Monitor, open_monitor
 from kvmshell.core.remote import HostPool, free_port
 from kvmshell.core.static import Side, source_command
@@ -101,20 +100,6 @@ Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
 Edit = Callable[[str], Awaitable[str]]          # the user edits a text (the destination's command line)
 OnJob = Callable[[MigrationJob], None]
-
-
-class _JobFleet:
-    """What the job sees as its fleet: the real one, plus the destination's monitor, which joins the
-    real fleet only once the migration succeeded (a failed attempt leaves no stray guest there)."""
-
-    def __init__(self, fleet: Fleet, name: str, mon: Monitor) -> None:
-        self._fleet, self._name, self._mon = fleet, name, mon
-
-    def monitor(self, name: str) -> Monitor:
-        return self._mon if name == self._name else self._fleet.monitor(name)
-
-    def publish(self, event: Event) -> None:
-        self._fleet.publish(event)
 
 
 class _CrossHostJob(MigrationJob):
@@ -407,7 +392,7 @@ class CrossHostMigration:
             stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port),
                                        check_backing=False))        # _check_backing did (sha256)
             self.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {port}, not encrypted")
-        job = _CrossHostJob(cast(Fleet, _JobFleet(self.fleet, self.new_name, self.dest_mon)), req, stages=stages)
+        job = _CrossHostJob(self.mon, self.dest_mon, req, hosts=self.pool, publish=self.fleet.publish, stages=stages)
         job.listen_uri = listen
         await job.prepare()
         if stages:

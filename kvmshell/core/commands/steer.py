@@ -81,7 +81,7 @@ async def migrate_steered(inv: Invocation) -> Result:
         req = replace(req, uri=ends.uri, tls=ends.tls)
         if ends.warnings:
             stages.insert(0, Notices(ends.warnings))
-    job = MigrationJob(s.fleet, req, stages=stages)
+    job = MigrationJob.of(s.fleet, req, stages=stages)
     work = [st for st in stages if not isinstance(st, Notices)]
     await job.prepare()
     if not work:
@@ -129,7 +129,7 @@ def configured_link(inv: Invocation) -> float | None:
 
 def track(inv: Invocation) -> None:
     """Follow a plain `migrate URI` (sampling and the model only; nothing is steered)."""
-    job = MigrationJob(inv.session.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE))
+    job = MigrationJob.of(inv.session.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE))
     inv.session.launch(job)
 
 
@@ -313,7 +313,7 @@ async def trace(inv: Invocation) -> Result:
                             "its start", guest=inv.guest)
     if s.running_job(inv.guest or "") is not None:
         raise Refused("kvmshell already follows this migration; give --trace when you start it", guest=inv.guest)
-    job = MigrationJob(s.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE, trace_path=path))
+    job = MigrationJob.of(s.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE, trace_path=path))
     await job.attach_trace()
     s.launch(job)
     return Done(f"tracing the migration to {path}")

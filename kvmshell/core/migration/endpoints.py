@@ -40,26 +40,26 @@ def host_name(address: Address) -> str:
     return address.ssh.host if address.ssh is not None else "localhost"
 
 
-async def free_port_on(fleet: Fleet, address: Address) -> int:
+async def free_port_on(hosts: HostPool | None, address: Address) -> int:
     """A free TCP port on the host of a guest on another host."""
-    assert address.ssh is not None and fleet.hosts is not None
-    return await free_port(fleet.hosts, address.ssh)
+    assert address.ssh is not None and hosts is not None
+    return await free_port(hosts, address.ssh)
 
 
-def same_host(fleet: Fleet, a: Address, b: Address) -> bool:
+def same_host(hosts: HostPool | None, a: Address, b: Address) -> bool:
     if a.ssh is None or b.ssh is None:
         return a.ssh is None and b.ssh is None
-    return fleet.hosts is not None and fleet.hosts.key(a.ssh) == fleet.hosts.key(b.ssh)
+    return hosts is not None and hosts.key(a.ssh) == hosts.key(b.ssh)
 
 
 async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: str | None,
                progress: Callable[[str], None] = lambda message: None, *, tls_authz: bool = False) -> Endpoints:
     src, dst = fleet.get(source).address, fleet.get(dest).address
-    crosses = not same_host(fleet, src, dst)
+    crosses = not same_host(fleet.hosts, src, dst)
     ends = Endpoints(uri, crosses_hosts=crosses)
     if uri is None and dst.ssh is not None:
         host = "127.0.0.1" if not crosses else uri_host(dst.ssh.host)
-        ends.uri = f"tcp:{host}:{await free_port_on(fleet, dst)}"
+        ends.uri = f"tcp:{host}:{await free_port_on(fleet.hosts, dst)}"
     elif uri is None and crosses:
         raise Refused(f"{dest} runs here and {source} on another host: give the URI the source reaches this host "
                       f"at (e.g. tcp:ADDR:PORT), kvmshell cannot tell which of this host's addresses that is",
@@ -75,7 +75,7 @@ def warnings_for(fleet: Fleet, source: str, dest: str, uri: str | None, *, encry
     """What is unsafe about this migration's path: plain TCP across hosts, monitors open on TCP."""
     src, dst = fleet.get(source).address, fleet.get(dest).address
     warnings = []
-    if not same_host(fleet, src, dst) and not encrypted and (uri is None or uri.startswith("tcp:")):
+    if not same_host(fleet.hosts, src, dst) and not encrypted and (uri is None or uri.startswith("tcp:")):
         warnings.append(f"the migration stream from {source} to {dest}{f' ({uri})' if uri else ''} crosses hosts in "
                         "plain TCP: anyone on the path can read the guest's memory; --tls DIR (certificates from "
                         "`kvmshell tls-init`) encrypts it")

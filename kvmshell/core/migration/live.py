@@ -20,6 +20,7 @@ from typing import Any
 
 from kvmshell.core.address import Protocol
 from kvmshell.core.fleet import Fleet
+from kvmshell.core.remote import HostPool
 from kvmshell.core.migration.blockers import explain
 from kvmshell.core.migration.model import Prediction, Verdict, assess
 from kvmshell.core.migration.sampler import Sampler
@@ -91,9 +92,14 @@ def free_local_port() -> int:
 
 
 class MigrationJob:
-    def __init__(self, fleet: Fleet, request: MigrationRequest, *, clock: Callable[[], float] = time.monotonic,
-                 stages: Sequence[Stage] = ()) -> None:
-        self.fleet = fleet
+    """One migration between two endpoints: the source's monitor and (for `--to`) the destination's;
+    ``hosts`` reaches the hosts they run on, ``publish`` takes the job's events."""
+
+    def __init__(self, source: Monitor, dest: Monitor | None, request: MigrationRequest, *,
+                 hosts: HostPool | None = None, publish: Callable[[Event], None] = lambda event: None,
+                 clock: Callable[[], float] = time.monotonic, stages: Sequence[Stage] = ()) -> None:
+        self.publish = publish
+        self.hosts = hosts if hosts is not None else source.hosts
         self.req = request
         self.stages: list[Stage] = list(stages)
         self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
@@ -102,8 +108,8 @@ class MigrationJob:
         self._cancel_requested = False
         self._switchover: asyncio.Task[None] | None = None
         self.clock = clock
-        self.source: Monitor = fleet.monitor(request.source)
-        self.dest: Monitor | None = fleet.monitor(request.dest) if request.dest else None
+        self.source = source
+        self.dest = dest
         self.uri: str | None = request.uri
         self.sampler = Sampler(self.source, interval=request.interval, clock=clock)
         self.prediction: Prediction | None = None
@@ -126,12 +132,18 @@ class MigrationJob:
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
 
+    @classmethod
+    def of(cls, fleet: Fleet, request: MigrationRequest, **kw: Any) -> MigrationJob:
+        """The job between two guests of ``fleet``, named by the request."""
+        return cls(fleet.monitor(request.source), fleet.monitor(request.dest) if request.dest else None, request,
+                   hosts=fleet.hosts, publish=fleet.publish, **kw)
+
     # -- decisions ------------------------------------------------------------------------------
     def decide(self, name: str, reason: str, **detail: Any) -> None:
         t = self.sampler.now
         self.decisions.append(f"t={t:.1f}s {name}: {reason}")
         self.sampler.record(TraceEvent(t, "kvmshell", name, {"reason": reason, **detail}))
-        self.fleet.publish(Event(self.req.source, DECISION, {"decision": name, "reason": reason, **detail}, time.time()))
+        self.publish(Event(self.req.source, DECISION, {"decision": name, "reason": reason, **detail}, time.time()))
 
     # -- preparing both sides -------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -338,7 +350,7 @@ class MigrationJob:
                 self.outcome = MigrationOutcome(status, f"{why}; {self.req.source} runs on as before",
                                                 notes=[n for st in self.stages for n in st.notes])
                 self._done.set()
-                self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
+                self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                                     "message": self.outcome.full_message},
                                          time.time()))
                 return self.outcome
@@ -360,7 +372,7 @@ class MigrationJob:
                 await self._tls_off()
             await self._close_trace()
             self._done.set()
-        self.fleet.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
+        self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                             "message": self.outcome.full_message}, time.time()))
         return self.outcome
 

@@ -156,8 +156,8 @@ async def plug(mon: Monitor, spec: str) -> None:
 async def command_line(job: MigrationJob) -> QemuCommand | None:
     """The source QEMU's command line, or None when it cannot be read (another host unreachable...)."""
     from kvmshell.core.static import Side, source_command
-    address = job.fleet.get(job.req.source).address
-    pool = job.fleet.host_pool() if address.ssh is not None else None
+    address = job.source.address
+    pool = job.hosts if address.ssh is not None else None
     try:
         _, cmd = await source_command(pool, Side(pool, address.ssh), address, job.req.source, "the device")
     except (KvmError, OSError):

@@ -206,7 +206,7 @@ class StorageStage(BaseStage):
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
         from kvmshell.core.migration.endpoints import same_host
-        self._one_host = same_host(job.fleet, src.address, dst.address)
+        self._one_host = same_host(job.hosts, src.address, dst.address)
         if not ours:
             raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
         problems = [p for key, dev in ours.items() if (p := self._mismatch(key, dev, theirs.get(key)))]
@@ -215,7 +215,7 @@ class StorageStage(BaseStage):
                           "runs on as before", guest=self._src_name)
         if self.mode == "inc" and self.check_backing and (src.address.ssh or dst.address.ssh):
             from kvmshell.core.migration.endpoints import same_host
-            if not same_host(job.fleet, src.address, dst.address):
+            if not same_host(job.hosts, src.address, dst.address):
                 await self._same_files_there(job, [f for dev in ours.values() for f in _backing_chain(dev)])
         for i, (key, dev) in enumerate(ours.items()):
             self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
@@ -272,7 +272,7 @@ class StorageStage(BaseStage):
         """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
         from kvmshell.core.static import Side
         assert job.dest is not None
-        pool, a, b = job.fleet.hosts, job.source.address.ssh, job.dest.address.ssh
+        pool, a, b = job.hosts, job.source.address.ssh, job.dest.address.ssh
         here, there = Side(pool if a else None, a), Side(pool if b else None, b)
         try:
             mine, theirs = await asyncio.gather(here.sizes(paths), there.sizes(paths))
@@ -306,7 +306,7 @@ class StorageStage(BaseStage):
             port = free_local_port()
         else:
             from kvmshell.core.migration.endpoints import free_port_on
-            port = await free_port_on(job.fleet, dst)
+            port = await free_port_on(job.hosts, dst)
         if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
             self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "
                                  "anyone on the path can read and change them")
