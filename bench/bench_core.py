@@ -13,9 +13,9 @@ import platform
 import statistics
 import time
 
-from kvmshell.core.fleet import Fleet, GuestState
-from kvmshell.core.monitor import open_monitor
-from kvmshell.core.qmp import QmpMonitor
+from kvmshell.core.monitor.fleet import Fleet, GuestState
+from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.lab.launcher import Lab, MonitorKind
 
 

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
-from kvmshell.core.migration.model import Prediction
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.netns import TestNetwork, netns_available

@@ -19,11 +19,11 @@ import time
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.completion import CompletionEngine
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.guestdata import SNAPSHOTS
-from kvmshell.core.session import Session
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.completion import CompletionEngine
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.monitor.guestdata import SNAPSHOTS
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.shell.app import ShellCompleter
 

@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # for tests.
 
 from kvmshell.config import parse_config  # noqa: E402
 from kvmshell.core import static as engine  # noqa: E402
-from kvmshell.core.address import Address, SshTarget  # noqa: E402
-from kvmshell.core.commands import default_registry  # noqa: E402
-from kvmshell.core.fleet import Fleet  # noqa: E402
-from kvmshell.core.remote import HostPool  # noqa: E402
-from kvmshell.core.session import Session  # noqa: E402
-from kvmshell.core.transport import PREFERRED_CIPHERS  # noqa: E402
+from kvmshell.core.values.address import Address, SshTarget  # noqa: E402
+from kvmshell.core.commands.registry import default_registry  # noqa: E402
+from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
+from kvmshell.core.hosts.remote import HostPool  # noqa: E402
+from kvmshell.core.commands.session import Session  # noqa: E402
+from kvmshell.core.hosts.transport import PREFERRED_CIPHERS  # noqa: E402
 from kvmshell.lab import image  # noqa: E402
 from kvmshell.lab.launcher import Lab, MonitorKind, choose_accel  # noqa: E402
 from kvmshell.lab.netns import TBF_LATENCY, leftover_namespaces, netns_available, parse_rate, tbf_burst  # noqa: E402

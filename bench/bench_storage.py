@@ -28,12 +28,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration import storage
-from kvmshell.core.migration.live import FINISHED
-from kvmshell.core.models import Event, RunState
-from kvmshell.core.session import Session
+from kvmshell.core.migration.live.job import FINISHED
+from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 
 WS, PACE, RAM = 4096, 8, 64

@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from kvmshell.core.migration.model import Verdict, assess
-from kvmshell.core.migration.report import write_report
-from kvmshell.core.migration.samples import Trace, load_trace
+from kvmshell.core.migration.model.predict import Verdict, assess
+from kvmshell.core.migration.model.report import write_report
+from kvmshell.core.migration.model.samples import Trace, load_trace
 
 
 def first_no(trace: Trace) -> float | None:

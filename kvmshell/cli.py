@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, TextIO
 
 from kvmshell import __version__
 from kvmshell.config import Config, load_config
-from kvmshell.core.address import Address, SshTarget, parse_guest_option
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet, GuestState
-from kvmshell.core.session import Session
+from kvmshell.core.values.address import Address, SshTarget, parse_guest_option
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet, GuestState
+from kvmshell.core.commands.session import Session
 from kvmshell.errors import ConfigError, KvmError
 from kvmshell.logsetup import setup_logging
 
 if TYPE_CHECKING:
-    from kvmshell.core.remote import HostPool
+    from kvmshell.core.hosts.remote import HostPool
 
 
 class Exit(enum.IntEnum):
@@ -83,7 +83,7 @@ def inventory(args: argparse.Namespace, config: Config) -> dict[str, Address]:
 
 def make_host_pool(config: Config, args: argparse.Namespace) -> HostPool:
     """The SSH hosts of the config; a password is asked on the terminal, if there is one."""
-    from kvmshell.core.remote import HostPool, terminal_password_prompt
+    from kvmshell.core.hosts.remote import HostPool, terminal_password_prompt
     return HostPool.from_config(config, connect_timeout=args.connect_timeout or config.defaults.connect_timeout,
                                 password_prompt=terminal_password_prompt if sys.stdin.isatty() else None)
 
@@ -141,7 +141,7 @@ def warn_exposed(guests: dict[str, Address], err: TextIO) -> None:
 
 
 async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
-    from kvmshell.core.remote import survey
+    from kvmshell.core.hosts.remote import survey
     async with make_host_pool(config, args) as pool:
         targets: dict[object, str | SshTarget] = {pool.key(name): name for name in config.hosts}
         for address in inventory(args, config).values():
@@ -227,7 +227,7 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
     from kvmshell.shell.render import outcome_lines, outcomes_json
     status = Exit.OK
     if source == "-c" and sys.stdin.isatty() and sys.stdout.isatty() and session.editor is None:
-        from kvmshell.shell.editor import edit_text
+        from kvmshell.core.commands.editor import edit_text
 
         async def edit(text: str) -> str:
             return await asyncio.to_thread(edit_text, text)
@@ -317,8 +317,8 @@ async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: T
 def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
     from pathlib import Path
 
-    from kvmshell.core.migration.report import summarize, summary_table, write_report
-    from kvmshell.core.migration.samples import load_trace
+    from kvmshell.core.migration.model.report import summarize, summary_table, write_report
+    from kvmshell.core.migration.model.samples import load_trace
     try:
         trace = load_trace(args.trace)
     except OSError as e:
@@ -357,7 +357,7 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     if args.command == "report":
         return cmd_report(args, out)
     if args.command == "tls-init":
-        from kvmshell.core.tls import init_ca
+        from kvmshell.core.migration.tls import init_ca
         try:
             for d in init_ca(args.dir, args.hosts):
                 out.write(f"{d}: ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem (keys 0600)\n")

@@ -28,9 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmshell.core.commands import default_registry  # noqa: E402
-from kvmshell.core.fleet import Fleet  # noqa: E402
-from kvmshell.core.session import Session  # noqa: E402
+from kvmshell.core.commands.registry import default_registry  # noqa: E402
+from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
+from kvmshell.core.commands.session import Session  # noqa: E402
 from kvmshell.lab.demo import start_demo_guests  # noqa: E402
 from kvmshell.lab.launcher import Lab  # noqa: E402
 from kvmshell.logsetup import setup_logging  # noqa: E402

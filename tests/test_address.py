@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, parse_address, parse_guest_option
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, parse_address, parse_guest_option
 from kvmshell.errors import ConfigError
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.address import Address, Protocol, parse_address
-from kvmshell.core.fleet import Fleet, GuestState
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import open_monitor
+from kvmshell.core.values.address import Address, Protocol, parse_address
+from kvmshell.core.monitor.fleet import Fleet, GuestState
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.errors import ConfigError, ConnectFailed
 from kvmshell.lab.launcher import Lab, MonitorKind
 from tests import fakes

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.blockers import DEFAULT, advice
-from kvmshell.core.models import MigrationStatus, RunState
-from kvmshell.core.session import Session
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.blockers import DEFAULT, advice
+from kvmshell.core.values.models import MigrationStatus, RunState
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 
 

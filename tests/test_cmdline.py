@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.address import Address
-from kvmshell.core.cmdline import derive, images_of, parse_cmdline, rewrite_images
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import FINISHED
-from kvmshell.core.models import Event, RunState
-from kvmshell.core.procinfo import command_of, pid_listening_on
-from kvmshell.core.session import Session
+from kvmshell.core.values.address import Address
+from kvmshell.core.values.cmdline import derive, images_of, parse_cmdline, rewrite_images
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import FINISHED
+from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.hosts.procinfo import command_of, pid_listening_on
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 
@@ -83,14 +83,14 @@ async def test_a_derived_twin_receives_a_live_migration(lab: Lab, tmp_path: Path
 
 
 def test_an_option_unknown_to_kvmshell_does_not_swallow_the_next_one() -> None:
-    from kvmshell.core.cmdline import parse_cmdline
+    from kvmshell.core.values.cmdline import parse_cmdline
     cmd = parse_cmdline(["qemu-system-x86_64", "-new-flag-of-qemu-10", "-m", "256", "-append", "-v quiet"])
     assert [o.name for o in cmd.options] == ["-new-flag-of-qemu-10", "-m", "-append"]
     assert cmd.values("-m") == ["256"] and cmd.values("-append") == ["-v quiet"]
 
 
 def test_an_edited_command_line_is_read_back_and_checked() -> None:
-    from kvmshell.core.cmdline import Option, editable, missing_after_edit, parse_cmdline, parse_edited
+    from kvmshell.core.values.cmdline import Option, editable, missing_after_edit, parse_cmdline, parse_edited
     cmd = parse_cmdline(["/usr/bin/qemu-system-x86_64", "-m", "256", "-qmp", "unix:/run/x/vm.qmp,server=on,wait=off",
                          "-name", "my vm", "-loadvm", "t1"])
     text = editable(cmd, "the command", ["-loadvm t1"])

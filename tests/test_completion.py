@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmshell.core.address import parse_address
-from kvmshell.core.commands import default_registry
-from kvmshell.core.completion import CompletionEngine
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.session import Session
+from kvmshell.core.values.address import parse_address
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.completion import CompletionEngine
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.commands.session import Session
 from kvmshell.errors import KvmError
 from kvmshell.lab.launcher import Lab, MonitorKind
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.config import load_config
-from kvmshell.core.address import Kind, SshTarget
+from kvmshell.core.values.address import Kind, SshTarget
 from kvmshell.errors import ConfigError
 
 GOOD = """

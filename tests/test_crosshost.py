@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.remote import used_ports
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Session
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.hosts.remote import used_ports
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
@@ -215,7 +215,7 @@ async def test_to_host_dry_run_edit_and_tls(lab: Lab, bed: SshTestbed, run_dir: 
     runs; --tls puts host b's certificates there and encrypts the stream."""
     import shutil
 
-    from kvmshell.core.tls import REMOTE_ROOT, init_ca
+    from kvmshell.core.migration.tls import REMOTE_ROOT, init_ca
     src = await source(lab)
     b = bed["b"].addr
     uuid = "0e6f7a3c-81b2-4d55-a1d4-5c9e2b7f0a11"

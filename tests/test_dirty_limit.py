@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.migration.live import MigrationJob
-from kvmshell.core.migration.samples import load_trace
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.migration.model.samples import load_trace
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests.test_live import Pair, attached

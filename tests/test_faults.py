@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.models import MigrationStatus, RunState
+from kvmshell.core.values.models import MigrationStatus, RunState
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.netns import TestNetwork
 from kvmshell.lab.verify import check_guest_memory

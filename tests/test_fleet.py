@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from kvmshell.core.fleet import CONNECTED_EVENT, Fleet, GuestState
-from kvmshell.core.models import Event, RunState
+from kvmshell.core.monitor.fleet import CONNECTED_EVENT, Fleet, GuestState
+from kvmshell.core.values.models import Event, RunState
 from kvmshell.lab.launcher import Lab, MonitorKind
 
 pytestmark = pytest.mark.qemu

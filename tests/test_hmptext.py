@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmshell.core import hmptext
-from kvmshell.core.models import MigrationStatus, RunState
+from kvmshell.core.values import hmptext
+from kvmshell.core.values.models import MigrationStatus, RunState
 
 PARAMS = """announce-initial: 50 ms
 announce-max: 550 ms

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.models import MigrationStatus, RunState
-from kvmshell.core.monitor import open_monitor
+from kvmshell.core.values.models import MigrationStatus, RunState
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
@@ -57,7 +57,7 @@ async def test_tcg_guest_dirties_and_checks(lab: Lab, tmp_path: Path) -> None:
 async def test_live_migration_keeps_memory_and_parses_info_migrate(lab: Lab, tmp_path: Path) -> None:
     """A real local migration: the destination's working set passes the checker, and HMP's
     `info migrate` text parses to what QMP's query-migrate says."""
-    from kvmshell.core import hmptext
+    from kvmshell.core.values import hmptext
     ws = 1024
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=ws)
     dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=ws, incoming=True, disk=src.disk)

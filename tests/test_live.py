@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands import default_registry
+from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import FINISHED, MigrationJob
-from kvmshell.core.migration.samples import load_trace
-from kvmshell.core.models import Event, MigrationStatus, RunState
-from kvmshell.core.session import Session
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import FINISHED, MigrationJob
+from kvmshell.core.migration.model.samples import load_trace
+from kvmshell.core.values.models import Event, MigrationStatus, RunState
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests.waiting import free_port, wait_for

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.migration.model import Inputs, Verdict, assess, dirtied, estimate_working_set, predict
-from kvmshell.core.migration.samples import Trace, load_trace
+from kvmshell.core.migration.model.predict import Inputs, Verdict, assess, dirtied, estimate_working_set, predict
+from kvmshell.core.migration.model.samples import Trace, load_trace
 
 TRACES = Path(__file__).parent / "data" / "traces"
 MB = 1e6
@@ -114,7 +114,7 @@ def test_defaults_that_never_converge_are_called_within_3_s() -> None:
 
 
 def test_postcopy_trace_is_reported_as_such() -> None:
-    from kvmshell.core.migration.report import summarize
+    from kvmshell.core.migration.model.report import summarize
     s = summarize(trace("1gbit-150-auto+postcopy"))
     assert s.outcome == "completed" and s.postcopy
     assert any("postcopy" in d for d in s.decisions)

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from kvmshell.core.address import Protocol
-from kvmshell.core.hmp import HmpMonitor
-from kvmshell.core.models import Event, MigrationStatus, RunState
-from kvmshell.core.monitor import open_monitor
+from kvmshell.core.values.address import Protocol
+from kvmshell.core.monitor.hmp import HmpMonitor
+from kvmshell.core.values.models import Event, MigrationStatus, RunState
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.errors import CommandFailed, Unsupported
 from kvmshell.lab.launcher import Lab, MonitorKind
 
@@ -112,7 +112,7 @@ async def test_snapshots_round_trip_typed(lab: Lab, kind: MonitorKind) -> None:
 
 async def test_qmp_and_hmp_text_give_the_same_objects(lab: Lab) -> None:
     """Parse HMP's text (through human-monitor-command) and compare with QMP's structured replies."""
-    from kvmshell.core import hmptext
+    from kvmshell.core.values import hmptext
     guest = await lab.start("vm", MonitorKind.QMP_UNIX, paused=True)
     mon = await open_monitor(guest.name, guest.address)
     try:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from kvmshell.config import Config, GuestConfig
-from kvmshell.core.commands import default_registry
+from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import FINISHED, MigrationJob, MigrationRequest
-from kvmshell.core.migration.passthrough import PassthroughStage, device_props, device_text, parse_replug, peripherals
-from kvmshell.core.models import Event, RunState
-from kvmshell.core.session import Session
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import FINISHED, MigrationJob, MigrationRequest
+from kvmshell.core.migration.live.passthrough import PassthroughStage, device_props, device_text, parse_replug, peripherals
+from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.commands.session import Session
 from kvmshell.errors import ConfigError, Refused
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory

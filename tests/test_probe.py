@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.address import Address, SshTarget
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.probe import PROBE_BYTES, ProbeFailed, ProbePlan, plan_probe, run_probe, tcp_host
-from kvmshell.core.session import Session
+from kvmshell.core.values.address import Address, SshTarget
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.probe import PROBE_BYTES, ProbeFailed, ProbePlan, plan_probe, run_probe, tcp_host
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.netns import TestNetwork, netns_available
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.migration.report import (
+from kvmshell.core.migration.model.report import (
     UNFINISHED,
     Summary,
     render_svg,
@@ -24,7 +24,7 @@ from kvmshell.core.migration.report import (
     summary_table,
     write_report,
 )
-from kvmshell.core.migration.samples import (
+from kvmshell.core.migration.model.samples import (
     Sample,
     Trace,
     TraceEvent,
@@ -33,7 +33,7 @@ from kvmshell.core.migration.samples import (
     load_trace,
     read_trace,
 )
-from kvmshell.core.models import MigrationInfo, MigrationStatus, RamStats
+from kvmshell.core.values.models import MigrationInfo, MigrationStatus, RamStats
 
 GIB = 1 << 30
 MB = 1_000_000

@@ -10,9 +10,9 @@ import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.session import Session
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.shell.app import Shell
 from tests.waiting import wait_for

@@ -22,11 +22,11 @@ import pytest
 
 from kvmshell import cli
 from kvmshell.config import parse_config
-from kvmshell.core.address import Address, Protocol, SshTarget, parse_address
-from kvmshell.core.fleet import CONNECTED_EVENT, Fleet, GuestState
-from kvmshell.core.models import Event, RunState
-from kvmshell.core.monitor import open_monitor
-from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
+from kvmshell.core.values.address import Address, Protocol, SshTarget, parse_address
+from kvmshell.core.monitor.fleet import CONNECTED_EVENT, Fleet, GuestState
+from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
 from kvmshell.errors import AuthFailed, ConfigError, ConnectFailed, HostKeyChanged, HostKeyUnknown, HostUnreachable
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from tests import fakes

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Session
-from kvmshell.core.static import CHECKSUM, Side, receive_command, send_command
-from kvmshell.core.transport import RemoteResult
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Session
+from kvmshell.core.migration.static import CHECKSUM, Side, receive_command, send_command
+from kvmshell.core.hosts.transport import RemoteResult
 from kvmshell.errors import KvmError
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands import default_registry
+from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import FINISHED
-from kvmshell.core.migration.storage import StorageStage
-from kvmshell.core.models import Event, RunState
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Session
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import FINISHED
+from kvmshell.core.migration.live.storage import StorageStage
+from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Session
 from kvmshell.config import parse_config
 from kvmshell.errors import ConfigError, KvmError
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
@@ -242,7 +242,7 @@ async def test_copy_storage_inc_copies_only_the_top_layer(rig: Rig) -> None:
 async def test_older_commands_drive_mirror_and_nbd_server_add(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where a QEMU lacks block-export-add or blockdev-mirror the stage uses nbd-server-add and
     drive-mirror (mode existing, an nbd+unix URI): 7.2 has both kinds, the newer ones are hidden here."""
-    from kvmshell.core.monitor import Features
+    from kvmshell.core.monitor.base import Features
     hidden = {"block-export-add", "blockdev-mirror"}
     monkeypatch.setattr(Features, "has_qmp", lambda self, name: name in self.qmp_commands and name not in hidden)
     w = rig.lab.workdir
@@ -474,7 +474,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
     checks the backing files there by sha256 (the hosts share this filesystem: the same files)."""
     from tests.sshd import HAVE_SSHD, SshTestbed
     from tests.test_ssh import pool_for, remote
-    from kvmshell.core.migration.endpoints import free_port_on
+    from kvmshell.core.migration.live.endpoints import free_port_on
     if not HAVE_SSHD:
         pytest.skip("OpenSSH server not installed (make test installs it)")
     w = lab.workdir

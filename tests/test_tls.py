@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
-from kvmshell.core.models import RunState
-from kvmshell.core.tls import TlsSetup, init_ca
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.values.models import RunState
+from kvmshell.core.migration.tls import TlsSetup, init_ca
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 
@@ -84,10 +84,10 @@ async def test_wrong_ca_fails_cleanly_and_the_source_runs_on(lab: Lab, tmp_path:
 
 @pytest.mark.qemu
 async def test_migrate_to_with_tls_from_the_shell_language(lab: Lab, tmp_path: Path) -> None:
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.migration.live import FINISHED
-    from kvmshell.core.models import Event
-    from kvmshell.core.session import Session
+    from kvmshell.core.commands.registry import default_registry
+    from kvmshell.core.migration.live.job import FINISHED
+    from kvmshell.core.values.models import Event
+    from kvmshell.core.commands.session import Session
     src, dst, fleet, _ = await _migrate(lab, tmp_path, None)
     events: asyncio.Queue[Event] = asyncio.Queue()
     fleet.subscribe(events.put_nowait)
@@ -113,12 +113,12 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
     installs each host's certificates there over SFTP and the stream crosses the a-b link in TLS."""
     import shutil
 
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.migration.endpoints import free_port_on, plan
-    from kvmshell.core.migration.live import FINISHED
-    from kvmshell.core.models import Event
-    from kvmshell.core.session import Session
-    from kvmshell.core.tls import REMOTE_ROOT
+    from kvmshell.core.commands.registry import default_registry
+    from kvmshell.core.migration.live.endpoints import free_port_on, plan
+    from kvmshell.core.migration.live.job import FINISHED
+    from kvmshell.core.values.models import Event
+    from kvmshell.core.commands.session import Session
+    from kvmshell.core.migration.tls import REMOTE_ROOT
     from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
     from tests.test_ssh import pool_for, remote
 
@@ -170,12 +170,12 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
 
 
 async def test_plain_tcp_across_hosts_is_warned_in_the_live_view() -> None:
-    from kvmshell.core.address import Address, SshTarget
+    from kvmshell.core.values.address import Address, SshTarget
     from kvmshell.core.commands.steer import live_lines
-    from kvmshell.core.migration.endpoints import Notices, warnings_for
-    from kvmshell.core.migration.live import MigrationJob
-    from kvmshell.core.models import MigrationInfo, MigrationStatus
-    from kvmshell.core.remote import HostPool
+    from kvmshell.core.migration.live.endpoints import Notices, warnings_for
+    from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.values.models import MigrationInfo, MigrationStatus
+    from kvmshell.core.hosts.remote import HostPool
     async with HostPool() as pool, Fleet(hosts=pool) as fleet:
         fleet.add("here", Address.unix("qmp", "/run/here.qmp"))
         fleet.add("there", Address(Address.unix("qmp", "/run/there.qmp").protocol,
@@ -198,7 +198,7 @@ async def test_plain_tcp_across_hosts_is_warned_in_the_live_view() -> None:
 
 @pytest.mark.qemu
 async def test_tls_authz_admits_only_the_source_hosts_certificate(lab: Lab, tmp_path: Path) -> None:
-    from kvmshell.core.tls import client_identity
+    from kvmshell.core.migration.tls import client_identity
     [host] = init_ca(tmp_path / "pki", ["localhost"])
     assert client_identity(host) == "CN=localhost"
     # a destination that admits someone else: the handshake is refused, the source runs on
@@ -212,10 +212,10 @@ async def test_tls_authz_admits_only_the_source_hosts_certificate(lab: Lab, tmp_
 
 @pytest.mark.qemu
 async def test_migrate_with_tls_authz_from_the_shell_language(lab: Lab, tmp_path: Path) -> None:
-    from kvmshell.core.commands import default_registry
-    from kvmshell.core.migration.live import FINISHED
-    from kvmshell.core.models import Event
-    from kvmshell.core.session import Session
+    from kvmshell.core.commands.registry import default_registry
+    from kvmshell.core.migration.live.job import FINISHED
+    from kvmshell.core.values.models import Event
+    from kvmshell.core.commands.session import Session
     src, dst, fleet, _ = await _migrate(lab, tmp_path, None)
     events: asyncio.Queue[Event] = asyncio.Queue()
     fleet.subscribe(events.put_nowait)
@@ -240,7 +240,7 @@ async def test_migrate_with_tls_authz_from_the_shell_language(lab: Lab, tmp_path
 @pytest.mark.qemu
 async def test_a_plain_tcp_destination_refuses_a_tls_stream(lab: Lab, tmp_path: Path) -> None:
     """The proof that the stream is encrypted: a destination without TLS cannot read it."""
-    from kvmshell.core.tls import disable, enable
+    from kvmshell.core.migration.tls import disable, enable
     [host] = init_ca(tmp_path / "pki", ["localhost"])
     src, dst, fleet, job = await _migrate(lab, tmp_path, None)          # the destination: plain TCP
     async with fleet:

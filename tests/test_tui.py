@@ -17,10 +17,10 @@ from textual.message import Message
 from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Input
 
-from kvmshell.core.commands import default_registry
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.samples import load_trace
-from kvmshell.core.session import Session
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.model.samples import load_trace
+from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.tui.actions import ACTIONS
 from kvmshell.tui.app import LIGHT, KvmshellApp

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmshell.core.address import Address, Kind, Protocol
+from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.errors import LabError
 from kvmshell.lab import image
 

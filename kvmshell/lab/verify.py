@@ -6,8 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import Monitor
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.lab import image
 from kvmshell.lab.memcheck import MemCheck, check_working_set
 

@@ -28,9 +28,9 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
 from kvmshell.core.commands.results import Exit, Watch
-from kvmshell.core.completion import CompletionEngine
-from kvmshell.core.models import Event
-from kvmshell.core.session import Session
+from kvmshell.core.commands.completion import CompletionEngine
+from kvmshell.core.values.models import Event
+from kvmshell.core.commands.session import Session
 from kvmshell.shell.render import event_line, outcome_lines
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Shell:
 
     async def edit(self, text: str) -> str:
         """The session's editor: $EDITOR owns the terminal meanwhile; events are shown after."""
-        from kvmshell.shell.editor import edit_text
+        from kvmshell.core.commands.editor import edit_text
         self._held = []
         try:
             return await asyncio.to_thread(edit_text, text)

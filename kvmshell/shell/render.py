@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.models import Event
+from kvmshell.core.values.models import Event
 
 # events worth a line above the prompt, and how to say them
 _EVENT_TEXT = {

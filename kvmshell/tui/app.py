@@ -19,8 +19,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from kvmshell.core.commands.results import Exit, Outcome, Watch
-from kvmshell.core.models import Event
-from kvmshell.core.session import Session
+from kvmshell.core.values.models import Event
+from kvmshell.core.commands.session import Session
 from kvmshell.errors import KvmError
 from kvmshell.tui.actions import ACTIONS, bindings
 from kvmshell.tui.messages import CommandFinished, DirtyRateMeasured, GuestEvent, Polled, ProgressNote
@@ -245,7 +245,7 @@ class KvmshellApp(App[int]):
 
     async def edit(self, text: str) -> str:
         """The session's editor: the dashboard steps aside while $EDITOR runs."""
-        from kvmshell.shell.editor import edit_text
+        from kvmshell.core.commands.editor import edit_text
         with self.suspend():
             return await asyncio.to_thread(edit_text, text)
 

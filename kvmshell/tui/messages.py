@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from textual.message import Message
 
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.models import Event
+from kvmshell.core.values.models import Event
 
 
 class GuestEvent(Message):

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from kvmshell.config import Defaults
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.completion import Candidate
-from kvmshell.core.migration.live import DECISION, FINISHED
-from kvmshell.core.migration.model import assess
-from kvmshell.core.migration.samples import Trace
-from kvmshell.core.models import Event, MigrationStatus, Snapshot
+from kvmshell.core.commands.completion import Candidate
+from kvmshell.core.migration.live.job import DECISION, FINISHED
+from kvmshell.core.migration.model.predict import assess
+from kvmshell.core.migration.model.samples import Trace
+from kvmshell.core.values.models import Event, MigrationStatus, Snapshot
 from kvmshell.errors import KvmError
 from kvmshell.tui.history import History
 from kvmshell.tui.source import Clock, Confirmer, Editor, FixedClock, ProgressSink

@@ -17,12 +17,12 @@ from typing import Protocol
 
 from kvmshell.config import Defaults, state_dir
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.completion import Candidate, CompletionEngine
-from kvmshell.core.fleet import GuestState
-from kvmshell.core.guestdata import MEMORY, MIGRATION, SNAPSHOTS, STATUS
-from kvmshell.core.migration.samples import Sample
-from kvmshell.core.models import Event, Snapshot
-from kvmshell.core.session import Session
+from kvmshell.core.commands.completion import Candidate, CompletionEngine
+from kvmshell.core.monitor.fleet import GuestState
+from kvmshell.core.monitor.guestdata import MEMORY, MIGRATION, SNAPSHOTS, STATUS
+from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.values.models import Event, Snapshot
+from kvmshell.core.commands.session import Session
 from kvmshell.tui.history import History
 from kvmshell.tui.views import (
     Badge, GuestRow, PaneView, badge_for, badge_for_info, clock_text, info_summary, migration_view, rate, state_of,

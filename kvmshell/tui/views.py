@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvmshell.core.commands.results import human_bytes
-from kvmshell.core.migration.model import Prediction, Verdict
-from kvmshell.core.migration.samples import Sample
-from kvmshell.core.models import Event, MigrationInfo, MigrationStatus, Status
+from kvmshell.core.migration.model.predict import Prediction, Verdict
+from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.values.models import Event, MigrationInfo, MigrationStatus, Status
 
 SERIES_POINTS = 600          # samples kept for the sparklines (5 minutes at 2 Hz)
 

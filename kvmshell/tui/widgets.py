@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Input, OptionList, ProgressBar, RichLog, 
 from textual.widgets.data_table import ColumnKey
 from textual.widgets.option_list import Option
 
-from kvmshell.core.completion import Candidate
+from kvmshell.core.commands.completion import Candidate
 from kvmshell.tui.views import Badge, Figures, GuestRow, LogLine, MigrationView, PaneView, SortKey, sort_rows
 
 # -- colours that follow the theme ----------------------------------------------------------------

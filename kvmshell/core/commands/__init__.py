@@ -1,10 +1,6 @@
-"""The command language: one registry of specs, read by every face."""
+"""The command language: one registry of specs read by every face, results, the session that plans
+and runs lines, completion, and the handlers. A handler parses its line and makes its call below.
 
-from __future__ import annotations
-
-from kvmshell.core.commands.spec import Registry
-
-
-def default_registry() -> Registry:
-    from kvmshell.core.commands import builtin, control, migration, snapshots, static
-    return Registry([*snapshots.SPECS, *migration.SPECS, *static.SPECS, *control.SPECS, *builtin.SPECS])
+May import: ``core.migration``, ``core.monitor``, ``core.hosts``, ``config``, ``core.values``,
+``errors``; never a UI library.
+"""

@@ -8,8 +8,8 @@ import textwrap
 
 from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text, Watch
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
-from kvmshell.core.fleet import GuestState
-from kvmshell.core.session import Invocation
+from kvmshell.core.monitor.fleet import GuestState
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import KvmError
 
 
@@ -91,8 +91,8 @@ async def use(inv: Invocation) -> Result:
 
 async def attach(inv: Invocation) -> Result:
     """Attach the QEMU guests running on HOST (or this machine) that are not attached yet."""
-    from kvmshell.core.address import GUEST_NAME_RE
-    from kvmshell.core.remote import discover
+    from kvmshell.core.values.address import GUEST_NAME_RE
+    from kvmshell.core.hosts.remote import discover
     s = inv.session
     host = inv.values.get("host")
     if host is not None and str(host) not in s.config.hosts:

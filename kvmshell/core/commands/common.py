@@ -7,10 +7,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from kvmshell.core.address import Protocol
-from kvmshell.core.models import Event
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Invocation
+from kvmshell.core.values.address import Protocol
+from kvmshell.core.values.models import Event
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import CommandFailed, Refused
 
 LONG_TIMEOUT = 600.0      # savevm/loadvm of a big guest

@@ -7,8 +7,8 @@ import json
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Json, Result, Text
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
-from kvmshell.core.guestdata import STATUS
-from kvmshell.core.session import Invocation
+from kvmshell.core.monitor.guestdata import STATUS
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import Disconnected
 
 YES = Flag(("-y", "--yes"), "do not ask for confirmation")

@@ -14,14 +14,14 @@ from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
-from kvmshell.core.migration.blockers import explain
-from kvmshell.core.commands.values import (
+from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.values.units import (
     check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
 )
-from kvmshell.core.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
-from kvmshell.core.models import MigrationInfo, MigrationStatus, RunState
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Invocation
+from kvmshell.core.monitor.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
+from kvmshell.core.values.models import MigrationInfo, MigrationStatus, RunState
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import CommandFailed, Refused, Unsupported
 
 YES = Flag(("-y", "--yes"), "do not ask for confirmation")

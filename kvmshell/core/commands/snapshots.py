@@ -16,10 +16,10 @@ from kvmshell.core.commands.common import (
 )
 from kvmshell.core.commands.results import Done, Result, Table, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
-from kvmshell.core.guestdata import SNAPSHOTS, STATUS
-from kvmshell.core.models import Snapshot
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Invocation
+from kvmshell.core.monitor.guestdata import SNAPSHOTS, STATUS
+from kvmshell.core.values.models import Snapshot
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import CommandFailed, KvmError
 
 YES = Flag(("-y", "--yes"), "do not ask for confirmation")

@@ -18,7 +18,7 @@ from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
     from kvmshell.core.commands.results import Result
-    from kvmshell.core.session import Invocation
+    from kvmshell.core.commands.session import Invocation
 
 
 class UsageError(KvmError):

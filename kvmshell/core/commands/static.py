@@ -1,5 +1,5 @@
 """`static-migrate GUEST --to HOST`: savevm, copy the images, loadvm on the other host (the engine is
-``kvmshell.core.static``; this is its command-line face)."""
+``kvmshell.core.migration.static``; this is its command-line face)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 from kvmshell.core.commands.results import KeyValues, Result, human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
-from kvmshell.core.session import Invocation
-from kvmshell.core.static import StaticRequest, StaticResult, loadvm_on, migrate_static
+from kvmshell.core.commands.session import Invocation
+from kvmshell.core.migration.static import StaticRequest, StaticResult, loadvm_on, migrate_static
 from kvmshell.errors import ConfigError
 
 

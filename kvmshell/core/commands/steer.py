@@ -10,15 +10,15 @@ from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
-from kvmshell.core.migration.blockers import explain
-from kvmshell.core.migration.probe import LinkFigure, probe_path
-from kvmshell.core.migration.endpoints import Notices, plan as plan_endpoints, warnings_for
-from kvmshell.core.migration.live import MigrationJob, MigrationRequest, Strategy
-from kvmshell.core.migration.stages import Stage
-from kvmshell.core.migration.model import Inputs, Prediction, Verdict, estimate_working_set, predict
-from kvmshell.core.models import MigrationInfo
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.session import Invocation
+from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.live.probe import LinkFigure, probe_path
+from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoints, warnings_for
+from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, estimate_working_set, predict
+from kvmshell.core.values.models import MigrationInfo
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import CommandFailed, Refused
 from kvmshell.core.commands.spec import UsageError
 
@@ -112,17 +112,17 @@ def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
     guest_cfg = inv.session.config.guests.get(source)
     unplug = list(f.get("unplug") or []) or list(guest_cfg.unplug if guest_cfg is not None else ())
     if unplug or f.get("replug"):
-        from kvmshell.core.migration.passthrough import passthrough_stage
+        from kvmshell.core.migration.live.passthrough import passthrough_stage
         stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
     copy_storage = copy_storage_of(inv, source)
     if copy_storage:
-        from kvmshell.core.migration.storage import storage_stage
+        from kvmshell.core.migration.live.storage import storage_stage
         stages.append(storage_stage(inv, source, dest, copy_storage))
     return stages
 
 
 def configured_link(inv: Invocation) -> float | None:
-    from kvmshell.core.commands.values import parse_rate
+    from kvmshell.core.values.units import parse_rate
     link = inv.session.config.defaults.link
     return float(parse_rate(link)) if link else None
 
@@ -323,8 +323,8 @@ async def trace(inv: Invocation) -> Result:
 
 async def migrate_to_host(inv: Invocation) -> Result:
     """`migrate --to-host HOST [--tunnel]`: start the destination there, migrate, quit the source
-    (the engine is ``kvmshell.core.crosshost``)."""
-    from kvmshell.core.crosshost import CrossHostRequest, migrate_to_host as run_migration
+    (the engine is ``kvmshell.core.migration.crosshost``)."""
+    from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
     from kvmshell.errors import ConfigError
 
     s, f = inv.session, inv.flags

@@ -36,14 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmshell.core.address import Address, Kind, SshTarget
-from kvmshell.core.procinfo import pid_listening_on
-from kvmshell.core.remote import free_port
+from kvmshell.core.values.address import Address, Kind, SshTarget
+from kvmshell.core.hosts.procinfo import pid_listening_on
+from kvmshell.core.hosts.remote import free_port
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
-    from kvmshell.core.remote import HostPool
-    from kvmshell.core.transport import RemoteResult
+    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.transport import RemoteResult
 
 PROBE_SECONDS = 2.0
 PROBE_BYTES = 64 * 2**20

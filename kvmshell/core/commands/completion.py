@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 
 from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
-from kvmshell.core.commands.values import URI_SCHEMES
-from kvmshell.core.guestdata import CAPABILITIES, PARAMETERS, SNAPSHOTS
-from kvmshell.core.session import Session
+from kvmshell.core.values.units import URI_SCHEMES
+from kvmshell.core.monitor.guestdata import CAPABILITIES, PARAMETERS, SNAPSHOTS
+from kvmshell.core.commands.session import Session
 
 SIZE_EXAMPLES = ("100M", "512M", "1G", "10G")
 ENUM_VALUES = {

@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from kvmshell.core.migration.samples import Sample
+from kvmshell.core.migration.model.samples import Sample
 
 FIXED_DOWNTIME_S = 0.01        # device state and the switch itself (~5-15 ms measured here)
 SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R is measured over passes

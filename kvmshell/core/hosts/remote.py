@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmshell.config import Config, HostConfig, parse_ssh_target
-from kvmshell.core.cmdline import parse_cmdline, split_props
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, uri_host
-from kvmshell.core.models import QemuVersion
-from kvmshell.core.transport import (
+from kvmshell.core.values.cmdline import parse_cmdline, split_props
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, uri_host
+from kvmshell.core.values.models import QemuVersion
+from kvmshell.core.hosts.transport import (
     DEFAULT_KNOWN_HOSTS, GLOBAL_KNOWN_HOSTS, PasswordPrompt, RemoteResult, SshConnection, SshParams, ssh_connect,
 )
 from kvmshell.errors import CommandFailed, ConfigError, ConnectFailed, Disconnected, KvmError

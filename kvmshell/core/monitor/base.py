@@ -17,14 +17,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.address import Address, Kind, Protocol
-from kvmshell.core.models import (
+from kvmshell.core.values.address import Address, Kind, Protocol
+from kvmshell.core.values.models import (
     Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed
 
 if TYPE_CHECKING:
-    from kvmshell.core.remote import HostPool
+    from kvmshell.core.hosts.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Monitor(abc.ABC):
     def _host_pool(self) -> HostPool:
         """The pool that reaches ``address.ssh``: the one given, or a private one this monitor closes."""
         if self.hosts is None:
-            from kvmshell.core.remote import HostPool
+            from kvmshell.core.hosts.remote import HostPool
             self.hosts = HostPool(connect_timeout=self.connect_timeout)
             self._own_hosts = True
         return self.hosts
@@ -196,9 +196,9 @@ def check_unix_target(address: Address) -> None:
 def make_monitor(name: str, address: Address, **kw: Any) -> Monitor:
     """A not-yet-connected monitor of the right protocol for ``address``."""
     if address.protocol is Protocol.QMP:
-        from kvmshell.core.qmp import QmpMonitor
+        from kvmshell.core.monitor.qmp import QmpMonitor
         return QmpMonitor(name, address, **kw)
-    from kvmshell.core.hmp import HmpMonitor
+    from kvmshell.core.monitor.hmp import HmpMonitor
     return HmpMonitor(name, address, **kw)
 
 

@@ -34,17 +34,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.address import Protocol
+from kvmshell.core.values.address import Protocol
 from kvmshell.core.commands.results import human_bytes
-from kvmshell.core.migration.live import free_local_port
-from kvmshell.core.migration.stages import BaseStage
-from kvmshell.core.models import Event
-from kvmshell.core.monitor import Monitor
+from kvmshell.core.migration.live.job import free_local_port
+from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.values.models import Event
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live import MigrationJob, MigrationOutcome
-    from kvmshell.core.session import Invocation
+    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
+    from kvmshell.core.commands.session import Invocation
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class StorageStage(BaseStage):
         self._check_commands(src, dst)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
-        from kvmshell.core.migration.endpoints import same_host
+        from kvmshell.core.migration.live.endpoints import same_host
         self._one_host = same_host(job.hosts, src.address, dst.address)
         if not ours:
             raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
@@ -214,7 +214,7 @@ class StorageStage(BaseStage):
             raise Refused("--copy-storage: " + "; ".join(problems) + f". Nothing was started; {self._src_name} "
                           "runs on as before", guest=self._src_name)
         if self.mode == "inc" and self.check_backing and (src.address.ssh or dst.address.ssh):
-            from kvmshell.core.migration.endpoints import same_host
+            from kvmshell.core.migration.live.endpoints import same_host
             if not same_host(job.hosts, src.address, dst.address):
                 await self._same_files_there(job, [f for dev in ours.values() for f in _backing_chain(dev)])
         for i, (key, dev) in enumerate(ours.items()):
@@ -270,7 +270,7 @@ class StorageStage(BaseStage):
 
     async def _same_files_there(self, job: MigrationJob, paths: list[str]) -> None:
         """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
-        from kvmshell.core.static import Side
+        from kvmshell.core.migration.static import Side
         assert job.dest is not None
         pool, a, b = job.hosts, job.source.address.ssh, job.dest.address.ssh
         here, there = Side(pool if a else None, a), Side(pool if b else None, b)
@@ -305,7 +305,7 @@ class StorageStage(BaseStage):
         if dst.ssh is None:
             port = free_local_port()
         else:
-            from kvmshell.core.migration.endpoints import free_port_on
+            from kvmshell.core.migration.live.endpoints import free_port_on
             port = await free_port_on(job.hosts, dst)
         if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
             self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "

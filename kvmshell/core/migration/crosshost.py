@@ -41,17 +41,17 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name, uri_host
-from kvmshell.core.migration.endpoints import tls_between
-from kvmshell.core.cmdline import Option, QemuCommand, derive, images_of, review, rewrite_images
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.live import MigrationJob, MigrationOutcome, MigrationRequest
-from kvmshell.core.migration.stages import Stage
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import Monitor, open_monitor
-from kvmshell.core.remote import HostPool, free_port
-from kvmshell.core.static import Side, source_command
-from kvmshell.core.transport import LocalForward, forward_local_unix
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, check_guest_name, uri_host
+from kvmshell.core.migration.live.endpoints import tls_between
+from kvmshell.core.values.cmdline import Option, QemuCommand, derive, images_of, review, rewrite_images
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome, MigrationRequest
+from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import Monitor, open_monitor
+from kvmshell.core.hosts.remote import HostPool, free_port
+from kvmshell.core.migration.static import Side, source_command
+from kvmshell.core.hosts.transport import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,8 @@ class CrossHostMigration:
     async def _plan_images(self, mode: str) -> None:
         """--copy-storage: a new image on HOST for each writable disk of the source (checked here, made
         by ``_create_images``); the other images (a CD-ROM...) must be there as with shared storage."""
-        from kvmshell.core.migration.storage import block_devices, writable_disks
-        from kvmshell.core.static import DEFAULT_DIR
+        from kvmshell.core.migration.live.storage import block_devices, writable_disks
+        from kvmshell.core.migration.static import DEFAULT_DIR
         self.image_dir = (self.req.run_dir or f"{DEFAULT_DIR}/{self.sock_name}").rstrip("/") or "/"
         writable = {str(d["inserted"]["file"]) for d in writable_disks(await block_devices(self.mon)).values()}
         mapping: dict[str, str] = {}
@@ -385,7 +385,7 @@ class CrossHostMigration:
                                   "tls": tls})
         stages: list[Stage] = []
         if self.req.copy_storage:
-            from kvmshell.core.migration.storage import StorageStage
+            from kvmshell.core.migration.live.storage import StorageStage
             port = await self._free_port()
             while uri.endswith(f":{port}"):
                 port = await self._free_port()

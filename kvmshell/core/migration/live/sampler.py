@@ -13,9 +13,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from kvmshell.core.migration.samples import Sample, SampleRing, TraceEvent, TraceWriter
-from kvmshell.core.models import Event, MigrationStatus
-from kvmshell.core.monitor import Monitor
+from kvmshell.core.migration.model.samples import Sample, SampleRing, TraceEvent, TraceWriter
+from kvmshell.core.values.models import Event, MigrationStatus
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 from types import MappingProxyType
 
-from kvmshell.core.models import (
+from kvmshell.core.values.models import (
     Capabilities, DiskStats, MigrationInfo, MigrationParameters, MigrationStatus, QemuVersion,
     RamStats, RunState, Snapshot, Status,
 )

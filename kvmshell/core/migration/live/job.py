@@ -18,17 +18,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmshell.core.address import Protocol
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.remote import HostPool
-from kvmshell.core.migration.blockers import explain
-from kvmshell.core.migration.model import Prediction, Verdict, assess
-from kvmshell.core.migration.sampler import Sampler
-from kvmshell.core.migration.samples import Sample, TraceEvent, TraceHeader, TraceWriter
-from kvmshell.core.migration.stages import Stage
-from kvmshell.core.models import Event, MigrationStatus, RunState
-from kvmshell.core.monitor import Monitor
-from kvmshell.core.tls import TlsSetup, disable as tls_disable, enable as tls_enable
+from kvmshell.core.values.address import Protocol
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.hosts.remote import HostPool
+from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
+from kvmshell.core.migration.live.sampler import Sampler
+from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
+from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.values.models import Event, MigrationStatus, RunState
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.migration.tls import TlsSetup, disable as tls_disable, enable as tls_enable
 from kvmshell.errors import CommandFailed, KvmError, Refused
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
 from kvmshell.errors import KvmError
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import functools
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
-from kvmshell.core.address import Address, Kind, SshTarget
+from kvmshell.core.values.address import Address, Kind, SshTarget
 from kvmshell.errors import (
     AuthFailed, ConfigError, ConnectFailed, Disconnected, HostDisconnected, HostKeyChanged, HostKeyUnknown,
     HostUnreachable,

@@ -14,13 +14,13 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from kvmshell.core import hmptext
-from kvmshell.core.address import Kind, Protocol
-from kvmshell.core.models import (
+from kvmshell.core.values import hmptext
+from kvmshell.core.values.address import Kind, Protocol
+from kvmshell.core.values.models import (
     Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
-from kvmshell.core.monitor import Features, Monitor, check_unix_target, clean_hmp_line
-from kvmshell.core.transport import SocketBridge, open_socket
+from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
+from kvmshell.core.hosts.transport import SocketBridge, open_socket
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvmshell.core.models import MigrationInfo, MigrationStatus
+from kvmshell.core.values.models import MigrationInfo, MigrationStatus
 
 TRACE_VERSION = 1
 

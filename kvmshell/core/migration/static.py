@@ -42,16 +42,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol as TypingProtocol
 
-from kvmshell.core.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, check_guest_name
 from kvmshell.core.commands.results import human_bytes
-from kvmshell.core.cmdline import (
+from kvmshell.core.values.cmdline import (
     Derived, Option, QemuCommand, derive, images_of, parse_cmdline, review, rewrite_images,
 )
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.models import RunState
-from kvmshell.core.monitor import Monitor, open_monitor
-from kvmshell.core.remote import HostPool, discover, parse_qemu_cmdline
-from kvmshell.core.transport import RemoteResult
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import RunState
+from kvmshell.core.monitor.base import Monitor, open_monitor
+from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
+from kvmshell.core.hosts.transport import RemoteResult
 from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)

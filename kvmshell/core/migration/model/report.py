@@ -1,6 +1,6 @@
 """What a migration trace says, in figures and in a picture.
 
-``summarize`` boils a :class:`~kvmshell.core.migration.samples.Trace` down to the numbers a person
+``summarize`` boils a :class:`~kvmshell.core.migration.model.samples.Trace` down to the numbers a person
 asks after a run (how long, how much downtime, how many passes, how fast); ``summary_table`` turns
 them into human rows; ``render_svg`` draws the run as a self-contained SVG: three panels over a shared
 time axis (remaining RAM, dirty rate, throughput) with kvmshell's decisions, pass changes and the
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmshell.core.migration.samples import Sample, Trace, TraceEvent
+from kvmshell.core.migration.model.samples import Sample, Trace, TraceEvent
 
 UNFINISHED = "unfinished"
 """``Summary.outcome`` when the trace ends before the migration finished (or holds no samples)."""

@@ -16,11 +16,11 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kvmshell.core import hmptext
-from kvmshell.core.address import Protocol
-from kvmshell.core.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
-from kvmshell.core.monitor import Features, Monitor, check_unix_target, clean_hmp_line
-from kvmshell.core.transport import Stream, open_stream
+from kvmshell.core.values import hmptext
+from kvmshell.core.values.address import Protocol
+from kvmshell.core.values.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
+from kvmshell.core.hosts.transport import Stream, open_stream
 from kvmshell.errors import (
     CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
 )

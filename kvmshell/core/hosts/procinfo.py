@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from kvmshell.core.cmdline import QemuCommand, parse_cmdline
+from kvmshell.core.values.cmdline import QemuCommand, parse_cmdline
 
 
 def socket_inodes(path: str, net_unix: str = "/proc/net/unix") -> set[int]:

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.address import Address, uri_host
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.migration.stages import BaseStage
-from kvmshell.core.remote import free_port
-from kvmshell.core.tls import TlsSetup, client_identity, install, remote_dir
+from kvmshell.core.values.address import Address, uri_host
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.hosts.remote import free_port
+from kvmshell.core.migration.tls import TlsSetup, client_identity, install, remote_dir
 from kvmshell.errors import ConfigError, Refused
 
 if TYPE_CHECKING:
-    from kvmshell.core.remote import HostPool
+    from kvmshell.core.hosts.remote import HostPool
 
 
 @dataclass

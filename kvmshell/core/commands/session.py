@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from kvmshell.config import Config
 from kvmshell.core.commands.results import Outcome, Result, Text
 from kvmshell.core.commands.spec import CommandSpec, Parsed, Registry, Scope, UsageError, split_words
-from kvmshell.core.fleet import Fleet
-from kvmshell.core.guestdata import GuestData
-from kvmshell.core.migration.live import MigrationJob
-from kvmshell.core.monitor import Monitor
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.monitor.guestdata import GuestData
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import KvmError, Refused
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live import MigrationJob, MigrationOutcome
+    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
 
 
 class Stage(Protocol):

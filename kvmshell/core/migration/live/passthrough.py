@@ -25,16 +25,16 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.address import Protocol
-from kvmshell.core.cmdline import QemuCommand
-from kvmshell.core.migration.blockers import explain
-from kvmshell.core.migration.stages import BaseStage
-from kvmshell.core.monitor import Monitor
+from kvmshell.core.values.address import Protocol
+from kvmshell.core.values.cmdline import QemuCommand
+from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, ConfigError, Disconnected, KvmError, Refused
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live import MigrationJob, MigrationOutcome
-    from kvmshell.core.session import Invocation
+    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
+    from kvmshell.core.commands.session import Invocation
 
 UNPLUG_TIMEOUT = 10.0
 PERIPHERAL = "/machine/peripheral"
@@ -155,7 +155,7 @@ async def plug(mon: Monitor, spec: str) -> None:
 
 async def command_line(job: MigrationJob) -> QemuCommand | None:
     """The source QEMU's command line, or None when it cannot be read (another host unreachable...)."""
-    from kvmshell.core.static import Side, source_command
+    from kvmshell.core.migration.static import Side, source_command
     address = job.source.address
     pool = job.hosts if address.ssh is not None else None
     try:

@@ -1,0 +1,5 @@
+"""The migration model, pure functions over samples: samples and traces, the prediction of
+convergence, downtime and time left, and the reports of recorded traces. No sockets, no monitor.
+
+May import: ``core.values``, ``errors`` only.
+"""

@@ -1,0 +1,6 @@
+"""The only place that knows QMP from HMP: the ``Monitor`` interface with typed queries and
+actions, its QMP (the only qemu.qmp importer) and HMP implementations, the fleet of attached guests
+and the data cached about them.
+
+May import: ``core.hosts``, ``config``, ``core.values``, ``errors``.
+"""
