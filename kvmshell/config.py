@@ -17,6 +17,7 @@ from typing import Any
 import platformdirs
 
 from kvmshell.core.values.address import Address, SshTarget, check_guest_name, parse_address
+from kvmshell.core.values.units import parse_rate
 from kvmshell.errors import ConfigError
 
 APP = "kvmshell"
@@ -134,7 +135,6 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
                     "stall_timeout": (int, float)}, f"{src}: [defaults]")
     defaults = Defaults(**d)
     if defaults.link is not None:
-        from kvmshell.core.values.units import parse_rate
         try:
             parse_rate(defaults.link)
         except ValueError as e:

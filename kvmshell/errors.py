@@ -82,6 +82,12 @@ class HostDisconnected(Disconnected):
     title = "connection lost"
 
 
+class UsageError(KvmError):
+    """The line does not fit the command's grammar, or its options do not go together (nothing was sent)."""
+
+    title = "usage"
+
+
 class CommandFailed(KvmError):
     """QEMU answered a command with an error."""
 

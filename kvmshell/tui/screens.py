@@ -19,7 +19,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
-from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.units import parse_positive_int, parse_rate
 from kvmshell.tui.actions import ACTIONS, key_text
 from kvmshell.tui.source import DashboardSource

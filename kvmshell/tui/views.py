@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.migration.model.predict import Prediction, Verdict
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.values.models import Event, MigrationInfo, MigrationStatus, Status

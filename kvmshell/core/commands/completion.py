@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
 from kvmshell.core.values.units import URI_SCHEMES
 from kvmshell.core.monitor.guestdata import CAPABILITIES, PARAMETERS, SNAPSHOTS

@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
-from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch, human_bytes
+from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
 from kvmshell.core.migration.live.blockers import explain

@@ -14,7 +14,8 @@ from datetime import datetime
 from kvmshell.core.commands.common import (
     LONG_TIMEOUT, hmp_quote, is_qmp, refuse_during_migration, run_job, with_ticker,
 )
-from kvmshell.core.commands.results import Done, Result, Table, human_bytes
+from kvmshell.core.commands.results import Done, Result, Table
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
 from kvmshell.core.monitor.guestdata import SNAPSHOTS, STATUS
 from kvmshell.core.values.models import Snapshot

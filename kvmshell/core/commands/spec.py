@@ -14,17 +14,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.errors import KvmError
+from kvmshell.errors import UsageError
 
 if TYPE_CHECKING:
     from kvmshell.core.commands.results import Result
     from kvmshell.core.commands.session import Invocation
-
-
-class UsageError(KvmError):
-    """The line does not fit the command's grammar (nothing was sent)."""
-
-    title = "usage"
 
 
 class Scope(enum.Enum):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from kvmshell.core.commands.results import KeyValues, Result, human_bytes
+from kvmshell.core.commands.results import KeyValues, Result
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.static import StaticRequest, StaticResult, loadvm_on, migrate_static

@@ -9,17 +9,19 @@ from dataclasses import replace
 from typing import Any
 
 from kvmshell.core.commands.common import is_qmp
-from kvmshell.core.commands.results import Done, Result, Table, Text, Watch, human_bytes
+from kvmshell.core.commands.migrate_stages import copy_storage_of, stages_for
+from kvmshell.core.commands.results import Done, Result, Table, Text, Watch
+from kvmshell.core.values.units import human_bytes, parse_rate
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.probe import LinkFigure, probe_path
 from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoints, warnings_for
 from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
-from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Invocation
-from kvmshell.errors import CommandFailed, Refused
+from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
+from kvmshell.errors import CommandFailed, ConfigError, Refused
 from kvmshell.core.commands.spec import UsageError
 
 STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.NONE)
@@ -97,32 +99,7 @@ async def migrate_steered(inv: Invocation) -> Result:
                 "`info migrate` shows progress and the model's prediction", warnings)
 
 
-def copy_storage_of(inv: Invocation, guest: str) -> str | None:
-    """--copy-storage, else the guest's `copy_storage` in the config (all, inc or None)."""
-    cfg = inv.session.config.guests.get(guest)
-    mode = inv.flags.get("copy_storage") or (cfg.copy_storage if cfg is not None else None)
-    return str(mode) if mode else None
-
-
-def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
-    """The stages the flags ask for, in the order they run: devices leave before the disks are
-    mirrored and come back after."""
-    f = inv.flags
-    stages: list[Stage] = []
-    guest_cfg = inv.session.config.guests.get(source)
-    unplug = list(f.get("unplug") or []) or list(guest_cfg.unplug if guest_cfg is not None else ())
-    if unplug or f.get("replug"):
-        from kvmshell.core.migration.live.passthrough import passthrough_stage
-        stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
-    copy_storage = copy_storage_of(inv, source)
-    if copy_storage:
-        from kvmshell.core.migration.live.storage import storage_stage
-        stages.append(storage_stage(inv, source, dest, copy_storage))
-    return stages
-
-
 def configured_link(inv: Invocation) -> float | None:
-    from kvmshell.core.values.units import parse_rate
     link = inv.session.config.defaults.link
     return float(parse_rate(link)) if link else None
 
@@ -324,8 +301,6 @@ async def trace(inv: Invocation) -> Result:
 async def migrate_to_host(inv: Invocation) -> Result:
     """`migrate --to-host HOST [--tunnel]`: start the destination there, migrate, quit the source
     (the engine is ``kvmshell.core.migration.crosshost``)."""
-    from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
-    from kvmshell.errors import ConfigError
 
     s, f = inv.session, inv.flags
     source = inv.guest or ""

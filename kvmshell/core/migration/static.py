@@ -43,7 +43,7 @@ from datetime import datetime
 from typing import Protocol as TypingProtocol
 
 from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, check_guest_name
-from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.cmdline import (
     Derived, Option, QemuCommand, derive, images_of, parse_cmdline, review, rewrite_images,
 )

@@ -14,6 +14,8 @@ import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvmshell.errors import Refused
+
 # options that take no value (QEMU 7.2); every other -option takes exactly one
 FLAG_OPTIONS = frozenset({
     "-daemonize", "-nodefaults", "-no-user-config", "-nographic", "-S", "-snapshot", "-no-reboot",
@@ -264,7 +266,6 @@ async def review(argv: QemuCommand, edit: Callable[[str], Awaitable[str]], *, ti
     """Let the user edit ``argv`` (``edit`` gets the text of ``editable``); the edited command line.
     Refused, with nothing done, if it was emptied, does not parse, or lacks what kvmshell needs
     (``required`` options, monitor socket ``paths``)."""
-    from kvmshell.errors import Refused
     text = editable(argv, title, [" ".join(o.argv()) for o in required] + [f"the monitor socket {p}" for p in paths])
     try:
         edited = parse_edited(await edit(text))

@@ -109,3 +109,11 @@ def parse_rate(text: str) -> int:
     if value <= 0:
         raise ValueError(f"{text!r}: a rate must be above 0")
     return value
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

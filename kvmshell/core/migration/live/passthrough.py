@@ -34,7 +34,6 @@ from kvmshell.errors import CommandFailed, ConfigError, Disconnected, KvmError, 
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
-    from kvmshell.core.commands.session import Invocation
 
 UNPLUG_TIMEOUT = 10.0
 PERIPHERAL = "/machine/peripheral"
@@ -359,13 +358,3 @@ class PassthroughStage(BaseStage):
         rows: list[tuple[str, Any]] = [(f"device {d.id}", d.state) for d in self.devices]
         rows += [("failover", text) for text in self.failover]
         return rows
-
-
-def passthrough_stage(inv: Invocation, source: str, dest: str | None, unplug_ids: list[str],
-                      replug_specs: list[str]) -> PassthroughStage:
-    """The stage `migrate --unplug ID... --replug ID=SPEC...` (or [guests.NAME] unplug) asks for."""
-    replug: dict[str, str] = {}
-    for item in replug_specs:
-        dev_id, spec = parse_replug(str(item), source)
-        replug[dev_id] = spec
-    return PassthroughStage(source, dest, [str(d) for d in unplug_ids], replug)

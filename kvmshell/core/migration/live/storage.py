@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.values.address import Protocol
-from kvmshell.core.commands.results import human_bytes
+from kvmshell.core.values.units import human_bytes
 from kvmshell.core.migration.live.job import free_local_port
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.values.models import Event
@@ -44,7 +44,6 @@ from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
-    from kvmshell.core.commands.session import Invocation
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +136,6 @@ def _backing_chain(dev: dict[str, Any]) -> list[str]:
         names.append(str(image["filename"]))
         image = image.get("backing-image")
     return names
-
-
-def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> StorageStage:
-    """The stage `migrate --to DEST --copy-storage all|inc` runs (checks what it can at once)."""
-    from kvmshell.core.commands.spec import UsageError
-    if mode not in MODES:
-        raise UsageError(f"--copy-storage {mode}: expected all or inc", guest=source)
-    if dest is None:
-        raise UsageError("--copy-storage needs --to DEST (a guest started with -incoming defer and its own "
-                         "disks) or --to-host HOST", guest=source)
-    fleet = inv.session.fleet
-    for name in (source, dest):
-        if fleet.monitor(name).protocol is not Protocol.QMP:
-            raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
-    stage = StorageStage(mode)
-    if mode == "inc":
-        stage.warnings.append(f"--copy-storage inc copies what {source}'s top images hold: {dest}'s top images must "
-                              "be new (empty), or what they hold elsewhere stays there")
-    return stage
 
 
 class StorageStage(BaseStage):

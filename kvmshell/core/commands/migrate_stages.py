@@ -1,0 +1,61 @@
+"""The stages a `migrate` line asks for (--unplug/--replug, --copy-storage, or the guest's config),
+checked against the flags before anything is sent."""
+
+from __future__ import annotations
+
+from kvmshell.core.commands.session import Invocation
+from kvmshell.core.migration.live.passthrough import PassthroughStage, parse_replug
+from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.live.storage import MODES, StorageStage
+from kvmshell.core.values.address import Protocol
+from kvmshell.errors import Refused, UsageError
+
+
+def copy_storage_of(inv: Invocation, guest: str) -> str | None:
+    """--copy-storage, else the guest's `copy_storage` in the config (all, inc or None)."""
+    cfg = inv.session.config.guests.get(guest)
+    mode = inv.flags.get("copy_storage") or (cfg.copy_storage if cfg is not None else None)
+    return str(mode) if mode else None
+
+
+def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
+    """The stages the flags ask for, in the order they run: devices leave before the disks are
+    mirrored and come back after."""
+    f = inv.flags
+    stages: list[Stage] = []
+    guest_cfg = inv.session.config.guests.get(source)
+    unplug = list(f.get("unplug") or []) or list(guest_cfg.unplug if guest_cfg is not None else ())
+    if unplug or f.get("replug"):
+        stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
+    copy_storage = copy_storage_of(inv, source)
+    if copy_storage:
+        stages.append(storage_stage(inv, source, dest, copy_storage))
+    return stages
+
+
+def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> StorageStage:
+    """The stage `migrate --to DEST --copy-storage all|inc` runs (checks what it can at once)."""
+    if mode not in MODES:
+        raise UsageError(f"--copy-storage {mode}: expected all or inc", guest=source)
+    if dest is None:
+        raise UsageError("--copy-storage needs --to DEST (a guest started with -incoming defer and its own "
+                         "disks) or --to-host HOST", guest=source)
+    fleet = inv.session.fleet
+    for name in (source, dest):
+        if fleet.monitor(name).protocol is not Protocol.QMP:
+            raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
+    stage = StorageStage(mode)
+    if mode == "inc":
+        stage.warnings.append(f"--copy-storage inc copies what {source}'s top images hold: {dest}'s top images must "
+                              "be new (empty), or what they hold elsewhere stays there")
+    return stage
+
+
+def passthrough_stage(inv: Invocation, source: str, dest: str | None, unplug_ids: list[str],
+                      replug_specs: list[str]) -> PassthroughStage:
+    """The stage `migrate --unplug ID... --replug ID=SPEC...` (or [guests.NAME] unplug) asks for."""
+    replug: dict[str, str] = {}
+    for item in replug_specs:
+        dev_id, spec = parse_replug(str(item), source)
+        replug[dev_id] = spec
+    return PassthroughStage(source, dest, [str(d) for d in unplug_ids], replug)
