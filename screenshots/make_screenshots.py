@@ -40,7 +40,7 @@ from kvmshell.tui.messages import CommandFinished  # noqa: E402
 from kvmshell.tui.screens import MigrateDialog  # noqa: E402
 from kvmshell.tui.source import SessionSource  # noqa: E402
 from kvmshell.tui.views import Badge  # noqa: E402
-from kvmshell.tui.widgets import CommandBar  # noqa: E402
+from kvmshell.tui.commandbar import CommandBar  # noqa: E402
 
 HINT = "press m to migrate vm-src to vm-dst"
 

@@ -30,7 +30,7 @@ from kvmshell.tui.replay import ReplaySource, StaticGuest
 from kvmshell.tui.screens import ConfirmScreen, HelpScreen, MigrateDialog, SnapshotDialog
 from kvmshell.tui.source import SessionSource
 from kvmshell.tui.views import Badge
-from kvmshell.tui.widgets import CommandBar
+from kvmshell.tui.commandbar import CommandBar
 from tests.waiting import wait_for
 
 DATA = Path(__file__).parent / "data"

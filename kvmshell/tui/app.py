@@ -27,7 +27,8 @@ from kvmshell.tui.messages import CommandFinished, DirtyRateMeasured, GuestEvent
 from kvmshell.tui.screens import ConfirmScreen, HelpScreen, MigrateDialog, SnapshotDialog
 from kvmshell.tui.source import DashboardSource, SessionSource
 from kvmshell.tui.views import event_line, rate
-from kvmshell.tui.widgets import CommandBar, CompletionField, EventLog, GuestList, MigrationPane, OutputLog
+from kvmshell.tui.commandbar import CommandBar, CompletionField
+from kvmshell.tui.widgets import EventLog, GuestList, MigrationPane, OutputLog
 
 DARK, LIGHT = "textual-dark", "textual-light"
 NOTIFY_EVENTS = {"kvmshell.MIGRATION_FINISHED", "kvmshell.DISCONNECTED"}

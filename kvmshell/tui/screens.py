@@ -23,7 +23,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.units import parse_positive_int, parse_rate
 from kvmshell.tui.actions import ACTIONS, key_text
 from kvmshell.tui.source import DashboardSource
-from kvmshell.tui.widgets import CompletionField
+from kvmshell.tui.commandbar import CompletionField
 
 STRATEGIES = (("auto: precopy, escalating when it will not converge", "auto"),
               ("precopy: QEMU's pre-copy with your limits", "precopy"),
