@@ -242,6 +242,10 @@ async def test_block_migration_with_dash_b_on_qemu_72(lab: Lab) -> None:
         assert "started" in ok(await one(s, f"@src migrate -d -b tcp:127.0.0.1:{port}"))
         info = await wait_for(fleet.monitor("src").migration, lambda m: m.status.is_finished, what="block migration")
         assert info.status is MigrationStatus.COMPLETED, info
+        # the source says completed once it has sent the last byte; the destination may still be
+        # writing the disk's tail: quit it only once it has left the incoming state
+        await wait_for(fleet.monitor("dst").status, lambda st: st.state is not RunState.INMIGRATE,
+                       what="the destination loaded the whole stream")
         for name in ("dst", "src"):               # a clean quit writes qcow2's cached metadata out
             ok(await one(s, f"@{name} quit -y"))
         await s.aclose()
