@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.migration.model.predict import Inputs, Verdict, assess, dirtied, estimate_working_set, predict
+from kvmshell.core.migration.model.predict import (
+    Inputs, Verdict, assess, dirtied, estimate_working_set, predict, throttle_for,
+)
 from kvmshell.core.migration.model.samples import Trace, load_trace
 
 TRACES = Path(__file__).parent / "data" / "traces"
@@ -119,3 +121,11 @@ def test_postcopy_trace_is_reported_as_such() -> None:
     assert s.outcome == "completed" and s.postcopy
     assert any("postcopy" in d for d in s.decisions)
     assert s.downtime_ms is not None and s.downtime_ms < 50
+
+
+def test_throttle_halves_the_dirty_rate_against_the_link_within_bounds() -> None:
+    assert throttle_for(200e6, 100e6) == pytest.approx(0.75)        # left dirtying 50 MB/s = half of 100
+    assert 200e6 * (1 - throttle_for(200e6, 100e6)) == pytest.approx(50e6)
+    assert throttle_for(60e6, 100e6) == 0.2                         # never below QEMU's useful minimum
+    assert throttle_for(1e12, 1e6) == 0.99
+    assert throttle_for(0, 100e6) == throttle_for(100e6, 0) == 0.5   # unknown: half

@@ -93,6 +93,14 @@ def dirtied(dirty_rate: float, working_set: float | None, seconds: float) -> flo
     return n if working_set is None else min(n, working_set)
 
 
+def throttle_for(dirty_rate: float, rate: float) -> float:
+    """The share of the vCPUs' time to take away (0.2 to 0.99) so that the guest dirties at about half
+    the transfer rate; 0.5 when either rate is unknown. One formula for the estimate and the steering."""
+    if dirty_rate <= 0 or rate <= 0:
+        return 0.5
+    return min(0.99, max(0.2, 1 - 0.5 * rate / dirty_rate))
+
+
 def predict(inp: Inputs) -> Prediction:
     """Run the passes forward from the current state to completion, or show they never end."""
     R, L, W = inp.rate, inp.downtime_limit_s, inp.working_set
