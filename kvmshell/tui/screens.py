@@ -6,7 +6,6 @@ user confirmed, and the app runs it through the source like any command typed in
 
 from __future__ import annotations
 
-import shlex
 import time
 from datetime import datetime
 
@@ -19,8 +18,9 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
-from kvmshell.core.values.units import human_bytes
-from kvmshell.core.values.units import parse_positive_int, parse_rate
+from kvmshell.core.commands.migrate_request import MigrateRequest
+from kvmshell.core.migration.live.job import Strategy
+from kvmshell.core.values.units import human_bytes, parse_positive_int, parse_rate
 from kvmshell.tui.actions import ACTIONS, key_text
 from kvmshell.tui.source import DashboardSource
 from kvmshell.tui.commandbar import CompletionField
@@ -257,43 +257,32 @@ class MigrateDialog(ModalScreen[str | None]):
         error.update("")
         return vals
 
-    def command_line(self) -> str | None:
+    def request(self) -> MigrateRequest | None:
+        """The form as the typed request `migrate --to` parses into; None (and a message) if wrong."""
         vals = self._values()
         if vals is None:
             return None
-        strategy = self.query_one("#strategy", Select).value
-        line = f"@{self.guest} migrate --to {vals['dest']} --strategy {strategy}"
-        if vals["bandwidth"]:
-            line += f" --bandwidth {vals['bandwidth']}"
-        if vals["downtime"]:
-            line += f" --downtime {vals['downtime']}"
-        if vals["link"]:
-            line += f" --link {vals['link']}"
-        if self.query_one("#postcopy", Checkbox).value:
-            line += " --allow-postcopy"
-        disks = self.query_one("#disks", Select).value
-        if disks:
-            line += f" --copy-storage {disks}"
-        if vals["tls"]:
-            line += f" --tls {shlex.quote(vals['tls'])}"
-        return line
+        rate = lambda key: parse_rate(vals[key]) if vals[key] else None  # noqa: E731
+        return MigrateRequest(self.guest, dest=vals["dest"], strategy=Strategy(self.query_one("#strategy", Select).value),
+                              bandwidth=rate("bandwidth"), link=rate("link"),
+                              downtime_ms=int(vals["downtime"]) if vals["downtime"] else None,
+                              allow_postcopy=self.query_one("#postcopy", Checkbox).value,
+                              copy_storage=str(self.query_one("#disks", Select).value) or None,
+                              tls=vals["tls"] or None)
+
+    def command_line(self) -> str | None:
+        req = self.request()
+        return req.line() if req is not None else None
 
     def estimate_line(self) -> str | None:
-        vals = self._values()
-        if vals is None:
+        req = self.request()
+        if req is None:
             return None
-        line = f"@{self.guest} migrate --to {vals['dest']} --estimate"
-        if vals["downtime"]:
-            line += f" --downtime {vals['downtime']}"
         # the model runs at the link's speed; a bandwidth cap below it is what the migration will get
-        link = vals["link"] or vals["bandwidth"]
-        if vals["link"] and vals["bandwidth"] and parse_rate(vals["bandwidth"]) < parse_rate(vals["link"]):
-            link = vals["bandwidth"]
-        if link:
-            line += f" --link {link}"
-        if vals["tls"]:
-            line += f" --tls {shlex.quote(vals['tls'])}"      # the estimate warns about plain TCP without it
-        return line
+        link = min(r for r in (req.link, req.bandwidth, float("inf")) if r is not None)
+        return MigrateRequest(self.guest, dest=req.dest, estimate=True, downtime_ms=req.downtime_ms,
+                              link=None if link == float("inf") else int(link),
+                              tls=req.tls).line()      # the estimate warns about plain TCP without TLS
 
     # -- the estimate -------------------------------------------------------------------------
     def _tick(self) -> None:

@@ -117,3 +117,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def format_rate(n: int) -> str:
+    """A rate in bytes/s as ``parse_rate`` reads it back: link speeds in bits (``1gbit``, ``100mbit``),
+    else binary sizes per second (``30M``), else bytes (``123B``)."""
+    for unit, bits in (("gbit", 10**9), ("mbit", 10**6)):
+        if n > 0 and (n * 8) % bits == 0:
+            return f"{n * 8 // bits}{unit}"
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n > 0 and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n}B"
