@@ -54,7 +54,7 @@ from kvmshell.core.commands.registry import default_registry  # noqa: E402
 from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
 from kvmshell.core.hosts.remote import HostPool  # noqa: E402
 from kvmshell.core.commands.session import Session  # noqa: E402
-from kvmshell.core.hosts.transport import PREFERRED_CIPHERS  # noqa: E402
+from kvmshell.core.hosts.ssh.connection import PREFERRED_CIPHERS  # noqa: E402
 from kvmshell.lab import image  # noqa: E402
 from kvmshell.lab.launcher import Lab, MonitorKind, choose_accel  # noqa: E402
 from kvmshell.lab.netns import TBF_LATENCY, leftover_namespaces, netns_available, parse_rate, tbf_burst  # noqa: E402

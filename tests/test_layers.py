@@ -69,7 +69,7 @@ KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = {
     ("kvmshell.core.migration.live.storage", "kvmshell.core.commands.spec"),
     ("kvmshell.core.migration.live.storage", "kvmshell.core.migration.live.endpoints"),
     ("kvmshell.core.migration.live.storage", "kvmshell.core.migration.static"),
-    ("kvmshell.core.migration.tls", "kvmshell.core.hosts.transport"),
+    ("kvmshell.core.migration.tls", "kvmshell.core.hosts.ssh.sftp"),
     ("kvmshell.core.monitor.base", "kvmshell.core.hosts.remote"),
     ("kvmshell.core.monitor.fleet", "kvmshell.core.hosts.remote"),
     ("kvmshell.core.monitor.guestdata", "kvmshell.core.commands.steer"),
@@ -194,7 +194,7 @@ def test_one_importer_per_library() -> None:
         if "qemu" in mods:
             assert module == "kvmshell.core.monitor.qmp", f"{module} imports qemu.qmp"
         if "asyncssh" in mods:
-            assert module.startswith("kvmshell.core.hosts."), f"{module} imports asyncssh"
+            assert module.startswith("kvmshell.core.hosts.ssh."), f"{module} imports asyncssh"
         if module.startswith("kvmshell.core"):
             assert not mods & set(UI), f"{module} imports a UI library"
 

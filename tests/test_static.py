@@ -24,7 +24,7 @@ from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Session
 from kvmshell.core.migration.static import CHECKSUM, Side, receive_command, send_command
-from kvmshell.core.hosts.transport import RemoteResult
+from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import KvmError
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind

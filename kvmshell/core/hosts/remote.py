@@ -13,7 +13,7 @@ to the fleet, which passes it to every monitor and closes it::
 ``discover(pool, host)`` lists the QEMU processes on a host and their monitor sockets, read from
 ``/proc/*/cmdline`` (and, for monitors QEMU got as a file descriptor, ``/proc/PID/fd`` and
 ``/proc/net/unix``); ``survey`` adds reachability and QEMU's version, for ``kvmshell hosts``.
-Nothing here imports asyncssh: ``transport`` does the SSH.
+Nothing here imports asyncssh: ``ssh`` does the SSH.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kvmshell.config import Config, HostConfig, parse_ssh_target
 from kvmshell.core.values.cmdline import parse_cmdline, split_props
 from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, uri_host
 from kvmshell.core.values.models import QemuVersion
-from kvmshell.core.hosts.transport import (
+from kvmshell.core.hosts.ssh.connection import (
     DEFAULT_KNOWN_HOSTS, GLOBAL_KNOWN_HOSTS, PasswordPrompt, RemoteResult, SshConnection, SshParams, ssh_connect,
 )
 from kvmshell.errors import CommandFailed, ConfigError, ConnectFailed, Disconnected, KvmError
@@ -150,7 +150,7 @@ class HostPool:
     # -- connections -----------------------------------------------------------------------
     async def connection(self, target: SshTarget | str) -> SshConnection:
         """The host's SSH connection: the shared one if it is up, else a new one (or the last error
-        again while the host is in backoff). Raises the errors of ``transport.ssh_connect``."""
+        again while the host is in backoff). Raises the errors of ``ssh.connection.ssh_connect``."""
         return await self._connection(self.lookup(target), ())
 
     async def _connection(self, hc: HostConfig, chain: tuple[tuple[str, str, int], ...]) -> SshConnection:

@@ -13,7 +13,7 @@ source uses, at the same paths. The steps, and what a failure at each leaves:
    destination listens on ``tcp:ADDR:PORT`` (ADDR: the host of HOST's ssh target, or the address
    given, which must be one of HOST's; PORT free there),
    or with ``tunnel`` on a unix socket in the run directory that kvmshell forwards a local unix socket
-   to through its SSH connection (``transport.forward_local_unix``; the source must run here).
+   to through its SSH connection (``ssh.forward.forward_local_unix``; the source must run here).
 4. on success: the destination is attached to the fleet as ``GUEST.HOST`` and the source is quit
    (after confirmation).
 
@@ -51,7 +51,7 @@ from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.hosts.remote import HostPool, free_port
 from kvmshell.core.migration.static import Side, source_command
-from kvmshell.core.hosts.transport import LocalForward, forward_local_unix
+from kvmshell.core.hosts.ssh.forward import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)

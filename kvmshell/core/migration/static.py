@@ -51,7 +51,7 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
-from kvmshell.core.hosts.transport import RemoteResult
+from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _last_line(data: bytes) -> str:
 
 
 class _Process(TypingProtocol):
-    """A pipeline started by ``Side.start`` (here: a subprocess; on a host: transport.RemoteProcess)."""
+    """A pipeline started by ``Side.start`` (here: a subprocess; on a host: ssh.connection.RemoteProcess)."""
 
     async def read(self, size: int) -> bytes: ...
 

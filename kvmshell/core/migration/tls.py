@@ -186,7 +186,7 @@ def remote_dir(pool: HostPool, host: SshTarget, name: str) -> str:
 async def install(pool: HostPool, host: SshTarget, local: Path, directory: str) -> bool:
     """Put the certificates ``tls-init`` wrote for a host (``local``) into ``directory`` on it, over
     SFTP (keys created 0600 before a byte is written). False if they were there already."""
-    from kvmshell.core.hosts.transport import open_sftp
+    from kvmshell.core.hosts.ssh.sftp import open_sftp
 
     here = {f: hashlib.sha256((local / f).read_bytes()).hexdigest() for f in FILES}
     q = shlex.quote(directory)

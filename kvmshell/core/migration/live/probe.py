@@ -43,7 +43,7 @@ from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
     from kvmshell.core.hosts.remote import HostPool
-    from kvmshell.core.hosts.transport import RemoteResult
+    from kvmshell.core.hosts.ssh.connection import RemoteResult
 
 PROBE_SECONDS = 2.0
 PROBE_BYTES = 64 * 2**20
