@@ -52,7 +52,7 @@ from kvmshell.core import static as engine  # noqa: E402
 from kvmshell.core.values.address import Address, SshTarget  # noqa: E402
 from kvmshell.core.commands.registry import default_registry  # noqa: E402
 from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
-from kvmshell.core.hosts.remote import HostPool  # noqa: E402
+from kvmshell.core.hosts.pool import HostPool  # noqa: E402
 from kvmshell.core.commands.session import Session  # noqa: E402
 from kvmshell.core.hosts.ssh.connection import PREFERRED_CIPHERS  # noqa: E402
 from kvmshell.lab import image  # noqa: E402

@@ -56,7 +56,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
 # monitor implementation by protocol is the exception the rules allow.
 FACTORY = ("kvmshell.core.monitor.base", "make_monitor")
 KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = {
-    ("kvmshell.core.commands.builtin", "kvmshell.core.hosts.remote"),
     ("kvmshell.core.commands.builtin", "kvmshell.core.values.address"),
     ("kvmshell.core.commands.steer", "kvmshell.core.migration.crosshost"),
     ("kvmshell.core.commands.steer", "kvmshell.core.migration.live.passthrough"),
@@ -70,8 +69,6 @@ KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = {
     ("kvmshell.core.migration.live.storage", "kvmshell.core.migration.live.endpoints"),
     ("kvmshell.core.migration.live.storage", "kvmshell.core.migration.static"),
     ("kvmshell.core.migration.tls", "kvmshell.core.hosts.ssh.sftp"),
-    ("kvmshell.core.monitor.base", "kvmshell.core.hosts.remote"),
-    ("kvmshell.core.monitor.fleet", "kvmshell.core.hosts.remote"),
     ("kvmshell.core.monitor.guestdata", "kvmshell.core.commands.steer"),
     ("kvmshell.core.monitor.guestdata", "kvmshell.errors"),
     ("kvmshell.core.values.cmdline", "kvmshell.errors"),

@@ -4,7 +4,7 @@ Shared storage is assumed (the seed's NFS workflow): the destination opens the v
 source uses, at the same paths. The steps, and what a failure at each leaves:
 
 1. preflight - nothing is touched: HOST is a configured host and answers; the source's command line
-   (its pid from the monitor, through ``remote.discover``, then ``/proc/PID/cmdline``); every image of
+   (its pid from the monitor, through ``processes.discover``, then ``/proc/PID/cmdline``); every image of
    it and of its backing chains exists on HOST at the same path with the same size (else: refused,
    saying that live migration to another host needs shared storage).
 2. start the destination on HOST from the derived command line (``cmdline.derive``: monitors and
@@ -49,7 +49,8 @@ from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome, Mig
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
-from kvmshell.core.hosts.remote import HostPool, free_port
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.static import Side, source_command
 from kvmshell.core.hosts.ssh.forward import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused

@@ -4,7 +4,7 @@
 The steps, and what a failure at each leaves (``StaticMigration.run``):
 
 1. preflight - nothing is touched: the destination is a configured host and answers; the guest's
-   command line (its pid from the monitor, through ``remote.discover``) and its images with their
+   command line (its pid from the monitor, through ``processes.discover``) and its images with their
    qcow2 backing chains (``qemu-img info -U --backing-chain``); no guest of the same name there;
    room in the destination directory (``df``) for what is not there yet.
 2. ``stop`` and ``savevm TAG`` on the source.
@@ -50,7 +50,8 @@ from kvmshell.core.values.cmdline import (
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
-from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline
 from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 

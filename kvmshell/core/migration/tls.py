@@ -29,7 +29,7 @@ from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, ConfigError
 
 if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.pool import HostPool
 
 OBJECT_ID = "kvmshell-tls"
 AUTHZ_ID = "kvmshell-tls-authz"

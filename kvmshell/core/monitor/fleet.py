@@ -14,15 +14,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.values.address import Address, Kind, check_guest_name
 from kvmshell.core.values.models import Event, QemuVersion
 from kvmshell.core.monitor.base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Monitor, make_monitor
 from kvmshell.errors import ConfigError, Disconnected, KvmError
-
-if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +202,6 @@ class Fleet:
 
     def host_pool(self) -> HostPool:
         if self.hosts is None:
-            from kvmshell.core.hosts.remote import HostPool
             self.hosts = HostPool(connect_timeout=self.connect_timeout)
         return self.hosts
 

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.commands.results import human_bytes
-from kvmshell.core.migration.live.job import free_local_port
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.values.models import Event
 from kvmshell.core.monitor.base import Monitor
@@ -302,11 +302,7 @@ class StorageStage(BaseStage):
             raise Refused(f"--copy-storage: the guests are not both on this host and the migration URI "
                           f"{job.uri} is not tcp:HOST:PORT: kvmshell cannot tell where the source reaches "
                           f"{self._dst_name}", guest=self._src_name)
-        if dst.ssh is None:
-            port = free_local_port()
-        else:
-            from kvmshell.core.migration.live.endpoints import free_port_on
-            port = await free_port_on(job.hosts, dst)
+        port = await free_port(job.hosts, dst.ssh)
         if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
             self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "
                                  "anyone on the path can read and change them")
@@ -330,7 +326,7 @@ class StorageStage(BaseStage):
             except CommandFailed as e:    # e.g. a QEMU running as another user cannot bind there
                 log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
                 self._drop_sock_dir()
-        host, port = where or ("127.0.0.1", free_local_port())
+        host, port = where or ("127.0.0.1", await free_port(None, None))
         await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}})
         self._server = {"type": "inet", "host": host, "port": str(port)}
 
