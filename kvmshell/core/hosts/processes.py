@@ -25,6 +25,7 @@ from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget
 from kvmshell.core.values.cmdline import QemuCommand, parse_cmdline, split_props
 from kvmshell.core.values.models import QemuVersion
 from kvmshell.core.hosts.pool import COMMAND_TIMEOUT, ssh_text
+from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import CommandFailed, ConnectFailed, KvmError
 
@@ -298,6 +299,23 @@ async def survey(pool: HostPool, host: SshTarget | str) -> HostReport:
     except KvmError as e:
         return HostReport(name, ssh, pool.connected(host), e.message)
     return HostReport(name, ssh, True, None, version, note, tuple(guests))
+
+
+async def source_command(pool: HostPool | None, side: HostShell, address: Address, guest: str, purpose: str
+                         ) -> tuple[int, QemuCommand]:
+    """The pid and command line of the QEMU behind the monitor at ``address`` (found on its host, ``side``,
+    from /proc); ``purpose`` says in an error what it was needed for."""
+    host = address.ssh
+    found = await discover(pool if host else None, host)
+    match = next((g for g in found if any(m.same_target(address) for m in g.monitors)), None)
+    if match is None:
+        raise CommandFailed(f"cannot find the QEMU process behind {address} on {side.label} (no process there "
+                            f"has that monitor socket): its command line is needed to start {purpose}", guest=guest)
+    raw = await side.sh(f"cat /proc/{match.pid}/cmdline")
+    try:
+        return match.pid, parse_cmdline(raw.stdout)
+    except ValueError as e:
+        raise CommandFailed(f"pid {match.pid} on {side.label}: {e}", guest=guest) from None
 
 
 # -- the QEMU behind a monitor socket on this host ----------------------------------------------

@@ -50,8 +50,9 @@ from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.hosts.pool import HostPool
-from kvmshell.core.hosts.processes import free_port
-from kvmshell.core.migration.static import Side, source_command
+from kvmshell.core.hosts.processes import free_port, source_command
+from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.migration.static import DEFAULT_DIR, StaticFailed
 from kvmshell.core.hosts.ssh.forward import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused
 
@@ -159,8 +160,8 @@ class CrossHostMigration:
         if req.tunnel and src_host is not None:
             raise Refused(f"--tunnel needs the source QEMU on this host (the local end of the tunnel is here); "
                           f"{req.guest} runs on {pool.label(src_host)}")
-        self.src = Side(pool if src_host else None, src_host)
-        self.dst = Side(pool, req.to)
+        self.src = HostShell(pool if src_host else None, src_host, error=StaticFailed)
+        self.dst = HostShell(pool, req.to, error=StaticFailed)
         self.new_name = check_guest_name(req.new_name or f"{req.guest}.{req.to}", "name of the destination")
         if self.new_name in self.fleet:
             raise Refused(f"a guest named {self.new_name!r} is already attached")
@@ -253,7 +254,6 @@ class CrossHostMigration:
         """--copy-storage: a new image on HOST for each writable disk of the source (checked here, made
         by ``_create_images``); the other images (a CD-ROM...) must be there as with shared storage."""
         from kvmshell.core.migration.live.storage import block_devices, writable_disks
-        from kvmshell.core.migration.static import DEFAULT_DIR
         self.image_dir = (self.req.run_dir or f"{DEFAULT_DIR}/{self.sock_name}").rstrip("/") or "/"
         writable = {str(d["inserted"]["file"]) for d in writable_disks(await block_devices(self.mon)).values()}
         mapping: dict[str, str] = {}

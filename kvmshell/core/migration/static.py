@@ -35,33 +35,27 @@ import logging
 import os
 import re
 import shlex
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol as TypingProtocol
 
-from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.values.address import Address, Kind, Protocol, check_guest_name
 from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.values.cmdline import (
-    Derived, Option, QemuCommand, derive, images_of, parse_cmdline, review, rewrite_images,
+    Derived, Option, QemuCommand, derive, images_of, review, rewrite_images,
 )
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.hosts.pool import HostPool
-from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline
-from kvmshell.core.hosts.ssh.connection import RemoteResult
-from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
+from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline, source_command
+from kvmshell.core.hosts.shell import CHECKSUM, CHUNK, HASH_RATE_FLOOR, HASH_TIMEOUT, HostShell, Process
+from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20                  # bytes per read/write of the copy loop (at most)
 PROGRESS_EVERY = 0.5             # seconds between progress messages of a copy (and at least every 5 %)
-CHECKSUM = "b2sum"               # of each copied file: BLAKE2b-512 (coreutils), ~40 % of sha256sum's CPU time
-HASH_TIMEOUT = 600.0
-HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as stuck
 SAVEVM_TIMEOUT = 600.0
 START_TIMEOUT = 120.0
 DEFAULT_DIR = "/var/lib/kvmshell/images"
@@ -160,66 +154,12 @@ def _last_line(data: bytes) -> str:
     return lines[-1] if lines else ""
 
 
-class _Process(TypingProtocol):
-    """A pipeline started by ``Side.start`` (here: a subprocess; on a host: ssh.connection.RemoteProcess)."""
-
-    async def read(self, size: int) -> bytes: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def finish(self, timeout: float) -> RemoteResult: ...
-
-    def close(self) -> None: ...
-
-
-class _LocalProcess:
-    def __init__(self, command: str, proc: asyncio.subprocess.Process) -> None:
-        self.command = command
-        self._proc = proc
-
-    async def read(self, size: int) -> bytes:
-        assert self._proc.stdout is not None
-        return await self._proc.stdout.read(size)
-
-    async def write(self, data: bytes) -> None:
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(data)
-            await self._proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise StaticFailed(f"`{self.command.split()[0]}` here stopped reading: {e}") from None
-
-    async def finish(self, timeout: float) -> RemoteResult:
-        proc = self._proc
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        try:
-            async with asyncio.timeout(timeout):
-                proc.stdin.close()
-                out, err, _ = await asyncio.gather(proc.stdout.read(), proc.stderr.read(), proc.wait())
-        except TimeoutError:
-            self.close()
-            raise StaticFailed(f"`{self.command.split()[0]}` did not finish within {timeout:g} s here") from None
-        return RemoteResult(self.command, proc.returncode or 0, out, err)
-
-    def close(self) -> None:
-        """Kill the pipeline (its own process group: sh and every command in it); ``reap`` waits for it."""
-        if self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    async def reap(self) -> None:
-        self.close()
-        await self._proc.communicate()
-
-
 @dataclass
 class _Stream:
     """One file on its way: the pipelines on both ends, and the source's checksum of the file."""
 
-    src: _Process
-    dst: _Process
+    src: Process
+    dst: Process
     source_hash: asyncio.Future[str]
 
     async def close(self) -> None:
@@ -227,93 +167,6 @@ class _Stream:
         self.dst.close()
         self.source_hash.cancel()
         await asyncio.gather(self.source_hash, return_exceptions=True)
-
-
-class Side:
-    """A host as the engine uses it: shell commands, and pipelines that stream files (here or over SSH)."""
-
-    def __init__(self, pool: HostPool | None, host: SshTarget | str | None) -> None:
-        self.pool = pool
-        self.host = host
-        self.label = "this host" if host is None else (pool.label(host) if pool else str(host))
-        self._local: list[_LocalProcess] = []
-
-    @property
-    def local(self) -> bool:
-        return self.host is None
-
-    async def sh(self, command: str, timeout: float = 30.0) -> RemoteResult:
-        if self.host is None:
-            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
-            try:
-                async with asyncio.timeout(timeout):
-                    out, err = await proc.communicate()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise StaticFailed(f"`{command.split()[0]}` did not finish within {timeout:g} s here") from None
-            return RemoteResult(command, proc.returncode or 0, out, err)
-        assert self.pool is not None
-        return await self.pool.run(self.host, command, timeout)
-
-    async def check(self, command: str, what: str, timeout: float = 30.0) -> str:
-        """Run ``command``; its stdout, or StaticFailed naming ``what`` and the host with its stderr."""
-        r = await self.sh(command, timeout)
-        if not r.ok:
-            err = (r.stderr.decode(errors="replace") or r.text).strip().splitlines()
-            raise StaticFailed(f"{what} on {self.label} failed: {err[-1] if err else f'exit status {r.exit_status}'}")
-        return r.text
-
-    async def start(self, command: str) -> _Process:
-        """Start ``command`` with its stdin and stdout as byte streams; the caller finishes or closes it."""
-        if self.host is None:
-            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.PIPE,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE, limit=CHUNK,
-                                                        start_new_session=True)
-            self._local.append(_LocalProcess(command, proc))
-            return self._local[-1]
-        assert self.pool is not None
-        return await (await self.pool.connection(self.host)).start(command)
-
-    async def checksum(self, path: str, prefix: int | None = None, size: int = 0, tool: str = CHECKSUM) -> str:
-        """``tool``'s hash of the file (of its first ``prefix`` bytes); ``size`` sets the time allowed."""
-        p = shlex.quote(path)
-        cmd = f"{tool} -- {p}" if prefix is None else f"head -c {prefix} -- {p} | {tool}"
-        timeout = max(HASH_TIMEOUT, (prefix or size) / HASH_RATE_FLOOR)
-        out = await self.check(cmd, f"{tool} of {path}", timeout=timeout)
-        return out.split()[0] if out.split() else ""
-
-    async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
-        return await self.checksum(path, prefix, size, "sha256sum")
-
-    async def sizes(self, paths: list[str], free_in: str | None = None) -> dict[str, int]:
-        """Sizes of the regular files among ``paths`` (missing ones are left out); with ``free_in``, the
-        bytes free in that directory too, under the key ``free_in`` + "/" (one command either way)."""
-        if not paths and free_in is None:
-            return {}
-        quoted = " ".join(shlex.quote(p) for p in paths)
-        script = (f"for f in {quoted}; do [ -f \"$f\" ] && printf '%s\\t%s\\n' \"$(stat -c %s -- \"$f\")\" \"$f\"; "
-                  "done; true")
-        if free_in is not None:
-            d = shlex.quote(free_in)
-            script += f"; printf '%s\\t%s/\\n' \"$(df -B1 --output=avail -- {d} | tail -n 1)\" {d}"
-        r = await self.sh(script)
-        out = {}
-        for line in r.text.splitlines():
-            n, _, path = line.partition("\t")
-            if n.strip().isdigit():
-                out[path] = int(n)
-        if free_in is not None and free_in + "/" not in out:
-            raise StaticFailed(f"df {free_in} on {self.label}: unreadable answer {r.text.strip()!r}")
-        return out
-
-    async def aclose(self) -> None:
-        for p in self._local:                 # the pipelines started here: killed if still running, reaped
-            await p.reap()
-        self._local.clear()
 
 
 # == the engine =====================================================================================
@@ -330,25 +183,7 @@ def _ram_bytes(cmd: QemuCommand) -> int:
     return 128 << 20
 
 
-
-
 _TAG_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-async def source_command(pool: HostPool, side: Side, address: Address, guest: str, purpose: str
-                         ) -> tuple[int, QemuCommand]:
-    """The pid and command line of the QEMU behind ``address`` (found on its host from /proc)."""
-    host = address.ssh
-    found = await discover(pool if host else None, host)
-    match = next((g for g in found if any(m.same_target(address) for m in g.monitors)), None)
-    if match is None:
-        raise CommandFailed(f"cannot find the QEMU process behind {address} on {side.label} (no process there "
-                            f"has that monitor socket): its command line is needed to start {purpose}", guest=guest)
-    raw = await side.sh(f"cat /proc/{match.pid}/cmdline")
-    try:
-        return match.pid, parse_cmdline(raw.stdout)
-    except ValueError as e:
-        raise CommandFailed(f"pid {match.pid} on {side.label}: {e}", guest=guest) from None
 
 
 class StaticMigration:
@@ -385,8 +220,8 @@ class StaticMigration:
         if not replay and src_host is not None and pool.key(src_host) == pool.key(req.to):
             raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: static migration copies a guest to "
                           "another host (use savevm/loadvm on the same host)")
-        self.src = Side(pool if src_host else None, src_host)
-        self.dst = Side(pool, req.to)
+        self.src = HostShell(pool if src_host else None, src_host, error=StaticFailed)
+        self.dst = HostShell(pool, req.to, error=StaticFailed)
         self.progress(f"preflight: connecting to {self.dst.label}")
         await pool.connection(req.to)                         # reachable, or the SSH error says why
         self.cmd = await self._command_line()
@@ -764,7 +599,7 @@ class StaticMigration:
         self._finishing = [*self._rebase(f, part), f"mv -f -- {shlex.quote(part)} {shlex.quote(f.dest)}"]
         return moved
 
-    async def _relay(self, src: _Process, dst: _Process, f: ImageFile, offset: int) -> int:
+    async def _relay(self, src: Process, dst: Process, f: ImageFile, offset: int) -> int:
         """Pass the source's stdout to the destination's stdin, with progress; the bytes passed."""
         start, name, t0, last, reported = offset, os.path.basename(f.dest), time.monotonic(), 0.0, offset
         while offset < f.size:
@@ -805,7 +640,7 @@ class StaticMigration:
             raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
                                f"({CHECKSUM} {b.group(1)[:12].decode()}... vs {a[:12]}...)")
 
-    async def _why_not_written(self, dst: _Process, f: ImageFile) -> None:
+    async def _why_not_written(self, dst: Process, f: ImageFile) -> None:
         """Raise what the destination's pipeline said when it stopped taking bytes (a full disk...)."""
         try:
             got = await dst.finish(10)

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.hosts.processes import free_port
+from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.commands.results import human_bytes
 from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.migration.static import StaticFailed
 from kvmshell.core.values.models import Event
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
@@ -270,10 +272,10 @@ class StorageStage(BaseStage):
 
     async def _same_files_there(self, job: MigrationJob, paths: list[str]) -> None:
         """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
-        from kvmshell.core.migration.static import Side
         assert job.dest is not None
         pool, a, b = job.hosts, job.source.address.ssh, job.dest.address.ssh
-        here, there = Side(pool if a else None, a), Side(pool if b else None, b)
+        here = HostShell(pool if a else None, a, error=StaticFailed)
+        there = HostShell(pool if b else None, b, error=StaticFailed)
         try:
             mine, theirs = await asyncio.gather(here.sizes(paths), there.sizes(paths))
             for p in dict.fromkeys(paths):
