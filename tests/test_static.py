@@ -24,7 +24,7 @@ from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Session
 from kvmshell.core.hosts.shell import CHECKSUM, HostShell
-from kvmshell.core.migration.static import receive_command, send_command
+from kvmshell.core.migration.static_copy import receive_command, send_command
 from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import KvmError
 from kvmshell.lab import image
