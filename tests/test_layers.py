@@ -65,7 +65,6 @@ KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = {
     ("kvmshell.core.migration.crosshost", "kvmshell.core.migration.live.storage"),
     ("kvmshell.core.migration.live.storage", "kvmshell.core.commands.spec"),
     ("kvmshell.core.migration.live.storage", "kvmshell.core.migration.live.endpoints"),
-    ("kvmshell.core.migration.tls", "kvmshell.core.hosts.ssh.sftp"),
     ("kvmshell.core.monitor.guestdata", "kvmshell.core.commands.steer"),
     ("kvmshell.core.monitor.guestdata", "kvmshell.errors"),
     ("kvmshell.core.values.cmdline", "kvmshell.errors"),
