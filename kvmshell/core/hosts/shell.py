@@ -148,6 +148,15 @@ class HostShell:
     async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
         return await self.checksum(path, prefix, size, "sha256sum")
 
+    async def kill_pidfile(self, pidfile: str) -> bool:
+        """TERM the process whose pid ``pidfile`` holds, KILL it if it is still there 2 s later (a stopped
+        or stuck QEMU), remove the pidfile; True if there was a process to signal."""
+        p = shlex.quote(pidfile)
+        r = await self.sh(f"if [ -f {p} ] && pid=$(cat {p}) && kill $pid 2>/dev/null; then echo killed; "
+                          f"for i in $(seq 20); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
+                          f"kill -KILL $pid 2>/dev/null; fi; rm -f {p}; true")
+        return "killed" in r.text
+
     async def sizes(self, paths: list[str], free_in: str | None = None) -> dict[str, int]:
         """Sizes of the regular files among ``paths`` (missing ones are left out); with ``free_in``, the
         bytes free in that directory too, under the key ``free_in`` + "/" (one command either way)."""

@@ -347,13 +347,10 @@ class CrossHostMigration:
         self.dest_mon = await open_monitor(self.new_name, address, hosts=self.pool, connect_timeout=15)
         return address
 
-    async def _free_port(self) -> int:
-        return await free_port(self.pool, self.req.to)
-
     async def _uris(self) -> tuple[str, str | None]:
         """(where the source connects, where the destination listens if elsewhere)."""
         if not self.req.tunnel:
-            port = await self._free_port()
+            port = await free_port(self.pool, self.req.to)
             return f"tcp:{uri_host(self.req.address or self.dest_target.host)}:{port}", None
         remote = f"{self.run_dir}/{self.sock_name}.mig"
         if len(remote) > MAX_SOCKET_PATH:
@@ -387,9 +384,9 @@ class CrossHostMigration:
         stages: list[Stage] = []
         if self.req.copy_storage:
             from kvmshell.core.migration.live.storage import StorageStage
-            port = await self._free_port()
+            port = await free_port(self.pool, self.req.to)
             while uri.endswith(f":{port}"):
-                port = await self._free_port()
+                port = await free_port(self.pool, self.req.to)
             stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port),
                                        check_backing=False))        # _check_backing did (sha256)
             self.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {port}, not encrypted")
@@ -541,13 +538,8 @@ class CrossHostMigration:
                 self.fleet.add(self.new_name, self.dest_address)
             return
         if self.pidfile is not None:
-            p = shlex.quote(self.pidfile)
             try:
-                # TERM, then KILL if it is still there 2 s later (a stopped or stuck QEMU)
-                r = await self.dst.sh(f"if [ -f {p} ] && pid=$(cat {p}) && kill $pid 2>/dev/null; then echo killed; "
-                                      f"for i in $(seq 20); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
-                                      f"kill -KILL $pid 2>/dev/null; fi; rm -f {p}; true")
-                if "killed" in r.text:
+                if await self.dst.kill_pidfile(self.pidfile):
                     self.undone.append(f"killed {self.new_name} on {self.dst.label}")
                 elif any(s.startswith("started ") and self.new_name in s for s in self.done):
                     self.undone.append(f"{self.new_name} on {self.dst.label} had exited already")
