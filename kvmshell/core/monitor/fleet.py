@@ -73,7 +73,7 @@ class Fleet:
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  reconnect: bool = True, backoff: tuple[float, float] = (0.25, 8.0),
                  hosts: HostPool | None = None) -> None:
-        """``hosts``: the SSH host pool for guests on other hosts (``remote.HostPool.from_config``); the
+        """``hosts``: the SSH host pool for guests on other hosts (``pool.HostPool.from_config``); the
         fleet owns it from then on and closes it in ``aclose``. Without one, the fleet makes a bare
         pool (known_hosts, ~/.ssh/config and the agent only) the first time a guest needs it."""
         self.hosts = hosts
