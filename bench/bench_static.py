@@ -48,13 +48,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # for tests.sshd
 
 from kvmshell.config import parse_config  # noqa: E402
-from kvmshell.core import static as engine  # noqa: E402
+from kvmshell.core.hosts.shell import CHECKSUM, HostShell  # noqa: E402
+from kvmshell.core.migration import static as engine  # noqa: E402
+from kvmshell.core.migration.static_copy import FileCopy  # noqa: E402
 from kvmshell.core.values.address import Address, SshTarget  # noqa: E402
 from kvmshell.core.commands.registry import default_registry  # noqa: E402
 from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
-from kvmshell.core.hosts.remote import HostPool  # noqa: E402
+from kvmshell.core.hosts.pool import HostPool  # noqa: E402
 from kvmshell.core.commands.session import Session  # noqa: E402
-from kvmshell.core.hosts.transport import PREFERRED_CIPHERS  # noqa: E402
+from kvmshell.core.hosts.ssh.connection import PREFERRED_CIPHERS  # noqa: E402
 from kvmshell.lab import image  # noqa: E402
 from kvmshell.lab.launcher import Lab, MonitorKind, choose_accel  # noqa: E402
 from kvmshell.lab.netns import TBF_LATENCY, leftover_namespaces, netns_available, parse_rate, tbf_burst  # noqa: E402
@@ -80,8 +82,7 @@ class Timed:
 def instrument(timed: Timed) -> None:
     """Time the engine's transfer loop, the wait for the hashes after it, and the checksum runs before
     a copy (a file already there, a .part's prefix) by wrapping them (the engine is unchanged)."""
-    relay, verify, sha, run_ = (engine.StaticMigration._relay, engine.StaticMigration._verify, engine.Side.checksum,
-                                engine.StaticMigration.run)
+    relay, verify, sha, run_ = (FileCopy._relay, FileCopy._verify, HostShell.checksum, engine.StaticMigration.run)
 
     async def timed_run(self):  # type: ignore[no-untyped-def]
         result = await run_(self)
@@ -104,16 +105,16 @@ def instrument(timed: Timed) -> None:
             start, _ = timed.streams[-1]
             timed.streams[-1] = (start, time.monotonic())
 
-    async def timed_sha(self, path, prefix=None, size=0, tool=engine.CHECKSUM):  # type: ignore[no-untyped-def]
+    async def timed_sha(self, path, prefix=None, size=0, tool=CHECKSUM):  # type: ignore[no-untyped-def]
         t = time.monotonic()
         try:
             return await sha(self, path, prefix, size, tool)
         finally:
             timed.hashes.append((self.label, t, time.monotonic()))
 
-    engine.StaticMigration._relay = timed_relay  # type: ignore[method-assign]
-    engine.StaticMigration._verify = timed_verify  # type: ignore[method-assign]
-    engine.Side.checksum = timed_sha  # type: ignore[method-assign]
+    FileCopy._relay = timed_relay  # type: ignore[method-assign]
+    FileCopy._verify = timed_verify  # type: ignore[method-assign]
+    HostShell.checksum = timed_sha  # type: ignore[method-assign]
     engine.StaticMigration.run = timed_run  # type: ignore[method-assign]
 
 

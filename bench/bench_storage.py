@@ -30,7 +30,8 @@ from pathlib import Path
 
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration import storage
+from kvmshell.core.hosts.processes import free_port
+from kvmshell.core.migration.live import storage
 from kvmshell.core.migration.live.job import FINISHED
 from kvmshell.core.values.models import Event, RunState
 from kvmshell.core.commands.session import Session
@@ -113,7 +114,7 @@ async def block(disk_mib: int, cap_mib: int) -> dict[str, object]:
     async with Lab() as lab, Fleet() as fleet:
         src, dst = await pair(lab, fleet, disk_mib, shared=False)
         s, d = fleet.monitor("src"), fleet.monitor("dst")
-        port = storage.free_local_port()
+        port = await free_port(None, None)
         await d.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
         await s.execute("migrate-set-parameters", {"max-bandwidth": cap_mib << 20, "downtime-limit": 300})
         t0 = time.monotonic()

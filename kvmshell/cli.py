@@ -21,7 +21,7 @@ from kvmshell.errors import ConfigError, KvmError
 from kvmshell.logsetup import setup_logging
 
 if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.pool import HostPool
 
 
 class Exit(enum.IntEnum):
@@ -83,7 +83,7 @@ def inventory(args: argparse.Namespace, config: Config) -> dict[str, Address]:
 
 def make_host_pool(config: Config, args: argparse.Namespace) -> HostPool:
     """The SSH hosts of the config; a password is asked on the terminal, if there is one."""
-    from kvmshell.core.hosts.remote import HostPool, terminal_password_prompt
+    from kvmshell.core.hosts.pool import HostPool, terminal_password_prompt
     return HostPool.from_config(config, connect_timeout=args.connect_timeout or config.defaults.connect_timeout,
                                 password_prompt=terminal_password_prompt if sys.stdin.isatty() else None)
 
@@ -141,7 +141,7 @@ def warn_exposed(guests: dict[str, Address], err: TextIO) -> None:
 
 
 async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
-    from kvmshell.core.hosts.remote import survey
+    from kvmshell.core.hosts.processes import survey
     async with make_host_pool(config, args) as pool:
         targets: dict[object, str | SshTarget] = {pool.key(name): name for name in config.hosts}
         for address in inventory(args, config).values():

@@ -13,7 +13,7 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.job import FINISHED
 from kvmshell.core.values.models import Event, RunState
-from kvmshell.core.hosts.procinfo import command_of, pid_listening_on
+from kvmshell.core.hosts.processes import command_of, pid_listening_on
 from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.core.commands.registry import default_registry
-from kvmshell.core.hosts.remote import used_ports
+from kvmshell.core.hosts.processes import used_ports
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor

@@ -26,7 +26,8 @@ from kvmshell.core.values.address import Address, Protocol, SshTarget, parse_add
 from kvmshell.core.monitor.fleet import CONNECTED_EVENT, Fleet, GuestState
 from kvmshell.core.values.models import Event, RunState
 from kvmshell.core.monitor.base import open_monitor
-from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline
 from kvmshell.errors import AuthFailed, ConfigError, ConnectFailed, HostKeyChanged, HostKeyUnknown, HostUnreachable
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from tests import fakes
@@ -437,7 +438,7 @@ async def test_discover_here_and_through_a_jump_host(lab: Lab, tmp_path: Path) -
             f'[hosts.b]\nssh = "{bed["b"].user}@{inner}"\nidentity_file = "{bed.client_key}"\njump = "a"\n'))
         async with HostPool.from_config(config, known_hosts=bed.known_hosts, ssh_config=bed.ssh_config,
                                         **FAST) as pool:
-            found = [g for g in await pool.discover("b") if g.pid == guest.pid]
+            found = [g for g in await discover(pool, "b") if g.pid == guest.pid]
             assert [str(g.monitor) for g in found] == [f"ssh://{bed['b'].user}@{inner}/qmp:unix:{guest.address.path}"]
             mon = await open_monitor("behind", found[0].monitor, hosts=pool)
             try:

@@ -23,8 +23,9 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Session
-from kvmshell.core.migration.static import CHECKSUM, Side, receive_command, send_command
-from kvmshell.core.hosts.transport import RemoteResult
+from kvmshell.core.hosts.shell import CHECKSUM, HostShell
+from kvmshell.core.migration.static_copy import receive_command, send_command
+from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import KvmError
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -282,7 +283,7 @@ async def test_the_copys_command_line_is_shown_and_edited_before_anything_is_tou
         await session.aclose()
 
 
-async def _pass(side: Side, source: Path, part: Path, offset: int) -> RemoteResult:
+async def _pass(side: HostShell, source: Path, part: Path, offset: int) -> RemoteResult:
     """Stream ``source`` from ``offset`` into ``part`` with the engine's two pipelines (both here),
     as the engine relays them; what the receiving end said."""
     src = await side.start(send_command(str(source), offset))
@@ -301,7 +302,7 @@ async def _pass(side: Side, source: Path, part: Path, offset: int) -> RemoteResu
 
 
 async def test_the_receiving_pipeline_hashes_the_kept_prefix_and_what_it_writes(tmp_path: Path) -> None:
-    side = Side(None, None)
+    side = HostShell(None, None)
     try:
         source = tmp_path / "image.raw"
         source.write_bytes(os.urandom(3 << 20) + b"tail")
@@ -326,7 +327,7 @@ async def test_a_write_that_fails_is_reported_not_hashed_over(tmp_path: Path) ->
     small = tmp_path / "small"
     small.mkdir()
     await run("mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small))
-    side = Side(None, None)
+    side = HostShell(None, None)
     try:
         source = tmp_path / "image.raw"
         source.write_bytes(os.urandom(4 << 20))

@@ -474,7 +474,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
     checks the backing files there by sha256 (the hosts share this filesystem: the same files)."""
     from tests.sshd import HAVE_SSHD, SshTestbed
     from tests.test_ssh import pool_for, remote
-    from kvmshell.core.migration.live.endpoints import free_port_on
+    from kvmshell.core.hosts.processes import free_port as free_port_on_host
     if not HAVE_SSHD:
         pytest.skip("OpenSSH server not installed (make test installs it)")
     w = lab.workdir
@@ -499,7 +499,7 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
             fleet.add("dst", remote(bed, "b", dst.address))
             await fleet.start()
             await rig.io("src", "write -P 0x61 0 4M")
-            uri = f"tcp:{b_link}:{await free_port_on(fleet.hosts, fleet.get('dst').address)}"
+            uri = f"tcp:{b_link}:{await free_port_on_host(fleet.hosts, fleet.get('dst').address.ssh)}"
             text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD}")
             assert "over NBD in plain TCP" in text, text
             await ram_phase(rig)

@@ -114,7 +114,8 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
     import shutil
 
     from kvmshell.core.commands.registry import default_registry
-    from kvmshell.core.migration.live.endpoints import free_port_on, plan
+    from kvmshell.core.hosts.processes import free_port
+    from kvmshell.core.migration.live.endpoints import plan
     from kvmshell.core.migration.live.job import FINISHED
     from kvmshell.core.values.models import Event
     from kvmshell.core.commands.session import Session
@@ -145,7 +146,7 @@ async def test_tls_migration_between_two_ssh_hosts(lab: Lab, tmp_path: Path) -> 
                 assert plain.uri and plain.uri.startswith(f"tcp:{b}:") and plain.tls is None
                 assert any("crosses hosts in plain TCP" in w for w in plain.warnings), plain.warnings
                 init_ca(tmp_path / "pki", [a, b])
-                uri = f"tcp:{b_link}:{await free_port_on(fleet.hosts, fleet.get('tdst').address)}"
+                uri = f"tcp:{b_link}:{await free_port(fleet.hosts, fleet.get('tdst').address.ssh)}"
                 session = Session(fleet, default_registry())
                 [o] = await session.run_line(f"@tsrc migrate --to tdst {uri} --tls {tmp_path}/pki")
                 assert o.ok, o.error
@@ -175,7 +176,7 @@ async def test_plain_tcp_across_hosts_is_warned_in_the_live_view() -> None:
     from kvmshell.core.migration.live.endpoints import Notices, warnings_for
     from kvmshell.core.migration.live.job import MigrationJob
     from kvmshell.core.values.models import MigrationInfo, MigrationStatus
-    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.pool import HostPool
     async with HostPool() as pool, Fleet(hosts=pool) as fleet:
         fleet.add("here", Address.unix("qmp", "/run/here.qmp"))
         fleet.add("there", Address(Address.unix("qmp", "/run/there.qmp").protocol,

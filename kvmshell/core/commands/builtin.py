@@ -10,6 +10,8 @@ from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text,
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
 from kvmshell.core.monitor.fleet import GuestState
 from kvmshell.core.commands.session import Invocation
+from kvmshell.core.hosts.processes import discover
+from kvmshell.core.values.address import GUEST_NAME_RE
 from kvmshell.errors import KvmError
 
 
@@ -91,8 +93,6 @@ async def use(inv: Invocation) -> Result:
 
 async def attach(inv: Invocation) -> Result:
     """Attach the QEMU guests running on HOST (or this machine) that are not attached yet."""
-    from kvmshell.core.values.address import GUEST_NAME_RE
-    from kvmshell.core.hosts.remote import discover
     s = inv.session
     host = inv.values.get("host")
     if host is not None and str(host) not in s.config.hosts:

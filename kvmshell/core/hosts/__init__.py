@@ -1,6 +1,6 @@
-"""Bytes and hosts: streams to a monitor (unix, TCP, pty), SSH (the only asyncssh importer),
-the pool of host connections, commands run here or on another host, and what runs there (QEMU
-processes, their command lines, free ports).
+"""Bytes and hosts: streams to a monitor (unix, TCP, pty: ``streams``), SSH (``ssh``, the only
+asyncssh importer), the pool of host connections (``pool``), commands run here or on another host
+(``shell``), and what runs there (``processes``: QEMU processes, their command lines, free ports).
 
 May import: ``config``, ``core.values``, ``errors``.
 """

@@ -4,7 +4,7 @@ Shared storage is assumed (the seed's NFS workflow): the destination opens the v
 source uses, at the same paths. The steps, and what a failure at each leaves:
 
 1. preflight - nothing is touched: HOST is a configured host and answers; the source's command line
-   (its pid from the monitor, through ``remote.discover``, then ``/proc/PID/cmdline``); every image of
+   (its pid from the monitor, through ``processes.discover``, then ``/proc/PID/cmdline``); every image of
    it and of its backing chains exists on HOST at the same path with the same size (else: refused,
    saying that live migration to another host needs shared storage).
 2. start the destination on HOST from the derived command line (``cmdline.derive``: monitors and
@@ -13,7 +13,7 @@ source uses, at the same paths. The steps, and what a failure at each leaves:
    destination listens on ``tcp:ADDR:PORT`` (ADDR: the host of HOST's ssh target, or the address
    given, which must be one of HOST's; PORT free there),
    or with ``tunnel`` on a unix socket in the run directory that kvmshell forwards a local unix socket
-   to through its SSH connection (``transport.forward_local_unix``; the source must run here).
+   to through its SSH connection (``ssh.forward.forward_local_unix``; the source must run here).
 4. on success: the destination is attached to the fleet as ``GUEST.HOST`` and the source is quit
    (after confirmation).
 
@@ -47,11 +47,14 @@ from kvmshell.core.values.cmdline import Option, QemuCommand, derive, images_of,
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.live.storage import StorageStage, block_devices, writable_disks
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
-from kvmshell.core.hosts.remote import HostPool, free_port
-from kvmshell.core.migration.static import Side, source_command
-from kvmshell.core.hosts.transport import LocalForward, forward_local_unix
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import free_port, source_command
+from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.migration.static import DEFAULT_DIR, StaticFailed
+from kvmshell.core.hosts.ssh.forward import LocalForward, forward_local_unix
 from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
@@ -158,8 +161,8 @@ class CrossHostMigration:
         if req.tunnel and src_host is not None:
             raise Refused(f"--tunnel needs the source QEMU on this host (the local end of the tunnel is here); "
                           f"{req.guest} runs on {pool.label(src_host)}")
-        self.src = Side(pool if src_host else None, src_host)
-        self.dst = Side(pool, req.to)
+        self.src = HostShell(pool if src_host else None, src_host, error=StaticFailed)
+        self.dst = HostShell(pool, req.to, error=StaticFailed)
         self.new_name = check_guest_name(req.new_name or f"{req.guest}.{req.to}", "name of the destination")
         if self.new_name in self.fleet:
             raise Refused(f"a guest named {self.new_name!r} is already attached")
@@ -251,8 +254,6 @@ class CrossHostMigration:
     async def _plan_images(self, mode: str) -> None:
         """--copy-storage: a new image on HOST for each writable disk of the source (checked here, made
         by ``_create_images``); the other images (a CD-ROM...) must be there as with shared storage."""
-        from kvmshell.core.migration.live.storage import block_devices, writable_disks
-        from kvmshell.core.migration.static import DEFAULT_DIR
         self.image_dir = (self.req.run_dir or f"{DEFAULT_DIR}/{self.sock_name}").rstrip("/") or "/"
         writable = {str(d["inserted"]["file"]) for d in writable_disks(await block_devices(self.mon)).values()}
         mapping: dict[str, str] = {}
@@ -346,13 +347,10 @@ class CrossHostMigration:
         self.dest_mon = await open_monitor(self.new_name, address, hosts=self.pool, connect_timeout=15)
         return address
 
-    async def _free_port(self) -> int:
-        return await free_port(self.pool, self.req.to)
-
     async def _uris(self) -> tuple[str, str | None]:
         """(where the source connects, where the destination listens if elsewhere)."""
         if not self.req.tunnel:
-            port = await self._free_port()
+            port = await free_port(self.pool, self.req.to)
             return f"tcp:{uri_host(self.req.address or self.dest_target.host)}:{port}", None
         remote = f"{self.run_dir}/{self.sock_name}.mig"
         if len(remote) > MAX_SOCKET_PATH:
@@ -385,10 +383,9 @@ class CrossHostMigration:
                                   "tls": tls})
         stages: list[Stage] = []
         if self.req.copy_storage:
-            from kvmshell.core.migration.live.storage import StorageStage
-            port = await self._free_port()
+            port = await free_port(self.pool, self.req.to)
             while uri.endswith(f":{port}"):
-                port = await self._free_port()
+                port = await free_port(self.pool, self.req.to)
             stages.append(StorageStage(self.req.copy_storage, tcp=(self.req.address or self.dest_target.host, port),
                                        check_backing=False))        # _check_backing did (sha256)
             self.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {port}, not encrypted")
@@ -540,13 +537,8 @@ class CrossHostMigration:
                 self.fleet.add(self.new_name, self.dest_address)
             return
         if self.pidfile is not None:
-            p = shlex.quote(self.pidfile)
             try:
-                # TERM, then KILL if it is still there 2 s later (a stopped or stuck QEMU)
-                r = await self.dst.sh(f"if [ -f {p} ] && pid=$(cat {p}) && kill $pid 2>/dev/null; then echo killed; "
-                                      f"for i in $(seq 20); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
-                                      f"kill -KILL $pid 2>/dev/null; fi; rm -f {p}; true")
-                if "killed" in r.text:
+                if await self.dst.kill_pidfile(self.pidfile):
                     self.undone.append(f"killed {self.new_name} on {self.dst.label}")
                 elif any(s.startswith("started ") and self.new_name in s for s in self.done):
                     self.undone.append(f"{self.new_name} on {self.dst.label} had exited already")

@@ -4,18 +4,18 @@
 The steps, and what a failure at each leaves (``StaticMigration.run``):
 
 1. preflight - nothing is touched: the destination is a configured host and answers; the guest's
-   command line (its pid from the monitor, through ``remote.discover``) and its images with their
+   command line (its pid from the monitor, through ``processes.discover``) and its images with their
    qcow2 backing chains (``qemu-img info -U --backing-chain``); no guest of the same name there;
    room in the destination directory (``df``) for what is not there yet.
 2. ``stop`` and ``savevm TAG`` on the source.
-3. copy each file (backing files first) through kvmshell, to ``FILE.part`` then renamed: kvmshell
-   relays what a command on the source reads (``send_command``) over the two SSH connections to a
-   pipeline on the destination (``receive_command``) that appends it to the .part file and hashes the
-   file's content as it grows, while ``b2sum`` reads the file on the source: both checksums are
-   ready with the last byte, and compared before the rename. A ``.part`` left by an interrupted run
-   is continued when its bytes are a prefix of the source (size + checksum of the prefix on both
-   hosts); a file already there with the same checksum is not copied again. Copied overlays are
-   pointed at the copied backing files (``qemu-img rebase -u``, with the rename).
+3. copy each file (backing files first) through kvmshell (``static_copy``), to ``FILE.part`` then
+   renamed: kvmshell relays what a command on the source reads (``send_command``) over the two SSH
+   connections to a pipeline on the destination (``receive_command``) that appends it to the .part
+   file and hashes the file's content as it grows, while ``b2sum`` reads the file on the source: both
+   checksums are ready with the last byte, and compared before the rename. A ``.part`` left by an
+   interrupted run is continued when its bytes are a prefix of the source (size + checksum of the
+   prefix on both hosts); a file already there with the same checksum is not copied again. Copied
+   overlays are pointed at the copied backing files (``qemu-img rebase -u``, with the rename).
 4. start the copy from the derived command line (``cmdline.derive(loadvm=TAG)``, ``-daemonize``,
    monitors in a run directory beside the images), check its status through its monitor, and
    attach it to the fleet as ``NAME@HOST``.
@@ -35,32 +35,27 @@ import logging
 import os
 import re
 import shlex
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol as TypingProtocol
 
-from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, check_guest_name
+from kvmshell.core.values.address import Address, Kind, Protocol, check_guest_name
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.cmdline import (
-    Derived, Option, QemuCommand, derive, images_of, parse_cmdline, review, rewrite_images,
+    Derived, Option, QemuCommand, derive, images_of, review, rewrite_images,
 )
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
-from kvmshell.core.hosts.remote import HostPool, discover, parse_qemu_cmdline
-from kvmshell.core.hosts.transport import RemoteResult
-from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline, source_command
+from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.migration.static_copy import FileCopy, ImageFile, still_to_copy
+from kvmshell.errors import ConfigError, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20                  # bytes per read/write of the copy loop (at most)
-PROGRESS_EVERY = 0.5             # seconds between progress messages of a copy (and at least every 5 %)
-CHECKSUM = "b2sum"               # of each copied file: BLAKE2b-512 (coreutils), ~40 % of sha256sum's CPU time
-HASH_TIMEOUT = 600.0
-HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as stuck
 SAVEVM_TIMEOUT = 600.0
 START_TIMEOUT = 120.0
 DEFAULT_DIR = "/var/lib/kvmshell/images"
@@ -83,21 +78,6 @@ class StaticRequest:
     paused: bool = False         # start the copy with -S (check it before it runs)
     new_name: str | None = None  # the copy's name in the fleet; default GUEST.HOST
     dry_run: bool = False        # preflight and the derived command line only: nothing is touched
-
-
-@dataclass
-class ImageFile:
-    """One file to copy: a disk image or a file of its backing chain."""
-
-    source: str
-    dest: str
-    format: str
-    size: int = 0
-    backing: str | None = None            # the backing file's source path, as the chain resolved it
-    backing_format: str | None = None
-    top: bool = True                      # named on the command line (not only a backing file)
-    outcome: str = ""                     # copied / resumed / already there
-
 
 @dataclass
 class StaticResult:
@@ -126,195 +106,6 @@ Confirm = Callable[[str], Awaitable[None]]     # raises Refused when not confirm
 Edit = Callable[[str], Awaitable[str]]         # the user edits a text (the derived command line)
 
 
-# == the two ends ==================================================================================
-#
-# A file is copied as one byte stream: kvmshell relays what a command on the source host reads from
-# the file to a pipeline on the destination host that appends it to the .part file and hashes the
-# file's content as it grows; meanwhile CHECKSUM reads the file on the source. Both hashes are
-# ready when the last byte is written: nothing is read again after the copy. Only sh and coreutils
-# are needed on the hosts.
-
-def send_command(path: str, offset: int) -> str:
-    """Source side: stdout is the file from byte ``offset`` on."""
-    return f"tail -c +{offset + 1} -- {shlex.quote(path)}"
-
-
-def receive_command(part: str, offset: int) -> str:
-    """Destination side: stdin is appended to ``part`` (which holds ``offset`` bytes, checked before;
-    created or emptied when 0) and CHECKSUM hashes those ``offset`` bytes followed by each byte tee
-    writes. stdout: ``written STATUS`` (tee's exit status: 0 when every byte reached the file, and it
-    stops at the first write that fails) then the hash."""
-    p = shlex.quote(part)
-    write = f"head -c {offset} -- {p} && tee --output-error=exit -a -- {p}" if offset else \
-        f"tee --output-error=exit -- {p}"
-    return f"{{ {{ {write}; echo \"written $?\" >&3; }} | {CHECKSUM}; }} 3>&1"
-
-
-_HASH_RE = re.compile(rb"^([0-9a-f]{32,}) ", re.M)
-_WRITTEN_RE = re.compile(rb"^written (\d+)$", re.M)
-
-
-def _last_line(data: bytes) -> str:
-    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-class _Process(TypingProtocol):
-    """A pipeline started by ``Side.start`` (here: a subprocess; on a host: transport.RemoteProcess)."""
-
-    async def read(self, size: int) -> bytes: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def finish(self, timeout: float) -> RemoteResult: ...
-
-    def close(self) -> None: ...
-
-
-class _LocalProcess:
-    def __init__(self, command: str, proc: asyncio.subprocess.Process) -> None:
-        self.command = command
-        self._proc = proc
-
-    async def read(self, size: int) -> bytes:
-        assert self._proc.stdout is not None
-        return await self._proc.stdout.read(size)
-
-    async def write(self, data: bytes) -> None:
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(data)
-            await self._proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise StaticFailed(f"`{self.command.split()[0]}` here stopped reading: {e}") from None
-
-    async def finish(self, timeout: float) -> RemoteResult:
-        proc = self._proc
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        try:
-            async with asyncio.timeout(timeout):
-                proc.stdin.close()
-                out, err, _ = await asyncio.gather(proc.stdout.read(), proc.stderr.read(), proc.wait())
-        except TimeoutError:
-            self.close()
-            raise StaticFailed(f"`{self.command.split()[0]}` did not finish within {timeout:g} s here") from None
-        return RemoteResult(self.command, proc.returncode or 0, out, err)
-
-    def close(self) -> None:
-        """Kill the pipeline (its own process group: sh and every command in it); ``reap`` waits for it."""
-        if self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    async def reap(self) -> None:
-        self.close()
-        await self._proc.communicate()
-
-
-@dataclass
-class _Stream:
-    """One file on its way: the pipelines on both ends, and the source's checksum of the file."""
-
-    src: _Process
-    dst: _Process
-    source_hash: asyncio.Future[str]
-
-    async def close(self) -> None:
-        self.src.close()
-        self.dst.close()
-        self.source_hash.cancel()
-        await asyncio.gather(self.source_hash, return_exceptions=True)
-
-
-class Side:
-    """A host as the engine uses it: shell commands, and pipelines that stream files (here or over SSH)."""
-
-    def __init__(self, pool: HostPool | None, host: SshTarget | str | None) -> None:
-        self.pool = pool
-        self.host = host
-        self.label = "this host" if host is None else (pool.label(host) if pool else str(host))
-        self._local: list[_LocalProcess] = []
-
-    @property
-    def local(self) -> bool:
-        return self.host is None
-
-    async def sh(self, command: str, timeout: float = 30.0) -> RemoteResult:
-        if self.host is None:
-            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
-            try:
-                async with asyncio.timeout(timeout):
-                    out, err = await proc.communicate()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise StaticFailed(f"`{command.split()[0]}` did not finish within {timeout:g} s here") from None
-            return RemoteResult(command, proc.returncode or 0, out, err)
-        assert self.pool is not None
-        return await self.pool.run(self.host, command, timeout)
-
-    async def check(self, command: str, what: str, timeout: float = 30.0) -> str:
-        """Run ``command``; its stdout, or StaticFailed naming ``what`` and the host with its stderr."""
-        r = await self.sh(command, timeout)
-        if not r.ok:
-            err = (r.stderr.decode(errors="replace") or r.text).strip().splitlines()
-            raise StaticFailed(f"{what} on {self.label} failed: {err[-1] if err else f'exit status {r.exit_status}'}")
-        return r.text
-
-    async def start(self, command: str) -> _Process:
-        """Start ``command`` with its stdin and stdout as byte streams; the caller finishes or closes it."""
-        if self.host is None:
-            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.PIPE,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE, limit=CHUNK,
-                                                        start_new_session=True)
-            self._local.append(_LocalProcess(command, proc))
-            return self._local[-1]
-        assert self.pool is not None
-        return await (await self.pool.connection(self.host)).start(command)
-
-    async def checksum(self, path: str, prefix: int | None = None, size: int = 0, tool: str = CHECKSUM) -> str:
-        """``tool``'s hash of the file (of its first ``prefix`` bytes); ``size`` sets the time allowed."""
-        p = shlex.quote(path)
-        cmd = f"{tool} -- {p}" if prefix is None else f"head -c {prefix} -- {p} | {tool}"
-        timeout = max(HASH_TIMEOUT, (prefix or size) / HASH_RATE_FLOOR)
-        out = await self.check(cmd, f"{tool} of {path}", timeout=timeout)
-        return out.split()[0] if out.split() else ""
-
-    async def sha256(self, path: str, prefix: int | None = None, size: int = 0) -> str:
-        return await self.checksum(path, prefix, size, "sha256sum")
-
-    async def sizes(self, paths: list[str], free_in: str | None = None) -> dict[str, int]:
-        """Sizes of the regular files among ``paths`` (missing ones are left out); with ``free_in``, the
-        bytes free in that directory too, under the key ``free_in`` + "/" (one command either way)."""
-        if not paths and free_in is None:
-            return {}
-        quoted = " ".join(shlex.quote(p) for p in paths)
-        script = (f"for f in {quoted}; do [ -f \"$f\" ] && printf '%s\\t%s\\n' \"$(stat -c %s -- \"$f\")\" \"$f\"; "
-                  "done; true")
-        if free_in is not None:
-            d = shlex.quote(free_in)
-            script += f"; printf '%s\\t%s/\\n' \"$(df -B1 --output=avail -- {d} | tail -n 1)\" {d}"
-        r = await self.sh(script)
-        out = {}
-        for line in r.text.splitlines():
-            n, _, path = line.partition("\t")
-            if n.strip().isdigit():
-                out[path] = int(n)
-        if free_in is not None and free_in + "/" not in out:
-            raise StaticFailed(f"df {free_in} on {self.label}: unreadable answer {r.text.strip()!r}")
-        return out
-
-    async def aclose(self) -> None:
-        for p in self._local:                 # the pipelines started here: killed if still running, reaped
-            await p.reap()
-        self._local.clear()
-
-
 # == the engine =====================================================================================
 
 def default_tag() -> str:
@@ -329,25 +120,7 @@ def _ram_bytes(cmd: QemuCommand) -> int:
     return 128 << 20
 
 
-
-
 _TAG_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-async def source_command(pool: HostPool, side: Side, address: Address, guest: str, purpose: str
-                         ) -> tuple[int, QemuCommand]:
-    """The pid and command line of the QEMU behind ``address`` (found on its host from /proc)."""
-    host = address.ssh
-    found = await discover(pool if host else None, host)
-    match = next((g for g in found if any(m.same_target(address) for m in g.monitors)), None)
-    if match is None:
-        raise CommandFailed(f"cannot find the QEMU process behind {address} on {side.label} (no process there "
-                            f"has that monitor socket): its command line is needed to start {purpose}", guest=guest)
-    raw = await side.sh(f"cat /proc/{match.pid}/cmdline")
-    try:
-        return match.pid, parse_cmdline(raw.stdout)
-    except ValueError as e:
-        raise CommandFailed(f"pid {match.pid} on {side.label}: {e}", guest=guest) from None
 
 
 class StaticMigration:
@@ -367,6 +140,7 @@ class StaticMigration:
         self.undone: list[str] = []
         self.kept: list[str] = []
         self.warnings: list[str] = []
+        self.copy: FileCopy | None = None
 
     # -- 1. preflight ------------------------------------------------------------------------
     async def preflight(self, replay: bool = False) -> None:
@@ -384,8 +158,8 @@ class StaticMigration:
         if not replay and src_host is not None and pool.key(src_host) == pool.key(req.to):
             raise Refused(f"{req.guest} already runs on {pool.label(req.to)}: static migration copies a guest to "
                           "another host (use savevm/loadvm on the same host)")
-        self.src = Side(pool if src_host else None, src_host)
-        self.dst = Side(pool, req.to)
+        self.src = HostShell(pool if src_host else None, src_host, error=StaticFailed)
+        self.dst = HostShell(pool, req.to, error=StaticFailed)
         self.progress(f"preflight: connecting to {self.dst.label}")
         await pool.connection(req.to)                         # reachable, or the SSH error says why
         self.cmd = await self._command_line()
@@ -571,15 +345,8 @@ class StaticMigration:
         return order
 
     async def _space_needed(self) -> int:
-        return self._need(await self.dst.sizes([p for f in self.files for p in (f.dest, f.dest + ".part")]))
-
-    def _need(self, there: dict[str, int]) -> int:
-        """Bytes still to copy, given the sizes of the files and .part files on the destination."""
-        need = 0
-        for f in self.files:
-            have = max(there.get(f.dest, 0) if there.get(f.dest) == f.size else 0, there.get(f.dest + ".part", 0))
-            need += max(0, f.size - min(have, f.size))
-        return need
+        paths = [p for f in self.files for p in (f.dest, f.dest + ".part")]
+        return still_to_copy(self.files, await self.dst.sizes(paths))
 
     async def _avail(self) -> int:
         out = await self.dst.check(f"df -B1 --output=avail -- {shlex.quote(self.dest_dir)}",
@@ -670,153 +437,17 @@ class StaticMigration:
                 self.kept.append(f"could not resume {self.req.guest} ({e.message}): run `cont` on it")
         elif self.saved:
             self.undone.append(f"{self.req.guest} was paused before and stays paused")
-        if getattr(self, "copied_any", False):
+        if self.copy is not None and self.copy.copied_any:
             self.kept.append(f"the files copied to {self.dest_dir} on {self.dst.label} (a new run continues from "
                              "them)")
 
     # -- 3. copy -----------------------------------------------------------------------------
     async def _copy_all(self) -> int:
-        paths = [p for f in self.files for p in (f.dest, f.dest + ".part")]
-        sizes, there = await asyncio.gather(self.src.sizes([f.source for f in self.files]),   # savevm grew the overlay
-                                            self.dst.sizes(paths, free_in=self.dest_dir))
-        for f in self.files:
-            f.size = sizes.get(f.source, f.size)
-        need, avail = self._need(there), there[self.dest_dir + "/"]
-        if avail < need:
-            raise StaticFailed(f"not enough space in {self.dest_dir} on {self.dst.label} after savevm: "
-                               f"{human_bytes(avail)} free, {human_bytes(need)} to copy")
-        self._total, self._before = sum(f.size for f in self.files), 0
-        self._finishing: list[str] = []     # the last file's rename (and rebase): run with the next command
-        copied = 0
-        try:
-            for f in self.files:
-                copied += await self._copy_one(f, there.get(f.dest), there.get(f.dest + ".part", 0))
-                self._before += f.size
-        except (KvmError, OSError):
-            try:                                # a file checked before the failure keeps its name
-                await self._finish_previous()
-            except (KvmError, OSError) as e:
-                log.debug("after a failed copy: %s", e)
-            raise
-        await self._finish_previous()
+        self.copy = FileCopy(self.src, self.dst, self.files, self.dest_dir, self.progress, error=StaticFailed)
+        copied = await self.copy.run()
         self.done.append(f"copied {len(self.files)} file(s) to {self.dest_dir} on {self.dst.label} "
                          f"({', '.join(f'{os.path.basename(f.dest)}: {f.outcome}' for f in self.files)})")
         return copied
-
-    async def _finish_previous(self) -> None:
-        """Rename (and rebase) the file copied last, if that is still to do: one command on its own."""
-        if self._finishing:
-            steps, self._finishing = self._finishing, []
-            await self.dst.check(" && ".join(steps), "renaming the copied file" + (" and qemu-img rebase" if
-                                                                                   len(steps) > 1 else ""))
-
-    def _rebase(self, f: ImageFile, path: str) -> list[str]:
-        """The command that points a copied overlay (at ``path``) at its copied backing file, if needed."""
-        if f.backing and f.format == "qcow2":
-            new = next((g.dest for g in self.files if g.source == f.backing), None)
-            if new and new != f.backing:
-                return [f"qemu-img rebase -u -f qcow2 -F {shlex.quote(f.backing_format or 'raw')} "
-                        f"-b {shlex.quote(new)} -- {shlex.quote(path)}"]
-        return []
-
-    async def _copy_one(self, f: ImageFile, have: int | None, offset: int) -> int:
-        """Copy one file to FILE.part (continuing a .part whose bytes are a prefix of the source), compare
-        the two hashes made as the bytes flowed, rebase it if it is an overlay, rename it. The bytes sent."""
-        name, part = os.path.basename(f.dest), f.dest + ".part"
-        if have == f.size or offset:
-            await self._finish_previous()               # before looking at the destination's files
-        if have == f.size:
-            self.progress(f"{name}: already there? comparing checksums")
-            a, b = await asyncio.gather(self.src.checksum(f.source, size=f.size),
-                                        self.dst.checksum(f.dest, size=f.size))
-            if a == b:
-                f.outcome = "already there (same checksum)"
-                if rebase := self._rebase(f, f.dest):
-                    await self.dst.check(rebase[0], f"qemu-img rebase {f.dest}")
-                return 0
-        if offset > f.size:
-            offset = 0
-        if offset:
-            self.progress(f"{name}: checking the {human_bytes(offset)} copied before")
-            a, b = await asyncio.gather(self.src.checksum(f.source, offset), self.dst.checksum(part, size=offset))
-            if a != b:
-                offset = 0
-        f.outcome = f"resumed at {human_bytes(offset)}" if offset else "copied"
-        self.copied_any = True
-        # the previous file's rename goes first in the receiving command: one round trip less per file
-        receive = " && ".join([*self._finishing, receive_command(part, offset)])
-        started = await asyncio.gather(self.src.start(send_command(f.source, offset)), self.dst.start(receive),
-                                       return_exceptions=True)
-        src, dst = started
-        if isinstance(src, BaseException) or isinstance(dst, BaseException):
-            for p in started:
-                if not isinstance(p, BaseException):
-                    p.close()
-            raise next(p for p in started if isinstance(p, BaseException))
-        self._finishing = []
-        stream = _Stream(src, dst, asyncio.ensure_future(self.src.checksum(f.source, size=f.size)))  # meanwhile
-        try:
-            moved = await self._relay(src, dst, f, offset)
-            await self._verify(stream, f)
-        finally:
-            await stream.close()
-        self._finishing = [*self._rebase(f, part), f"mv -f -- {shlex.quote(part)} {shlex.quote(f.dest)}"]
-        return moved
-
-    async def _relay(self, src: _Process, dst: _Process, f: ImageFile, offset: int) -> int:
-        """Pass the source's stdout to the destination's stdin, with progress; the bytes passed."""
-        start, name, t0, last, reported = offset, os.path.basename(f.dest), time.monotonic(), 0.0, offset
-        while offset < f.size:
-            data = await src.read(min(CHUNK, f.size - offset))
-            if not data:
-                err = _last_line((await src.finish(10)).stderr)
-                raise StaticFailed(f"{f.source} on {self.src.label} ended at {offset} bytes, {f.size} expected"
-                                   f"{': ' + err if err else ' (it changed?)'}")
-            try:
-                await dst.write(data)
-            except KvmError:                         # the destination stopped reading: ask it why
-                await self._why_not_written(dst, f)
-                raise
-            offset += len(data)
-            now = time.monotonic()
-            if now - last >= PROGRESS_EVERY or offset - reported >= f.size // 20 or offset == f.size:
-                last, reported = now, offset
-                rate = (offset - start) / max(now - t0, 1e-6)
-                overall = (self._before + offset) * 100 // max(self._total, 1)
-                self.progress(f"copying {name}: {human_bytes(offset)} of {human_bytes(f.size)} "
-                              f"({offset * 100 // max(f.size, 1)} %; {overall} % of all), {rate / 1e6:.0f} MB/s")
-        return offset - start
-
-    async def _verify(self, stream: _Stream, f: ImageFile) -> None:
-        """Both ends' checksums: the source's over its file (read there while the bytes flowed),
-        the destination's over its .part file's content (the prefix kept and every byte tee wrote).
-        They must match, and every byte must have reached the file."""
-        src, dst = stream.src, stream.dst
-        sent, got = await asyncio.gather(src.finish(30), dst.finish(max(HASH_TIMEOUT, f.size / HASH_RATE_FLOOR)))
-        if sent.stdout:
-            raise StaticFailed(f"{f.source} on {self.src.label} is longer than {f.size} bytes (it changed?)")
-        written, b = _WRITTEN_RE.search(got.stdout), _HASH_RE.search(got.stdout)
-        if written is None or written.group(1) != b"0" or b is None:
-            raise StaticFailed(f"writing {f.dest}.part on {self.dst.label} failed: "
-                               f"{_last_line(got.stderr) or f'exit status {got.exit_status}'}")
-        a = await stream.source_hash
-        if a != b.group(1).decode():
-            raise StaticFailed(f"{f.dest}.part on {self.dst.label} differs from {f.source} after the copy "
-                               f"({CHECKSUM} {b.group(1)[:12].decode()}... vs {a[:12]}...)")
-
-    async def _why_not_written(self, dst: _Process, f: ImageFile) -> None:
-        """Raise what the destination's pipeline said when it stopped taking bytes (a full disk...)."""
-        try:
-            got = await dst.finish(10)
-        except KvmError:
-            return
-        err = _last_line(got.stderr)
-        if not err:
-            return
-        if "No space left" in err or "Disk quota" in err:
-            raise StaticFailed(f"no space left in {self.dest_dir} on {self.dst.label} while copying "
-                               f"{os.path.basename(f.dest)} ({err})") from None
-        raise StaticFailed(f"writing {f.dest}.part on {self.dst.label} failed: {err}") from None
 
     # -- 4. start ----------------------------------------------------------------------------
     async def _start(self, copied: int, times: dict[str, float]) -> StaticResult:

@@ -24,12 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kvmshell.core.hosts.ssh.sftp import open_sftp
 from kvmshell.core.values.address import Protocol, SshTarget
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, ConfigError
 
 if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.pool import HostPool
 
 OBJECT_ID = "kvmshell-tls"
 AUTHZ_ID = "kvmshell-tls-authz"
@@ -186,8 +187,6 @@ def remote_dir(pool: HostPool, host: SshTarget, name: str) -> str:
 async def install(pool: HostPool, host: SshTarget, local: Path, directory: str) -> bool:
     """Put the certificates ``tls-init`` wrote for a host (``local``) into ``directory`` on it, over
     SFTP (keys created 0600 before a byte is written). False if they were there already."""
-    from kvmshell.core.hosts.transport import open_sftp
-
     here = {f: hashlib.sha256((local / f).read_bytes()).hexdigest() for f in FILES}
     q = shlex.quote(directory)
     r = await pool.run(host, f"cd -- {q} 2>/dev/null && sha256sum -- {' '.join(FILES)} 2>/dev/null; true")

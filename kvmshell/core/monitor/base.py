@@ -15,16 +15,14 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.core.values.models import (
     Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed
-
-if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,6 @@ class Monitor(abc.ABC):
     def _host_pool(self) -> HostPool:
         """The pool that reaches ``address.ssh``: the one given, or a private one this monitor closes."""
         if self.hosts is None:
-            from kvmshell.core.hosts.remote import HostPool
             self.hosts = HostPool(connect_timeout=self.connect_timeout)
             self._own_hosts = True
         return self.hosts

@@ -14,15 +14,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.values.address import Address, Kind, check_guest_name
 from kvmshell.core.values.models import Event, QemuVersion
 from kvmshell.core.monitor.base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Monitor, make_monitor
 from kvmshell.errors import ConfigError, Disconnected, KvmError
-
-if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ class Fleet:
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  reconnect: bool = True, backoff: tuple[float, float] = (0.25, 8.0),
                  hosts: HostPool | None = None) -> None:
-        """``hosts``: the SSH host pool for guests on other hosts (``remote.HostPool.from_config``); the
+        """``hosts``: the SSH host pool for guests on other hosts (``pool.HostPool.from_config``); the
         fleet owns it from then on and closes it in ``aclose``. Without one, the fleet makes a bare
         pool (known_hosts, ~/.ssh/config and the agent only) the first time a guest needs it."""
         self.hosts = hosts
@@ -204,7 +202,6 @@ class Fleet:
 
     def host_pool(self) -> HostPool:
         if self.hosts is None:
-            from kvmshell.core.hosts.remote import HostPool
             self.hosts = HostPool(connect_timeout=self.connect_timeout)
         return self.hosts
 

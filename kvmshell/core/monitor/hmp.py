@@ -20,7 +20,7 @@ from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
 from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
-from kvmshell.core.hosts.transport import Stream, open_stream
+from kvmshell.core.hosts.streams import Stream, open_stream
 from kvmshell.errors import (
     CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
 )

@@ -20,7 +20,8 @@ from kvmshell.core.values.models import (
     Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
-from kvmshell.core.hosts.transport import SocketBridge, open_socket
+from kvmshell.core.hosts.ssh.forward import SocketBridge
+from kvmshell.core.hosts.streams import open_socket
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)

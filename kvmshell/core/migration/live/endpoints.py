@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from kvmshell.core.values.address import Address, uri_host
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.stages import BaseStage
-from kvmshell.core.hosts.remote import free_port
+from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.tls import TlsSetup, client_identity, install, remote_dir
 from kvmshell.errors import ConfigError, Refused
 
 if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
+    from kvmshell.core.hosts.pool import HostPool
 
 
 @dataclass
@@ -40,12 +40,6 @@ def host_name(address: Address) -> str:
     return address.ssh.host if address.ssh is not None else "localhost"
 
 
-async def free_port_on(hosts: HostPool | None, address: Address) -> int:
-    """A free TCP port on the host of a guest on another host."""
-    assert address.ssh is not None and hosts is not None
-    return await free_port(hosts, address.ssh)
-
-
 def same_host(hosts: HostPool | None, a: Address, b: Address) -> bool:
     if a.ssh is None or b.ssh is None:
         return a.ssh is None and b.ssh is None
@@ -59,7 +53,7 @@ async def plan(fleet: Fleet, source: str, dest: str, uri: str | None, tls_root: 
     ends = Endpoints(uri, crosses_hosts=crosses)
     if uri is None and dst.ssh is not None:
         host = "127.0.0.1" if not crosses else uri_host(dst.ssh.host)
-        ends.uri = f"tcp:{host}:{await free_port_on(fleet.hosts, dst)}"
+        ends.uri = f"tcp:{host}:{await free_port(fleet.hosts, dst.ssh)}"
     elif uri is None and crosses:
         raise Refused(f"{dest} runs here and {source} on another host: give the URI the source reaches this host "
                       f"at (e.g. tcp:ADDR:PORT), kvmshell cannot tell which of this host's addresses that is",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from typing import Any
 
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.hosts.remote import HostPool
+from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.live.sampler import Sampler
@@ -83,12 +83,6 @@ class MigrationOutcome:
     @property
     def full_message(self) -> str:
         return "; ".join([self.message, *self.notes])
-
-
-def free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MigrationJob:
@@ -235,7 +229,7 @@ class MigrationJob:
             await tls_enable(src, self.req.tls.source_dir, server=False, hostname=self.req.tls.hostname)
             self._tls_on = True
         if self.dest is not None and self.uri is None:
-            self.uri = f"tcp:127.0.0.1:{free_local_port()}"
+            self.uri = f"tcp:127.0.0.1:{await free_port(None, None)}"
         if self.uri is None:
             raise CommandFailed("no URI and no destination guest", guest=self.req.source)
         for stage in self.stages:

@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvmshell.core.hosts.processes import source_command
+from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.cmdline import QemuCommand
 from kvmshell.core.migration.live.blockers import explain
@@ -154,11 +156,10 @@ async def plug(mon: Monitor, spec: str) -> None:
 
 async def command_line(job: MigrationJob) -> QemuCommand | None:
     """The source QEMU's command line, or None when it cannot be read (another host unreachable...)."""
-    from kvmshell.core.migration.static import Side, source_command
     address = job.source.address
     pool = job.hosts if address.ssh is not None else None
     try:
-        _, cmd = await source_command(pool, Side(pool, address.ssh), address, job.req.source, "the device")
+        _, cmd = await source_command(pool, HostShell(pool, address.ssh), address, job.req.source, "the device")
     except (KvmError, OSError):
         return None
     return cmd

@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmshell.core.values.address import Address, Kind, SshTarget
-from kvmshell.core.hosts.procinfo import pid_listening_on
-from kvmshell.core.hosts.remote import free_port
+from kvmshell.core.hosts.processes import free_port, pid_listening_on
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
-    from kvmshell.core.hosts.remote import HostPool
-    from kvmshell.core.hosts.transport import RemoteResult
+    from kvmshell.core.hosts.pool import HostPool
+    from kvmshell.core.hosts.ssh.connection import RemoteResult
 
 PROBE_SECONDS = 2.0
 PROBE_BYTES = 64 * 2**20

@@ -34,10 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmshell.core.hosts.processes import free_port
+from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.units import human_bytes
-from kvmshell.core.migration.live.job import free_local_port
+from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.migration.static import StaticFailed
 from kvmshell.core.values.models import Event
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
@@ -185,7 +188,6 @@ class StorageStage(BaseStage):
         self._check_commands(src, dst)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
-        from kvmshell.core.migration.live.endpoints import same_host
         self._one_host = same_host(job.hosts, src.address, dst.address)
         if not ours:
             raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
@@ -194,7 +196,6 @@ class StorageStage(BaseStage):
             raise Refused("--copy-storage: " + "; ".join(problems) + f". Nothing was started; {self._src_name} "
                           "runs on as before", guest=self._src_name)
         if self.mode == "inc" and self.check_backing and (src.address.ssh or dst.address.ssh):
-            from kvmshell.core.migration.live.endpoints import same_host
             if not same_host(job.hosts, src.address, dst.address):
                 await self._same_files_there(job, [f for dev in ours.values() for f in _backing_chain(dev)])
         for i, (key, dev) in enumerate(ours.items()):
@@ -250,10 +251,10 @@ class StorageStage(BaseStage):
 
     async def _same_files_there(self, job: MigrationJob, paths: list[str]) -> None:
         """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
-        from kvmshell.core.migration.static import Side
         assert job.dest is not None
         pool, a, b = job.hosts, job.source.address.ssh, job.dest.address.ssh
-        here, there = Side(pool if a else None, a), Side(pool if b else None, b)
+        here = HostShell(pool if a else None, a, error=StaticFailed)
+        there = HostShell(pool if b else None, b, error=StaticFailed)
         try:
             mine, theirs = await asyncio.gather(here.sizes(paths), there.sizes(paths))
             for p in dict.fromkeys(paths):
@@ -282,11 +283,7 @@ class StorageStage(BaseStage):
             raise Refused(f"--copy-storage: the guests are not both on this host and the migration URI "
                           f"{job.uri} is not tcp:HOST:PORT: kvmshell cannot tell where the source reaches "
                           f"{self._dst_name}", guest=self._src_name)
-        if dst.ssh is None:
-            port = free_local_port()
-        else:
-            from kvmshell.core.migration.live.endpoints import free_port_on
-            port = await free_port_on(job.hosts, dst)
+        port = await free_port(job.hosts, dst.ssh)
         if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
             self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "
                                  "anyone on the path can read and change them")
@@ -310,7 +307,7 @@ class StorageStage(BaseStage):
             except CommandFailed as e:    # e.g. a QEMU running as another user cannot bind there
                 log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
                 self._drop_sock_dir()
-        host, port = where or ("127.0.0.1", free_local_port())
+        host, port = where or ("127.0.0.1", await free_port(None, None))
         await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}})
         self._server = {"type": "inet", "host": host, "port": str(port)}
 

@@ -1,11 +1,6 @@
-"""Byte streams to a monitor: unix socket, TCP, pty - here or on another host through SSH.
-
-``open_stream`` gives a ``Stream`` whatever the transport (HMP speaks through it); ``open_socket``
-gives a connected socket for a monitor on another host (qemu.qmp takes a socket: a local socketpair
-bridged to the SSH channel). This is the one module that imports asyncssh: ``ssh_connect`` opens an
-``SshConnection`` with host key verification against known_hosts, and every asyncssh exception is
-translated into the kvmshell error tree here. Which connection serves which host (sharing,
-reconnecting, the config) is ``remote.HostPool``'s business, not this module's.
+"""One SSH connection to a host: ``ssh_connect`` opens an ``SshConnection`` with host key verification
+against known_hosts; on it run commands (``RemoteResult``, ``RemoteProcess``) and channels to monitors
+open. Every asyncssh exception is translated into the kvmshell error tree here.
 
 Host keys: the server's key must be in a known_hosts file. An unknown key is refused
 (``HostKeyUnknown``: its SHA256 fingerprint and how to accept it), unless the host's
@@ -17,19 +12,16 @@ turns verification off.
 from __future__ import annotations
 
 import asyncio
-import errno
+import functools
+import importlib
 import logging
 import os
 import shlex
 import socket
-import termios
-import tty
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-import functools
-import importlib
-from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.values.address import Address, Kind, SshTarget
 from kvmshell.errors import (
@@ -41,6 +33,9 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import asyncssh
+
+    Channel = tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]
+    """A channel to a monitor: what is read from it, what writes to it."""
 else:
     class _LazyAsyncssh:
         """asyncssh takes ~130 ms to import: only a session that reaches a host over SSH pays for it."""
@@ -49,177 +44,6 @@ else:
             return getattr(importlib.import_module("asyncssh"), name)
 
     asyncssh = _LazyAsyncssh()
-
-READ_CHUNK = 65536
-
-
-class Stream(TypingProtocol):
-    async def read(self) -> bytes:
-        """Some bytes; b'' at end of stream."""
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class SocketStream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-
-    async def read(self) -> bytes:
-        try:
-            return await self._reader.read(READ_CHUNK)
-        except (ConnectionError, OSError):
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (ConnectionError, OSError) as e:
-            raise Disconnected(f"write failed: {e.strerror or e}") from e
-
-    async def close(self) -> None:
-        self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
-class PtyStream:
-    """The slave side of a pty that QEMU holds the master of (``-monitor pty``), in raw mode."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._loop = asyncio.get_running_loop()
-        self._closed = False
-
-    async def read(self) -> bytes:
-        while not self._closed:
-            try:
-                return os.read(self._fd, READ_CHUNK)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno == errno.EIO:        # the master side closed: QEMU is gone
-                    return b""
-                raise
-            ready = self._loop.create_future()
-            self._loop.add_reader(self._fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                self._loop.remove_reader(self._fd)
-        return b""
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self._fd, view)
-                view = view[n:]
-                continue
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise Disconnected(f"write failed: {e.strerror}") from e
-            ready = self._loop.create_future()
-            self._loop.add_writer(self._fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                self._loop.remove_writer(self._fd)
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
-
-
-def _describe_os_error(e: OSError) -> str:
-    if isinstance(e, FileNotFoundError):
-        return "no such file or socket"
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused (nothing listening there)"
-    if e.errno == errno.ENOTSOCK:
-        return "not a socket"
-    if isinstance(e, PermissionError):
-        return "permission denied"
-    return e.strerror or str(e)
-
-
-async def open_stream(address: Address, timeout: float, hosts: Connector | None = None) -> Stream:
-    """Open a raw byte stream to a monitor. Raises ConnectFailed with the reason.
-
-    A monitor on another host (``address.ssh``) is reached through ``hosts``' SSH connection to it.
-    """
-    if address.ssh is not None:
-        conn, reader, writer = await _open_remote(address, timeout, hosts)
-        return SshStream(conn, reader, writer)
-    try:
-        async with asyncio.timeout(timeout):
-            if address.kind is Kind.UNIX:
-                assert address.path is not None
-                r, w = await asyncio.open_unix_connection(address.path, limit=READ_CHUNK)
-                return SocketStream(r, w)
-            if address.kind is Kind.TCP:
-                r, w = await asyncio.open_connection(address.host, address.port, limit=READ_CHUNK)
-                return SocketStream(r, w)
-            return _open_pty(address)
-    except TimeoutError:
-        raise ConnectFailed(f"{address}: no connection within {timeout:g} s") from None
-    except OSError as e:
-        raise ConnectFailed(f"{address}: {_describe_os_error(e)}") from None
-
-
-async def open_socket(address: Address, timeout: float, hosts: Connector | None) -> SocketBridge:
-    """A connected local socket whose bytes go to and from the monitor at ``address`` on another host.
-
-    The caller owns the bridge: ``aclose()`` it after it is done with ``bridge.sock``.
-    """
-    conn, reader, writer = await _open_remote(address, timeout, hosts)
-    bridge = SocketBridge(conn, reader, writer, str(address))
-    try:
-        await bridge.start()
-    except BaseException:
-        await bridge.aclose()
-        raise
-    return bridge
-
-
-async def _open_remote(address: Address, timeout: float, hosts: Connector | None) -> tuple[
-        SshConnection, asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
-    assert address.ssh is not None
-    if address.kind is Kind.PTY:
-        raise ConnectFailed(f"{address}: a pty on another host cannot be reached through SSH; give the guest a "
-                            "unix socket monitor (-qmp unix:PATH,server=on,wait=off)")
-    if hosts is None:
-        raise ConfigError(f"{address}: no SSH host pool to reach {address.ssh} with")
-    conn = await hosts.connection(address.ssh)
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await conn.open_channel(address)
-    except TimeoutError:
-        raise ConnectFailed(f"{address}: no channel to the monitor through {conn.label} within {timeout:g} s") from None
-    return conn, reader, writer
-
-
-def _open_pty(address: Address) -> PtyStream:
-    assert address.path is not None
-    fd = os.open(address.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        if not os.isatty(fd):
-            raise ConnectFailed(f"{address}: {address.path} is not a terminal (pty)")
-        tty.setraw(fd, termios.TCSANOW)
-    except BaseException:
-        os.close(fd)
-        raise
-    return PtyStream(fd)
-
-
-# == SSH ========================================================================================
 
 PasswordPrompt = Callable[[str], Awaitable[str | None]]
 """Asks the user for a password (the prompt text is given); None when there is none to give."""
@@ -231,15 +55,10 @@ KEEPALIVE_COUNT = 3
 CLOSE_TIMEOUT = 5.0
 
 
-class Connector(TypingProtocol):
-    """What gives a monitor the SSH connection to its host (``remote.HostPool``)."""
-
-    async def connection(self, target: SshTarget) -> SshConnection: ...
-
 
 @dataclass(frozen=True)
 class SshParams:
-    """Everything one SSH connection needs, resolved from the config by ``remote.HostPool``."""
+    """Everything one SSH connection needs, resolved from the config by ``pool.HostPool``."""
 
     target: SshTarget
     label: str                                   # how messages name the host: host a (root@10.0.0.2:22)
@@ -435,7 +254,7 @@ class SshConnection:
             return HostDisconnected(self.lost_message())
         return HostDisconnected(f"SSH connection to {self.label}: {_describe_lost(e)}")
 
-    async def open_channel(self, address: Address) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+    async def open_channel(self, address: Address) -> Channel:
         """A channel to the monitor at ``address`` on this host: direct stream-local (unix) or TCP forwarding."""
         try:
             if address.kind is Kind.UNIX:
@@ -704,261 +523,3 @@ async def ssh_connect(params: SshParams, *, tunnel: SshConnection | None = None,
                 log.error("%s: could not record the host key in %s: %s", label, params.known_hosts, e)
     log.info("%s: SSH connection up (user %s)", label, user)
     return SshConnection(params, conn, client)
-
-
-class SshStream:
-    """A channel to a monitor through an SSH connection, as a ``Stream``."""
-
-    def __init__(self, conn: SshConnection, reader: asyncssh.SSHReader[bytes],
-                 writer: asyncssh.SSHWriter[bytes]) -> None:
-        self._conn = conn
-        self._reader = reader
-        self._writer = writer
-
-    @property
-    def eof_reason(self) -> str | None:
-        """Why the stream ended, when it was the SSH connection that went."""
-        return None if self._conn.alive else self._conn.lost_message()
-
-    async def read(self) -> bytes:
-        try:
-            return await self._reader.read(READ_CHUNK)
-        except (asyncssh.Error, OSError):
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (asyncssh.Error, OSError) as e:
-            raise Disconnected(self.eof_reason or f"write failed: {e}") from None
-
-    async def close(self) -> None:
-        self._writer.close()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._writer.channel.wait_closed()
-        except (TimeoutError, asyncssh.Error, OSError):
-            pass
-
-
-class SocketBridge:
-    """A local socketpair whose far end is pumped to and from an SSH channel by a task this owns."""
-
-    def __init__(self, conn: SshConnection, reader: asyncssh.SSHReader[bytes],
-                 writer: asyncssh.SSHWriter[bytes], name: str) -> None:
-        self._conn = conn
-        self._reader = reader
-        self._writer = writer
-        self._name = name
-        self.sock, self._ours = socket.socketpair()
-        self._local: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def eof_reason(self) -> str | None:
-        return None if self._conn.alive else self._conn.lost_message()
-
-    async def start(self) -> None:
-        self._local = await asyncio.open_connection(sock=self._ours, limit=READ_CHUNK)
-        self._task = asyncio.create_task(self._run(), name=f"ssh-bridge {self._name}")
-
-    async def _run(self) -> None:
-        assert self._local is not None
-        lr, lw = self._local
-
-        async def inbound() -> None:            # monitor -> local socket
-            while data := await self._reader.read(READ_CHUNK):
-                lw.write(data)
-                await lw.drain()
-
-        async def outbound() -> None:           # local socket -> monitor
-            while data := await lr.read(READ_CHUNK):
-                self._writer.write(data)
-                await self._writer.drain()
-
-        pumps = [asyncio.create_task(inbound()), asyncio.create_task(outbound())]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for p in pumps:
-                p.cancel()
-            for p in pumps:
-                try:
-                    await p
-                except (asyncio.CancelledError, asyncssh.Error, OSError) as e:
-                    if not isinstance(e, asyncio.CancelledError):
-                        log.debug("%s: bridge pump ended: %r", self._name, e)
-            lw.close()                           # the monitor client sees EOF
-            self._writer.close()
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        if self._local is not None:
-            self._local[1].close()
-            try:
-                await self._local[1].wait_closed()
-            except (OSError, ConnectionError):
-                pass
-            self._local = None
-        else:
-            self._ours.close()
-        self.sock.close()
-        self._writer.close()
-
-
-
-class LocalForward:
-    """A unix socket here whose connections go, through an SSH connection, to a unix socket on the
-    host (``forward_local_unix``); ``close()`` stops listening (connections already made go on until
-    either end closes them)."""
-
-    def __init__(self, listener: asyncssh.SSHListener, path: str, remote_path: str, label: str) -> None:
-        self._listener = listener
-        self.path = path
-        self.remote_path = remote_path
-        self.label = label
-
-    async def close(self) -> None:
-        self._listener.close()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._listener.wait_closed()
-        except (TimeoutError, asyncssh.Error, OSError):
-            pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-async def forward_local_unix(conn: SshConnection, local_path: str, remote_path: str) -> LocalForward:
-    """Listen on the unix socket ``local_path`` here and carry every connection to ``remote_path`` on
-    the connection's host (direct stream-local forwarding: sshd connects there; nothing else runs on
-    the host). The caller closes the forward."""
-    try:
-        listener = await conn._conn.forward_local_path(local_path, remote_path)
-    except OSError as e:
-        raise ConnectFailed(f"cannot listen on {local_path} here to forward to {conn.label}: "
-                            f"{_describe_os_error(e)}") from None
-    except asyncssh.Error as e:
-        raise conn._gone(e) from None
-    return LocalForward(listener, local_path, remote_path, conn.label)
-
-
-# == SFTP (file copies between hosts: static migration) ===========================================
-
-SFTP_REQUESTS = 128              # requests in flight per read or write (their size: what the server's
-                                 # limits@openssh.com says, else asyncssh's default)
-
-
-class SftpFailed(Disconnected):
-    """A file operation over SFTP failed (no such file, no space left, permission...)."""
-
-    title = "copy failed"
-
-
-class SftpFile:
-    """An open file on a host, read and written at explicit offsets (many requests in flight)."""
-
-    def __init__(self, sftp: Sftp, path: str, handle: asyncssh.SFTPClientFile) -> None:
-        self._sftp = sftp
-        self.path = path
-        self._f = handle
-
-    async def read(self, size: int, offset: int) -> bytes:
-        try:
-            return bytes(await self._f.read(size, offset))
-        except BaseException as e:
-            raise self._sftp._error(e, f"reading {self.path}") from None
-
-    async def write(self, data: bytes, offset: int) -> None:
-        try:
-            await self._f.write(data, offset)
-        except BaseException as e:
-            raise self._sftp._error(e, f"writing {self.path}") from None
-
-    async def close(self) -> None:
-        try:
-            await self._f.close()
-        except (asyncssh.Error, OSError) as e:
-            log.debug("%s: closing %s: %r", self._sftp.label, self.path, e)
-
-
-class Sftp:
-    """An SFTP session on an ``SshConnection`` (``open_sftp``); every asyncssh error becomes SftpFailed
-    (or HostDisconnected when the connection went)."""
-
-    def __init__(self, conn: SshConnection, client: asyncssh.SFTPClient) -> None:
-        self._conn = conn
-        self._client = client
-        self.label = conn.label
-
-    def _error(self, e: BaseException, what: str) -> Disconnected:
-        if isinstance(e, asyncssh.SFTPError):
-            reason = e.reason.strip() or type(e).__name__
-            if e.code in (asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED):
-                reason = f"no space left ({reason})"
-            return SftpFailed(f"{self.label}: {what}: {reason}")
-        if isinstance(e, (asyncssh.Error, OSError)):
-            return self._conn._gone(e)
-        if isinstance(e, Exception):
-            return SftpFailed(f"{self.label}: {what}: {e}")
-        raise e                                  # CancelledError and friends go through
-
-    async def size(self, path: str) -> int | None:
-        """The file's size, None if there is no such file."""
-        try:
-            return int((await self._client.stat(path)).size or 0)
-        except asyncssh.SFTPNoSuchFile:
-            return None
-        except BaseException as e:
-            raise self._error(e, f"stat {path}") from None
-
-    async def open(self, path: str, mode: str) -> SftpFile:
-        """``mode``: "rb" (read), "r+b" (write into an existing file), "wb" (create or truncate)."""
-        try:
-            handle = await self._client.open(path, mode, encoding=None, max_requests=SFTP_REQUESTS)
-        except BaseException as e:
-            raise self._error(e, f"opening {path}") from None
-        return SftpFile(self, path, handle)
-
-    async def rename(self, old: str, new: str) -> None:
-        """Rename, replacing ``new`` if it exists (POSIX rename)."""
-        try:
-            await self._client.posix_rename(old, new)
-        except BaseException as e:
-            raise self._error(e, f"renaming {old} to {new}") from None
-
-    async def close(self) -> None:
-        self._client.exit()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._client.wait_closed()
-        except (TimeoutError, asyncssh.Error, OSError):
-            pass
-
-
-
-async def open_sftp(conn: SshConnection, timeout: float = 15.0) -> Sftp:
-    """An SFTP session on the host's connection (the caller closes it). Needs the host's sshd to
-    offer the sftp subsystem (OpenSSH's default)."""
-    try:
-        async with asyncio.timeout(timeout):
-            client = await conn._conn.start_sftp_client()
-    except TimeoutError:
-        raise SftpFailed(f"{conn.label}: no SFTP session within {timeout:g} s") from None
-    except asyncssh.ChannelOpenError as e:
-        raise SftpFailed(f"{conn.label}: cannot open an SFTP session: {e.reason.strip()}") from None
-    except asyncssh.SFTPError as e:
-        raise SftpFailed(f"{conn.label}: SFTP refused: {e.reason.strip()} (is the sftp subsystem enabled in "
-                         "its sshd_config?)") from None
-    except (asyncssh.Error, OSError) as e:
-        raise conn._gone(e) from None
-    return Sftp(conn, client)

@@ -1,235 +1,39 @@
-"""Hosts over SSH: one shared connection per host, and what kvmshell finds on a host.
-
-``HostPool`` maps an ``SshTarget`` (what an ``ssh://`` address or a ``[guests.X] host`` gives) to
-its ``[hosts.NAME]`` settings - identity file, jump host, accept_new_host_key - and keeps one SSH
-connection per host, shared by every monitor on it. A connection that dropped is opened again the
-next time a monitor asks for it (the fleet's reconnect loop does), with a per-host backoff so that
-twenty guests on a dead host make one attempt, not twenty. Make one from the config and hand it
-to the fleet, which passes it to every monitor and closes it::
-
-    pool = HostPool.from_config(config, connect_timeout=5)
-    fleet = Fleet(hosts=pool)          # fleet.aclose() closes every SSH connection
+"""What runs on a host (here or over SSH): the QEMU processes, their monitors and command lines, and
+free TCP ports.
 
 ``discover(pool, host)`` lists the QEMU processes on a host and their monitor sockets, read from
 ``/proc/*/cmdline`` (and, for monitors QEMU got as a file descriptor, ``/proc/PID/fd`` and
 ``/proc/net/unix``); ``survey`` adds reachability and QEMU's version, for ``kvmshell hosts``.
-Nothing here imports asyncssh: ``transport`` does the SSH.
+``pid_listening_on`` finds the QEMU behind a monitor socket on this host without connecting (a
+monitor serves one client at a time, and kvmshell already is that client): the listening unix socket
+shows in /proc/net/unix with its path and inode, and the process holding that inode among its file
+descriptors is the QEMU. ``free_port`` picks a TCP port nothing uses, here or on a host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
+import os
 import random
-import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from kvmshell.config import Config, HostConfig, parse_ssh_target
-from kvmshell.core.values.cmdline import parse_cmdline, split_props
-from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, uri_host
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget
+from kvmshell.core.values.cmdline import QemuCommand, parse_cmdline, split_props
 from kvmshell.core.values.models import QemuVersion
-from kvmshell.core.hosts.transport import (
-    DEFAULT_KNOWN_HOSTS, GLOBAL_KNOWN_HOSTS, PasswordPrompt, RemoteResult, SshConnection, SshParams, ssh_connect,
-)
-from kvmshell.errors import CommandFailed, ConfigError, ConnectFailed, Disconnected, KvmError
+from kvmshell.core.hosts.pool import COMMAND_TIMEOUT, ssh_text
+from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.hosts.ssh.connection import RemoteResult
+from kvmshell.errors import CommandFailed, ConnectFailed, KvmError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from kvmshell.core.hosts.pool import HostPool
 
 QEMU_BINARY = "qemu-system-x86_64"
-COMMAND_TIMEOUT = 15.0
 
-
-def ssh_text(t: SshTarget) -> str:
-    """``user@host:port`` as written in a [hosts.NAME] ssh key (the parts that are known)."""
-    host = uri_host(t.host)
-    return f"{t.user + '@' if t.user else ''}{host}{':' + str(t.port) if t.port else ''}"
-
-
-def host_label(hc: HostConfig) -> str:
-    """How messages name a host: ``host a (root@10.0.0.2:22)``, or ``root@10.0.0.2:22`` off the config."""
-    where = ssh_text(hc.ssh)
-    return f"host {hc.name} ({where})" if hc.name and hc.name != where else where
-
-
-def _same_port(a: int | None, b: int | None) -> bool:
-    return (a or 22) == (b or 22)
-
-
-@dataclass
-class _Entry:
-    """One host's connection and its reconnect state."""
-
-    config: HostConfig
-    params: SshParams
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    conn: SshConnection | None = None
-    failures: int = 0
-    next_try: float = 0.0
-    last_error: KvmError | None = None
-    connected_once: bool = False
-
-
-class HostPool:
-    """The SSH hosts kvmshell knows and one shared connection per host. See the module docstring.
-
-    ``known_hosts`` is the file host keys are checked against and accepted keys are recorded in
-    (default ``~/.ssh/known_hosts``, plus ``/etc/ssh/ssh_known_hosts`` read only); ``ssh_config``
-    replaces ``~/.ssh/config``. ``password_prompt`` is asked when a server wants a password, for the
-    first connection to each host only (a reconnection never prompts: it may happen under a running
-    UI); without it, such a server is an AuthFailed that says so. Passwords are never kept.
-    """
-
-    def __init__(self, hosts: Mapping[str, HostConfig] | Iterable[HostConfig] = (), *,
-                 known_hosts: str | Path | None = None, ssh_config: str | Path | None = None,
-                 connect_timeout: float = 10.0, keepalive: float | None = 15.0,
-                 backoff: tuple[float, float] = (0.25, 8.0),
-                 password_prompt: PasswordPrompt | None = None) -> None:
-        items = hosts.values() if isinstance(hosts, Mapping) else hosts
-        self.hosts: dict[str, HostConfig] = {h.name: h for h in items}
-        if known_hosts is None:
-            self.known_hosts, self._extra_known = DEFAULT_KNOWN_HOSTS, (GLOBAL_KNOWN_HOSTS,)
-        else:
-            self.known_hosts, self._extra_known = Path(known_hosts), ()
-        self.ssh_config = Path(ssh_config) if ssh_config is not None else None
-        self.connect_timeout = connect_timeout
-        self.keepalive = keepalive
-        self.backoff = backoff
-        self.password_prompt = password_prompt
-        self._entries: dict[tuple[str, str, int], _Entry] = {}
-        self._closed = False
-
-    @classmethod
-    def from_config(cls, config: Config, **kw: Any) -> HostPool:
-        return cls(config.hosts, **kw)
-
-    # -- which host is this ----------------------------------------------------------------
-    def lookup(self, target: SshTarget | str) -> HostConfig:
-        """The settings for ``target``: a [hosts.NAME] by name or by address, else a bare one."""
-        if isinstance(target, str):
-            if target in self.hosts:
-                return self.hosts[target]
-            target = parse_ssh_target(target, "host")
-        for hc in self.hosts.values():
-            t = hc.ssh
-            if t.host == target.host and _same_port(t.port, target.port) and (
-                    target.user is None or t.user is None or t.user == target.user):
-                if target.user and not t.user:
-                    return HostConfig(hc.name, SshTarget(t.host, target.user, t.port), hc.identity_file,
-                                      hc.jump, hc.accept_new_host_key)
-                return hc
-        named = self.hosts.get(target.host)
-        if named is not None and (target.user is None or named.ssh.user in (None, target.user)):
-            t = named.ssh
-            return HostConfig(named.name, SshTarget(t.host, target.user or t.user, target.port or t.port),
-                              named.identity_file, named.jump, named.accept_new_host_key)
-        return HostConfig(ssh_text(target), target)
-
-    def label(self, target: SshTarget | str) -> str:
-        return host_label(self.lookup(target))
-
-    def _params(self, hc: HostConfig) -> SshParams:
-        return SshParams(
-            target=hc.ssh, label=host_label(hc), host_name=hc.name if hc.name in self.hosts else None,
-            identity_file=Path(hc.identity_file) if hc.identity_file else None,
-            accept_new_host_key=hc.accept_new_host_key, known_hosts=self.known_hosts,
-            extra_known_hosts=self._extra_known, ssh_config=self.ssh_config,
-            connect_timeout=self.connect_timeout, keepalive=self.keepalive)
-
-    @staticmethod
-    def _key(hc: HostConfig) -> tuple[str, str, int]:
-        return (hc.ssh.user or "", hc.ssh.host, hc.ssh.port or 22)
-
-    def key(self, target: SshTarget | str) -> tuple[str, str, int]:
-        """What makes two targets the same host here, i.e. the same shared connection."""
-        return self._key(self.lookup(target))
-
-    # -- connections -----------------------------------------------------------------------
-    async def connection(self, target: SshTarget | str) -> SshConnection:
-        """The host's SSH connection: the shared one if it is up, else a new one (or the last error
-        again while the host is in backoff). Raises the errors of ``transport.ssh_connect``."""
-        return await self._connection(self.lookup(target), ())
-
-    async def _connection(self, hc: HostConfig, chain: tuple[tuple[str, str, int], ...]) -> SshConnection:
-        if self._closed:
-            raise Disconnected(f"{host_label(hc)}: the host pool is closed")
-        key = self._key(hc)
-        if key in chain:
-            raise ConfigError(f"{host_label(hc)}: jump hosts go round in a loop")
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry(hc, self._params(hc))
-        async with entry.lock:
-            if entry.conn is not None:
-                if entry.conn.alive:
-                    return entry.conn
-                old, entry.conn = entry.conn, None
-                log.info("%s", old.lost_message())
-                await old.close()
-            loop = asyncio.get_running_loop()
-            if entry.last_error is not None and loop.time() < entry.next_try:
-                raise _again(entry.last_error)
-            try:
-                tunnel = await self._connection(self.lookup(hc.jump), (*chain, key)) if hc.jump else None
-                conn = await ssh_connect(entry.params, tunnel=tunnel,
-                                         password_prompt=None if entry.connected_once else self.password_prompt)
-            except KvmError as e:
-                entry.failures += 1
-                entry.next_try = loop.time() + min(self.backoff[0] * 2 ** (entry.failures - 1), self.backoff[1])
-                entry.last_error = e
-                raise
-            if self._closed:                       # closed while we connected: do not leak it
-                await conn.close()
-                raise Disconnected(f"{host_label(hc)}: the host pool is closed")
-            entry.conn, entry.failures, entry.last_error, entry.connected_once = conn, 0, None, True
-            return conn
-
-    def connected(self, target: SshTarget | str) -> bool:
-        entry = self._entries.get(self._key(self.lookup(target)))
-        return entry is not None and entry.conn is not None and entry.conn.alive
-
-    async def run(self, host: SshTarget | str, command: str, timeout: float = COMMAND_TIMEOUT) -> RemoteResult:
-        """Run a shell command on the host, through its shared connection."""
-        return await (await self.connection(host)).run(command, timeout)
-
-    async def discover(self, host: SshTarget | str) -> list[DiscoveredGuest]:
-        """The QEMU guests on ``host`` and their monitors: see the module function ``discover``."""
-        return await discover(self, host)
-
-    async def aclose(self) -> None:
-        """Close every connection (idempotent). Monitors still using one see it drop."""
-        self._closed = True
-        conns = [e.conn for e in self._entries.values() if e.conn is not None]
-        for e in self._entries.values():
-            e.conn = None
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-
-    async def __aenter__(self) -> HostPool:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-def _again(e: KvmError) -> KvmError:
-    """A fresh copy of an error to raise once more (an exception object is not raised twice)."""
-    copy = type(e)(e.message, guest=e.guest)
-    copy.title = e.title
-    return copy
-
-
-async def terminal_password_prompt(text: str) -> str | None:
-    """Ask on the controlling terminal without echo (getpass, in a thread); None if there is none."""
-    try:
-        return await asyncio.to_thread(getpass.getpass, text)
-    except (EOFError, OSError):
-        return None
-
-
-# == what runs on a host =========================================================================
 
 @dataclass(frozen=True)
 class DiscoveredGuest:
@@ -497,6 +301,63 @@ async def survey(pool: HostPool, host: SshTarget | str) -> HostReport:
     return HostReport(name, ssh, True, None, version, note, tuple(guests))
 
 
+async def source_command(pool: HostPool | None, side: HostShell, address: Address, guest: str, purpose: str
+                         ) -> tuple[int, QemuCommand]:
+    """The pid and command line of the QEMU behind the monitor at ``address`` (found on its host, ``side``,
+    from /proc); ``purpose`` says in an error what it was needed for."""
+    host = address.ssh
+    found = await discover(pool if host else None, host)
+    match = next((g for g in found if any(m.same_target(address) for m in g.monitors)), None)
+    if match is None:
+        raise CommandFailed(f"cannot find the QEMU process behind {address} on {side.label} (no process there "
+                            f"has that monitor socket): its command line is needed to start {purpose}", guest=guest)
+    raw = await side.sh(f"cat /proc/{match.pid}/cmdline")
+    try:
+        return match.pid, parse_cmdline(raw.stdout)
+    except ValueError as e:
+        raise CommandFailed(f"pid {match.pid} on {side.label}: {e}", guest=guest) from None
+
+
+# -- the QEMU behind a monitor socket on this host ----------------------------------------------
+
+def socket_inodes(path: str, net_unix: str = "/proc/net/unix") -> set[int]:
+    inodes = set()
+    real = os.path.realpath(path)
+    with open(net_unix, encoding="utf-8", errors="replace") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] in (path, real):
+                inodes.add(int(fields[6]))
+    return inodes
+
+
+def pid_listening_on(path: str, proc: str = "/proc") -> int | None:
+    """The pid of the process holding the unix socket bound at ``path`` (None if none is found)."""
+    wanted = {f"socket:[{i}]" for i in socket_inodes(path, f"{proc}/net/unix")}
+    if not wanted:
+        return None
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"{proc}/{entry}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    if os.readlink(f"{fd_dir}/{fd}") in wanted:
+                        return int(entry)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
+def command_of(pid: int, proc: str = "/proc") -> QemuCommand:
+    with open(f"{proc}/{pid}/cmdline", "rb") as f:
+        return parse_cmdline(f.read())
+
+
 # -- a free TCP port on a host ---------------------------------------------------------------------
 
 PORTS = (49152, 60999)                # where a free port (an incoming migration, NBD, a probe) is picked
@@ -515,8 +376,14 @@ def used_ports(proc_net_tcp: str) -> set[int]:
     return ports
 
 
-async def free_port(pool: HostPool, host: SshTarget | str) -> int:
-    """A TCP port nothing uses on ``host`` right now (from its /proc/net/tcp), picked at random."""
+async def free_port(pool: HostPool | None, host: SshTarget | str | None) -> int:
+    """A TCP port nothing uses on ``host`` right now (from its /proc/net/tcp), picked at random; on
+    this machine (``host`` None), the one the kernel gives a socket bound to 127.0.0.1 port 0."""
+    if host is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    assert pool is not None, "a remote host needs a HostPool"
     r = await pool.run(host, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true")
     used = used_ports(r.text)
     free = [p for p in random.sample(range(PORTS[0], PORTS[1] + 1), 64) if p not in used]
