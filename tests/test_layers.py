@@ -216,11 +216,6 @@ KNOWN_PROTOCOL_CHOICES: set[tuple[str, str, str]] = {
     ("kvmshell.core.migration.live.storage", "StorageStage._refresh", 'execute("query-block-jobs")'),
     ("kvmshell.core.migration.live.storage", "StorageStage._clean_source", 'execute("query-block-jobs")'),
     ("kvmshell.core.migration.live.storage", "StorageStage._gone", 'execute("query-block-jobs")'),
-    # --unplug: device_del and its DEVICE_DELETED event, QOM
-    ("kvmshell.core.migration.live.passthrough", "peripherals", "Protocol.QMP"),
-    ("kvmshell.core.migration.live.passthrough", "PassthroughStage.prepare", "Protocol.QMP"),
-    # --tls: object-add of the credentials
-    ("kvmshell.core.migration.tls", "enable", "Protocol.QMP"),
     # --to-host --copy-storage: the preflight (its imports are being reworked with core/hosts)
     ("kvmshell.core.migration.crosshost", "CrossHostMigration.preflight", "Protocol.QMP"),
 }

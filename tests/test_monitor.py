@@ -213,6 +213,28 @@ async def test_typed_settings_and_queries(lab: Lab, kind: MonitorKind) -> None:
 
 
 @pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
+async def test_typed_objects_and_qom(lab: Lab, kind: MonitorKind) -> None:
+    guest = await lab.start("vm", kind, paused=True)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        assert mon.delivers_events is (kind.protocol is Protocol.QMP)
+        assert "az" not in await mon.objects()
+        dn = "CN=src.example,O=kvmshell test, Inc."                 # commas and a space: keyval escaping
+        await mon.object_add("authz-simple", "az", {"identity": dn})
+        assert "az" in await mon.objects()
+        assert await mon.qom_get("/objects/az", "identity") == dn
+        assert (await mon.qom_list("/objects/az")).get("identity") == "string"
+        await mon.object_del("az")
+        assert "az" not in await mon.objects()
+        with pytest.raises(CommandFailed):
+            await mon.qom_get("/objects/az", "identity")
+        with pytest.raises(CommandFailed):
+            await mon.device_del("nosuch-device")
+    finally:
+        await mon.close()
+
+
+@pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
 async def test_typed_migration_to_the_other_protocol(lab: Lab, kind: MonitorKind) -> None:
     """migrate_incoming, migrate, a stop at pre-switchover and migrate_continue: the source speaks
     ``kind``, the destination the other protocol."""

@@ -70,6 +70,7 @@ class Features:
 
 class Monitor(abc.ABC):
     protocol: Protocol
+    delivers_events: bool            # QEMU's events (MIGRATION, DEVICE_DELETED...) reach subscribers
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:
@@ -190,6 +191,18 @@ class Monitor(abc.ABC):
         """The guest's base memory in bytes."""
 
     @abc.abstractmethod
+    async def qom_list(self, path: str) -> dict[str, str]:
+        """The children and properties at a QOM path: {name: type}, types as QEMU writes them."""
+
+    @abc.abstractmethod
+    async def qom_get(self, path: str, prop: str) -> Any:
+        """A QOM property's value (a JSON value)."""
+
+    async def objects(self) -> frozenset[str]:
+        """The ids of the user-created objects (-object, object_add)."""
+        return frozenset(await self.qom_list("/objects"))
+
+    @abc.abstractmethod
     async def migrate_options(self) -> frozenset[str]:
         """Which of migrate's options this QEMU has: a subset of blk, inc, resume."""
 
@@ -247,6 +260,16 @@ class Monitor(abc.ABC):
                     await asyncio.sleep(0.1)
         except TimeoutError:
             raise MonitorTimeout(f"no dirty-rate result within {bound:g} s", guest=self.name) from None
+
+    @abc.abstractmethod
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None: ...
+
+    @abc.abstractmethod
+    async def object_del(self, object_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def device_del(self, device_id: str) -> None:
+        """Ask the guest to release a device (DEVICE_DELETED says when it has, where events arrive)."""
 
     @abc.abstractmethod
     async def stop(self) -> None: ...

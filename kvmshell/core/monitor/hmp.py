@@ -10,6 +10,7 @@ recognise: that also tells a QEMU monitor from any other peer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import secrets
@@ -48,6 +49,7 @@ def parameter_text(name: str, value: ParamValue) -> str:
 
 class HmpMonitor(Monitor):
     protocol = Protocol.HMP
+    delivers_events = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -239,6 +241,12 @@ class HmpMonitor(Monitor):
     async def ram_size(self) -> int:
         return await self._parsed("info memory_size_summary", hmptext.parse_memory_size)
 
+    async def qom_list(self, path: str) -> dict[str, str]:
+        return await self._parsed(f"qom-list {path}", hmptext.parse_qom_list)
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self._parsed(f"qom-get {path} {prop}", json.loads)      # QEMU prints it as JSON
+
     async def migrate_options(self) -> frozenset[str]:
         help_text = await self.hmp("help migrate")
         return frozenset(name for flag, name in _MIGRATE_FLAGS if flag in help_text)
@@ -277,6 +285,15 @@ class HmpMonitor(Monitor):
 
     async def start_dirty_rate(self, seconds: int) -> None:
         await self.hmp(f"calc_dirty_rate {seconds}")
+
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
+        await self.hmp(f"object_add {hmptext.keyval({'qom-type': qom_type, 'id': object_id, **props})}")
+
+    async def object_del(self, object_id: str) -> None:
+        await self.hmp(f"object_del {object_id}")
+
+    async def device_del(self, device_id: str) -> None:
+        await self.hmp(f"device_del {device_id}")
 
     async def stop(self) -> None:
         await self.hmp("stop")

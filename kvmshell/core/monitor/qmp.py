@@ -47,6 +47,7 @@ def _reason(e: BaseException) -> str:
 
 class QmpMonitor(Monitor):
     protocol = Protocol.QMP
+    delivers_events = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -222,6 +223,12 @@ class QmpMonitor(Monitor):
     async def ram_size(self) -> int:
         return int((await self.execute("query-memory-size-summary"))["base-memory"])
 
+    async def qom_list(self, path: str) -> dict[str, str]:
+        return {str(e["name"]): str(e.get("type", "")) for e in await self.execute("qom-list", {"path": path})}
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
     async def migrate_options(self) -> frozenset[str]:
         return frozenset(await self.command_args("migrate")) & {"blk", "inc", "resume"}
 
@@ -258,6 +265,15 @@ class QmpMonitor(Monitor):
 
     async def start_dirty_rate(self, seconds: int) -> None:
         await self.execute("calc-dirty-rate", {"calc-time": seconds})
+
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
+        await self.execute("object-add", {"qom-type": qom_type, "id": object_id, **props})
+
+    async def object_del(self, object_id: str) -> None:
+        await self.execute("object-del", {"id": object_id})
+
+    async def device_del(self, device_id: str) -> None:
+        await self.execute("device_del", {"id": device_id})
 
     async def stop(self) -> None:
         await self.execute("stop")

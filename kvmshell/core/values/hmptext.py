@@ -6,6 +6,7 @@ Formats are those of QEMU 7.2's hmp-cmds.c and of later releases where they diff
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
 
@@ -211,6 +212,23 @@ def parse_memory_size(text: str) -> int:
     if not m:
         raise ValueError(f"unexpected 'info memory_size_summary' reply: {text.strip()[:80]!r}")
     return int(m.group(1))
+
+
+def parse_qom_list(text: str) -> dict[str, str]:
+    """``qom-list PATH``: ``net0 (child<virtio-net-pci>)`` per line; {name: type}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, kind = line.strip().partition(" (")
+        if sep and name:
+            out[name] = kind.removesuffix(")")
+    return out
+
+
+def keyval(props: Mapping[str, object]) -> str:
+    """Properties as QEMU's keyval syntax reads them (object_add, device_add): commas doubled."""
+    def text(v: object) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+    return ",".join(f"{k}={text(v).replace(',', ',,')}" for k, v in props.items())
 
 
 def quote(word: str) -> str:
