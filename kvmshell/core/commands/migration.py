@@ -1,4 +1,4 @@
-"""The HMP migration commands, on any QEMU: QMP where the guest speaks it, HMP otherwise.
+"""The HMP migration commands, on any QEMU (the monitor speaks QMP or HMP, whichever the guest has).
 
 Also the two commands QEMU removed in 6.0 and admins still type: migrate_set_speed (-> max-bandwidth)
 and migrate_set_downtime (-> downtime-limit).
