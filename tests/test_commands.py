@@ -165,10 +165,9 @@ async def test_qemu_errors_are_failures_with_guest_name(two: tuple[Session, LabG
 
 
 async def test_feature_discovery_finds_block_migration(two: tuple[Session, LabGuest, LabGuest]) -> None:
-    from kvmshell.core.commands.migration import _migrate_args
     s, *_ = two
     for name in ("q", "h"):
-        assert {"blk", "inc", "resume"} <= await _migrate_args(s.fleet.monitor(name))   # QEMU 7.2 still has them
+        assert {"blk", "inc", "resume"} <= await s.fleet.monitor(name).migrate_options()   # QEMU 7.2 still has them
 
 
 async def test_live_migration_by_hmp_commands(lab: Lab, tmp_path: Path) -> None:

@@ -99,3 +99,36 @@ def test_parsers_never_crash_on_junk(text: str) -> None:
     hmptext.parse_migrate_capabilities(text)
     hmptext.parse_snapshots(text)
     hmptext.parse_help(text)
+
+
+DIRTY_NOT_READY = ("Status: unstarted\nStart Time: 12883 (ms)\nSample Pages: 512 (per GB)\nPeriod: 1 (sec)\n"
+                   "Mode: page-sampling\nDirty rate: (not ready)")
+DIRTY_MEASURED = ("Status: measured\nStart Time: 12883 (ms)\nSample Pages: 512 (per GB)\nPeriod: 1 (sec)\n"
+                  "Mode: page-sampling\nDirty rate: 99 (MB/s)")
+
+
+def test_dirty_rate() -> None:
+    waiting = hmptext.parse_dirty_rate(DIRTY_NOT_READY)
+    assert waiting.status == "unstarted" and not waiting.measured and waiting.dirty_rate_mb is None
+    done = hmptext.parse_dirty_rate(DIRTY_MEASURED)
+    assert done.measured and done.dirty_rate_mb == 99 and done.bytes_per_s == 99 * 2**20
+    assert (done.calc_time_s, done.sample_pages, done.mode, done.start_time) == (1, 512, "page-sampling", 12883)
+    with pytest.raises(ValueError):
+        hmptext.parse_dirty_rate("Starting dirty rate measurement with period 1 seconds")
+
+
+def test_cpus_memory_and_qom() -> None:
+    assert hmptext.parse_cpu_count("* CPU #0: thread_id=8806\n  CPU #1: thread_id=8807") == 2
+    assert hmptext.parse_memory_size("base memory: 67108864\nplugged memory: 0") == 64 << 20
+    with pytest.raises(ValueError):
+        hmptext.parse_memory_size("unknown")
+    assert hmptext.parse_qom_list("type (string)\npc.ram (child<memory-backend-ram>)") == \
+        {"type": "string", "pc.ram": "child<memory-backend-ram>"}
+
+
+def test_keyval_and_quote() -> None:
+    assert hmptext.keyval({"qom-type": "authz-simple", "id": "az", "identity": "CN=a,O=b"}) == \
+        "qom-type=authz-simple,id=az,identity=CN=a,,O=b"
+    assert hmptext.keyval({"verify-peer": True, "x": False}) == "verify-peer=on,x=off"
+    assert hmptext.quote("plain") == "plain"
+    assert hmptext.quote("") == '""' and hmptext.quote('a "b"') == '"a \\"b\\""'

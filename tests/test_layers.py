@@ -16,7 +16,7 @@ import ast
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "kvmshell"
@@ -43,17 +43,12 @@ TIERS: list[tuple[str, int, str]] = [
 
 # Imports that break the tiers today, each (importer, imported module). The list only shrinks: an entry
 # that no longer occurs fails the test too, so that it is taken off.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("kvmshell.core.monitor.guestdata", "kvmshell.core.commands.steer"),
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 # `kvmshell.*` imports inside a function of core/ (they hide a cycle); the one factory that picks a
 # monitor implementation by protocol is the exception the rules allow.
 FACTORY = ("kvmshell.core.monitor.base", "make_monitor")
-KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = {
-    ("kvmshell.core.monitor.guestdata", "kvmshell.core.commands.steer"),
-    ("kvmshell.core.monitor.guestdata", "kvmshell.errors"),
-}
+KNOWN_LOCAL_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
@@ -182,3 +177,81 @@ def test_every_package_says_what_it_owns_and_may_import() -> None:
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert len(doc) > 60 and re.search(r"\bimport", doc), f"{init.relative_to(PKG.parent)}: no docstring " \
             "saying what the package owns and what it may import"
+
+
+# -- only core/monitor knows QMP from HMP ---------------------------------------------------------
+
+# Places outside core/monitor that still choose by protocol or send a raw query, each (module, function,
+# what): a comparison with Protocol.QMP/HMP, a call of is_qmp(, or an execute("query-...") literal. The
+# list only shrinks: an entry that no longer occurs fails the test too, so that it is taken off.
+KNOWN_PROTOCOL_CHOICES: set[tuple[str, str, str]] = {
+    # --copy-storage: NBD exports and block mirrors, QMP-only machinery
+    ("kvmshell.core.migration.live.storage", "block_devices", 'execute("query-block")'),
+    ("kvmshell.core.migration.live.storage", "StorageStage._refresh", 'execute("query-block-jobs")'),
+    ("kvmshell.core.migration.live.storage", "StorageStage._clean_source", 'execute("query-block-jobs")'),
+    ("kvmshell.core.migration.live.storage", "StorageStage._gone", 'execute("query-block-jobs")'),
+}
+
+# Comparisons about an address or how QEMU is started, not about talking to a monitor: they stay.
+ADDRESS_LEVEL: set[tuple[str, str, str]] = {
+    ("kvmshell.core.values.address", "parse_address", "Protocol.HMP"),      # a pty carries HMP only
+    ("kvmshell.lab.launcher", "Lab.start", "Protocol.QMP"),                 # -chardev mode=control|readline
+}
+
+
+def protocol_choices(modules: Iterable[tuple[str, ast.Module]]) -> Iterator[tuple[str, str, str]]:
+    """(module, function, what) for every protocol choice in ``modules`` outside core/monitor."""
+    for module, tree in modules:
+        if module.startswith("kvmshell.core.monitor"):
+            continue
+
+        def walk(node: ast.AST, scope: str) -> Iterator[tuple[str, str, str]]:
+            for child in ast.iter_child_nodes(node):
+                inner = scope
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    inner = f"{scope}.{child.name}" if scope else child.name
+                    if isinstance(child, ast.ClassDef):
+                        yield from walk(child, inner)
+                        continue
+                if isinstance(child, ast.Compare):
+                    for side in (child.left, *child.comparators):
+                        if isinstance(side, ast.Attribute) and isinstance(side.value, ast.Name) and \
+                                side.value.id == "Protocol" and side.attr in ("QMP", "HMP"):
+                            yield module, scope, f"Protocol.{side.attr}"
+                elif isinstance(child, ast.Call):
+                    func = child.func
+                    if isinstance(func, ast.Name) and func.id == "is_qmp" or \
+                            isinstance(func, ast.Attribute) and func.attr == "is_qmp":
+                        yield module, scope, "is_qmp("
+                    elif isinstance(func, ast.Attribute) and func.attr == "execute" and child.args and \
+                            isinstance(child.args[0], ast.Constant) and isinstance(child.args[0].value, str) and \
+                            child.args[0].value.startswith("query-"):
+                        yield module, scope, f'execute("{child.args[0].value}")'
+                yield from walk(child, inner)
+
+        yield from walk(tree, "")
+
+
+def test_only_core_monitor_chooses_between_qmp_and_hmp() -> None:
+    found = set(protocol_choices((module, tree) for module, _, tree in package_modules()))
+    new = sorted(found - KNOWN_PROTOCOL_CHOICES - ADDRESS_LEVEL)
+    assert not new, "QMP/HMP chosen outside core/monitor (add a typed query or action to Monitor):\n" + \
+        "\n".join(f"  {m} {f}: {w}" for m, f, w in new)
+    gone = sorted((KNOWN_PROTOCOL_CHOICES | ADDRESS_LEVEL) - found)
+    assert not gone, "take these off KNOWN_PROTOCOL_CHOICES, they are fixed:\n" + \
+        "\n".join(f"  {m} {f}: {w}" for m, f, w in gone)
+
+
+def test_the_protocol_check_sees_what_it_should() -> None:
+    """The walk finds each kind of choice (else an empty KNOWN list would prove nothing)."""
+    code = ('from kvmshell.core.values.address import Protocol\n'
+            'class A:\n'
+            '    async def f(self, mon):\n'
+            '        if mon.protocol is Protocol.QMP or is_qmp(mon):\n'
+            '            await mon.execute("query-status")\n'
+            '        await mon.execute(command)\n')
+    seen = sorted(protocol_choices([("kvmshell.core.commands.fake", ast.parse(code)),
+                                    ("kvmshell.core.monitor.fake", ast.parse(code))]))
+    assert seen == [("kvmshell.core.commands.fake", "A.f", "Protocol.QMP"),
+                    ("kvmshell.core.commands.fake", "A.f", "execute(\"query-status\")"),
+                    ("kvmshell.core.commands.fake", "A.f", "is_qmp(")]

@@ -7,11 +7,12 @@ import asyncio
 import pytest
 
 from kvmshell.core.values.address import Protocol
-from kvmshell.core.monitor.hmp import HmpMonitor
+from kvmshell.core.monitor.hmp import HmpMonitor, parameter_text
 from kvmshell.core.values.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor.base import open_monitor
-from kvmshell.errors import CommandFailed, Unsupported
+from kvmshell.errors import CommandFailed, Disconnected, Unsupported
 from kvmshell.lab.launcher import Lab, MonitorKind
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -149,3 +150,154 @@ async def test_qmp_error_replies_become_command_failures(lab: Lab) -> None:
         assert (await mon.status()).state is RunState.PRELAUNCH          # still in step
     finally:
         await mon.close()
+
+
+# -- typed actions: the same call on either protocol -------------------------------------------------
+
+BOTH = [MonitorKind.QMP_UNIX, MonitorKind.HMP_UNIX]
+
+
+def test_hmp_encodes_sizes_in_bytes() -> None:
+    """HMP reads a bare max-bandwidth as MiB: the one encoder always says bytes for sizes."""
+    assert parameter_text("max-bandwidth", 1000) == "1000B"
+    assert parameter_text("xbzrle-cache-size", 1 << 25) == f"{1 << 25}B"
+    assert parameter_text("downtime-limit", 450) == "450"
+    assert parameter_text("block-incremental", True) == "on"
+    assert parameter_text("tls-creds", "") == '""'
+
+
+@pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
+async def test_typed_settings_and_queries(lab: Lab, kind: MonitorKind) -> None:
+    guest = await lab.start("vm", kind, paused=True, ram_mib=64)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        await mon.set_capabilities({"events": True, "xbzrle": True})
+        caps = await mon.migrate_capabilities()
+        assert caps["events"] and caps["xbzrle"] and not caps["postcopy-ram"]
+        await mon.set_capabilities({"xbzrle": False})
+        assert not (await mon.migrate_capabilities())["xbzrle"]
+        # 1000 bytes/s, not 1000 MiB/s as a bare number would be in HMP
+        await mon.set_parameters({"max-bandwidth": 1000, "downtime-limit": 450, "xbzrle-cache-size": 32 << 20,
+                                  "block-incremental": True, "tls-hostname": "dst.example"})
+        params = await mon.migrate_parameters()
+        assert params.max_bandwidth == 1000 and params.downtime_limit_ms == 450
+        assert params.get("xbzrle-cache-size") == 32 << 20 and params.get("block-incremental") is True
+        assert params.get("tls-hostname") == "dst.example"
+        await mon.set_parameters({"tls-hostname": ""})
+        assert (await mon.migrate_parameters()).get("tls-hostname") == ""
+        assert await mon.vcpu_count() == 1
+        assert await mon.ram_size() == 64 << 20
+        assert {"blk", "inc", "resume"} <= await mon.migrate_options()       # QEMU 7.2 still has them
+        await mon.cont()
+        assert (await mon.status()).state is RunState.RUNNING
+        await mon.stop()
+        assert (await mon.status()).state is RunState.PAUSED
+        await mon.cont()
+        await mon.system_reset()
+        assert (await mon.status()).state is RunState.RUNNING
+        rate = await mon.measure_dirty_rate(1)
+        assert rate.window_s == 1 and rate.bytes_per_s >= 0
+        info = await mon.dirty_rate()
+        assert info.measured and info.calc_time_s == 1 and info.dirty_rate_mb is not None
+        with pytest.raises(CommandFailed):
+            await mon.migrate_continue("pre-switchover")            # no migration waits there
+        with pytest.raises(CommandFailed):
+            await mon.set_parameters({"downtime-limit": 10**9})
+        await mon.quit()
+        async with asyncio.timeout(10):
+            await mon.wait_closed()
+    except Disconnected:
+        pass                    # quit: QEMU may close the monitor before it answers
+    finally:
+        await mon.close()
+
+
+@pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
+async def test_typed_objects_and_qom(lab: Lab, kind: MonitorKind) -> None:
+    guest = await lab.start("vm", kind, paused=True)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        assert mon.delivers_events is (kind.protocol is Protocol.QMP)
+        assert "az" not in await mon.objects()
+        dn = "CN=src.example,O=kvmshell test, Inc."                 # commas and a space: keyval escaping
+        await mon.object_add("authz-simple", "az", {"identity": dn})
+        assert "az" in await mon.objects()
+        assert await mon.qom_get("/objects/az", "identity") == dn
+        assert (await mon.qom_list("/objects/az")).get("identity") == "string"
+        await mon.object_del("az")
+        assert "az" not in await mon.objects()
+        with pytest.raises(CommandFailed):
+            await mon.qom_get("/objects/az", "identity")
+        with pytest.raises(CommandFailed):
+            await mon.device_del("nosuch-device")
+    finally:
+        await mon.close()
+
+
+@pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
+async def test_typed_migration_to_the_other_protocol(lab: Lab, kind: MonitorKind) -> None:
+    """migrate_incoming, migrate, a stop at pre-switchover and migrate_continue: the source speaks
+    ``kind``, the destination the other protocol."""
+    other = MonitorKind.HMP_UNIX if kind.protocol is Protocol.QMP else MonitorKind.QMP_UNIX
+    src_guest = await lab.start("src", kind, ws_pages=64)
+    dst_guest = await lab.start("dst", other, ws_pages=64, incoming=True, disk=src_guest.disk)
+    src = await open_monitor(src_guest.name, src_guest.address)
+    dst = await open_monitor(dst_guest.name, dst_guest.address)
+    try:
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        await dst.migrate_incoming(uri)
+        await src.set_capabilities({"pause-before-switchover": True})
+        await src.set_parameters({"max-bandwidth": 10 << 30})
+        await src.migrate(uri)
+        info = await wait_for(src.migration, lambda i: i.status is MigrationStatus.PRE_SWITCHOVER or
+                              i.status.is_finished, timeout=60, what="pre-switchover")
+        assert info.status is MigrationStatus.PRE_SWITCHOVER, info
+        await src.migrate_continue("pre-switchover")
+        info = await wait_for(src.migration, lambda i: i.status.is_finished, timeout=60, what="the end")
+        assert info.status is MigrationStatus.COMPLETED, info
+        assert (await wait_for(dst.status, lambda s: s.running, timeout=30, what="dst running")).running
+    finally:
+        await src.close()
+        await dst.close()
+
+
+@pytest.mark.parametrize("kind", BOTH, ids=lambda k: k.value)
+async def test_typed_postcopy_then_cancel(lab: Lab, kind: MonitorKind) -> None:
+    """start_postcopy finishes a migration that a 1 MiB/s cap holds back; a second one is cancelled
+    and the guest runs on where it was."""
+    src_guest = await lab.start("src", kind, ws_pages=256)
+    dst_guest = await lab.start("dst", kind, ws_pages=256, incoming=True, disk=src_guest.disk)
+    back_guest = await lab.start("back", kind, ws_pages=256, incoming=True, disk=src_guest.disk)
+    src = await open_monitor(src_guest.name, src_guest.address)
+    dst = await open_monitor(dst_guest.name, dst_guest.address)
+    back = await open_monitor(back_guest.name, back_guest.address)
+    try:
+        for mon in (src, dst):
+            await mon.set_capabilities({"postcopy-ram": True})
+        await src.set_parameters({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 10 << 30})
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        await dst.migrate_incoming(uri)
+        await src.migrate(uri)
+        info = await wait_for(src.migration, lambda i: i.status is MigrationStatus.ACTIVE or i.status.is_finished,
+                              timeout=30, what="active")
+        assert info.status is MigrationStatus.ACTIVE, info
+        await src.start_postcopy()
+        info = await wait_for(src.migration, lambda i: i.status.is_finished, timeout=60, what="the end")
+        assert info.status is MigrationStatus.COMPLETED, info
+        assert (await wait_for(dst.status, lambda s: s.running, timeout=30, what="dst running")).running
+        # dst now holds the guest: migrate it on to `back`, capped, and cancel
+        await dst.set_capabilities({"postcopy-ram": False})         # `back` has it off
+        await dst.set_parameters({"max-bandwidth": 1 << 20})
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        await back.migrate_incoming(uri)
+        await dst.migrate(uri)
+        info = await wait_for(dst.migration, lambda i: i.status is MigrationStatus.ACTIVE or i.status.is_finished,
+                              timeout=30, what="active")
+        assert info.status is MigrationStatus.ACTIVE, info
+        await dst.migrate_cancel()
+        info = await wait_for(dst.migration, lambda i: i.status.is_finished, timeout=30, what="cancelled")
+        assert info.status is MigrationStatus.CANCELLED, info
+        assert (await dst.status()).running
+    finally:
+        for mon in (src, dst, back):
+            await mon.close()

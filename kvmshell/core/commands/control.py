@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.results import Done, Json, Result, Text
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.monitor.guestdata import STATUS
@@ -20,23 +19,20 @@ async def info_status(inv: Invocation) -> Result:
 
 
 async def stop(inv: Invocation) -> Result:
-    mon = inv.monitor
-    await (mon.execute("stop") if is_qmp(mon) else mon.hmp("stop"))
+    await inv.monitor.stop()
     inv.session.data.schedule(inv.guest or "", STATUS)
     return Done("stopped")
 
 
 async def cont(inv: Invocation) -> Result:
-    mon = inv.monitor
-    await (mon.execute("cont") if is_qmp(mon) else mon.hmp("cont"))
+    await inv.monitor.cont()
     inv.session.data.schedule(inv.guest or "", STATUS)
     return Done("running")
 
 
 async def system_reset(inv: Invocation) -> Result:
     await inv.confirm("reset the guest (like pressing its reset button: unsaved guest state is lost)?")
-    mon = inv.monitor
-    await (mon.execute("system_reset") if is_qmp(mon) else mon.hmp("system_reset"))
+    await inv.monitor.system_reset()
     return Done("reset")
 
 
@@ -46,7 +42,7 @@ async def quit_guest(inv: Invocation) -> Result:
     running = "" if not info.status.is_active else f" (a migration is {info.status}: it would be lost too)"
     await inv.confirm(f"quit ends this guest's QEMU process: the guest is gone unless it was migrated{running}. Quit?")
     try:
-        await (mon.execute("quit") if is_qmp(mon) else mon.hmp("quit"))
+        await mon.quit()
     except Disconnected:
         pass                      # QEMU may close the monitor before it answers
     return Done("QEMU quit")

@@ -6,8 +6,7 @@ from __future__ import annotations
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.live.passthrough import PassthroughStage, parse_replug
 from kvmshell.core.migration.live.stages import Stage
-from kvmshell.core.migration.live.storage import MODES, StorageStage
-from kvmshell.core.values.address import Protocol
+from kvmshell.core.migration.live.storage import MODES, StorageStage, can_mirror
 from kvmshell.errors import Refused, UsageError
 
 
@@ -42,7 +41,7 @@ def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> 
                          "disks) or --to-host HOST", guest=source)
     fleet = inv.session.fleet
     for name in (source, dest):
-        if fleet.monitor(name).protocol is not Protocol.QMP:
+        if not can_mirror(fleet.monitor(name)):
             raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
     stage = StorageStage(mode)
     if mode == "inc":

@@ -1,4 +1,4 @@
-"""The HMP migration commands, on any QEMU: QMP where the guest speaks it, HMP otherwise.
+"""The HMP migration commands, on any QEMU (the monitor speaks QMP or HMP, whichever the guest has).
 
 Also the two commands QEMU removed in 6.0 and admins still type: migrate_set_speed (-> max-bandwidth)
 and migrate_set_downtime (-> downtime-limit).
@@ -10,8 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from kvmshell.core.commands.common import is_qmp
-from kvmshell.core.commands.results import Done, KeyValues, Result, Text, Watch
+from kvmshell.core.commands.results import Done, KeyValues, Result, Watch
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
@@ -20,24 +19,15 @@ from kvmshell.core.values.units import (
     check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
 )
 from kvmshell.core.monitor.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
-from kvmshell.core.values.models import MigrationInfo, MigrationStatus, RunState
+from kvmshell.core.values.models import SIZE_PARAMETERS, MigrationInfo, MigrationStatus, RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Invocation
 from kvmshell.errors import CommandFailed, Refused, Unsupported
 
 YES = Flag(("-y", "--yes"), "do not ask for confirmation")
-# parameters that hold sizes; max-bandwidth and max-postcopy-bandwidth take MiB for a bare number, as HMP does
+# parameters that hold sizes; the bandwidths take MiB for a bare number, as HMP does
 BANDWIDTH_PARAMS = ("max-bandwidth", "max-postcopy-bandwidth", "avail-switchover-bandwidth")
-SIZE_PARAMS = BANDWIDTH_PARAMS + ("xbzrle-cache-size",)
 MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
-
-
-async def _migrate_args(mon: Monitor) -> set[str]:
-    """The arguments this QEMU's migrate accepts (from its QMP schema, or HMP's help text)."""
-    if is_qmp(mon):
-        return set(await mon.command_args("migrate"))
-    help_text = await mon.hmp("help migrate")
-    return {name for flag, name in (("-b", "blk"), ("-i", "inc"), ("-r", "resume")) if flag in help_text} | {"uri"}
 
 
 async def migrate(inv: Invocation) -> Result:
@@ -62,7 +52,7 @@ async def migrate(inv: Invocation) -> Result:
     if info.blocked_reasons:
         raise Refused("this guest cannot migrate: " + explain(info.blocked_reasons), guest=inv.guest)
     if blk or inc or resume:
-        have = await _migrate_args(mon)
+        have = await mon.migrate_options()
         for flag, arg, wanted in (("-b", "blk", blk), ("-i", "inc", inc), ("-r", "resume", resume)):
             if wanted and arg not in have:
                 hint = ("block migration was removed in QEMU 9.1: use shared storage, or copy the disks "
@@ -78,18 +68,7 @@ async def migrate(inv: Invocation) -> Result:
         if not params.get("tls-creds"):
             warnings.append(f"the migration stream to {host} is not encrypted (no tls-creds): "
                             "anyone on the path can read the guest's memory")
-    if is_qmp(mon):
-        args: dict[str, Any] = {"uri": uri}
-        if blk:
-            args["blk"] = True
-        if inc:
-            args["inc"] = True
-        if resume:
-            args["resume"] = True
-        await mon.execute("migrate", args)
-    else:
-        opts = "".join(f" {f}" for f, on in (("-b", blk), ("-i", inc), ("-r", resume)) if on)
-        await mon.hmp(f"migrate -d{opts} {uri}")     # always detached: a blocking migrate would hold the monitor
+    await mon.migrate(uri, blk=blk, inc=inc, resume=resume)
     inv.session.data.schedule(inv.guest or "", MIGRATION)
     state = await _first_state(mon)
     if state.status is MigrationStatus.FAILED:
@@ -142,7 +121,7 @@ async def migrate_cancel(inv: Invocation) -> Result:
     if info.status.value.startswith("postcopy"):
         raise Refused(f"cancel refused: the migration is {info.status}, the guest already runs on the destination; "
                       "`migrate_pause` stops the stream so that it can be recovered", guest=inv.guest)
-    await (mon.execute("migrate_cancel") if is_qmp(mon) else mon.hmp("migrate_cancel"))
+    await mon.migrate_cancel()
     inv.session.data.schedule(inv.guest or "", MIGRATION)
     return Done("migration cancelled; the guest keeps running here")
 
@@ -154,7 +133,7 @@ async def migrate_incoming(inv: Invocation) -> Result:
     if status.state is not RunState.INMIGRATE:
         raise CommandFailed(f"the guest is {status}, not waiting for a migration: start its QEMU with "
                             "`-incoming defer` to receive one", guest=inv.guest)
-    await (mon.execute("migrate-incoming", {"uri": uri}) if is_qmp(mon) else mon.hmp(f"migrate_incoming {uri}"))
+    await mon.migrate_incoming(uri)
     return Done(f"listening for the incoming migration on {uri}")
 
 
@@ -170,32 +149,26 @@ async def migrate_start_postcopy(inv: Invocation) -> Result:
     await inv.confirm("switch to postcopy? From now on the guest runs on the destination while its memory "
                       "is still being copied: if the network or the destination fails, the guest is split "
                       "between hosts and can only be recovered with migrate_recover")
-    await (mon.execute("migrate-start-postcopy") if is_qmp(mon) else mon.hmp("migrate_start_postcopy"))
+    await mon.start_postcopy()
     return Done("switched to postcopy")
 
 
 async def migrate_recover(inv: Invocation) -> Result:
     mon = inv.monitor
     uri = str(inv.values["uri"])
-    await (mon.execute("migrate-recover", {"uri": uri}) if is_qmp(mon) else mon.hmp(f"migrate_recover {uri}"))
+    await mon.migrate_recover(uri)
     return Done(f"destination listening on {uri} to recover the paused postcopy migration; "
                 f"then run `migrate -r URI` on the source")
 
 
 async def migrate_pause(inv: Invocation) -> Result:
     mon = inv.monitor
-    await (mon.execute("migrate-pause") if is_qmp(mon) else mon.hmp("migrate_pause"))
+    await mon.migrate_pause()
     return Done("postcopy migration paused")
 
 
 async def set_parameter(inv: Invocation, name: str, value: Any) -> None:
-    mon = inv.monitor
-    if is_qmp(mon):
-        await mon.execute("migrate-set-parameters", {name: value})
-    else:
-        text = ("on" if value else "off") if isinstance(value, bool) else (
-            f"{value}B" if name in SIZE_PARAMS else str(value))
-        await mon.hmp(f"migrate_set_parameter {name} {text}")
+    await inv.monitor.set_parameters({name: value})
     inv.session.data.schedule(inv.guest or "", PARAMETERS)
 
 
@@ -209,7 +182,7 @@ async def migrate_set_parameter(inv: Invocation) -> Result:
     try:
         if isinstance(current, bool):
             value: Any = parse_on_off(text)
-        elif name in SIZE_PARAMS:
+        elif name in SIZE_PARAMETERS:
             value = parse_size(text, bare_unit="M" if name in BANDWIDTH_PARAMS else "B")
         elif isinstance(current, int):
             if not text.strip().isdigit():
@@ -230,10 +203,7 @@ async def migrate_set_capability(inv: Invocation) -> Result:
     if name not in caps:
         raise UsageError(f"no migration capability {name!r} on this guest (`info migrate_capabilities` lists them)",
                          guest=inv.guest)
-    if is_qmp(mon):
-        await mon.execute("migrate-set-capabilities", {"capabilities": [{"capability": name, "state": state}]})
-    else:
-        await mon.hmp(f"migrate_set_capability {name} {'on' if state else 'off'}")
+    await mon.set_capabilities({name: state})
     inv.session.data.schedule(inv.guest or "", CAPABILITIES)
     return Done(f"{name} {'on' if state else 'off'}")
 
@@ -302,20 +272,17 @@ async def info_migrate_capabilities(inv: Invocation) -> Result:
 async def calc_dirty_rate(inv: Invocation) -> Result:
     mon = inv.monitor
     seconds = int(inv.values["seconds"])  # type: ignore[call-overload]
-    await (mon.execute("calc-dirty-rate", {"calc-time": seconds}) if is_qmp(mon)
-           else mon.hmp(f"calc_dirty_rate {seconds}"))
+    await mon.start_dirty_rate(seconds)
     return Done(f"measuring the dirty rate for {seconds} s; `info dirty_rate` shows the result")
 
 
 async def info_dirty_rate(inv: Invocation) -> Result:
-    mon = inv.monitor
-    if not is_qmp(mon):
-        return Text(await mon.hmp("info dirty_rate"))
-    d = await mon.execute("query-dirty-rate")
-    items: list[tuple[str, Any]] = [("status", d.get("status"))]
-    if "dirty-rate" in d:
-        items.append(("dirty rate", f"{d['dirty-rate']} MB/s"))
-    items += [(k, d[k]) for k in ("calc-time", "sample-pages", "mode", "start-time") if k in d]
+    d = await inv.monitor.dirty_rate()
+    items: list[tuple[str, Any]] = [("status", d.status)]
+    if d.dirty_rate_mb is not None:
+        items.append(("dirty rate", f"{d.dirty_rate_mb} MB/s"))
+    items += [(k, v) for k, v in (("calc-time", d.calc_time_s), ("sample-pages", d.sample_pages),
+                                  ("mode", d.mode), ("start-time", d.start_time)) if v is not None]
     return KeyValues(tuple(items))
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from kvmshell.core.commands.common import (
-    LONG_TIMEOUT, hmp_quote, is_qmp, refuse_during_migration, run_job, with_ticker,
-)
+from kvmshell.core.commands.common import refuse_during_migration
 from kvmshell.core.commands.results import Done, Result, Table
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
@@ -30,22 +28,6 @@ _NOTHING_LOADED = ("does not exist", "not found", "no block device", "Device '",
                    "cannot", "Snapshot '")
 
 
-async def _snapshot_nodes(mon: Monitor) -> list[str]:
-    """Node names of the writable disks that can hold snapshots (what snapshot-save needs)."""
-    nodes = []
-    for dev in await mon.execute("query-block"):
-        ins = dev.get("inserted")
-        if ins and not ins.get("ro") and ins.get("drv") == "qcow2" and ins.get("node-name"):
-            nodes.append(ins["node-name"])
-    if not nodes:
-        raise CommandFailed("no writable qcow2 disk can hold a snapshot (savevm needs one)", guest=None)
-    return nodes
-
-
-def _use_jobs(mon: Monitor, command: str) -> bool:
-    return is_qmp(mon) and mon.features.has_qmp(command) and mon.features.has_qmp("query-jobs")
-
-
 async def _tags(inv: Invocation) -> dict[str, Snapshot]:
     snaps = await inv.monitor.snapshots()
     return {s.tag: s for s in snaps}
@@ -59,14 +41,7 @@ async def savevm(inv: Invocation) -> Result:
     if tag in existing:
         await inv.confirm(f"snapshot {tag!r} exists (saved {_date(existing[tag])}); replace it?")
     start = time.monotonic()
-    if _use_jobs(mon, "snapshot-save"):
-        nodes = await _snapshot_nodes(mon)
-        if tag in existing:
-            await run_job(inv, "snapshot-delete", {"tag": tag, "devices": nodes}, f"deleting old {tag!r}")
-        await run_job(inv, "snapshot-save", {"tag": tag, "vmstate": nodes[0], "devices": nodes},
-                      f"saving {tag!r}")
-    else:
-        await with_ticker(inv, f"saving {tag!r}", mon.hmp(f"savevm {hmp_quote(tag)}", timeout=LONG_TIMEOUT))
+    await mon.save_snapshot(tag, replace=tag in existing, progress=inv.progress)
     inv.session.data.schedule(inv.guest or "", SNAPSHOTS)
     saved = (await _tags(inv)).get(tag)
     size = f", {human_bytes(saved.vm_state_size)} of VM state" if saved else ""
@@ -88,12 +63,7 @@ async def loadvm(inv: Invocation) -> Result:
                           f"the snapshot's (saved {_date(existing[tag])}); continue?")
     start = time.monotonic()
     try:
-        if _use_jobs(mon, "snapshot-load"):
-            nodes = await _snapshot_nodes(mon)
-            await run_job(inv, "snapshot-load", {"tag": tag, "vmstate": nodes[0], "devices": nodes},
-                          f"loading {tag!r}")
-        else:
-            await with_ticker(inv, f"loading {tag!r}", mon.hmp(f"loadvm {hmp_quote(tag)}", timeout=LONG_TIMEOUT))
+        await mon.load_snapshot(tag, progress=inv.progress)
     except CommandFailed as e:
         raise CommandFailed(await _after_failed_load(mon, e.message), guest=inv.guest) from None
     inv.session.data.schedule(inv.guest or "", STATUS)
@@ -123,11 +93,7 @@ async def delvm(inv: Invocation) -> Result:
     if tag not in existing:
         raise CommandFailed(f"no snapshot {tag!r} on this guest (snapshots: {', '.join(existing) or 'none'})",
                             guest=inv.guest)
-    if _use_jobs(mon, "snapshot-delete"):
-        await run_job(inv, "snapshot-delete", {"tag": tag, "devices": await _snapshot_nodes(mon)},
-                      f"deleting {tag!r}")
-    else:
-        await mon.hmp(f"delvm {hmp_quote(tag)}", timeout=LONG_TIMEOUT)
+    await mon.delete_snapshot(tag, progress=inv.progress)
     inv.session.data.schedule(inv.guest or "", SNAPSHOTS)
     return Done(f"deleted snapshot {tag!r}")
 

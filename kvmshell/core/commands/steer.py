@@ -3,12 +3,9 @@ the live view that `info migrate` shows for a migration kvmshell follows."""
 
 from __future__ import annotations
 
-import asyncio
-import re
 from dataclasses import replace
 from typing import Any
 
-from kvmshell.core.commands.common import is_qmp
 from kvmshell.core.commands.migrate_stages import copy_storage_of, stages_for
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch
 from kvmshell.core.values.units import human_bytes, parse_rate
@@ -18,7 +15,6 @@ from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoin
 from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
 from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, estimate_working_set, predict
 from kvmshell.core.values.models import MigrationInfo
-from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
 from kvmshell.errors import CommandFailed, ConfigError, Refused
@@ -156,38 +152,6 @@ def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str,
 
 # -- estimate -----------------------------------------------------------------------------------
 
-async def ram_bytes(mon: Monitor) -> int:
-    if is_qmp(mon):
-        return int((await mon.execute("query-memory-size-summary"))["base-memory"])
-    text = await mon.hmp("info memory_size_summary")
-    m = re.search(r"base memory:\s*(\d+)", text)
-    if not m:
-        raise CommandFailed("cannot read the guest's memory size", guest=mon.name)
-    return int(m.group(1))
-
-
-async def dirty_rate(mon: Monitor, seconds: int) -> float:
-    """calc-dirty-rate over ``seconds``: bytes/s of distinct pages dirtied in that window."""
-    if is_qmp(mon):
-        await mon.execute("calc-dirty-rate", {"calc-time": seconds})
-        async with asyncio.timeout(seconds + 10):
-            await asyncio.sleep(seconds)
-            while True:
-                r = await mon.execute("query-dirty-rate")
-                if r.get("status") == "measured":
-                    return float(r["dirty-rate"]) * 2**20
-                await asyncio.sleep(0.1)
-    await mon.hmp(f"calc_dirty_rate {seconds}")
-    async with asyncio.timeout(seconds + 10):
-        await asyncio.sleep(seconds)
-        while True:
-            text = await mon.hmp("info dirty_rate")
-            m = re.search(r"Dirty rate:\s*(\d+)", text)
-            if "measured" in text and m:
-                return float(m.group(1)) * 2**20
-            await asyncio.sleep(0.1)
-
-
 async def link_figure(inv: Invocation, source: str, dest: str | None, uri: str | None) -> LinkFigure:
     """The link speed for the estimate, and how it is known: --link, a probe of the migration path
     (--probe, or by default when no link is configured), the config's [defaults] link, or assumed."""
@@ -219,10 +183,10 @@ async def _estimate(inv: Invocation, source: str, dest: str | None, uri: str | N
     if info.status.is_active:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
-    ram = await ram_bytes(mon)
+    ram = await mon.ram_size()
     figure = await link_figure(inv, source, dest, uri)
     inv.progress("measuring the dirty rate over 1 s and 3 s...")
-    windows = [(1, await dirty_rate(mon, 1)), (3, await dirty_rate(mon, 3))]
+    windows = [(1, (await mon.measure_dirty_rate(1)).bytes_per_s), (3, (await mon.measure_dirty_rate(3)).bytes_per_s)]
     D, W = estimate_working_set(windows)
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None

@@ -47,7 +47,7 @@ from kvmshell.core.values.cmdline import Option, QemuCommand, derive, images_of,
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
-from kvmshell.core.migration.live.storage import StorageStage, block_devices, writable_disks
+from kvmshell.core.migration.live.storage import StorageStage, block_devices, can_mirror, writable_disks
 from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.hosts.pool import HostPool
@@ -175,7 +175,7 @@ class CrossHostMigration:
         if req.copy_storage and req.tunnel:
             raise Refused("--copy-storage does not go through --tunnel yet: drop --tunnel (the disks go over NBD "
                           "on TCP)")
-        if req.copy_storage and self.mon.protocol is not Protocol.QMP:
+        if req.copy_storage and not can_mirror(self.mon):
             raise Refused(f"--copy-storage needs a QMP monitor on both guests ({req.guest} speaks HMP)")
         self.progress(f"preflight: connecting to {self.dst.label}")
         await pool.connection(req.to)

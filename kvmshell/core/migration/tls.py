@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmshell.core.hosts.ssh.sftp import open_sftp
-from kvmshell.core.values.address import Protocol, SshTarget
+from kvmshell.core.values.address import SshTarget
 from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.values.models import ParamValue
 from kvmshell.errors import CommandFailed, ConfigError
 
 if TYPE_CHECKING:
@@ -144,33 +145,31 @@ async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | 
                  authz: str | None = None) -> None:
     """Create (or replace) kvmshell's tls-creds-x509 object and make migration use it; ``authz``
     (server side): admit only the client whose certificate has this DN (an authz-simple object)."""
-    if mon.protocol is not Protocol.QMP:
-        raise CommandFailed("TLS migration needs a QMP monitor (object-add)", guest=mon.name)
-    objects = await mon.execute("qom-list", {"path": "/objects"})
-    if any(o.get("name") == OBJECT_ID for o in objects):
-        await mon.execute("migrate-set-parameters", {"tls-creds": ""})
-        await mon.execute("object-del", {"id": OBJECT_ID})
-    await mon.execute("object-add", {"qom-type": "tls-creds-x509", "id": OBJECT_ID, "dir": directory,
-                                     "endpoint": "server" if server else "client", "verify-peer": True})
-    params: dict[str, object] = {"tls-creds": OBJECT_ID}
+    objects = await mon.objects()
+    if OBJECT_ID in objects:
+        await mon.set_parameters({"tls-creds": ""})
+        await mon.object_del(OBJECT_ID)
+    await mon.object_add("tls-creds-x509", OBJECT_ID, {"dir": directory, "endpoint": "server" if server else "client",
+                                                      "verify-peer": True})
+    params: dict[str, ParamValue] = {"tls-creds": OBJECT_ID}
     if hostname is not None:
         params["tls-hostname"] = hostname
     if authz is not None:
-        if any(o.get("name") == AUTHZ_ID for o in objects):
-            await mon.execute("migrate-set-parameters", {"tls-authz": ""})
-            await mon.execute("object-del", {"id": AUTHZ_ID})
-        await mon.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": authz})
+        if AUTHZ_ID in objects:
+            await mon.set_parameters({"tls-authz": ""})
+            await mon.object_del(AUTHZ_ID)
+        await mon.object_add("authz-simple", AUTHZ_ID, {"identity": authz})
         params["tls-authz"] = AUTHZ_ID
-    await mon.execute("migrate-set-parameters", params)
+    await mon.set_parameters(params)
 
 
 async def disable(mon: Monitor) -> None:
     """Migrate in plain TCP again and drop kvmshell's credentials object."""
-    await mon.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": "", "tls-authz": ""})
-    objects = await mon.execute("qom-list", {"path": "/objects"})
+    await mon.set_parameters({"tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+    objects = await mon.objects()
     for ident in (OBJECT_ID, AUTHZ_ID):
-        if any(o.get("name") == ident for o in objects):
-            await mon.execute("object-del", {"id": ident})
+        if ident in objects:
+            await mon.object_del(ident)
 
 
 # -- certificates on another host ------------------------------------------------------------------

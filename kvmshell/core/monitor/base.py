@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.core.values.models import (
-    Capabilities, Event, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
+    Capabilities, DirtyRate, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, ParamValue, QemuVersion,
+    Snapshot, Status,
 )
-from kvmshell.errors import CommandFailed, ConnectFailed
+from kvmshell.errors import CommandFailed, ConnectFailed, MonitorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ DEFAULT_TIMEOUT = 10.0          # seconds for an ordinary command
 DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds for connect + greeting/handshake
 
 EventCallback = Callable[[Event], None]
+Progress = Callable[[str], None]          # "saving 'tag'... 3 s": what a long action is doing
+
+SNAPSHOT_TIMEOUT = 600.0         # seconds for savevm/loadvm/delvm of a big guest
+DIRTY_RATE_SLACK = 10.0          # seconds a dirty-rate measurement may take beyond its window
 
 MAX_HMP_LINE = 4000              # QEMU's readline keeps at most 4095 bytes of a line
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -62,6 +68,7 @@ class Features:
 
 class Monitor(abc.ABC):
     protocol: Protocol
+    delivers_events: bool            # QEMU's events (MIGRATION, DEVICE_DELETED...) reach subscribers
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:
@@ -169,9 +176,140 @@ class Monitor(abc.ABC):
     @abc.abstractmethod
     async def snapshots(self) -> tuple[Snapshot, ...]: ...
 
+    @abc.abstractmethod
+    async def dirty_rate(self) -> DirtyRateInfo:
+        """The last calc-dirty-rate's state and result (``start_dirty_rate`` starts one)."""
+
+    @abc.abstractmethod
+    async def vcpu_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def ram_size(self) -> int:
+        """The guest's base memory in bytes."""
+
+    @abc.abstractmethod
+    async def qom_list(self, path: str) -> dict[str, str]:
+        """The children and properties at a QOM path: {name: type}, types as QEMU writes them."""
+
+    @abc.abstractmethod
+    async def qom_get(self, path: str, prop: str) -> Any:
+        """A QOM property's value (a JSON value)."""
+
+    async def objects(self) -> frozenset[str]:
+        """The ids of the user-created objects (-object, object_add)."""
+        return frozenset(await self.qom_list("/objects"))
+
+    @abc.abstractmethod
+    async def migrate_options(self) -> frozenset[str]:
+        """Which of migrate's options this QEMU has: a subset of blk, inc, resume."""
+
+    # -- typed actions -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
+        """Turn migration capabilities (QEMU's names) on or off."""
+
+    @abc.abstractmethod
+    async def set_parameters(self, params: Mapping[str, ParamValue]) -> None:
+        """Set migration parameters (QEMU's names); sizes and bandwidths in bytes (per second)."""
+
+    @abc.abstractmethod
+    async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
+        """Start an outgoing migration to ``uri``, detached: it returns once QEMU took the command."""
+
+    @abc.abstractmethod
+    async def migrate_incoming(self, uri: str) -> None:
+        """Listen on ``uri`` for the incoming migration (a QEMU started with ``-incoming defer``)."""
+
+    @abc.abstractmethod
+    async def migrate_cancel(self) -> None: ...
+
+    @abc.abstractmethod
+    async def migrate_pause(self) -> None:
+        """Pause a postcopy migration (it can be recovered)."""
+
+    @abc.abstractmethod
+    async def migrate_continue(self, state: str) -> None:
+        """Go on from a paused migration state (``pre-switchover``)."""
+
+    @abc.abstractmethod
+    async def start_postcopy(self) -> None: ...
+
+    @abc.abstractmethod
+    async def migrate_recover(self, uri: str) -> None:
+        """On the destination: listen on ``uri`` to recover a paused postcopy migration."""
+
+    @abc.abstractmethod
+    async def start_dirty_rate(self, seconds: int) -> None:
+        """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate); ``dirty_rate`` reads it."""
+
+    async def measure_dirty_rate(self, seconds: int) -> DirtyRate:
+        """Measure how fast the guest dirties memory over ``seconds``: bytes/s of the distinct pages
+        dirtied in that window. Raises MonitorTimeout when no result comes."""
+        await self.start_dirty_rate(seconds)
+        bound = seconds + DIRTY_RATE_SLACK
+        try:
+            async with asyncio.timeout(bound):
+                await asyncio.sleep(seconds)
+                while True:
+                    info = await self.dirty_rate()
+                    if info.measured and info.bytes_per_s is not None:
+                        return DirtyRate(info.bytes_per_s, seconds, time.time())
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise MonitorTimeout(f"no dirty-rate result within {bound:g} s", guest=self.name) from None
+
+    @abc.abstractmethod
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None: ...
+
+    @abc.abstractmethod
+    async def object_del(self, object_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def device_del(self, device_id: str) -> None:
+        """Ask the guest to release a device (DEVICE_DELETED says when it has, where events arrive)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def cont(self) -> None: ...
+
+    @abc.abstractmethod
+    async def system_reset(self) -> None: ...
+
+    @abc.abstractmethod
+    async def quit(self) -> None:
+        """End the guest's QEMU (it may close the monitor before answering: Disconnected)."""
+
+    # HMP's savevm/loadvm/delvm, which every monitor can send; a monitor with better means overrides them
+    async def save_snapshot(self, tag: str, *, replace: bool, progress: Progress) -> None:
+        """Save the guest's state as ``tag`` (``replace``: a snapshot ``tag`` exists and goes first)."""
+        await with_ticker(progress, f"saving {tag!r}", self.hmp(f"savevm {hmptext.quote(tag)}", SNAPSHOT_TIMEOUT))
+
+    async def load_snapshot(self, tag: str, *, progress: Progress) -> None:
+        await with_ticker(progress, f"loading {tag!r}", self.hmp(f"loadvm {hmptext.quote(tag)}", SNAPSHOT_TIMEOUT))
+
+    async def delete_snapshot(self, tag: str, *, progress: Progress) -> None:
+        await self.hmp(f"delvm {hmptext.quote(tag)}", SNAPSHOT_TIMEOUT)
+
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
         return f"<{type(self).__name__} {self.name} {self.address} {state}>"
+
+
+async def with_ticker(progress: Progress, what: str, coro: Any) -> Any:
+    """Await ``coro`` and report progress every second while it runs (for blocking commands)."""
+    start = time.monotonic()
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if done:
+                return task.result()
+            progress(f"{what}... {time.monotonic() - start:.0f} s")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def check_unix_target(address: Address) -> None:

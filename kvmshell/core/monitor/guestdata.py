@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.values.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.core.values.models import (
+    Capabilities, DirtyRate, MigrationInfo, MigrationParameters, Snapshot, Status,
+)
 from kvmshell.errors import KvmError
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,6 @@ class GuestSnapshot:
     capabilities: Capabilities | None = None
     when: float = 0.0
     ram_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class DirtyRate:
-    """An on-demand calc-dirty-rate measurement (it costs the guest, so never taken continuously)."""
-
-    bytes_per_s: float
-    window_s: int
-    when: float               # epoch seconds
 
 
 class GuestData:
@@ -67,7 +60,7 @@ class GuestData:
         fetched: dict[str, object] = {}
         getters = {SNAPSHOTS: mon.snapshots, PARAMETERS: mon.migrate_parameters,
                    CAPABILITIES: mon.migrate_capabilities, STATUS: mon.status, MIGRATION: mon.migration,
-                   MEMORY: lambda: _ram_bytes(mon)}
+                   MEMORY: mon.ram_size}
         for key in what:
             try:
                 fetched[key] = await getters[key]()
@@ -106,14 +99,7 @@ class GuestData:
 
     async def measure_dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
         """Measure how fast ``name`` dirties memory now (calc-dirty-rate over ``seconds``); cached."""
-        from kvmshell.core.commands.steer import dirty_rate
-        from kvmshell.errors import MonitorTimeout
-        mon = self.fleet.monitor(name)
-        try:
-            value = await dirty_rate(mon, seconds)
-        except TimeoutError:
-            raise MonitorTimeout(f"no dirty-rate result within {seconds + 10} s", guest=name) from None
-        result = DirtyRate(value, seconds, time.time())
+        result = await self.fleet.monitor(name).measure_dirty_rate(seconds)
         self._dirty[name] = result
         return result
 
@@ -127,7 +113,3 @@ class GuestData:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
-
-async def _ram_bytes(mon: object) -> int:
-    from kvmshell.core.commands.steer import ram_bytes
-    return await ram_bytes(mon)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ recognise: that also tells a QEMU monitor from any other peer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import secrets
@@ -18,7 +19,10 @@ from typing import Any
 
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Protocol
-from kvmshell.core.values.models import Capabilities, MigrationInfo, MigrationParameters, Snapshot, Status
+from kvmshell.core.values.models import (
+    SIZE_PARAMETERS, Capabilities, DirtyRateInfo, MigrationInfo, MigrationParameters, ParamValue, Snapshot,
+    Status,
+)
 from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
 from kvmshell.core.hosts.streams import Stream, open_stream
 from kvmshell.errors import (
@@ -29,10 +33,21 @@ log = logging.getLogger(__name__)
 
 PROMPT = b"(qemu) "
 MAX_BUFFER = 4 * 1024 * 1024     # a reply larger than this is not HMP: drop the connection
+_MIGRATE_FLAGS = (("-b", "blk"), ("-i", "inc"), ("-r", "resume"))
+
+
+def parameter_text(name: str, value: ParamValue) -> str:
+    """A migration parameter's value as ``migrate_set_parameter`` reads it back."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int) and name in SIZE_PARAMETERS:
+        return f"{value}B"          # HMP reads a bare number as MiB for some of them
+    return hmptext.quote(str(value))
 
 
 class HmpMonitor(Monitor):
     protocol = Protocol.HMP
+    delivers_events = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -214,3 +229,78 @@ class HmpMonitor(Monitor):
         # "no block device can store vmstate" is an empty list here, not a failure
         return await self._parsed("info snapshots", hmptext.parse_snapshots, check=False)
 
+
+    async def dirty_rate(self) -> DirtyRateInfo:
+        return await self._parsed("info dirty_rate", hmptext.parse_dirty_rate)
+
+    async def vcpu_count(self) -> int:
+        return max(1, await self._parsed("info cpus", hmptext.parse_cpu_count))
+
+    async def ram_size(self) -> int:
+        return await self._parsed("info memory_size_summary", hmptext.parse_memory_size)
+
+    async def qom_list(self, path: str) -> dict[str, str]:
+        return await self._parsed(f"qom-list {path}", hmptext.parse_qom_list)
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self._parsed(f"qom-get {path} {prop}", json.loads)      # QEMU prints it as JSON
+
+    async def migrate_options(self) -> frozenset[str]:
+        help_text = await self.hmp("help migrate")
+        return frozenset(name for flag, name in _MIGRATE_FLAGS if flag in help_text)
+
+    # -- typed actions -----------------------------------------------------------------------
+    async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
+        for name, on in caps.items():
+            await self.hmp(f"migrate_set_capability {name} {'on' if on else 'off'}")
+
+    async def set_parameters(self, params: Mapping[str, ParamValue]) -> None:
+        for name, value in params.items():
+            await self.hmp(f"migrate_set_parameter {name} {parameter_text(name, value)}")
+
+    async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
+        wanted = {"blk": blk, "inc": inc, "resume": resume}
+        opts = "".join(f" {flag}" for flag, name in _MIGRATE_FLAGS if wanted[name])
+        await self.hmp(f"migrate -d{opts} {uri}")     # always detached: a blocking migrate holds the monitor
+
+    async def migrate_incoming(self, uri: str) -> None:
+        await self.hmp(f"migrate_incoming {uri}")
+
+    async def migrate_cancel(self) -> None:
+        await self.hmp("migrate_cancel")
+
+    async def migrate_pause(self) -> None:
+        await self.hmp("migrate_pause")
+
+    async def migrate_continue(self, state: str) -> None:
+        await self.hmp(f"migrate_continue {state}")
+
+    async def start_postcopy(self) -> None:
+        await self.hmp("migrate_start_postcopy")
+
+    async def migrate_recover(self, uri: str) -> None:
+        await self.hmp(f"migrate_recover {uri}")
+
+    async def start_dirty_rate(self, seconds: int) -> None:
+        await self.hmp(f"calc_dirty_rate {seconds}")
+
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
+        await self.hmp(f"object_add {hmptext.keyval({'qom-type': qom_type, 'id': object_id, **props})}")
+
+    async def object_del(self, object_id: str) -> None:
+        await self.hmp(f"object_del {object_id}")
+
+    async def device_del(self, device_id: str) -> None:
+        await self.hmp(f"device_del {device_id}")
+
+    async def stop(self) -> None:
+        await self.hmp("stop")
+
+    async def cont(self) -> None:
+        await self.hmp("cont")
+
+    async def system_reset(self) -> None:
+        await self.hmp("system_reset")
+
+    async def quit(self) -> None:
+        await self.hmp("quit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +18,12 @@ from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPEr
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Kind, Protocol
 from kvmshell.core.values.models import (
-    Capabilities, MigrationInfo, MigrationParameters, QemuVersion, Snapshot, Status,
+    Capabilities, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, ParamValue, QemuVersion, Snapshot,
+    Status,
 )
-from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
+from kvmshell.core.monitor.base import (
+    SNAPSHOT_TIMEOUT, Features, Monitor, Progress, check_unix_target, clean_hmp_line,
+)
 from kvmshell.core.hosts.ssh.forward import SocketBridge
 from kvmshell.core.hosts.streams import open_socket
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
@@ -44,6 +48,7 @@ def _reason(e: BaseException) -> str:
 
 class QmpMonitor(Monitor):
     protocol = Protocol.QMP
+    delivers_events = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -209,3 +214,146 @@ class QmpMonitor(Monitor):
             return ()
         common = set(per_disk[0]).intersection(*per_disk[1:])
         return tuple(s for s in per_disk[0].values() if s.tag in common)
+
+    async def dirty_rate(self) -> DirtyRateInfo:
+        return DirtyRateInfo.from_qmp(await self.execute("query-dirty-rate"))
+
+    async def vcpu_count(self) -> int:
+        return max(1, len(await self.execute("query-cpus-fast")))
+
+    async def ram_size(self) -> int:
+        return int((await self.execute("query-memory-size-summary"))["base-memory"])
+
+    async def qom_list(self, path: str) -> dict[str, str]:
+        return {str(e["name"]): str(e.get("type", "")) for e in await self.execute("qom-list", {"path": path})}
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    async def migrate_options(self) -> frozenset[str]:
+        return frozenset(await self.command_args("migrate")) & {"blk", "inc", "resume"}
+
+    # -- typed actions -----------------------------------------------------------------------
+    async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
+        await self.execute("migrate-set-capabilities",
+                           {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]})
+
+    async def set_parameters(self, params: Mapping[str, ParamValue]) -> None:
+        await self.execute("migrate-set-parameters", dict(params))
+
+    async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
+        args: dict[str, Any] = {"uri": uri}
+        args |= {name: True for name, on in (("blk", blk), ("inc", inc), ("resume", resume)) if on}
+        await self.execute("migrate", args)
+
+    async def migrate_incoming(self, uri: str) -> None:
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate_cancel(self) -> None:
+        await self.execute("migrate_cancel")
+
+    async def migrate_pause(self) -> None:
+        await self.execute("migrate-pause")
+
+    async def migrate_continue(self, state: str) -> None:
+        await self.execute("migrate-continue", {"state": state})
+
+    async def start_postcopy(self) -> None:
+        await self.execute("migrate-start-postcopy")
+
+    async def migrate_recover(self, uri: str) -> None:
+        await self.execute("migrate-recover", {"uri": uri})
+
+    async def start_dirty_rate(self, seconds: int) -> None:
+        await self.execute("calc-dirty-rate", {"calc-time": seconds})
+
+    async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
+        await self.execute("object-add", {"qom-type": qom_type, "id": object_id, **props})
+
+    async def object_del(self, object_id: str) -> None:
+        await self.execute("object-del", {"id": object_id})
+
+    async def device_del(self, device_id: str) -> None:
+        await self.execute("device_del", {"id": device_id})
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def system_reset(self) -> None:
+        await self.execute("system_reset")
+
+    async def quit(self) -> None:
+        await self.execute("quit")
+
+    # -- snapshots: QMP jobs where this QEMU has them (else HMP's savevm through the base) ---------
+    def _has_jobs(self, command: str) -> bool:
+        return self.features.has_qmp(command) and self.features.has_qmp("query-jobs")
+
+    async def _snapshot_nodes(self) -> list[str]:
+        """Node names of the writable disks that can hold snapshots (what snapshot-save needs)."""
+        nodes = []
+        for dev in await self.execute("query-block"):
+            ins = dev.get("inserted")
+            if ins and not ins.get("ro") and ins.get("drv") == "qcow2" and ins.get("node-name"):
+                nodes.append(ins["node-name"])
+        if not nodes:
+            raise CommandFailed("no writable qcow2 disk can hold a snapshot (savevm needs one)", guest=None)
+        return nodes
+
+    async def save_snapshot(self, tag: str, *, replace: bool, progress: Progress) -> None:
+        if not self._has_jobs("snapshot-save"):
+            return await super().save_snapshot(tag, replace=replace, progress=progress)
+        nodes = await self._snapshot_nodes()
+        if replace:
+            await self._run_job("snapshot-delete", {"tag": tag, "devices": nodes}, f"deleting old {tag!r}", progress)
+        await self._run_job("snapshot-save", {"tag": tag, "vmstate": nodes[0], "devices": nodes}, f"saving {tag!r}",
+                            progress)
+
+    async def load_snapshot(self, tag: str, *, progress: Progress) -> None:
+        if not self._has_jobs("snapshot-load"):
+            return await super().load_snapshot(tag, progress=progress)
+        nodes = await self._snapshot_nodes()
+        await self._run_job("snapshot-load", {"tag": tag, "vmstate": nodes[0], "devices": nodes}, f"loading {tag!r}",
+                            progress)
+
+    async def delete_snapshot(self, tag: str, *, progress: Progress) -> None:
+        if not self._has_jobs("snapshot-delete"):
+            return await super().delete_snapshot(tag, progress=progress)
+        await self._run_job("snapshot-delete", {"tag": tag, "devices": await self._snapshot_nodes()},
+                            f"deleting {tag!r}", progress)
+
+    async def _run_job(self, command: str, args: Mapping[str, Any], what: str, progress: Progress,
+                       timeout: float = SNAPSHOT_TIMEOUT) -> None:
+        """Run a QMP job command (snapshot-save/-load/-delete) to its end, reporting progress each second;
+        raise CommandFailed with the job's error. Waits on JOB_STATUS_CHANGE events, not by polling."""
+        job_id = f"kvmshell-{command}-{int(time.time() * 1000)}"
+        concluded = asyncio.Event()
+
+        def on_event(ev: Event) -> None:
+            if ev.name == "JOB_STATUS_CHANGE" and ev.data.get("id") == job_id and ev.data.get("status") == "concluded":
+                concluded.set()
+
+        unsubscribe = self.subscribe(on_event)
+        start = time.monotonic()
+        try:
+            await self.execute(command, {"job-id": job_id, **args})
+            async with asyncio.timeout(timeout):
+                while not concluded.is_set():
+                    try:
+                        async with asyncio.timeout(1.0):
+                            await concluded.wait()
+                    except TimeoutError:
+                        progress(f"{what}... {time.monotonic() - start:.0f} s")
+            jobs = await self.execute("query-jobs")
+            job = next((j for j in jobs if j.get("id") == job_id), {})
+            await self.execute("job-dismiss", {"id": job_id})
+            if job.get("error"):
+                raise CommandFailed(str(job["error"]), guest=self.name)
+        except TimeoutError:
+            raise CommandFailed(f"{what}: not finished after {timeout:.0f} s (job {job_id} is still running)",
+                                guest=self.name) from None
+        finally:
+            unsubscribe()

@@ -6,11 +6,12 @@ Formats are those of QEMU 7.2's hmp-cmds.c and of later releases where they diff
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
 
 from kvmshell.core.values.models import (
-    Capabilities, DiskStats, MigrationInfo, MigrationParameters, MigrationStatus, QemuVersion,
+    Capabilities, DirtyRateInfo, DiskStats, MigrationInfo, MigrationParameters, MigrationStatus, QemuVersion,
     RamStats, RunState, Snapshot, Status,
 )
 
@@ -186,6 +187,55 @@ def parse_snapshots(text: str) -> tuple[Snapshot, ...]:
         snaps.append(Snapshot(id="" if m.group("id") == "--" else m.group("id"), tag=m.group("tag"),
                               vm_state_size=size, date_sec=date, vm_clock_ns=clock_ns))
     return tuple(snaps)
+
+
+def parse_dirty_rate(text: str) -> DirtyRateInfo:
+    """``info dirty_rate``: ``Status: measured``, ``Period: 1 (sec)``, ``Dirty rate: 99 (MB/s)``
+    (``(not ready)`` while measuring)..."""
+    kv = _key_values(text)
+    if "Status" not in kv:
+        raise ValueError(f"unexpected 'info dirty_rate' reply: {text.strip()[:80]!r}")
+    return DirtyRateInfo(status=kv["Status"].split()[0] if kv["Status"] else "unstarted",
+                         dirty_rate_mb=_num(kv.get("Dirty rate")), calc_time_s=_num(kv.get("Period")),
+                         sample_pages=_num(kv.get("Sample Pages")), mode=kv.get("Mode") or None,
+                         start_time=_num(kv.get("Start Time")))
+
+
+def parse_cpu_count(text: str) -> int:
+    """``info cpus``: one ``* CPU #0: thread_id=...`` line per vCPU."""
+    return sum(1 for line in text.splitlines() if "CPU #" in line)
+
+
+def parse_memory_size(text: str) -> int:
+    """``info memory_size_summary``: ``base memory: 134217728``; the base memory in bytes."""
+    m = re.search(r"base memory:\s*(\d+)", text)
+    if not m:
+        raise ValueError(f"unexpected 'info memory_size_summary' reply: {text.strip()[:80]!r}")
+    return int(m.group(1))
+
+
+def parse_qom_list(text: str) -> dict[str, str]:
+    """``qom-list PATH``: ``net0 (child<virtio-net-pci>)`` per line; {name: type}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, kind = line.strip().partition(" (")
+        if sep and name:
+            out[name] = kind.removesuffix(")")
+    return out
+
+
+def keyval(props: Mapping[str, object]) -> str:
+    """Properties as QEMU's keyval syntax reads them (object_add, device_add): commas doubled."""
+    def text(v: object) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+    return ",".join(f"{k}={text(v).replace(',', ',,')}" for k, v in props.items())
+
+
+def quote(word: str) -> str:
+    """A word as HMP's parser reads it back (quotes when it is empty or has spaces or quotes)."""
+    if word and not any(c.isspace() or c in "\"'\\" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_help(text: str) -> frozenset[str]:

@@ -202,6 +202,9 @@ class MigrationInfo:
 
 
 ParamValue = int | bool | str
+# the migration parameters that hold a size or a bandwidth (bytes, bytes/s)
+SIZE_PARAMETERS = frozenset({"max-bandwidth", "max-postcopy-bandwidth", "avail-switchover-bandwidth",
+                             "xbzrle-cache-size"})
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,42 @@ class Snapshot:
             date_sec=_int(d, "date-sec") or 0,
             vm_clock_ns=(_int(d, "vm-clock-sec") or 0) * 1_000_000_000 + (_int(d, "vm-clock-nsec") or 0),
         )
+
+
+@dataclass(frozen=True)
+class DirtyRateInfo:
+    """``query-dirty-rate``: the state of the last calc-dirty-rate and, once measured, its result."""
+
+    status: str                      # unstarted / measuring / measured
+    dirty_rate_mb: int | None = None     # MB/s (QEMU's MiB), once measured
+    calc_time_s: int | None = None
+    sample_pages: int | None = None      # per GiB, in page-sampling mode
+    mode: str | None = None
+    start_time: int | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.status == "measured" and self.dirty_rate_mb is not None
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        return float(self.dirty_rate_mb) * 2**20 if self.dirty_rate_mb is not None else None
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> DirtyRateInfo:
+        mode = d.get("mode")
+        return cls(status=str(d.get("status", "unstarted")), dirty_rate_mb=_int(d, "dirty-rate"),
+                   calc_time_s=_int(d, "calc-time"), sample_pages=_int(d, "sample-pages"),
+                   mode=str(mode) if mode is not None else None, start_time=_int(d, "start-time"))
+
+
+@dataclass(frozen=True)
+class DirtyRate:
+    """An on-demand calc-dirty-rate measurement (it costs the guest, so never taken continuously)."""
+
+    bytes_per_s: float
+    window_s: int
+    when: float               # epoch seconds
 
 
 @dataclass(frozen=True)

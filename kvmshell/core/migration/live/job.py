@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmshell.core.values.address import Protocol
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import free_port
@@ -217,7 +216,7 @@ class MigrationJob:
                 known = self.req.bandwidth or self.req.link
                 new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy is Strategy.CONVERGE and known \
                     else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
-            await self._set_params(src, new)
+            await src.set_parameters(new)
             params = await src.migrate_parameters()
         # QEMU never sends faster than max-bandwidth: the model must know the cap
         cap = params.max_bandwidth
@@ -236,7 +235,7 @@ class MigrationJob:
             self._prepared.append(stage)
             await stage.prepare(self)
         if self.dest is not None:
-            await self._incoming(self.dest, self.uri)
+            await self.dest.migrate_incoming(self.uri)
 
     @staticmethod
     async def _set_caps(mon: Monitor, caps: dict[str, bool]) -> None:
@@ -245,30 +244,8 @@ class MigrationJob:
         missing = [k for k, v in caps.items() if v and k not in have]
         if missing:
             raise CommandFailed(f"this QEMU lacks the migration capabilities {', '.join(missing)}", guest=mon.name)
-        if not wanted:
-            return
-        if mon.protocol is Protocol.QMP:
-            await mon.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": k, "state": v} for k, v in wanted.items()]})
-        else:
-            for k, v in wanted.items():
-                await mon.hmp(f"migrate_set_capability {k} {'on' if v else 'off'}")
-
-    @staticmethod
-    async def _set_params(mon: Monitor, params: dict[str, Any]) -> None:
-        if mon.protocol is Protocol.QMP:
-            await mon.execute("migrate-set-parameters", params)
-        else:
-            for k, v in params.items():
-                await mon.hmp(f"migrate_set_parameter {k} {v}B" if k == "max-bandwidth" else
-                              f"migrate_set_parameter {k} {v}")
-
-    @staticmethod
-    async def _incoming(mon: Monitor, uri: str) -> None:
-        if mon.protocol is Protocol.QMP:
-            await mon.execute("migrate-incoming", {"uri": uri})
-        else:
-            await mon.hmp(f"migrate_incoming {uri}")
+        if wanted:
+            await mon.set_capabilities(wanted)
 
     # -- running --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -288,10 +265,7 @@ class MigrationJob:
         for stage in self.stages:
             await stage.before_start(self)
         self.sampler.start = self.clock()
-        if src.protocol is Protocol.QMP:
-            await src.execute("migrate", {"uri": self.uri})
-        else:
-            await src.hmp(f"migrate -d {self.uri}")
+        await src.migrate(self.uri)
         self._started = True
         self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy.value}, "
                              f"downtime limit {self._downtime_s * 1000:.0f} ms, "
@@ -416,8 +390,7 @@ class MigrationJob:
             self.decide("pause-stalled", f"{self._stalled}; pausing the postcopy migration so it can be "
                                          "recovered (migrate_recover on the destination, migrate -r here)")
             try:
-                src = self.source
-                await (src.execute("migrate-pause") if src.protocol is Protocol.QMP else src.hmp("migrate_pause"))
+                await self.source.migrate_pause()
                 self.sampler.wake()
             except KvmError as e:
                 log.warning("pausing the stalled postcopy migration failed: %s", e)
@@ -429,8 +402,7 @@ class MigrationJob:
             log.warning("cancelling the stalled migration failed: %s", e)
 
     async def _cancel(self) -> None:
-        src = self.source
-        await (src.execute("migrate_cancel") if src.protocol is Protocol.QMP else src.hmp("migrate_cancel"))
+        await self.source.migrate_cancel()
         self.sampler.wake()
 
     async def cancel(self) -> None:
@@ -480,12 +452,8 @@ class MigrationJob:
             except KvmError as err:
                 log.warning("cancelling at switch-over failed: %s", err)
             return
-        src = self.source
         try:
-            if src.protocol is Protocol.QMP:
-                await src.execute("migrate-continue", {"state": "pre-switchover"})
-            else:
-                await src.hmp("migrate_continue pre-switchover")
+            await self.source.migrate_continue("pre-switchover")
         except KvmError as e:
             self.decide("action-failed", f"migrate-continue: {e}")
         self.sampler.wake()
@@ -529,8 +497,7 @@ class MigrationJob:
         self._spawn(self._postcopy_cmd())
 
     async def _postcopy_cmd(self) -> None:
-        src = self.source
-        await (src.execute("migrate-start-postcopy") if src.protocol is Protocol.QMP else src.hmp("migrate_start_postcopy"))
+        await self.source.start_postcopy()
 
     async def _choose_converge(self, src: Monitor, caps: dict[str, bool]) -> None:
         """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's
@@ -541,7 +508,7 @@ class MigrationJob:
             return
         try:
             await self._set_caps(src, {"auto-converge": False, "dirty-limit": True})
-            self._vcpus = await self._vcpu_count(src)
+            self._vcpus = await src.vcpu_count()
         except CommandFailed as e:
             self._converge_with = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
                                                     f"({e.message})")
@@ -551,13 +518,6 @@ class MigrationJob:
         self._converge_with = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it "
                                                 f"holds back each of the {self._vcpus} vCPUs that dirties too fast, "
                                                 f"where auto-converge would slow every vCPU")
-
-    @staticmethod
-    async def _vcpu_count(mon: Monitor) -> int:
-        if mon.protocol is Protocol.QMP:
-            return max(1, len(await mon.execute("query-cpus-fast")))
-        text = await mon.hmp("info cpus")
-        return max(1, sum(1 for line in text.splitlines() if "CPU #" in line))
 
     def _dirty_limit_mb(self, rate: float) -> int:
         """vcpu-dirty-limit (MB/s per vCPU) so that all vCPUs together dirty about half of ``rate``."""
@@ -571,7 +531,7 @@ class MigrationJob:
             limit = self._dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
             self.decide("throttle", f"{why}; dirty-limit: each of the {self._vcpus} vCPU(s) may dirty {limit} MB/s "
                                     f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
-            self._spawn(self._set_params(self.source, {"vcpu-dirty-limit": limit}))
+            self._spawn(self.source.set_parameters({"vcpu-dirty-limit": limit}))
             return
         target = 50 if D <= 0 or R <= 0 else int(min(99, max(20, round(100 * (1 - 0.5 * R / D)))))
         not_dl = f"; {self._converge_with[1].split(': ', 1)[1]}" if self._converge_with else ""
@@ -582,14 +542,14 @@ class MigrationJob:
         self._spawn(self._throttle_then_step(params))
 
     async def _throttle_then_step(self, params: dict[str, Any]) -> None:
-        await self._set_params(self.source, params)
+        await self.source.set_parameters(params)
         # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
         for _ in range(200):
             last = self.sampler.ring.last
             if last is None or last.status != "active":
                 return
             if last.cpu_throttle >= params["cpu-throttle-initial"]:
-                await self._set_params(self.source, {"cpu-throttle-increment": 10})
+                await self.source.set_parameters({"cpu-throttle-increment": 10})
                 return
             await asyncio.sleep(self.req.interval)
 

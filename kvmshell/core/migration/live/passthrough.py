@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.hosts.processes import source_command
 from kvmshell.core.hosts.shell import HostShell
-from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.cmdline import QemuCommand
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.stages import BaseStage
@@ -132,20 +131,13 @@ def failover_of(cmd: QemuCommand | None) -> Failover:
 
 async def peripherals(mon: Monitor) -> dict[str, str]:
     """The devices that have an id: {id: type}."""
-    if mon.protocol is Protocol.QMP:
-        entries = await mon.execute("qom-list", {"path": PERIPHERAL})
-        return {e["name"]: e["type"][6:-1] for e in entries if str(e.get("type", "")).startswith("child<")}
-    out: dict[str, str] = {}
-    for line in (await mon.hmp(f"qom-list {PERIPHERAL}")).splitlines():
-        name, _, kind = line.strip().partition(" (")
-        if kind.startswith("child<"):
-            out[name] = kind[6:].rstrip(">)")
-    return out
+    entries = await mon.qom_list(PERIPHERAL)
+    return {name: kind[6:-1] for name, kind in entries.items() if kind.startswith("child<") and kind.endswith(">")}
 
 
 async def qom_get(mon: Monitor, dev_id: str, prop: str) -> Any:
     try:
-        return await mon.execute("qom-get", {"path": f"{PERIPHERAL}/{dev_id}", "property": prop})
+        return await mon.qom_get(f"{PERIPHERAL}/{dev_id}", prop)
     except CommandFailed:
         return None                  # this device has no such property
 
@@ -185,7 +177,7 @@ class PassthroughStage(BaseStage):
     # -- prepare: check and record ---------------------------------------------------------------
     async def prepare(self, job: MigrationJob) -> None:
         mon = job.source
-        if mon.protocol is not Protocol.QMP:
+        if not mon.delivers_events:
             raise Refused("--unplug needs the guest's QMP monitor (the unplug ends with a DEVICE_DELETED event "
                           "that HMP does not give): attach it by its QMP socket", guest=self.source)
         have = await peripherals(mon)
@@ -277,7 +269,7 @@ class PassthroughStage(BaseStage):
         unsubscribe = mon.subscribe(on_event)
         try:
             try:
-                await mon.execute("device_del", {"id": dev.id})
+                await mon.device_del(dev.id)
             except CommandFailed as e:
                 raise CommandFailed(f"cannot unplug {dev.id}: {e.message}; nothing was migrated",
                                     guest=self.source) from None

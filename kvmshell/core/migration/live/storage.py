@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.hosts.shell import HostShell
-from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
@@ -51,6 +50,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("all", "inc")
+
+
+def can_mirror(mon: Monitor) -> bool:
+    """The guest's monitor offers the block mirror and NBD commands the disk copy needs (QMP does; HMP
+    has no NBD export)."""
+    return mon.features.has_qmp("nbd-server-start") and (
+        mon.features.has_qmp("blockdev-mirror") or mon.features.has_qmp("drive-mirror"))
 POLL_S = 0.5                 # query-block-jobs while the mirrors run (events wake us sooner)
 RATE_WINDOW_S = 1.0          # the guest's write rate to a disk is measured over this
 MIRROR_BUFFER = 16 << 20     # QEMU's default buf-size of a mirror job
@@ -181,7 +187,7 @@ class StorageStage(BaseStage):
         src, dst = self._src, self._dst = job.source, job.dest
         self._src_name, self._dst_name = job.req.source, job.req.dest
         for mon in (src, dst):
-            if mon.protocol is not Protocol.QMP:
+            if not can_mirror(mon):
                 raise Refused(f"--copy-storage needs a QMP monitor on both guests ({mon.name} speaks HMP)",
                               guest=self._src_name)
         where = self.tcp if self.tcp is not None else await self._tcp_beside(job)
