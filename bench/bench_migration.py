@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -84,7 +85,7 @@ async def one_run(net: TestNetwork, link: str, load: str, policy: str, cap: floa
                         await m.execute("migrate-set-capabilities",
                                         {"capabilities": [{"capability": "auto-converge", "state": True}]})
                 await d.execute("migrate-incoming", {"uri": f"tcp:0.0.0.0:{port}"})
-                req = MigrationRequest("src", None, uri, strategy=Strategy.NONE, trace_path=trace,
+                req = MigrationRequest("src", None, uri, strategy="none", trace_path=trace,
                                        link=LINK_BYTES[link], stall_timeout=cap * 2)
                 job = MigrationJob.of(fleet, req)
                 await job.prepare()            # NONE: only the events capability
@@ -92,7 +93,7 @@ async def one_run(net: TestNetwork, link: str, load: str, policy: str, cap: floa
                 job.sampler.start = job.clock()
                 await s.execute("migrate", {"uri": uri})
             else:
-                strategy = {"auto+postcopy": Strategy.AUTO}.get(policy) or Strategy(policy)
+                strategy = {"auto+postcopy": "auto"}.get(policy, policy)
                 req = MigrationRequest("src", "dst", uri, strategy=strategy, downtime_ms=300,
                                        link=LINK_BYTES[link], allow_postcopy=policy == "auto+postcopy",
                                        trace_path=trace, stall_timeout=cap * 2)
@@ -124,8 +125,8 @@ async def one_run(net: TestNetwork, link: str, load: str, policy: str, cap: floa
                        (info.total_time_ms or 0) / 1000 if completed else None,
                        info.downtime_ms if completed else None,
                        round(info.ram.transferred / 1e6, 1) if completed and info.ram else None, mem,
-                       pred_text(job._at_start), pred_text(job._after_first),
-                       job._after_first.total_s if job._after_first else None,
+                       pred_text(job.marks.get("start")), pred_text(job.marks.get("first pass")),
+                       job.marks["first pass"].total_s if "first pass" in job.marks else None,
                        round(wnc[0], 2) if wnc else None, job.decisions)
 
 

@@ -15,6 +15,7 @@ from kvmshell import __version__
 from kvmshell.config import Config, load_config
 from kvmshell.core.values.address import Address, SshTarget, parse_guest_option
 from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.migration.live.strategies import offered
 from kvmshell.core.monitor.fleet import Fleet, GuestState
 from kvmshell.core.commands.session import Session
 from kvmshell.errors import ConfigError, KvmError
@@ -347,7 +348,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
 
 async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     args = build_parser().parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, strategies=offered())
     if args.command == "guests":
         return await cmd_guests(args, config, out, err)
     if args.command == "hosts":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from kvmshell.core.values.units import parse_rate
 from kvmshell.errors import ConfigError
 
 APP = "kvmshell"
-STRATEGIES = ("precopy", "converge", "postcopy", "auto")
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,10 @@ def _check_jumps(hosts: Mapping[str, HostConfig], src: str) -> None:
             cur = hosts[cur].jump
 
 
-def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
+def parse_config(data: Mapping[str, Any], path: Path | None = None, *,
+                 strategies: Collection[str] | None = None) -> Config:
+    """The inventory in ``data``; ``strategies``: the names `[defaults] strategy` may take (the
+    migration layer's registry; None: not checked here)."""
     src = str(path) if path else "config"
     _check_keys(data, {"defaults": dict, "hosts": dict, "guests": dict}, src)
     d = data.get("defaults", {})
@@ -139,8 +141,8 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
             parse_rate(defaults.link)
         except ValueError as e:
             raise ConfigError(f"{src}: [defaults] link: {e}") from None
-    if defaults.strategy not in STRATEGIES:
-        raise ConfigError(f"{src}: [defaults] strategy: {defaults.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategies is not None and defaults.strategy not in strategies:
+        raise ConfigError(f"{src}: [defaults] strategy: {defaults.strategy!r} is not one of {', '.join(strategies)}")
     if min(defaults.downtime_ms, defaults.connect_timeout, defaults.timeout, defaults.stall_timeout) <= 0:
         raise ConfigError(f"{src}: [defaults]: downtime_ms, connect_timeout, timeout and stall_timeout must be "
                           "positive")
@@ -183,7 +185,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
     return Config(path, defaults, hosts, guests)
 
 
-def load_config(path: str | Path | None = None) -> Config:
+def load_config(path: str | Path | None = None, *, strategies: Collection[str] | None = None) -> Config:
     explicit = path is not None or "KVMSHELL_CONFIG" in os.environ
     p = Path(path) if path is not None else default_path()
     try:
@@ -198,4 +200,4 @@ def load_config(path: str | Path | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p}: {e}") from None
-    return parse_config(data, p)
+    return parse_config(data, p, strategies=strategies)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.config import load_config
+from kvmshell.core.migration.live.strategies import offered
 from kvmshell.core.values.address import Kind, SshTarget
 from kvmshell.errors import ConfigError
 
@@ -52,7 +53,7 @@ def test_good_config(tmp_path: Path) -> None:
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(path)
+        load_config(path, strategies=offered())
     assert str(path) in str(info.value)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.spec import split_words
-from kvmshell.core.migration.live.job import Strategy
+from kvmshell.core.migration.live.strategies import offered
 from kvmshell.errors import UsageError
 
 REGISTRY = default_registry()
@@ -27,7 +27,7 @@ def request(line: str, source: str = "vm1") -> MigrateRequest:
 def test_a_line_becomes_a_typed_request() -> None:
     r = request("migrate --to vm2 --strategy converge --bandwidth 1gbit --downtime 500 --link 10gbit "
                 "--allow-postcopy --copy-storage inc --unplug nic0 --unplug nic1 --tls /etc/pki --stall-timeout 5")
-    assert r.mode is Mode.STEERED and r.dest == "vm2" and r.strategy is Strategy.CONVERGE
+    assert r.mode is Mode.STEERED and r.dest == "vm2" and r.strategy == "converge"
     assert (r.bandwidth, r.downtime_ms, r.link) == (125_000_000, 500, 1_250_000_000)
     assert r.allow_postcopy and r.copy_storage == "inc" and r.unplug == ("nic0", "nic1") and r.tls == "/etc/pki"
     assert r.stall_timeout == 5.0 and r.probe is None
@@ -58,10 +58,10 @@ def test_the_line_a_request_writes_parses_back_into_it(line: str) -> None:
 rates = st.sampled_from([None, 125_000_000, 31_457_280, 1 << 30, 12_345])
 
 
-@given(dest=st.sampled_from(["vm2", "db-1"]), strategy=st.sampled_from([None, *[s for s in Strategy if s is not Strategy.NONE]]),
+@given(dest=st.sampled_from(["vm2", "db-1"]), strategy=st.sampled_from([None, *offered()]),
        bandwidth=rates, link=rates, downtime=st.one_of(st.none(), st.integers(1, 100_000)),
        postcopy=st.booleans(), storage=st.sampled_from([None, "all", "inc"]), watch=st.booleans())
-def test_any_steered_request_survives_the_round_trip(dest: str, strategy: Strategy | None, bandwidth: int | None,
+def test_any_steered_request_survives_the_round_trip(dest: str, strategy: str | None, bandwidth: int | None,
                                                       link: int | None, downtime: int | None, postcopy: bool,
                                                       storage: str | None, watch: bool) -> None:
     r = MigrateRequest("vm1", dest=dest, strategy=strategy, bandwidth=bandwidth, link=link, downtime_ms=downtime,

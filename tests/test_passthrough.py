@@ -19,7 +19,8 @@ from kvmshell.config import Config, GuestConfig
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import FINISHED, MigrationJob, MigrationRequest
+from kvmshell.core.migration.live.job import FINISHED, MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.passthrough import PassthroughStage, device_props, device_text, parse_replug, peripherals
 from kvmshell.core.values.models import Event, RunState
 from kvmshell.core.commands.session import Session

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.values.models import RunState
 from kvmshell.core.migration.tls import TlsSetup, init_ca
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -37,7 +38,7 @@ async def _migrate(lab: Lab, tmp_path: Path, setup: TlsSetup | None, dst_tls: bo
     fleet.add("src", src.address)
     fleet.add("dst", dst.address)
     await fleet.start()
-    job = MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy=Strategy.PRECOPY, tls=setup,
+    job = MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy="precopy", tls=setup,
                                                stall_timeout=5))
     return src, dst, fleet, job
 

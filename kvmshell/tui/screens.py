@@ -19,16 +19,13 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from kvmshell.core.commands.migrate_request import MigrateRequest
-from kvmshell.core.migration.live.job import Strategy
+from kvmshell.core.migration.live.strategies import summaries
 from kvmshell.core.values.units import human_bytes, parse_positive_int, parse_rate
 from kvmshell.tui.actions import ACTIONS, key_text
 from kvmshell.tui.source import DashboardSource
 from kvmshell.tui.commandbar import CompletionField
 
-STRATEGIES = (("auto: precopy, escalating when it will not converge", "auto"),
-              ("precopy: QEMU's pre-copy with your limits", "precopy"),
-              ("converge: pre-copy plus auto-converge from the model", "converge"),
-              ("postcopy: after the first full pass", "postcopy"))
+STRATEGIES = tuple((f"{name}: {summary}", name) for name, summary in summaries())
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -263,7 +260,7 @@ class MigrateDialog(ModalScreen[str | None]):
         if vals is None:
             return None
         rate = lambda key: parse_rate(vals[key]) if vals[key] else None  # noqa: E731
-        return MigrateRequest(self.guest, dest=vals["dest"], strategy=Strategy(self.query_one("#strategy", Select).value),
+        return MigrateRequest(self.guest, dest=vals["dest"], strategy=str(self.query_one("#strategy", Select).value),
                               bandwidth=rate("bandwidth"), link=rate("link"),
                               downtime_ms=int(vals["downtime"]) if vals["downtime"] else None,
                               allow_postcopy=self.query_one("#postcopy", Checkbox).value,

@@ -178,7 +178,7 @@ class SessionSource:
         if job is not None:
             outcome = (job.outcome.status, job.outcome.message) if job.outcome is not None else None
             mv = migration_view(name, job.sampler.ring.list(), job.prediction, job.decisions,
-                                dest=job.req.dest or job.uri, strategy=job.req.strategy.value, outcome=outcome)
+                                dest=job.req.dest or job.uri, strategy=job.req.strategy, outcome=outcome)
         elif data.migration is not None and data.migration.status.is_active:
             mv = migration_view(name, [Sample.from_info(data.migration, (data.migration.total_time_ms or 0) / 1000,
                                                         None)], None, [], dest=None, strategy="none")

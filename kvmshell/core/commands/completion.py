@@ -13,6 +13,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
 from kvmshell.core.values.units import URI_SCHEMES
 from kvmshell.core.monitor.guestdata import CAPABILITIES, PARAMETERS, SNAPSHOTS
+from kvmshell.core.migration.live.strategies import summaries
 from kvmshell.core.commands.session import Session
 
 SIZE_EXAMPLES = ("100M", "512M", "1G", "10G")
@@ -190,10 +191,7 @@ class CompletionEngine:
             return [Candidate(name, f"{h.ssh.user + '@' if h.ssh.user else ''}{h.ssh.host}")
                     for name, h in s.config.hosts.items()]
         if which is Completer.STRATEGY:
-            return [Candidate("auto", "precopy, escalating to auto-converge (or postcopy if allowed)"),
-                    Candidate("precopy", "QEMU's pre-copy with the given limits"),
-                    Candidate("converge", "pre-copy with auto-converge steps chosen from the model"),
-                    Candidate("postcopy", "switch to postcopy after the first full pass")]
+            return [Candidate(name, summary) for name, summary in summaries()]
         if which is Completer.ON_OFF:
             return [Candidate("on"), Candidate("off")]
         if which is Completer.SIZE:

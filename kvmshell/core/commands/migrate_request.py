@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvmshell.core.migration.live.job import Strategy
 from kvmshell.core.values.units import format_rate
 from kvmshell.errors import UsageError
 
@@ -43,7 +42,7 @@ class MigrateRequest:
     dest: str | None = None                 # --to: an attached guest waiting with -incoming defer
     to_host: str | None = None              # --to-host: kvmshell starts the destination there
     estimate: bool = False
-    strategy: Strategy | None = None        # None: the config's default
+    strategy: str | None = None             # a strategy's name; None: the config's default
     downtime_ms: int | None = None
     bandwidth: int | None = None            # bytes/s
     link: int | None = None                 # bytes/s, for the model
@@ -165,7 +164,7 @@ class MigrateRequest:
         if self.estimate:
             words.append("--estimate")
         if self.strategy is not None:
-            opt("--strategy", self.strategy.value)
+            opt("--strategy", self.strategy)
         if self.bandwidth is not None:
             opt("--bandwidth", format_rate(self.bandwidth))
         if self.downtime_ms is not None:

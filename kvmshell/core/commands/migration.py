@@ -15,6 +15,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
 from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.live.strategies import offered, parse_strategy
 from kvmshell.core.values.units import (
     check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
 )
@@ -112,7 +113,7 @@ async def _first_state(mon: Monitor, bound: float = 1.0) -> MigrationInfo:
 async def migrate_cancel(inv: Invocation) -> Result:
     mon = inv.monitor
     job = inv.session.running_job(inv.guest or "")
-    if job is not None and job.req.strategy is not steer.Strategy.NONE:
+    if job is not None and job.strategy.steers:
         await job.cancel()
         return Done("migration cancelled; the guest keeps running here")
     info = await mon.migration()
@@ -306,8 +307,8 @@ SPECS = (
                        Flag(("-r",), "resume a paused postcopy migration"),
                        Flag(("--to",), "destination: an attached guest started with -incoming defer", value="GUEST",
                             complete=Completer.GUEST),
-                       Flag(("--strategy",), "precopy | converge | postcopy | auto (default: auto)", value="S",
-                            parse=steer.parse_strategy, complete=Completer.STRATEGY),
+                       Flag(("--strategy",), f"{' | '.join(offered())} (default: {offered()[0]})", value="S",
+                            parse=parse_strategy, complete=Completer.STRATEGY),
                        Flag(("--downtime",), "downtime limit in ms", value="MS",
                             parse=lambda t: parse_positive_int(t, "the downtime limit")),
                        Flag(("--bandwidth",), "bandwidth cap (1gbit, 100M...); default: uncapped up to the link",

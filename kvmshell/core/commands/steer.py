@@ -12,26 +12,16 @@ from kvmshell.core.values.units import human_bytes, parse_rate
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.probe import LinkFigure, probe_path
 from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoints, warnings_for
-from kvmshell.core.migration.live.job import MigrationJob, MigrationRequest, Strategy
-from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, estimate_working_set, predict
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
+from kvmshell.core.migration.model.predict import (
+    Inputs, Prediction, Verdict, estimate_working_set, predict, throttle_for,
+)
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
 from kvmshell.errors import CommandFailed, ConfigError, Refused
 from kvmshell.core.commands.spec import UsageError
-
-STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.NONE)
-
-
-def parse_strategy(text: str) -> Strategy:
-    try:
-        s = Strategy(text)
-    except ValueError:
-        raise ValueError(f"{text!r}: expected one of {', '.join(STRATEGIES)}") from None
-    if s is Strategy.NONE:
-        raise ValueError(f"{text!r}: expected one of {', '.join(STRATEGIES)}")
-    return s
-
 
 def wants_steering(flags: dict[str, Any]) -> bool:
     return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
@@ -61,7 +51,7 @@ async def migrate_steered(inv: Invocation) -> Result:
     if s.running_job(source) is not None:
         raise Refused("kvmshell is already migrating this guest", guest=source)
     defaults = s.config.defaults
-    strategy = f.get("strategy") or Strategy(defaults.strategy)
+    strategy = f.get("strategy") or defaults.strategy
     req = MigrationRequest(
         source=source, dest=str(dest) if dest else None, uri=str(uri) if uri else None,
         strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
@@ -90,8 +80,8 @@ async def migrate_steered(inv: Invocation) -> Result:
     warnings = tuple(w for st in stages for w in st.warnings)
     if work:
         return Done(f"preparing ({', '.join(st.name for st in work)}), then migrating to {req.dest or job.uri} "
-                    f"({job.uri}), strategy {req.strategy.value}; `info migrate` shows progress", warnings)
-    return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy.value}; "
+                    f"({job.uri}), strategy {req.strategy}; `info migrate` shows progress", warnings)
+    return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy}; "
                 "`info migrate` shows progress and the model's prediction", warnings)
 
 
@@ -102,7 +92,7 @@ def configured_link(inv: Invocation) -> float | None:
 
 def track(inv: Invocation) -> None:
     """Follow a plain `migrate URI` (sampling and the model only; nothing is steered)."""
-    job = MigrationJob.of(inv.session.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE))
+    job = MigrationJob.of(inv.session.fleet, MigrationRequest(inv.guest or "", strategy="none"))
     inv.session.launch(job)
 
 
@@ -207,7 +197,7 @@ async def _estimate(inv: Invocation, source: str, dest: str | None, uri: str | N
     p_unc = predict(uncapped)
     row("precopy, uncapped", p_unc, f"bandwidth {R_link / 1e6:.0f} MB/s (the link)")
     if D > 0 and R_link > 0:
-        p = min(0.99, max(0.2, 1 - 0.5 * R_link / D))
+        p = throttle_for(D, R_link)
         row("converge (auto-converge)", predict(Inputs(**{**uncapped.__dict__, "dirty_rate": D * (1 - p)})),
             f"guest throttled to {100 * (1 - p):.0f} % CPU while it converges")
     if R_link > 0:
@@ -254,7 +244,7 @@ async def trace(inv: Invocation) -> Result:
                             "its start", guest=inv.guest)
     if s.running_job(inv.guest or "") is not None:
         raise Refused("kvmshell already follows this migration; give --trace when you start it", guest=inv.guest)
-    job = MigrationJob.of(s.fleet, MigrationRequest(inv.guest or "", strategy=Strategy.NONE, trace_path=path))
+    job = MigrationJob.of(s.fleet, MigrationRequest(inv.guest or "", strategy="none", trace_path=path))
     await job.attach_trace()
     s.launch(job)
     return Done(f"tracing the migration to {path}")
@@ -294,7 +284,7 @@ async def migrate_to_host(inv: Invocation) -> Result:
         raise ConfigError("migrate --to-host needs the destination in the config: add a [hosts.NAME] table")
     defaults = s.config.defaults
     job = MigrationRequest(
-        source=source, strategy=f.get("strategy") or Strategy(defaults.strategy),
+        source=source, strategy=f.get("strategy") or defaults.strategy,
         downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
         link=f.get("link") or configured_link(inv),
         allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),

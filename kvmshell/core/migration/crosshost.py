@@ -45,7 +45,8 @@ from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, che
 from kvmshell.core.migration.live.endpoints import tls_between
 from kvmshell.core.values.cmdline import Option, QemuCommand, derive, images_of, review, rewrite_images
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome, MigrationRequest
+from kvmshell.core.migration.live.job import MigrationJob
+from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.storage import StorageStage, block_devices, can_mirror, writable_disks
 from kvmshell.core.values.models import RunState

@@ -10,78 +10,68 @@ running where. Decisions are published as events with their reasons, and written
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.live.blockers import explain
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
+from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.values.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor.base import Monitor
-from kvmshell.core.migration.tls import TlsSetup, disable as tls_disable, enable as tls_enable
+from kvmshell.core.migration.tls import disable as tls_disable, enable as tls_enable
 from kvmshell.errors import CommandFailed, KvmError, Refused
 
 log = logging.getLogger(__name__)
 
 UNCAPPED = 100 * 1000**3 // 8            # 100 Gbit/s: "no cap", the link decides
 DECISION = "kvmshell.MIGRATION_DECISION"
-THROTTLE_AFTER_S = 30.0                  # converging, but slower than this: throttle (auto, converge)
 FINISHED = "kvmshell.MIGRATION_FINISHED"
 DIRTY_LIMIT_INERT = 1_000_000            # MB/s per vCPU: dirty-limit armed, but no vCPU is ever held back
 
 
-class Strategy(enum.Enum):
-    PRECOPY = "precopy"
-    CONVERGE = "converge"
-    POSTCOPY = "postcopy"
-    AUTO = "auto"
-    NONE = "none"              # a plain `migrate URI`: observe only
+@dataclass
+class Throttling:
+    """How the job throttles once a strategy arms it: dirty-limit where the source's QEMU has it and
+    KVM's dirty ring is on, else auto-converge."""
 
-
-@dataclass(frozen=True)
-class MigrationRequest:
-    source: str
-    dest: str | None = None             # an attached guest waiting with -incoming defer
-    uri: str | None = None              # where the source connects (None: a free local port)
-    strategy: Strategy = Strategy.AUTO
-    downtime_ms: int | None = None      # None: keep the guest's own
-    bandwidth: int | None = None        # bytes/s; None: uncapped (up to the link)
-    link: float | None = None           # bytes/s, if known
-    allow_postcopy: bool = False
-    trace_path: str | None = None
-    interval: float = 0.5
-    stall_timeout: float = 10.0
-    tls: TlsSetup | None = None         # encrypt the stream (tls-creds-x509 on both sides)
+    dirty_limit: bool = False
+    vcpus: int = 1
+    said: tuple[str, str] | None = None          # (decision, reason), said at the start
 
 
 @dataclass
-class MigrationOutcome:
-    status: str                          # completed / failed / cancelled / stalled / source-lost / postcopy-paused
-    message: str
-    total_s: float | None = None
-    downtime_ms: int | None = None
-    bytes_sent: int | None = None
-    at_start: Prediction | None = None
-    after_first_pass: Prediction | None = None
-    decisions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)        # what the stages did and undid
+class Watchdog:
+    """Progress seen by the job: no bytes sent for ``timeout`` seconds means the destination or the
+    link is stuck (QEMU itself waits for TCP, many minutes)."""
 
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
+    timeout: float
+    transferred: int = 0
+    since: float = 0.0
+    stalled: str | None = None                   # why, once it fired
 
-    @property
-    def full_message(self) -> str:
-        return "; ".join([self.message, *self.notes])
+    def stuck(self, transferred: int, now: float) -> bool:
+        if transferred > self.transferred or self.since == 0.0:
+            self.transferred, self.since = transferred, now
+            return False
+        return now - self.since >= self.timeout
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the model must know of the source's settings once both sides are prepared."""
+
+    downtime_s: float = 0.3
+    bandwidth_cap: float | None = None           # QEMU never sends faster than max-bandwidth
 
 
 class MigrationJob:
@@ -94,6 +84,7 @@ class MigrationJob:
         self.publish = publish
         self.hosts = hosts if hosts is not None else source.hosts
         self.req = request
+        self.strategy = strategy_named(request.strategy)(request)
         self.stages: list[Stage] = list(stages)
         self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
         self._started = False                 # `migrate` was sent
@@ -108,19 +99,12 @@ class MigrationJob:
         self.prediction: Prediction | None = None
         self.outcome: MigrationOutcome | None = None
         self.decisions: list[str] = []
-        self._trace: TraceWriter | None = None
-        self._downtime_s = 0.3
-        self._bandwidth_cap: float | None = None
-        self._postcopy_ready = False
-        self._postcopy_started = False
-        self._throttle_armed = False
-        self._dirty_limit = False             # converge with dirty-limit (else auto-converge)
-        self._vcpus = 1
-        self._converge_with: tuple[str, str] | None = None     # (decision, reason), said at the start
-        self._at_start: Prediction | None = None
-        self._after_first: Prediction | None = None
-        self._last_progress = (0, 0.0)       # (transferred, when)
-        self._stalled: str | None = None
+        self._limits = Limits()
+        self.postcopy_started = False
+        self.throttle_armed = False
+        self._throttling = Throttling()
+        self.marks: dict[str, Prediction] = {}   # "start", "first pass": the predictions scored later
+        self._watchdog = Watchdog(request.stall_timeout)
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
@@ -175,8 +159,8 @@ class MigrationJob:
             # a stage that unplugs devices checks what still blocks after the unplug
             raise Refused("this guest cannot migrate: " + explain(info.blocked_reasons), guest=self.req.source)
         params = await src.migrate_parameters()
-        self._downtime_s = (self.req.downtime_ms or params.downtime_limit_ms or 300) / 1000
-        strategy = self.req.strategy
+        downtime_s = (self.req.downtime_ms or params.downtime_limit_ms or 300) / 1000
+        strategy = self.strategy
         if self.dest is not None:
             status = await self.dest.status()
             if status.state is not RunState.INMIGRATE:
@@ -187,12 +171,9 @@ class MigrationJob:
                 raise CommandFailed(f"{self.req.dest} already has an incoming migration ({dinfo.status})",
                                     guest=self.req.source)
         caps: dict[str, bool] = {"events": True}
-        if strategy is not Strategy.NONE:
-            postcopy = strategy is Strategy.POSTCOPY or (strategy is Strategy.AUTO and self.req.allow_postcopy)
-            caps["postcopy-ram"] = postcopy
-            caps["auto-converge"] = strategy in (Strategy.CONVERGE, Strategy.AUTO) and not (
-                strategy is Strategy.AUTO and self.req.allow_postcopy)
-            self._postcopy_ready = postcopy
+        if strategy.steers:
+            caps["postcopy-ram"] = strategy.postcopy()
+            caps["auto-converge"] = strategy.converge()
             caps["dirty-limit"] = False
             if caps["auto-converge"]:
                 await self._choose_converge(src, caps)
@@ -203,24 +184,20 @@ class MigrationJob:
             await self._set_caps(self.dest, {k: v for k, v in caps.items()
                                              if k not in ("events", "pause-before-switchover", "dirty-limit")}
                                  | {"events": True})
-        if strategy is not Strategy.NONE:
+        if strategy.steers:
             new: dict[str, Any] = {"max-bandwidth": self.req.bandwidth or (int(self.req.link) if self.req.link else UNCAPPED)}
             if self.req.downtime_ms is not None:
                 new["downtime-limit"] = self.req.downtime_ms
-            if strategy is Strategy.CONVERGE:
-                new |= {"cpu-throttle-initial": 30, "cpu-throttle-increment": 20, "max-cpu-throttle": 99}
-            elif strategy is Strategy.AUTO and caps.get("auto-converge"):
-                # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
-                new |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+            new |= strategy.throttle_parameters(bool(caps.get("auto-converge")))
             if caps.get("dirty-limit"):
                 known = self.req.bandwidth or self.req.link
-                new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy is Strategy.CONVERGE and known \
+                new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy.throttles_from_start() and known \
                     else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
             await src.set_parameters(new)
             params = await src.migrate_parameters()
         # QEMU never sends faster than max-bandwidth: the model must know the cap
         cap = params.max_bandwidth
-        self._bandwidth_cap = float(cap) if cap and cap < UNCAPPED else None
+        self._limits = Limits(downtime_s, float(cap) if cap and cap < UNCAPPED else None)
         if self.req.tls is not None:
             if self.dest is None:
                 raise CommandFailed("TLS needs a destination kvmshell attaches (--to DEST)", guest=self.req.source)
@@ -267,11 +244,11 @@ class MigrationJob:
         self.sampler.start = self.clock()
         await src.migrate(self.uri)
         self._started = True
-        self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy.value}, "
-                             f"downtime limit {self._downtime_s * 1000:.0f} ms, "
+        self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy}, "
+                             f"downtime limit {self._limits.downtime_s * 1000:.0f} ms, "
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
-        if self._converge_with is not None:
-            self.decide(*self._converge_with)
+        if self._throttling.said is not None:
+            self.decide(*self._throttling.said)
         first = await self.sampler.sample()
         deadline = self.clock() + 2.0
         while first is not None and first.status == "setup" and self.clock() < deadline:
@@ -285,18 +262,18 @@ class MigrationJob:
 
     async def attach_trace(self) -> None:
         """Open the trace file (if asked for) and write its header."""
-        if not self.req.trace_path or self._trace is not None:
+        if not self.req.trace_path or self.sampler.trace is not None:
             return
         try:
-            self._trace = TraceWriter.open(self.req.trace_path)
+            trace = TraceWriter.open(self.req.trace_path)
         except OSError as e:
             raise CommandFailed(f"cannot write the trace {self.req.trace_path}: {e.strerror}",
                                 guest=self.req.source) from None
-        self.sampler.trace = self._trace
+        self.sampler.trace = trace
         params = await self.source.migrate_parameters()
         caps = await self.source.migrate_capabilities()
-        self._trace.write(TraceHeader(self.req.source, time.time(), params=dict(params.values),
-                                      capabilities=dict(caps.states), strategy=self.req.strategy.value,
+        trace.write(TraceHeader(self.req.source, time.time(), params=dict(params.values),
+                                      capabilities=dict(caps.states), strategy=self.req.strategy,
                                       link_bytes_per_s=self.req.link,
                                       note=f"to {self.req.dest or self.uri or 'an unmanaged destination'}"))
 
@@ -349,7 +326,7 @@ class MigrationJob:
         try:
             while not sampler_task.done():
                 await asyncio.wait({sampler_task}, timeout=0.25)
-                if self._stalled is None and self._check_stall():
+                if self._watchdog.stalled is None and self._check_stall():
                     await self._cancel_stalled()
                 if self._postcopy_paused():
                     return self.sampler.ring.last      # the finally stops the sampler
@@ -372,22 +349,17 @@ class MigrationJob:
             return False
         if self._switchover is not None and not self._switchover.done():
             return False                     # the stages finish their work while the guest is stopped
-        now = self.clock()
-        transferred, since = self._last_progress
-        if last.transferred > transferred or since == 0.0:
-            self._last_progress = (last.transferred, now)
-            return False
-        return now - since >= self.req.stall_timeout
+        return self._watchdog.stuck(last.transferred, self.clock())
 
     async def _cancel_stalled(self) -> None:
         last = self.sampler.ring.last
         frozen = last.transferred if last else 0
-        self._stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
+        stalled = self._watchdog.stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
                          f"{frozen / 2**20:.1f} MiB): the destination or the link is stuck")
         if last is not None and last.status == "postcopy-active":
             # the guest runs on the destination already: cancelling is impossible, waiting for TCP to
             # give up takes many minutes; pausing keeps both halves so the migration can be recovered
-            self.decide("pause-stalled", f"{self._stalled}; pausing the postcopy migration so it can be "
+            self.decide("pause-stalled", f"{stalled}; pausing the postcopy migration so it can be "
                                          "recovered (migrate_recover on the destination, migrate -r here)")
             try:
                 await self.source.migrate_pause()
@@ -395,7 +367,7 @@ class MigrationJob:
             except KvmError as e:
                 log.warning("pausing the stalled postcopy migration failed: %s", e)
             return
-        self.decide("cancel-stalled", self._stalled)
+        self.decide("cancel-stalled", stalled)
         try:
             await self._cancel()
         except KvmError as e:
@@ -424,16 +396,16 @@ class MigrationJob:
         return self.outcome
 
     def _on_sample(self, s: Sample) -> None:
-        pred = assess(self.sampler.ring.list(), downtime_limit_s=self._downtime_s,
-                      bandwidth_cap=self._bandwidth_cap, link=self.req.link)
+        pred = assess(self.sampler.ring.list(), downtime_limit_s=self._limits.downtime_s,
+                      bandwidth_cap=self._limits.bandwidth_cap, link=self.req.link)
         self.prediction = pred
-        if self._at_start is None and pred.verdict is not Verdict.UNKNOWN:
-            self._at_start = pred
-        if self._after_first is None and s.pass_no >= 2 and not pred.rough and \
+        if pred.verdict is not Verdict.UNKNOWN:
+            self.marks.setdefault("start", pred)
+        if s.pass_no >= 2 and not pred.rough and \
                 pred.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE):
-            self._after_first = pred
+            self.marks.setdefault("first pass", pred)
         if s.status == "active":
-            self._steer(s, pred)
+            self.strategy.on_sample(self, s, pred)
         elif s.status == "pre-switchover" and self._switchover is None:
             self._switchover = asyncio.create_task(self._switch_over())
             self._actions.add(self._switchover)
@@ -458,41 +430,10 @@ class MigrationJob:
             self.decide("action-failed", f"migrate-continue: {e}")
         self.sampler.wake()
 
-    def _steer(self, s: Sample, pred: Prediction) -> None:
-        strategy = self.req.strategy
-        if strategy is Strategy.POSTCOPY:
-            if s.pass_no >= 2 and not self._postcopy_started:
-                self._start_postcopy("the first full pass is done")
-            return
-        if strategy not in (Strategy.AUTO, Strategy.CONVERGE) or s.pass_no < 2:
-            return
-        slow = self._too_slow(s, pred)
-        if pred.verdict is not Verdict.WILL_NOT_CONVERGE and slow is None:
-            return
-        why = pred.reason if pred.verdict is Verdict.WILL_NOT_CONVERGE else slow
-        if strategy is Strategy.AUTO and self._postcopy_ready:
-            if not self._postcopy_started:
-                self._start_postcopy(why or pred.reason)
-        elif not self._throttle_armed:
-            self._arm_throttle(pred, why or pred.reason)
-
-    def _too_slow(self, s: Sample, pred: Prediction) -> str | None:
-        """Converging, but so slowly that escalating is better (the reason), else None."""
-        if pred.verdict is not Verdict.CONVERGES or pred.time_left_s is None:
-            return None
-        link = self.req.link or pred.rate or 0.0
-        if self._postcopy_ready and link > 0:
-            postcopy_s = s.remaining / link + 0.5
-            if pred.time_left_s > 2 * postcopy_s:
-                return (f"pre-copy would need {pred.time_left_s:.1f} s more ({pred.reason}); "
-                        f"postcopy about {postcopy_s:.1f} s")
-            return None
-        if pred.time_left_s > THROTTLE_AFTER_S:
-            return f"pre-copy would need {pred.time_left_s:.0f} s more"
-        return None
-
-    def _start_postcopy(self, why: str) -> None:
-        self._postcopy_started = True
+    # -- the levers a strategy pulls ----------------------------------------------------------
+    def start_postcopy(self, why: str) -> None:
+        """Switch the running migration to postcopy (once), saying why."""
+        self.postcopy_started = True
         self.decide("postcopy", f"switching to postcopy: {why}")
         self._spawn(self._postcopy_cmd())
 
@@ -503,38 +444,39 @@ class MigrationJob:
         """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's
         dirty ring is on; QEMU itself says whether it is (it refuses the capability without it)."""
         if "dirty-limit" not in await src.migrate_capabilities():
-            self._converge_with = ("converge-with", "auto-converge: dirty-limit not used, this QEMU has no "
+            self._throttling.said = ("converge-with", "auto-converge: dirty-limit not used, this QEMU has no "
                                                     "dirty-limit capability")
             return
         try:
             await self._set_caps(src, {"auto-converge": False, "dirty-limit": True})
-            self._vcpus = await src.vcpu_count()
+            self._throttling.vcpus = await src.vcpu_count()
         except CommandFailed as e:
-            self._converge_with = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
+            self._throttling.said = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
                                                     f"({e.message})")
             return
         caps |= {"auto-converge": False, "dirty-limit": True}
-        self._dirty_limit = True
-        self._converge_with = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it "
-                                                f"holds back each of the {self._vcpus} vCPUs that dirties too fast, "
+        self._throttling.dirty_limit = True
+        self._throttling.said = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it "
+                                                f"holds back each of the {self._throttling.vcpus} vCPUs that dirties too fast, "
                                                 f"where auto-converge would slow every vCPU")
 
     def _dirty_limit_mb(self, rate: float) -> int:
         """vcpu-dirty-limit (MB/s per vCPU) so that all vCPUs together dirty about half of ``rate``."""
-        return max(1, int(0.5 * rate / self._vcpus / 2**20))
+        return max(1, int(0.5 * rate / self._throttling.vcpus / 2**20))
 
-    def _arm_throttle(self, pred: Prediction, why: str) -> None:
-        """Throttle the guest's vCPUs enough that it dirties at about half the transfer rate."""
-        self._throttle_armed = True
+    def arm_throttle(self, pred: Prediction, why: str) -> None:
+        """Throttle the guest's vCPUs (once) enough that it dirties at about half the transfer rate."""
+        self.throttle_armed = True
         D, R = pred.dirty_rate or 0.0, pred.rate or 0.0
-        if self._dirty_limit:
+        if self._throttling.dirty_limit:
             limit = self._dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
-            self.decide("throttle", f"{why}; dirty-limit: each of the {self._vcpus} vCPU(s) may dirty {limit} MB/s "
+            self.decide("throttle", f"{why}; dirty-limit: each of the {self._throttling.vcpus} vCPU(s) may dirty {limit} MB/s "
                                     f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
             self._spawn(self.source.set_parameters({"vcpu-dirty-limit": limit}))
             return
-        target = 50 if D <= 0 or R <= 0 else int(min(99, max(20, round(100 * (1 - 0.5 * R / D)))))
-        not_dl = f"; {self._converge_with[1].split(': ', 1)[1]}" if self._converge_with else ""
+        target = int(round(100 * throttle_for(D, R)))
+        said = self._throttling.said
+        not_dl = f"; {said[1].split(': ', 1)[1]}" if said else ""
         self.decide("throttle", f"{why}; throttling the guest to {100 - target} % CPU "
                                 f"(auto-converge {target} %, then +10 % a pass{not_dl})", target=target)
         params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
@@ -567,7 +509,8 @@ class MigrationJob:
     # -- the end ------------------------------------------------------------------------------
     async def _conclude(self, last: Sample | None) -> MigrationOutcome:
         src_name, dst_name = self.req.source, self.req.dest
-        base = dict(at_start=self._at_start, after_first_pass=self._after_first, decisions=list(self.decisions))
+        base = dict(at_start=self.marks.get("start"), after_first_pass=self.marks.get("first pass"),
+                    decisions=list(self.decisions))
         if self.sampler.lost is not None or last is None:
             where = ""
             if self.dest is not None:
@@ -581,7 +524,8 @@ class MigrationJob:
             return MigrationOutcome("source-lost", f"{src_name}'s monitor was lost during the migration "
                                     f"({self.sampler.lost}){where}", **base)
         if last.status == "postcopy-paused":
-            why = f" ({self._stalled})" if self._stalled else ""
+            stalled = self._watchdog.stalled
+            why = f" ({stalled})" if stalled else ""
             return MigrationOutcome("postcopy-paused",
                                     f"DANGER: the migration broke in postcopy{why}: the guest is split between "
                                     f"{src_name} and {dst_name or 'the destination'} and paused. Do not quit either "
@@ -599,8 +543,8 @@ class MigrationJob:
             src_state = f"; {src_name} is {st}"
         except KvmError:
             pass
-        if self._stalled is not None:
-            return MigrationOutcome("stalled", f"cancelled: {self._stalled}{src_state}", **base)
+        if self._watchdog.stalled is not None:
+            return MigrationOutcome("stalled", f"cancelled: {self._watchdog.stalled}{src_state}", **base)
         info = await self._info_or_none()
         reason = f" ({info.error})" if info is not None and info.error else ""
         return MigrationOutcome(last.status, f"migration {last.status}{reason}{src_state}", **base)
@@ -633,7 +577,6 @@ class MigrationJob:
             return None
 
     async def _close_trace(self) -> None:
-        if self._trace is not None:
-            self._trace.close()
-            self._trace = None
+        if self.sampler.trace is not None:
+            self.sampler.trace.close()
             self.sampler.trace = None

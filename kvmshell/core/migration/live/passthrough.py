@@ -34,7 +34,8 @@ from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, ConfigError, Disconnected, KvmError, Refused
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
+    from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.migration.live.request import MigrationOutcome
 
 UNPLUG_TIMEOUT = 10.0
 PERIPHERAL = "/machine/peripheral"

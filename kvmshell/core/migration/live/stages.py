@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
+    from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.migration.live.request import MigrationOutcome
 
 
 class Stage(Protocol):

@@ -45,7 +45,8 @@ from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
 
 if TYPE_CHECKING:
-    from kvmshell.core.migration.live.job import MigrationJob, MigrationOutcome
+    from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.migration.live.request import MigrationOutcome
 
 log = logging.getLogger(__name__)
 

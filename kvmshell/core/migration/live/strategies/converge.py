@@ -1,0 +1,33 @@
+"""Pre-copy that throttles the guest when the model says it will not converge, or too slowly."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmshell.core.migration.live.strategies.base import Strategy, escalation
+from kvmshell.core.migration.model.predict import Prediction
+from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.values.models import ParamValue
+
+if TYPE_CHECKING:
+    from kvmshell.core.migration.live.job import MigrationJob
+
+
+class Converge(Strategy):
+    name = "converge"
+    summary = "pre-copy with auto-converge steps chosen from the model"
+    rank = 30
+
+    def converge(self) -> bool:
+        return True
+
+    def throttle_parameters(self, auto_converge: bool) -> dict[str, ParamValue]:
+        return {"cpu-throttle-initial": 30, "cpu-throttle-increment": 20, "max-cpu-throttle": 99}
+
+    def throttles_from_start(self) -> bool:
+        return True
+
+    def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
+        why = escalation(job, sample, prediction, postcopy=False)
+        if why is not None and not job.throttle_armed:
+            job.arm_throttle(prediction, why)
