@@ -184,13 +184,7 @@ def test_every_package_says_what_it_owns_and_may_import() -> None:
 # Places outside core/monitor that still choose by protocol or send a raw query, each (module, function,
 # what): a comparison with Protocol.QMP/HMP, a call of is_qmp(, or an execute("query-...") literal. The
 # list only shrinks: an entry that no longer occurs fails the test too, so that it is taken off.
-KNOWN_PROTOCOL_CHOICES: set[tuple[str, str, str]] = {
-    # --copy-storage: NBD exports and block mirrors, QMP-only machinery
-    ("kvmshell.core.migration.live.storage", "block_devices", 'execute("query-block")'),
-    ("kvmshell.core.migration.live.storage", "StorageStage._refresh", 'execute("query-block-jobs")'),
-    ("kvmshell.core.migration.live.storage", "StorageStage._clean_source", 'execute("query-block-jobs")'),
-    ("kvmshell.core.migration.live.storage", "StorageStage._gone", 'execute("query-block-jobs")'),
-}
+KNOWN_PROTOCOL_CHOICES: set[tuple[str, str, str]] = set()
 
 # Comparisons about an address or how QEMU is started, not about talking to a monitor: they stay.
 ADDRESS_LEVEL: set[tuple[str, str, str]] = {
@@ -240,6 +234,14 @@ def test_only_core_monitor_chooses_between_qmp_and_hmp() -> None:
     gone = sorted((KNOWN_PROTOCOL_CHOICES | ADDRESS_LEVEL) - found)
     assert not gone, "take these off KNOWN_PROTOCOL_CHOICES, they are fixed:\n" + \
         "\n".join(f"  {m} {f}: {w}" for m, f, w in gone)
+
+
+def test_the_disk_copy_sends_no_raw_qmp() -> None:
+    """The disk copy (migrate --copy-storage) speaks only through Monitor's typed block queries and actions."""
+    path = PKG / "core" / "migration" / "live" / "storage.py"
+    raw = [f"line {n.lineno}" for n in ast.walk(ast.parse(path.read_text()))
+           if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "execute"]
+    assert not raw, f"{path.name} calls execute(): " + ", ".join(raw)
 
 
 def test_the_protocol_check_sees_what_it_should() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.monitor.hmp import HmpMonitor, parameter_text
-from kvmshell.core.values.models import Event, MigrationStatus, RunState
+from kvmshell.core.values.models import Event, MigrationStatus, NbdServer, RunState
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.errors import CommandFailed, Disconnected, Unsupported
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -71,6 +71,12 @@ async def test_hmp_monitor_has_no_raw_qmp(lab: Lab) -> None:
         assert isinstance(mon, HmpMonitor)
         with pytest.raises(Unsupported, match="HMP monitor"):
             await mon.execute("query-status")
+        # info block / info block-jobs lack sizes, backing formats and job state: no half-parsed view
+        for query in (mon.block_devices, mon.block_jobs):
+            with pytest.raises(Unsupported, match=r"needs a QMP monitor and .* is HMP: attach the guest's QMP socket"):
+                await query()
+        with pytest.raises(Unsupported, match="migrate --copy-storage, needs QMP on both guests"):
+            await mon.nbd_server_start(NbdServer(host="127.0.0.1", port=free_port()))
     finally:
         await mon.close()
 

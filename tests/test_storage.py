@@ -24,11 +24,11 @@ from kvmshell.core.commands.results import Outcome
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.job import FINISHED
 from kvmshell.core.migration.live.storage import StorageStage
-from kvmshell.core.values.models import Event, RunState
-from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.values.models import BlockImage, BlockJobStatus, Event, NbdServer, RunState
+from kvmshell.core.monitor.base import Monitor, open_monitor
 from kvmshell.core.commands.session import Session
 from kvmshell.config import parse_config
-from kvmshell.errors import ConfigError, KvmError
+from kvmshell.errors import CommandFailed, ConfigError, KvmError
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from tests.waiting import free_port, wait_for
 
@@ -153,7 +153,7 @@ async def dest_running(rig: Rig) -> None:
 
 async def no_leftovers_on_source(rig: Rig) -> None:
     src = rig.mon("src")
-    assert await src.execute("query-block-jobs") == []
+    assert await src.block_jobs() == ()
     nodes = [n.get("node-name", "") for n in await src.execute("query-named-block-nodes")]
     assert not [n for n in nodes if n.startswith("kvmshell-")], nodes
 
@@ -257,6 +257,64 @@ async def test_older_commands_drive_mirror_and_nbd_server_add(rig: Rig, monkeypa
     await dest_running(rig)
     await rig.quit("src", "dst")
     assert await compare(src_data, dst_data) == (0, "Images are identical.")
+
+
+@pytest.mark.parametrize("how", ["blockdev-mirror", "drive-mirror"])
+async def test_monitor_block_queries_and_actions(lab: Lab, how: str) -> None:
+    """Monitor's typed block queries, and the NBD and mirror actions the disk copy sends, on their own:
+    the source's disk (a top image over a base) mirrored into the destination's NBD export and completed."""
+    w = lab.workdir
+    base = await qcow2(w / "base.qcow2")
+    await offline_io(base, "write -P 0x33 0 4M")
+    src_data, dst_data = await qcow2(w / "src-data.qcow2", backing=base), await qcow2(w / "dst-data.qcow2")
+    await offline_io(src_data, "write -P 0x44 4M 4M")
+    guests = [await lab.start("src", MonitorKind.QMP_UNIX, paused=True, extra_args=data_drive(src_data)),
+              await lab.start("dst", MonitorKind.QMP_UNIX, incoming=True, extra_args=data_drive(dst_data))]
+    src, dst = [await open_monitor(g.name, g.address) for g in guests]
+    try:
+        data0 = {d.key: d for d in await src.block_devices()}["data0"]
+        assert data0.device == "data0" and data0.writable and data0.node_name
+        assert data0.image == BlockImage(str(src_data), "qcow2", 16 * MiB)
+        assert data0.backing == (BlockImage(str(base), "qcow2", 16 * MiB),)
+        target = {d.key: d for d in await dst.block_devices()}["data0"]
+        assert target.image == BlockImage(str(dst_data), "qcow2", 16 * MiB) and target.backing == ()
+        server = NbdServer(path=str(w / "nbd.sock"))
+        await dst.nbd_server_start(server)
+        await dst.nbd_export(target.node_name, "e0", writable=True)
+        if how == "blockdev-mirror":
+            await src.blockdev_add_nbd("client0", server, "e0")
+            await src.blockdev_mirror("m0", data0.node_name, "client0", sync="full", speed=MiB, write_blocking=True)
+        else:
+            await src.drive_mirror("m0", data0.node_name, server.uri("e0"), target_format="raw", sync="full",
+                                   speed=MiB, write_blocking=True)
+        [job] = await src.block_jobs()
+        assert job.id == "m0" and job.type == "mirror" and job.speed == MiB and not job.ready
+        assert job.status is BlockJobStatus.RUNNING and job.length >= 8 * MiB and job.error is None
+        await src.block_job_set_speed("m0", 0)
+        [job] = await wait_for(src.block_jobs, lambda jobs: jobs[0].ready, what="the mirror in sync")
+        assert job.status is BlockJobStatus.READY and job.offset == job.length and job.speed == 0
+        await src.block_job_cancel("m0")                     # a ready mirror: that completes it
+        await wait_for(src.block_jobs, lambda jobs: not jobs, what="the mirror gone")
+        with pytest.raises(CommandFailed):
+            await src.block_job_cancel("m0", force=True)
+        if how == "blockdev-mirror":
+            await src.blockdev_del("client0")
+        nodes = [n.get("node-name") for n in await src.execute("query-named-block-nodes")]
+        assert "client0" not in nodes
+        await dst.nbd_server_stop()
+        assert await dst.execute("query-block-exports") == []
+        for mon, guest in zip((src, dst), guests):
+            try:
+                await mon.quit()
+            except KvmError:
+                pass                     # QEMU may close the monitor before it answers
+            async with asyncio.timeout(20):
+                await guest.proc.wait()
+    finally:
+        for mon in (src, dst):
+            await mon.close()
+    assert await compare(src_data, dst_data) == (0, "Images are identical.")
+    await offline_io(dst_data, "read -P 0x33 0 4M", "read -P 0x44 4M 4M")
 
 
 def test_copy_storage_in_the_config() -> None:
@@ -423,7 +481,7 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             # the destination dies during the disk copy: it is gone, and so are the images made for it
             task = asyncio.create_task(session.run_line(          # (all: empty images of the same size)
                 f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M"))
-            await wait_for(lambda: mon.execute("query-block-jobs"), lambda jobs: any(j["offset"] for j in jobs),
+            await wait_for(mon.block_jobs, lambda jobs: any(j.offset for j in jobs),
                            what="the mirror under way", timeout=60)
             for pid in processes_mentioning(str(run_dir)):
                 os.kill(pid, signal.SIGKILL)
@@ -431,7 +489,7 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             msg = o.error or ""
             assert not o.ok and "the mirror of disk" in msg and "removed the 2 image(s) created" in msg, msg
             assert f"{vm} is running on this host, as before" in msg, msg
-            assert not list(run_dir.glob("*.qcow2")) and await mon.execute("query-block-jobs") == []
+            assert not list(run_dir.glob("*.qcow2")) and await mon.block_jobs() == ()
             task = asyncio.create_task(session.run_line(
                 f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M"))
             await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active" and m.ram is not None

@@ -256,7 +256,7 @@ class CrossHostMigration:
         """--copy-storage: a new image on HOST for each writable disk of the source (checked here, made
         by ``_create_images``); the other images (a CD-ROM...) must be there as with shared storage."""
         self.image_dir = (self.req.run_dir or f"{DEFAULT_DIR}/{self.sock_name}").rstrip("/") or "/"
-        writable = {str(d["inserted"]["file"]) for d in writable_disks(await block_devices(self.mon)).values()}
+        writable = {d.image.filename for d in writable_disks(await block_devices(self.mon)).values() if d.image}
         mapping: dict[str, str] = {}
         backing: list[str] = []
         for top in images_of(self.cmd):

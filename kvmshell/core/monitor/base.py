@@ -21,8 +21,8 @@ from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.core.values.models import (
-    Capabilities, DirtyRate, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, ParamValue, QemuVersion,
-    Snapshot, Status,
+    BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, Event, MigrationInfo, MigrationParameters,
+    NbdServer, ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed, MonitorTimeout
 
@@ -203,6 +203,14 @@ class Monitor(abc.ABC):
     async def migrate_options(self) -> frozenset[str]:
         """Which of migrate's options this QEMU has: a subset of blk, inc, resume."""
 
+    @abc.abstractmethod
+    async def block_devices(self) -> tuple[BlockDevice, ...]:
+        """Every drive, with its medium and the backing chain under it (empty drives included)."""
+
+    @abc.abstractmethod
+    async def block_jobs(self) -> tuple[BlockJob, ...]:
+        """The block jobs running (mirrors, commits...) and those ended but not yet dismissed."""
+
     # -- typed actions -----------------------------------------------------------------------
     @abc.abstractmethod
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
@@ -267,6 +275,47 @@ class Monitor(abc.ABC):
     @abc.abstractmethod
     async def device_del(self, device_id: str) -> None:
         """Ask the guest to release a device (DEVICE_DELETED says when it has, where events arrive)."""
+
+    # block devices, NBD and mirrors: what the disk copy (migrate --copy-storage) sends
+    @abc.abstractmethod
+    async def nbd_server_start(self, server: NbdServer) -> None:
+        """Start the guest's NBD server, listening at ``server``."""
+
+    @abc.abstractmethod
+    async def nbd_server_stop(self) -> None:
+        """Stop the NBD server; its exports go with it."""
+
+    @abc.abstractmethod
+    async def nbd_export(self, node_name: str, name: str, *, writable: bool) -> None:
+        """Export the block node ``node_name`` as ``name`` on the running NBD server."""
+
+    @abc.abstractmethod
+    async def blockdev_add_nbd(self, node_name: str, server: NbdServer, export: str) -> None:
+        """Add a block node ``node_name`` that is an NBD client of ``export`` on ``server``."""
+
+    @abc.abstractmethod
+    async def blockdev_del(self, node_name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def blockdev_mirror(self, job_id: str, node_name: str, target: str, *, sync: str, speed: int = 0,
+                              write_blocking: bool = False) -> None:
+        """Mirror the node ``node_name`` into the node ``target`` as job ``job_id``. ``sync``: full (the
+        whole disk) or top (the top image only); ``speed``: bytes/s, 0 unlimited; ``write_blocking``: the
+        guest's writes reach the target before they complete (where QEMU's mirror has copy-mode)."""
+
+    @abc.abstractmethod
+    async def drive_mirror(self, job_id: str, node_name: str, target: str, *, target_format: str, sync: str,
+                           speed: int = 0, write_blocking: bool = False) -> None:
+        """Mirror the node ``node_name`` into the existing image ``target`` (a file name or an NBD URI) of
+        ``target_format``, for a QEMU without blockdev-mirror; the rest as ``blockdev_mirror``."""
+
+    @abc.abstractmethod
+    async def block_job_set_speed(self, job_id: str, speed: int) -> None:
+        """Change a block job's rate limit (bytes/s, 0 unlimited)."""
+
+    @abc.abstractmethod
+    async def block_job_cancel(self, job_id: str, *, force: bool = False) -> None:
+        """Cancel a block job; a ready mirror cancelled without ``force`` completes with a consistent copy."""
 
     @abc.abstractmethod
     async def stop(self) -> None: ...

@@ -20,8 +20,8 @@ from typing import Any
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.models import (
-    SIZE_PARAMETERS, Capabilities, DirtyRateInfo, MigrationInfo, MigrationParameters, ParamValue, Snapshot,
-    Status,
+    SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, MigrationInfo, MigrationParameters,
+    NbdServer, ParamValue, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
 from kvmshell.core.hosts.streams import Stream, open_stream
@@ -229,7 +229,6 @@ class HmpMonitor(Monitor):
         # "no block device can store vmstate" is an empty list here, not a failure
         return await self._parsed("info snapshots", hmptext.parse_snapshots, check=False)
 
-
     async def dirty_rate(self) -> DirtyRateInfo:
         return await self._parsed("info dirty_rate", hmptext.parse_dirty_rate)
 
@@ -248,6 +247,18 @@ class HmpMonitor(Monitor):
     async def migrate_options(self) -> frozenset[str]:
         help_text = await self.hmp("help migrate")
         return frozenset(name for flag, name in _MIGRATE_FLAGS if flag in help_text)
+
+    def _no_block(self, what: str) -> Unsupported:
+        """HMP's `info block` has no virtual sizes nor backing formats, `info block-jobs` no job state (ready,
+        busy): the block machinery is not offered over HMP rather than half-parsed."""
+        return Unsupported(f"{what} needs a QMP monitor and {self.address} is HMP: attach the guest's QMP socket "
+                           "(the disk copy, migrate --copy-storage, needs QMP on both guests)", guest=self.name)
+
+    async def block_devices(self) -> tuple[BlockDevice, ...]:
+        raise self._no_block("reading the block devices")
+
+    async def block_jobs(self) -> tuple[BlockJob, ...]:
+        raise self._no_block("reading the block jobs")
 
     # -- typed actions -----------------------------------------------------------------------
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
@@ -292,6 +303,35 @@ class HmpMonitor(Monitor):
 
     async def device_del(self, device_id: str) -> None:
         await self.hmp(f"device_del {device_id}")
+
+    async def nbd_server_start(self, server: NbdServer) -> None:
+        raise self._no_block("an NBD server")
+
+    async def nbd_server_stop(self) -> None:
+        raise self._no_block("an NBD server")
+
+    async def nbd_export(self, node_name: str, name: str, *, writable: bool) -> None:
+        raise self._no_block("an NBD export")
+
+    async def blockdev_add_nbd(self, node_name: str, server: NbdServer, export: str) -> None:
+        raise self._no_block("a block node")
+
+    async def blockdev_del(self, node_name: str) -> None:
+        raise self._no_block("a block node")
+
+    async def blockdev_mirror(self, job_id: str, node_name: str, target: str, *, sync: str, speed: int = 0,
+                              write_blocking: bool = False) -> None:
+        raise self._no_block("a block mirror")
+
+    async def drive_mirror(self, job_id: str, node_name: str, target: str, *, target_format: str, sync: str,
+                           speed: int = 0, write_blocking: bool = False) -> None:
+        raise self._no_block("a block mirror")
+
+    async def block_job_set_speed(self, job_id: str, speed: int) -> None:
+        raise self._no_block("a block job")
+
+    async def block_job_cancel(self, job_id: str, *, force: bool = False) -> None:
+        raise self._no_block("a block job")
 
     async def stop(self) -> None:
         await self.hmp("stop")

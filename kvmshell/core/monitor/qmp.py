@@ -18,8 +18,8 @@ from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPEr
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Kind, Protocol
 from kvmshell.core.values.models import (
-    Capabilities, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, ParamValue, QemuVersion, Snapshot,
-    Status,
+    BlockDevice, BlockJob, Capabilities, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, NbdServer,
+    ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import (
     SNAPSHOT_TIMEOUT, Features, Monitor, Progress, check_unix_target, clean_hmp_line,
@@ -44,6 +44,13 @@ def _reason(e: BaseException) -> str:
         return inner.strerror or str(inner)
     detail = getattr(inner, "error_message", None) or str(inner) or type(inner).__name__
     return f"not a QMP monitor: no valid greeting ({detail[:120]})"
+
+
+def _socket_address(server: NbdServer) -> dict[str, str]:
+    """QMP's SocketAddress of an NBD server (blockdev-add's ``server``)."""
+    if server.path is not None:
+        return {"type": "unix", "path": server.path}
+    return {"type": "inet", "host": str(server.host), "port": str(server.port)}
 
 
 class QmpMonitor(Monitor):
@@ -233,6 +240,12 @@ class QmpMonitor(Monitor):
     async def migrate_options(self) -> frozenset[str]:
         return frozenset(await self.command_args("migrate")) & {"blk", "inc", "resume"}
 
+    async def block_devices(self) -> tuple[BlockDevice, ...]:
+        return tuple(BlockDevice.from_qmp(d) for d in await self.execute("query-block"))
+
+    async def block_jobs(self) -> tuple[BlockJob, ...]:
+        return tuple(BlockJob.from_qmp(j) for j in await self.execute("query-block-jobs"))
+
     # -- typed actions -----------------------------------------------------------------------
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
         await self.execute("migrate-set-capabilities",
@@ -276,6 +289,53 @@ class QmpMonitor(Monitor):
     async def device_del(self, device_id: str) -> None:
         await self.execute("device_del", {"id": device_id})
 
+    async def nbd_server_start(self, server: NbdServer) -> None:
+        flat = _socket_address(server)
+        kind = flat.pop("type")
+        await self.execute("nbd-server-start", {"addr": {"type": kind, "data": flat}})    # the legacy form
+
+    async def nbd_server_stop(self) -> None:
+        await self.execute("nbd-server-stop")
+
+    async def nbd_export(self, node_name: str, name: str, *, writable: bool) -> None:
+        if self.features.has_qmp("block-export-add"):
+            await self.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node_name, "name": name,
+                                                    "writable": writable})
+        else:                                   # before QEMU 5.2
+            await self.execute("nbd-server-add", {"device": node_name, "name": name, "writable": writable})
+
+    async def blockdev_add_nbd(self, node_name: str, server: NbdServer, export: str) -> None:
+        await self.execute("blockdev-add", {"driver": "nbd", "node-name": node_name, "server": _socket_address(server),
+                                            "export": export})
+
+    async def blockdev_del(self, node_name: str) -> None:
+        await self.execute("blockdev-del", {"node-name": node_name})
+
+    @staticmethod
+    def _mirror_args(job_id: str, node_name: str, sync: str, speed: int, write_blocking: bool) -> dict[str, Any]:
+        args: dict[str, Any] = {"job-id": job_id, "device": node_name, "sync": sync}
+        if write_blocking:
+            args["copy-mode"] = "write-blocking"
+        if speed:
+            args["speed"] = speed
+        return args
+
+    async def blockdev_mirror(self, job_id: str, node_name: str, target: str, *, sync: str, speed: int = 0,
+                              write_blocking: bool = False) -> None:
+        await self.execute("blockdev-mirror",
+                           self._mirror_args(job_id, node_name, sync, speed, write_blocking) | {"target": target})
+
+    async def drive_mirror(self, job_id: str, node_name: str, target: str, *, target_format: str, sync: str,
+                           speed: int = 0, write_blocking: bool = False) -> None:
+        await self.execute("drive-mirror", self._mirror_args(job_id, node_name, sync, speed, write_blocking) | {
+            "target": target, "format": target_format, "mode": "existing"})
+
+    async def block_job_set_speed(self, job_id: str, speed: int) -> None:
+        await self.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+
+    async def block_job_cancel(self, job_id: str, *, force: bool = False) -> None:
+        await self.execute("block-job-cancel", {"device": job_id} | ({"force": True} if force else {}))
+
     async def stop(self) -> None:
         await self.execute("stop")
 
@@ -294,11 +354,8 @@ class QmpMonitor(Monitor):
 
     async def _snapshot_nodes(self) -> list[str]:
         """Node names of the writable disks that can hold snapshots (what snapshot-save needs)."""
-        nodes = []
-        for dev in await self.execute("query-block"):
-            ins = dev.get("inserted")
-            if ins and not ins.get("ro") and ins.get("drv") == "qcow2" and ins.get("node-name"):
-                nodes.append(ins["node-name"])
+        nodes = [d.node_name for d in await self.block_devices()
+                 if d.writable and d.image is not None and d.image.format == "qcow2" and d.node_name]
         if not nodes:
             raise CommandFailed("no writable qcow2 disk can hold a snapshot (savevm needs one)", guest=None)
         return nodes

@@ -268,6 +268,114 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class BlockImage:
+    """An image file as ``query-block`` describes it: a drive's top image or one under it."""
+
+    filename: str
+    format: str              # qcow2, raw...
+    virtual_size: int        # bytes the guest sees
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> BlockImage:
+        return cls(str(d.get("filename", "")), str(d.get("format", "")), _int(d, "virtual-size") or 0)
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """One drive of ``query-block``: its ids, its root node and the images in it."""
+
+    device: str                          # the drive id ("" for a drive made with -blockdev)
+    qdev: str                            # the guest device's id, or its QOM path
+    node_name: str                       # the root node ("" without a medium)
+    writable: bool                       # a medium is in, opened read-write
+    image: BlockImage | None             # the top image; None without a medium (an empty CD-ROM)
+    backing: tuple[BlockImage, ...] = ()     # the backing chain under ``image``, nearest first
+
+    @property
+    def key(self) -> str:
+        """The drive id, or the device's when the drive has none: what names a disk on both guests."""
+        return self.device or self.qdev
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> BlockDevice:
+        inserted = d.get("inserted")
+        if not isinstance(inserted, Mapping):
+            return cls(str(d.get("device", "")), str(d.get("qdev", "")), "", False, None)
+        top = inserted.get("image", {})
+        chain: list[BlockImage] = []
+        below = top.get("backing-image")
+        while isinstance(below, Mapping):
+            chain.append(BlockImage.from_qmp(below))
+            below = below.get("backing-image")
+        image = BlockImage.from_qmp(top) if top else BlockImage(str(inserted.get("file", "")),
+                                                                str(inserted.get("drv", "")), 0)
+        return cls(str(d.get("device", "")), str(d.get("qdev", "")), str(inserted.get("node-name", "")),
+                   not inserted.get("ro"), image, tuple(chain))
+
+
+class BlockJobStatus(_Lenient):
+    """A block job's state (QEMU's JobStatus)."""
+
+    UNDEFINED = "undefined"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One job of ``query-block-jobs`` (a mirror, a commit, a stream...)."""
+
+    id: str                  # the job id (QEMU's ``device``: the drive's name when none was given)
+    type: str                # mirror, commit, stream, backup
+    status: BlockJobStatus
+    ready: bool              # a mirror in sync: completing or cancelling it now gives a consistent copy
+    busy: bool               # copying right now (False while it sleeps to keep to its speed)
+    paused: bool
+    offset: int              # bytes done
+    length: int              # ... of this many (a mirror's grows with what the guest writes)
+    speed: int               # its rate limit, bytes/s (0: none)
+    io_status: str = "ok"
+    error: str | None = None
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> BlockJob:
+        error = d.get("error")
+        return cls(id=str(d.get("device", "")), type=str(d.get("type", "")),
+                   status=BlockJobStatus(d.get("status", "unknown")), ready=bool(d.get("ready")),
+                   busy=bool(d.get("busy")), paused=bool(d.get("paused")), offset=_int(d, "offset") or 0,
+                   length=_int(d, "len") or 0, speed=_int(d, "speed") or 0,
+                   io_status=str(d.get("io-status", "ok")), error=str(error) if error is not None else None)
+
+
+@dataclass(frozen=True)
+class NbdServer:
+    """Where an NBD server listens: a unix socket ``path``, or TCP ``host``:``port``."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def uri(self, export: str) -> str:
+        """The NBD URI of ``export`` on this server (what drive-mirror and qemu-img take)."""
+        if self.path is not None:
+            return f"nbd+unix:///{export}?socket={self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{export}"
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class DirtyRateInfo:
     """``query-dirty-rate``: the state of the last calc-dirty-rate and, once measured, its result."""
 

@@ -17,8 +17,9 @@ while RAM migrates, the way libvirt does it:
 ``finish``         the client nodes go, the NBD server stops; after a failure the mirror jobs are
                    cancelled first. The source's own images are never written.
 
-QMP is needed on both guests (HMP has no blockdev-mirror). Commands are chosen from what each QEMU
-offers (``block-export-add`` or ``nbd-server-add``; ``blockdev-mirror`` or ``drive-mirror``).
+Everything goes through the monitors' typed block actions, which need QMP on both guests (HMP has no
+blockdev-mirror). Commands are chosen from what each QEMU offers (``blockdev-mirror`` or ``drive-mirror``
+here; ``block-export-add`` or ``nbd-server-add`` in the monitor).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.static import StaticFailed
-from kvmshell.core.values.models import Event
+from kvmshell.core.values.models import BlockDevice, BlockImage, BlockJob, Event, NbdServer
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
 
@@ -58,7 +59,7 @@ def can_mirror(mon: Monitor) -> bool:
     has no NBD export)."""
     return mon.features.has_qmp("nbd-server-start") and (
         mon.features.has_qmp("blockdev-mirror") or mon.features.has_qmp("drive-mirror"))
-POLL_S = 0.5                 # query-block-jobs while the mirrors run (events wake us sooner)
+POLL_S = 0.5                 # the block jobs are read this often while the mirrors run (events wake us sooner)
 RATE_WINDOW_S = 1.0          # the guest's write rate to a disk is measured over this
 MIRROR_BUFFER = 16 << 20     # QEMU's default buf-size of a mirror job
 SWITCHOVER_TIMEOUT_S = 60.0  # the guest is stopped: the last dirty blocks must go within this
@@ -95,16 +96,16 @@ class Disk:
     def job_id(self) -> str:
         return f"kvmshell-mirror-{self.index}"
 
-    def update(self, job: dict[str, Any], now: float) -> None:
-        self.offset, length = int(job.get("offset", 0)), int(job.get("len", 0))
+    def update(self, job: BlockJob, now: float) -> None:
+        self.offset, length = job.offset, job.length
         if self._seen is None:
             self._seen = (now, length)
         elif now - self._seen[0] >= RATE_WINDOW_S:          # len grows by what the guest writes
             self.written_rate = max(0, length - self._seen[1]) / (now - self._seen[0])
             self._seen = (now, length)
         self.length = length
-        self.busy = bool(job.get("busy"))
-        self.ready = self.ready or bool(job.get("ready"))
+        self.busy = job.busy
+        self.ready = self.ready or job.ready
 
     def line(self) -> tuple[str, Any]:
         total = self.length or self.size
@@ -120,32 +121,23 @@ class Disk:
         return (f"disk {self.key}", text)
 
 
-def disk_key(dev: dict[str, Any]) -> str:
-    return str(dev.get("device") or dev.get("qdev") or "")
+async def block_devices(mon: Monitor) -> dict[str, BlockDevice]:
+    """Every device with a medium, by drive id (or qdev id)."""
+    return {d.key: d for d in await mon.block_devices() if d.image is not None and d.key}
 
 
-async def block_devices(mon: Monitor) -> dict[str, dict[str, Any]]:
-    """Every device with a medium, by drive id (or qdev id): its query-block entry."""
-    devices = await mon.execute("query-block")
-    return {disk_key(d): d for d in devices if d.get("inserted") and disk_key(d)}
-
-
-def writable_disks(devices: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def writable_disks(devices: dict[str, BlockDevice]) -> dict[str, BlockDevice]:
     """The disks worth copying: a file behind them, not read-only (no CD-ROM, no empty drive)."""
-    return {k: d for k, d in devices.items() if d["inserted"].get("file") and not d["inserted"].get("ro")}
+    return {k: d for k, d in devices.items() if d.writable and d.image is not None and d.image.filename}
 
 
-def _backing(dev: dict[str, Any]) -> dict[str, Any] | None:
-    return dev["inserted"].get("image", {}).get("backing-image")
+def _size(dev: BlockDevice) -> int:
+    assert dev.image is not None          # block_devices: a medium is in
+    return dev.image.virtual_size
 
 
-def _backing_chain(dev: dict[str, Any]) -> list[str]:
-    """The file names under a disk's top image, nearest first."""
-    names, image = [], _backing(dev)
-    while image is not None:
-        names.append(str(image["filename"]))
-        image = image.get("backing-image")
-    return names
+def _backing(dev: BlockDevice) -> BlockImage | None:
+    return dev.backing[0] if dev.backing else None
 
 
 class StorageStage(BaseStage):
@@ -171,7 +163,7 @@ class StorageStage(BaseStage):
         self._src_name = self._dst_name = ""
         self._sock_dir: str | None = None
         self._one_host = False                         # both QEMUs on one host: a shared file is possible
-        self._server: dict[str, Any] | None = None     # the NBD server as the source's blockdev-add sees it
+        self._server: NbdServer | None = None          # where the destination's NBD server listens
         self._clients: list[str] = []                  # NBD client nodes on the source
         self._jobs: list[str] = []                     # mirror job ids started
         self._blockdev = True                          # blockdev-add + blockdev-mirror (else drive-mirror)
@@ -204,14 +196,13 @@ class StorageStage(BaseStage):
                           "runs on as before", guest=self._src_name)
         if self.mode == "inc" and self.check_backing and (src.address.ssh or dst.address.ssh):
             if not same_host(job.hosts, src.address, dst.address):
-                await self._same_files_there(job, [f for dev in ours.values() for f in _backing_chain(dev)])
+                await self._same_files_there(job, [b.filename for dev in ours.values() for b in dev.backing])
         for i, (key, dev) in enumerate(ours.items()):
-            self.disks.append(Disk(key, dev["inserted"]["node-name"], theirs[key]["inserted"]["node-name"],
-                                   int(dev["inserted"]["image"]["virtual-size"]), i))
+            self.disks.append(Disk(key, dev.node_name, theirs[key].node_name, _size(dev), i))
         self._mirror_args = set(await src.command_args("blockdev-mirror" if self._blockdev else "drive-mirror"))
         await self._start_server(dst, where)
         for disk in self.disks:
-            await self._export(dst, disk)
+            await dst.nbd_export(disk.dest_node, disk.export, writable=True)
         self.notes.append(f"storage: {dst.name} exported {', '.join(d.key for d in self.disks)} over NBD "
                           f"({self._where()})")
 
@@ -225,19 +216,19 @@ class StorageStage(BaseStage):
             raise Unsupported(f"--copy-storage: {dst.name}'s QEMU has no NBD server (nbd-server-start, "
                               "block-export-add)", guest=src.name)
 
-    def _mismatch(self, key: str, dev: dict[str, Any], theirs: dict[str, Any] | None) -> str | None:
+    def _mismatch(self, key: str, dev: BlockDevice, theirs: BlockDevice | None) -> str | None:
         """Why ``dev`` cannot be copied into the destination's ``theirs`` (None: it can)."""
-        size = int(dev["inserted"]["image"]["virtual-size"])
+        size = _size(dev)
         want = f"start {self._dst_name} with a disk of id {key} and {human_bytes(size)} ({size} bytes)"
         if theirs is None:
             return f"{self._dst_name} has no disk {key}: {want}"
-        ins = theirs["inserted"]
-        if self._one_host and ins.get("file") and ins.get("file") == dev["inserted"].get("file"):
-            return (f"{self._dst_name}'s disk {key} is the very file the source uses ({ins['file']}): that is shared "
+        file = theirs.image.filename if theirs.image is not None else ""
+        if self._one_host and file and dev.image is not None and file == dev.image.filename:
+            return (f"{self._dst_name}'s disk {key} is the very file the source uses ({file}): that is shared "
                     "storage, nothing to copy; drop --copy-storage (copying a disk onto itself would corrupt it)")
-        if ins.get("ro"):
+        if not theirs.writable:
             return f"{self._dst_name}'s disk {key} is read-only"
-        other = int(ins["image"]["virtual-size"])
+        other = _size(theirs)
         if other != size:
             return (f"{self._dst_name}'s disk {key} has {human_bytes(other)} ({other} bytes), the source's "
                     f"{human_bytes(size)} ({size} bytes): {want}")
@@ -248,12 +239,13 @@ class StorageStage(BaseStage):
             return f"disk {key} has no backing file: copy it whole with --copy-storage all"
         if back is None:
             return (f"{self._dst_name}'s disk {key} has no backing file; for inc it must be a new top image "
-                    f"over {ours['filename']} (qemu-img create -f qcow2 -F {ours.get('format')} "
-                    f"-b {ours['filename']} TOP)")
-        for what in ("filename", "format", "virtual-size"):
-            if ours.get(what) != back.get(what):
-                return (f"disk {key}: the backing files differ ({what}: {ours.get(what)} here, "
-                        f"{back.get(what)} on {self._dst_name}); inc needs the same backing file on both")
+                    f"over {ours.filename} (qemu-img create -f qcow2 -F {ours.format} "
+                    f"-b {ours.filename} TOP)")
+        for what, field in (("filename", "filename"), ("format", "format"), ("virtual-size", "virtual_size")):
+            here, there = getattr(ours, field), getattr(back, field)
+            if here != there:
+                return (f"disk {key}: the backing files differ ({what}: {here} here, "
+                        f"{there} on {self._dst_name}); inc needs the same backing file on both")
         return None
 
     async def _same_files_there(self, job: MigrationJob, paths: list[str]) -> None:
@@ -297,33 +289,24 @@ class StorageStage(BaseStage):
         return m.group(1), port
 
     def _where(self) -> str:
-        if self._server is None:
-            return "no server"
-        if self._server["type"] == "unix":
-            return f"unix:{self._server['path']}"
-        return f"tcp:{self._server['host']}:{self._server['port']}"
+        return "no server" if self._server is None else str(self._server)
 
     async def _start_server(self, dst: Monitor, where: tuple[str, int] | None) -> None:
         if where is None:
             self._sock_dir = tempfile.mkdtemp(prefix="kvmshell-nbd-")
             path = os.path.join(self._sock_dir, "nbd.sock")
             try:
-                await dst.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": path}}})
-                self._server = {"type": "unix", "path": path}
+                server = NbdServer(path=path)
+                await dst.nbd_server_start(server)
+                self._server = server
                 return
             except CommandFailed as e:    # e.g. a QEMU running as another user cannot bind there
                 log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
                 self._drop_sock_dir()
         host, port = where or ("127.0.0.1", await free_port(None, None))
-        await dst.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}})
-        self._server = {"type": "inet", "host": host, "port": str(port)}
-
-    async def _export(self, dst: Monitor, disk: Disk) -> None:
-        if dst.features.has_qmp("block-export-add"):
-            await dst.execute("block-export-add", {"type": "nbd", "id": disk.export, "node-name": disk.dest_node,
-                                                   "name": disk.export, "writable": True})
-        else:
-            await dst.execute("nbd-server-add", {"device": disk.dest_node, "name": disk.export, "writable": True})
+        server = NbdServer(host=host, port=port)
+        await dst.nbd_server_start(server)
+        self._server = server
 
     # -- before_start: mirror every disk until all are ready -------------------------------------
     async def before_start(self, job: MigrationJob) -> None:
@@ -342,22 +325,16 @@ class StorageStage(BaseStage):
 
     async def _mirror(self, src: Monitor, disk: Disk, speed: int) -> None:
         sync = "full" if self.mode == "all" else "top"
-        args: dict[str, Any] = {"job-id": disk.job_id, "device": disk.source_node, "sync": sync}
-        if "copy-mode" in self._mirror_args:
-            args["copy-mode"] = "write-blocking"
-        if speed:
-            args["speed"] = speed
+        blocking = "copy-mode" in self._mirror_args
         assert self._server is not None
         if self._blockdev:
-            await src.execute("blockdev-add", {"driver": "nbd", "node-name": disk.client_node,
-                                               "server": self._server, "export": disk.export})
+            await src.blockdev_add_nbd(disk.client_node, self._server, disk.export)
             self._clients.append(disk.client_node)
-            await src.execute("blockdev-mirror", args | {"target": disk.client_node})
+            await src.blockdev_mirror(disk.job_id, disk.source_node, disk.client_node, sync=sync, speed=speed,
+                                      write_blocking=blocking)
         else:
-            s = self._server
-            uri = (f"nbd+unix:///{disk.export}?socket={s['path']}" if s["type"] == "unix"
-                   else f"nbd://{s['host']}:{s['port']}/{disk.export}")
-            await src.execute("drive-mirror", args | {"target": uri, "format": "raw", "mode": "existing"})
+            await src.drive_mirror(disk.job_id, disk.source_node, self._server.uri(disk.export), target_format="raw",
+                                   sync=sync, speed=speed, write_blocking=blocking)
         self._jobs.append(disk.job_id)
 
     def _on_event(self, ev: Event) -> None:
@@ -379,10 +356,10 @@ class StorageStage(BaseStage):
         self._changed.set()
 
     async def _refresh(self) -> None:
-        """query-block-jobs into the disks; a job that vanished without an event has ended."""
+        """The block jobs into the disks; a job that vanished without an event has ended."""
         if self._src is None:
             return
-        jobs = {j.get("device"): j for j in await self._src.execute("query-block-jobs")}
+        jobs = {j.id: j for j in await self._src.block_jobs()}
         now = time.monotonic()
         for disk in self.disks:
             if disk.job_id in jobs:
@@ -432,8 +409,8 @@ class StorageStage(BaseStage):
                 raise CommandFailed(f"the mirror of disk {disk.key} is {disk.ended or 'not in sync'}",
                                     guest=self._src_name)
         for disk in self.disks:
-            await src.execute("block-job-set-speed", {"device": disk.job_id, "speed": 0})
-            await src.execute("block-job-cancel", {"device": disk.job_id})
+            await src.block_job_set_speed(disk.job_id, 0)
+            await src.block_job_cancel(disk.job_id)
         await self._wait(lambda: all(d.ended is not None for d in self.disks), stall_s=SWITCHOVER_TIMEOUT_S,
                          what="completing the disk copy")
 
@@ -452,7 +429,7 @@ class StorageStage(BaseStage):
             done += await self._clean_source(self._src)
         if self._dst is not None and self._server is not None:
             try:
-                await self._dst.execute("nbd-server-stop")
+                await self._dst.nbd_server_stop()
                 done.append(f"NBD server on {self._dst_name} stopped")
             except KvmError as e:
                 done.append(f"NBD server on {self._dst_name} not stopped ({e.message})"
@@ -473,7 +450,7 @@ class StorageStage(BaseStage):
         try:
             status = (await src.migration()).status
             if status.is_active and not status.value.startswith("postcopy"):   # postcopy: copied already
-                await src.execute("migrate_cancel")
+                await src.migrate_cancel()
                 return ["the RAM migration cancelled (its disks are no longer copied)"]
         except KvmError as e:
             return [f"could not cancel the migration ({e.message}): run migrate_cancel"]
@@ -483,29 +460,29 @@ class StorageStage(BaseStage):
         done: list[str] = []
         try:
             ours = [d.job_id for d in self.disks]
-            listed = [j["device"] for j in await src.execute("query-block-jobs") if j.get("device") in ours]
+            listed = [j.id for j in await src.block_jobs() if j.id in ours]
             left = [job_id for job_id in listed if job_id in self._jobs]
             for job_id in left:
-                await src.execute("block-job-cancel", {"device": job_id, "force": True})
+                await src.block_job_cancel(job_id, force=True)
             if listed:                   # also a job that failed by itself and is still being torn down
                 await self._gone(src, listed)
             if left:
                 done.append(f"{len(left)} mirror job(s) cancelled")
             for node in list(self._clients):
-                await src.execute("blockdev-del", {"node-name": node})
+                await src.blockdev_del(node)
                 self._clients.remove(node)
             if self._blockdev and self._jobs:
                 done.append("NBD client nodes removed")
         except KvmError as e:
             done.append(f"could not clean up on {self._src_name}: {e.message}")
         except TimeoutError:
-            done.append(f"mirror jobs on {self._src_name} still there after the cancel (query-block-jobs)")
+            done.append(f"mirror jobs on {self._src_name} still there after the cancel")
         self._jobs = []
         return done
 
     async def _gone(self, src: Monitor, job_ids: list[str], timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
-            while any(j.get("device") in job_ids for j in await src.execute("query-block-jobs")):
+            while any(j.id in job_ids for j in await src.block_jobs()):
                 await self._next_change()
 
     async def _next_change(self) -> None:
