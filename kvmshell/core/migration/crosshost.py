@@ -29,7 +29,6 @@ runs on where it was) and says what was done and undone (``ledger.Ledger``). A m
 broke in postcopy is the exception: the guest is split between the two QEMUs, and both are left alone.
 """
 
-
 from __future__ import annotations
 
 import asyncio

@@ -31,7 +31,6 @@ them) and the error says so, with what was done and what was undone (``ledger.Le
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import re
 import shlex
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from kvmshell.core.hosts.pool import HostPool
@@ -332,7 +331,7 @@ class StaticMigration:
         """Steps 2 to 5; a failure before 5 undoes (see the module docstring) and raises StaticFailed."""
         req, ledger = plan.req, self.ledger
         times = {"preflight": plan.preflight_s}
-        files = [dataclasses.replace(f) for f in plan.files]       # the copy updates sizes and outcomes
+        files = [replace(f) for f in plan.files]       # the copy updates sizes and outcomes
         step = "stop"
         try:
             t = time.monotonic()
