@@ -84,8 +84,8 @@ def instrument(timed: Timed) -> None:
     a copy (a file already there, a .part's prefix) by wrapping them (the engine is unchanged)."""
     relay, verify, sha, run_ = (FileCopy._relay, FileCopy._verify, HostShell.checksum, engine.StaticMigration.run)
 
-    async def timed_run(self):  # type: ignore[no-untyped-def]
-        result = await run_(self)
+    async def timed_run(self, plan):  # type: ignore[no-untyped-def]
+        result = await run_(self, plan)
         timed.times.update(result.times)
         return result
 
@@ -347,7 +347,7 @@ def render(args: argparse.Namespace, res: dict[str, object], machine: str, when:
         f"`static-migrate {VM} --to b --keep-source` through kvmshell's Session; link: "
         f"{args.rate or 'unshaped'}{' (a-b veth and both uplinks)' if args.rate else ''}. "
         f"Files copied: {files}; {nbytes / 1e6:.0f} MB in all. Engine: streamed through kvmshell, checked by "
-        f"`{engine.CHECKSUM}` on both hosts as the bytes flow; kvmshell's ciphers: `{PREFERRED_CIPHERS}` "
+        f"`{CHECKSUM}` on both hosts as the bytes flow; kvmshell's ciphers: `{PREFERRED_CIPHERS}` "
         f"(scp: OpenSSH's default, chacha20-poly1305). {res['ssh_version']}. "
         f"1-minute load average before/after the run: {res['load'][0]:.2f}/{res['load'][1]:.2f}; "  # type: ignore[index]
         f"other QEMU processes on the machine before/after: {res['others'][0]}/{res['others'][1]}.",  # type: ignore[index]

@@ -1,6 +1,8 @@
 """Everything that moves a guest: ``model/`` (pure: samples, the convergence model, reports),
 ``live/`` (the job between two endpoints, its stages, sampler, probe), TLS, static migration and
-live migration to another host. Never knows the command language.
+live migration to another host, and what those two share: ``twin`` (a QEMU started on a host from a
+guest's command line, and its undo), ``images`` (backing chains read on a host), ``ledger`` (what was
+done, undone and kept). Never knows the command language.
 
 May import: ``core.monitor``, ``core.hosts``, ``config``, ``core.values``, ``errors``.
 """
