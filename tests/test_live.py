@@ -98,7 +98,7 @@ async def test_migrate_to_completes_with_the_memory_intact(pair: Pair, tmp_path:
     assert (await pair.session.fleet.monitor("src").status()).state is RunState.POSTMIGRATE
     t = load_trace(trace)
     assert t.header.guest == "src" and t.header.strategy == "auto"
-    assert t.samples[-1].status == "completed" and t.samples[-1].total_time_ms
+    assert t.samples[-1].status is MigrationStatus.COMPLETED and t.samples[-1].total_time_ms
     assert any(e.source == "kvmshell" and e.name == "start" for e in t.events)
     view = await pair.ok("@src info migrate")
     assert "outcome: completed" in view

@@ -11,6 +11,7 @@ from kvmshell.core.migration.model.predict import (
     Inputs, Verdict, assess, dirtied, estimate_working_set, predict, throttle_for,
 )
 from kvmshell.core.migration.model.samples import Trace, load_trace
+from kvmshell.core.values.models import MigrationStatus
 
 TRACES = Path(__file__).parent / "data" / "traces"
 MB = 1e6
@@ -93,7 +94,7 @@ def first_confident_prediction(t: Trace) -> tuple[float, object]:
 def test_total_time_predicted_within_20_percent_after_the_first_pass(name: str) -> None:
     t = trace(name)
     actual = t.samples[-1].total_time_ms / 1000          # type: ignore[operator]
-    assert t.samples[-1].status == "completed"
+    assert t.samples[-1].status is MigrationStatus.COMPLETED
     when, p = first_confident_prediction(t)
     assert when < 2.0                                     # within a pass or two of the first sync
     assert p.verdict is Verdict.CONVERGES                 # type: ignore[attr-defined]

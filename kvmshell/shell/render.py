@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from kvmshell.core.commands.results import Outcome
-from kvmshell.core.values.models import Event
+from kvmshell.core.values.models import Event, MigrationStatus
 
 # events worth a line above the prompt, and how to say them
 _EVENT_TEXT = {
@@ -49,8 +49,9 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
 def event_line(ev: Event) -> str | None:
     """A one-line notice for the events an admin wants to see as they happen; None for the rest."""
     if ev.name == "MIGRATION":
-        status = ev.data.get("status")
-        if status in ("completed", "failed", "cancelled", "postcopy-active", "postcopy-paused"):
+        status = ev.migration_status
+        if status in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED,
+                      MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED):
             return f"{ev.guest}: migration {status}"
         return None
     if ev.name == "kvmshell.MIGRATION_DECISION":

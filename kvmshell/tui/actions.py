@@ -43,7 +43,6 @@ ACTIONS: tuple[Action, ...] = (
     Action("quit", "q", "Quit", "Quit kvmshell", "leave the dashboard (asks while a migration runs)"),
 )
 
-BY_NAME = {a.name: a for a in ACTIONS}
 
 
 def bindings() -> list[Binding]:

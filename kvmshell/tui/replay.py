@@ -87,10 +87,10 @@ class ReplaySource:
         last = self.samples[-1] if self.samples else None
         if last is None or not self.finished:
             return None
-        if last.status == "completed":
+        if last.status is MigrationStatus.COMPLETED:
             return ("completed", f"completed in {(last.total_time_ms or 0) / 1000:.2f} s, downtime "
                                  f"{last.downtime_ms} ms, {last.transferred / 1e6:.0f} MB sent")
-        return (last.status, f"migration {last.status}")
+        return (str(last.status), f"migration {last.status}")
 
     def rows(self) -> list[GuestRow]:
         last = self.samples[-1] if self.samples else None

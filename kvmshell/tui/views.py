@@ -99,7 +99,7 @@ def sort_rows(rows: Sequence[GuestRow], key: SortKey, reverse: bool = False) -> 
 
 def fraction_of(s: Sample) -> float | None:
     """How much of the RAM is across: 1 - remaining/total (the dirty set, after the first pass)."""
-    if s.status == "completed":
+    if s.status is MigrationStatus.COMPLETED:
         return 1.0
     if not s.total:
         return None
@@ -116,7 +116,7 @@ def badge_for(sample: Sample | None, prediction: Prediction | None, outcome: str
         return Badge.FAILED, outcome if outcome == "failed" else f"failed ({outcome})"
     if sample is None:
         return Badge.SETUP, "setup"
-    return badge_for_status(MigrationStatus(sample.status), fraction_of(sample),
+    return badge_for_status(sample.status, fraction_of(sample),
                             prediction.verdict if prediction is not None else None)
 
 
@@ -126,7 +126,7 @@ def badge_for_status(status: MigrationStatus, fraction: float | None = None,
         return Badge.IDLE, "idle"
     if status is MigrationStatus.SETUP:
         return Badge.SETUP, "setup"
-    if status.value.startswith("postcopy"):
+    if status.is_postcopy:
         return Badge.POSTCOPY, "postcopy" if status is MigrationStatus.POSTCOPY_ACTIVE else status.value
     if status is MigrationStatus.COMPLETED:
         return Badge.COMPLETED, "completed"
@@ -236,13 +236,13 @@ def migration_view(guest: str, samples: Sequence[Sample], prediction: Prediction
     """The pane's view of a migration from its samples (oldest first), the model's prediction and the
     strategy's decisions. ``outcome`` is (status, message) once it is over."""
     last = samples[-1] if samples else None
-    running = outcome is None and (last is None or not MigrationStatus(last.status).is_finished)
-    status = outcome[0] if outcome is not None else (last.status if last is not None else "setup")
+    running = outcome is None and (last is None or not last.status.is_finished)
+    status = outcome[0] if outcome is not None else (str(last.status) if last is not None else "setup")
     title = f"{guest} -> {dest or 'an unmanaged destination'}" + (f", strategy {strategy}" if strategy != "none" else "")
     fig = Figures()
     fraction, note = None, "waiting for the first sample"
     if last is not None:
-        done = last.status == "completed"
+        done = last.status is MigrationStatus.COMPLETED
         fig = Figures(
             remaining=human_bytes(last.remaining) if not done else "0 B",
             dirty_rate=rate(last.dirty_bytes_rate) if last.pass_no > 1 or last.dirty_bytes_rate else "first pass",

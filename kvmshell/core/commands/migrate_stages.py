@@ -3,6 +3,7 @@ checked against the flags before anything is sent."""
 
 from __future__ import annotations
 
+from kvmshell.core.commands.migrate_request import MigrateRequest
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.live.passthrough import PassthroughStage, parse_replug
 from kvmshell.core.migration.live.stages import Stage
@@ -10,23 +11,22 @@ from kvmshell.core.migration.live.storage import MODES, StorageStage, can_mirror
 from kvmshell.errors import Refused, UsageError
 
 
-def copy_storage_of(inv: Invocation, guest: str) -> str | None:
+def copy_storage_of(inv: Invocation, req: MigrateRequest) -> str | None:
     """--copy-storage, else the guest's `copy_storage` in the config (all, inc or None)."""
-    cfg = inv.session.config.guests.get(guest)
-    mode = inv.flags.get("copy_storage") or (cfg.copy_storage if cfg is not None else None)
-    return str(mode) if mode else None
+    cfg = inv.session.config.guests.get(req.source)
+    return req.copy_storage or (cfg.copy_storage if cfg is not None else None)
 
 
-def stages_for(inv: Invocation, source: str, dest: str | None) -> list[Stage]:
-    """The stages the flags ask for, in the order they run: devices leave before the disks are
+def stages_for(inv: Invocation, req: MigrateRequest) -> list[Stage]:
+    """The stages the request asks for, in the order they run: devices leave before the disks are
     mirrored and come back after."""
-    f = inv.flags
     stages: list[Stage] = []
+    source, dest = req.source, req.dest
     guest_cfg = inv.session.config.guests.get(source)
-    unplug = list(f.get("unplug") or []) or list(guest_cfg.unplug if guest_cfg is not None else ())
-    if unplug or f.get("replug"):
-        stages.append(passthrough_stage(inv, source, dest, unplug, list(f.get("replug") or [])))
-    copy_storage = copy_storage_of(inv, source)
+    unplug = list(req.unplug) or list(guest_cfg.unplug if guest_cfg is not None else ())
+    if unplug or req.replug:
+        stages.append(passthrough_stage(source, dest, unplug, list(req.replug)))
+    copy_storage = copy_storage_of(inv, req)
     if copy_storage:
         stages.append(storage_stage(inv, source, dest, copy_storage))
     return stages
@@ -50,7 +50,7 @@ def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> 
     return stage
 
 
-def passthrough_stage(inv: Invocation, source: str, dest: str | None, unplug_ids: list[str],
+def passthrough_stage(source: str, dest: str | None, unplug_ids: list[str],
                       replug_specs: list[str]) -> PassthroughStage:
     """The stage `migrate --unplug ID... --replug ID=SPEC...` (or [guests.NAME] unplug) asks for."""
     replug: dict[str, str] = {}

@@ -14,6 +14,7 @@ from kvmshell.core.commands.results import Done, KeyValues, Result, Watch
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
+from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.strategies import offered, parse_strategy
 from kvmshell.core.values.units import (
@@ -32,21 +33,18 @@ MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
 
 
 async def migrate(inv: Invocation) -> Result:
-    if inv.flags.get("to_host"):
-        return await steer.migrate_to_host(inv)
-    for flag in ("edit", "dry_run", "tunnel", "address", "dir", "name"):
-        if inv.flags.get(flag):
-            raise UsageError(f"--{flag.replace('_', '-')} goes with --to-host (the destination kvmshell starts)",
-                             guest=inv.guest)
-    guest_cfg = inv.session.config.guests.get(inv.guest or "")
-    unplugs = guest_cfg is not None and bool(guest_cfg.unplug) and not any(inv.flags.get(k) for k in "bir")
-    if steer.wants_steering(inv.flags) or unplugs:       # [guests.X] unplug: kvmshell runs the migration
-        return await steer.migrate_steered(inv)
+    req = MigrateRequest.from_parsed(inv.guest or "", inv.values, inv.flags)
+    req.check()
+    if req.mode is Mode.TO_HOST:
+        return await steer.migrate_to_host(inv, req)
+    guest_cfg = inv.session.config.guests.get(req.source)
+    unplugs = guest_cfg is not None and bool(guest_cfg.unplug) and not (req.block or req.inc or req.resume)
+    if req.steered or unplugs:                            # [guests.X] unplug: kvmshell runs the migration
+        return await steer.migrate_steered(inv, req)
     mon = inv.monitor
-    if inv.values.get("uri") is None:
+    if req.uri is None:
         raise UsageError("missing URI (or --to DEST); usage: " + inv.parsed.spec.usage, guest=inv.guest)
-    uri = str(inv.values["uri"])
-    blk, inc, resume = bool(inv.flags.get("b")), bool(inv.flags.get("i")), bool(inv.flags.get("r"))
+    uri, blk, inc, resume = req.uri, req.block, req.inc, req.resume
     info = await mon.migration()
     if info.status.is_active and not resume:
         raise Refused(f"a migration of this guest is already {info.status}; `migrate_cancel` first", guest=inv.guest)
@@ -119,7 +117,7 @@ async def migrate_cancel(inv: Invocation) -> Result:
     info = await mon.migration()
     if not info.status.is_active:
         return Done(f"no migration to cancel (status: {info.status})")
-    if info.status.value.startswith("postcopy"):
+    if info.status.is_postcopy:
         raise Refused(f"cancel refused: the migration is {info.status}, the guest already runs on the destination; "
                       "`migrate_pause` stops the stream so that it can be recovered", guest=inv.guest)
     await mon.migrate_cancel()

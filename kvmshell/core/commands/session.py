@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kvmshell.config import Config
 from kvmshell.core.commands.results import Outcome, Result, Text
-from kvmshell.core.commands.spec import CommandSpec, Parsed, Registry, Scope, UsageError, split_words
+from kvmshell.core.commands.spec import Parsed, Registry, Scope, UsageError, split_words
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.guestdata import GuestData
 from kvmshell.core.migration.live.job import MigrationJob
@@ -39,7 +39,6 @@ class Plan:
     targets: tuple[str, ...]         # empty for shell commands
     parsed: Parsed | None
     passthrough: str | None = None   # an HMP line kvmshell has no spec for
-    explicit_target: bool = False
 
 
 @dataclass
@@ -134,8 +133,7 @@ class Session:
             known = set().union(*(g.monitor.features.hmp_commands for g in self.fleet if g.monitor))
             if known and words[0] not in known:
                 raise UsageError(self.unknown_command_message(words[0]))
-            return Plan(self._targets(targets, words[0]), None, passthrough=text,
-                        explicit_target=m is not None)
+            return Plan(self._targets(targets, words[0]), None, passthrough=text)
         rest = _after_words(text, used)
         parsed = self.registry.parse(spec, words[used:], rest)
         parsed = Parsed(parsed.spec, parsed.values, parsed.flags, text)
@@ -143,7 +141,7 @@ class Session:
             if m is not None:
                 raise UsageError(f"{spec.name} is a kvmshell command, not a guest command: drop the @target")
             return Plan((), parsed)
-        return Plan(self._targets(targets, spec.name), parsed, explicit_target=m is not None)
+        return Plan(self._targets(targets, spec.name), parsed)
 
     def _targets(self, targets: tuple[str, ...] | None, command: str) -> tuple[str, ...]:
         if targets is not None:
@@ -200,9 +198,6 @@ class Session:
         close = difflib.get_close_matches(word, sorted(names), n=1, cutoff=0.6)
         hint = f" - did you mean {close[0]!r}?" if close else " - `help` lists the commands"
         return f"unknown command {word!r}{hint}"
-
-    def spec(self, name: str) -> CommandSpec | None:
-        return self.registry.get(name)
 
     # -- migrations kvmshell runs or follows ----------------------------------------------------
     def running_job(self, guest: str) -> MigrationJob | None:

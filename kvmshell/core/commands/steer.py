@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from kvmshell.core.commands.migrate_request import MigrateRequest
 from kvmshell.core.commands.migrate_stages import copy_storage_of, stages_for
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch
 from kvmshell.core.values.units import human_bytes, parse_rate
@@ -23,49 +24,31 @@ from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host 
 from kvmshell.errors import CommandFailed, ConfigError, Refused
 from kvmshell.core.commands.spec import UsageError
 
-def wants_steering(flags: dict[str, Any]) -> bool:
-    return any(flags.get(k) for k in ("to", "strategy", "downtime", "bandwidth", "allow_postcopy", "trace",
-                                      "estimate", "link", "probe", "no_probe", "watch", "stall_timeout", "tls",
-                                      "tls_authz", "copy_storage", "unplug", "replug"))
+
+def job_request(inv: Invocation, req: MigrateRequest) -> MigrationRequest:
+    """What the engine is asked to do, from the typed `migrate` request and the config's defaults."""
+    defaults = inv.session.config.defaults
+    return MigrationRequest(
+        source=req.source, dest=req.dest, uri=req.uri, strategy=req.strategy or defaults.strategy,
+        downtime_ms=req.downtime_ms, bandwidth=req.bandwidth, link=req.link or configured_link(inv),
+        allow_postcopy=req.allow_postcopy or defaults.allow_postcopy, trace_path=req.trace,
+        stall_timeout=req.stall_timeout or defaults.stall_timeout)
 
 
-async def migrate_steered(inv: Invocation) -> Result:
-    s, f = inv.session, inv.flags
-    source = inv.guest or ""
-    dest = f.get("to")
+async def migrate_steered(inv: Invocation, mreq: MigrateRequest) -> Result:
+    """`migrate --to DEST` (or a URI with a kvmshell option): kvmshell runs and steers the migration."""
+    s, source, dest = inv.session, mreq.source, mreq.dest
     if dest is not None:
-        s.fleet.get(str(dest))
-        if dest == source:
-            raise UsageError("--to names the guest being migrated: pick the destination guest", guest=source)
-    uri = inv.values.get("uri")
-    if dest is None and uri is None:
-        raise UsageError("give a URI or --to DEST (an attached guest started with -incoming defer)", guest=source)
-    if f.get("b") or f.get("i"):
-        raise UsageError("-b/-i (QEMU block migration) go with a plain `migrate -b URI`, not with --to or a "
-                         "strategy", guest=source)
-    if (f.get("probe") or f.get("no_probe")) and not f.get("estimate"):
-        raise UsageError("--probe/--no-probe go with --estimate (a migration uses --link or the config's link)",
-                         guest=source)
-    if f.get("estimate"):
-        return await _estimate(inv, source, str(dest) if dest else None, str(uri) if uri else None)
+        s.fleet.get(dest)
+    mreq.check_steered()
+    if mreq.estimate:
+        return await _estimate(inv, mreq)
     if s.running_job(source) is not None:
         raise Refused("kvmshell is already migrating this guest", guest=source)
-    defaults = s.config.defaults
-    strategy = f.get("strategy") or defaults.strategy
-    req = MigrationRequest(
-        source=source, dest=str(dest) if dest else None, uri=str(uri) if uri else None,
-        strategy=strategy, downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
-        link=f.get("link") or configured_link(inv), allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
-        trace_path=str(f["trace"]) if f.get("trace") else None,
-        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
-    stages = stages_for(inv, source, req.dest)
-    if f.get("tls") and dest is None:
-        raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=source)
+    req = job_request(inv, mreq)
+    stages = stages_for(inv, mreq)
     if dest is not None:
-        if f.get("tls_authz") and not f.get("tls"):
-            raise UsageError("--tls-authz goes with --tls DIR", guest=source)
-        ends = await plan_endpoints(s.fleet, source, str(dest), req.uri, str(f["tls"]) if f.get("tls") else None,
-                                    inv.progress, tls_authz=bool(f.get("tls_authz")))
+        ends = await plan_endpoints(s.fleet, source, dest, req.uri, mreq.tls, inv.progress, tls_authz=mreq.tls_authz)
         req = replace(req, uri=ends.uri, tls=ends.tls)
         if ends.warnings:
             stages.insert(0, Notices(ends.warnings))
@@ -75,7 +58,7 @@ async def migrate_steered(inv: Invocation) -> Result:
     if not work:
         await job.start()                  # a failure at once is this command's error
     s.launch(job)                          # with stages, their work and the start run in the background
-    if f.get("watch"):
+    if mreq.watch:
         return Watch("info migrate")
     warnings = tuple(w for st in stages for w in st.warnings)
     if work:
@@ -142,45 +125,44 @@ def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str,
 
 # -- estimate -----------------------------------------------------------------------------------
 
-async def link_figure(inv: Invocation, source: str, dest: str | None, uri: str | None) -> LinkFigure:
+async def link_figure(inv: Invocation, req: MigrateRequest) -> LinkFigure:
     """The link speed for the estimate, and how it is known: --link, a probe of the migration path
     (--probe, or by default when no link is configured), the config's [defaults] link, or assumed."""
-    f = inv.flags
-    if f.get("probe") and f.get("no_probe"):
-        raise UsageError("--probe and --no-probe exclude each other", guest=source)
-    if f.get("link"):
-        if f.get("probe"):
+    source, dest = req.source, req.dest
+    if req.link is not None:
+        if req.probe:
             raise UsageError("--link gives the link's speed, --probe measures it: pick one", guest=source)
-        return LinkFigure(float(f["link"]), "configured", "configured: --link")
+        return LinkFigure(float(req.link), "configured", "configured: --link")
     configured = configured_link(inv)
     why = "--no-probe"
-    if f.get("probe") or (configured is None and not f.get("no_probe")):
+    if req.probe or (configured is None and req.probe is None):
         fleet = inv.session.fleet
         result, why = await probe_path(source, fleet.get(source).address, dest,
-                                       fleet.get(dest).address if dest else None, uri, inv.progress, fleet.hosts)
+                                       fleet.get(dest).address if dest else None, req.uri, inv.progress, fleet.hosts)
         if result is not None:
             extra = f"; the config says {configured / 1e6:.0f} MB/s" if configured else ""
             return LinkFigure(result.rate, "probed", result.describe() + extra)
     if configured is not None:
         return LinkFigure(configured, "configured", "configured: [defaults] link in the config"
-                          + (f"; not probed: {why}" if f.get("probe") else ""))
+                          + (f"; not probed: {why}" if req.probe else ""))
     return LinkFigure(None, "assumed", f"not probed: {why}")
 
 
-async def _estimate(inv: Invocation, source: str, dest: str | None, uri: str | None = None) -> Result:
+async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
+    source, dest, uri = req.source, req.dest, req.uri
     mon = inv.monitor
     info = await mon.migration()
     if info.status.is_active:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
     ram = await mon.ram_size()
-    figure = await link_figure(inv, source, dest, uri)
+    figure = await link_figure(inv, req)
     inv.progress("measuring the dirty rate over 1 s and 3 s...")
     windows = [(1, (await mon.measure_dirty_rate(1)).bytes_per_s), (3, (await mon.measure_dirty_rate(3)).bytes_per_s)]
     D, W = estimate_working_set(windows)
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
-    L = (inv.flags.get("downtime") or params.downtime_limit_ms or 300) / 1000
+    L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
     rows: list[tuple[str, ...]] = []
 
@@ -220,19 +202,20 @@ async def _estimate(inv: Invocation, source: str, dest: str | None, uri: str | N
     if dest is not None:
         lines.append(f"destination: {dest}")
         lines += [f"WARNING: {w}" for w in warnings_for(inv.session.fleet, source, dest, uri,
-                                                       encrypted=bool(inv.flags.get("tls")))]
+                                                       encrypted=bool(req.tls))]
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
     lines += ["", table.text(), "", f"auto would run: {auto}. Nothing was started."]
     return Text("\n".join(lines))
 
 
 async def estimate(inv: Invocation) -> Result:
-    dest = inv.flags.get("to")
-    if dest is not None:
-        inv.session.fleet.get(str(dest))
-        if dest == inv.guest:
+    """`estimate [--to DEST] [--link RATE] [--probe|--no-probe] [--downtime MS]`: `migrate --estimate`."""
+    req = replace(MigrateRequest.from_parsed(inv.guest or "", inv.values, inv.flags), estimate=True)
+    if req.dest is not None:
+        inv.session.fleet.get(req.dest)
+        if req.dest == req.source:
             raise UsageError("--to names the guest being estimated: pick the destination guest", guest=inv.guest)
-    return await _estimate(inv, inv.guest or "", str(dest) if dest else None)
+    return await _estimate(inv, req)
 
 
 async def trace(inv: Invocation) -> Result:
@@ -252,29 +235,13 @@ async def trace(inv: Invocation) -> Result:
 
 # -- migrate --to-host HOST ---------------------------------------------------------------------
 
-async def migrate_to_host(inv: Invocation) -> Result:
+async def migrate_to_host(inv: Invocation, mreq: MigrateRequest) -> Result:
     """`migrate --to-host HOST [--tunnel]`: start the destination there, migrate, quit the source
     (the engine is ``kvmshell.core.migration.crosshost``)."""
 
-    s, f = inv.session, inv.flags
-    source = inv.guest or ""
-    host = str(f["to_host"])
-    if f.get("to"):
-        raise UsageError("--to (an attached destination) and --to-host (one kvmshell starts) exclude each other",
-                         guest=source)
-    if inv.values.get("uri") is not None:
-        raise UsageError("--to-host picks the URI itself: drop the URI", guest=source)
-    for flag in ("b", "i", "r", "estimate"):
-        if f.get(flag):
-            raise UsageError(f"{'-' if len(flag) == 1 else '--'}{flag} does not go with --to-host", guest=source)
-    if f.get("unplug") or f.get("replug"):
-        raise UsageError("--unplug/--replug do not go with --to-host yet: device_del the device first, or "
-                         "migrate to a destination you start (--to DEST)", guest=source)
-    if f.get("tls_authz") and not f.get("tls"):
-        raise UsageError("--tls-authz goes with --tls DIR", guest=source)
-    if f.get("tls") and f.get("tunnel"):
-        raise UsageError("--tls and --tunnel both encrypt the stream: pick one", guest=source)
-    if not (s.assume_yes or f.get("yes") or f.get("dry_run")) and s.confirmer is None:
+    s, source = inv.session, mreq.source
+    host = str(mreq.to_host)
+    if not (s.assume_yes or mreq.yes or mreq.dry_run) and s.confirmer is None:
         raise UsageError("migrate --to-host quits the source at the end and there is no one to ask: add -y",
                          guest=source)
     if s.running_job(source) is not None:
@@ -282,27 +249,16 @@ async def migrate_to_host(inv: Invocation) -> Result:
     pool = s.fleet.hosts
     if pool is None or not pool.hosts:
         raise ConfigError("migrate --to-host needs the destination in the config: add a [hosts.NAME] table")
-    defaults = s.config.defaults
-    job = MigrationRequest(
-        source=source, strategy=f.get("strategy") or defaults.strategy,
-        downtime_ms=f.get("downtime") or None, bandwidth=f.get("bandwidth") or None,
-        link=f.get("link") or configured_link(inv),
-        allow_postcopy=bool(f.get("allow_postcopy") or defaults.allow_postcopy),
-        trace_path=str(f["trace"]) if f.get("trace") else None,
-        stall_timeout=float(f["stall_timeout"]) if f.get("stall_timeout") else defaults.stall_timeout)
-    req = CrossHostRequest(guest=source, to=host, job=job, tunnel=bool(f.get("tunnel")),
-                           run_dir=str(f["dir"]) if f.get("dir") else None,
-                           new_name=str(f["name"]) if f.get("name") else None,
-                           address=str(f["address"]) if f.get("address") else None,
-                           copy_storage=copy_storage_of(inv, source),
-                           tls_root=str(f["tls"]) if f.get("tls") else None, tls_authz=bool(f.get("tls_authz")),
-                           dry_run=bool(f.get("dry_run")))
+    req = CrossHostRequest(guest=source, to=host, job=job_request(inv, mreq), tunnel=mreq.tunnel,
+                           run_dir=mreq.run_dir, new_name=mreq.name, address=mreq.address,
+                           copy_storage=copy_storage_of(inv, mreq), tls_root=mreq.tls, tls_authz=mreq.tls_authz,
+                           dry_run=mreq.dry_run)
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile
 
     r = await run_migration(s.fleet, pool, req, progress=inv.progress, confirm=inv.confirm, on_job=on_job,
-                            edit=inv.edit if f.get("edit") else None)
+                            edit=inv.edit if mreq.edit else None)
     o = r.outcome
     if req.dry_run:
         return Done("\n".join([f"dry run: {source} would move live to {host} as {r.new_name}; nothing was started",

@@ -12,7 +12,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,10 +225,3 @@ class Fleet:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def fleet_from(guests: Mapping[str, Address], **kw: Any) -> Fleet:
-    fleet = Fleet(**kw)
-    for name, address in guests.items():
-        fleet.add(name, address)
-    return fleet

@@ -99,6 +99,10 @@ class MigrationStatus(_Lenient):
         return self in _ACTIVE
 
     @property
+    def is_postcopy(self) -> bool:
+        return self.value.startswith("postcopy-")
+
+    @property
     def is_finished(self) -> bool:
         return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
 

@@ -251,10 +251,10 @@ class MigrationJob:
             self.decide(*self._throttling.said)
         first = await self.sampler.sample()
         deadline = self.clock() + 2.0
-        while first is not None and first.status == "setup" and self.clock() < deadline:
+        while first is not None and first.status is MigrationStatus.SETUP and self.clock() < deadline:
             await asyncio.sleep(0.02)
             first = await self.sampler.sample()
-        if first is not None and first.status == "failed":
+        if first is not None and first.status is MigrationStatus.FAILED:
             info = await src.migration()
             await self._unwind(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}")
             raise CommandFailed(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}; "
@@ -341,11 +341,12 @@ class MigrationJob:
 
     def _postcopy_paused(self) -> bool:
         last = self.sampler.ring.last
-        return last is not None and last.status == "postcopy-paused"
+        return last is not None and last.status is MigrationStatus.POSTCOPY_PAUSED
 
     def _check_stall(self) -> bool:
         last = self.sampler.ring.last
-        if last is None or last.status not in ("active", "setup", "pre-switchover", "device", "postcopy-active"):
+        if last is None or last.status not in (MigrationStatus.ACTIVE, MigrationStatus.SETUP, MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
+                                                  MigrationStatus.POSTCOPY_ACTIVE):
             return False
         if self._switchover is not None and not self._switchover.done():
             return False                     # the stages finish their work while the guest is stopped
@@ -356,7 +357,7 @@ class MigrationJob:
         frozen = last.transferred if last else 0
         stalled = self._watchdog.stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
                          f"{frozen / 2**20:.1f} MiB): the destination or the link is stuck")
-        if last is not None and last.status == "postcopy-active":
+        if last is not None and last.status is MigrationStatus.POSTCOPY_ACTIVE:
             # the guest runs on the destination already: cancelling is impossible, waiting for TCP to
             # give up takes many minutes; pausing keeps both halves so the migration can be recovered
             self.decide("pause-stalled", f"{stalled}; pausing the postcopy migration so it can be "
@@ -384,7 +385,7 @@ class MigrationJob:
             self._starting.cancel()
             return
         last = self.sampler.ring.last
-        if last is not None and last.status.startswith("postcopy"):
+        if last is not None and last.status.is_postcopy:
             raise Refused("cancel refused: the migration is in postcopy, the guest already runs on the destination",
                           guest=self.req.source)
         self.decide("cancel", "cancelled by the user")
@@ -404,9 +405,9 @@ class MigrationJob:
         if s.pass_no >= 2 and not pred.rough and \
                 pred.verdict in (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE):
             self.marks.setdefault("first pass", pred)
-        if s.status == "active":
+        if s.status is MigrationStatus.ACTIVE:
             self.strategy.on_sample(self, s, pred)
-        elif s.status == "pre-switchover" and self._switchover is None:
+        elif s.status is MigrationStatus.PRE_SWITCHOVER and self._switchover is None:
             self._switchover = asyncio.create_task(self._switch_over())
             self._actions.add(self._switchover)
 
@@ -488,7 +489,7 @@ class MigrationJob:
         # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
         for _ in range(200):
             last = self.sampler.ring.last
-            if last is None or last.status != "active":
+            if last is None or last.status is not MigrationStatus.ACTIVE:
                 return
             if last.cpu_throttle >= params["cpu-throttle-initial"]:
                 await self.source.set_parameters({"cpu-throttle-increment": 10})
@@ -523,7 +524,7 @@ class MigrationJob:
                              f"runs nowhere now, restart it from its disk")
             return MigrationOutcome("source-lost", f"{src_name}'s monitor was lost during the migration "
                                     f"({self.sampler.lost}){where}", **base)
-        if last.status == "postcopy-paused":
+        if last.status is MigrationStatus.POSTCOPY_PAUSED:
             stalled = self._watchdog.stalled
             why = f" ({stalled})" if stalled else ""
             return MigrationOutcome("postcopy-paused",
@@ -531,7 +532,7 @@ class MigrationJob:
                                     f"{src_name} and {dst_name or 'the destination'} and paused. Do not quit either "
                                     f"QEMU. Recover: `@{dst_name or 'DEST'} migrate_recover URI`, then "
                                     f"`@{src_name} migrate -r URI`", **base)
-        if last.status == "completed":
+        if last.status is MigrationStatus.COMPLETED:
             msg = (f"completed in {(last.total_time_ms or 0) / 1000:.2f} s, downtime {last.downtime_ms} ms, "
                    f"{last.transferred / 1e6:.0f} MB sent; {src_name} stays paused with its memory until you quit "
                    f"it (`cont` there brings the guest back if {dst_name or 'the destination'} fails)")
@@ -547,7 +548,7 @@ class MigrationJob:
             return MigrationOutcome("stalled", f"cancelled: {self._watchdog.stalled}{src_state}", **base)
         info = await self._info_or_none()
         reason = f" ({info.error})" if info is not None and info.error else ""
-        return MigrationOutcome(last.status, f"migration {last.status}{reason}{src_state}", **base)
+        return MigrationOutcome(str(last.status), f"migration {last.status}{reason}{src_state}", **base)
 
     async def _dest_settled(self, timeout: float = 30.0) -> None:
         """Wait until the destination has loaded the whole stream before the stages finish there: the

@@ -91,7 +91,7 @@ class Sampler:
     async def _settled(self, s: Sample) -> Sample:
         """QEMU may report `completed` a moment before it fills in total-time and downtime."""
         for _ in range(10):
-            if s.status != "completed" or s.total_time_ms:
+            if s.status is not MigrationStatus.COMPLETED or s.total_time_ms:
                 return s
             await asyncio.sleep(0.02)
             s = await self.sample() or s
@@ -113,7 +113,7 @@ class Sampler:
                     last = s
                     if MigrationStatus(s.status).is_finished:
                         return await self._settled(s)
-                    if s.status == "none" and len(self.ring) > 1:
+                    if s.status is MigrationStatus.NONE and len(self.ring) > 1:
                         return s
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.interval)

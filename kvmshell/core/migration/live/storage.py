@@ -449,7 +449,7 @@ class StorageStage(BaseStage):
         over onto disks that are no longer copied: cancel it."""
         try:
             status = (await src.migration()).status
-            if status.is_active and not status.value.startswith("postcopy"):   # postcopy: copied already
+            if status.is_active and not status.is_postcopy:   # postcopy: copied already
                 await src.migrate_cancel()
                 return ["the RAM migration cancelled (its disks are no longer copied)"]
         except KvmError as e:

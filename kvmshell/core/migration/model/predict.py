@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.values.models import MigrationStatus
 
 FIXED_DOWNTIME_S = 0.01        # device state and the switch itself (~5-15 ms measured here)
 SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R is measured over passes
@@ -200,7 +201,7 @@ def syncs_of(samples: Sequence[Sample]) -> list[Sync]:
     out: list[Sync] = []
     prev = 1
     for s in samples:
-        if s.status not in ("active", "pre-switchover"):
+        if s.status not in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER):
             continue
         if s.pass_no > prev and s.pass_no >= 2:
             out.append(Sync(s.t, s.pass_no, float(s.remaining)))
@@ -209,7 +210,7 @@ def syncs_of(samples: Sequence[Sample]) -> list[Sync]:
 
 
 def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
-    active = [s for s in samples if s.status in ("active", "postcopy-active")]
+    active = [s for s in samples if s.status in (MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)]
     last = samples[-1]
     rates = [s.throughput for s in active[-10:] if s.throughput > 0]
     rate = statistics.median(rates) if rates else None
@@ -245,13 +246,13 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if not samples:
         return Prediction(Verdict.UNKNOWN, "no samples yet")
     last = samples[-1]
-    if last.status == "completed":
+    if last.status is MigrationStatus.COMPLETED:
         return Prediction(Verdict.DONE, "completed", time_left_s=0.0,
                           total_s=(last.total_time_ms or last.t * 1000) / 1000,
                           downtime_ms=last.downtime_ms, bytes_total=last.transferred)
-    if last.status in ("failed", "cancelled"):
-        return Prediction(Verdict.DONE, last.status)
-    if last.status.startswith("postcopy"):
+    if last.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+        return Prediction(Verdict.DONE, str(last.status))
+    if last.status.is_postcopy:
         return Prediction(Verdict.CONVERGES, "postcopy: the destination pulls what is left", rate=None)
     obs = observe(samples, downtime_limit_s)
     if obs.rate is None:

@@ -23,7 +23,7 @@ TRACE_VERSION = 1
 @dataclass(frozen=True)
 class Sample:
     t: float                       # seconds since the migration started (kvmshell's clock)
-    status: str                    # MigrationStatus value
+    status: MigrationStatus
     pass_no: int                   # ram.dirty-sync-count (1 during the first pass)
     transferred: int               # bytes sent so far (ram)
     remaining: int                 # bytes still to send, as QEMU sees it now
@@ -42,9 +42,9 @@ class Sample:
     disk_remaining: int | None = None
     error: str | None = None              # QEMU's error-desc, when it failed
 
-    @property
-    def migration_status(self) -> MigrationStatus:
-        return MigrationStatus(self.status)
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, MigrationStatus):          # read from a trace file
+            object.__setattr__(self, "status", MigrationStatus(str(self.status)))
 
     @classmethod
     def from_info(cls, info: MigrationInfo, t: float, previous: Sample | None,
@@ -58,7 +58,7 @@ class Sample:
         if ref is not None and t > ref.t:
             throughput = max(0.0, (transferred - ref.transferred) / (t - ref.t))
         return cls(
-            t=round(t, 4), status=info.status.value,
+            t=round(t, 4), status=info.status,
             pass_no=ram.dirty_sync_count if ram else (previous.pass_no if previous else 0),
             transferred=transferred,
             remaining=ram.remaining if ram else (previous.remaining if previous else 0),
@@ -78,7 +78,7 @@ class Sample:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "sample", **asdict(self)}
+        return {"kind": "sample", **asdict(self), "status": self.status.value}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Sample:
