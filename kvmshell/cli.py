@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import enum
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -394,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.FAILED
     except KeyboardInterrupt:
         return Exit.INTERRUPTED
+    except BrokenPipeError:                 # `kvmshell ... | head`: the reader has gone, say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return Exit.FAILED
 
 
 if __name__ == "__main__":

@@ -188,3 +188,19 @@ async def test_a_monitor_on_tcp_beyond_loopback_is_warned_about(tmp_path: Path) 
     assert len(warnings) == 1 and warnings[0].startswith("kvmshell: warning: open: its QMP monitor listens on TCP "
                                                          f"0.0.0.0:{port}, not on loopback"), err
     assert "no authentication" in warnings[0]
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`kvmshell ... | head`: the pipe closes before kvmshell has written everything (here 170 kB of
+    help); it stops with status 1 and nothing on stderr."""
+    read, write = os.pipe()
+    args = [a for _ in range(60) for a in ("-c", "help")]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path), stdout=write,
+        stderr=asyncio.subprocess.PIPE)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        assert reader.read(100)
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1 and err == b"", err
