@@ -13,7 +13,8 @@ import pytest
 from kvmshell.core.values.address import Address, SshTarget
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.probe import PROBE_BYTES, ProbeFailed, ProbePlan, plan_probe, run_probe, tcp_host
+from kvmshell.core.migration.live.probe import PROBE_BYTES, ProbeFailed, ProbePlan, plan_probe, run_probe
+from kvmshell.core.values.uri import MigrationUri
 from kvmshell.core.commands.session import Session
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.netns import TestNetwork, netns_available
@@ -43,9 +44,9 @@ def probe_ends_in(*namespaces: str) -> list[int]:
 
 
 def test_tcp_host_of_a_uri() -> None:
-    assert tcp_host("tcp:10.0.0.2:4444") == "10.0.0.2"
-    assert tcp_host("tcp:[fd00::2]:4444") == "fd00::2"
-    assert tcp_host("unix:/run/x.sock") is None
+    assert MigrationUri.parse("tcp:10.0.0.2:4444").host == "10.0.0.2"
+    assert MigrationUri.parse("tcp:[fd00::2]:4444").host == "fd00::2"
+    assert MigrationUri.parse("unix:/run/x.sock").host is None
 
 
 def test_remote_guests_need_their_host_configured() -> None:

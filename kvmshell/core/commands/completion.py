@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag
-from kvmshell.core.values.units import URI_SCHEMES
+from kvmshell.core.values.uri import URI_SCHEMES
 from kvmshell.core.monitor.guestdata import CAPABILITIES, PARAMETERS, SNAPSHOTS
 from kvmshell.core.migration.live.strategies import summaries
 from kvmshell.core.commands.session import Session

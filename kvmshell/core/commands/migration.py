@@ -17,8 +17,9 @@ from kvmshell.core.commands import steer
 from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.strategies import offered, parse_strategy
+from kvmshell.core.values.uri import MigrationUri, check_uri, is_local_host
 from kvmshell.core.values.units import (
-    check_uri, is_local_host, parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size, uri_host,
+    parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size,
 )
 from kvmshell.core.monitor.guestdata import CAPABILITIES, MIGRATION, PARAMETERS
 from kvmshell.core.values.models import SIZE_PARAMETERS, MigrationInfo, MigrationStatus, RunState
@@ -61,7 +62,7 @@ async def migrate(inv: Invocation) -> Result:
     if blk or inc:
         await _check_block_migration_limits(inv, "-b" if blk else "-i")
     warnings = []
-    host = uri_host(uri)
+    host = MigrationUri.parse(uri).host
     if not is_local_host(host):
         params = await mon.migrate_parameters()
         if not params.get("tls-creds"):

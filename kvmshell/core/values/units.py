@@ -1,4 +1,4 @@
-"""Argument values: sizes, durations, on/off, migration URIs. Pure; raise ValueError with a message
+"""Argument values: sizes, rates, durations, on/off. Pure; raise ValueError with a message
 that says what was expected."""
 
 from __future__ import annotations
@@ -51,44 +51,6 @@ def parse_positive_int(text: str, what: str = "value") -> int:
     if not re.fullmatch(r"\d+", text.strip()) or int(text) <= 0:
         raise ValueError(f"{text!r}: {what} must be a whole number above 0")
     return int(text)
-
-
-URI_SCHEMES = {
-    "tcp": "tcp:HOST:PORT - a TCP stream (QEMU's default transport)",
-    "unix": "unix:PATH - a unix socket on this host",
-    "exec": "exec:COMMAND - pipe the stream through a shell command",
-    "fd": "fd:NAME - a file descriptor passed to QEMU with getfd",
-    "rdma": "rdma:HOST:PORT - RDMA transport",
-    "file": "file:PATH[,offset=N] - to a file (QEMU 8.2 and later)",
-}
-
-
-def check_uri(uri: str) -> str:
-    """A migration URI QEMU would accept, or ValueError naming what is wrong."""
-    scheme, sep, rest = uri.partition(":")
-    if not sep or scheme not in URI_SCHEMES:
-        raise ValueError(f"{uri!r} is not a migration URI (expected tcp:HOST:PORT, unix:PATH, exec:CMD, "
-                         "fd:NAME, rdma:HOST:PORT or file:PATH)")
-    if scheme in ("tcp", "rdma"):
-        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):(\d+)(,.*)?", rest)
-        if not m or not 0 < int(m.group(2)) < 65536:
-            raise ValueError(f"{uri!r}: expected {scheme}:HOST:PORT with a port from 1 to 65535")
-    elif not rest:
-        raise ValueError(f"{uri!r}: {URI_SCHEMES[scheme]}")
-    return uri
-
-
-def uri_host(uri: str) -> str | None:
-    """The host a tcp:/rdma: URI points at (None for local transports)."""
-    scheme, _, rest = uri.partition(":")
-    if scheme not in ("tcp", "rdma"):
-        return None
-    host = rest.rsplit(":", 1)[0].split(",")[0] if "]" not in rest else rest.split("]")[0].lstrip("[")
-    return host
-
-
-def is_local_host(host: str | None) -> bool:
-    return host is None or host in ("", "0", "localhost", "::1", "0.0.0.0", "::") or host.startswith("127.")
 
 
 _BITS_RE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)bit(?:/s|ps)?", re.I)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmshell.core.values.address import Address, Kind, SshTarget
+from kvmshell.core.values.uri import parse_uri
 from kvmshell.core.hosts.processes import free_port, pid_listening_on
 from kvmshell.errors import KvmError
 
@@ -181,18 +182,6 @@ def local_qemu_netns(name: str, address: Address) -> tuple[str | None, str | Non
     return netns_of(pid), None
 
 
-def tcp_host(uri: str) -> str | None:
-    """The host of a tcp:HOST:PORT migration URI (None for other transports)."""
-    if not uri.startswith("tcp:"):
-        return None
-    rest = uri[4:]
-    if rest.startswith("["):
-        host, _, _ = rest[1:].partition("]")
-        return host
-    host, _, _ = rest.rpartition(":")
-    return host
-
-
 def _place(name: str, address: Address, pool: HostPool | None) -> tuple[str | None, SshTarget | None, str | None]:
     """Where a guest's QEMU runs: (namespace path here, None, None), (None, its SSH host, None), or why not."""
     if address.ssh is not None:
@@ -224,7 +213,8 @@ def plan_probe(source: str, src_addr: Address, dest: str, dst_addr: Address, uri
             return f"{pool.label(ssh)} (its SSH session)" if ssh is not None else "this host"
         where = f"on {at(src_ssh)}" if shared else f"{at(src_ssh)} to {at(dst_ssh)}"
     if uri is not None:
-        host = tcp_host(uri)
+        parsed = parse_uri(uri)
+        host = parsed.host if parsed is not None and parsed.tcp else None
         if host is None:
             return None, f"the stream would go over {uri.split(':', 1)[0]}:, not TCP: only TCP paths are probed"
         if host in ("", "0", "0.0.0.0", "::"):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.units import human_bytes
+from kvmshell.core.values.uri import parse_uri
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.static import StaticFailed
@@ -277,16 +277,16 @@ class StorageStage(BaseStage):
         src, dst = job.source.address, job.dest.address
         if src.ssh is None and dst.ssh is None:
             return None
-        m = re.match(r"tcp:\[?([^\]]+?)\]?:(\d+)$", job.uri or "")
-        if m is None:
+        uri = parse_uri(job.uri)
+        if uri is None or not uri.tcp or uri.host is None:
             raise Refused(f"--copy-storage: the guests are not both on this host and the migration URI "
                           f"{job.uri} is not tcp:HOST:PORT: kvmshell cannot tell where the source reaches "
                           f"{self._dst_name}", guest=self._src_name)
         port = await free_port(job.hosts, dst.ssh)
-        if m.group(1) not in ("127.0.0.1", "localhost", "::1"):
-            self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({m.group(1)}:{port}): "
+        if uri.host not in ("127.0.0.1", "localhost", "::1"):
+            self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({uri.host}:{port}): "
                                  "anyone on the path can read and change them")
-        return m.group(1), port
+        return uri.host, port
 
     def _where(self) -> str:
         return "no server" if self._server is None else str(self._server)
