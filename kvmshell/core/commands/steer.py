@@ -15,9 +15,8 @@ from kvmshell.core.migration.live.probe import LinkFigure, probe_path
 from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoints, warnings_for
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
-from kvmshell.core.migration.model.predict import (
-    Inputs, Prediction, Verdict, estimate_working_set, predict, throttle_for,
-)
+from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
+from kvmshell.core.migration.model.predict import Verdict, estimate_working_set
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
@@ -164,31 +163,16 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     cap = float(params.max_bandwidth or 0) or None
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
-    rows: list[tuple[str, ...]] = []
-
-    def row(name: str, p: Prediction, note: str = "") -> None:
-        rows.append((name, p.verdict.value,
-                     f"{p.total_s:.1f} s" if p.total_s is not None else "-",
-                     f"{p.downtime_ms:.0f} ms" if p.downtime_ms is not None else "-",
-                     f"{p.bytes_total / 1e6:.0f} MB" if p.bytes_total is not None else "-", note))
-
-    base = Inputs(ram_bytes=ram, dirty_rate=D, working_set=W, rate=min(R_link, cap or R_link), link=R_link,
-                  downtime_limit_s=L)
-    row("precopy (current limits)", predict(base), f"bandwidth {min(R_link, cap or R_link) / 1e6:.0f} MB/s")
-    uncapped = Inputs(**{**base.__dict__, "rate": R_link})
-    p_unc = predict(uncapped)
-    row("precopy, uncapped", p_unc, f"bandwidth {R_link / 1e6:.0f} MB/s (the link)")
-    if D > 0 and R_link > 0:
-        p = throttle_for(D, R_link)
-        row("converge (auto-converge)", predict(Inputs(**{**uncapped.__dict__, "dirty_rate": D * (1 - p)})),
-            f"guest throttled to {100 * (1 - p):.0f} % CPU while it converges")
-    if R_link > 0:
-        ws = W if W is not None else D * ram / R_link
-        total = ram / R_link + ws / R_link
-        rows.append(("postcopy after the first pass", "will converge", f"{total:.1f} s", "~ 1-10 ms",
-                     f"{(ram + ws) / 1e6:.0f} MB", "the guest stalls on page faults while its working set follows"))
-    auto = "postcopy" if p_unc.verdict is Verdict.WILL_NOT_CONVERGE and inv.session.config.defaults.allow_postcopy \
-        else "converge" if p_unc.verdict is Verdict.WILL_NOT_CONVERGE else "precopy, uncapped"
+    est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
+                              allow_postcopy=inv.session.config.defaults.allow_postcopy)
+    rows = [(o.name, o.prediction.verdict.value,
+             f"{o.prediction.total_s:.1f} s" if o.prediction.total_s is not None else "-",
+             f"{o.prediction.downtime_ms:.0f} ms" if o.prediction.downtime_ms is not None else "-",
+             f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
+            for o in est.options]
+    if est.postcopy is not None:
+        rows.append(("postcopy after the first pass", "will converge", f"{est.postcopy.total_s:.1f} s", "~ 1-10 ms",
+                     f"{est.postcopy.bytes_total / 1e6:.0f} MB", est.postcopy.note))
     lines = [f"guest {source}: {human_bytes(ram)} of RAM (the first pass sends at most that; zero pages cost "
              f"almost nothing)",
              f"dirty rate: {windows[0][1] / 1e6:.0f} MB/s over 1 s, {windows[1][1] / 1e6:.0f} MB/s over 3 s -> "
@@ -204,7 +188,7 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
         lines += [f"WARNING: {w}" for w in warnings_for(inv.session.fleet, source, dest, uri,
                                                        encrypted=bool(req.tls))]
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
-    lines += ["", table.text(), "", f"auto would run: {auto}. Nothing was started."]
+    lines += ["", table.text(), "", f"auto would run: {est.auto}. Nothing was started."]
     return Text("\n".join(lines))
 
 
