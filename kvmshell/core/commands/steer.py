@@ -12,7 +12,8 @@ from kvmshell.core.commands.results import Done, Result, Table, Text, Watch
 from kvmshell.core.values.units import human_bytes, parse_rate
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.probe import LinkFigure, probe_path
-from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoints, warnings_for
+from kvmshell.core.migration.live.begin import begin
+from kvmshell.core.migration.live.endpoints import warnings_for
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
@@ -45,23 +46,14 @@ async def migrate_steered(inv: Invocation, mreq: MigrateRequest) -> Result:
     if s.running_job(source) is not None:
         raise Refused("kvmshell is already migrating this guest", guest=source)
     req = job_request(inv, mreq)
-    stages = stages_for(inv, mreq)
-    if dest is not None:
-        ends = await plan_endpoints(s.fleet, source, dest, req.uri, mreq.tls, inv.progress, tls_authz=mreq.tls_authz)
-        req = replace(req, uri=ends.uri, tls=ends.tls)
-        if ends.warnings:
-            stages.insert(0, Notices(ends.warnings))
-    job = MigrationJob.of(s.fleet, req, stages=stages)
-    work = [st for st in stages if not isinstance(st, Notices)]
-    await job.prepare()
-    if not work:
-        await job.start()                  # a failure at once is this command's error
+    job = await begin(s.fleet, req, stages_for(inv, mreq), tls_root=mreq.tls, tls_authz=mreq.tls_authz,
+                      progress=inv.progress)
     s.launch(job)                          # with stages, their work and the start run in the background
     if mreq.watch:
         return Watch("info migrate")
-    warnings = tuple(w for st in stages for w in st.warnings)
-    if work:
-        return Done(f"preparing ({', '.join(st.name for st in work)}), then migrating to {req.dest or job.uri} "
+    warnings = tuple(w for st in job.stages for w in st.warnings)
+    if job.work:
+        return Done(f"preparing ({', '.join(st.name for st in job.work)}), then migrating to {req.dest or job.uri} "
                     f"({job.uri}), strategy {req.strategy}; `info migrate` shows progress", warnings)
     return Done(f"migrating to {req.dest or job.uri} ({job.uri}), strategy {req.strategy}; "
                 "`info migrate` shows progress and the model's prediction", warnings)

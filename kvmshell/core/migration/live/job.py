@@ -20,6 +20,7 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
@@ -108,6 +109,11 @@ class MigrationJob:
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
+
+    @property
+    def work(self) -> list[Stage]:
+        """The stages with work of their own before `migrate` (the notices have none)."""
+        return [st for st in self.stages if not isinstance(st, Notices)]
 
     @classmethod
     def of(cls, fleet: Fleet, request: MigrationRequest, **kw: Any) -> MigrationJob:
