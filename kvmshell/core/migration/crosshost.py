@@ -51,7 +51,7 @@ from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.storage import StorageStage, block_devices, can_mirror, writable_disks
-from kvmshell.core.migration.static import DEFAULT_DIR, StaticFailed
+from kvmshell.core.migration.static import DEFAULT_DIR
 from kvmshell.core.migration.twin import MAX_SOCKET_PATH, Twin, TwinPlan, socket_name, sockets_fit
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.monitor.fleet import Fleet
@@ -196,8 +196,8 @@ class CrossHostMigration:
         if req.tunnel and src_host is not None:
             raise Refused(f"--tunnel needs the source QEMU on this host (the local end of the tunnel is here); "
                           f"{req.guest} runs on {pool.label(src_host)}")
-        self.src = src = HostShell(pool if src_host else None, src_host, error=StaticFailed)
-        self.dst = dst = HostShell(pool, req.to, error=StaticFailed)
+        self.src = src = HostShell(pool if src_host else None, src_host, error=CrossHostFailed)
+        self.dst = dst = HostShell(pool, req.to, error=CrossHostFailed)
         new_name = check_guest_name(req.new_name or f"{req.guest}.{req.to}", "name of the destination")
         if new_name in self.fleet:
             raise Refused(f"a guest named {new_name!r} is already attached")

@@ -40,7 +40,6 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.uri import parse_uri
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
-from kvmshell.core.migration.static import StaticFailed
 from kvmshell.core.values.models import BlockDevice, BlockImage, BlockJob, Event, NbdServer
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
@@ -252,8 +251,8 @@ class StorageStage(BaseStage):
         """inc across hosts: each backing file at the same path on DEST's host, same size and sha256."""
         assert job.dest is not None
         pool, a, b = job.hosts, job.source.address.ssh, job.dest.address.ssh
-        here = HostShell(pool if a else None, a, error=StaticFailed)
-        there = HostShell(pool if b else None, b, error=StaticFailed)
+        here = HostShell(pool if a else None, a)
+        there = HostShell(pool if b else None, b)
         try:
             mine, theirs = await asyncio.gather(here.sizes(paths), there.sizes(paths))
             for p in dict.fromkeys(paths):
