@@ -1,0 +1,5 @@
+"""`python -m kvmshell`: the same as the `kvmshell` command."""
+
+from kvmshell.cli import main
+
+raise SystemExit(main())
