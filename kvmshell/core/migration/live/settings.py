@@ -19,6 +19,7 @@ from kvmshell.core.values.models import ParamValue
 from kvmshell.errors import CommandFailed, Disconnected, KvmError
 
 IDLE_TIMEOUT_S = 5.0            # a cancel takes a moment to go from `cancelling` to `cancelled`
+ANSWER_TIMEOUT_S = 3.0          # a side that does not answer (a frozen destination) is not waited for
 
 
 @dataclass
@@ -130,10 +131,13 @@ class Settings:
                     return PutBack(mon.name, busy=status)
             # off first: a capability may be refused while another one it excludes is still on
             ordered = dict(sorted(caps.items(), key=lambda kv: kv[1]))
-            if ordered:
-                await mon.set_capabilities(ordered)
-            if params:
-                await mon.set_parameters(params)
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                if ordered:
+                    await mon.set_capabilities(ordered)
+                if params:
+                    await mon.set_parameters(params)
+        except TimeoutError:
+            return PutBack(mon.name, failed=f"{', '.join([*caps, *params])}: no answer within {ANSWER_TIMEOUT_S:g} s")
         except Disconnected:
             return PutBack(mon.name, gone=True)
         except KvmError as e:
@@ -148,7 +152,11 @@ class Settings:
     @staticmethod
     async def _idle(mon: Monitor, timeout: float) -> str | None:
         """None once ``mon`` has no migration running (within ``timeout`` s); else its status."""
-        status = (await mon.migration()).status
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                status = (await mon.migration()).status
+        except TimeoutError:
+            return f"unknown (no answer within {ANSWER_TIMEOUT_S:g} s)"
         try:
             async with asyncio.timeout(timeout):
                 while status.is_active:
