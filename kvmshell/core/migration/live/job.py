@@ -23,6 +23,7 @@ from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
+from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
@@ -109,6 +110,8 @@ class MigrationJob:
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
+        self.settings = Settings()            # what the job changes on each side, to put back at the end
+        self._restored: list[str] = []        # what putting it back said, before a start that failed
 
     @property
     def work(self) -> list[Stage]:
@@ -138,11 +141,13 @@ class MigrationJob:
             raise
 
     async def _unwind(self, why: str) -> None:
-        """Undo what was set up before `migrate` was sent: the stages, the TLS credentials."""
+        """Undo what was set up before `migrate` was sent (or what failed at once): the stages, the
+        TLS credentials, the capabilities and parameters."""
         failed = MigrationOutcome("failed", why)
         await self._finish_stages(failed)
         if self._tls_on:
             await self._tls_off()
+        self._restored.extend(await self.settings.restore(self.source, self.dest, "failed"))
         await self._close_trace()
 
     async def _finish_stages(self, outcome: MigrationOutcome) -> None:
@@ -185,9 +190,9 @@ class MigrationJob:
                 await self._choose_converge(src, caps)
         if any(stage.pause_before_switchover for stage in self.stages):
             caps["pause-before-switchover"] = True
-        await self._set_caps(src, caps)
+        await self.settings.set_capabilities(src, caps)
         if self.dest is not None:
-            await self._set_caps(self.dest, {k: v for k, v in caps.items()
+            await self.settings.set_capabilities(self.dest, {k: v for k, v in caps.items()
                                              if k not in ("events", "pause-before-switchover", "dirty-limit")}
                                  | {"events": True})
         if strategy.steers:
@@ -199,7 +204,7 @@ class MigrationJob:
                 known = self.req.bandwidth or self.req.link
                 new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy.throttles_from_start() and known \
                     else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
-            await src.set_parameters(new)
+            await self.settings.set_parameters(src, new)
             params = await src.migrate_parameters()
         # QEMU never sends faster than max-bandwidth: the model must know the cap
         cap = params.max_bandwidth
@@ -219,16 +224,6 @@ class MigrationJob:
             await stage.prepare(self)
         if self.dest is not None:
             await self.dest.migrate_incoming(self.uri)
-
-    @staticmethod
-    async def _set_caps(mon: Monitor, caps: dict[str, bool]) -> None:
-        have = await mon.migrate_capabilities()
-        wanted = {k: v for k, v in caps.items() if k in have and have[k] != v}
-        missing = [k for k, v in caps.items() if v and k not in have]
-        if missing:
-            raise CommandFailed(f"this QEMU lacks the migration capabilities {', '.join(missing)}", guest=mon.name)
-        if wanted:
-            await mon.set_capabilities(wanted)
 
     # -- running --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -263,8 +258,9 @@ class MigrationJob:
         if first is not None and first.status is MigrationStatus.FAILED:
             info = await src.migration()
             await self._unwind(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}")
-            raise CommandFailed(f"migration to {self.uri} failed at once: {info.error or 'no reason given'}; "
-                                f"{self.req.source} runs on as before", guest=self.req.source)
+            raise CommandFailed("; ".join([f"migration to {self.uri} failed at once: {info.error or 'no reason given'}",
+                                           f"{self.req.source} runs on as before", *self._restored]),
+                                guest=self.req.source)
 
     async def attach_trace(self) -> None:
         """Open the trace file (if asked for) and write its header."""
@@ -299,7 +295,7 @@ class MigrationJob:
                 status, why = ("cancelled", "cancelled by the user before the migration started") \
                     if self._cancel_requested else ("failed", f"not started: {e}")
                 self.outcome = MigrationOutcome(status, f"{why}; {self.req.source} runs on as before",
-                                                notes=[n for st in self.stages for n in st.notes])
+                                                notes=[n for st in self.stages for n in st.notes] + self._restored)
                 self._done.set()
                 self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                                     "message": self.outcome.full_message},
@@ -321,6 +317,9 @@ class MigrationJob:
                 self.outcome.notes += [n for st in self.stages for n in st.notes]
             if self._tls_on and (self.outcome is None or not self.outcome.ok):
                 await self._tls_off()
+            restored = await self.settings.restore(self.source, self.dest, ended.status if self.outcome else "interrupted")
+            if self.outcome is not None:
+                self.outcome.notes += restored
             await self._close_trace()
             self._done.set()
         self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
@@ -455,7 +454,7 @@ class MigrationJob:
                                                     "dirty-limit capability")
             return
         try:
-            await self._set_caps(src, {"auto-converge": False, "dirty-limit": True})
+            await self.settings.set_capabilities(src, {"auto-converge": False, "dirty-limit": True})
             self._throttling.vcpus = await src.vcpu_count()
         except CommandFailed as e:
             self._throttling.said = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
@@ -479,7 +478,7 @@ class MigrationJob:
             limit = self._dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
             self.decide("throttle", f"{why}; dirty-limit: each of the {self._throttling.vcpus} vCPU(s) may dirty {limit} MB/s "
                                     f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
-            self._spawn(self.source.set_parameters({"vcpu-dirty-limit": limit}))
+            self._spawn(self.settings.set_parameters(self.source, {"vcpu-dirty-limit": limit}))
             return
         target = int(round(100 * throttle_for(D, R)))
         said = self._throttling.said
@@ -491,14 +490,14 @@ class MigrationJob:
         self._spawn(self._throttle_then_step(params))
 
     async def _throttle_then_step(self, params: dict[str, Any]) -> None:
-        await self.source.set_parameters(params)
+        await self.settings.set_parameters(self.source, params)
         # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
         for _ in range(200):
             last = self.sampler.ring.last
             if last is None or last.status is not MigrationStatus.ACTIVE:
                 return
             if last.cpu_throttle >= params["cpu-throttle-initial"]:
-                await self.source.set_parameters({"cpu-throttle-increment": 10})
+                await self.settings.set_parameters(self.source, {"cpu-throttle-increment": 10})
                 return
             await asyncio.sleep(self.req.interval)
 
