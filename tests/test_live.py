@@ -17,6 +17,7 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.migration.live.job import FINISHED, MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.samples import load_trace
 from kvmshell.core.values.models import Event, MigrationStatus, RunState
 from kvmshell.core.commands.session import Session
@@ -220,3 +221,37 @@ async def test_watch_view_shows_the_model(pair: Pair) -> None:
                    what="the live view")
     await pair.ok("@src migrate_cancel")
     await pair.finished()
+
+
+async def test_the_destination_listens_where_the_request_says(pair: Pair, tmp_path: Path) -> None:
+    """With a listen URI (the far end of an SSH tunnel), the destination listens there and the source
+    connects to the URI: here a unix socket relayed to the listening one by the test."""
+    listen, near = tmp_path / "far.sock", tmp_path / "near.sock"
+    relay = await asyncio.start_unix_server(lambda r, w: _pipe_to(listen, r, w), path=str(near))
+    try:
+        job = MigrationJob.of(pair.session.fleet, MigrationRequest("src", "dst", uri=f"unix:{near}",
+                                                                   listen_uri=f"unix:{listen}", strategy="precopy"))
+        await job.prepare()
+        assert listen.is_socket(), "the destination does not listen at the listen URI"
+        await job.start()
+        outcome = await asyncio.wait_for(job.run(), 60)
+        assert outcome.ok, outcome.message
+    finally:
+        relay.close()
+        await relay.wait_closed()
+    check = await check_guest_memory(pair.session.fleet.monitor("dst"), WS, tmp_path)
+    assert check.ok, check.summary()
+
+
+async def _pipe_to(path: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    far_r, far_w = await asyncio.open_unix_connection(str(path))
+
+    async def copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+        finally:
+            w.close()
+
+    await asyncio.gather(copy(reader, far_w), copy(far_r, writer), return_exceptions=True)

@@ -38,7 +38,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import free_port, source_command
@@ -141,16 +141,6 @@ Progress = Callable[[str], None]
 Confirm = Callable[[str], Awaitable[None]]      # raises Refused when not confirmed
 Edit = Callable[[str], Awaitable[str]]          # the user edits a text (the destination's command line)
 OnJob = Callable[[MigrationJob], None]
-
-
-class _CrossHostJob(MigrationJob):
-    """The engine, with the destination listening where the source does not connect (the far end of
-    an SSH tunnel); without ``listen_uri`` it is the engine as it is."""
-
-    listen_uri: str | None = None
-
-    async def _incoming(self, mon: Monitor, uri: str) -> None:  # type: ignore[override]
-        await MigrationJob._incoming(mon, self.listen_uri or uri)
 
 
 class CrossHostMigration:
@@ -392,8 +382,7 @@ class CrossHostMigration:
         if req.tunnel:
             ledger.notes.append("the stream went through the SSH connection (encrypted, relayed by kvmshell): "
                                 "tunnelling costs throughput, expect it slower than a direct TCP stream")
-        job_req = MigrationRequest(**{**req.job.__dict__, "source": req.guest, "dest": plan.new_name, "uri": uri,
-                                      "tls": tls})
+        job_req = replace(req.job, source=req.guest, dest=plan.new_name, uri=uri, listen_uri=listen, tls=tls)
         stages: list[Stage] = []
         if req.copy_storage:
             assert plan.nbd_port is not None
@@ -401,8 +390,7 @@ class CrossHostMigration:
                                        check_backing=False))        # _check_backing did (sha256)
             ledger.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {plan.nbd_port}, "
                                    "not encrypted")
-        job = _CrossHostJob(self.mon, dest_mon, job_req, hosts=self.pool, publish=self.fleet.publish, stages=stages)
-        job.listen_uri = listen
+        job = MigrationJob(self.mon, dest_mon, job_req, hosts=self.pool, publish=self.fleet.publish, stages=stages)
         await job.prepare()
         if stages:                  # the stages' long work (the disk copy) comes before `migrate`: run does both
             self.progress(f"copying the disks to {plan.new_name}, then migrating ({uri})")

@@ -223,7 +223,7 @@ class MigrationJob:
             self._prepared.append(stage)
             await stage.prepare(self)
         if self.dest is not None:
-            await self.dest.migrate_incoming(self.uri)
+            await self.dest.migrate_incoming(self.req.listen_uri or self.uri)
 
     # -- running --------------------------------------------------------------------------------
     async def start(self) -> None:

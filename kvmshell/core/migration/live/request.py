@@ -13,6 +13,7 @@ class MigrationRequest:
     source: str
     dest: str | None = None             # an attached guest waiting with -incoming defer
     uri: str | None = None              # where the source connects (None: a free local port)
+    listen_uri: str | None = None       # where the destination listens, if not there (the far end of a tunnel)
     strategy: str = "auto"              # a name in core/migration/live/strategies ("none": observe only)
     downtime_ms: int | None = None      # None: keep the guest's own
     bandwidth: int | None = None        # bytes/s; None: uncapped (up to the link)
