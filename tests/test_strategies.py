@@ -113,7 +113,7 @@ def test_every_surface_reads_the_one_registry() -> None:
 @pytest.mark.parametrize("name, pred, pass_no, req, pulled", [
     ("precopy", STUCK, 5, {}, []),
     ("postcopy", FINE, 1, {}, []),
-    ("postcopy", FINE, 2, {}, [("postcopy", "the first full pass is done")]),
+    ("postcopy", FINE, 2, {}, [("postcopy", "the first full pass is done (pass 2 at 5.0 s, 105 MB left)")]),
     ("converge", STUCK, 1, {}, []),                                   # never on the first pass
     # a single sample never escalates (it did before: the hold is the point of the change)
     ("converge", STUCK, 2, {}, []),
