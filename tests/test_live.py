@@ -255,3 +255,28 @@ async def _pipe_to(path: Path, reader: asyncio.StreamReader, writer: asyncio.Str
             w.close()
 
     await asyncio.gather(copy(reader, far_w), copy(far_r, writer), return_exceptions=True)
+
+
+async def test_auto_switches_to_postcopy_once_the_verdict_holds_and_it_is_cheaper(lab: Lab, tmp_path: Path) -> None:
+    # the working set rewritten flat out cannot converge at 4 MB/s within 20 ms; throttling it enough
+    # would cost the guest more than postcopy pulling 16 MiB does
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True, disk=src.disk)
+    async with attached(src, dst) as pair:
+        trace = tmp_path / "run.jsonl"
+        await pair.ok(f"@src migrate --to dst --strategy auto --allow-postcopy --bandwidth 4M --downtime 20 "
+                      f"--trace {trace}")
+        ev = await pair.finished(timeout=120)
+        assert ev.data["status"] == "completed", ev.data
+        job = pair.job()
+        names = [d.split(" ", 2)[1] for d in job.decisions]            # "t=8.1s postcopy: why"
+        assert "postcopy:" in names and "throttle:" not in names, job.decisions
+        said = job.decisions[names.index("postcopy:")]
+        assert "held on" in said and "passes" in said and "of guest stalls" in said and "throttle:" in said, said
+        await pair.dst.wait_heartbeats(2)
+        check = await check_guest_memory(pair.session.fleet.monitor("dst"), WS, tmp_path)
+        assert check.ok, check.summary()
+        t = load_trace(trace)
+        assert any(s.status.is_postcopy for s in t.samples)
+        [decided] = [e for e in t.events if e.source == "kvmshell" and e.name == "postcopy"]
+        assert decided.t > min(s.t for s in t.samples if s.pass_no >= 2)     # not before a verdict could hold

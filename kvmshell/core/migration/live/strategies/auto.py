@@ -1,5 +1,6 @@
-"""Pre-copy, escalating when the model says it will not converge (or too slowly): to postcopy if the
-user allows it, else to a throttle chosen from the model."""
+"""Pre-copy, escalating once the model's verdict holds that it will not converge (or too slowly): to
+postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
+allows it)."""
 
 from __future__ import annotations
 
@@ -16,25 +17,26 @@ if TYPE_CHECKING:
 
 class Auto(Strategy):
     name = "auto"
-    summary = "precopy, escalating to auto-converge (or postcopy if allowed)"
+    summary = "precopy, escalating to auto-converge (or postcopy if allowed and cheaper)"
     rank = 10
 
     def postcopy(self) -> bool:
         return self.request.allow_postcopy
 
     def converge(self) -> bool:
-        return not self.request.allow_postcopy
+        return True                      # armed but inert (below): throttling stays a choice with postcopy too
 
     def throttle_parameters(self, auto_converge: bool) -> dict[str, ParamValue]:
         # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
         return {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1} if auto_converge else {}
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
-        why = escalation(job, sample, prediction, postcopy=self.postcopy())
-        if why is None:
+        if job.postcopy_started or job.throttle_armed:
+            return                       # one escalation per migration
+        step = escalation(self, job, sample, prediction, postcopy=self.postcopy())
+        if step is None:
             return
-        if self.postcopy():
-            if not job.postcopy_started:
-                job.start_postcopy(why)
-        elif not job.throttle_armed:
-            job.arm_throttle(prediction, why)
+        if step.lever == "postcopy":
+            job.start_postcopy(step.why)
+        else:
+            job.arm_throttle(prediction, step.why)

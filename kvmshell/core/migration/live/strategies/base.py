@@ -1,10 +1,14 @@
-"""The interface every migration strategy implements, and the reasons to escalate they share."""
+"""The interface every migration strategy implements, and what they share to escalate: the evidence
+that a verdict holds (``Held``), what each lever would cost from here (``Costs``), and the decision
+that puts both together (``escalation``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
-from kvmshell.core.migration.model.predict import Prediction, Verdict
+from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, syncs_of, throttle_for
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.values.models import ParamValue
 
@@ -12,7 +16,26 @@ if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
     from kvmshell.core.migration.live.request import MigrationRequest
 
-THROTTLE_AFTER_S = 30.0                  # converging, but slower than this: throttle (auto, converge)
+# When a verdict holds. Fitted by replaying the recorded traces of tests/data/traces (1 Gbit/s,
+# 512 MiB guest re-dirtying 100 MiB; replayed in tests/test_strategies.py): the longest false
+# "will not converge" run is 7 samples over 0.54 s (passes 32-38 of 1gbit-110-precopy, which
+# completed 0.8 s later on its own); the first run that holds on a guest that never converges is 4
+# samples over 1.11 s (passes 8-9 of 1gbit-150-defaults). A sample count alone cannot tell the two
+# apart (7 against 7), time can: any HOLD_S from 0.6 to 1.0 s escalates none of the four 110 traces and
+# the three 150 ones at 4.3-4.6 s (0.5 s escalates 1gbit-110-precopy at 7.9 s); HOLD_SAMPLES 2-4 changes
+# nothing at 1.0 s. Fitted on these eight traces only; the held-out scoring of this rule is still to come.
+HOLD_SAMPLES = 3                 # consecutive samples with the same verdict, none of them rough...
+HOLD_S = 1.0                     # ...spanning this many seconds and at least one sync (a new pass)
+SLOW_S = 30.0                    # converging, but needing more than this: too slow
+POSTCOPY_SWITCH_S = 0.5          # postcopy's fixed cost: the switch, the device state, the first faults
+# QEMU's dirty rate is distinct pages per pass: once it reaches the transfer rate the guest re-dirties its
+# whole working set within a pass, and the figure is only a lower bound: no throttle can be predicted.
+# Seen on 1gbit-150-auto (throttled to 50-80 %, the dirty set stayed at 63-105 MB until 90 %) and on a
+# lab guest at 4 MB/s (52-99 % for 40 s, the dirty set stayed at 10-16 MB); D/R was 0.96-1.2 on both.
+SATURATED = 0.9
+
+WILL_NOT = "will not converge"
+TOO_SLOW = "too slow"
 
 
 class Strategy:
@@ -28,6 +51,7 @@ class Strategy:
 
     def __init__(self, request: MigrationRequest) -> None:
         self.request = request
+        self.held: Held | None = None    # the verdict building up over the latest samples
 
     def postcopy(self) -> bool:
         """postcopy-ram on both sides before the start (the strategy may switch to postcopy)."""
@@ -50,30 +74,153 @@ class Strategy:
         """Act on the model's latest prediction (the job's levers: ``start_postcopy``, ``arm_throttle``)."""
 
 
-def escalation(job: MigrationJob, s: Sample, pred: Prediction, *, postcopy: bool) -> str | None:
-    """Why pre-copy alone will not do, from the first full pass on: it will not converge, or it
-    converges so slowly that escalating is better; None to go on as it is."""
-    if s.pass_no < 2:
-        return None
-    slow = too_slow(job, s, pred, postcopy=postcopy)
-    if pred.verdict is not Verdict.WILL_NOT_CONVERGE and slow is None:
-        return None
-    why = pred.reason if pred.verdict is Verdict.WILL_NOT_CONVERGE else slow
-    return why or pred.reason
+@dataclass(frozen=True)
+class Held:
+    """One verdict seen on consecutive samples: which, on how many, from when to when, over which passes."""
+
+    kind: str                    # WILL_NOT or TOO_SLOW
+    samples: int
+    since: float                 # t of the first sample that said it
+    until: float                 # t of the latest
+    first_pass: int
+    last_pass: int
+
+    @property
+    def holds(self) -> bool:
+        """Enough to act on: HOLD_SAMPLES samples over HOLD_S seconds and at least one sync."""
+        return self.samples >= HOLD_SAMPLES and self.until - self.since >= HOLD_S and self.last_pass > self.first_pass
+
+    def said(self) -> str:
+        return (f"held on {self.samples} samples over {self.until - self.since:.1f} s, "
+                f"passes {self.first_pass}-{self.last_pass}")
 
 
-def too_slow(job: MigrationJob, s: Sample, pred: Prediction, *, postcopy: bool) -> str | None:
-    """Converging, but so slowly that escalating is better (the reason), else None: with postcopy at
-    hand, pre-copy taking more than twice what postcopy would; without, more than 30 s."""
-    if pred.verdict is not Verdict.CONVERGES or pred.time_left_s is None:
+def evidence(held: Held | None, kind: str | None, s: Sample) -> Held | None:
+    """``held`` carried on by one more sample that says ``kind`` (None: it says nothing that counts,
+    and the run starts over)."""
+    if kind is None:
         return None
-    link = job.req.link or pred.rate or 0.0
-    if postcopy and link > 0:
-        postcopy_s = s.remaining / link + 0.5
-        if pred.time_left_s > 2 * postcopy_s:
-            return (f"pre-copy would need {pred.time_left_s:.1f} s more ({pred.reason}); "
-                    f"postcopy about {postcopy_s:.1f} s")
+    if held is None or held.kind != kind:
+        return Held(kind, 1, s.t, s.t, s.pass_no, s.pass_no)
+    return replace(held, samples=held.samples + 1, until=s.t, last_pass=s.pass_no)
+
+
+def verdict_of(s: Sample, pred: Prediction) -> str | None:
+    """What one sample says, if it counts: WILL_NOT, TOO_SLOW (converging, but needing more than
+    SLOW_S), else None. Nothing counts during the first pass, nor a rough prediction (the dirty rate
+    guessed from the first sync alone: it called a migration that completed in 8.7 s hopeless)."""
+    if s.pass_no < 2 or pred.rough:
         return None
-    if pred.time_left_s > THROTTLE_AFTER_S:
-        return f"pre-copy would need {pred.time_left_s:.0f} s more"
+    if pred.verdict is Verdict.WILL_NOT_CONVERGE:
+        return WILL_NOT
+    if pred.verdict is Verdict.CONVERGES and pred.time_left_s is not None and pred.time_left_s > SLOW_S:
+        return TOO_SLOW
     return None
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What each lever would cost from here, in seconds. Postcopy pulls what is left at link speed
+    after a fixed switch; the guest may stall on faults all that time (a hot guest touches its whole
+    working set), so all of it counts as lost. Throttling runs the model again with the dirty rate cut
+    by ``throttle``; the guest loses that share of its CPU until it converges."""
+
+    postcopy_s: float | None     # remaining / link + POSTCOPY_SWITCH_S (None: postcopy not allowed)
+    remaining: float             # bytes left to move
+    link: float                  # bytes/s
+    throttle: float              # p: the share of the vCPUs' time taken away
+    throttle_s: float | None     # the model's time to converge with the throttle (None: it would not)
+    saturated: bool = False      # the dirty rate is only a lower bound (SATURATED): the throttle is no bet
+
+    @property
+    def postcopy_lost_s(self) -> float:
+        return self.postcopy_s if self.postcopy_s is not None else float("inf")
+
+    @property
+    def throttle_lost_s(self) -> float:
+        if self.throttle_s is None or self.saturated:
+            return float("inf")
+        return self.throttle * self.throttle_s
+
+    def lever(self) -> str:
+        """The cheaper lever in guest time lost: "postcopy" (on a tie too) or "throttle" (always,
+        when postcopy is not allowed)."""
+        if self.postcopy_s is None:
+            return "throttle"
+        return "postcopy" if self.postcopy_lost_s <= self.throttle_lost_s else "throttle"
+
+    def time_s(self, lever: str) -> float | None:
+        return self.postcopy_s if lever == "postcopy" else self.throttle_s
+
+    def line(self) -> str:
+        """Both costs in guest seconds lost, with what they rest on."""
+        cpu = f"{100 * (1 - self.throttle):.0f} % CPU"
+        thr = (f"throttle: {self.throttle * self.throttle_s:.1f} s of guest CPU lost ({cpu} for {self.throttle_s:.1f} s)"
+               if self.throttle_s is not None else f"throttle: would still not converge at {cpu}")
+        if self.saturated:
+            thr += (" at best: the guest re-dirties its whole working set within a pass, its dirty rate is only a "
+                    "lower bound")
+        if self.postcopy_s is None:
+            return thr
+        return (f"postcopy: {self.postcopy_s:.1f} s of guest stalls ({self.remaining / 1e6:.0f} MB at "
+                f"{self.link / 1e6:.0f} MB/s + {POSTCOPY_SWITCH_S:.1f} s switch); {thr}")
+
+
+def downtime_limit_s(job: MigrationJob, ring: Iterable[Sample]) -> float:
+    """The downtime limit the migration runs with: the request's, else what QEMU reports as expected
+    downtime during the first pass (it is the limit until the first sync), else QEMU's 300 ms."""
+    if job.req.downtime_ms is not None:
+        return job.req.downtime_ms / 1000
+    for s in ring:
+        if s.pass_no == 1 and s.expected_downtime_ms:
+            return s.expected_downtime_ms / 1000
+    return 0.3
+
+
+def costs(job: MigrationJob, s: Sample, pred: Prediction, *, postcopy: bool) -> Costs:
+    """Each lever's cost from sample ``s`` on (``postcopy``: the user allows it). Both start from what
+    is left to move: what QEMU has left, or the dirty set found at the latest sync if that is more
+    (``remaining`` saw-tooths down to the threshold between syncs; the guest dirties it again meanwhile)."""
+    R = pred.rate or job.req.link or s.throughput or 0.0
+    link = job.req.link or R
+    D = pred.dirty_rate or 0.0
+    p = throttle_for(D, R)
+    ring = job.sampler.ring.list()
+    syncs = syncs_of(ring)
+    left = max(float(s.remaining), syncs[-1].dirty if syncs else 0.0)
+    throttle_s = None
+    if R > 0:
+        throttled = predict(Inputs(ram_bytes=s.total, dirty_rate=D * (1 - p), working_set=pred.working_set, rate=R,
+                                   link=link, downtime_limit_s=downtime_limit_s(job, ring), dirty_set=left))
+        if throttled.verdict is Verdict.CONVERGES:
+            throttle_s = throttled.time_left_s
+    postcopy_s = left / link + POSTCOPY_SWITCH_S if postcopy and link > 0 else None
+    return Costs(postcopy_s, left, link, p, throttle_s, saturated=R > 0 and D >= SATURATED * R)
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """A decision to leave plain pre-copy: the lever, and why in numbers."""
+
+    lever: str                   # "postcopy" or "throttle"
+    why: str
+
+
+def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Prediction, *,
+               postcopy: bool) -> Escalation | None:
+    """Why pre-copy alone will not do, once it holds (``Held.holds``): it will not converge, or it
+    converges so slowly (SLOW_S) that the cheaper lever would finish sooner; the lever by their costs
+    (``postcopy``: the user allows it); None to go on as it is. Keeps its evidence in ``strategy.held``."""
+    strategy.held = held = evidence(strategy.held, verdict_of(s, pred), s)
+    if held is None or not held.holds:
+        return None
+    c = costs(job, s, pred, postcopy=postcopy)
+    lever = c.lever()
+    if held.kind == WILL_NOT:
+        return Escalation(lever, f"{pred.reason} ({held.said()}); {c.line()}")
+    time_s = c.time_s(lever)
+    left = pred.time_left_s or 0.0
+    if time_s is None or time_s >= left:
+        return None
+    return Escalation(lever, f"pre-copy would need {left:.0f} s more > {SLOW_S:.0f} s ({held.said()}); "
+                             f"{c.line()}")

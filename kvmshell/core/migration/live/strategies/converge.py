@@ -1,4 +1,4 @@
-"""Pre-copy that throttles the guest when the model says it will not converge, or too slowly."""
+"""Pre-copy that throttles the guest once the model's verdict holds that it will not converge, or too slowly."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class Converge(Strategy):
         return True
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
-        why = escalation(job, sample, prediction, postcopy=False)
-        if why is not None and not job.throttle_armed:
-            job.arm_throttle(prediction, why)
+        if job.throttle_armed:
+            return
+        step = escalation(self, job, sample, prediction, postcopy=False)
+        if step is not None:
+            job.arm_throttle(prediction, step.why)

@@ -22,4 +22,5 @@ class Postcopy(Strategy):
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
         if sample.pass_no >= 2 and not job.postcopy_started:
-            job.start_postcopy("the first full pass is done")
+            job.start_postcopy(f"the first full pass is done (pass {sample.pass_no} at {sample.t:.1f} s, "
+                               f"{sample.remaining / 1e6:.0f} MB left)")
