@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 from kvmshell import __version__
 from kvmshell.config import Config, load_config
 from kvmshell.core.values.address import Address, SshTarget, parse_guest_option
+from kvmshell.core.values.models import MigrationStatus
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.migration.live.strategies import offered
 from kvmshell.core.monitor.fleet import Fleet, GuestState
@@ -261,7 +262,7 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
 
 
 async def _watch_plain(session: Session, line: str, interval: float, guest: str | None, out: TextIO) -> list:
-    """Without a prompt: print the watched output until the migration ends or Ctrl-C."""
+    """Without a prompt: print the watched output until the migration ends (or Ctrl-C)."""
     from kvmshell.shell.render import outcome_lines
     target_line = f"@{guest} {line}" if guest else line
     while True:
@@ -270,11 +271,23 @@ async def _watch_plain(session: Session, line: str, interval: float, guest: str 
         for _, text in outcome_lines(outcomes, len(outcomes) > 1):
             out.write(text + "\n")
         out.flush()
-        texts = " ".join(o.result.text() for o in outcomes if o.ok and o.result is not None)
-        if not all(o.ok for o in outcomes) or "Migration status: active" not in texts and \
-                "Migration status: setup" not in texts and "postcopy" not in texts:
+        if not all(o.ok for o in outcomes) or not any([await _under_way(session, o.guest) for o in outcomes]):
             return []
         await asyncio.sleep(interval)
+
+
+async def _under_way(session: Session, guest: str | None) -> bool:
+    """The guest's migration goes on by itself: kvmshell still follows it, or QEMU still moves it (a
+    postcopy paused waits for the user, and is not watched further)."""
+    if guest is None:
+        return False
+    if session.running_job(guest) is not None:
+        return True
+    try:
+        status = (await session.fleet.monitor(guest).migration()).status
+    except KvmError:
+        return False
+    return status.is_active and status is not MigrationStatus.POSTCOPY_PAUSED
 
 
 async def cmd_lines(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO,

@@ -204,3 +204,20 @@ async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> No
     async with asyncio.timeout(60):
         _, err = await proc.communicate()
     assert proc.returncode == 1 and err == b"", err
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("strategy", ["postcopy", "precopy"])
+async def test_watch_returns_when_the_migration_ends(lab: Lab, tmp_path: Path, strategy: str) -> None:
+    """`-c 'migrate --to DST --watch'` prints the live view until the migration is over, then exits -
+    after a postcopy too (whose final view says "postcopy requests": it used to loop there)."""
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=512, pace=2, ram_mib=64)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=512, ram_mib=64, incoming=True, disk=src.disk)
+    await src.wait_heartbeats(2)
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"src={src.address}", "--guest", f"dst={dst.address}",
+                                  "-c", f"@src migrate --to dst --strategy {strategy} --bandwidth 16M --watch",
+                                  timeout=90)
+    assert rc == 0, err
+    assert "Migration status: completed" in out and out.count("--- ") >= 2, out[-2000:]
+    if strategy == "postcopy":
+        assert "postcopy" in out
