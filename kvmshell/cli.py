@@ -332,7 +332,7 @@ async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: T
 def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
     from pathlib import Path
 
-    from kvmshell.core.migration.model.report import summarize, summary_table, write_report
+    from kvmshell.core.migration.model.report import summarize, summary_json, summary_table, write_report
     from kvmshell.core.migration.model.samples import load_trace
     try:
         trace = load_trace(args.trace)
@@ -341,14 +341,6 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
     except ValueError as e:
         raise ConfigError(f"report: {e}") from None
     summary = summarize(trace)
-    if args.json:
-        json.dump(dict(summary_table(summary)), out, indent=2)
-        out.write("\n")
-    else:
-        rows = summary_table(summary)
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            out.write(f"{k.ljust(width)}  {v}\n")
     svg = Path(args.svg) if args.svg else Path(args.trace).with_suffix(".svg")
     try:
         write_report(trace, svg)
@@ -356,6 +348,14 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
         raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"report: cannot write {svg}: {e.strerror}") from None
+    if args.json:                           # one JSON document, nothing else on stdout
+        json.dump(summary_json(summary) | {"plot_svg": str(svg)}, out, indent=2)
+        out.write("\n")
+        return Exit.OK
+    rows = summary_table(summary)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.write(f"{k.ljust(width)}  {v}\n")
     out.write(f"plot: {svg}\n")
     return Exit.OK
 

@@ -221,3 +221,15 @@ async def test_watch_returns_when_the_migration_ends(lab: Lab, tmp_path: Path, s
     assert "Migration status: completed" in out and out.count("--- ") >= 2, out[-2000:]
     if strategy == "postcopy":
         assert "postcopy" in out
+
+
+async def test_report_json_is_one_document(tmp_path: Path) -> None:
+    """`--json report TRACE`: only JSON on stdout, numbers as numbers, every decision kept."""
+    import json
+    trace = Path(__file__).parent / "data" / "traces" / "1gbit-150-auto.jsonl"
+    rc, out, err = await kvmshell(tmp_path, "--json", "report", str(trace), "--svg", str(tmp_path / "r.svg"))
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["outcome"] == "completed" and isinstance(doc["total_s"], float) and doc["sent_bytes"] > 0
+    assert len(doc["decisions"]) >= 2 and doc["plot_svg"] == str(tmp_path / "r.svg")
+    assert (tmp_path / "r.svg").exists()

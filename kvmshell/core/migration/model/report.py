@@ -172,6 +172,16 @@ def summary_table(summary: Summary) -> list[tuple[str, str]]:
     return rows
 
 
+def summary_json(summary: Summary) -> dict[str, Any]:
+    """The summary for `--json`: numbers as numbers, the unit in each key's name, the decisions a list."""
+    s = summary
+    return {"guest": s.guest, "outcome": s.outcome, "total_s": s.total_s, "downtime_ms": s.downtime_ms,
+            "ram_bytes": s.ram_bytes, "sent_bytes": s.bytes_sent, "passes": s.passes,
+            "mean_throughput_bytes_per_s": s.mean_throughput, "peak_throughput_bytes_per_s": s.peak_throughput,
+            "peak_dirty_rate_bytes_per_s": s.peak_dirty_bytes_rate, "postcopy": s.postcopy,
+            "max_cpu_throttle_percent": s.max_cpu_throttle, "decisions": list(s.decisions)}
+
+
 # --- the picture -----------------------------------------------------------------------------------
 
 SVG_NS = "http://www.w3.org/2000/svg"
