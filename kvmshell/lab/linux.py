@@ -85,8 +85,14 @@ async def _run(*argv: str, cwd: Path | None = None) -> str:
 
 async def kernel_package() -> str:
     """The versioned kernel package that ``linux-image-amd64`` depends on (e.g. linux-image-6.1.0-57-amd64)."""
-    text = await _run("apt-cache", "depends", KERNEL_META)
-    m = re.search(r"Depends:\s*(linux-image-\S+)", text)
+    pattern = re.compile(r"Depends:\s*(linux-image-\S+)")
+    try:
+        m = pattern.search(await _run("apt-cache", "depends", KERNEL_META))
+    except PartsMissing:
+        m = None
+    if m is None and os.geteuid() == 0:         # a machine whose package lists were never fetched
+        await _run("apt-get", "update", "-q")
+        m = pattern.search(await _run("apt-cache", "depends", KERNEL_META))
     if m is None:
         raise PartsMissing(f"apt-cache knows no dependency of {KERNEL_META} (run `apt-get update` first)")
     return m.group(1)
