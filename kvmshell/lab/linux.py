@@ -3,7 +3,8 @@
 Everything comes from Debian packages through ``apt-get download`` (no other download) and is cached
 under ``$XDG_CACHE_HOME/kvmshell/lab`` (``~/.cache/kvmshell/lab``; ``KVMSHELL_LAB_CACHE`` overrides):
 
-- ``kernel/vmlinuz``: from the versioned ``linux-image-*`` package that ``linux-image-amd64`` depends on;
+- ``kernel/vmlinuz``: from the versioned ``linux-image-*`` package that ``linux-image-amd64`` depends on,
+  and ``kernel/vmlinux``, the ELF kernel unpacked from it (booted through PVH: no decompression in the guest);
 - ``busybox/busybox``: from ``busybox-static``;
 - ``work-<hash>``: ``workload.c`` beside this file, linked static with gcc (hash of source and compiler);
 - ``initramfs-<hash>.cpio``: a cpio "newc" archive written here: busybox and its applet links, ``/init``,
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +53,7 @@ class PartsMissing(LabError):
 
 @dataclass(frozen=True)
 class LinuxParts:
-    """What QEMU needs to boot the Linux lab guest: ``-kernel`` and ``-initrd``."""
+    """What QEMU needs to boot the Linux lab guest: ``-kernel`` (an ELF vmlinux, or the bzImage) and ``-initrd``."""
     kernel: Path
     initrd: Path
     kernel_package: str
@@ -145,6 +148,30 @@ async def _fetched(package: str | None, pattern: str, dest: Path) -> Path:
     return dest
 
 
+def _uncompressed(bzimage: Path, dest: Path) -> Path:
+    """The ELF kernel inside a bzImage (xz or gzip payload), written to ``dest``; ``bzimage`` itself
+    when there is none. QEMU boots the ELF through its PVH entry, which spares the guest the
+    decompression: ~3 s of a ~6 s boot under TCG."""
+    if dest.exists():
+        return dest
+    data = bzimage.read_bytes()
+    for magic, open_ in ((b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ)),
+                         (b"\x1f\x8b\x08\x00", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))):
+        at = data.find(magic)
+        if at < 0:
+            continue
+        try:
+            elf = open_().decompress(data[at:])
+        except (lzma.LZMAError, zlib.error):
+            continue
+        if elf.startswith(b"\x7fELF"):
+            tmp = _tmp(dest)
+            tmp.write_bytes(elf)
+            tmp.replace(dest)
+            return dest
+    return bzimage
+
+
 async def build_workload(cache: Path) -> Path:
     """The static workload binary, compiled once per source and compiler version."""
     source = WORKLOAD_SOURCE.read_bytes()
@@ -208,7 +235,8 @@ def initramfs_bytes(busybox: bytes, workload: bytes) -> bytes:
 async def linux_parts(cache: Path | None = None) -> LinuxParts:
     """Fetch (or find cached) and build the Linux guest's kernel and initramfs."""
     cache = cache or cache_dir()
-    kernel = await _fetched(None, r"boot/vmlinuz-.*", cache / "kernel" / "vmlinuz")
+    bzimage = await _fetched(None, r"boot/vmlinuz-.*", cache / "kernel" / "vmlinuz")
+    kernel = await asyncio.to_thread(_uncompressed, bzimage, bzimage.with_name("vmlinux"))
     busybox = await _fetched(BUSYBOX_PACKAGE, r"bin/busybox", cache / "busybox" / "busybox")
     work = await build_workload(cache)
     data = initramfs_bytes(busybox.read_bytes(), work.read_bytes())
