@@ -134,18 +134,29 @@ class LinuxGuest:
                             return m
                     i = len(self.lines)
                     if not self.alive:
-                        raise LabError(f"{self.name}: QEMU exited ({self.proc.returncode}) waiting for "
-                                       f"{rx.pattern!r}; see {self.console_path} and {self.log_path}")
+                        raise self._gone(f"QEMU exited ({self.proc.returncode}) waiting for {rx.pattern!r}")
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
             tail = " | ".join(self.lines[-3:])
-            raise LabError(f"{self.name}: no {rx.pattern!r} on the console within {timeout} s "
-                           f"(last: {tail or 'nothing'})") from None
+            raise self._gone(f"no {rx.pattern!r} on the console within {timeout} s "
+                             f"(last: {tail or 'nothing'})") from None
+
+    def kernel_trouble(self) -> str:
+        """The first lines of a kernel oops or panic on the console ("" when there is none)."""
+        bad = [line for line in self.lines if re.search(r"BUG:|Oops|Kernel panic|RIP: ", line)]
+        return " | ".join(bad[:3])
+
+    def _gone(self, what: str) -> LabError:
+        trouble = self.kernel_trouble()
+        return LabError(f"{self.name}: {what}" + (f"; the guest kernel says: {trouble}" if trouble else "") +
+                        f" (console: {self.console_path})")
 
     async def send(self, line: str) -> int:
         """Type a command line on the guest's console; the index of the next console line."""
         assert self.proc.stdin is not None
+        if not self.alive:
+            raise self._gone(f"QEMU exited ({self.proc.returncode}) before {line!r} could be sent")
         mark = len(self.lines)
         self.proc.stdin.write(line.encode() + b"\n")
         await self.proc.stdin.drain()
@@ -181,12 +192,11 @@ class LinuxGuest:
             async with asyncio.timeout(timeout):
                 while self.passes < target:
                     if not self.alive:
-                        raise LabError(f"{self.name}: QEMU exited ({self.proc.returncode}); see {self.log_path}")
+                        raise self._gone(f"QEMU exited ({self.proc.returncode}) waiting for a pass")
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            raise LabError(f"{self.name}: {target - self.passes} of {count} passes missing after {timeout} s") \
-                from None
+            raise self._gone(f"{target - self.passes} of {count} passes missing after {timeout} s") from None
 
     async def kill(self) -> None:
         """Kill QEMU (SIGKILL) and reap it."""
