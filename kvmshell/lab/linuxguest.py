@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 WORKS = ("idle", "ws", "text", "hotcold")
 KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
-RAM_HEADROOM_MIB = 160
-"""Guest RAM beyond the working set: the kernel, the unpacked initramfs and the page tables."""
+RAM_HEADROOM_MIB = 192
+"""Guest RAM beyond the working set: the kernel, the unpacked initramfs, the page tables; plus 1/16 of
+the set for the kernel's per-page structures (a 1900 MiB set in 2060 MiB was OOM-killed)."""
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 _CHECK_RE = re.compile(r"kvmshell-check (?:ok (?P<pages>\d+) pages|BAD page (?P<bad>\d+).*)")
 _WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
@@ -56,7 +57,7 @@ class LinuxWork:
 
     @property
     def ram_mib(self) -> int:
-        return self.ws_mib + RAM_HEADROOM_MIB
+        return self.ws_mib + RAM_HEADROOM_MIB + self.ws_mib // 16
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class LinuxGuest:
     console_path: Path
     lines: list[str] = field(default_factory=list)
     passes: int = 0
+    _console_closed: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -133,7 +135,8 @@ class LinuxGuest:
                         if m:
                             return m
                     i = len(self.lines)
-                    if not self.alive:
+                    if not self.alive or self._console_closed:
+                        await self.proc.wait()
                         raise self._gone(f"QEMU exited ({self.proc.returncode}) waiting for {rx.pattern!r}")
                     self._changed.clear()
                     await self._changed.wait()
@@ -149,8 +152,9 @@ class LinuxGuest:
 
     def _gone(self, what: str) -> LabError:
         trouble = self.kernel_trouble()
-        return LabError(f"{self.name}: {what}" + (f"; the guest kernel says: {trouble}" if trouble else "") +
-                        f" (console: {self.console_path})")
+        said = f"; the guest kernel says: {trouble}" if trouble else \
+            f"; the console's last lines: {' | '.join(self.lines[-3:])}" if self.lines and "last:" not in what else ""
+        return LabError(f"{self.name}: {what}{said} (console: {self.console_path})")
 
     async def send(self, line: str) -> int:
         """Type a command line on the guest's console; the index of the next console line."""
@@ -191,7 +195,8 @@ class LinuxGuest:
         try:
             async with asyncio.timeout(timeout):
                 while self.passes < target:
-                    if not self.alive:
+                    if not self.alive or self._console_closed:
+                        await self.proc.wait()
                         raise self._gone(f"QEMU exited ({self.proc.returncode}) waiting for a pass")
                     self._changed.clear()
                     await self._changed.wait()
@@ -221,6 +226,7 @@ class LinuxGuest:
                 if line.startswith("kvmshell-pass "):
                     self.passes += 1
                 self._changed.set()
+        self._console_closed = True
         self._changed.set()
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
