@@ -24,6 +24,8 @@ bench: deps
 deps: system-deps $(STAMP)
 
 # QEMU and the venv module come from Debian; as root we install them, otherwise we say what to run.
+# gcc and libc6-dev (libc.a) link the Linux lab guest's workload static; its kernel and busybox are
+# fetched by the lab itself (apt-get download, cached), not installed.
 system-deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
@@ -32,6 +34,8 @@ system-deps:
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ssh >/dev/null 2>&1 && command -v scp >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	test -f /usr/lib/x86_64-linux-gnu/libc.a || missing="$$missing libc6-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -231,7 +231,7 @@ def test_the_size_check_sees_what_it_should() -> None:
 # execute("query-...") literal), except comparisons about an address or how QEMU is started, not about talking to a monitor: they stay.
 ADDRESS_LEVEL: set[tuple[str, str, str]] = {
     ("kvmshell.core.values.address", "parse_address", "Protocol.HMP"),      # a pty carries HMP only
-    ("kvmshell.lab.launcher", "Lab.start", "Protocol.QMP"),                 # -chardev mode=control|readline
+    ("kvmshell.lab.launcher", "Lab.monitor_listener", "Protocol.QMP"),      # -chardev mode=control|readline
 }
 
 

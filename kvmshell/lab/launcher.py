@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-x86_64"
 LAB_DIR_PREFIX = "kvmshell-lab-"
 _PTY_RE = re.compile(rb"char device redirected to (/dev/pts/\d+) \(label mon0\)")
+
+
+class Killable(typing.Protocol):
+    """A guest process the Lab kills and reaps when it closes."""
+
+    async def kill(self) -> None: ...
 
 
 class MonitorKind(enum.Enum):
@@ -66,7 +73,7 @@ def choose_accel() -> str:
     return "kvm" if kvm_usable() else "tcg"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
@@ -175,6 +182,7 @@ class Lab:
         self.accel = accel or choose_accel()
         self.guests: dict[str, LabGuest] = {}
         self._bases: dict[tuple[int, int], Path] = {}
+        self._others: list[Killable] = []
 
     async def __aenter__(self) -> Lab:
         return self
@@ -220,7 +228,6 @@ class Lab:
         accel = accel or self.accel
         ram = ram_mib or max(32, image.min_ram_mib(ws_pages))
         disk = disk or await self.make_disk(name, ws_pages, pace)
-        mode = "control" if kind.protocol is Protocol.QMP else "readline"
         argv = [*prefix, QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel == "tcg" else "kvm64",
                 "-m", str(ram),
@@ -229,26 +236,9 @@ class Lab:
         if mem_file is not None:
             argv += ["-object", f"memory-backend-file,id=ram0,size={ram}M,mem-path={mem_file},share=on",
                      "-machine", "memory-backend=ram0"]
-        listener: socket.socket | None = None
-        address: Address | None = None
-        pass_fds: tuple[int, ...] = ()
-        if kind.kind is Kind.UNIX:
-            path = self.workdir / f"{name}.{kind.protocol.value}"
-            path.unlink(missing_ok=True)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(path))
-            address = Address.unix(kind.protocol, str(path))
-        elif kind.kind is Kind.TCP:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 0))
-            address = Address.tcp(kind.protocol, "127.0.0.1", listener.getsockname()[1])
-        if listener is not None:
-            listener.listen(8)
-            pass_fds = (listener.fileno(),)
-            argv += ["-chardev", f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off"]
-        else:
-            argv += ["-chardev", "pty,id=mon0"]
-        argv += ["-mon", f"chardev=mon0,mode={mode}"]
+        listener, address, monitor_args = self.monitor_listener(name, kind)
+        pass_fds = () if listener is None else (listener.fileno(),)
+        argv += monitor_args
         if incoming:
             argv += ["-incoming", "defer"]
         if paused:
@@ -259,7 +249,7 @@ class Lab:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, preexec_fn=_die_with_parent,
+                stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, preexec_fn=die_with_parent,
                 start_new_session=True)    # a Ctrl-C at the terminal must not reach the guests
         finally:
             if listener is not None:
@@ -291,6 +281,35 @@ class Lab:
             raise
         return guest
 
+    def monitor_listener(self, name: str, kind: MonitorKind) -> tuple[socket.socket | None, Address | None,
+                                                                      list[str]]:
+        """The monitor of a guest about to start: a listening socket to pass to QEMU (None for a pty),
+        its address (None for a pty: QEMU names it) and QEMU's arguments for it. Close the socket once
+        QEMU runs."""
+        listener: socket.socket | None = None
+        address: Address | None = None
+        if kind.kind is Kind.UNIX:
+            path = self.workdir / f"{name}.{kind.protocol.value}"
+            path.unlink(missing_ok=True)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            address = Address.unix(kind.protocol, str(path))
+        elif kind.kind is Kind.TCP:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            address = Address.tcp(kind.protocol, "127.0.0.1", listener.getsockname()[1])
+        mode = "control" if kind.protocol is Protocol.QMP else "readline"
+        if listener is not None:
+            listener.listen(8)
+            args = ["-chardev", f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off"]
+        else:
+            args = ["-chardev", "pty,id=mon0"]
+        return listener, address, args + ["-mon", f"chardev=mon0,mode={mode}"]
+
+    def own(self, guest: Killable) -> None:
+        """Kill and reap ``guest`` (one this Lab did not start itself, e.g. a Linux guest) in ``aclose``."""
+        self._others.append(guest)
+
     async def start_argv(self, name: str, argv: list[str], address: Address, *, ws_pages: int, ram_mib: int,
                          disk: Path, incoming: bool = True, timeout: float = 30.0) -> LabGuest:
         """Start a QEMU from a complete command line (e.g. one derived from another guest's) whose
@@ -300,7 +319,7 @@ class Lab:
         log_path = self.workdir / f"{name}.log"
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent, start_new_session=True)
+            stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent, start_new_session=True)
         guest = LabGuest(name=name, address=address, proc=proc, disk=disk, ws_pages=ws_pages, ram_mib=ram_mib,
                          accel=self.accel, incoming=incoming, log_path=log_path)
         guest.banner.set()
@@ -334,8 +353,10 @@ class Lab:
 
     async def aclose(self) -> None:
         """Kill and reap every guest; remove the work directory if we made it."""
-        await asyncio.gather(*(g.kill() for g in self.guests.values()), return_exceptions=True)
+        await asyncio.gather(*(g.kill() for g in [*self.guests.values(), *self._others]),
+                             return_exceptions=True)
         self.guests.clear()
+        self._others.clear()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
