@@ -25,7 +25,8 @@ deps: system-deps $(STAMP)
 
 # QEMU and the venv module come from Debian; as root we install them, otherwise we say what to run.
 # gcc and libc6-dev (libc.a) link the Linux lab guest's workload static; its kernel and busybox are
-# fetched by the lab itself (apt-get download, cached), not installed.
+# fetched by the lab itself (apt-get download, cached), not installed. zsh: the tests complete
+# kvmshell's command line in it.
 system-deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
@@ -36,6 +37,7 @@ system-deps:
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
 	test -f /usr/lib/x86_64-linux-gnu/libc.a || missing="$$missing libc6-dev"; \
+	command -v zsh >/dev/null 2>&1 || missing="$$missing zsh"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

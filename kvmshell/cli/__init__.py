@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from kvmshell import __version__
+from kvmshell.cli import completion, configinit
 from kvmshell.cli.common import Exit
 from kvmshell.cli.faces import cmd_shell, cmd_tui
+from kvmshell.cli.helptext import add_examples
 from kvmshell.cli.inventory import cmd_guests, cmd_hosts
 from kvmshell.cli.lines import cmd_lines
 from kvmshell.config import Config, load_config
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = demo.add_mutually_exclusive_group()
     mode.add_argument("--shell", action="store_true", help="open the prompt on them instead of the dashboard")
     mode.add_argument("--no-ui", action="store_true", help="start the guests, print their addresses, wait for Ctrl-C")
-    return p
+    configinit.add_parsers(sub)
+    completion.add_parsers(sub)
+    return add_examples(p)
 
 
 def read_script(name: str) -> list[str]:
@@ -132,6 +136,12 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
 
 async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     args = build_parser().parse_args(argv)
+    if args.command == "completion":        # neither needs a config that loads
+        return completion.cmd_completion(build_parser(), args.shell, out)
+    if args.command == "config":
+        return configinit.cmd_config(args, out)
+    if args.command == "_names":
+        return completion.cmd_names(load_config(args.config, strategies=offered()), args.kind, out)
     config = load_config(args.config, strategies=offered())
     if args.command == "guests":
         return await cmd_guests(args, config, out, err)
