@@ -5,6 +5,7 @@ zsh (driven through the real shells), `--help` with examples, a log file that ro
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pty
 import re
@@ -92,9 +93,10 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
     return sorted(w for w in done.stdout.splitlines() if w)
 
 
-def zsh_complete(tmp_path: Path, line: str, **extra: str) -> list[str]:
+def zsh_complete(tmp_path: Path, line: str, *, load: str = "fpath", **extra: str) -> list[str]:
     """What zsh offers at the end of ``line``: an interactive zsh on a pty with the script in its fpath
-    and compinit run, the line typed and TAB pressed; a `compadd` wrapper records the matches."""
+    (or, ``load="eval"``, evaluated after compinit), the line typed and TAB pressed; a `compadd`
+    wrapper records the matches."""
     fdir = tmp_path / "zfunc"
     if not fdir.exists():
         made = kvmshell(tmp_path, "completion", "zsh")
@@ -119,10 +121,12 @@ def zsh_complete(tmp_path: Path, line: str, **extra: str) -> list[str]:
                 seen += os.read(master, 65536)
 
     try:
+        script = shlex.quote(str(fdir / "_kvmshell"))
         setup = (f"fpath=({shlex.quote(str(fdir))} $fpath); autoload -Uz compinit && compinit -u -D; "
-                 "compadd() { if (( ${@[(I)-[OAD]*]} )); then builtin compadd \"$@\"; return; fi; "
-                 f"local -a m; builtin compadd -O m \"$@\"; print -rl -- $m >> {shlex.quote(str(matches))}; "
-                 "builtin compadd \"$@\"; }; PS1='READY%% '\n")
+                 if load == "fpath" else f"autoload -Uz compinit && compinit -u -D; eval \"$(<{script})\"; ")
+        setup += ("compadd() { if (( ${@[(I)-[OAD]*]} )); then builtin compadd \"$@\"; return; fi; "
+                  f"local -a m; builtin compadd -O m \"$@\"; print -rl -- $m >> {shlex.quote(str(matches))}; "
+                  "builtin compadd \"$@\"; }; PS1='READY%% '\n")
         os.write(master, setup.encode())
         read_until("the prompt", lambda: b"READY% " in seen)   # zle reads the line now, not the tty driver
         os.write(master, f"{line}\t".encode())
@@ -139,9 +143,10 @@ def zsh_complete(tmp_path: Path, line: str, **extra: str) -> list[str]:
 
 
 Complete = Callable[..., list[str]]
+NO_ZSH = pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (make system-deps installs it)")
 SHELLS = [pytest.param(bash_complete, id="bash"),
-          pytest.param(zsh_complete, id="zsh", marks=pytest.mark.skipif(
-              shutil.which("zsh") is None, reason="zsh is not installed (make system-deps installs it)"))]
+          pytest.param(zsh_complete, id="zsh", marks=NO_ZSH),
+          pytest.param(functools.partial(zsh_complete, load="eval"), id="zsh-eval", marks=NO_ZSH)]
 
 
 @pytest.mark.parametrize("complete", SHELLS)
@@ -226,6 +231,26 @@ def test_help_keeps_the_examples_lines_apart(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert "examples:" in lines
     assert any(line.strip().startswith("kvmshell --keep-going run") for line in lines), done.stdout
+
+
+def test_the_man_page_has_every_option_and_subcommand(tmp_path: Path) -> None:
+    page = kvmshell(tmp_path, "man")
+    assert page.returncode == 0 and page.stdout.startswith(".TH KVMSHELL 1"), page
+    parser = build_parser()
+    for name in subcommands(parser):
+        assert f'.SS "{name.replace("-", chr(92) + "-")}"' in page.stdout, f"{name} is not in the man page"
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed: the page is not rendered")
+    lint = subprocess.run(["groff", "-man", "-ww", "-z"], input=page.stdout, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert lint.returncode == 0 and lint.stderr == "", lint.stderr
+    shown = subprocess.run(["groff", "-man", "-Tutf8", "-P-c", "-rLL=200n"], input=page.stdout,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    shown = re.sub(".\b", "", shown).replace("\u2010", "-")
+    for action in parser._actions:
+        for option in [] if isinstance(action, argparse._HelpAction) else action.option_strings:
+            assert option in shown, f"{option} is not in the rendered man page"
+    assert "EXIT STATUS" in shown and "kvmshell config init" in shown
 
 
 # -- log -------------------------------------------------------------------------------------------

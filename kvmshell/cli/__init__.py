@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from kvmshell import __version__
-from kvmshell.cli import completion, configinit
+from kvmshell.cli import completion, configinit, manpage
 from kvmshell.cli.common import Exit
 from kvmshell.cli.faces import cmd_shell, cmd_tui
 from kvmshell.cli.helptext import add_examples
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--no-ui", action="store_true", help="start the guests, print their addresses, wait for Ctrl-C")
     configinit.add_parsers(sub)
     completion.add_parsers(sub)
+    manpage.add_parsers(sub)
     return add_examples(p)
 
 
@@ -140,6 +141,8 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return completion.cmd_completion(build_parser(), args.shell, out)
     if args.command == "config":
         return configinit.cmd_config(args, out)
+    if args.command == "man":
+        return manpage.cmd_man(build_parser(), out)
     if args.command == "_names":
         return completion.cmd_names(load_config(args.config, strategies=offered()), args.kind, out)
     config = load_config(args.config, strategies=offered())

@@ -76,6 +76,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {   # subcommand: (command line, wh
         ('kvmshell config init', 'write $XDG_CONFIG_HOME/kvmshell/config.toml'),
         ('kvmshell --config lab.toml config init', 'write lab.toml (never over an existing file)'),
     ],
+    "man": [
+        ('kvmshell man | man -l -', 'read it'),
+        ('kvmshell man > ~/.local/share/man/man1/kvmshell.1', 'install it for `man kvmshell`'),
+    ],
     "history": [
         ('kvmshell history', 'the migrations kvmshell ran, newest last'),
         ('kvmshell --json history', 'the same as JSON'),
