@@ -2,7 +2,8 @@
 
 The composition root, the top tier: it may import every other part of kvmshell. Its modules:
 ``common`` (exit statuses), ``inventory`` (`guests`, `hosts`), ``lines`` (`-c`, `run`, stdin),
-``faces`` (`shell`, `tui`); this module parses the options and dispatches."""
+``faces`` (`shell`, `tui`), ``completion`` (`completion bash|zsh`), ``configinit`` (`config init`),
+``helptext`` (the examples of --help), ``manpage`` (`man`); this module parses the options and dispatches."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--shell", action="store_true", help="open the prompt on them instead of the dashboard")
     mode.add_argument("--no-ui", action="store_true", help="start the guests, print their addresses, wait for Ctrl-C")
     configinit.add_parsers(sub)
-    completion.add_parsers(sub)
     manpage.add_parsers(sub)
+    completion.add_parsers(sub)             # last: its hidden `_names` ends the list of choices
     return add_examples(p)
 
 
@@ -137,7 +138,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
 
 async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     args = build_parser().parse_args(argv)
-    if args.command == "completion":        # neither needs a config that loads
+    if args.command == "completion":        # these need no config that loads
         return completion.cmd_completion(build_parser(), args.shell, out)
     if args.command == "config":
         return configinit.cmd_config(args, out)
