@@ -21,7 +21,7 @@ from kvmshell.config import state_dir
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
 from kvmshell.core.monitor.base import Monitor
-from kvmshell.errors import CommandFailed
+from kvmshell.errors import CommandFailed, KvmError
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
@@ -122,11 +122,14 @@ class MigrationHistory:
                 Path(trace).unlink(missing_ok=True)
 
     def entries(self) -> list[HistoryEntry]:
-        """The summaries, oldest first; an unreadable line is skipped (and logged)."""
+        """The summaries, oldest first; an unreadable line is skipped (and logged), an unreadable
+        index is a KvmError."""
         try:
             text = self.index.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise KvmError(f"cannot read the migration history {self.index}: {e.strerror}", title="history") from None
         out = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
