@@ -263,12 +263,13 @@ async def info_migrate(inv: Invocation) -> Result:
 
 async def info_migrate_parameters(inv: Invocation) -> Result:
     params = await inv.monitor.migrate_parameters()
-    return KeyValues(tuple(sorted(params.values.items())))
+    # JSON: QEMU's own names (what migrate_set_parameter takes), with QEMU's units, under "params"
+    return KeyValues(tuple(sorted(params.values.items())), data={"params": dict(params.values)})
 
 
 async def info_migrate_capabilities(inv: Invocation) -> Result:
     caps = await inv.monitor.migrate_capabilities()
-    return KeyValues(tuple(sorted(caps.states.items())))
+    return KeyValues(tuple(sorted(caps.states.items())), data={"capabilities": dict(caps.states)})
 
 
 async def calc_dirty_rate(inv: Invocation) -> Result:

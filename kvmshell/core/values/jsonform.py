@@ -28,7 +28,7 @@ RENAMES = {
 # the suffixes that say a unit; counts end in "_count" or are "passes"
 UNIT_SUFFIXES = ("_s", "_ms", "_ns", "_bytes", "_bytes_per_s", "_pages", "_pages_per_s", "_percent", "_mbit_per_s",
                  "_count", "_mb_per_s")
-UNITLESS = ("passes", "pid", "vcpus")
+UNITLESS = ("passes", "pid", "vcpus", "bytes")
 
 
 def says_unit(key: str) -> bool:
