@@ -32,6 +32,7 @@ from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory, dump_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_ssh import FAST, pool_for, remote
+from tests.test_json_contract import units_said
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
@@ -100,6 +101,8 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         assert f"{VM}.b" in text and "kept, paused" in text, text
         assert f"{base.name} (1.0 MiB, already there (same checksum))" in text, text
         assert any(m.startswith(f"copying {VM}.qcow2") for m in progress), progress
+        doc = o.result.to_json() if o.result else {}                 # --json: numbers, units in the keys
+        assert doc["copied_bytes"] > 0 and doc["times"]["copy_s"] >= 0 and not units_said(doc), doc
         # the source stays paused since `stop`: its memory is what savevm saved
         assert (await fleet.monitor(VM).status()).state is RunState.PAUSED
         before = await ws_dump(fleet.monitor(VM), tmp_path / "src.bin")
