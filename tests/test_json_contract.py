@@ -111,6 +111,13 @@ async def test_every_json_output_parses_and_says_its_units(lab: Lab, tmp_path: P
     assert report["outcome"] == "completed" and report["sent_bytes"] == entry["bytes"]
 
 
+async def test_tls_init_json_is_one_document(tmp_path: Path) -> None:
+    rc, out, err = await kvmshell(tmp_path, "--json", "tls-init", str(tmp_path / "pki"), "host2")
+    assert rc == 0, err
+    [dirs] = documents(out)
+    assert dirs == [str(tmp_path / "pki" / "host2")] and (tmp_path / "pki" / "host2" / "ca-cert.pem").exists()
+
+
 def test_the_unit_check_catches_what_it_must() -> None:
     assert units_said({"total": 3}) and units_said({"sent": "12 MB"}) and units_said([{"a": {"rate": 1.5}}])
     assert not units_said({"total_s": 1.5, "downtime_ms": 3, "ram_bytes": 1, "rate_bytes_per_s": 2.0,

@@ -152,8 +152,11 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
     if args.command == "tls-init":
         from kvmshell.core.migration.tls import init_ca
         try:
-            for d in init_ca(args.dir, args.hosts):
+            dirs = init_ca(args.dir, args.hosts)
+            for d in dirs if not args.json else ():
                 out.write(f"{d}: ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem (keys 0600)\n")
+            if args.json:
+                out.write(json.dumps([str(d) for d in dirs]) + "\n")
         except OSError as e:
             raise ConfigError(f"tls-init {args.dir}: {e.strerror}") from None
         return Exit.OK
