@@ -22,6 +22,14 @@ async def lab() -> AsyncIterator[Lab]:
         yield the_lab
 
 
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Every migration leaves its trace in the state directory: the tests' go to a temporary one."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_qemu_left_behind() -> object:
     """Fail the run if any QEMU started by a Lab in this process tree is still alive at the end."""

@@ -144,8 +144,9 @@ async def test_dash_c_json_and_confirmation(lab: Lab, tmp_path: Path) -> None:
     assert rc == 0, err
     import json
     first, second = (json.loads(line) for line in out.splitlines())
-    assert first == [{"guest": "vm", "ok": True, "result": {"output": "VM status: running"}}]
-    assert second[0]["result"]["message"] == "downtime-limit = 500 ms"
+    assert first == {"line": "info status", "ok": True, "outcomes": [
+        {"guest": "vm", "ok": True, "result": {"status": "running", "running": True, "state": "running"}}]}
+    assert second["outcomes"][0]["result"]["message"] == "downtime-limit = 500 ms"
     rc, out, err = await kvmshell(tmp_path, *g, "-c", "system_reset")
     assert rc == 1 and "not confirmed (run with -y/--yes to confirm)" in err
     rc, out, err = await kvmshell(tmp_path, *g, "-y", "-c", "system_reset")

@@ -31,7 +31,8 @@ from kvmshell.lab import image
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory, dump_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
-from tests.test_ssh import FAST, pool_for, remote
+from tests.test_ssh import pool_for, remote
+from tests.test_json_contract import units_said
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)"),
@@ -100,6 +101,8 @@ async def test_static_migration_host_a_to_b_keeps_memory_identical(lab: Lab, bed
         assert f"{VM}.b" in text and "kept, paused" in text, text
         assert f"{base.name} (1.0 MiB, already there (same checksum))" in text, text
         assert any(m.startswith(f"copying {VM}.qcow2") for m in progress), progress
+        doc = o.result.to_json() if o.result else {}                 # --json: numbers, units in the keys
+        assert doc["copied_bytes"] > 0 and doc["times"]["copy_s"] >= 0 and not units_said(doc), doc
         # the source stays paused since `stop`: its memory is what savevm saved
         assert (await fleet.monitor(VM).status()).state is RunState.PAUSED
         before = await ws_dump(fleet.monitor(VM), tmp_path / "src.bin")
@@ -268,7 +271,7 @@ async def test_the_copys_command_line_is_shown_and_edited_before_anything_is_tou
         session.editor = editor
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit")
         assert not o.ok and "lacks -loadvm e1" in (o.error or "") and "nothing was done" in (o.error or ""), o.error
-        assert shown[0].startswith("# the command that starts") and f"-loadvm e1" in shown[0], shown[0]
+        assert shown[0].startswith("# the command that starts") and "-loadvm e1" in shown[0], shown[0]
         [o] = await session.run_line(f"static-migrate {VM} --to b --tag e1 --dir {dest_dir} --edit")
         assert not o.ok and "cancelled, nothing was done" in (o.error or ""), o.error
         # nothing was touched by the dry run and the refused edits

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("dir", metavar="DIR")
     tls.add_argument("hosts", metavar="HOST", nargs="+", help="host names or addresses, as the source will "
                      "name the destination (tls-hostname)")
-    rep = sub.add_parser("report", help="summarize a migration trace (from --trace) and plot it as SVG")
-    rep.add_argument("trace", metavar="TRACE")
-    rep.add_argument("--svg", metavar="OUT", help="where to write the plot (default: TRACE with .svg)")
+    rep = sub.add_parser("report", help="summarize a migration (an ID of `kvmshell history`, or a --trace FILE) "
+                         "and plot it as SVG")
+    rep.add_argument("trace", metavar="ID|FILE")
+    rep.add_argument("--svg", metavar="OUT", help="where to write the plot (default: the trace with .svg)")
+    sub.add_parser("history", help="the migrations kvmshell ran (the last 200): guest, from, to, strategy, outcome, "
+                   "time, downtime, bytes")
     demo = sub.add_parser("demo", help="start local demo guests and attach to them")
     mode = demo.add_mutually_exclusive_group()
     mode.add_argument("--shell", action="store_true", help="open the prompt on them instead of the dashboard")
@@ -110,14 +113,16 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
         write_report,
     )
     from kvmshell.core.migration.model.samples import load_trace
+    from kvmshell.cli.history import trace_file
+    path = trace_file(args.trace)
     try:
-        trace = load_trace(args.trace)
+        trace = load_trace(path)
     except OSError as e:
         raise ConfigError(f"report {args.trace}: {e.strerror}") from None
     except ValueError as e:
         raise ConfigError(f"report: {e}") from None
     summary = summarize(trace)
-    svg = Path(args.svg) if args.svg else Path(args.trace).with_suffix(".svg")
+    svg = Path(args.svg) if args.svg else path.with_suffix(".svg")
     try:
         write_report(trace, svg)
     except ValueError as e:
@@ -155,11 +160,17 @@ async def run(argv: Sequence[str], out: TextIO, err: TextIO) -> Exit:
         return await cmd_demo(args, config, out, err)
     if args.command == "report":
         return cmd_report(args, out)
+    if args.command == "history":
+        from kvmshell.cli.history import cmd_history
+        return cmd_history(args, out)
     if args.command == "tls-init":
         from kvmshell.core.migration.tls import init_ca
         try:
-            for d in init_ca(args.dir, args.hosts):
+            dirs = init_ca(args.dir, args.hosts)
+            for d in dirs if not args.json else ():
                 out.write(f"{d}: ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem (keys 0600)\n")
+            if args.json:
+                out.write(json.dumps([str(d) for d in dirs]) + "\n")
         except OSError as e:
             raise ConfigError(f"tls-init {args.dir}: {e.strerror}") from None
         return Exit.OK

@@ -57,9 +57,11 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
             continue
         for o in outcomes:
             if o.ok and isinstance(o.result, Watch):
-                outcomes = await _watch_plain(session, o.result.line, o.result.interval, o.guest, out)
+                # with --json the live view goes to stderr, and the line's object holds the last one
+                final = await _watch_plain(session, o.result.line, o.result.interval, o.guest, err if args.json else out)
+                outcomes = final if args.json else []
         if args.json:
-            out.write(outcomes_json(outcomes) + "\n")
+            out.write(outcomes_json(outcomes, line) + "\n")
         else:
             grouped = len(outcomes) > 1
             for style, text in outcome_lines([o for o in outcomes if o.ok], grouped):
@@ -88,7 +90,7 @@ async def _watch_plain(session: Session, line: str, interval: float, guest: str 
             out.write(text + "\n")
         out.flush()
         if not all(o.ok for o in outcomes) or not any([await _under_way(session, o.guest) for o in outcomes]):
-            return []
+            return outcomes
         await asyncio.sleep(interval)
 
 

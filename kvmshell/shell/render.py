@@ -33,8 +33,10 @@ def outcome_lines(outcomes: Sequence[Outcome], grouped: bool) -> list[tuple[str,
     return lines
 
 
-def outcomes_json(outcomes: Sequence[Outcome]) -> str:
-    out = []
+def outcomes_json(outcomes: Sequence[Outcome], line: str | None = None) -> str:
+    """One command line's outcomes as one JSON object on one line (`-c`/`run` with --json):
+    ``{"line", "ok", "outcomes": [{"guest", "ok", "result"} | {"guest", "ok": false, "error", "title"}]}``."""
+    items = []
     for o in outcomes:
         item: dict[str, object] = {"guest": o.guest, "ok": o.ok}
         if o.ok and o.result is not None:
@@ -42,8 +44,8 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
         else:
             item["error"] = o.error
             item["title"] = o.error_title
-        out.append(item)
-    return json.dumps(out)
+        items.append(item)
+    return json.dumps({"line": line, "ok": all(o.ok for o in outcomes), "outcomes": items})
 
 
 def event_line(ev: Event) -> str | None:

@@ -28,6 +28,9 @@ from kvmshell.tui.screens import ConfirmScreen, HelpScreen, MigrateDialog, Snaps
 from kvmshell.tui.source import DashboardSource, SessionSource
 from kvmshell.tui.views import event_line, rate
 from kvmshell.tui.commandbar import CommandBar, CompletionField
+from kvmshell.tui.past import COMMANDS as PAST_COMMANDS, history_lines, past_pane
+from kvmshell.core.migration.history import MigrationHistory
+from kvmshell.tui.views import PaneView
 from kvmshell.tui.widgets import EventLog, GuestList, MigrationPane, OutputLog
 
 DARK, LIGHT = "textual-dark", "textual-light"
@@ -83,6 +86,7 @@ class KvmshellApp(App[int]):
         self._stale = True
         self._unsubscribe: object = None
         self.theme = theme
+        self.past: PaneView | None = None         # a past migration shown in the pane (`replay ID`)
 
     def get_default_screen(self) -> Screen[None]:
         return self.dashboard
@@ -158,7 +162,7 @@ class KvmshellApp(App[int]):
         if self.selected is None and gl.order:
             self.selected = gl.order[0]
             self.source.current = self.selected
-        self.pane.show(self.source.pane(self.selected))
+        self.pane.show(self.past or self.source.pane(self.selected))
 
     @on(GuestList.Selected)
     def _selected(self, event: GuestList.Selected) -> None:
@@ -166,6 +170,7 @@ class KvmshellApp(App[int]):
             return
         self.selected = event.name
         self.source.current = event.name
+        self.past = None
         if self.events_log.only is not None:
             self.events_log.set_scope(event.name)
         if self.command_bar.has_class("-open"):
@@ -320,7 +325,27 @@ class KvmshellApp(App[int]):
     @on(CommandBar.Run)
     def _bar_run(self, message: CommandBar.Run) -> None:
         self.source.history.append(message.line)
-        self.run_command(message.line)
+        words = message.line.split()
+        if words[0] in PAST_COMMANDS:
+            self.show_past(words[0], words[1] if len(words) > 1 else None)
+        else:
+            self.run_command(message.line)
+
+    def show_past(self, command: str, ident: str | None) -> None:
+        """`history` lists the past migrations in the output; `replay [ID]` shows one in the pane
+        (until another guest is selected)."""
+        history = MigrationHistory.default()
+        self.output.write(Text(f"kvmshell> {command}" + (f" {ident}" if ident else ""), style="bold"))
+        if command == "history":
+            for text in history_lines(history):
+                self.output.write(Text(text))
+            return
+        try:
+            self.past = past_pane(history, ident)
+        except KvmError as e:
+            self.notify(e.message, title="replay", severity="error")
+            return
+        self.refresh_views()
 
     @on(CompletionField.Escaped, "#command-bar")
     def _bar_escaped(self) -> None:

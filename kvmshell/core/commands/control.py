@@ -15,7 +15,8 @@ YES = Flag(("-y", "--yes"), "do not ask for confirmation")
 
 async def info_status(inv: Invocation) -> Result:
     status = await inv.monitor.status()
-    return Text(f"VM status: {status}")
+    return Text(f"VM status: {status}", data={"status": str(status), "running": status.running,
+                                              "state": status.state.value})
 
 
 async def stop(inv: Invocation) -> Result:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from kvmshell.core.commands.results import Done, KeyValues, Result, Watch
+from kvmshell.core.values.jsonform import as_json
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import steer
@@ -256,17 +257,19 @@ async def info_migrate(inv: Invocation) -> Result:
     view = render_migration(info)
     job = inv.session.migrations.get(inv.guest or "")
     extra = steer.live_lines(info, job)
-    return KeyValues(view.items + tuple(extra)) if extra else view
+    data = as_json(info) | ({"kvmshell": steer.live_json(job)} if job is not None else {})
+    return KeyValues(view.items + tuple(extra), data=data)
 
 
 async def info_migrate_parameters(inv: Invocation) -> Result:
     params = await inv.monitor.migrate_parameters()
-    return KeyValues(tuple(sorted(params.values.items())))
+    # JSON: QEMU's own names (what migrate_set_parameter takes), with QEMU's units, under "params"
+    return KeyValues(tuple(sorted(params.values.items())), data={"params": dict(params.values)})
 
 
 async def info_migrate_capabilities(inv: Invocation) -> Result:
     caps = await inv.monitor.migrate_capabilities()
-    return KeyValues(tuple(sorted(caps.states.items())))
+    return KeyValues(tuple(sorted(caps.states.items())), data={"capabilities": dict(caps.states)})
 
 
 async def calc_dirty_rate(inv: Invocation) -> Result:
@@ -283,7 +286,10 @@ async def info_dirty_rate(inv: Invocation) -> Result:
         items.append(("dirty rate", f"{d.dirty_rate_mb} MB/s"))
     items += [(k, v) for k, v in (("calc-time", d.calc_time_s), ("sample-pages", d.sample_pages),
                                   ("mode", d.mode), ("start-time", d.start_time)) if v is not None]
-    return KeyValues(tuple(items))
+    return KeyValues(tuple(items), data={"status": d.status, "dirty_rate_mb_per_s": d.dirty_rate_mb,
+                                         "dirty_rate_bytes_per_s": d.bytes_per_s, "calc_time_s": d.calc_time_s,
+                                         "sample_pages": d.sample_pages, "mode": d.mode,
+                                         "start_time_s": d.start_time})
 
 
 def parse_copy_storage(text: str) -> str:

@@ -1,6 +1,8 @@
 """What handlers return: plain data with a plain-text rendering and a JSON form.
 
-The faces decide colours and layout; ``text()`` is what `-c`, `run` and the shell print by default.
+The faces decide colours and layout; ``text()`` is what `-c`, `run` and the shell print by default,
+``to_json()`` what they print with `--json`: a handler whose text holds figures gives ``data``, their
+JSON form (numbers as numbers, units in the key names: see ``core.values.jsonform``).
 """
 
 from __future__ import annotations
@@ -38,18 +40,20 @@ class Done(Result):
 @dataclass(frozen=True)
 class Text(Result):
     body: str
+    data: Any = None
 
     def text(self) -> str:
         return self.body
 
     def to_json(self) -> Any:
-        return {"output": self.body}
+        return self.data if self.data is not None else {"output": self.body}
 
 
 @dataclass(frozen=True)
 class KeyValues(Result):
     items: tuple[tuple[str, Any], ...]
     title: str = ""
+    data: Any = None
 
     def text(self) -> str:
         lines = [self.title] if self.title else []
@@ -57,7 +61,7 @@ class KeyValues(Result):
         return "\n".join(lines)
 
     def to_json(self) -> Any:
-        return {k: v for k, v in self.items}
+        return self.data if self.data is not None else {k: v for k, v in self.items}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Table(Result):
     headers: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
     empty: str = "(none)"
+    data: Any = None
 
     def text(self) -> str:
         if not self.rows:
@@ -74,6 +79,8 @@ class Table(Result):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
     def to_json(self) -> Any:
+        if self.data is not None:
+            return self.data
         keys = [h.lower().replace(" ", "_") for h in self.headers]
         return [dict(zip(keys, r)) for r in self.rows]
 

@@ -102,7 +102,9 @@ async def info_snapshots(inv: Invocation) -> Result:
     snaps = await inv.monitor.snapshots()
     inv.session.data.schedule(inv.guest or "", SNAPSHOTS)
     rows = tuple((s.tag, human_bytes(s.vm_state_size), _date(s), _clock(s.vm_clock_ns)) for s in snaps)
-    return Table(("TAG", "VM SIZE", "DATE", "VM CLOCK"), rows, empty="no snapshots")
+    data = [{"id": s.id, "tag": s.tag, "vm_state_bytes": s.vm_state_size, "date_s": s.date_sec,
+             "vm_clock_ns": s.vm_clock_ns} for s in snaps]
+    return Table(("TAG", "VM SIZE", "DATE", "VM CLOCK"), rows, empty="no snapshots", data=data)
 
 
 def _date(s: Snapshot) -> str:

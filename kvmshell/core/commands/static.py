@@ -59,7 +59,13 @@ def _report(r: StaticResult, title: str) -> KeyValues:
     if not r.files or not any(i.outcome for i in r.files):
         items = [i for i in items if i[0] not in ("images", "copied")]
     items += [("note", n) for n in r.notes]
-    return KeyValues(tuple(items), title=title)
+    data = {"message": title, "guest": r.guest, "destination": r.new_name, "host": r.host, "address": str(r.address),
+            "snapshot": r.tag, "images": [{"source": i.source, "dest": i.dest, "format": i.format, "size_bytes": i.size,
+                                           "outcome": i.outcome} for i in r.files],
+            "copied_bytes": r.copied_bytes, "throughput_bytes_per_s": r.throughput,
+            "times": {f"{k}_s": v for k, v in t.items()}, "copy_state": r.dest_state, "source_state": r.source_state,
+            "command": r.command, "notes": list(r.notes)}
+    return KeyValues(tuple(items), title=title, data=data)
 
 
 async def loadvm_on_(inv: Invocation) -> Result:

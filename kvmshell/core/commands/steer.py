@@ -9,6 +9,7 @@ from typing import Any
 from kvmshell.core.commands.migrate_request import MigrateRequest
 from kvmshell.core.commands.migrate_stages import copy_storage_of, stages_for
 from kvmshell.core.commands.results import Done, Result, Table, Text, Watch
+from kvmshell.core.values.jsonform import as_json
 from kvmshell.core.values.units import human_bytes, parse_rate
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.probe import LinkFigure, probe_path
@@ -114,6 +115,12 @@ def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str,
     return items
 
 
+def live_json(job: MigrationJob) -> dict[str, Any]:
+    """What kvmshell adds to `info migrate --json` for a migration it follows."""
+    return {"strategy": job.req.strategy, "dest": job.req.dest, "uri": job.uri, "prediction": as_json(job.prediction),
+            "decisions": list(job.decisions), "outcome": as_json(job.outcome)}
+
+
 # -- estimate -----------------------------------------------------------------------------------
 
 async def link_figure(inv: Invocation, req: MigrateRequest) -> LinkFigure:
@@ -181,7 +188,14 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
                                                        encrypted=bool(req.tls))]
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
     lines += ["", table.text(), "", f"auto would run: {est.auto}. Nothing was started."]
-    return Text("\n".join(lines))
+    data = {"guest": source, "destination": dest, "ram_bytes": ram,
+            "dirty_rate_1s_bytes_per_s": windows[0][1], "dirty_rate_3s_bytes_per_s": windows[1][1],
+            "dirty_rate_bytes_per_s": D, "working_set_bytes": W, "link_bytes_per_s": R_link or None,
+            "link_known": figure.how, "link_detail": figure.detail, "bandwidth_cap_bytes_per_s": cap,
+            "downtime_limit_ms": L * 1000, "blocked": list(info.blocked_reasons),
+            "warnings": [line.removeprefix("WARNING: ") for line in lines if line.startswith("WARNING: ")],
+            "started": False} | as_json(est)        # options, postcopy, auto: every field of the model's objects
+    return Text("\n".join(lines), data=data)
 
 
 async def estimate(inv: Invocation) -> Result:

@@ -19,12 +19,13 @@ from typing import Any
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import free_port
+from kvmshell.core.migration.history import MigrationHistory, TraceTee, open_traces, record
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
-from kvmshell.core.migration.model.samples import Sample, TraceEvent, TraceHeader, TraceWriter
+from kvmshell.core.migration.model.samples import Sample, TraceEvent
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.strategies import strategy_named
@@ -78,12 +79,15 @@ class Limits:
 
 class MigrationJob:
     """One migration between two endpoints: the source's monitor and (for `--to`) the destination's;
-    ``hosts`` reaches the hosts they run on, ``publish`` takes the job's events."""
+    ``hosts`` reaches the hosts they run on, ``publish`` takes the job's events, ``history`` keeps
+    its trace and summary (default: the state directory's)."""
 
     def __init__(self, source: Monitor, dest: Monitor | None, request: MigrationRequest, *,
                  hosts: HostPool | None = None, publish: Callable[[Event], None] = lambda event: None,
-                 clock: Callable[[], float] = time.monotonic, stages: Sequence[Stage] = ()) -> None:
+                 clock: Callable[[], float] = time.monotonic, stages: Sequence[Stage] = (),
+                 history: MigrationHistory | None = None) -> None:
         self.publish = publish
+        self.history = history if history is not None else MigrationHistory.default()
         self.hosts = hosts if hosts is not None else source.hosts
         self.req = request
         self.strategy = strategy_named(request.strategy)(request)
@@ -148,7 +152,7 @@ class MigrationJob:
         if self._tls_on:
             await self._tls_off()
         self._restored.extend(await self.settings.restore(self.source, self.dest, "failed"))
-        await self._close_trace()
+        await self._close_trace(failed)
 
     async def _finish_stages(self, outcome: MigrationOutcome) -> None:
         for stage in reversed(self._prepared):
@@ -263,21 +267,9 @@ class MigrationJob:
                                 guest=self.req.source)
 
     async def attach_trace(self) -> None:
-        """Open the trace file (if asked for) and write its header."""
-        if not self.req.trace_path or self.sampler.trace is not None:
-            return
-        try:
-            trace = TraceWriter.open(self.req.trace_path)
-        except OSError as e:
-            raise CommandFailed(f"cannot write the trace {self.req.trace_path}: {e.strerror}",
-                                guest=self.req.source) from None
-        self.sampler.trace = trace
-        params = await self.source.migrate_parameters()
-        caps = await self.source.migrate_capabilities()
-        trace.write(TraceHeader(self.req.source, time.time(), params=dict(params.values),
-                                      capabilities=dict(caps.states), strategy=self.req.strategy,
-                                      link_bytes_per_s=self.req.link,
-                                      note=f"to {self.req.dest or self.uri or 'an unmanaged destination'}"))
+        """Open the trace (the history's copy, and the --trace file if asked for) and write its header."""
+        if self.sampler.trace is None:
+            self.sampler.trace = await open_traces(self.history, self.source, self.req, self.uri)
 
     async def run(self) -> MigrationOutcome:
         """Follow the migration to its end (starting it first if ``start`` was not called: stages
@@ -285,6 +277,10 @@ class MigrationJob:
         if not self._started and self.uri is None:     # an observer (`migrate URI`, `trace`): the
             self._started = True                       # migration runs already; its stages were set
             self._prepared = list(self.stages)         # up by the caller and are finished at the end
+            try:
+                await self.attach_trace()
+            except KvmError as e:
+                log.warning("%s: no trace of the migration: %s", self.req.source, e)
         if not self._started:
             self._starting = asyncio.create_task(self.start())
             try:
@@ -320,7 +316,7 @@ class MigrationJob:
             restored = await self.settings.restore(self.source, self.dest, ended.status if self.outcome else "interrupted")
             if self.outcome is not None:
                 self.outcome.notes += restored
-            await self._close_trace()
+            await self._close_trace(self.outcome)
             self._done.set()
         self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                             "message": self.outcome.full_message}, time.time()))
@@ -582,7 +578,10 @@ class MigrationJob:
         except KvmError:
             return None
 
-    async def _close_trace(self) -> None:
-        if self.sampler.trace is not None:
-            self.sampler.trace.close()
-            self.sampler.trace = None
+    async def _close_trace(self, outcome: MigrationOutcome | None) -> None:
+        """Close the trace and keep the migration's summary in the history (never fails)."""
+        trace, self.sampler.trace = self.sampler.trace, None
+        if trace is not None:
+            trace.close()
+            if isinstance(trace, TraceTee):
+                record(self.history, trace, self, outcome)
