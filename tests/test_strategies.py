@@ -5,8 +5,10 @@ decisions against real QEMU are in test_live.py and test_dirty_limit.py)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,11 @@ class Levers:
     postcopy_started: bool = False
     throttle_armed: bool = False
     pulled: list[tuple[str, str]] = field(default_factory=list)
+    preflight: Any = None                    # the pre-flight stage (live/preflight.py), if asked for
+    decisions: list[tuple[str, str]] = field(default_factory=list)
+
+    def decide(self, name: str, reason: str) -> None:
+        self.decisions.append((name, reason))
 
     def start_postcopy(self, why: str) -> None:
         self.postcopy_started = True
@@ -44,6 +51,10 @@ class Levers:
     def arm_throttle(self, pred: Prediction, why: str) -> None:
         self.throttle_armed = True
         self.pulled.append(("throttle", why))
+
+    def release_throttle(self, why: str) -> None:
+        self.throttle_armed = False
+        self.pulled.append(("release", why))
 
 
 def sample(pass_no: int, remaining: int = 100 << 20, t: float = 5.0) -> Sample:
@@ -281,3 +292,48 @@ def test_what_each_strategy_starts_with(name: str, postcopy: bool, converge: boo
     allowed = strategy_named("auto")(MigrationRequest("vm", "dst", allow_postcopy=True))
     assert allowed.postcopy() and allowed.converge() and allowed.throttle_parameters(False) == {}
     assert not strategy_named("none")(MigrationRequest("vm")).steers
+
+
+# -- against real QEMU: auto on a guest that cannot converge under the limits ------------------------
+
+LIVE_WS = 4096                 # a 16 MiB working set...
+LIVE_PACE = 2                  # ...dirtied at 2 pages a tick (8 MB/s nominal): more than --bandwidth 4M moves
+LIVE_RAM = 64
+
+
+async def migrate_auto(lab: Any, tmp_path: Path, request: MigrationRequest, *, pace: int = LIVE_PACE) -> Any:
+    """Migrate a lab guest to a waiting one with ``request`` (its source "src", its destination "dst");
+    the job, its outcome, and the destination's memory check."""
+    from kvmshell.core.migration.live.begin import begin
+    from kvmshell.lab.launcher import MonitorKind
+    from kvmshell.lab.verify import check_guest_memory
+    from tests.test_live import attached
+
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=pace, ram_mib=LIVE_RAM)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
+                          disk=src.disk)
+    async with attached(src, dst) as pair:
+        job = await begin(pair.session.fleet, request)
+        outcome = await asyncio.wait_for(job.run(), 180)
+        check = None
+        if outcome.ok:
+            await pair.dst.wait_heartbeats(2)
+            check = await check_guest_memory(pair.session.fleet.monitor("dst"), LIVE_WS, tmp_path)
+        return job, outcome, check
+
+
+def said(job: Any, name: str) -> list[str]:
+    return [d for d in job.decisions if d.split(" ", 2)[1] == f"{name}:"]
+
+
+@pytest.mark.qemu
+async def test_live_auto_without_postcopy_throttles_once_the_verdict_holds(lab: Any, tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    job, outcome, check = await migrate_auto(lab, tmp_path, MigrationRequest(
+        "src", "dst", strategy="auto", bandwidth=4_000_000, downtime_ms=50, trace_path=str(trace)))
+    assert outcome.ok, (outcome.full_message, job.decisions)
+    assert check is not None and check.ok, check.summary() if check else None
+    [throttle] = said(job, "throttle")
+    assert not said(job, "postcopy"), job.decisions
+    assert "held on" in throttle and "throttle:" in throttle and "% CPU" in throttle, throttle
+    print(job.decisions, outcome.message)
