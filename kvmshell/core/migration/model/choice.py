@@ -12,6 +12,7 @@ auto then waits for a verdict that holds during the migration (strategies/base.p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,24 +28,37 @@ PRECOPY = "precopy"              # pre-copy, escalating only if a verdict holds 
 
 @dataclass(frozen=True)
 class DirtyRange:
-    """The guest's dirty rate as the windows show it: from the lowest figure to the highest (bytes/s),
-    and the working set if the dirtied bytes stopped growing with the window."""
+    """The guest's dirty rate as the windows show it (bytes/s), and the working set if the dirtied bytes
+    stopped growing with the window. Then every window saw the whole set re-dirtied: the shortest
+    window's figure is only a lower bound and the rate has no upper one (``high`` is infinite)."""
 
     low: float
     high: float
     working_set: float | None
 
+    @property
+    def bounded(self) -> bool:
+        return math.isfinite(self.high)
+
     def text(self) -> str:
-        rate = (f"{self.low / 1e6:.0f} MB/s" if round(self.low / 1e6) == round(self.high / 1e6)
-                else f"{self.low / 1e6:.0f}-{self.high / 1e6:.0f} MB/s")
+        if not self.bounded:
+            rate = f"at least {self.low / 1e6:.0f} MB/s"
+        elif round(self.low / 1e6) == round(self.high / 1e6):
+            rate = f"{self.low / 1e6:.0f} MB/s"
+        else:
+            rate = f"{self.low / 1e6:.0f}-{self.high / 1e6:.0f} MB/s"
         return rate + (f" over a {self.working_set / 1e6:.0f} MB working set" if self.working_set is not None else "")
 
 
 def dirty_range(windows: Sequence[tuple[float, float]]) -> DirtyRange:
-    """The range from calc-dirty-rate results [(seconds, bytes/s), ...] (ValueError if there are none)."""
+    """The range from calc-dirty-rate results [(seconds, bytes/s), ...] (ValueError if there are none):
+    from the lowest figure to the highest while the dirtied bytes grow with the window; from the
+    highest figure (the shortest window's) up, over the largest set seen, once they stop growing."""
     _, W = estimate_working_set(windows)
     rates = [rate for t, rate in windows if t > 0]
-    return DirtyRange(min(rates), max(rates), W)
+    if W is None:
+        return DirtyRange(min(rates), max(rates), None)
+    return DirtyRange(max(rates), math.inf, max(t * rate for t, rate in windows if t > 0))
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,7 @@ class Choice:
     rate: float                  # bytes/s the migration will move (the bandwidth cap, else the link)
     downtime_limit_s: float
     postcopy_s: float | None     # postcopy after the first pass: the RAM once, then the working set
-    throttled: Prediction | None # pre-copy with the guest throttled (throttle_for at the high end)
+    throttled: Prediction | None # pre-copy with the guest throttled (throttle_for at the highest known rate)
     throttle: float              # the share of CPU that throttle takes
 
     @property
@@ -71,10 +85,11 @@ class Choice:
 
     def numbers(self) -> str:
         """The verdict, the range and each lever's predicted cost."""
-        ends = [("the low end", self.low)]
-        if self.high.line() != self.low.line():
-            ends.append(("the high end", self.high))
-        pre = "; ".join(f"pre-copy at {end}: {p.line()}" for end, p in ends)
+        pre = f"pre-copy at the low end: {self.low.line()}"
+        if not self.dirty.bounded:
+            pre += f"; re-dirtying the working set faster still: {self.high.verdict.value}"
+        elif self.high.line() != self.low.line():
+            pre += f"; pre-copy at the high end: {self.high.line()}"
         cpu = f"{100 * (1 - self.throttle):.0f} % CPU"
         thr = (f"throttled to {cpu}: {self.throttled.total_s:.1f} s, "
                f"{self.throttle * self.throttled.total_s:.1f} s of guest CPU lost"
@@ -116,13 +131,14 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
     low, high = precopy(dirty.low), precopy(dirty.high)
     stuck = low.verdict is Verdict.WILL_NOT_CONVERGE and high.verdict is Verdict.WILL_NOT_CONVERGE
     fine = low.verdict is Verdict.CONVERGES and high.verdict is Verdict.CONVERGES
-    p = throttle_for(dirty.high, rate)
-    throttled = precopy(dirty.high * (1 - p)) if rate > 0 else None
+    D = dirty.high if dirty.bounded else dirty.low          # the throttle's rate: the highest known one
+    p = throttle_for(D, rate)
+    throttled = precopy(D * (1 - p)) if rate > 0 else None
     if throttled is not None and throttled.verdict is not Verdict.CONVERGES:
         throttled = None
     postcopy_s = None
     if allow_postcopy and rate > 0:
-        ws = W if W is not None else min(ram, dirty.high * ram / rate)
+        ws = W if W is not None else min(ram, D * ram / rate)
         postcopy_s = ram / rate + ws / rate
     lever = POSTCOPY if stuck and allow_postcopy else CONVERGE if stuck else PRECOPY
     return Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, postcopy_s,
