@@ -508,3 +508,41 @@ async def test_live_a_confident_preflight_switches_to_postcopy_right_after_the_f
     [decided] = [e for e in t.events if e.source == "kvmshell" and e.name == "postcopy"]
     assert decided.t == pytest.approx(min(s.t for s in t.samples if s.pass_no >= 2), abs=0.1)   # no hold: at once
     assert any(s.status.is_postcopy for s in t.samples)
+
+
+@pytest.mark.qemu
+async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_back_after(lab: Any) -> None:
+    # the release as QEMU 7.2 takes it: auto-converge lowers its throttle only when it next raises it,
+    # capped by max-cpu-throttle; the trigger threshold at 1 % makes that happen within two syncs
+    from kvmshell.core.migration.live.begin import begin
+    from kvmshell.lab.launcher import MonitorKind
+    from tests.test_live import attached
+    from tests.waiting import wait_for
+
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
+                          disk=src.disk)
+    async with attached(src, dst) as pair:
+        mon = pair.session.fleet.monitor("src")
+        before = dict((await mon.migrate_parameters()).values)
+        job = await begin(pair.session.fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=4_000_000,
+                                                               downtime_ms=20))
+        running = asyncio.create_task(job.run())
+
+        def last() -> Any:
+            return job.sampler.ring.last
+
+        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle >= 30,
+                       timeout=90, what="the throttle armed and raised")
+        job.strategy.released = True                     # type: ignore[attr-defined]  # as auto does
+        job.release_throttle("the test releases it")
+        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle <= 1,
+                       timeout=30, what="the throttle back at 1 %")
+        assert said(job, "release")[0].endswith("releasing the throttle (cpu-throttle-initial 1, "
+                                                "cpu-throttle-increment 1, max-cpu-throttle 1, "
+                                                "throttle-trigger-threshold 1)"), job.decisions
+        await job.cancel()
+        outcome = await asyncio.wait_for(running, 30)
+        assert outcome.status == "cancelled", outcome.full_message
+        after = dict((await mon.migrate_parameters()).values)
+        assert {k: after.get(k) for k in before} == before                   # all put back, the threshold too
