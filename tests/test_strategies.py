@@ -524,7 +524,13 @@ async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_bac
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
                           disk=src.disk)
     async with attached(src, dst) as pair:
-        mon = pair.session.fleet.monitor("src")
+        from kvmshell.core.migration.live.job import MigrationJob
+        fleet = pair.session.fleet
+        # the pre-flight is auto's: another strategy asked for it measures nothing
+        assert MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy="precopy", preflight=True)).stages == []
+        with_pre = MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy="auto", preflight=True))
+        assert with_pre.preflight is not None and with_pre.stages == [with_pre.preflight]
+        mon = fleet.monitor("src")
         before = dict((await mon.migrate_parameters()).values)
         job = await begin(pair.session.fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=4_000_000,
                                                                downtime_ms=20))

@@ -88,7 +88,7 @@ class MigrationJob:
         self.hosts = hosts if hosts is not None else source.hosts
         self.req = request
         self.strategy = strategy_named(request.strategy)(request)
-        self.preflight = Preflight() if request.preflight else None     # auto's opt-in stage, first
+        self.preflight = Preflight() if request.preflight and self.strategy.uses_preflight else None   # opt-in, first
         self.stages: list[Stage] = [*([self.preflight] if self.preflight else []), *stages]
         self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
         self._started = False                 # `migrate` was sent

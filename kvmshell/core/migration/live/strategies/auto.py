@@ -23,6 +23,7 @@ class Auto(Strategy):
     name = "auto"
     summary = "precopy, escalating to auto-converge (or postcopy if allowed and cheaper)"
     rank = 10
+    uses_preflight = True
 
     def postcopy(self) -> bool:
         return self.request.allow_postcopy

@@ -50,6 +50,7 @@ class Strategy:
     rank: ClassVar[int] = 50             # where it is listed (lowest first: the default)
     offered: ClassVar[bool] = True       # False: used by kvmshell itself, not picked by a user
     steers: ClassVar[bool] = True        # False: observe only, set nothing on either side
+    uses_preflight: ClassVar[bool] = False   # acts on the pre-flight choice (``job.preflight``) when asked for
 
     def __init__(self, request: MigrationRequest) -> None:
         self.request = request
