@@ -1,6 +1,8 @@
 """Strategies as objects: each in one file, found by name, and what each decides on a sample, on a run
-of samples (a verdict must hold before it acts) and on the recorded traces of tests/data/traces (the
-decisions against real QEMU are in test_live.py and test_dirty_limit.py)."""
+of samples (a verdict must hold before it acts, and before a throttle is released), on the pre-flight
+choice (model/choice.py, tested in test_choice.py) and on the recorded traces of tests/data/traces; then
+auto against real QEMU on a guest that cannot converge under the limits (more in test_live.py and
+test_dirty_limit.py)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,11 @@ class Auto(Strategy):
     rank = 10
     uses_preflight = True
 
+    def __init__(self, request: MigrationRequest) -> None:
+        super().__init__(request)
+        self.preflight_said = False
+        self.released = False            # the throttle was released: it is not armed again
+
     def postcopy(self) -> bool:
         return self.request.allow_postcopy
 
@@ -34,11 +39,6 @@ class Auto(Strategy):
     def throttle_parameters(self, auto_converge: bool) -> dict[str, ParamValue]:
         # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
         return {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1} if auto_converge else {}
-
-    def __init__(self, request: MigrationRequest) -> None:
-        super().__init__(request)
-        self.preflight_said = False
-        self.released = False            # the throttle was released: it is not armed again
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
         if job.postcopy_started:
