@@ -29,7 +29,7 @@ class Mode(enum.Enum):
 _FIELD = {"to": "dest", "downtime": "downtime_ms", "trace": "trace", "dir": "run_dir", "b": "block", "i": "inc",
           "r": "resume", "d": "detach"}
 # options that make kvmshell run the migration (a plain `migrate URI` has none of them)
-_STEERING = ("dest", "strategy", "downtime_ms", "bandwidth", "allow_postcopy", "trace", "estimate", "link",
+_STEERING = ("dest", "strategy", "downtime_ms", "bandwidth", "allow_postcopy", "preflight", "trace", "estimate", "link",
              "probe", "watch", "stall_timeout", "tls", "tls_authz", "copy_storage", "unplug", "replug")
 _TO_HOST_ONLY = (("edit", "edit"), ("dry_run", "dry-run"), ("tunnel", "tunnel"), ("address", "address"),
                  ("run_dir", "dir"), ("name", "name"))
@@ -47,6 +47,7 @@ class MigrateRequest:
     bandwidth: int | None = None            # bytes/s
     link: int | None = None                 # bytes/s, for the model
     allow_postcopy: bool = False
+    preflight: bool = False                 # auto measures the dirty rate first (live/preflight.py)
     watch: bool = False
     trace: str | None = None
     tls: str | None = None                  # the directory `tls-init` wrote
@@ -173,6 +174,8 @@ class MigrateRequest:
             opt("--link", format_rate(self.link))
         if self.allow_postcopy:
             words.append("--allow-postcopy")
+        if self.preflight:
+            words.append("--preflight")
         if self.copy_storage is not None:
             opt("--copy-storage", self.copy_storage)
         if self.tls is not None:

@@ -322,6 +322,8 @@ SPECS = (
                             parse=parse_rate),
                        Flag(("--allow-postcopy",), "let the auto strategy switch to postcopy (a network failure "
                             "in postcopy can lose the guest)"),
+                       Flag(("--preflight",), "auto: measure the dirty rate for 4 s before the start; if pre-copy "
+                            "surely will not converge and postcopy is allowed, switch right after the first pass"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "

@@ -32,7 +32,7 @@ def job_request(inv: Invocation, req: MigrateRequest) -> MigrationRequest:
     return MigrationRequest(
         source=req.source, dest=req.dest, uri=req.uri, strategy=req.strategy or defaults.strategy,
         downtime_ms=req.downtime_ms, bandwidth=req.bandwidth, link=req.link or configured_link(inv),
-        allow_postcopy=req.allow_postcopy or defaults.allow_postcopy, trace_path=req.trace,
+        allow_postcopy=req.allow_postcopy or defaults.allow_postcopy, trace_path=req.trace, preflight=req.preflight,
         stall_timeout=req.stall_timeout or defaults.stall_timeout)
 
 
@@ -163,7 +163,8 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
-                              allow_postcopy=inv.session.config.defaults.allow_postcopy)
+                              allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
+                              bandwidth=req.bandwidth, windows=windows)
     rows = [(o.name, o.prediction.verdict.value,
              f"{o.prediction.total_s:.1f} s" if o.prediction.total_s is not None else "-",
              f"{o.prediction.downtime_ms:.0f} ms" if o.prediction.downtime_ms is not None else "-",

@@ -22,6 +22,7 @@ from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.history import MigrationHistory, TraceTee, open_traces, record
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
+from kvmshell.core.migration.live.preflight import Preflight
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
@@ -91,7 +92,8 @@ class MigrationJob:
         self.hosts = hosts if hosts is not None else source.hosts
         self.req = request
         self.strategy = strategy_named(request.strategy)(request)
-        self.stages: list[Stage] = list(stages)
+        self.preflight = Preflight() if request.preflight and self.strategy.uses_preflight else None   # opt-in, first
+        self.stages: list[Stage] = [*([self.preflight] if self.preflight else []), *stages]
         self._prepared: list[Stage] = []      # stages whose prepare() was called: finish() them at the end
         self._started = False                 # `migrate` was sent
         self._starting: asyncio.Task[None] | None = None
@@ -490,12 +492,21 @@ class MigrationJob:
         # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
         for _ in range(200):
             last = self.sampler.ring.last
-            if last is None or last.status is not MigrationStatus.ACTIVE:
+            if last is None or last.status is not MigrationStatus.ACTIVE or not self.throttle_armed:
                 return
             if last.cpu_throttle >= params["cpu-throttle-initial"]:
                 await self.settings.set_parameters(self.source, {"cpu-throttle-increment": 10})
                 return
             await asyncio.sleep(self.req.interval)
+
+    def release_throttle(self, why: str) -> None:
+        """Put the armed throttle back as the strategy started it, saying why. QEMU lowers auto-converge's
+        throttle only when it next raises it (capped by max-cpu-throttle): a trigger threshold of 1 % makes it soon."""
+        self.throttle_armed = False
+        inert = {"vcpu-dirty-limit": DIRTY_LIMIT_INERT} if self._throttling.dirty_limit else \
+            {**self.strategy.throttle_parameters(True), "throttle-trigger-threshold": 1}
+        self.decide("release", f"{why}; releasing the throttle ({', '.join(f'{k} {v}' for k, v in inert.items())})")
+        self._spawn(self.settings.set_parameters(self.source, inert))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(self._run_action(coro))

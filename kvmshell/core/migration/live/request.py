@@ -23,6 +23,7 @@ class MigrationRequest:
     interval: float = 0.5
     stall_timeout: float = 10.0
     tls: TlsSetup | None = None         # encrypt the stream (tls-creds-x509 on both sides)
+    preflight: bool = False             # measure the dirty rate before the start (live/preflight.py): auto acts on it
 
 
 @dataclass

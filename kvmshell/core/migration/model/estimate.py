@@ -3,9 +3,11 @@ dirty rate and working set. Pure: the numbers in, one prediction per strategy ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, throttle_for
+from kvmshell.core.migration.model.choice import DirtyRange, choose, dirty_range
+from kvmshell.core.migration.model.predict import Inputs, Prediction, predict, throttle_for
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,15 @@ class Postcopy:
 class Estimate:
     options: tuple[Option, ...]
     postcopy: Postcopy | None
-    auto: str                            # what auto would run
+    auto: str                            # what auto would run (choice.Choice.summary: the lever first)
 
 
 def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: float, cap: float | None,
-             downtime_limit_s: float, allow_postcopy: bool) -> Estimate:
-    """Each strategy on a link of ``link`` bytes/s, with the source capped at ``cap`` (None: not)."""
+             downtime_limit_s: float, allow_postcopy: bool, bandwidth: float | None = None,
+             windows: Sequence[tuple[float, float]] = ()) -> Estimate:
+    """Each strategy on a link of ``link`` bytes/s, with the source capped at ``cap`` (None: not); what
+    auto would run with the request's options (``bandwidth``: its --bandwidth, else auto uncaps to the
+    link; ``allow_postcopy``), from the dirty-rate ``windows`` [(seconds, bytes/s)] when given."""
     D, W, R = dirty_rate, working_set, link
     base = Inputs(ram_bytes=ram, dirty_rate=D, working_set=W, rate=min(R, cap or R), link=R,
                   downtime_limit_s=downtime_limit_s)
@@ -51,6 +56,7 @@ def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: fl
     if R > 0:
         ws = W if W is not None else D * ram / R
         postcopy = Postcopy(ram / R + ws / R, ram + ws)
-    stuck = p_unc.verdict is Verdict.WILL_NOT_CONVERGE
-    auto = "postcopy" if stuck and allow_postcopy else "converge" if stuck else "precopy, uncapped"
-    return Estimate(tuple(options), postcopy, auto)
+    dirty = dirty_range(windows) if windows else DirtyRange(D, D, W)
+    auto = choose(ram=ram, dirty=dirty, rate=min(R, bandwidth or R), link=R, downtime_limit_s=downtime_limit_s,
+                  allow_postcopy=allow_postcopy)
+    return Estimate(tuple(options), postcopy, auto.summary())

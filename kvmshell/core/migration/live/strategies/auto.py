@@ -1,24 +1,34 @@
 """Pre-copy, escalating once the model's verdict holds that it will not converge (or too slowly): to
 postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
-allows it)."""
+allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, a confident "will not
+converge" before the start switches to postcopy right after the first pass. A throttle is released once
+it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
+and may still switch to postcopy."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmshell.core.migration.live.strategies.base import Strategy, escalation
+from kvmshell.core.migration.live.strategies.base import Strategy, escalation, release
 from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.values.models import ParamValue
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.migration.live.request import MigrationRequest
 
 
 class Auto(Strategy):
     name = "auto"
     summary = "precopy, escalating to auto-converge (or postcopy if allowed and cheaper)"
     rank = 10
+    uses_preflight = True
+
+    def __init__(self, request: MigrationRequest) -> None:
+        super().__init__(request)
+        self.preflight_said = False
+        self.released = False            # the throttle was released: it is not armed again
 
     def postcopy(self) -> bool:
         return self.request.allow_postcopy
@@ -31,10 +41,26 @@ class Auto(Strategy):
         return {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1} if auto_converge else {}
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
-        if job.postcopy_started or job.throttle_armed:
-            return                       # one escalation per migration
+        if job.postcopy_started:
+            return
+        pre = job.preflight
+        if pre is not None and not self.preflight_said:
+            self.preflight_said = True
+            job.decide("preflight", pre.said())
+        if pre is not None and pre.choice is not None and pre.choice.at_once and sample.pass_no >= 2:
+            job.start_postcopy(f"the pre-flight verdict is a confident \"will not converge\", the first pass is done "
+                               f"(pass {sample.pass_no} at {sample.t:.1f} s, {sample.remaining / 1e6:.0f} MB left): "
+                               f"{pre.choice.numbers()}")
+            return
+        if job.throttle_armed:
+            why = release(self, job, sample, prediction)
+            if why is not None:
+                self.released = True
+                self.held = None
+                job.release_throttle(why)
+            return
         step = escalation(self, job, sample, prediction, postcopy=self.postcopy())
-        if step is None:
+        if step is None or (step.lever == "throttle" and self.released):
             return
         if step.lever == "postcopy":
             job.start_postcopy(step.why)

@@ -1,6 +1,7 @@
 """The interface every migration strategy implements, and what they share to escalate: the evidence
-that a verdict holds (``Held``), what each lever would cost from here (``Costs``), and the decision
-that puts both together (``escalation``)."""
+that a verdict holds (``Held``), what each lever would cost from here (``Costs``), the decision
+that puts both together (``escalation``), and its undoing once pre-copy would converge without the
+throttle (``release``, on the same evidence)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ SATURATED = 0.9
 
 WILL_NOT = "will not converge"
 TOO_SLOW = "too slow"
+UNTHROTTLED = "would converge unthrottled"
 
 
 class Strategy:
@@ -48,6 +50,7 @@ class Strategy:
     rank: ClassVar[int] = 50             # where it is listed (lowest first: the default)
     offered: ClassVar[bool] = True       # False: used by kvmshell itself, not picked by a user
     steers: ClassVar[bool] = True        # False: observe only, set nothing on either side
+    uses_preflight: ClassVar[bool] = False   # acts on the pre-flight choice (``job.preflight``) when asked for
 
     def __init__(self, request: MigrationRequest) -> None:
         self.request = request
@@ -78,7 +81,7 @@ class Strategy:
 class Held:
     """One verdict seen on consecutive samples: which, on how many, from when to when, over which passes."""
 
-    kind: str                    # WILL_NOT or TOO_SLOW
+    kind: str                    # WILL_NOT, TOO_SLOW or UNTHROTTLED
     samples: int
     since: float                 # t of the first sample that said it
     until: float                 # t of the latest
@@ -224,3 +227,33 @@ def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Predictio
         return None
     return Escalation(lever, f"pre-copy would need {left:.0f} s more > {SLOW_S:.0f} s ({held.said()}); "
                              f"{c.line()}")
+
+
+def unthrottled(job: MigrationJob, s: Sample, pred: Prediction) -> Prediction | None:
+    """Pre-copy from sample ``s`` on as if the throttle were off: the dirty rate seen, scaled back up by
+    the share of CPU auto-converge takes (the sample's cpu-throttle-percentage). None when that share is
+    unknown (0: dirty-limit holds the vCPUs back by an amount QEMU does not report) or nothing is measured."""
+    p = s.cpu_throttle / 100
+    R = pred.rate or job.req.link or s.throughput or 0.0
+    if not 0 < p < 1 or pred.dirty_rate is None or R <= 0:
+        return None
+    ring = job.sampler.ring.list()
+    syncs = syncs_of(ring)
+    left = max(float(s.remaining), syncs[-1].dirty if syncs else 0.0)
+    return predict(Inputs(ram_bytes=s.total, dirty_rate=pred.dirty_rate / (1 - p), working_set=pred.working_set,
+                          rate=R, link=job.req.link or R, downtime_limit_s=downtime_limit_s(job, ring), dirty_set=left))
+
+
+def release(strategy: Strategy, job: MigrationJob, s: Sample, pred: Prediction) -> str | None:
+    """Why the armed throttle can go, once it holds (``Held.holds``, as for escalating): pre-copy would
+    converge without it, within SLOW_S (the guest now dirties less than when it was armed); None to
+    keep it. Keeps its evidence in ``strategy.held``."""
+    free = unthrottled(job, s, pred) if s.pass_no >= 2 and not pred.rough else None
+    converges = free is not None and free.verdict is Verdict.CONVERGES and (free.time_left_s or 0.0) <= SLOW_S
+    strategy.held = held = evidence(strategy.held, UNTHROTTLED if converges else None, s)
+    if free is None or held is None or not held.holds:
+        return None
+    D = pred.dirty_rate or 0.0
+    return (f"pre-copy would converge without the throttle ({held.said()}): the guest dirties {D / 1e6:.0f} MB/s "
+            f"at {100 - s.cpu_throttle} % CPU, so about {(free.dirty_rate or 0.0) / 1e6:.0f} MB/s unthrottled; "
+            f"unthrottled: {free.line()}")

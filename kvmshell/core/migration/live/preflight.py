@@ -1,0 +1,60 @@
+"""The pre-flight: an opt-in stage (``MigrationRequest.preflight``) that measures the guest's dirty rate
+over the windows of ``model.choice.PREFLIGHT_WINDOWS`` just before `migrate` is sent, and leaves on
+the job the choice auto acts on (``job.preflight``): postcopy right after the first pass when that
+choice is a confident "will not converge" and postcopy is allowed.
+
+Its cost: the start waits for the windows (4 s); calc-dirty-rate's page sampling hashes a few pages
+per GiB and does not slow the guest measurably. A measurement that fails stops nothing: auto then
+steers as without it, and the job says why.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose, dirty_range
+from kvmshell.errors import KvmError
+
+if TYPE_CHECKING:
+    from kvmshell.core.migration.live.job import MigrationJob
+
+
+class Preflight(BaseStage):
+    name = "pre-flight"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choice: Choice | None = None
+        self.windows: list[tuple[float, float]] = []
+        self.missing: str | None = None          # why there is no choice
+
+    async def before_start(self, job: MigrationJob) -> None:
+        src = job.source
+        try:
+            for seconds in PREFLIGHT_WINDOWS:
+                self.windows.append((seconds, float((await src.measure_dirty_rate(seconds)).bytes_per_s)))
+            ram = await src.ram_size()
+            params = await src.migrate_parameters()
+        except KvmError as e:
+            self.missing = f"the dirty rate could not be measured ({e})"
+            return
+        rate = job.req.bandwidth or job.req.link        # the job caps max-bandwidth at one, else the other
+        if not rate:
+            self.missing = ("no transfer rate is known before the start (neither --bandwidth nor --link, nor a link "
+                            "in the config)")
+            return
+        self.choice = choose(ram=ram, dirty=dirty_range(self.windows), rate=rate, link=job.req.link,
+                             downtime_limit_s=(params.downtime_limit_ms or 300) / 1000, allow_postcopy=job.req.allow_postcopy)
+
+    def said(self) -> str:
+        """The decision's reason: the choice with its numbers, or why there is none."""
+        cost = f"measured over {' s and '.join(str(s) for s in PREFLIGHT_WINDOWS)} s before the start"
+        if self.choice is None:
+            return f"no pre-flight choice: {self.missing or 'not measured'}; auto steers on verdicts that hold"
+        return f"{self.choice.summary()}; {cost}"
+
+    def lines(self) -> list[tuple[str, Any]]:
+        if self.choice is None:
+            return [("pre-flight", self.missing)] if self.missing else []
+        return [("pre-flight", f"{self.choice.lever}, {self.choice.verdict}")]
