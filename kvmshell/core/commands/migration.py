@@ -317,6 +317,8 @@ SPECS = (
                        Flag(("--allow-postcopy",), "let the auto strategy switch to postcopy (a network failure "
                             "in postcopy can lose the guest)"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
+                       Flag(("--detach",), "with -c/run: do not wait for the migration, leave it to QEMU "
+                            "(kvmshell's steering and stall watchdog stop when the script ends)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
                             "made (needs --to; a remote host's are installed into its tls_dir over SFTP)",
