@@ -185,16 +185,18 @@ async def test_postcopy_left_paused_exits_3(pair: Guests, tmp_path: Path) -> Non
     assert await g.status() is MigrationStatus.POSTCOPY_PAUSED
 
 
-async def test_run_file_follows_and_stops_at_the_failure(pair: Guests, tmp_path: Path) -> None:
-    """`run FILE`: a plain `migrate URI` is followed too; nothing listens there, so it fails, and the
-    next line does not run."""
-    g = pair
-    script = tmp_path / "move.kvm"
-    script.write_text(f"@src migrate tcp:127.0.0.1:{free_port()}\n@src info status\n")
-    rc, out, err = await kvmshell(tmp_path, *g.args, "run", str(script))
-    assert rc == 1, (out, err)
-    assert "VM status" not in out
-    assert (await g.side.status()).state is RunState.RUNNING
+async def test_run_file_waits_before_the_next_line(lab: Lab, tmp_path: Path) -> None:
+    """`run FILE`: a plain `migrate URI` (QEMU's own, not steered) is followed too, so the next line
+    sees the migration ended (it used to see it just begun, the source still running)."""
+    async with guests(lab, tmp_path, ws=512) as g:
+        port = free_port()
+        script = tmp_path / "move.kvm"
+        script.write_text(f"@dst migrate_incoming tcp:127.0.0.1:{port}\n@src migrate_set_speed 16M\n"
+                          f"@src migrate tcp:127.0.0.1:{port}\n@src info status\n")
+        rc, out, err = await kvmshell(tmp_path, *g.args, "run", str(script), timeout=120)
+        assert rc == 0, err
+        assert "src: completed in" in out and out.rstrip().endswith("VM status: paused (postmigrate)"), out
+        assert "steering" not in err
 
 
 async def test_progress_of_a_line_goes_to_stderr(pair: Guests, tmp_path: Path) -> None:
@@ -302,3 +304,45 @@ async def test_watch_returns_when_it_breaks(pair: Guests, tmp_path: Path, outcom
         rc, out, err = await k.end()
     assert rc == (3 if outcome == "postcopy-paused" else 1), err
     assert f"Migration status: {outcome}" in out or outcome == "failed", out[-2000:]
+
+
+async def test_on_a_terminal_the_progress_is_one_live_line(lab: Lab, tmp_path: Path) -> None:
+    """stderr on a terminal: the state is rewritten in place (\\r), only decisions stay as lines."""
+    async with guests(lab, tmp_path, ws=512) as g:
+        master, slave = os.openpty()
+        seen = bytearray()
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            try:
+                seen.extend(os.read(master, 65536))
+            except OSError:                          # EIO: the last writer has gone
+                loop.remove_reader(master)
+        loop.add_reader(master, drain)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kvmshell.cli", *g.args, "-c",
+                "@src migrate --to dst --strategy precopy --bandwidth 4M", env=env_for(tmp_path),
+                stdout=asyncio.subprocess.PIPE, stderr=slave)
+            os.close(slave)
+            async with asyncio.timeout(120):
+                out, _ = await proc.communicate()
+            await wait_for(lambda: asyncio.sleep(0, bytes(seen)), lambda b: b"completed" in b or b.count(b"\r") > 2,
+                           timeout=10, what="the terminal's bytes")
+        finally:
+            loop.remove_reader(master)
+            os.close(master)
+        text = seen.decode(errors="replace")
+        assert proc.returncode == 0, text
+        assert out.decode().startswith("src: completed in "), out
+        assert text.count("\r\x1b[Kkvmshell: src: active") >= 2, text
+        assert not re.search(r"kvmshell: src: active[^\r\n]*\r?\n", text), text     # never left as a line
+
+
+async def test_detach_with_what_needs_kvmshell_is_refused_in_one_line(pair: Guests, tmp_path: Path) -> None:
+    g = pair
+    for extra, why in (("--watch", "--watch"), ("--copy-storage all", "--copy-storage")):
+        rc, out, err = await kvmshell(tmp_path, *g.args, "-c", f"@src migrate --to dst --detach {extra}")
+        assert rc == 1 and out == "", (out, err)
+        assert err.count("\n") == 1 and "--detach" in err and why in err and "Traceback" not in err, err
+    assert await g.status() is MigrationStatus.NONE
