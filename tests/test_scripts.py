@@ -351,3 +351,31 @@ async def test_detach_with_what_needs_kvmshell_is_refused_in_one_line(pair: Gues
         assert rc == 1 and out == "", (out, err)
         assert err.count("\n") == 1 and "--detach" in err and why in err and "Traceback" not in err, err
     assert await g.status() is MigrationStatus.NONE
+
+
+async def test_ctrl_c_during_a_disk_copy_cancels_it(lab: Lab, tmp_path: Path) -> None:
+    """A disk copy completes at the switch-over, with kvmshell: Ctrl-C cannot leave it to QEMU, so it
+    cancels it, and the source runs on as before."""
+    from tests.test_storage import data_drive, offline_io, qcow2
+    src_data, dst_data = await qcow2(lab.workdir / "src-data.qcow2"), await qcow2(lab.workdir / "dst-data.qcow2")
+    await offline_io(src_data, "write -P 0x31 0 8M")           # 8 MiB at 1 MB/s: the mirror takes a while
+    side_path = lab.workdir / "src-side.qmp"
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM,
+                          extra_args=(*data_drive(src_data), "-chardev",
+                                      f"socket,id=side,path={side_path},server=on,wait=off",
+                                      "-mon", "chardev=side,mode=control"))
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=RAM, incoming=True,
+                          extra_args=data_drive(dst_data))
+    args = ["--guest", f"src={src.address}", "--guest", f"dst={dst.address}"]
+    async with Fleet() as fleet:
+        fleet.add("side", Address.unix(Protocol.QMP, str(side_path)))
+        await fleet.start()
+        side = fleet.monitor("side")
+        async with started(tmp_path, *args, "-c", "@src migrate --to dst --copy-storage all --bandwidth 1M") as k:
+            await k.line(lambda text: "kvmshell: src: starting" in text)
+            k.proc.send_signal(signal.SIGINT)
+            rc, out, err = await k.end()
+        assert rc == 130, err
+        assert "Ctrl-C: cancelled" in err and "src runs on as before" in err, err
+        assert (await side.status()).state is RunState.RUNNING
+        assert (await side.migration()).status is MigrationStatus.NONE          # `migrate` was never sent
