@@ -228,7 +228,8 @@ class Follower:
                 self.progress.say(f"{guest}: --detach: cannot leave this migration to QEMU, {why}; following it")
                 kept[guest] = job
                 continue
-            self.progress.say(f"{guest}: --detach: the migration goes on in QEMU alone; " + self._left(guest, job)
+            self.progress.say(f"{guest}: --detach: the migration goes on in QEMU alone; "
+                              + self._left(job, "stop as kvmshell exits")
                               + f"; {self.how_to('info migrate', guest)} shows it, "
                               f"{self.how_to('migrate_cancel', guest)} cancels it")
         return kept
@@ -250,13 +251,15 @@ class Follower:
                     f"{self.how_to('migrate_pause', guest)} pauses it for a recovery" if postcopy
                     else f"to cancel it: {self.how_to('migrate_cancel', guest)}")
             self.progress.say(f"{guest}: stopped following (Ctrl-C); the migration goes on in QEMU: {where}; "
-                              f"{self._left(guest, job)}; {stop}")
+                              f"{self._left(job, 'stop')}; {stop}")
 
-    def _left(self, guest: str, job: MigrationJob) -> str:
+    @staticmethod
+    def _left(job: MigrationJob, stop: str) -> str:
+        """What ends with kvmshell's following (its steering only when the strategy steers)."""
         if not job.strategy.steers:
-            return "kvmshell stops following it"
+            return f"kvmshell's stall watchdog and its sampling {stop}"
         left = settings_left(job)
-        return (f"kvmshell's steering (strategy {job.req.strategy}) and its stall watchdog stop"
+        return (f"kvmshell's steering (strategy {job.req.strategy}) and its stall watchdog {stop}"
                 + (f"; migration settings left as kvmshell set them: {left}" if left else ""))
 
     async def _cancel_for_good(self, guest: str, job: MigrationJob, why: str) -> None:
