@@ -379,3 +379,19 @@ async def test_ctrl_c_during_a_disk_copy_cancels_it(lab: Lab, tmp_path: Path) ->
         assert "Ctrl-C: cancelled" in err and "src runs on as before" in err, err
         assert (await side.status()).state is RunState.RUNNING
         assert (await side.migration()).status is MigrationStatus.NONE          # `migrate` was never sent
+
+
+async def test_ctrl_c_leaves_a_tls_migration_its_credentials(pair: Guests, tmp_path: Path) -> None:
+    """The job used to drop the source's TLS credentials as kvmshell exited, under the running migration."""
+    from kvmshell.core.migration.tls import init_ca
+    g = pair
+    init_ca(tmp_path / "pki", ["localhost"])
+    async with started(tmp_path, *g.args, "-c", f"@src migrate --to dst --tls {tmp_path}/pki {SLOW}") as k:
+        await k.line(lambda text: "kvmshell: src: active" in text)
+        k.proc.send_signal(signal.SIGINT)
+        rc, out, err = await k.end()
+    assert rc == 130, err
+    assert "the TLS credentials (tls-creds) stay set" in err, err
+    assert await g.status() is MigrationStatus.ACTIVE
+    assert (await g.side.migrate_parameters()).get("tls-creds") == "kvmshell-tls"
+    await g.side.migrate_cancel()

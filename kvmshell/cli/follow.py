@@ -259,8 +259,9 @@ class Follower:
         if not job.strategy.steers:
             return f"kvmshell's stall watchdog and its sampling {stop}"
         left = settings_left(job)
+        tls = "; the TLS credentials (tls-creds) stay set on both sides" if job.req.tls is not None else ""
         return (f"kvmshell's steering (strategy {job.req.strategy}) and its stall watchdog {stop}"
-                + (f"; migration settings left as kvmshell set them: {left}" if left else ""))
+                + (f"; migration settings left as kvmshell set them: {left}" if left else "") + tls)
 
     async def _cancel_for_good(self, guest: str, job: MigrationJob, why: str) -> None:
         try:

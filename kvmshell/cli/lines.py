@@ -1,4 +1,5 @@
-"""`-c`, `run FILE` and stdin: command lines run without a prompt, their outcomes printed."""
+"""`-c`, `run FILE` and stdin: command lines run without a prompt, their outcomes printed; the
+migrations a line starts are followed to their end (``follow``) before the next line runs."""
 
 from __future__ import annotations
 

@@ -139,7 +139,6 @@ class MigrateRequest:
         g = self.source
         for name, flag, why in (("watch", "--watch", "follows it to its end"),
                                 ("to_host", "--to-host", "quits the source at the end, and only kvmshell can"),
-                                ("tls", "--tls", "drops its credentials when it stops following"),
                                 ("copy_storage", "--copy-storage", "completes the disk copy at the switch-over"),
                                 ("unplug", "--unplug", "plugs the devices back at the end"),
                                 ("replug", "--replug", "plugs the devices back at the end")):
