@@ -95,8 +95,14 @@ class Running:
                     return text
 
     async def end(self, timeout: float = 90) -> tuple[int, str, str]:
-        async with asyncio.timeout(timeout):
+        try:
+            async with asyncio.timeout(timeout):
+                out, rest = await self.proc.communicate()
+        except TimeoutError:
+            self.proc.kill()
             out, rest = await self.proc.communicate()
+            raise AssertionError(f"kvmshell did not end within {timeout} s; stderr: {''.join(self.err)}"
+                                 f"{rest.decode()}") from None
         assert self.proc.returncode is not None
         return self.proc.returncode, out.decode(), "".join(self.err) + rest.decode()
 
