@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="lines", action="append", default=[], metavar="LINE",
                    help="run one command line and exit (repeatable)")
     p.add_argument("--keep-going", action="store_true", help="with -c/run: go on after a failed line")
+    p.add_argument("--detach", action="store_true", help="with -c/run: do not wait for the migrations the lines "
+                   "start; leave them to QEMU (kvmshell's steering and stall watchdog stop)")
+    p.epilog, p.formatter_class = Exit.help(), argparse.RawDescriptionHelpFormatter
     p.add_argument("--connect-timeout", type=float, metavar="SEC", help="per-guest connect timeout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("guests", help="list the guests with their state")

@@ -1,4 +1,5 @@
-"""`-c`, `run FILE` and stdin: command lines run without a prompt, their outcomes printed."""
+"""`-c`, `run FILE` and stdin: command lines run without a prompt, their outcomes printed; the
+migrations a line starts are followed to their end (``follow``) before the next line runs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TextIO
 
 from kvmshell.cli.common import Exit
+from kvmshell.cli.follow import Follower, Progress, ctrl_c_sets, exit_for, outcome_of, worse
 from kvmshell.cli.inventory import inventory, make_fleet, warn_exposed
 from kvmshell.config import Config
 from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
 from kvmshell.core.monitor.fleet import GuestState
 from kvmshell.core.values.models import MigrationStatus
@@ -41,9 +44,8 @@ async def close_session(session: Session) -> None:
 
 async def run_lines(session: Session, lines: Sequence[str], args: argparse.Namespace, out: TextIO,
                     err: TextIO, source: str) -> Exit:
-    """Non-interactive: run each line, print its outcomes, stop at the first failure unless --keep-going."""
-    from kvmshell.core.commands.results import Watch
-    from kvmshell.shell.render import outcome_lines, outcomes_json
+    """Non-interactive: run each line, print its outcomes, stop at the first failure unless --keep-going.
+    A migration a line starts is followed to its end (see ``follow``) unless --detach leaves it."""
     status = Exit.OK
     if source == "-c" and sys.stdin.isatty() and sys.stdout.isatty() and session.editor is None:
         from kvmshell.core.commands.editor import edit_text
@@ -51,47 +53,116 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
         async def edit(text: str) -> str:
             return await asyncio.to_thread(edit_text, text)
         session.editor = edit              # `-c "static-migrate ... --edit"` from a terminal
+    progress = Progress(err)
+    session.progress_sink = progress.sink
     for number, line in enumerate(lines, 1):
-        outcomes = await session.run_line(line)
-        if not outcomes:
-            continue
-        for o in outcomes:
-            if o.ok and isinstance(o.result, Watch):
-                # with --json the live view goes to stderr, and the line's object holds the last one
-                final = await _watch_plain(session, o.result.line, o.result.interval, o.guest, err if args.json else out)
-                outcomes = final if args.json else []
-        if args.json:
-            out.write(outcomes_json(outcomes, line) + "\n")
-        else:
-            grouped = len(outcomes) > 1
-            for style, text in outcome_lines([o for o in outcomes if o.ok], grouped):
-                out.write(text + "\n")
-        failed = [o for o in outcomes if not o.ok]
-        for o in failed:
-            where = f"{o.guest}: " if o.guest else ""
-            loc = f"{source}:{number}: " if source != "-c" else ""
-            err.write(f"kvmshell: {loc}{where}{o.error}\n")
-        out.flush()
-        if failed:
-            status = Exit.FAILED
-            if not args.keep_going:
-                break
+        loc = f"{source}:{number}: " if source != "-c" else ""
+        line_status = await _run_line(session, line, args, out, err, progress, loc)
+        status = worse(status, line_status)
+        if line_status is Exit.INTERRUPTED or (line_status is not Exit.OK and not args.keep_going):
+            break
     return status
 
 
-async def _watch_plain(session: Session, line: str, interval: float, guest: str | None, out: TextIO) -> list:
-    """Without a prompt: print the watched output until the migration ends (or Ctrl-C)."""
+async def _run_line(session: Session, line: str, args: argparse.Namespace, out: TextIO, err: TextIO,
+                    progress: Progress, loc: str) -> Exit:
+    from kvmshell.core.commands.results import Watch
+    before = dict(session.migrations)
+    outcomes = await session.run_line(line)
+    if not outcomes:
+        return Exit.OK
+    started = {g: j for g, j in session.migrations.items() if before.get(g) is not j}
+    flags = _migrate_flags(session, line)
+    watched = [o for o in outcomes if o.ok and isinstance(o.result, Watch)]
+    status = Exit.OK
+    if flags.get("to_host"):               # its handler followed it to the end: the outcome decides
+        for job in started.values():
+            status = worse(status, exit_for(job.outcome))
+        started = {}
+    if not (watched or started):
+        return worse(status, Exit.OK if _print(outcomes, args, out, err, loc, line=line) else Exit.FAILED)
+    with ctrl_c_sets(asyncio.Event()) as stop:
+        follower = Follower(session, progress, stop)
+        if watched:
+            for o in watched:
+                assert isinstance(o.result, Watch)
+                await _watch_plain(session, o.result.line, o.result.interval, o.guest, err if args.json else out, stop)
+            outcomes = [o for o in outcomes if o not in watched]
+        elif args.detach or flags.get("detach"):
+            if not _print(outcomes, args, out, err, loc, line=line):
+                status = worse(status, Exit.FAILED)
+            outcomes = []
+            started = follower.detach(started)
+        else:                               # the start is progress; the outcome comes at the end
+            for o in outcomes:
+                if o.ok and o.guest in started and o.result is not None:
+                    progress.say(f"{o.guest}: {o.result.text()}")
+            outcomes = [o for o in outcomes if not (o.ok and o.guest in started)]
+        if started and not await follower.follow(started):
+            await follower.interrupted(started)
+            return Exit.INTERRUPTED
+        if stop.is_set():                   # Ctrl-C as it ended: the outcome, then stop
+            status = worse(status, Exit.INTERRUPTED)
+    for job in started.values():
+        status = worse(status, exit_for(job.outcome))
+    outcomes += [outcome_of(g, j.outcome) for g, j in started.items()]
+    if not _print(outcomes, args, out, err, loc, followed=set(started), line=line):
+        status = worse(status, Exit.FAILED)
+    return status
+
+
+def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: TextIO, loc: str,
+           followed: Collection[str] = (), line: str | None = None) -> bool:
+    """Write the outcomes (a followed migration's on stdout, ok or not); False if a line failed."""
+    from kvmshell.shell.render import outcome_lines, outcomes_json
+    if not outcomes:
+        return True
+    if args.json:
+        out.write(outcomes_json(outcomes, line) + "\n")
+    else:
+        mine = [o for o in outcomes if o.ok and o.guest not in followed]
+        for _, text in outcome_lines(mine, len(outcomes) > 1):
+            out.write(text + "\n")
+        for o in outcomes:
+            if o.guest in followed and o.result is not None:
+                out.write(f"{o.guest}: {o.result.text()}\n")
+    for o in outcomes:
+        if not o.ok and o.guest not in followed:
+            where = f"{o.guest}: " if o.guest else ""
+            err.write(f"kvmshell: {loc}{where}{o.error}\n")
+    out.flush()
+    return all(o.ok for o in outcomes if o.guest not in followed)
+
+
+def _migrate_flags(session: Session, line: str) -> dict[str, object]:
+    """The flags of a `migrate` line (planning sends nothing); empty for any other line."""
+    try:
+        plan = session.plan(line)
+    except KvmError:
+        return {}
+    if plan is None or plan.parsed is None or plan.parsed.spec.name != "migrate":
+        return {}
+    return plan.parsed.flags
+
+
+async def _watch_plain(session: Session, line: str, interval: float, guest: str | None, out: TextIO,
+                       stop: asyncio.Event) -> None:
+    """Without a prompt: print the watched output until the migration ends (or Ctrl-C sets ``stop``)."""
     from kvmshell.shell.render import outcome_lines
     target_line = f"@{guest} {line}" if guest else line
-    while True:
+    while not stop.is_set():
         outcomes = await session.run_line(target_line)
         out.write(f"--- {time.strftime('%H:%M:%S')}\n")
         for _, text in outcome_lines(outcomes, len(outcomes) > 1):
             out.write(text + "\n")
         out.flush()
         if not all(o.ok for o in outcomes) or not any([await _under_way(session, o.guest) for o in outcomes]):
-            return outcomes
-        await asyncio.sleep(interval)
+            return
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
 
 
 async def _under_way(session: Session, guest: str | None) -> bool:

@@ -27,7 +27,8 @@ class Mode(enum.Enum):
 
 # flag name in the spec -> field of the request (where they differ)
 _FIELD = {"to": "dest", "downtime": "downtime_ms", "trace": "trace", "dir": "run_dir", "b": "block", "i": "inc",
-          "r": "resume", "d": "detach"}
+          "r": "resume", "d": "detach",
+          "detach": "leave_to_qemu"}
 # options that make kvmshell run the migration (a plain `migrate URI` has none of them)
 _STEERING = ("dest", "strategy", "downtime_ms", "bandwidth", "allow_postcopy", "preflight", "trace", "estimate", "link",
              "probe", "watch", "stall_timeout", "tls", "tls_authz", "copy_storage", "unplug", "replug")
@@ -68,6 +69,7 @@ class MigrateRequest:
     inc: bool = False                       # -i
     resume: bool = False                    # -r
     detach: bool = False                    # -d (accepted; kvmshell never blocks the monitor)
+    leave_to_qemu: bool = False             # --detach: -c/run do not follow it (steering and watchdog stop)
 
     # -- from a parsed line -------------------------------------------------------------------
     @classmethod
@@ -103,6 +105,8 @@ class MigrateRequest:
         """UsageError for options that do not go together (the session's own checks - guests that
         exist, a running job, someone to ask - are the handler's)."""
         g = self.source
+        if self.leave_to_qemu:
+            self._check_detach()
         if self.to_host is not None:
             self._check_to_host()
             return
@@ -131,6 +135,17 @@ class MigrateRequest:
             raise UsageError("--tls needs --to DEST (kvmshell sets up both ends)", guest=g)
         if self.dest is not None and self.tls_authz and not self.tls:
             raise UsageError("--tls-authz goes with --tls DIR", guest=g)
+
+    def _check_detach(self) -> None:
+        g = self.source
+        for name, flag, why in (("watch", "--watch", "follows it to its end"),
+                                ("to_host", "--to-host", "quits the source at the end, and only kvmshell can"),
+                                ("copy_storage", "--copy-storage", "completes the disk copy at the switch-over"),
+                                ("unplug", "--unplug", "plugs the devices back at the end"),
+                                ("replug", "--replug", "plugs the devices back at the end")):
+            if getattr(self, name):
+                raise UsageError(f"--detach leaves the migration to QEMU, but {flag}: kvmshell {why}; drop one",
+                                 guest=g)
 
     def _check_to_host(self) -> None:
         g = self.source
@@ -193,7 +208,7 @@ class MigrateRequest:
         for spec in self.replug:
             opt("--replug", spec)
         for name, flag in (("tunnel", "--tunnel"), ("edit", "--edit"), ("dry_run", "--dry-run"), ("yes", "--yes"),
-                           ("watch", "--watch")):
+                           ("watch", "--watch"), ("leave_to_qemu", "--detach")):
             if getattr(self, name):
                 words.append(flag)
         for name, flag in (("address", "--address"), ("run_dir", "--dir"), ("name", "--name")):

@@ -325,6 +325,8 @@ SPECS = (
                        Flag(("--preflight",), "auto: measure the dirty rate for 4 s before the start; if pre-copy "
                             "surely will not converge and postcopy is allowed, switch right after the first pass"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
+                       Flag(("--detach",), "with -c/run: do not wait for the migration, leave it to QEMU "
+                            "(kvmshell's steering and stall watchdog stop when the script ends)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
                             "made (needs --to; a remote host's are installed into its tls_dir over SFTP)",

@@ -313,7 +313,8 @@ class MigrationJob:
             await self._finish_stages(ended)
             if self.outcome is not None:
                 self.outcome.notes += [n for st in self.stages for n in st.notes]
-            if self._tls_on and (self.outcome is None or not self.outcome.ok):
+            # no outcome: kvmshell closes while the migration runs on, and it needs its credentials
+            if self._tls_on and self.outcome is not None and not self.outcome.ok:
                 await self._tls_off()
             restored = await self.settings.restore(self.source, self.dest, ended.status if self.outcome else "interrupted")
             if self.outcome is not None:

@@ -74,9 +74,9 @@ class Sampler:
 
     async def sample(self) -> Sample | None:
         """Take one sample now (None if QEMU did not answer in time)."""
-        try:
-            info = await self.monitor.migration() if self.query_timeout is None else \
-                await asyncio.wait_for(self.monitor.migration(), self.query_timeout)
+        try:                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (gh-86296)
+            async with asyncio.timeout(self.query_timeout):
+                info = await self.monitor.migration()
         except (TimeoutError, MonitorTimeout):
             return None
         now = self.now
@@ -116,7 +116,8 @@ class Sampler:
                     if s.status is MigrationStatus.NONE and len(self.ring) > 1:
                         return s
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:

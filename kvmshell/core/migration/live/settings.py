@@ -106,7 +106,9 @@ class Settings:
             keep = ("events",) if completed else ()
             if completed and self.before(dest.name).capabilities.get("events") is False:
                 kept = f"events kept on on {dest.name}: the guest runs there"
-            results.append(await self.put_back(dest, keep=keep, wait_idle=idle if completed else None))
+            # kvmshell closing mid-way: the destination's incoming migration runs on and needs them too
+            look = idle if completed or ended == "interrupted" else None
+            results.append(await self.put_back(dest, keep=keep, wait_idle=look))
         return say(results, receiver=dest.name if dest is not None else None, kept=kept)
 
     async def put_back(self, mon: Monitor, *, keep: Collection[str] = (),
