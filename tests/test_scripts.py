@@ -147,7 +147,9 @@ async def test_json_is_one_object_with_the_outcome(lab: Lab, tmp_path: Path) -> 
                                       "@src migrate --to dst --strategy precopy --bandwidth 16M", timeout=120)
         assert rc == 0, err
         [line] = out.splitlines()
-        [item] = json.loads(line)
+        obj = json.loads(line)
+        assert obj["ok"] is True and obj["line"].startswith("@src migrate"), obj
+        [item] = obj["outcomes"]
         assert item["guest"] == "src" and item["ok"] is True, item
         result = item["result"]
         assert result["status"] == "completed" and isinstance(result["total_s"], float), result
