@@ -241,10 +241,11 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
                       monitor: MonitorKind = MonitorKind.QMP_UNIX, incoming: bool = False,
                       parts: LinuxParts | None = None, ram_mib: int | None = None,
                       mem_file: Path | None = None, accel: str | None = None,
-                      timeout: float = 60.0) -> LinuxGuest:
+                      qemu_args: tuple[str, ...] = (), timeout: float = 60.0) -> LinuxGuest:
     """Start a Linux guest in ``lab`` (which kills it on close). Returns once its workload is ready
     (``kvmshell-ready`` on the console), or at once for an ``incoming`` (-incoming defer) guest.
-    ``mem_file`` backs guest RAM with a shared file (to corrupt a page from outside)."""
+    ``mem_file`` backs guest RAM with a shared file (to corrupt a page from outside); ``qemu_args`` are
+    appended to QEMU's command line (experiments: ``-accel``/``-cpu`` options, ``-smp``)."""
     parts = parts or await linux_parts()
     accel = accel or linux_accel()
     ram = ram_mib or work.ram_mib
@@ -252,13 +253,14 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
     if address is None:
         raise LabError("the Linux lab guest needs a unix or tcp monitor")
     argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel == "tcg" else "host",
+            "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel.startswith("tcg") else "host",
             "-m", str(ram), "-kernel", str(parts.kernel), "-initrd", str(parts.initrd),
             "-append", work.append(),
             "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0", *monitor_args]
     if mem_file is not None:
         argv += ["-object", f"memory-backend-file,id=ram0,size={ram}M,mem-path={mem_file},share=on",
                  "-machine", "memory-backend=ram0"]
+    argv += qemu_args
     if incoming:
         argv += ["-incoming", "defer"]
     log.info("starting Linux guest %s (%s, %s): %s", name, accel, work.append(), " ".join(argv))
