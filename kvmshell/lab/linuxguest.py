@@ -7,6 +7,9 @@ stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab'
 
 A stock Debian kernel does not boot under a kvm_pvm ``/dev/kvm``: there the guest runs under TCG, and
 a log line says so. Elsewhere it uses KVM when ``/dev/kvm`` opens (KVMSHELL_ACCEL forces either).
+
+Under TCG with QEMU before 9.0 the guest's RAM is 8 KiB larger than asked (see ``ram_option``): with a
+size that is a multiple of 256 KiB those QEMUs lose guest writes in migration.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,14 @@ RAM_HEADROOM_MIB = 192
 the set for the kernel's per-page structures (a 1900 MiB set in 2060 MiB was OOM-killed)."""
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 _CHECK_RE = re.compile(r"kvmshell-check (?:ok (?P<pages>\d+) pages|BAD page (?P<bad>\d+).*)")
+TCG_RAM_PAD_KIB = 8
+"""QEMU < 9.0, TCG: when a RAM block's size is a multiple of 64 pages (256 KiB), the migration's dirty
+bitmap sync takes a fast path that clears the dirty bits without re-arming the vCPU's TLB, so later
+stores through that TLB are never marked dirty and never sent (fixed upstream by 03bfc2188f "physmem: Fix
+migration dirty bitmap coherency with TCG memory access", QEMU 9.0; not in Debian's 7.2). One more
+target page (QEMU rounds -m to 8 KiB) makes the size unaligned and QEMU takes the path that re-arms it:
+a paced workload's destination crashed in 11 of 11 migrations without, 0 of N with (bench/RESULTS.md)."""
+TCG_DIRTY_FIXED = (9, 0)
 _WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
 
 
@@ -76,6 +88,30 @@ class GuestCheck:
         if m.group("pages") is not None:
             return cls(True, int(m.group("pages")), None, line)
         return cls(False, None, int(m.group("bad")), line)
+
+
+_qemu_version: tuple[int, int] | None = None
+
+
+def qemu_version() -> tuple[int, int]:
+    """(major, minor) of the lab's QEMU, asked once; (0, 0) when it cannot tell."""
+    global _qemu_version
+    if _qemu_version is None:
+        try:
+            out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        m = re.search(r"version (\d+)\.(\d+)", out)
+        _qemu_version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return _qemu_version
+
+
+def ram_option(ram_mib: int, accel: str, version: tuple[int, int]) -> str:
+    """QEMU's ``-m`` for ``ram_mib``: padded by ``TCG_RAM_PAD_KIB`` under TCG on a QEMU that loses
+    dirty pages with a 256 KiB-aligned RAM size."""
+    if accel.startswith("tcg") and version < TCG_DIRTY_FIXED:
+        return f"{ram_mib * 1024 + TCG_RAM_PAD_KIB}K"
+    return f"{ram_mib}M"
 
 
 def linux_accel() -> str:
@@ -249,16 +285,17 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
     parts = parts or await linux_parts()
     accel = accel or linux_accel()
     ram = ram_mib or work.ram_mib
+    ram_size = ram_option(ram, accel, qemu_version())
     listener, address, monitor_args = lab.monitor_listener(name, monitor)
     if address is None:
         raise LabError("the Linux lab guest needs a unix or tcp monitor")
     argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel.startswith("tcg") else "host",
-            "-m", str(ram), "-kernel", str(parts.kernel), "-initrd", str(parts.initrd),
+            "-m", ram_size, "-kernel", str(parts.kernel), "-initrd", str(parts.initrd),
             "-append", work.append(),
             "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0", *monitor_args]
     if mem_file is not None:
-        argv += ["-object", f"memory-backend-file,id=ram0,size={ram}M,mem-path={mem_file},share=on",
+        argv += ["-object", f"memory-backend-file,id=ram0,size={ram_size},mem-path={mem_file},share=on",
                  "-machine", "memory-backend=ram0"]
     argv += qemu_args
     if incoming:
