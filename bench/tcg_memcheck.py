@@ -8,6 +8,9 @@ Runs chain: the destination of one run is the source of the next (no boot per ru
     .venv/bin/python bench/tcg_memcheck.py --work text --ws-mib 128 --ram 512 --runs 10 \\
         --variant default [--accel tcg,thread=single] [--qemu-arg=-smp --qemu-arg=1]
 
+The lab pads the guest's RAM under TCG on QEMU < 9.0 (kvmshell.lab.linuxguest.TCG_RAM_PAD_KIB); to
+see the bug it works around, undo that with `--qemu-arg=-m --qemu-arg=512M` (the last -m wins).
+
 One JSON line per run on stdout (and appended to --out), a summary line at the end.
 """
 
