@@ -42,7 +42,7 @@ bitmap sync takes a fast path that clears the dirty bits without re-arming the v
 stores through that TLB are never marked dirty and never sent (fixed upstream by 03bfc2188f "physmem: Fix
 migration dirty bitmap coherency with TCG memory access", QEMU 9.0; not in Debian's 7.2). One more
 target page (QEMU rounds -m to 8 KiB) makes the size unaligned and QEMU takes the path that re-arms it:
-a paced workload's destination crashed in 11 of 11 migrations without, 0 of N with (bench/RESULTS.md)."""
+a paced workload's destination crashed in 15 of 15 migrations without, 0 of 15 with (bench/RESULTS.md)."""
 TCG_DIRTY_FIXED = (9, 0)
 _WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
 
