@@ -265,26 +265,38 @@ async def one_run(cell: Cell, n: int, cap: float) -> dict[str, Any]:
     row: dict[str, Any] = {"run_id": run_id, "cell": cell.name, **asdict(cell), "run": n,
                            "held_out": held_out(run_id), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     async with TestNetwork(None if cell.link == "none" else cell.link) as net, Lab() as lab:
-        guests = await start_guests(lab, net, cell)
-        row["accel"] = guests.src.accel
-        async with Fleet() as fleet:
-            fleet.add("src", guests.src.address)
-            fleet.add("dst", guests.dst.address)
-            await fleet.start()
-            pre = await preflight(fleet.monitor("src"), cell)
-            trace = lab.workdir / "trace.jsonl"
-            status, job = await migrate(fleet, net, cell, trace, cap)
-            info = await fleet.monitor("src").migration()
-            completed = status == "completed"
-            mem = await guests.check_destination(fleet.monitor("dst")) if completed else "n/a"
-        row.update(outcome=status, completed=completed, memcheck=mem, cap_s=cap,
-                   total_s=(info.total_time_ms or 0) / 1000 if completed else None,
-                   downtime_ms=info.downtime_ms if completed else None,
-                   sent_mb=round(info.ram.transferred / 1e6, 1) if info.ram else None,
-                   decisions=job.decisions)
-        if trace.exists() and trace.stat().st_size:
-            store(trace, run_id, {"preflight": pre, "corpus": {k: v for k, v in row.items() if k != "decisions"}})
-            row["trace"] = f"{run_id}.jsonl.gz"
+        try:
+            return await recorded_run(lab, net, cell, run_id, cap, row, began)
+        except (KvmError, OSError, TimeoutError) as e:
+            tails = [f"{p.name}: {' | '.join(p.read_text(errors='replace').splitlines()[-3:])}"
+                     for p in sorted(lab.workdir.glob("*.log")) + sorted(lab.workdir.glob("*.console"))
+                     if p.stat().st_size]
+            raise LabError(f"{e}; " + "; ".join(tails)) from e
+
+
+async def recorded_run(lab: Lab, net: TestNetwork, cell: Cell, run_id: str, cap: float, row: dict[str, Any],
+                       began: float) -> dict[str, Any]:
+    guests = await start_guests(lab, net, cell)
+    row["accel"] = guests.src.accel
+    async with Fleet() as fleet:
+        fleet.add("src", guests.src.address)
+        fleet.add("dst", guests.dst.address)
+        await fleet.start()
+        pre = await preflight(fleet.monitor("src"), cell)
+        trace = lab.workdir / "trace.jsonl"
+        status, job = await migrate(fleet, net, cell, trace, cap)
+        info = await fleet.monitor("src").migration()
+        completed = status == "completed"
+        mem = await guests.check_destination(fleet.monitor("dst")) if completed else "n/a"
+    row.update(outcome=status, completed=completed, memcheck=mem, cap_s=cap,
+               total_s=(info.total_time_ms or 0) / 1000 if completed else None,
+               downtime_ms=info.downtime_ms if completed else None,
+               sent_mb=round(info.ram.transferred / 1e6, 1) if info.ram else
+               round(job.sampler.ring.last.transferred / 1e6, 1) if job.sampler.ring.last else None,
+               decisions=job.decisions)
+    if trace.exists() and trace.stat().st_size:
+        store(trace, run_id, {"preflight": pre, "corpus": {k: v for k, v in row.items() if k != "decisions"}})
+        row["trace"] = f"{run_id}.jsonl.gz"
     row["wall_s"] = round(time.monotonic() - began, 1)
     return row
 
