@@ -55,6 +55,8 @@ CORPUS = Path(__file__).with_name("corpus")
 INDEX = CORPUS / "INDEX.jsonl"
 HELD_OUT_BELOW = 77          # sha256(run id) first byte below this: held out (~30 %)
 PORT = 4444
+PAGES_SAMPLED = 200          # guest pages sample_pages reads before the start
+DIRTY_SAMPLE_PAGES = 512     # calc-dirty-rate's default sample-pages per GiB (QEMU 7.2)
 
 GUESTS = ("linux", "lab")
 WORKS = ("idle", "ws", "paced", "text", "hotcold")
@@ -205,11 +207,14 @@ async def preflight(mon: Any, cell: Cell) -> dict[str, Any]:
     out: dict[str, Any] = {"ram": ram, "link": cell.link, "link_bytes_per_s": LINK_BYTES[cell.link],
                            "params": dict(params.values), "dirty_windows": windows,
                            "measure_s": round(time.monotonic() - t0, 2)}
-    if hasattr(mon, "sample_pages"):
+    out["dirty_sample_pages_per_gib"] = DIRTY_SAMPLE_PAGES
+    if hasattr(mon, "sample_pages"):          # the measure branch: random guest pages, zero or not
+        t0 = time.monotonic()
         try:
-            sp = await mon.sample_pages()
-            out["sample_pages"] = asdict(sp) if hasattr(sp, "__dataclass_fields__") else sp
-        except (KvmError, TypeError) as e:
+            sp = await mon.sample_pages(PAGES_SAMPLED, seed=int(time.time()))
+            out["sample_pages"] = {**asdict(sp), "zero_fraction": sp.zero_fraction,
+                                   "seconds": round(time.monotonic() - t0, 2)}
+        except KvmError as e:
             out["sample_pages"] = {"error": str(e)}
     D, W = estimate_working_set(windows)
     cap = float(params.max_bandwidth or 0) or None
