@@ -29,6 +29,11 @@ from typing import Any
 from kvmshell.core.migration.live.strategies import base as strategies_base
 from kvmshell.core.migration.model import predict as model
 from kvmshell.core.migration.model.estimate import estimate
+
+try:                                   # the dirty rate as a range (the measure branch)
+    from kvmshell.core.migration.model import dirty as dirty_model
+except ImportError:
+    dirty_model = None                 # type: ignore[assignment]
 from kvmshell.core.migration.model.samples import Sample, Trace, read_trace
 from kvmshell.core.values.models import MigrationStatus
 
@@ -136,18 +141,31 @@ def at_fraction(run: Run, fraction: float) -> model.Prediction | None:
     return seq[-1][1] if seq else None
 
 
-def preflight(run: Run) -> model.Prediction | None:
-    """What `migrate --estimate` would say now, from the header's pre-flight, for the run's policy."""
+def preflight(run: Run, ranged: bool = False) -> model.Prediction | None:
+    """What `migrate --estimate` would say now, from the header's pre-flight, for the run's policy:
+    from one dirty-rate figure (``estimate_working_set``, what `estimate` uses today), or with
+    ``ranged`` from the range the windows allow (model/dirty.py) and the zero pages sample_pages saw."""
     pre = run.header.get("preflight")
     if not pre:
         return None
-    D, W = model.estimate_working_set([tuple(w) for w in pre["dirty_windows"]])
+    windows = [(float(t), float(r)) for t, r in pre["dirty_windows"]]
+    D, W = model.estimate_working_set(windows)
     params = pre["params"]
     cap = float(params.get("max-bandwidth") or 0) or None
     L = params.get("downtime-limit", 300) / 1000
     link = pre.get("link_bytes_per_s") or cap or 0.0
+    extra: dict[str, Any] = {}
+    if ranged:
+        if dirty_model is None:
+            return None
+        per_gib = pre.get("dirty_sample_pages_per_gib", 512)
+        extra["dirty"] = dirty_model.dirty_range(
+            [dirty_model.Window(t, r, round(per_gib * pre["ram"] / 2**30)) for t, r in windows], pre["ram"])
+        zero = (pre.get("sample_pages") or {}).get("zero_fraction")
+        if zero is not None:
+            extra["zero_fraction"] = zero
     est = estimate(ram=pre["ram"], dirty_rate=D, working_set=W, link=link, cap=cap, downtime_limit_s=L,
-                   allow_postcopy=False)
+                   allow_postcopy=False, **extra)
     name = ESTIMATE_OPTION.get(run.policy) or AUTO_OPTION.get(est.auto, "precopy, uncapped")
     return {o.name: o.prediction for o in est.options}[name]
 
@@ -215,6 +233,10 @@ def confident_wrong(run: Run) -> list[str]:
     return wrong
 
 
+MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
+           ("25 % of elapsed", lambda r: at_fraction(r, 0.25)))
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 def corpus_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -245,14 +267,14 @@ def score(runs: list[Run]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     groups = {"all": runs, "unsteered": [r for r in runs if r.policy in UNSTEERED],
               "auto": [r for r in runs if r.policy == "auto"]}
-    for moment, fn in (("pre-flight", preflight), ("25 % of elapsed", lambda r: at_fraction(r, 0.25))):
+    for moment, fn in MOMENTS:
         for gname, group in groups.items():
             e = errors(group, fn)
             out.append(f"| {moment} | {gname} | {len(e.total)} | {fmt(pct(e.total, .5))} / {fmt(pct(e.total, .9))} | "
                        f"{fmt(pct(e.down, .5))} / {fmt(pct(e.down, .9))} | {fmt(pct(e.down_ms, .5), ' ms')} / "
                        f"{fmt(pct(e.down_ms, .9), ' ms')} | {e.none} |")
     unsteered = groups["unsteered"]
-    for moment, fn in (("pre-flight", preflight), ("25 % of elapsed", lambda r: at_fraction(r, 0.25))):
+    for moment, fn in MOMENTS:
         table: Counter[tuple[str, bool]] = Counter()
         for r in unsteered:
             p = fn(r)

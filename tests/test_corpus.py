@@ -75,7 +75,7 @@ def test_scorer_prints_the_held_out_table(scorer: ModuleType, capsys: pytest.Cap
     lines = scorer.score(runs)
     assert lines[0].startswith(f"Held-out runs scored: {len(runs)} ")
     text = "\n".join(lines)
-    assert "| pre-flight | all |" in text and "| 25 % of elapsed | unsteered |" in text
+    assert "| pre-flight, one figure | all |" in text and "| 25 % of elapsed | unsteered |" in text
     assert "Verdict changes after the first 3 s:" in text
     cells = scorer.corpus_table(scorer.index(CORPUS))
     assert len(cells) == 2 + len({json.loads(line)["cell"] for line in
