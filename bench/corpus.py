@@ -31,7 +31,6 @@ import platform
 import signal
 import stat
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -124,20 +123,19 @@ def recorded() -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def qemu_in(netns: str) -> Iterator[None]:
+def qemu_in(lab: Lab, netns: str) -> Iterator[None]:
     """Start the Linux guest's QEMU inside a namespace: start_linux has no argv prefix (Lab.start has),
-    so its QEMU is, for the duration, a two-line script that enters the namespace and execs QEMU."""
-    fd, path = tempfile.mkstemp(prefix="qemu-in-", suffix=".sh")
-    os.write(fd, f'#!/bin/sh\nexec ip netns exec {netns} {linuxguest.QEMU} "$@"\n'.encode())
-    os.close(fd)
-    os.chmod(path, stat.S_IRWXU)
+    so its QEMU is, for the duration, a two-line script that enters the namespace and execs QEMU. The
+    script stays in the Lab's directory: an incoming guest's shell may open it after start_linux returned."""
+    path = lab.workdir / f"qemu-in-{netns}.sh"
+    path.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {linuxguest.QEMU} "$@"\n')
+    path.chmod(stat.S_IRWXU)
     saved = linuxguest.QEMU
-    linuxguest.QEMU = path
+    linuxguest.QEMU = str(path)
     try:
         yield
     finally:
         linuxguest.QEMU = saved
-        os.unlink(path)
 
 
 @dataclass
@@ -179,9 +177,9 @@ async def guest_check(guest: Any, tries: int = 3) -> GuestCheck:
 async def start_guests(lab: Lab, net: TestNetwork, cell: Cell) -> Guests:
     if cell.guest == "linux":
         work = LINUX_WORK[cell.work]
-        with qemu_in(net.src.netns):
+        with qemu_in(lab, net.src.netns):
             src = await start_linux(lab, "src", work, ram_mib=cell.ram, timeout=180)
-        with qemu_in(net.dst.netns):
+        with qemu_in(lab, net.dst.netns):
             dst = await start_linux(lab, "dst", work, ram_mib=cell.ram, monitor=MonitorKind.QMP_UNIX,
                                     incoming=True)
         if cell.work != "idle":
