@@ -259,6 +259,22 @@ def corpus_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def throughput_table(runs: list[Run]) -> list[str]:
+    """How fast the migrations moved, by guest, link and whether kvmshell uncapped the bandwidth: the
+    median of the sample-to-sample throughputs while active (all runs: a property of the machine)."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in runs:
+        capped = "QEMU's 128 MiB/s cap" if r.policy == "defaults" else "uncapped"
+        groups[(r.row["guest"], r.row["link"], capped)] += [s.throughput for s in r.trace.samples
+                                                          if s.status is MigrationStatus.ACTIVE and s.throughput > 0]
+    out = ["| guest | link | bandwidth | samples | throughput p50 (p10-p90) |", "|---|---|---|---|---|"]
+    for (guest, link, capped), v in sorted(groups.items()):
+        if v:
+            out.append(f"| {guest} | {link} | {capped} | {len(v)} | {pct(v, .5) / 1e6:.0f} MB/s "
+                       f"({pct(v, .1) / 1e6:.0f}-{pct(v, .9) / 1e6:.0f}) |")
+    return out
+
+
 def score(runs: list[Run]) -> list[str]:
     out = [f"Held-out runs scored: {len(runs)} ({sum(r.completed for r in runs)} completed within the cap), "
            f"LATER_PASSES = {model.LATER_PASSES}.", "",
@@ -376,7 +392,8 @@ def main() -> int:
         print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs)))
         return 0
     rows = index(args.corpus)
-    print("\n".join(corpus_table(rows) + [""] + score(load_runs(args.corpus, args.set))))
+    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]
+                    + score(load_runs(args.corpus, args.set))))
     return 0
 
 
