@@ -123,21 +123,32 @@ def load_runs(corpus: Path, which: str) -> list[Run]:
 
 # -- replaying the model ------------------------------------------------------------------------
 
-def replay(run: Run, upto: float | None = None) -> list[tuple[Sample, model.Prediction]]:
-    """The prediction after every sample (as the job makes them live), up to time ``upto``."""
+def preflight_figures(run: Run) -> dict[str, float | None]:
+    """The pre-flight's figures as ``assess`` takes them from before the start: D, W, the zero share."""
+    pre = run.header.get("preflight")
+    if not pre:
+        return {}
+    D, W = model.estimate_working_set([(float(t), float(r)) for t, r in pre["dirty_windows"]])
+    return {"dirty_rate": D, "working_set": W, "zero_fraction": (pre.get("sample_pages") or {}).get("zero_fraction")}
+
+
+def replay(run: Run, upto: float | None = None, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
+    """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
+    ``with_preflight``), up to time ``upto``."""
     limit, cap, link = run.limits()
+    extra = preflight_figures(run) if with_preflight else {}
     out = []
     ss = [s for s in run.trace.samples if upto is None or s.t <= upto]
     for i in range(1, len(ss) + 1):
         if ss[i - 1].status is MigrationStatus.COMPLETED:
             break
-        out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link)))
+        out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link, **extra)))
     return out
 
 
-def at_fraction(run: Run, fraction: float) -> model.Prediction | None:
+def at_fraction(run: Run, fraction: float, with_preflight: bool = False) -> model.Prediction | None:
     """The prediction from the samples up to ``fraction`` of the elapsed time (None: no sample yet)."""
-    seq = replay(run, upto=fraction * run.elapsed)
+    seq = replay(run, upto=fraction * run.elapsed, with_preflight=with_preflight)
     return seq[-1][1] if seq else None
 
 
@@ -325,7 +336,9 @@ def after_first_sync(run: Run) -> model.Prediction | None:
 
 
 MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
-           ("25 % of elapsed", lambda r: at_fraction(r, 0.25)), ("after the first sync", after_first_sync))
+           ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
+           ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
+           ("after the first sync", after_first_sync))
 
 
 def fit_later_passes(runs: list[Run]) -> list[str]:
@@ -379,12 +392,17 @@ def fit_hold(runs: list[Run]) -> list[str]:
                         times.append(t)
             results.append((false, late, statistics.mean(times) if times else float("inf"), n, sec))
     best = min(results, key=lambda x: (x[0], x[1], x[2], x[3], x[4]))
+    clean = [x for x in results if x[0] == 0 and x[1] == 0]
+    region = (f"; 0 false and 0 missed for HOLD_S {min(x[4] for x in clean if x[3] == 3)}-"
+              f"{max(x[4] for x in clean if x[3] == 3)} s at HOLD_SAMPLES 3, HOLD_SAMPLES "
+              f"{min(x[3] for x in clean)}-{max(x[3] for x in clean)} at some HOLD_S"
+              if any(x[3] == 3 for x in clean) else "; no setting without a false or missed escalation")
     now = next(x for x in results if x[3] == strategies_base.HOLD_SAMPLES and x[4] == strategies_base.HOLD_S)
     stuck = sum(not r.completed for r in runs)
     return [f"HOLD fitted on {len(runs)} unsteered fit runs ({stuck} not completed): HOLD_SAMPLES = {best[3]}, "
             f"HOLD_S = {best[4]}: {best[0]} false escalations, {best[1]} missed, mean escalation at "
             f"{best[2]:.1f} s; now ({strategies_base.HOLD_SAMPLES}, {strategies_base.HOLD_S}): {now[0]} false, "
-            f"{now[1]} missed, mean {now[2]:.1f} s."]
+            f"{now[1]} missed, mean {now[2]:.1f} s{region}."]
 
 
 def main() -> int:
