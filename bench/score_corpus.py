@@ -263,6 +263,13 @@ def corpus_table(rows: list[dict[str, Any]]) -> list[str]:
                    + (f"{statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})" if times else "-")
                    + f" | {fmt(statistics.median(downs), ' ms') if downs else '-'} | "
                    + ", ".join(f"{k} {v}" for k, v in sorted(mem.items())) + " |")
+    done = [r for r in rows if r.get("completed")]
+    by_work: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in done:
+        by_work[f"{r['guest']} {r['work']}"][r.get("memcheck", "-").split(":")[0]] += 1
+    out += ["", f"Destination checks of the {len(done)} completed runs, by guest and workload: "
+            + "; ".join(f"{k}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items())) for k, c in sorted(by_work.items()))
+            + f". Runs that ended in an error of the bench: {sum(r['outcome'] == 'error' for r in rows)}."]
     return out
 
 
