@@ -18,6 +18,7 @@ from kvmshell.core.migration.live.endpoints import warnings_for
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
+from kvmshell.core.migration.model.dirty import Window, dirty_range
 from kvmshell.core.migration.model.predict import Verdict, estimate_working_set
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
@@ -158,13 +159,14 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     inv.progress("measuring the dirty rate over 1 s and 3 s...")
     windows = [(1, (await mon.measure_dirty_rate(1)).bytes_per_s), (3, (await mon.measure_dirty_rate(3)).bytes_per_s)]
     D, W = estimate_working_set(windows)
+    dirty = dirty_range([Window(t, rate) for t, rate in windows], ram)
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
-                              bandwidth=req.bandwidth, windows=windows)
+                              bandwidth=req.bandwidth, dirty=dirty)
     rows = [(o.name, o.prediction.verdict.value,
              f"{o.prediction.total_s:.1f} s" if o.prediction.total_s is not None else "-",
              f"{o.prediction.downtime_ms:.0f} ms" if o.prediction.downtime_ms is not None else "-",

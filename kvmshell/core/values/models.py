@@ -429,3 +429,36 @@ class Event:
         if self.name == "MIGRATION":
             return MigrationStatus(self.data.get("status", "unknown"))
         return None
+
+
+@dataclass(frozen=True)
+class PageSample:
+    """Random guest-physical RAM pages read before a migration: how many are all zero (QEMU sends
+    those as a few bytes) and how well the others compress (zlib, level 1)."""
+
+    pages: int                  # pages read
+    zero_pages: int             # of them, all zero
+    page_size: int              # bytes
+    ram_bytes: int              # the guest RAM the pages were drawn from
+    compressed_ratio: float | None = None   # compressed / raw size of the non-zero pages read
+    when: float = 0.0           # epoch seconds
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_pages / self.pages if self.pages else 0.0
+
+    @property
+    def zero_interval(self) -> tuple[float, float]:
+        """The 95 % confidence interval of the zero-page fraction (Wilson score)."""
+        return wilson_interval(self.zero_pages, self.pages)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``hits / n`` (0..1 for no draws)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,86 @@
+"""Measuring what a migration will cost before it starts: guest pages sampled through the monitor
+(zero pages and how the others compress), with real QEMU guests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvmshell.core.monitor import pagesample
+from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.values.models import PageSample, wilson_interval
+from kvmshell.lab.launcher import Lab, MonitorKind
+
+MTREE = """FlatView #0
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
+  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+  00000000000c0000-00000000000cafff (prio 0, rom): pc.ram @00000000000c0000
+  0000000000100000-000000007fffffff (prio 0, ram): pc.ram @0000000000100000
+  00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @0000000080000000
+
+FlatView #1
+ AS "I/O", root: io
+ Root memory region: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+"""
+
+
+def test_ram_ranges_from_the_flat_view_leave_out_video_ram_and_holes() -> None:
+    text = MTREE.replace("Root memory region: system", "Root memory region: memory")
+    ranges = pagesample.ram_ranges(text, 3 * pagesample.GIB)
+    assert ranges == [(0, 0xa0000), (0x100000, 0x80000000), (0x100000000, 0x140000000)]
+    assert pagesample.ram_ranges(MTREE, 3 * pagesample.GIB) == []      # no system memory view: none
+
+
+def test_usual_layout_avoids_the_pci_hole() -> None:
+    G = pagesample.GIB
+    assert pagesample.usual_ranges(512 * pagesample.MIB) == [(0, 640 * 1024), (pagesample.MIB, 512 * pagesample.MIB)]
+    for start, end in pagesample.usual_ranges(6 * G):
+        assert end <= 2 * G or start >= 4 * G
+
+
+def test_picked_pages_are_distinct_and_inside_the_ranges() -> None:
+    ranges = [(0, 0xa0000), (0x100000, 0x200000)]
+    pages = pagesample.pick_pages(ranges, 500, random.Random(3))
+    assert len(pages) == len(set(pages)) == 0xa0 + 0x100          # all of them: fewer than asked
+    assert all(any(s <= p < e for s, e in ranges) for p in pages)
+
+
+def test_xp_dump_is_read_little_endian() -> None:
+    lines = [f"{i * 16:016x}: 0x{0x0102030405060708 if i == 0 else 0:016x} 0x0000000000000000"
+             for i in range(256)]
+    data = pagesample.page_bytes("\r\n".join(lines))
+    assert len(data) == 4096 and data[:8] == bytes([8, 7, 6, 5, 4, 3, 2, 1]) and not any(data[8:])
+    with pytest.raises(ValueError):
+        pagesample.page_bytes("\n".join(lines[:10]))
+
+
+def test_zero_interval_narrows_with_more_pages() -> None:
+    lo, hi = wilson_interval(90, 100)
+    assert lo < 0.9 < hi and hi - lo > 0.08
+    lo2, hi2 = PageSample(1000, 900, 4096, 1 << 30).zero_interval
+    assert lo < lo2 < 0.9 < hi2 < hi
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", [MonitorKind.QMP_UNIX, MonitorKind.HMP_UNIX])
+async def test_a_fresh_lab_guest_is_mostly_zero_pages(lab: Lab, kind: MonitorKind) -> None:
+    """The boot-sector guest touches a few pages of its RAM: the sample says most are zero, and the
+    pages it does hold (its code at 0x7c00, the BIOS data) are seen as non-zero when read."""
+    guest = await lab.start("vm", kind)
+    mon = await open_monitor("vm", guest.address)
+    try:
+        sample = await mon.sample_pages(200, seed=1)
+        assert sample.pages == 200 and sample.ram_bytes == await mon.ram_size()
+        assert sample.zero_fraction > 0.9, sample
+        lo, hi = sample.zero_interval
+        assert lo <= sample.zero_fraction <= hi and hi - lo < 0.1
+        assert any(pagesample.page_bytes(await mon.hmp("xp /512gx 0x7000")))     # the boot sector's page
+    finally:
+        await mon.close()
