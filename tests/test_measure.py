@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.session import Session
 from kvmshell.core.monitor import pagesample
+from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.values.models import PageSample, wilson_interval
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -84,3 +88,60 @@ async def test_a_fresh_lab_guest_is_mostly_zero_pages(lab: Lab, kind: MonitorKin
         assert any(pagesample.page_bytes(await mon.hmp("xp /512gx 0x7000")))     # the boot sector's page
     finally:
         await mon.close()
+
+
+@pytest.mark.qemu
+async def test_dirty_rate_means_are_discovered_and_tcg_is_spared_the_bitmap(lab: Lab) -> None:
+    """QEMU 7.2 under TCG dies on calc-dirty-rate's dirty-bitmap mode: a TCG guest is offered page
+    sampling only (and survives a measurement); a KVM guest, where there is one, the bitmap."""
+    guest = await lab.start("tcg", MonitorKind.QMP_UNIX, accel="tcg")
+    mon = await open_monitor("tcg", guest.address)
+    try:
+        means = await mon.dirty_rate_means()
+        assert means.modes == ("page-sampling",) and "KVM" in means.note
+        rate = await mon.measure_dirty_rate(1, None)
+        assert rate.mode == "page-sampling" and rate.sample_pages and guest.alive
+    finally:
+        await mon.close()
+    if lab.accel != "kvm":
+        return
+    guest = await lab.start("kvm", MonitorKind.HMP_UNIX)
+    mon = await open_monitor("kvm", guest.address)
+    try:
+        means = await mon.dirty_rate_means()
+        assert means.modes[0] == "dirty-bitmap", means
+        rate = await mon.measure_dirty_rate(1, "dirty-bitmap")
+        assert rate.mode == "dirty-bitmap" and rate.bytes_per_s > 0 and guest.alive
+    finally:
+        await mon.close()
+
+
+def precopy_row(text: str) -> tuple[str, str]:
+    """The verdict and total of the `precopy (current limits)` row of an estimate."""
+    row = next(line for line in text.splitlines() if line.startswith("precopy (current limits)"))
+    cells = [c for c in re.split(r"\s{2,}", row) if c]
+    return cells[1], cells[2]
+
+
+@pytest.mark.qemu
+async def test_hot_working_set_is_not_a_confident_will_converge(lab: Lab) -> None:
+    """The issue's guest: 512 MiB re-dirtying 100 MiB as fast as it goes, 128 MiB/s, 300 ms. The
+    old estimate said `will converge, 5.2 s`; plain QEMU never converges."""
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=25600, ram_mib=512)
+    async with Fleet() as fleet:
+        fleet.add("src", src.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        try:
+            [o] = await session.run_line("@src estimate --link 128M --no-probe --downtime 300")
+        finally:
+            await session.aclose()
+    assert o.ok, o.error
+    text = o.result.text()
+    verdict, total = precopy_row(text)
+    assert verdict != "will converge", text
+    assert "maybe much more" in text or "will not converge" in text
+    if verdict == "uncertain":
+        assert "never if more" in text and total.endswith("or never"), text
+    assert "% zero" in text
+    print("\n" + text)
