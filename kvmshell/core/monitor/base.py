@@ -250,18 +250,21 @@ class Monitor(abc.ABC):
         """On the destination: listen on ``uri`` to recover a paused postcopy migration."""
 
     @abc.abstractmethod
-    async def start_dirty_rate(self, seconds: float, mode: str | None = None) -> None:
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
         """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate) in ``mode`` (None: QEMU's
-        page sampling); ``dirty_rate`` reads it. Windows under 1 s and modes: see ``dirty_rate_means``."""
+        page sampling, reading ``sample_pages`` per GiB: QEMU's default when None); ``dirty_rate``
+        reads it. Windows under 1 s and modes: see ``dirty_rate_means``."""
 
     @abc.abstractmethod
     async def dirty_rate_means(self) -> DirtyRateMeans:
         """Which calc-dirty-rate modes and windows this guest's QEMU offers, and can use safely."""
 
-    async def measure_dirty_rate(self, seconds: float, mode: str | None = None) -> DirtyRate:
+    async def measure_dirty_rate(self, seconds: float, mode: str | None = None,
+                                 sample_pages: int | None = None) -> DirtyRate:
         """Measure how fast the guest dirties memory over ``seconds``: bytes/s of the distinct pages
         dirtied in that window. Raises MonitorTimeout when no result comes."""
-        await self.start_dirty_rate(seconds, mode)
+        await self.start_dirty_rate(seconds, mode, sample_pages)
         bound = seconds + DIRTY_RATE_SLACK
         try:
             async with asyncio.timeout(bound):

@@ -292,12 +292,14 @@ class HmpMonitor(Monitor):
     async def migrate_recover(self, uri: str) -> None:
         await self.hmp(f"migrate_recover {uri}")
 
-    async def start_dirty_rate(self, seconds: float, mode: str | None = None) -> None:
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
         if seconds != int(seconds) or seconds < 1:
             raise Unsupported(f"a dirty-rate window of {seconds:g} s: HMP's calc_dirty_rate takes whole seconds",
                               guest=self.name)
         flag = {"dirty-bitmap": "-b ", "dirty-ring": "-r "}.get(mode or "", "")
-        await self.hmp(f"calc_dirty_rate {flag}{int(seconds)}")
+        pages = f" {sample_pages}" if sample_pages is not None and not flag else ""
+        await self.hmp(f"calc_dirty_rate {flag}{int(seconds)}{pages}")
 
     async def dirty_rate_means(self) -> DirtyRateMeans:
         if "[-b]" not in await self.raw("help calc_dirty_rate"):

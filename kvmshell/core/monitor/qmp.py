@@ -280,12 +280,15 @@ class QmpMonitor(Monitor):
     async def migrate_recover(self, uri: str) -> None:
         await self.execute("migrate-recover", {"uri": uri})
 
-    async def start_dirty_rate(self, seconds: float, mode: str | None = None) -> None:
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
         args: dict[str, Any] = {"calc-time": int(seconds)}
         if seconds != int(seconds) or seconds < 1:
             args = {"calc-time": max(1, round(seconds * 1000)), "calc-time-unit": "millisecond"}
         if mode is not None and mode != "page-sampling":
             args["mode"] = mode
+        elif sample_pages is not None:
+            args["sample-pages"] = sample_pages
         await self.execute("calc-dirty-rate", args)
 
     async def dirty_rate_means(self) -> DirtyRateMeans:

@@ -92,7 +92,7 @@ class Prediction:
         """The total time as a figure or a range: "5.2 s", "4.1-6.0 s", "5.2 s or never"."""
         if self.total_range_s is not None:
             a, b = self.total_range_s
-            span = f"{a:.1f} s" if b - a < 0.05 else f"{a:.1f}-{b:.1f} s"
+            span = f"{a:.1f} s" if f"{a:.1f}" == f"{b:.1f}" else f"{a:.1f}-{b:.1f} s"
             return span + (" or never" if self.verdict is Verdict.UNCERTAIN else "")
         return f"{self.total_s:.1f} s" if self.total_s is not None else "-"
 
@@ -185,17 +185,18 @@ def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
     verdict, with the range of total times. Ends that disagree: UNCERTAIN, with the rate where the
     outcome flips and the times on the converging side; never a confident verdict the other end denies."""
     hi = dirty.hi if dirty.hi is not None else UNBOUNDED
+    lo = dirty.while_migrating
     at = lambda d: predict(replace(inp, dirty_rate=d, working_set=dirty.working_set))   # noqa: E731
-    p_lo, p_hi = at(dirty.lo), at(hi)
+    p_lo, p_hi = at(lo), at(hi)
     if p_lo.verdict is Verdict.UNKNOWN:
         return p_lo
     if p_lo.verdict is p_hi.verdict is Verdict.WILL_NOT_CONVERGE:
         return p_lo
     if p_lo.verdict is p_hi.verdict is Verdict.CONVERGES:
         assert p_lo.total_s is not None and p_hi.total_s is not None
-        return replace(p_hi, dirty_rate=dirty.lo, total_range_s=(min(p_lo.total_s, p_hi.total_s),
+        return replace(p_hi, dirty_rate=lo, total_range_s=(min(p_lo.total_s, p_hi.total_s),
                                                                   max(p_lo.total_s, p_hi.total_s)))
-    good, bad = (dirty.lo, hi) if p_lo.verdict is Verdict.CONVERGES else (hi, dirty.lo)
+    good, bad = (lo, hi) if p_lo.verdict is Verdict.CONVERGES else (hi, lo)
     for _ in range(60):                            # where the verdict flips (geometric bisection)
         mid = math.sqrt(good * bad) if good > 0 else bad / 2
         if at(mid).verdict is Verdict.CONVERGES:
@@ -207,12 +208,13 @@ def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
     p_good = at(good)
     totals = [p.total_s for p in (p_lo, p_hi, p_good) if p.total_s is not None]
     ws = f" of a {_mb(dirty.working_set)} working set" if dirty.working_set is not None else ""
-    why = (f"calc-dirty-rate counts a page once per window, so it cannot tell a rewrite{ws} at "
-           f"{_mbs(dirty.lo)} from a faster one; at {_mbs(inp.rate)} x {inp.downtime_limit_s * 1000:.0f} ms "
-           f"the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
-    return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=dirty.lo, rate=inp.rate,
+    why = (f"measured before the start: {_mbs(dirty.lo)}" + (f" to {_mbs(dirty.hi)}" if dirty.hi is not None else
+           f" or more (calc-dirty-rate counts a page once per window, so a faster rewrite{ws} looks the same)")
+           + f"; while migrating the guest may dirty as little as {_mbs(lo)}; at {_mbs(inp.rate)} x "
+           f"{inp.downtime_limit_s * 1000:.0f} ms the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
+    return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=lo, rate=inp.rate,
                       total_range_s=(min(totals), max(totals)) if totals else None, converges_below=good,
-                      **_knobs(dirty.working_set, dirty.lo, inp.rate, inp.downtime_limit_s))
+                      **_knobs(dirty.working_set, lo, inp.rate, inp.downtime_limit_s))
 
 
 def _knobs(W: float | None, D: float, R: float, L: float) -> dict[str, float | None]:
