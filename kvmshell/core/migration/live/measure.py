@@ -4,6 +4,7 @@ best mode the guest's QEMU offers (discovered from the guest), turned into a ran
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,16 +43,28 @@ class Measurement:
 
 
 async def measure(mon: Monitor, progress: Callable[[str], None], pages: int = SAMPLED_PAGES) -> Measurement:
+    """Pages are read while the dirty-rate windows run (those mostly wait): reading dirties nothing."""
     ram = await mon.ram_size()
-    progress(f"reading {pages} random pages of the guest's RAM...")
-    sample = await mon.sample_pages(pages)
     means = await mon.dirty_rate_means()
     mode = means.modes[0]
     seconds = ((means.shortest_s,) if means.shortest_s < LONG_WINDOWS[0] else ()) + LONG_WINDOWS
-    progress(f"measuring the dirty rate over {', '.join(f'{s:g}' for s in seconds)} s ({mode})...")
-    windows = []
-    for s in seconds:
-        d = await mon.measure_dirty_rate(s, None if mode == "page-sampling" else mode, SAMPLE_PER_GIB)
-        sampled = round(d.sample_pages * ram / GIB) if d.mode == "page-sampling" and d.sample_pages else None
-        windows.append(Window(d.window_s, d.bytes_per_s, sampled, d.mode))
-    return Measurement(ram, sample, dirty_range(windows, ram), means)
+    progress(f"measuring the dirty rate over {', '.join(f'{s:g}' for s in seconds)} s ({mode}) and reading "
+             f"{pages} random pages of the guest's RAM...")
+
+    async def windows() -> list[Window]:
+        out = []
+        for s in seconds:
+            d = await mon.measure_dirty_rate(s, None if mode == "page-sampling" else mode, SAMPLE_PER_GIB)
+            sampled = round(d.sample_pages * ram / GIB) if d.mode == "page-sampling" and d.sample_pages else None
+            out.append(Window(d.window_s, d.bytes_per_s, sampled, d.mode))
+        return out
+
+    reading = asyncio.create_task(mon.sample_pages(pages), name=f"sample-pages-{mon.name}")
+    try:
+        measured = await windows()
+        sample = await reading
+    finally:
+        if not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+    return Measurement(ram, sample, dirty_range(measured, ram), means)
