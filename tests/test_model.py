@@ -253,3 +253,16 @@ def test_a_guest_slowed_by_its_migration_is_not_a_confident_will_not_converge() 
                   rate=181 * MB, link=181 * MB, downtime_limit_s=0.3)
     assert predict(base).verdict is Verdict.WILL_NOT_CONVERGE         # at the rate measured before the start
     assert predict_range(base, d).verdict is Verdict.UNCERTAIN
+
+
+def test_the_first_pass_runs_both_ends_of_the_range_measured_before_the_start() -> None:
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.samples import Sample
+    s = Sample(t=0.5, status=MigrationStatus.ACTIVE, pass_no=1, transferred=60 << 20, remaining=400 << 20,
+               total=512 << 20, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=1000.0, throughput=128 * MIB,
+               expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0, duplicate_pages=0,
+               normal_bytes=60 << 20)
+    p = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=128 * MIB,
+               dirty=DirtyRange(lo=99 * MB, hi=None, working_set=99 * MB))
+    assert p.verdict is Verdict.UNCERTAIN and "never if more" in p.line()
+    assert assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=128 * MIB).verdict is Verdict.UNKNOWN

@@ -310,10 +310,12 @@ def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
 
 def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap: float | None,
            link: float | None, ram_bytes: int | None = None, dirty_rate: float | None = None,
-           working_set: float | None = None, zero_fraction: float | None = None) -> Prediction:
+           working_set: float | None = None, zero_fraction: float | None = None,
+           dirty: DirtyRange | None = None) -> Prediction:
     """The model applied to a migration in progress. ``dirty_rate``/``working_set`` from before the
     start (calc-dirty-rate) are used until the samples say better; so is ``zero_fraction`` (sampled
-    pages) until the first pass has processed enough pages to say what share of them is zero."""
+    pages) until the first pass has processed enough pages to say what share of them is zero. ``dirty``,
+    the range measured before the start, stands for the dirty rate until QEMU's: both ends are run."""
     if not samples:
         return Prediction(Verdict.UNKNOWN, "no samples yet")
     last = samples[-1]
@@ -335,6 +337,8 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
         z = zero_share(last)
         z = z if z is not None else zero_fraction or 0.0
         left, zeros = obs.remaining * (1 - z), obs.remaining * z
+        if D is None and dirty is not None:
+            D = dirty.lo
         if D is None:
             zero_note = f" ({100 * z:.0f} % of it zero pages so far)" if z >= 0.01 else ""
             return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go{zero_note} at "
@@ -343,7 +347,7 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
         inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate, link=link or rate,
                      downtime_limit_s=downtime_limit_s, first_pass_left=left, zero_bytes=zeros,
                      elapsed_s=obs.elapsed, sent=obs.sent)
-        return predict(inp)
+        return predict_range(inp, dirty) if dirty is not None and obs.dirty_rate is None else predict(inp)
     stuck = _stuck(obs.syncs, rate, downtime_limit_s)
     if stuck is not None:
         return Prediction(Verdict.WILL_NOT_CONVERGE, stuck, working_set=max(s.dirty for s in obs.syncs),
