@@ -98,18 +98,18 @@ async def test_a_fresh_lab_guest_is_mostly_zero_pages(lab: Lab, kind: MonitorKin
 async def test_dirty_rate_means_are_discovered_and_tcg_is_spared_the_bitmap(lab: Lab) -> None:
     """QEMU 7.2 under TCG dies on calc-dirty-rate's dirty-bitmap mode: a TCG guest is offered page
     sampling only (and survives a measurement); a KVM guest, where there is one, the bitmap."""
-    guest = await lab.start("tcg", MonitorKind.QMP_UNIX, accel="tcg")
+    guest = await lab.start("tcg", MonitorKind.HMP_UNIX, accel="tcg")
     mon = await open_monitor("tcg", guest.address)
     try:
         means = await mon.dirty_rate_means()
         assert means.modes == ("page-sampling",) and "KVM" in means.note
-        rate = await mon.measure_dirty_rate(1, None)
-        assert rate.mode == "page-sampling" and rate.sample_pages and guest.alive
+        rate = await mon.measure_dirty_rate(1, None, 4096)
+        assert rate.mode == "page-sampling" and rate.sample_pages == 4096 and guest.alive
     finally:
         await mon.close()
     if lab.accel != "kvm":
         return
-    guest = await lab.start("kvm", MonitorKind.HMP_UNIX)
+    guest = await lab.start("kvm", MonitorKind.QMP_UNIX)
     mon = await open_monitor("kvm", guest.address)
     try:
         means = await mon.dirty_rate_means()
@@ -173,7 +173,7 @@ async def test_idle_linux_guest_estimate_counts_only_its_non_zero_pages(lab: Lab
         fleet.add("src", src.address)
         fleet.add("dst", dst.address)
         await fleet.start()
-        sample = await fleet.monitor("src").sample_pages(256)
+        sample = await fleet.monitor("src").sample_pages(512)
         session = Session(fleet, default_registry(), assume_yes=True)
         try:
             [est] = await session.run_line("@src estimate --to dst --link 32M --no-probe")
