@@ -23,7 +23,7 @@ from kvmshell.core.monitor import pagesample
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.core.values.models import (
-    BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, Event, MigrationInfo, MigrationParameters,
+    BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, DirtyRateMeans, Event, MigrationInfo, MigrationParameters,
     NbdServer, PageSample, ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed, MonitorTimeout
@@ -250,13 +250,21 @@ class Monitor(abc.ABC):
         """On the destination: listen on ``uri`` to recover a paused postcopy migration."""
 
     @abc.abstractmethod
-    async def start_dirty_rate(self, seconds: int) -> None:
-        """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate); ``dirty_rate`` reads it."""
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
+        """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate) in ``mode`` (None: QEMU's
+        page sampling, reading ``sample_pages`` per GiB: QEMU's default when None); ``dirty_rate``
+        reads it. Windows under 1 s and modes: see ``dirty_rate_means``."""
 
-    async def measure_dirty_rate(self, seconds: int) -> DirtyRate:
+    @abc.abstractmethod
+    async def dirty_rate_means(self) -> DirtyRateMeans:
+        """Which calc-dirty-rate modes and windows this guest's QEMU offers, and can use safely."""
+
+    async def measure_dirty_rate(self, seconds: float, mode: str | None = None,
+                                 sample_pages: int | None = None) -> DirtyRate:
         """Measure how fast the guest dirties memory over ``seconds``: bytes/s of the distinct pages
         dirtied in that window. Raises MonitorTimeout when no result comes."""
-        await self.start_dirty_rate(seconds)
+        await self.start_dirty_rate(seconds, mode, sample_pages)
         bound = seconds + DIRTY_RATE_SLACK
         try:
             async with asyncio.timeout(bound):
@@ -264,7 +272,8 @@ class Monitor(abc.ABC):
                 while True:
                     info = await self.dirty_rate()
                     if info.measured and info.bytes_per_s is not None:
-                        return DirtyRate(info.bytes_per_s, seconds, time.time())
+                        return DirtyRate(info.bytes_per_s, seconds, time.time(), info.mode or mode or "page-sampling",
+                                         info.sample_pages or None)
                     await asyncio.sleep(0.1)
         except TimeoutError:
             raise MonitorTimeout(f"no dirty-rate result within {bound:g} s", guest=self.name) from None

@@ -411,8 +411,19 @@ class DirtyRate:
     """An on-demand calc-dirty-rate measurement (it costs the guest, so never taken continuously)."""
 
     bytes_per_s: float
-    window_s: int
+    window_s: float
     when: float               # epoch seconds
+    mode: str = "page-sampling"       # or dirty-bitmap / dirty-ring: every page counted
+    sample_pages: int | None = None   # page sampling: pages read per GiB of RAM
+
+
+@dataclass(frozen=True)
+class DirtyRateMeans:
+    """How this guest's QEMU can measure its dirty rate, discovered from the guest (schema, KVM)."""
+
+    modes: tuple[str, ...] = ("page-sampling",)   # the best first
+    shortest_s: float = 1.0                       # the shortest window calc-dirty-rate takes
+    note: str = ""                                # why a better mode is not used
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ class Choice:
     lever: str                   # POSTCOPY, CONVERGE or PRECOPY
     at_once: bool                # the lever is pulled without waiting for a verdict to hold (postcopy only)
     confident: bool              # the model says the same at both ends of the range
-    low: Prediction              # pre-copy at the range's low end (the end most favourable to pre-copy)
+    low: Prediction              # pre-copy at the range's low end while migrating (DirtyRange.while_migrating)
     high: Prediction             # ... and at its high end
     dirty: DirtyRange
     rate: float                  # bytes/s the migration will move (the bandwidth cap, else the link)
@@ -97,7 +97,7 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
         return predict(Inputs(ram_bytes=ram, dirty_rate=D, working_set=W, rate=rate, link=link,
                               downtime_limit_s=downtime_limit_s))
 
-    low, high = precopy(dirty.lo), precopy(top)
+    low, high = precopy(dirty.while_migrating), precopy(top)      # the same ends as predict_range
     stuck = low.verdict is Verdict.WILL_NOT_CONVERGE and high.verdict is Verdict.WILL_NOT_CONVERGE
     fine = low.verdict is Verdict.CONVERGES and high.verdict is Verdict.CONVERGES
     D = dirty.hi if dirty.hi is not None else dirty.lo      # the throttle's rate: the highest known one

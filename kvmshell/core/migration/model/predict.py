@@ -92,7 +92,7 @@ class Prediction:
         """The total time as a figure or a range: "5.2 s", "4.1-6.0 s", "5.2 s or never"."""
         if self.total_range_s is not None:
             a, b = self.total_range_s
-            span = f"{a:.1f} s" if b - a < 0.05 else f"{a:.1f}-{b:.1f} s"
+            span = f"{a:.1f} s" if f"{a:.1f}" == f"{b:.1f}" else f"{a:.1f}-{b:.1f} s"
             return span + (" or never" if self.verdict is Verdict.UNCERTAIN else "")
         return f"{self.total_s:.1f} s" if self.total_s is not None else "-"
 
@@ -185,17 +185,18 @@ def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
     verdict, with the range of total times. Ends that disagree: UNCERTAIN, with the rate where the
     outcome flips and the times on the converging side; never a confident verdict the other end denies."""
     hi = dirty.hi if dirty.hi is not None else UNBOUNDED
+    lo = dirty.while_migrating
     at = lambda d: predict(replace(inp, dirty_rate=d, working_set=dirty.working_set))   # noqa: E731
-    p_lo, p_hi = at(dirty.lo), at(hi)
+    p_lo, p_hi = at(lo), at(hi)
     if p_lo.verdict is Verdict.UNKNOWN:
         return p_lo
     if p_lo.verdict is p_hi.verdict is Verdict.WILL_NOT_CONVERGE:
         return p_lo
     if p_lo.verdict is p_hi.verdict is Verdict.CONVERGES:
         assert p_lo.total_s is not None and p_hi.total_s is not None
-        return replace(p_hi, dirty_rate=dirty.lo, total_range_s=(min(p_lo.total_s, p_hi.total_s),
+        return replace(p_hi, dirty_rate=lo, total_range_s=(min(p_lo.total_s, p_hi.total_s),
                                                                   max(p_lo.total_s, p_hi.total_s)))
-    good, bad = (dirty.lo, hi) if p_lo.verdict is Verdict.CONVERGES else (hi, dirty.lo)
+    good, bad = (lo, hi) if p_lo.verdict is Verdict.CONVERGES else (hi, lo)
     for _ in range(60):                            # where the verdict flips (geometric bisection)
         mid = math.sqrt(good * bad) if good > 0 else bad / 2
         if at(mid).verdict is Verdict.CONVERGES:
@@ -207,12 +208,13 @@ def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
     p_good = at(good)
     totals = [p.total_s for p in (p_lo, p_hi, p_good) if p.total_s is not None]
     ws = f" of a {_mb(dirty.working_set)} working set" if dirty.working_set is not None else ""
-    why = (f"calc-dirty-rate counts a page once per window, so it cannot tell a rewrite{ws} at "
-           f"{_mbs(dirty.lo)} from a faster one; at {_mbs(inp.rate)} x {inp.downtime_limit_s * 1000:.0f} ms "
-           f"the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
-    return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=dirty.lo, rate=inp.rate,
+    why = (f"measured before the start: {_mbs(dirty.lo)}" + (f" to {_mbs(dirty.hi)}" if dirty.hi is not None else
+           f" or more (calc-dirty-rate counts a page once per window, so a faster rewrite{ws} looks the same)")
+           + f"; while migrating the guest may dirty as little as {_mbs(lo)}; at {_mbs(inp.rate)} x "
+           f"{inp.downtime_limit_s * 1000:.0f} ms the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
+    return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=lo, rate=inp.rate,
                       total_range_s=(min(totals), max(totals)) if totals else None, converges_below=good,
-                      **_knobs(dirty.working_set, dirty.lo, inp.rate, inp.downtime_limit_s))
+                      **_knobs(dirty.working_set, lo, inp.rate, inp.downtime_limit_s))
 
 
 def _knobs(W: float | None, D: float, R: float, L: float) -> dict[str, float | None]:
@@ -308,10 +310,12 @@ def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
 
 def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap: float | None,
            link: float | None, ram_bytes: int | None = None, dirty_rate: float | None = None,
-           working_set: float | None = None, zero_fraction: float | None = None) -> Prediction:
+           working_set: float | None = None, zero_fraction: float | None = None,
+           dirty: DirtyRange | None = None) -> Prediction:
     """The model applied to a migration in progress. ``dirty_rate``/``working_set`` from before the
     start (calc-dirty-rate) are used until the samples say better; so is ``zero_fraction`` (sampled
-    pages) until the first pass has processed enough pages to say what share of them is zero."""
+    pages) until the first pass has processed enough pages to say what share of them is zero. ``dirty``,
+    the range measured before the start, stands for the dirty rate until QEMU's: both ends are run."""
     if not samples:
         return Prediction(Verdict.UNKNOWN, "no samples yet")
     last = samples[-1]
@@ -333,6 +337,8 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
         z = zero_share(last)
         z = z if z is not None else zero_fraction or 0.0
         left, zeros = obs.remaining * (1 - z), obs.remaining * z
+        if D is None and dirty is not None:
+            D = dirty.lo
         if D is None:
             zero_note = f" ({100 * z:.0f} % of it zero pages so far)" if z >= 0.01 else ""
             return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go{zero_note} at "
@@ -341,7 +347,7 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
         inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate, link=link or rate,
                      downtime_limit_s=downtime_limit_s, first_pass_left=left, zero_bytes=zeros,
                      elapsed_s=obs.elapsed, sent=obs.sent)
-        return predict(inp)
+        return predict_range(inp, dirty) if dirty is not None and obs.dirty_rate is None else predict(inp)
     stuck = _stuck(obs.syncs, rate, downtime_limit_s)
     if stuck is not None:
         return Prediction(Verdict.WILL_NOT_CONVERGE, stuck, working_set=max(s.dirty for s in obs.syncs),
