@@ -9,7 +9,7 @@ the outcome (completed within the cap or not; unsteered policies only); the time
 "will not converge"; how often the verdict changes after the first 3 s.
 
     .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
-    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_S, HOLD_SAMPLES on the fit set
+    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_*, MIGRATING_SHARE, PASS_SPREAD on the fit set
 """
 
 from __future__ import annotations
@@ -231,6 +231,17 @@ def verdict_changes(run: Run, after: float = 3.0) -> int:
     return sum(1 for a, b in zip(said, said[1:]) if a != b)
 
 
+STEADY = ("idle", "paced", "ws")     # workloads that dirty at one rate from start to end (text, hotcold: bursts)
+
+
+def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
+    """Verdict changes once the first pass is done (rough or not counts as the same verdict); with
+    ``flips_only`` only those from one confident verdict to the other (will converge <-> will not)."""
+    said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
+    both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+    return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
+
+
 def confident_wrong(run: Run) -> list[str]:
     """Non-rough verdicts contradicted by the outcome (unsteered runs only): when and what."""
     wrong = []
@@ -325,6 +336,13 @@ def score(runs: list[Run]) -> list[str]:
                f"({sum(changes.values())} changes; most: "
                + (", ".join(f"{k} {changes[k]}" for k in sorted(changed, key=lambda k: -changes[k])[:3]) or "none")
                + ").")
+    steady = [r for r in runs if r.row.get("work") in STEADY]
+    moved = {r.run_id: n for r in steady if (n := changes_after_first_pass(r))}
+    out.append(f"Verdict changes after the first pass on steady workloads ({', '.join(STEADY)}): {len(moved)} of "
+               f"{len(steady)} runs ({sum(moved.values())} changes"
+               + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
+               + f"); from one confident verdict to the other: "
+               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
     wrong = {r.run_id: w for r in unsteered if (w := confident_wrong(r))}
     out.append(f"Confident wrong verdicts (not rough, contradicted by the outcome; unsteered): {len(wrong)} of "
                f"{len(unsteered)} runs" + ("".join(f"; {k}: {len(v)} samples, first at {v[0]}"
@@ -412,6 +430,64 @@ def fit_hold(runs: list[Run]) -> list[str]:
             f"{now[1]} missed, mean {now[2]:.1f} s{region}."]
 
 
+def confident_wrong_runs(runs: list[Run]) -> int:
+    return sum(1 for r in runs if r.policy in UNSTEERED and confident_wrong(r))
+
+
+def preflight_wrong(run: Run) -> bool:
+    p = preflight(run, True)
+    if p is None or run.policy not in UNSTEERED:
+        return False
+    return (p.verdict is model.Verdict.CONVERGES and not run.completed) or (
+        p.verdict is model.Verdict.WILL_NOT_CONVERGE and run.completed)
+
+
+def fit_migrating_share(runs: list[Run]) -> list[str]:
+    """MIGRATING_SHARE (the low end of the pre-flight range while migrating): fewest confident wrong
+    pre-flight verdicts on the unsteered fit runs, then the least p90 |error| of the total time."""
+    if dirty_model is None:
+        return []
+    saved, rows = dirty_model.MIGRATING_SHARE, []
+    try:
+        for v in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            dirty_model.MIGRATING_SHARE = v
+            e = errors(runs, lambda r: preflight(r, True))
+            rows.append((v, sum(preflight_wrong(r) for r in runs), pct(e.total, .5), pct(e.total, .9), len(e.total)))
+    finally:
+        dirty_model.MIGRATING_SHARE = saved
+    key = lambda r: (r[1], r[3] if r[3] is not None else 1e9)   # noqa: E731
+    best = min(rows, key=key)
+    tied = [r[0] for r in rows if key(r) == key(best)]
+    out = ["| MIGRATING_SHARE | confident wrong pre-flight verdicts (unsteered) | p50 / p90 abs error of the total | "
+           "runs with a time |", "|---|---|---|---|"]
+    out += [f"| {v} | {w} | {fmt(a)} / {fmt(b)} | {n} |" for v, w, a, b, n in rows]
+    out.append(f"\nMIGRATING_SHARE on {len(runs)} fit runs: " + (
+        f"{best[0]} (now {saved})." if len(tied) == 1 else
+        f"{min(tied)}-{max(tied)} score the same ({best[1]} wrong, p90 {fmt(best[3])}): the fit set cannot pin it "
+        f"down; {saved} stays" + (" (inside that range)." if min(tied) <= saved <= max(tied) else ".")))
+    return out
+
+
+def fit_pass_spread(runs: list[Run]) -> list[str]:
+    """PASS_SPREAD (how far the rate read from the passes is widened): fewest unsteered runs with a
+    confident wrong verdict, then the fewest verdict changes after 3 s, then the least p90 after the first sync."""
+    saved, rows = model.PASS_SPREAD, []
+    try:
+        for v in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
+            model.PASS_SPREAD = v
+            e = errors(runs, after_first_sync)
+            rows.append((v, confident_wrong_runs(runs), sum(verdict_changes(r) > 0 for r in runs),
+                         pct(e.total, .9), len(e.total)))
+    finally:
+        model.PASS_SPREAD = saved
+    best = min(rows, key=lambda r: (r[1], r[2], r[3] if r[3] is not None else 1e9))
+    out = ["| PASS_SPREAD | runs with a confident wrong verdict (unsteered) | runs whose verdict changes after 3 s | "
+           "p90 abs error after the first sync | runs with a time |", "|---|---|---|---|---|"]
+    out += [f"| {v} | {w} | {c} | {fmt(b)} | {n} |" for v, w, c, b, n in rows]
+    out.append(f"\nPASS_SPREAD fitted on {len(runs)} fit runs: {best[0]} (now {saved}).")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=CORPUS)
@@ -424,7 +500,8 @@ def main() -> int:
         return 2
     if args.fit:
         runs = load_runs(args.corpus, "fit")
-        print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs)))
+        print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
+                        + fit_pass_spread(runs)))
         return 0
     rows = index(args.corpus)
     print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]

@@ -97,7 +97,7 @@ def test_total_time_predicted_within_20_percent_after_the_first_pass(name: str) 
     actual = t.samples[-1].total_time_ms / 1000          # type: ignore[operator]
     assert t.samples[-1].status is MigrationStatus.COMPLETED
     when, p = first_confident_prediction(t)
-    assert when < 2.0                                     # within a pass or two of the first sync
+    assert when < 3.5                                     # within a few passes of the first sync (UNCERTAIN before: the passes as windows)
     assert p.verdict is Verdict.CONVERGES                 # type: ignore[attr-defined]
     assert p.total_s == pytest.approx(actual, rel=0.20), (when, p)      # type: ignore[attr-defined]
 
@@ -106,7 +106,7 @@ def test_defaults_that_never_converge_are_called_within_3_s() -> None:
     t = trace("1gbit-150-defaults")
     assert t.samples[-1].status != "completed"           # QEMU's defaults ran for 60 s and were cancelled
     when, p = first_confident_prediction(t)
-    assert when < 3.0
+    assert when < 3.5
     assert p.verdict is Verdict.WILL_NOT_CONVERGE         # type: ignore[attr-defined]
     assert "MB/s" in p.reason and "> limit 300 ms" in p.reason          # type: ignore[attr-defined]
     # and once the passes pile up the evidence holds: from 10 s on, nine in ten predictions agree
@@ -266,3 +266,40 @@ def test_the_first_pass_runs_both_ends_of_the_range_measured_before_the_start() 
                dirty=DirtyRange(lo=99 * MB, hi=None, working_set=99 * MB))
     assert p.verdict is Verdict.UNCERTAIN and "never if more" in p.line()
     assert assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=128 * MIB).verdict is Verdict.UNKNOWN
+
+
+def _pass_samples(dirty_at_sync: list[float], pass_s: list[float], rate: float = 100 * MB) -> list:
+    """A migration whose pass k ends after pass_s[k] seconds with dirty_at_sync[k] bytes found dirty,
+    QEMU's dirty-pages-rate that of the pass (distinct pages over its length)."""
+    from kvmshell.core.migration.model.samples import Sample
+    out, t, sent = [], 0.0, 0
+    out.append(Sample(t=0.0, status=MigrationStatus.ACTIVE, pass_no=1, transferred=0, remaining=512 * MIB,
+                      total=512 * MIB, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=800.0, throughput=rate,
+                      expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0))
+    for k, (n, T) in enumerate(zip(dirty_at_sync, pass_s), start=2):
+        t += T
+        sent += int(rate * T)
+        out.append(Sample(t=t, status=MigrationStatus.ACTIVE, pass_no=k, transferred=sent, remaining=int(n),
+                          total=512 * MIB, dirty_pages_rate=int(n / T / 4096), dirty_bytes_rate=int(n / T),
+                          mbps=800.0, throughput=rate, expected_downtime_ms=None, cpu_throttle=0,
+                          postcopy_requests=0))
+    return out
+
+
+def test_the_passes_are_windows_a_set_re_dirtied_within_each_pass_is_not_a_confident_converge() -> None:
+    from kvmshell.core.migration.model.predict import assess, pass_windows, syncs_of
+    from kvmshell.core.migration.model.dirty import dirty_range
+    # 100 MB found dirty after a 5 s first pass and again after a 1 s second one: QEMU's rate read
+    # 20 MB/s then 100 MB/s, a working set re-dirtied within every pass, whose real rate no pass tells
+    hot = _pass_samples([100 * MB, 100 * MB], [5.0, 1.0])
+    windows = pass_windows(hot, syncs_of(hot), theta=100 * MB * 0.3)
+    assert [round(w.seconds, 1) for w in windows] == [5.0, 1.0]
+    assert dirty_range(windows, 512 * MIB).working_set is not None
+    p = assess(hot, downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert p.verdict is not Verdict.CONVERGES, p.line()
+    # one pass only bounds the rate from below: 20 MB/s read over a 5 s first pass is no "will converge"
+    one = assess(hot[:2], downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert one.verdict is not Verdict.CONVERGES, one.line()
+    # a rate that grows with the pass (5 MB over 1 s, 25 MB over 5 s, the set found shrinking): converges
+    calm = _pass_samples([25 * MB, 35 * MB], [5.0, 1.0])
+    assert assess(calm, downtime_limit_s=0.3, bandwidth_cap=None, link=None).verdict is Verdict.CONVERGES

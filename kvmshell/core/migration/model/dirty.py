@@ -28,6 +28,7 @@ MB = 1e6
 SATURATED = 0.8        # N(t_max) below this share of the linear growth from N(t0): a working set
 WHOLE_SET = 0.9        # the shortest window saw at least this share of the set: no upper bound
 QEMU_STEP = float(1 << 20)   # calc-dirty-rate reports whole MiB/s
+PASS_MODE = "migration pass"  # a Window that is a finished pre-copy pass (dirty set found at its sync / its length)
 # While migrating, a guest may dirty this share of its undisturbed rate: measured on the Linux lab guest
 # (TCG, 2 host cores, 256 MiB rewritten as fast as it goes) >= 256 MB/s before, ~132 MB/s during.
 MIGRATING_SHARE = 0.5
@@ -60,8 +61,10 @@ class DirtyRange:
     @property
     def while_migrating(self) -> float:
         """The lowest rate the guest may dirty at while it migrates (bytes/s): measured before the start
-        (windows), the undisturbed rate's ``MIGRATING_SHARE``; a figure given as is (no windows), itself."""
-        return self.lo * MIGRATING_SHARE if self.windows else self.lo
+        (windows), the undisturbed rate's ``MIGRATING_SHARE``; a figure given as is (no windows) or read from
+        the migration's own passes, itself."""
+        before = self.windows and self.windows[0].mode != PASS_MODE
+        return self.lo * MIGRATING_SHARE if before else self.lo
 
     @property
     def narrow(self) -> bool:

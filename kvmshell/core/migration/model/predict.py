@@ -29,7 +29,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from kvmshell.core.migration.model.dirty import DirtyRange
+from kvmshell.core.migration.model.dirty import PASS_MODE, DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.values.models import MigrationStatus
 
@@ -41,6 +41,9 @@ MAX_PASSES = 400
 ZERO_SCAN_RATE = 2e9           # bytes/s of zero pages the first pass gets through (found zero, sent as a header)
 UNBOUNDED = 1e13               # bytes/s standing for "no upper bound seen" (10 TB/s: every page at once)
 PAGE = 4096
+# The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
+# samples and the leftover at a sync is only ~theta (fitted on the corpus's fit set: bench/score_corpus.py --fit)
+PASS_SPREAD = 2.0
 
 
 class Verdict(enum.Enum):
@@ -365,9 +368,39 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
                  elapsed_s=obs.syncs[-1].t, sent=_sent_at(samples, obs.syncs[-1].t), shrink=obs.shrink,
                  sync_time_s=obs.sync_time if obs.sync_time is not None else SYNC_TIME_S)
     p = predict(inp)
+    passes = pass_windows(samples, obs.syncs, rate * downtime_limit_s)
+    if passes and p.verdict is Verdict.CONVERGES:
+        # the passes read as windows (widened by PASS_SPREAD) must allow the same verdict at both ends,
+        # else the evidence disagrees with itself: UNCERTAIN, never a confident verdict it denies
+        seen = dirty_range(passes, float(last.total))
+        if seen.working_set is not None:        # the set is what a sync found dirty, leftover included
+            seen = replace(seen, working_set=max(seen.working_set, max(s.dirty for s in obs.syncs)))
+        hi = seen.hi * PASS_SPREAD if seen.hi is not None else None
+        ranged = predict_range(inp, replace(seen, lo=seen.lo / PASS_SPREAD, hi=hi))
+        if ranged.verdict is not p.verdict:
+            p = replace(ranged, verdict=Verdict.UNCERTAIN, reason=f"{p.verdict.value} at QEMU's dirty rate, but the "
+                        f"passes so far allow {seen.text()}: {ranged.verdict.value} there"
+                        if ranged.verdict is not Verdict.UNCERTAIN else ranged.reason)
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
+
+
+def pass_windows(samples: Sequence[Sample], syncs: Sequence[Sync], theta: float) -> list[Window]:
+    """Each finished pass as a calc-dirty-rate window: the fresh dirt found at its end (the dirty set
+    less the ~``theta`` QEMU left unsent when it synced) over its length.
+    A set re-dirtied within a pass shows as W/T whatever the real rate, exactly as in a window, so
+    the passes give the same kind of range (model/dirty.py): one pass only bounds the rate from below,
+    and passes of different lengths tell a rate from a working set."""
+    active = [s.t for s in samples if s.status is MigrationStatus.ACTIVE]
+    start = active[0] if active else 0.0
+    out, prev = [], start
+    for s in syncs:
+        if s.t > prev:
+            fresh = s.dirty - (theta if out else 0.0)          # the first pass leaves nothing behind
+            out.append(Window(s.t - prev, max(0.0, fresh) / (s.t - prev), mode=PASS_MODE))
+        prev = s.t
+    return out
 
 
 STUCK_WINDOW = 4
