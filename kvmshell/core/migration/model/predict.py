@@ -43,7 +43,7 @@ UNBOUNDED = 1e13               # bytes/s standing for "no upper bound seen" (10 
 PAGE = 4096
 # The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
 # samples and the leftover at a sync is only ~theta (fitted on the corpus's fit set: bench/score_corpus.py --fit)
-PASS_SPREAD = 2.0
+PASS_SPREAD = 1.25
 
 
 class Verdict(enum.Enum):
