@@ -200,7 +200,10 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
             "link_known": figure.how, "link_detail": figure.detail, "bandwidth_cap_bytes_per_s": cap,
             "downtime_limit_ms": L * 1000, "blocked": list(info.blocked_reasons),
             "warnings": [line.removeprefix("WARNING: ") for line in lines if line.startswith("WARNING: ")],
-            "uncertain": est.uncertain, "started": False} | as_json(est)   # every field of the model's objects
+            "dirty_low_bytes_per_s": dirty.lo, "dirty_high_bytes_per_s": dirty.hi,
+            "zero_pages_percent": 100 * m.pages.zero_fraction, "uncertain": est.uncertain, "started": False}
+    # options, postcopy, auto: every field of the model's objects (the range and zero share: just above)
+    data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction")}
     return Text("\n".join(lines), data=data)
 
 
