@@ -3,6 +3,7 @@ bench/bench_migration.py: 512 MiB guest re-dirtying 100 MiB, 1 Gbit/s tc-shaped 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_total_time_predicted_within_20_percent_after_the_first_pass(name: str) 
     actual = t.samples[-1].total_time_ms / 1000          # type: ignore[operator]
     assert t.samples[-1].status is MigrationStatus.COMPLETED
     when, p = first_confident_prediction(t)
-    assert when < 2.0                                     # within a pass or two of the first sync
+    assert when < 3.5                                     # within a few passes of the first sync (UNCERTAIN before: the passes as windows)
     assert p.verdict is Verdict.CONVERGES                 # type: ignore[attr-defined]
     assert p.total_s == pytest.approx(actual, rel=0.20), (when, p)      # type: ignore[attr-defined]
 
@@ -105,7 +106,7 @@ def test_defaults_that_never_converge_are_called_within_3_s() -> None:
     t = trace("1gbit-150-defaults")
     assert t.samples[-1].status != "completed"           # QEMU's defaults ran for 60 s and were cancelled
     when, p = first_confident_prediction(t)
-    assert when < 3.0
+    assert when < 3.5
     assert p.verdict is Verdict.WILL_NOT_CONVERGE         # type: ignore[attr-defined]
     assert "MB/s" in p.reason and "> limit 300 ms" in p.reason          # type: ignore[attr-defined]
     # and once the passes pile up the evidence holds: from 10 s on, nine in ten predictions agree
@@ -146,3 +147,159 @@ def test_the_estimate_of_each_strategy_before_a_start() -> None:
                     allow_postcopy=False)
     assert idle.auto.startswith("precopy: it converges") and len(idle.options) == 2
     assert idle.options[0].note == "bandwidth 32 MB/s" and idle.options[1].note == "bandwidth 125 MB/s (the link)"
+
+
+# -- measuring what calc-dirty-rate cannot see (issue 12, point 2) -----------------------------
+
+MIB = float(1 << 20)
+
+
+def test_a_set_rewritten_within_the_window_is_a_range_with_no_upper_bound() -> None:
+    """100 MiB re-dirtied many times a second: 99 MB/s over 1 s, 33 MB/s over 3 s. That is W/window,
+    a lower bound on the rate, not the rate."""
+    from kvmshell.core.migration.model.dirty import Window, dirty_range
+    d = dirty_range([Window(1, 99 * MB), Window(3, 33 * MB)], ram=512 * MIB)
+    assert d.lo == pytest.approx(99 * MB, rel=0.05) and d.hi is None
+    assert d.working_set == pytest.approx(99 * MB, rel=0.05)
+    linear = dirty_range([Window(1, 20 * MB), Window(3, 20 * MB)], ram=512 * MIB)
+    assert linear.working_set is None and linear.hi is not None
+    assert linear.lo <= 20 * MB <= linear.hi < 25 * MB                    # a rate: known within its noise
+
+
+def test_the_issues_case_is_not_a_confident_will_converge() -> None:
+    """The observation of issue 12: `will converge, 5.2 s` for a guest plain QEMU never migrated."""
+    from kvmshell.core.migration.model.dirty import Window, dirty_range
+    from kvmshell.core.migration.model.predict import predict_range
+    d = dirty_range([Window(1, 99 * MB), Window(3, 33 * MB)], ram=512 * MIB)
+    base = Inputs(ram_bytes=512 * MIB, dirty_rate=d.lo, working_set=d.working_set, rate=128 * MIB,
+                  link=128 * MIB, downtime_limit_s=0.3)
+    assert predict(base).verdict is Verdict.CONVERGES                      # what the old estimate said
+    p = predict_range(base, d)
+    assert p.verdict is Verdict.UNCERTAIN, p.line()
+    assert p.converges_below is not None and d.lo <= p.converges_below
+    assert p.total_range_s is not None and p.total_range_s[0] > 0
+    assert "never if more" in p.line() and "uncertain" in p.line()
+
+
+def test_a_range_whose_ends_agree_is_confident() -> None:
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.predict import predict_range
+    base = Inputs(ram_bytes=512 * MIB, dirty_rate=0, working_set=None, rate=120 * MB, link=LINK,
+                  downtime_limit_s=0.3)
+    small = predict_range(base, DirtyRange(lo=1 * MB, hi=3 * MB, working_set=None))
+    assert small.verdict is Verdict.CONVERGES and small.total_range_s is not None
+    hot = predict_range(replace(base, working_set=300 * MB), DirtyRange(lo=300 * MB, hi=None, working_set=300 * MB))
+    assert hot.verdict is Verdict.WILL_NOT_CONVERGE
+    tiny_set = predict_range(replace(base, working_set=10 * MB), DirtyRange(lo=50 * MB, hi=None, working_set=10 * MB))
+    assert tiny_set.verdict is Verdict.CONVERGES                           # any rate: 10 MB fits 36 MB
+
+
+def test_zero_pages_only_scanned_in_the_first_pass() -> None:
+    """An idle 512 MiB guest, 97 % zero pages: the first pass sends 15 MB, not 537 MB."""
+    from kvmshell.core.migration.model.estimate import estimate
+    idle = dict(ram=512 << 20, dirty_rate=0.0, working_set=None, link=125e6, cap=None, downtime_limit_s=0.3,
+                allow_postcopy=False)
+    plain = estimate(**idle).options[0].prediction
+    zeroed = estimate(**idle, zero_fraction=0.97).options[0].prediction
+    assert plain.total_s is not None and zeroed.total_s is not None
+    assert zeroed.total_s < plain.total_s / 5 and zeroed.bytes_total is not None and zeroed.bytes_total < 20e6
+
+
+def test_the_estimate_carries_the_uncertainty() -> None:
+    from kvmshell.core.migration.model.dirty import Window, dirty_range
+    from kvmshell.core.migration.model.estimate import estimate
+    d = dirty_range([Window(1, 99 * MB), Window(3, 33 * MB)], ram=512 * MIB)
+    e = estimate(ram=512 << 20, dirty_rate=d.lo, working_set=d.working_set, link=128 * MIB, cap=None,
+                 downtime_limit_s=0.3, allow_postcopy=False, dirty=d)
+    assert e.dirty is d and e.uncertain
+    assert all(o.prediction.verdict is not Verdict.CONVERGES for o in e.options if "precopy" in o.name)
+
+
+def test_first_pass_zero_share_refines_the_time_left() -> None:
+    """During the first pass, QEMU's `remaining` counts zero pages too; the share of zero pages in what
+    was processed so far says how much of it will really be sent."""
+    from kvmshell.core.migration.model.samples import Sample
+    def sample(t: float, remaining: int, dup: int, normal: int) -> Sample:
+        return Sample(t=t, status=MigrationStatus.ACTIVE, pass_no=1, transferred=normal, remaining=remaining,
+                      total=512 << 20, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=800.0, throughput=100e6,
+                      expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0,
+                      duplicate_pages=dup, normal_bytes=normal)
+    samples = [sample(0.1, 400 << 20, 25000, 10 << 20), sample(0.2, 300 << 20, 50000, 20 << 20)]
+    p = assess(samples, downtime_limit_s=0.3, bandwidth_cap=None, link=LINK)
+    assert p.time_left_s is not None
+    assert p.time_left_s < (300 << 20) / 100e6 / 3          # most of what is left is zero pages
+
+
+def test_the_pane_says_uncertain_with_the_range() -> None:
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.predict import predict_range
+    from kvmshell.tui.views import migration_view
+    base = Inputs(ram_bytes=512 * MIB, dirty_rate=0, working_set=None, rate=128 * MIB, link=128 * MIB,
+                  downtime_limit_s=0.3)
+    p = predict_range(base, DirtyRange(lo=99 * MB, hi=None, working_set=99 * MB))
+    view = migration_view("vm", [], p, [], dest="dst", strategy="precopy")
+    assert view.verdict == "uncertain" and view.verdict_kind == "unknown"
+    assert view.advice.startswith("converges in ") and view.advice.endswith("never if more")
+
+
+def test_a_guest_slowed_by_its_migration_is_not_a_confident_will_not_converge() -> None:
+    """Measured on the Linux lab guest (TCG, 256 MiB rewritten as fast as it goes): >= 256 MB/s before
+    the start, but only ~132 MB/s while migrating (its vCPU shares the host with the migration), and
+    uncapped at ~150 MB/s it converged in 9 s, 12 passes. Before the start that cannot be told."""
+    from kvmshell.core.migration.model.dirty import Window, dirty_range
+    from kvmshell.core.migration.model.predict import predict_range
+    d = dirty_range([Window(1, 267 * MB), Window(3, 89 * MB)], ram=464 * MIB)
+    base = Inputs(ram_bytes=327 * MB, zero_bytes=160 * MB, dirty_rate=d.lo, working_set=d.working_set,
+                  rate=181 * MB, link=181 * MB, downtime_limit_s=0.3)
+    assert predict(base).verdict is Verdict.WILL_NOT_CONVERGE         # at the rate measured before the start
+    assert predict_range(base, d).verdict is Verdict.UNCERTAIN
+
+
+def test_the_first_pass_runs_both_ends_of_the_range_measured_before_the_start() -> None:
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.samples import Sample
+    s = Sample(t=0.5, status=MigrationStatus.ACTIVE, pass_no=1, transferred=60 << 20, remaining=400 << 20,
+               total=512 << 20, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=1000.0, throughput=128 * MIB,
+               expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0, duplicate_pages=0,
+               normal_bytes=60 << 20)
+    p = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=128 * MIB,
+               dirty=DirtyRange(lo=99 * MB, hi=None, working_set=99 * MB))
+    assert p.verdict is Verdict.UNCERTAIN and "never if more" in p.line()
+    assert assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=128 * MIB).verdict is Verdict.UNKNOWN
+
+
+def _pass_samples(dirty_at_sync: list[float], pass_s: list[float], rate: float = 100 * MB) -> list:
+    """A migration whose pass k ends after pass_s[k] seconds with dirty_at_sync[k] bytes found dirty,
+    QEMU's dirty-pages-rate that of the pass (distinct pages over its length)."""
+    from kvmshell.core.migration.model.samples import Sample
+    out, t, sent = [], 0.0, 0
+    out.append(Sample(t=0.0, status=MigrationStatus.ACTIVE, pass_no=1, transferred=0, remaining=512 * MIB,
+                      total=512 * MIB, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=800.0, throughput=rate,
+                      expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0))
+    for k, (n, T) in enumerate(zip(dirty_at_sync, pass_s), start=2):
+        t += T
+        sent += int(rate * T)
+        out.append(Sample(t=t, status=MigrationStatus.ACTIVE, pass_no=k, transferred=sent, remaining=int(n),
+                          total=512 * MIB, dirty_pages_rate=int(n / T / 4096), dirty_bytes_rate=int(n / T),
+                          mbps=800.0, throughput=rate, expected_downtime_ms=None, cpu_throttle=0,
+                          postcopy_requests=0))
+    return out
+
+
+def test_the_passes_are_windows_a_set_re_dirtied_within_each_pass_is_not_a_confident_converge() -> None:
+    from kvmshell.core.migration.model.predict import assess, pass_windows, syncs_of
+    from kvmshell.core.migration.model.dirty import dirty_range
+    # 100 MB found dirty after a 5 s first pass and again after a 1 s second one: QEMU's rate read
+    # 20 MB/s then 100 MB/s, a working set re-dirtied within every pass, whose real rate no pass tells
+    hot = _pass_samples([100 * MB, 100 * MB], [5.0, 1.0])
+    windows = pass_windows(hot, syncs_of(hot), theta=100 * MB * 0.3)
+    assert [round(w.seconds, 1) for w in windows] == [5.0, 1.0]
+    assert dirty_range(windows, 512 * MIB).working_set is not None
+    p = assess(hot, downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert p.verdict is not Verdict.CONVERGES, p.line()
+    # one pass only bounds the rate from below: 20 MB/s read over a 5 s first pass is no "will converge"
+    one = assess(hot[:2], downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert one.verdict is not Verdict.CONVERGES, one.line()
+    # a rate that grows with the pass (5 MB over 1 s, 25 MB over 5 s, the set found shrinking): converges
+    calm = _pass_samples([25 * MB, 35 * MB], [5.0, 1.0])
+    assert assess(calm, downtime_limit_s=0.3, bandwidth_cap=None, link=None).verdict is Verdict.CONVERGES

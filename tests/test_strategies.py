@@ -312,8 +312,9 @@ class Pre:
 
 
 def preflight(allow_postcopy: bool, windows: list[tuple[float, float]]) -> Pre:
-    from kvmshell.core.migration.model.choice import choose, dirty_range
-    return Pre(choose(ram=64 << 20, dirty=dirty_range(windows), rate=4e6, link=None, downtime_limit_s=0.02,
+    from kvmshell.core.migration.model.choice import choose
+    from kvmshell.core.migration.model.dirty import Window, dirty_range
+    return Pre(choose(ram=64 << 20, dirty=dirty_range([Window(t, r) for t, r in windows], 64 << 20), rate=4e6, link=None, downtime_limit_s=0.02,
                       allow_postcopy=allow_postcopy))
 
 
@@ -330,7 +331,7 @@ def test_a_confident_preflight_switches_to_postcopy_right_after_the_first_pass()
     [(lever, why)] = run("auto", [*first_pass, (sample(2, t=1.5), FINE), (sample(2, t=2.0), FINE)], levers)
     assert lever == "postcopy" and levers.preflight.said_n == 1                 # no hold needed; said once
     assert why.startswith('the pre-flight verdict is a confident "will not converge", the first pass is done '
-                          "(pass 2 at 1.5 s, 105 MB left): confident: will not converge (dirty rate at least 17 MB/s")
+                          "(pass 2 at 1.5 s, 105 MB left): will not converge (dirty rate re-dirties a working set")
     assert "postcopy after the first pass:" in why and "throttled to" in why
 
 
@@ -503,7 +504,7 @@ async def test_live_a_confident_preflight_switches_to_postcopy_right_after_the_f
     assert outcome.ok, (outcome.full_message, job.decisions)
     assert check is not None and check.ok, check.summary() if check else None
     [pre] = said(job, "preflight")
-    assert "postcopy right after the first pass (confident: will not converge (dirty rate at least" in pre, pre
+    assert "postcopy right after the first pass (will not converge (dirty rate re-dirties" in pre, pre
     assert "measured over 1 s and 3 s before the start" in pre
     [postcopy] = said(job, "postcopy")
     assert 'the pre-flight verdict is a confident "will not converge", the first pass is done' in postcopy, postcopy

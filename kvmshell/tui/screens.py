@@ -285,7 +285,7 @@ class MigrateDialog(ModalScreen[str | None]):
     def _tick(self) -> None:
         if self.estimating:
             self.query_one("#prediction", Static).update(Text(
-                f"the model's prediction: measuring {self.guest}'s dirty rate (1 s and 3 s windows)... "
+                f"the model's prediction: reading {self.guest}'s pages and measuring its dirty rate... "
                 f"{time.monotonic() - self._started:.0f} s", style="italic"))
 
     @work(exclusive=True, group="estimate")

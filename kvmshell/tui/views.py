@@ -276,6 +276,9 @@ def migration_view(guest: str, samples: Sequence[Sample], prediction: Prediction
             if prediction.bandwidth_needed:
                 knobs.append(f"bandwidth >= {rate(prediction.bandwidth_needed)}")
             advice = ("would converge with " + " or ".join(knobs)) if knobs else ""
+        elif prediction.verdict is Verdict.UNCERTAIN:
+            fig = _with(fig, predicted_downtime="?", time_left="?" if running else "-")
+            advice = prediction.outcomes()
         elif prediction.verdict is Verdict.UNKNOWN and prediction.time_left_s is not None and running:
             fig = _with(fig, time_left=seconds(prediction.time_left_s) + "+")
     if outcome is not None:

@@ -18,7 +18,8 @@ from kvmshell.core.migration.live.endpoints import warnings_for
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
-from kvmshell.core.migration.model.predict import Verdict, estimate_working_set
+from kvmshell.core.migration.live.measure import measure
+from kvmshell.core.migration.model.predict import Prediction, Verdict
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
@@ -95,6 +96,8 @@ def live_lines(info: MigrationInfo, job: MigrationJob | None) -> list[tuple[str,
         pred = job.prediction
         if pred is not None:
             items.append(("model", pred.verdict.value))
+            if pred.verdict is Verdict.UNCERTAIN:
+                items.append(("range", pred.outcomes()))
             if pred.reason:
                 items.append(("why", pred.reason))
             if pred.downtime_ms is not None and pred.verdict is Verdict.CONVERGES:
@@ -153,31 +156,26 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     if info.status.is_active:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
-    ram = await mon.ram_size()
     figure = await link_figure(inv, req)
-    inv.progress("measuring the dirty rate over 1 s and 3 s...")
-    windows = [(1, (await mon.measure_dirty_rate(1)).bytes_per_s), (3, (await mon.measure_dirty_rate(3)).bytes_per_s)]
-    D, W = estimate_working_set(windows)
+    m = await measure(mon, inv.progress)
+    ram, dirty = m.ram, m.dirty
+    D, W = dirty.lo, dirty.working_set
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
-                              bandwidth=req.bandwidth, windows=windows)
-    rows = [(o.name, o.prediction.verdict.value,
-             f"{o.prediction.total_s:.1f} s" if o.prediction.total_s is not None else "-",
-             f"{o.prediction.downtime_ms:.0f} ms" if o.prediction.downtime_ms is not None else "-",
+                              bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction)
+    rows = [(o.name, o.prediction.verdict.value, o.prediction.total_text(), _downtime(o.prediction),
              f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
             for o in est.options]
     if est.postcopy is not None:
         rows.append(("postcopy after the first pass", "will converge", f"{est.postcopy.total_s:.1f} s", "~ 1-10 ms",
                      f"{est.postcopy.bytes_total / 1e6:.0f} MB", est.postcopy.note))
-    lines = [f"guest {source}: {human_bytes(ram)} of RAM (the first pass sends at most that; zero pages cost "
-             f"almost nothing)",
-             f"dirty rate: {windows[0][1] / 1e6:.0f} MB/s over 1 s, {windows[1][1] / 1e6:.0f} MB/s over 3 s -> "
-             + (f"re-dirties a working set of about {W / 1e6:.0f} MB at {D / 1e6:.0f} MB/s" if W is not None
-                else f"dirties about {D / 1e6:.0f} MB/s without a bounded working set"),
+    lines = [f"guest {source}: {human_bytes(ram)} of RAM; {m.pages_text()}",
+             f"dirty rate: {m.windows_text()} -> {dirty.text()}"
+             + (f" ({m.means.note})" if m.means.note else ""),
              figure.text() if link else (f"link: {R_link / 1e6:.0f} MB/s (assumed: max-bandwidth; {figure.detail}; "
                                          "--link RATE or `link` in the config's [defaults] gives the real one)"),
              f"downtime limit: {L * 1000:.0f} ms"]
@@ -188,15 +186,31 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
         lines += [f"WARNING: {w}" for w in warnings_for(inv.session.fleet, source, dest, uri,
                                                        encrypted=bool(req.tls))]
     table = Table(("STRATEGY", "VERDICT", "TOTAL", "DOWNTIME", "SENT", "NOTE"), tuple(rows))
-    lines += ["", table.text(), "", f"auto would run: {est.auto}. Nothing was started."]
+    lines += ["", table.text(), ""]
+    uncertain = [o for o in est.options if o.prediction.verdict is Verdict.UNCERTAIN]
+    if uncertain:
+        lines.append("UNCERTAIN: the measurement cannot tell whether pre-copy converges:")
+        lines += [f"  {o.name}: {o.prediction.outcomes()}" for o in uncertain]
+        lines += [f"  ({uncertain[0].prediction.reason})", ""]
+    lines.append(f"auto would run: {est.auto}. Nothing was started.")
+    by_s = {w.seconds: w.bytes_per_s for w in dirty.windows}
     data = {"guest": source, "destination": dest, "ram_bytes": ram,
-            "dirty_rate_1s_bytes_per_s": windows[0][1], "dirty_rate_3s_bytes_per_s": windows[1][1],
+            "dirty_rate_1s_bytes_per_s": by_s.get(1.0), "dirty_rate_3s_bytes_per_s": by_s.get(3.0),
             "dirty_rate_bytes_per_s": D, "working_set_bytes": W, "link_bytes_per_s": R_link or None,
             "link_known": figure.how, "link_detail": figure.detail, "bandwidth_cap_bytes_per_s": cap,
             "downtime_limit_ms": L * 1000, "blocked": list(info.blocked_reasons),
             "warnings": [line.removeprefix("WARNING: ") for line in lines if line.startswith("WARNING: ")],
-            "started": False} | as_json(est)        # options, postcopy, auto: every field of the model's objects
+            "dirty_low_bytes_per_s": dirty.lo, "dirty_high_bytes_per_s": dirty.hi,
+            "zero_pages_percent": 100 * m.pages.zero_fraction, "uncertain": est.uncertain, "started": False}
+    # options, postcopy, auto: every field of the model's objects (the range and zero share: just above)
+    data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction")}
     return Text("\n".join(lines), data=data)
+
+
+def _downtime(p: Prediction) -> str:
+    if p.verdict is Verdict.UNCERTAIN:
+        return "- / never"
+    return f"{p.downtime_ms:.0f} ms" if p.downtime_ms is not None else "-"
 
 
 async def estimate(inv: Invocation) -> Result:

@@ -10,6 +10,7 @@ import abc
 import asyncio
 import logging
 import os
+import random
 import re
 import stat
 import time
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmshell.core.hosts.pool import HostPool
+from kvmshell.core.monitor import pagesample
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.core.values.models import (
-    BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, Event, MigrationInfo, MigrationParameters,
-    NbdServer, ParamValue, QemuVersion, Snapshot, Status,
+    BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, DirtyRateMeans, Event, MigrationInfo, MigrationParameters,
+    NbdServer, PageSample, ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.errors import CommandFailed, ConnectFailed, MonitorTimeout
 
@@ -35,6 +37,7 @@ EventCallback = Callable[[Event], None]
 Progress = Callable[[str], None]          # "saving 'tag'... 3 s": what a long action is doing
 
 SNAPSHOT_TIMEOUT = 600.0         # seconds for savevm/loadvm/delvm of a big guest
+PAGE_SAMPLE_TIMEOUT = 30.0       # seconds for `info mtree -f` of a guest with many devices
 DIRTY_RATE_SLACK = 10.0          # seconds a dirty-rate measurement may take beyond its window
 
 MAX_HMP_LINE = 4000              # QEMU's readline keeps at most 4095 bytes of a line
@@ -247,13 +250,21 @@ class Monitor(abc.ABC):
         """On the destination: listen on ``uri`` to recover a paused postcopy migration."""
 
     @abc.abstractmethod
-    async def start_dirty_rate(self, seconds: int) -> None:
-        """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate); ``dirty_rate`` reads it."""
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
+        """Start measuring the dirty rate over ``seconds`` (calc-dirty-rate) in ``mode`` (None: QEMU's
+        page sampling, reading ``sample_pages`` per GiB: QEMU's default when None); ``dirty_rate``
+        reads it. Windows under 1 s and modes: see ``dirty_rate_means``."""
 
-    async def measure_dirty_rate(self, seconds: int) -> DirtyRate:
+    @abc.abstractmethod
+    async def dirty_rate_means(self) -> DirtyRateMeans:
+        """Which calc-dirty-rate modes and windows this guest's QEMU offers, and can use safely."""
+
+    async def measure_dirty_rate(self, seconds: float, mode: str | None = None,
+                                 sample_pages: int | None = None) -> DirtyRate:
         """Measure how fast the guest dirties memory over ``seconds``: bytes/s of the distinct pages
         dirtied in that window. Raises MonitorTimeout when no result comes."""
-        await self.start_dirty_rate(seconds)
+        await self.start_dirty_rate(seconds, mode, sample_pages)
         bound = seconds + DIRTY_RATE_SLACK
         try:
             async with asyncio.timeout(bound):
@@ -261,10 +272,42 @@ class Monitor(abc.ABC):
                 while True:
                     info = await self.dirty_rate()
                     if info.measured and info.bytes_per_s is not None:
-                        return DirtyRate(info.bytes_per_s, seconds, time.time())
+                        return DirtyRate(info.bytes_per_s, seconds, time.time(), info.mode or mode or "page-sampling",
+                                         info.sample_pages or None)
                     await asyncio.sleep(0.1)
         except TimeoutError:
             raise MonitorTimeout(f"no dirty-rate result within {bound:g} s", guest=self.name) from None
+
+    async def sample_pages(self, count: int, *, seed: int | None = None) -> PageSample:
+        """Read ``count`` random pages of the guest's RAM (``xp``, through HMP on either protocol) and
+        say how many are all zero and how well the others compress. The RAM's ranges come from
+        ``info mtree -f``, or the usual x86 layout when that cannot be read, so that no device
+        register is read."""
+        if count <= 0:
+            raise CommandFailed(f"cannot sample {count} pages: give a positive count", guest=self.name)
+        ram = await self.ram_size()
+        try:
+            ranges = pagesample.ram_ranges(await self.hmp("info mtree -f", PAGE_SAMPLE_TIMEOUT), ram)
+        except CommandFailed as e:
+            log.info("%s: info mtree -f failed (%s): the usual x86 layout is assumed", self.name, e)
+            ranges = []
+        if not ranges:
+            ranges = pagesample.usual_ranges(ram)
+        zero = raw = packed = 0
+        addresses = pagesample.pick_pages(ranges, count, random.Random(seed))
+        for address in addresses:
+            dump = await self.hmp(f"xp /{pagesample.WORDS}gx {address:#x}")
+            try:
+                data = pagesample.page_bytes(dump)
+            except ValueError as e:
+                raise CommandFailed(f"reading the page at {address:#x}: {e}", guest=self.name) from None
+            if not any(data):
+                zero += 1
+            else:
+                raw += len(data)
+                packed += pagesample.compressed_size(data)
+        return PageSample(pages=len(addresses), zero_pages=zero, page_size=pagesample.PAGE, ram_bytes=ram,
+                          compressed_ratio=packed / raw if raw else None, when=time.time())
 
     @abc.abstractmethod
     async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None: ...

@@ -20,7 +20,7 @@ from typing import Any
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.values.models import (
-    SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, MigrationInfo, MigrationParameters,
+    SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, MigrationInfo, MigrationParameters,
     NbdServer, ParamValue, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
@@ -292,8 +292,23 @@ class HmpMonitor(Monitor):
     async def migrate_recover(self, uri: str) -> None:
         await self.hmp(f"migrate_recover {uri}")
 
-    async def start_dirty_rate(self, seconds: int) -> None:
-        await self.hmp(f"calc_dirty_rate {seconds}")
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
+        if seconds != int(seconds) or seconds < 1:
+            raise Unsupported(f"a dirty-rate window of {seconds:g} s: HMP's calc_dirty_rate takes whole seconds",
+                              guest=self.name)
+        flag = {"dirty-bitmap": "-b ", "dirty-ring": "-r "}.get(mode or "", "")
+        pages = f" {sample_pages}" if sample_pages is not None and not flag else ""
+        await self.hmp(f"calc_dirty_rate {flag}{int(seconds)}{pages}")
+
+    async def dirty_rate_means(self) -> DirtyRateMeans:
+        if "[-b]" not in await self.raw("help calc_dirty_rate"):
+            return DirtyRateMeans(("page-sampling",), 1.0, "this QEMU has page sampling only")
+        if "kvm support: enabled" not in await self.raw("info kvm"):
+            # QEMU 7.2 under TCG dies (SIGSEGV) on calc_dirty_rate -b: never ask it there
+            return DirtyRateMeans(("page-sampling",), 1.0, "the dirty-bitmap mode needs KVM; this guest runs "
+                                                           "without it")
+        return DirtyRateMeans(("dirty-bitmap", "page-sampling"), 1.0)
 
     async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
         await self.hmp(f"object_add {hmptext.keyval({'qom-type': qom_type, 'id': object_id, **props})}")

@@ -18,7 +18,7 @@ from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPEr
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Kind, Protocol
 from kvmshell.core.values.models import (
-    BlockDevice, BlockJob, Capabilities, DirtyRateInfo, Event, MigrationInfo, MigrationParameters, NbdServer,
+    BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, Event, MigrationInfo, MigrationParameters, NbdServer,
     ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import (
@@ -29,6 +29,9 @@ from kvmshell.core.hosts.streams import open_socket
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)
+
+
+SHORTEST_MS_WINDOW = 0.25       # seconds: the short window taken where calc-dirty-rate has calc-time-unit
 
 
 def _reason(e: BaseException) -> str:
@@ -277,8 +280,27 @@ class QmpMonitor(Monitor):
     async def migrate_recover(self, uri: str) -> None:
         await self.execute("migrate-recover", {"uri": uri})
 
-    async def start_dirty_rate(self, seconds: int) -> None:
-        await self.execute("calc-dirty-rate", {"calc-time": seconds})
+    async def start_dirty_rate(self, seconds: float, mode: str | None = None,
+                               sample_pages: int | None = None) -> None:
+        args: dict[str, Any] = {"calc-time": int(seconds)}
+        if seconds != int(seconds) or seconds < 1:
+            args = {"calc-time": max(1, round(seconds * 1000)), "calc-time-unit": "millisecond"}
+        if mode is not None and mode != "page-sampling":
+            args["mode"] = mode
+        elif sample_pages is not None:
+            args["sample-pages"] = sample_pages
+        await self.execute("calc-dirty-rate", args)
+
+    async def dirty_rate_means(self) -> DirtyRateMeans:
+        args = await self.command_args("calc-dirty-rate")
+        shortest = SHORTEST_MS_WINDOW if "calc-time-unit" in args else 1.0
+        if "mode" not in args:
+            return DirtyRateMeans(("page-sampling",), shortest, "this QEMU has page sampling only")
+        if not (await self.execute("query-kvm")).get("enabled"):
+            # QEMU 7.2 under TCG dies (SIGSEGV) on calc-dirty-rate mode=dirty-bitmap: never ask it there
+            return DirtyRateMeans(("page-sampling",), shortest, "the dirty-bitmap mode needs KVM; this guest runs "
+                                                                "without it")
+        return DirtyRateMeans(("dirty-bitmap", "page-sampling"), shortest)
 
     async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None:
         await self.execute("object-add", {"qom-type": qom_type, "id": object_id, **props})

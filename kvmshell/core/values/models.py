@@ -411,8 +411,19 @@ class DirtyRate:
     """An on-demand calc-dirty-rate measurement (it costs the guest, so never taken continuously)."""
 
     bytes_per_s: float
-    window_s: int
+    window_s: float
     when: float               # epoch seconds
+    mode: str = "page-sampling"       # or dirty-bitmap / dirty-ring: every page counted
+    sample_pages: int | None = None   # page sampling: pages read per GiB of RAM
+
+
+@dataclass(frozen=True)
+class DirtyRateMeans:
+    """How this guest's QEMU can measure its dirty rate, discovered from the guest (schema, KVM)."""
+
+    modes: tuple[str, ...] = ("page-sampling",)   # the best first
+    shortest_s: float = 1.0                       # the shortest window calc-dirty-rate takes
+    note: str = ""                                # why a better mode is not used
 
 
 @dataclass(frozen=True)
@@ -429,3 +440,36 @@ class Event:
         if self.name == "MIGRATION":
             return MigrationStatus(self.data.get("status", "unknown"))
         return None
+
+
+@dataclass(frozen=True)
+class PageSample:
+    """Random guest-physical RAM pages read before a migration: how many are all zero (QEMU sends
+    those as a few bytes) and how well the others compress (zlib, level 1)."""
+
+    pages: int                  # pages read
+    zero_pages: int             # of them, all zero
+    page_size: int              # bytes
+    ram_bytes: int              # the guest RAM the pages were drawn from
+    compressed_ratio: float | None = None   # compressed / raw size of the non-zero pages read
+    when: float = 0.0           # epoch seconds
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_pages / self.pages if self.pages else 0.0
+
+    @property
+    def zero_interval(self) -> tuple[float, float]:
+        """The 95 % confidence interval of the zero-page fraction (Wilson score)."""
+        return wilson_interval(self.zero_pages, self.pages)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``hits / n`` (0..1 for no draws)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.stages import BaseStage
-from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose, dirty_range
+from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose
+from kvmshell.core.migration.model.dirty import Window, dirty_range
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
@@ -26,14 +27,14 @@ class Preflight(BaseStage):
     def __init__(self) -> None:
         super().__init__()
         self.choice: Choice | None = None
-        self.windows: list[tuple[float, float]] = []
+        self.windows: list[Window] = []
         self.missing: str | None = None          # why there is no choice
 
     async def before_start(self, job: MigrationJob) -> None:
         src = job.source
         try:
             for seconds in PREFLIGHT_WINDOWS:
-                self.windows.append((seconds, float((await src.measure_dirty_rate(seconds)).bytes_per_s)))
+                self.windows.append(Window(seconds, float((await src.measure_dirty_rate(seconds)).bytes_per_s)))
             ram = await src.ram_size()
             params = await src.migrate_parameters()
         except KvmError as e:
@@ -44,7 +45,7 @@ class Preflight(BaseStage):
             self.missing = ("no transfer rate is known before the start (neither --bandwidth nor --link, nor a link "
                             "in the config)")
             return
-        self.choice = choose(ram=ram, dirty=dirty_range(self.windows), rate=rate, link=job.req.link,
+        self.choice = choose(ram=ram, dirty=dirty_range(self.windows, ram), rate=rate, link=job.req.link,
                              downtime_limit_s=(params.downtime_limit_ms or 300) / 1000, allow_postcopy=job.req.allow_postcopy)
 
     def said(self) -> str:

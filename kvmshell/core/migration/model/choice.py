@@ -3,21 +3,18 @@ start from a dirty-rate measurement over several windows, with the numbers it re
 `migrate --estimate` line "auto would run" and the running job (its pre-flight stage) both call
 ``choose``, so the two say the same.
 
-A window of t seconds counts the distinct pages dirtied in it over t: a working set re-dirtied within
-the window shows as W/t, so the windows give a range of dirty rates, not one. The verdict is
-"confident" only when the model says the same at both ends of that range; anything else (the ends
-disagree, or the model says something other than converge / will not converge) is not confident, and
-auto then waits for a verdict that holds during the migration (strategies/base.py).
+The dirty rate is the range calc-dirty-rate's windows allow (model/dirty.py). The verdict is
+"will converge" or "will not converge" only when the model says the same at both ends of that range
+(confident); anything else is "uncertain" (predict.Verdict), and auto then waits for a verdict that
+holds during the migration (strategies/base.py).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmshell.core.migration.model.predict import (Inputs, Prediction, Verdict, estimate_working_set, predict,
-                                                   throttle_for)
+from kvmshell.core.migration.model.dirty import DirtyRange
+from kvmshell.core.migration.model.predict import UNBOUNDED, Inputs, Prediction, Verdict, predict, throttle_for
 
 PREFLIGHT_WINDOWS = (1, 3)       # seconds of calc-dirty-rate before the start: the pre-flight costs 4 s
 
@@ -27,48 +24,13 @@ PRECOPY = "precopy"              # pre-copy, escalating only if a verdict holds 
 
 
 @dataclass(frozen=True)
-class DirtyRange:
-    """The guest's dirty rate as the windows show it (bytes/s), and the working set if the dirtied bytes
-    stopped growing with the window. Then every window saw the whole set re-dirtied: the shortest
-    window's figure is only a lower bound and the rate has no upper one (``high`` is infinite)."""
-
-    low: float
-    high: float
-    working_set: float | None
-
-    @property
-    def bounded(self) -> bool:
-        return math.isfinite(self.high)
-
-    def text(self) -> str:
-        if not self.bounded:
-            rate = f"at least {self.low / 1e6:.0f} MB/s"
-        elif round(self.low / 1e6) == round(self.high / 1e6):
-            rate = f"{self.low / 1e6:.0f} MB/s"
-        else:
-            rate = f"{self.low / 1e6:.0f}-{self.high / 1e6:.0f} MB/s"
-        return rate + (f" over a {self.working_set / 1e6:.0f} MB working set" if self.working_set is not None else "")
-
-
-def dirty_range(windows: Sequence[tuple[float, float]]) -> DirtyRange:
-    """The range from calc-dirty-rate results [(seconds, bytes/s), ...] (ValueError if there are none):
-    from the lowest figure to the highest while the dirtied bytes grow with the window; from the
-    highest figure (the shortest window's) up, over the largest set seen, once they stop growing."""
-    _, W = estimate_working_set(windows)
-    rates = [rate for t, rate in windows if t > 0]
-    if W is None:
-        return DirtyRange(min(rates), max(rates), None)
-    return DirtyRange(max(rates), math.inf, max(t * rate for t, rate in windows if t > 0))
-
-
-@dataclass(frozen=True)
 class Choice:
     """What auto would do, and why in numbers."""
 
     lever: str                   # POSTCOPY, CONVERGE or PRECOPY
     at_once: bool                # the lever is pulled without waiting for a verdict to hold (postcopy only)
     confident: bool              # the model says the same at both ends of the range
-    low: Prediction              # pre-copy at the range's low end (the end most favourable to pre-copy)
+    low: Prediction              # pre-copy at the range's low end while migrating (DirtyRange.while_migrating)
     high: Prediction             # ... and at its high end
     dirty: DirtyRange
     rate: float                  # bytes/s the migration will move (the bandwidth cap, else the link)
@@ -78,15 +40,21 @@ class Choice:
     throttle: float              # the share of CPU that throttle takes
 
     @property
+    def outcome(self) -> Verdict:
+        """CONVERGES or WILL_NOT_CONVERGE when both ends agree, else UNCERTAIN."""
+        return self.low.verdict if self.confident else Verdict.UNCERTAIN
+
+    @property
     def verdict(self) -> str:
         if self.confident:
-            return f"confident: {self.low.verdict.value}"
-        return f"not confident: {self.low.verdict.value} at the low end, {self.high.verdict.value} at the high end"
+            return self.low.verdict.value
+        return (f"{Verdict.UNCERTAIN.value}: {self.low.verdict.value} at the low end, {self.high.verdict.value} "
+                "at the high end")
 
     def numbers(self) -> str:
         """The verdict, the range and each lever's predicted cost."""
         pre = f"pre-copy at the low end: {self.low.line()}"
-        if not self.dirty.bounded:
+        if self.dirty.hi is None:
             pre += f"; re-dirtying the working set faster still: {self.high.verdict.value}"
         elif self.high.line() != self.low.line():
             pre += f"; pre-copy at the high end: {self.high.line()}"
@@ -123,15 +91,16 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
     holds when postcopy is not allowed; plain pre-copy otherwise."""
     link = max(link or rate, rate)
     W = dirty.working_set
+    top = dirty.hi if dirty.hi is not None else UNBOUNDED
 
     def precopy(D: float) -> Prediction:
         return predict(Inputs(ram_bytes=ram, dirty_rate=D, working_set=W, rate=rate, link=link,
                               downtime_limit_s=downtime_limit_s))
 
-    low, high = precopy(dirty.low), precopy(dirty.high)
+    low, high = precopy(dirty.while_migrating), precopy(top)      # the same ends as predict_range
     stuck = low.verdict is Verdict.WILL_NOT_CONVERGE and high.verdict is Verdict.WILL_NOT_CONVERGE
     fine = low.verdict is Verdict.CONVERGES and high.verdict is Verdict.CONVERGES
-    D = dirty.high if dirty.bounded else dirty.low          # the throttle's rate: the highest known one
+    D = dirty.hi if dirty.hi is not None else dirty.lo      # the throttle's rate: the highest known one
     p = throttle_for(D, rate)
     throttled = precopy(D * (1 - p)) if rate > 0 else None
     if throttled is not None and throttled.verdict is not Verdict.CONVERGES:

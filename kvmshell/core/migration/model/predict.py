@@ -14,6 +14,9 @@ lambda = D/R. Two corrections make it fit what QEMU 7.2 really does (traces in t
   not D t, and the dirty set never exceeds W. A hot guest (D >= R) therefore converges iff W <= theta:
   raise the bandwidth to B* = W/L or the limit to L* = W/R, throttle it, or go postcopy.
 
+Before the start D is a range (model/dirty.py): ``predict_range`` runs the model at both ends and says
+"uncertain" when they disagree. Zero pages cost the first pass a scan, not a send.
+
 With samples, D comes from QEMU's dirty-pages-rate or from the dirt found at the first sync, and
 lambda from the shrinking of the excess between syncs.
 """
@@ -26,6 +29,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from kvmshell.core.migration.model.dirty import PASS_MODE, DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.values.models import MigrationStatus
 
@@ -34,12 +38,19 @@ SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R i
 LATER_PASSES = 0.97            # later passes move ~3 % less than the streaming first pass (bitmap syncs; fitted on the traces)
 NOISE = 0.02                   # QEMU completes once the fresh dirt is below this share of theta
 MAX_PASSES = 400
+ZERO_SCAN_RATE = 2e9           # bytes/s of zero pages the first pass gets through (found zero, sent as a header)
+UNBOUNDED = 1e13               # bytes/s standing for "no upper bound seen" (10 TB/s: every page at once)
+PAGE = 4096
+# The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
+# samples and the leftover at a sync is only ~theta (fitted on the corpus's fit set: bench/score_corpus.py --fit)
+PASS_SPREAD = 1.25
 
 
 class Verdict(enum.Enum):
     CONVERGES = "will converge"
     WILL_NOT_CONVERGE = "will not converge"
     UNKNOWN = "too early to tell"
+    UNCERTAIN = "uncertain"        # the measurement allows both outcomes: see Prediction.outcomes()
     DONE = "finished"
 
 
@@ -59,6 +70,7 @@ class Inputs:
     sent: float = 0.0
     shrink: float | None = None    # lambda observed between syncs, when known
     sync_time_s: float = SYNC_TIME_S
+    zero_bytes: float = 0.0        # zero pages the first pass still has to get through (scanned, not sent)
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,32 @@ class Prediction:
     downtime_limit_needed_ms: float | None = None   # L* = W / R
     bandwidth_needed: float | None = None           # B* = W / L
     rough: bool = False           # the dirty rate is only the first sync's estimate (QEMU's comes a pass later)
+    total_range_s: tuple[float, float] | None = None   # over the dirty rates the measurement allows
+    converges_below: float | None = None    # UNCERTAIN: it converges if the guest dirties under this (bytes/s)
+
+    def total_text(self) -> str:
+        """The total time as a figure or a range: "5.2 s", "4.1-6.0 s", "5.2 s or never"."""
+        if self.total_range_s is not None:
+            a, b = self.total_range_s
+            span = f"{a:.1f} s" if f"{a:.1f}" == f"{b:.1f}" else f"{a:.1f}-{b:.1f} s"
+            return span + (" or never" if self.verdict is Verdict.UNCERTAIN else "")
+        return f"{self.total_s:.1f} s" if self.total_s is not None else "-"
+
+    def outcomes(self) -> str:
+        """For an UNCERTAIN verdict, what happens at either end of the dirty rate."""
+        if self.verdict is not Verdict.UNCERTAIN or self.converges_below is None:
+            return ""
+        span = self.total_text().removesuffix(" or never")
+        return (f"converges in {span} if the guest dirties under {_mbs(self.converges_below)}, "
+                "never if more")
 
     def line(self) -> str:
         parts = [self.verdict.value + (" (rough)" if self.rough else "")]
-        if self.total_s is not None:
+        if self.verdict is Verdict.UNCERTAIN:
+            parts.append(self.outcomes())
+        elif self.total_range_s is not None:
+            parts.append(f"total {self.total_text()}")
+        elif self.total_s is not None:
             parts.append(f"total {self.total_s:.1f} s")
         if self.downtime_ms is not None:
             parts.append(f"downtime {self.downtime_ms:.0f} ms")
@@ -90,7 +124,9 @@ class Prediction:
 
 def dirtied(dirty_rate: float, working_set: float | None, seconds: float) -> float:
     """N(t): distinct bytes dirtied in a window of ``seconds``."""
-    n = dirty_rate * max(0.0, seconds)
+    if seconds <= 0:
+        return 0.0
+    n = dirty_rate * seconds
     return n if working_set is None else min(n, working_set)
 
 
@@ -114,7 +150,7 @@ def predict(inp: Inputs) -> Prediction:
     knobs = _knobs(W, D, R, L)
     if inp.dirty_set is None:                      # the first pass: everything, at R
         first = inp.ram_bytes if inp.first_pass_left is None else inp.first_pass_left
-        T = first / R
+        T = first / R + inp.zero_bytes / ZERO_SCAN_RATE
         t += T
         sent += first
         N = dirtied(D, W, T + (inp.elapsed_s if inp.first_pass_left is not None else 0.0))
@@ -145,6 +181,43 @@ def predict(inp: Inputs) -> Prediction:
         N = nxt
     return Prediction(Verdict.WILL_NOT_CONVERGE, _why_not(D, W, R, L, N) + f" (still {_mb(N)} after "
                       f"{MAX_PASSES} passes)", working_set=W, dirty_rate=D, rate=R, **knobs)
+
+
+def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
+    """The model at both ends of the dirty rates the measurement allows. Ends that agree: that
+    verdict, with the range of total times. Ends that disagree: UNCERTAIN, with the rate where the
+    outcome flips and the times on the converging side; never a confident verdict the other end denies."""
+    hi = dirty.hi if dirty.hi is not None else UNBOUNDED
+    lo = dirty.while_migrating
+    at = lambda d: predict(replace(inp, dirty_rate=d, working_set=dirty.working_set))   # noqa: E731
+    p_lo, p_hi = at(lo), at(hi)
+    if p_lo.verdict is Verdict.UNKNOWN:
+        return p_lo
+    if p_lo.verdict is p_hi.verdict is Verdict.WILL_NOT_CONVERGE:
+        return p_lo
+    if p_lo.verdict is p_hi.verdict is Verdict.CONVERGES:
+        assert p_lo.total_s is not None and p_hi.total_s is not None
+        return replace(p_hi, dirty_rate=lo, total_range_s=(min(p_lo.total_s, p_hi.total_s),
+                                                                  max(p_lo.total_s, p_hi.total_s)))
+    good, bad = (lo, hi) if p_lo.verdict is Verdict.CONVERGES else (hi, lo)
+    for _ in range(60):                            # where the verdict flips (geometric bisection)
+        mid = math.sqrt(good * bad) if good > 0 else bad / 2
+        if at(mid).verdict is Verdict.CONVERGES:
+            good = mid
+        else:
+            bad = mid
+        if bad <= good * 1.01:
+            break
+    p_good = at(good)
+    totals = [p.total_s for p in (p_lo, p_hi, p_good) if p.total_s is not None]
+    ws = f" of a {_mb(dirty.working_set)} working set" if dirty.working_set is not None else ""
+    why = (f"measured before the start: {_mbs(dirty.lo)}" + (f" to {_mbs(dirty.hi)}" if dirty.hi is not None else
+           f" or more (calc-dirty-rate counts a page once per window, so a faster rewrite{ws} looks the same)")
+           + f"; while migrating the guest may dirty as little as {_mbs(lo)}; at {_mbs(inp.rate)} x "
+           f"{inp.downtime_limit_s * 1000:.0f} ms the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
+    return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=lo, rate=inp.rate,
+                      total_range_s=(min(totals), max(totals)) if totals else None, converges_below=good,
+                      **_knobs(dirty.working_set, lo, inp.rate, inp.downtime_limit_s))
 
 
 def _knobs(W: float | None, D: float, R: float, L: float) -> dict[str, float | None]:
@@ -240,9 +313,12 @@ def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
 
 def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap: float | None,
            link: float | None, ram_bytes: int | None = None, dirty_rate: float | None = None,
-           working_set: float | None = None) -> Prediction:
+           working_set: float | None = None, zero_fraction: float | None = None,
+           dirty: DirtyRange | None = None) -> Prediction:
     """The model applied to a migration in progress. ``dirty_rate``/``working_set`` from before the
-    start (calc-dirty-rate) are used until the samples say better."""
+    start (calc-dirty-rate) are used until the samples say better; so is ``zero_fraction`` (sampled
+    pages) until the first pass has processed enough pages to say what share of them is zero. ``dirty``,
+    the range measured before the start, stands for the dirty rate until QEMU's: both ends are run."""
     if not samples:
         return Prediction(Verdict.UNKNOWN, "no samples yet")
     last = samples[-1]
@@ -261,14 +337,20 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     D = obs.dirty_rate if obs.dirty_rate is not None else dirty_rate
     W = working_set
     if not obs.first_pass_done:
+        z = zero_share(last)
+        z = z if z is not None else zero_fraction or 0.0
+        left, zeros = obs.remaining * (1 - z), obs.remaining * z
+        if D is None and dirty is not None:
+            D = dirty.lo
         if D is None:
-            return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go at "
+            zero_note = f" ({100 * z:.0f} % of it zero pages so far)" if z >= 0.01 else ""
+            return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go{zero_note} at "
                                                f"{rate / 1e6:.0f} MB/s: the dirty rate shows at the first sync",
-                              time_left_s=obs.remaining / rate, rate=rate)
+                              time_left_s=left / rate + zeros / ZERO_SCAN_RATE, rate=rate)
         inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate, link=link or rate,
-                     downtime_limit_s=downtime_limit_s, first_pass_left=obs.remaining, elapsed_s=obs.elapsed,
-                     sent=obs.sent)
-        return predict(inp)
+                     downtime_limit_s=downtime_limit_s, first_pass_left=left, zero_bytes=zeros,
+                     elapsed_s=obs.elapsed, sent=obs.sent)
+        return predict_range(inp, dirty) if dirty is not None and obs.dirty_rate is None else predict(inp)
     stuck = _stuck(obs.syncs, rate, downtime_limit_s)
     if stuck is not None:
         return Prediction(Verdict.WILL_NOT_CONVERGE, stuck, working_set=max(s.dirty for s in obs.syncs),
@@ -286,9 +368,39 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
                  elapsed_s=obs.syncs[-1].t, sent=_sent_at(samples, obs.syncs[-1].t), shrink=obs.shrink,
                  sync_time_s=obs.sync_time if obs.sync_time is not None else SYNC_TIME_S)
     p = predict(inp)
+    passes = pass_windows(samples, obs.syncs, rate * downtime_limit_s)
+    if passes and p.verdict is Verdict.CONVERGES:
+        # the passes read as windows (widened by PASS_SPREAD) must allow the same verdict at both ends,
+        # else the evidence disagrees with itself: UNCERTAIN, never a confident verdict it denies
+        seen = dirty_range(passes, float(last.total))
+        if seen.working_set is not None:        # the set is what a sync found dirty, leftover included
+            seen = replace(seen, working_set=max(seen.working_set, max(s.dirty for s in obs.syncs)))
+        hi = seen.hi * PASS_SPREAD if seen.hi is not None else None
+        ranged = predict_range(inp, replace(seen, lo=seen.lo / PASS_SPREAD, hi=hi))
+        if ranged.verdict is not p.verdict:
+            p = replace(ranged, verdict=Verdict.UNCERTAIN, reason=f"{p.verdict.value} at QEMU's dirty rate, but the "
+                        f"passes so far allow {seen.text()}: {ranged.verdict.value} there"
+                        if ranged.verdict is not Verdict.UNCERTAIN else ranged.reason)
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
+
+
+def pass_windows(samples: Sequence[Sample], syncs: Sequence[Sync], theta: float) -> list[Window]:
+    """Each finished pass as a calc-dirty-rate window: the fresh dirt found at its end (the dirty set
+    less the ~``theta`` QEMU left unsent when it synced) over its length.
+    A set re-dirtied within a pass shows as W/T whatever the real rate, exactly as in a window, so
+    the passes give the same kind of range (model/dirty.py): one pass only bounds the rate from below,
+    and passes of different lengths tell a rate from a working set."""
+    active = [s.t for s in samples if s.status is MigrationStatus.ACTIVE]
+    start = active[0] if active else 0.0
+    out, prev = [], start
+    for s in syncs:
+        if s.t > prev:
+            fresh = s.dirty - (theta if out else 0.0)          # the first pass leaves nothing behind
+            out.append(Window(s.t - prev, max(0.0, fresh) / (s.t - prev), mode=PASS_MODE))
+        prev = s.t
+    return out
 
 
 STUCK_WINDOW = 4
@@ -309,6 +421,15 @@ def _stuck(syncs: Sequence[Sync], rate: float, limit_s: float) -> str | None:
     return (f"no progress over {len(syncs)} passes: the dirty set stays at {_mb(lo)}-{_mb(hi)}, above the "
             f"{_mb(theta)} that fits the limit ({_mbs(rate)} x {limit_s * 1000:.0f} ms); the final pass would need "
             f"{lo / rate * 1000:.0f} ms or more > limit {limit_s * 1000:.0f} ms")
+
+
+ZERO_SHARE_MIN_PAGES = 256     # pages the first pass must have processed before their zero share counts
+
+
+def zero_share(s: Sample) -> float | None:
+    """The share of zero pages in what the first pass has processed so far (None: too few pages yet)."""
+    pages = s.duplicate_pages + s.normal_bytes / PAGE
+    return s.duplicate_pages / pages if pages >= ZERO_SHARE_MIN_PAGES else None
 
 
 def _sent_at(samples: Sequence[Sample], t: float) -> float:

@@ -1,0 +1,513 @@
+"""Score the CURRENT model on the held-out runs of the trace corpus (bench/corpus.py), or fit its
+constants on the fit runs only.
+
+Every held-out trace is replayed sample by sample through ``assess`` (as the job calls it live), and its
+header's pre-flight (calc-dirty-rate over 1 s and 3 s) through ``estimate_working_set`` and ``estimate``.
+Prints Markdown for bench/RESULTS.md: the corpus per cell; p50/p90 |error| of the predicted total time and
+downtime at the start (pre-flight) and at 25 % of the elapsed time; the verdict confusion matrix against
+the outcome (completed within the cap or not; unsteered policies only); the time to the first right
+"will not converge"; how often the verdict changes after the first 3 s.
+
+    .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
+    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_*, MIGRATING_SHARE, PASS_SPREAD on the fit set
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmshell.core.migration.live.strategies import base as strategies_base
+from kvmshell.core.migration.model import predict as model
+from kvmshell.core.migration.model.estimate import estimate
+
+try:                                   # the dirty rate as a range (the measure branch)
+    from kvmshell.core.migration.model import dirty as dirty_model
+except ImportError:
+    dirty_model = None                 # type: ignore[assignment]
+from kvmshell.core.migration.model.samples import Sample, Trace, read_trace
+from kvmshell.core.values.models import MigrationStatus
+
+CORPUS = Path(__file__).with_name("corpus")
+HELD_OUT_BELOW = 77           # as bench/corpus.py: sha256(run id) first byte below this: held out
+UNSTEERED = ("defaults", "precopy")
+NO_CAP = 1e10                 # a max-bandwidth above this is kvmshell's "uncapped"
+ESTIMATE_OPTION = {"defaults": "precopy (current limits)", "precopy": "precopy, uncapped"}
+AUTO_OPTION = {"precopy, uncapped": "precopy, uncapped", "converge": "converge (auto-converge)"}
+
+
+def held_out(run_id: str) -> bool:
+    return hashlib.sha256(run_id.encode()).digest()[0] < HELD_OUT_BELOW
+
+
+@dataclass
+class Run:
+    """One recorded run: its index line, its trace and the raw header (with the pre-flight)."""
+    row: dict[str, Any]
+    trace: Trace
+    header: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.row["run_id"])
+
+    @property
+    def policy(self) -> str:
+        return str(self.row["policy"])
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.row.get("completed"))
+
+    @property
+    def total_s(self) -> float | None:
+        return self.row.get("total_s")
+
+    @property
+    def downtime_ms(self) -> float | None:
+        return self.row.get("downtime_ms")
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the migration ran: its total time, else the last sample's time."""
+        if self.total_s:
+            return float(self.total_s)
+        return self.trace.samples[-1].t if self.trace.samples else 0.0
+
+    def limits(self) -> tuple[float, float | None, float | None]:
+        """(downtime limit s, bandwidth cap, link) as the job had them."""
+        params = self.trace.header.params
+        cap = params.get("max-bandwidth")
+        return (params.get("downtime-limit", 300) / 1000, float(cap) if cap and cap < NO_CAP else None,
+                self.trace.header.link_bytes_per_s)
+
+
+def load_trace_gz(path: Path) -> tuple[Trace, dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return read_trace(lines, str(path)), json.loads(lines[0])
+
+
+def index(corpus: Path) -> list[dict[str, Any]]:
+    """The latest index line of every run id."""
+    rows: dict[str, dict[str, Any]] = {}
+    path = corpus / "INDEX.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                rows[d["run_id"]] = d
+    return list(rows.values())
+
+
+def load_runs(corpus: Path, which: str) -> list[Run]:
+    runs = []
+    for row in index(corpus):
+        if which != "all" and held_out(row["run_id"]) != (which == "held-out"):
+            continue
+        if row.get("outcome") == "error" or not row.get("trace"):
+            continue
+        trace, header = load_trace_gz(corpus / row["trace"])
+        runs.append(Run(row, trace, header))
+    return sorted(runs, key=lambda r: r.run_id)
+
+
+# -- replaying the model ------------------------------------------------------------------------
+
+def preflight_figures(run: Run) -> dict[str, float | None]:
+    """The pre-flight's figures as ``assess`` takes them from before the start: D, W, the zero share."""
+    pre = run.header.get("preflight")
+    if not pre:
+        return {}
+    D, W = model.estimate_working_set([(float(t), float(r)) for t, r in pre["dirty_windows"]])
+    return {"dirty_rate": D, "working_set": W, "zero_fraction": (pre.get("sample_pages") or {}).get("zero_fraction")}
+
+
+def replay(run: Run, upto: float | None = None, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
+    """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
+    ``with_preflight``), up to time ``upto``."""
+    limit, cap, link = run.limits()
+    extra = preflight_figures(run) if with_preflight else {}
+    out = []
+    ss = [s for s in run.trace.samples if upto is None or s.t <= upto]
+    for i in range(1, len(ss) + 1):
+        if ss[i - 1].status is MigrationStatus.COMPLETED:
+            break
+        out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link, **extra)))
+    return out
+
+
+def at_fraction(run: Run, fraction: float, with_preflight: bool = False) -> model.Prediction | None:
+    """The prediction from the samples up to ``fraction`` of the elapsed time (None: no sample yet)."""
+    seq = replay(run, upto=fraction * run.elapsed, with_preflight=with_preflight)
+    return seq[-1][1] if seq else None
+
+
+def preflight(run: Run, ranged: bool = False) -> model.Prediction | None:
+    """What `migrate --estimate` would say now, from the header's pre-flight, for the run's policy:
+    from one dirty-rate figure (``estimate_working_set``, what `estimate` uses today), or with
+    ``ranged`` from the range the windows allow (model/dirty.py) and the zero pages sample_pages saw."""
+    pre = run.header.get("preflight")
+    if not pre:
+        return None
+    windows = [(float(t), float(r)) for t, r in pre["dirty_windows"]]
+    D, W = model.estimate_working_set(windows)
+    params = pre["params"]
+    cap = float(params.get("max-bandwidth") or 0) or None
+    L = params.get("downtime-limit", 300) / 1000
+    link = pre.get("link_bytes_per_s") or cap or 0.0
+    extra: dict[str, Any] = {}
+    if ranged:
+        if dirty_model is None:
+            return None
+        per_gib = pre.get("dirty_sample_pages_per_gib", 512)
+        extra["dirty"] = dirty_model.dirty_range(
+            [dirty_model.Window(t, r, round(per_gib * pre["ram"] / 2**30)) for t, r in windows], pre["ram"])
+        zero = (pre.get("sample_pages") or {}).get("zero_fraction")
+        if zero is not None:
+            extra["zero_fraction"] = zero
+    est = estimate(ram=pre["ram"], dirty_rate=D, working_set=W, link=link, cap=cap, downtime_limit_s=L,
+                   allow_postcopy=False, **extra)
+    name = ESTIMATE_OPTION.get(run.policy) or AUTO_OPTION.get(est.auto, "precopy, uncapped")
+    return {o.name: o.prediction for o in est.options}[name]
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def fmt(x: float | None, unit: str = "%", digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
+@dataclass
+class Errors:
+    """|error| of predicted against actual total time (%) and downtime (% and ms), and what had none."""
+    total: list[float]
+    down: list[float]
+    down_ms: list[float]
+    none: int            # completed runs without a time prediction (a verdict other than "will converge")
+
+
+def errors(runs: Iterable[Run], predict_of: Any) -> Errors:
+    e = Errors([], [], [], 0)
+    for run in runs:
+        if not run.completed or not run.total_s:
+            continue
+        p = predict_of(run)
+        if p is None or p.total_s is None:
+            e.none += 1
+            continue
+        e.total.append(abs(p.total_s - run.total_s) / run.total_s * 100)
+        if p.downtime_ms is not None and run.downtime_ms:
+            e.down.append(abs(p.downtime_ms - run.downtime_ms) / run.downtime_ms * 100)
+            e.down_ms.append(abs(p.downtime_ms - run.downtime_ms))
+    return e
+
+
+def first_will_not(run: Run, confident: bool = True) -> float | None:
+    for s, p in replay(run):
+        if p.verdict is model.Verdict.WILL_NOT_CONVERGE and not (confident and p.rough):
+            return s.t
+    return None
+
+
+def verdict_changes(run: Run, after: float = 3.0) -> int:
+    said = [p.verdict.value + (" (rough)" if p.rough else "") for s, p in replay(run) if s.t >= after]
+    return sum(1 for a, b in zip(said, said[1:]) if a != b)
+
+
+STEADY = ("idle", "paced", "ws")     # workloads that dirty at one rate from start to end (text, hotcold: bursts)
+
+
+def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
+    """Verdict changes once the first pass is done (rough or not counts as the same verdict); with
+    ``flips_only`` only those from one confident verdict to the other (will converge <-> will not)."""
+    said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
+    both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+    return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
+
+
+def confident_wrong(run: Run) -> list[str]:
+    """Non-rough verdicts contradicted by the outcome (unsteered runs only): when and what."""
+    wrong = []
+    for s, p in replay(run):
+        if p.rough:
+            continue
+        if run.completed and p.verdict is model.Verdict.WILL_NOT_CONVERGE:
+            wrong.append(f"{s.t:.1f} s: will not converge")
+        elif not run.completed and p.verdict is model.Verdict.CONVERGES:
+            wrong.append(f"{s.t:.1f} s: will converge")
+    return wrong
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+def corpus_table(rows: list[dict[str, Any]]) -> list[str]:
+    cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[r["cell"]].append(r)
+    out = ["| cell | runs (held out) | outcomes | total time (median, min-max) | downtime (median) | memory check |",
+           "|---|---|---|---|---|---|"]
+    for name in sorted(cells):
+        rs = cells[name]
+        outcomes = Counter(r["outcome"] for r in rs)
+        times = [r["total_s"] for r in rs if r.get("total_s")]
+        downs = [r["downtime_ms"] for r in rs if r.get("downtime_ms") is not None]
+        mem = Counter(r.get("memcheck", "-").split(":")[0] for r in rs if r["outcome"] != "error")
+        out.append(f"| {name} | {len(rs)} ({sum(held_out(r['run_id']) for r in rs)}) | "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + " | "
+                   + (f"{statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})" if times else "-")
+                   + f" | {fmt(statistics.median(downs), ' ms') if downs else '-'} | "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(mem.items())) + " |")
+    done = [r for r in rows if r.get("completed")]
+    by_work: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in done:
+        by_work[f"{r['guest']} {r['work']}"][r.get("memcheck", "-").split(":")[0]] += 1
+    out += ["", f"Destination checks of the {len(done)} completed runs, by guest and workload: "
+            + "; ".join(f"{k}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items())) for k, c in sorted(by_work.items()))
+            + f". Runs that ended in an error of the bench: {sum(r['outcome'] == 'error' for r in rows)}."]
+    return out
+
+
+def throughput_table(runs: list[Run]) -> list[str]:
+    """How fast the migrations moved, by guest, link and whether kvmshell uncapped the bandwidth: the
+    median of the sample-to-sample throughputs while active (all runs: a property of the machine)."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in runs:
+        capped = "QEMU's 128 MiB/s cap" if r.policy == "defaults" else "uncapped"
+        groups[(r.row["guest"], r.row["link"], capped)] += [s.throughput for s in r.trace.samples
+                                                          if s.status is MigrationStatus.ACTIVE and s.throughput > 0]
+    out = ["| guest | link | bandwidth | samples | throughput p50 (p10-p90) |", "|---|---|---|---|---|"]
+    for (guest, link, capped), v in sorted(groups.items()):
+        if v:
+            out.append(f"| {guest} | {link} | {capped} | {len(v)} | {pct(v, .5) / 1e6:.0f} MB/s "
+                       f"({pct(v, .1) / 1e6:.0f}-{pct(v, .9) / 1e6:.0f}) |")
+    return out
+
+
+def score(runs: list[Run]) -> list[str]:
+    out = [f"Held-out runs scored: {len(runs)} ({sum(r.completed for r in runs)} completed within the cap), "
+           f"LATER_PASSES = {model.LATER_PASSES}.", "",
+           "| moment | policies | runs with a time prediction | total time p50 / p90 abs error | "
+           "downtime p50 / p90 abs error | downtime p50 / p90 abs error (ms) | completed runs without a prediction |",
+           "|---|---|---|---|---|---|---|"]
+    groups = {"all": runs, "unsteered": [r for r in runs if r.policy in UNSTEERED],
+              "auto": [r for r in runs if r.policy == "auto"]}
+    for moment, fn in MOMENTS:
+        for gname, group in groups.items():
+            e = errors(group, fn)
+            out.append(f"| {moment} | {gname} | {len(e.total)} | {fmt(pct(e.total, .5))} / {fmt(pct(e.total, .9))} | "
+                       f"{fmt(pct(e.down, .5))} / {fmt(pct(e.down, .9))} | {fmt(pct(e.down_ms, .5), ' ms')} / "
+                       f"{fmt(pct(e.down_ms, .9), ' ms')} | {e.none} |")
+    unsteered = groups["unsteered"]
+    for moment, fn in MOMENTS:
+        table: Counter[tuple[str, bool]] = Counter()
+        for r in unsteered:
+            p = fn(r)
+            said = "no prediction" if p is None else p.verdict.value + (" (rough)" if p.rough else "")
+            table[(said, r.completed)] += 1
+        out += ["", f"Verdict at {moment} against the outcome (unsteered policies, {len(unsteered)} runs):", "",
+                "| verdict | completed within the cap | not completed |", "|---|---|---|"]
+        for said in sorted({k[0] for k in table}):
+            out.append(f"| {said} | {table[(said, True)]} | {table[(said, False)]} |")
+    stuck = [r for r in unsteered if not r.completed]
+    firsts = [t for r in stuck if (t := first_will_not(r)) is not None]
+    out += ["", f"Time to the first right (not rough) \"will not converge\" on the {len(stuck)} unsteered runs that "
+                f"did not complete: p50 {fmt(pct(firsts, .5), ' s', 1)}, p90 {fmt(pct(firsts, .9), ' s', 1)}, "
+                f"never said on {len(stuck) - len(firsts)}."]
+    changes = {r.run_id: verdict_changes(r) for r in runs}
+    changed = [k for k, v in changes.items() if v]
+    out.append(f"Verdict changes after the first 3 s: {len(changed)} of {len(runs)} runs change at least once "
+               f"({sum(changes.values())} changes; most: "
+               + (", ".join(f"{k} {changes[k]}" for k in sorted(changed, key=lambda k: -changes[k])[:3]) or "none")
+               + ").")
+    steady = [r for r in runs if r.row.get("work") in STEADY]
+    moved = {r.run_id: n for r in steady if (n := changes_after_first_pass(r))}
+    out.append(f"Verdict changes after the first pass on steady workloads ({', '.join(STEADY)}): {len(moved)} of "
+               f"{len(steady)} runs ({sum(moved.values())} changes"
+               + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
+               + f"); from one confident verdict to the other: "
+               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
+    wrong = {r.run_id: w for r in unsteered if (w := confident_wrong(r))}
+    out.append(f"Confident wrong verdicts (not rough, contradicted by the outcome; unsteered): {len(wrong)} of "
+               f"{len(unsteered)} runs" + ("".join(f"; {k}: {len(v)} samples, first at {v[0]}"
+                                                    for k, v in sorted(wrong.items())) if wrong else "") + ".")
+    return out
+
+
+# -- fitting on the fit set ---------------------------------------------------------------------
+
+def after_first_sync(run: Run) -> model.Prediction | None:
+    """The first prediction made after the first sync: the moment LATER_PASSES is applied at."""
+    for s, p in replay(run):
+        if s.pass_no >= 2 and p.verdict is not model.Verdict.UNKNOWN:
+            return p
+    return None
+
+
+MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
+           ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
+           ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
+           ("after the first sync", after_first_sync))
+
+
+def fit_later_passes(runs: list[Run]) -> list[str]:
+    """LATER_PASSES only acts between the first sync and the third: scored on the first prediction
+    after the first sync (at 25 % of the elapsed time most runs are still in their first pass)."""
+    saved = model.LATER_PASSES
+    rows = []
+    try:
+        for v in [round(0.85 + 0.01 * i, 2) for i in range(26)]:
+            model.LATER_PASSES = v
+            e = errors(runs, after_first_sync)
+            rows.append((v, pct(e.total, .5), pct(e.total, .9), len(e.total)))
+    finally:
+        model.LATER_PASSES = saved
+    scored = [r for r in rows if r[2] is not None]
+    out = ["| LATER_PASSES | p50 abs error after the first sync | p90 | runs |", "|---|---|---|---|"]
+    out += [f"| {v} | {fmt(a, '%', 1)} | {fmt(b, '%', 1)} | {n} |" for v, a, b, n in rows if v in (0.9, 0.95, 0.97, 1.0, 1.05)
+            or (scored and v == min(scored, key=lambda r: (r[2], r[1]))[0])]
+    if scored:
+        best = min(scored, key=lambda r: (r[2], r[1]))
+        out.append(f"\nLATER_PASSES fitted on {best[3]} fit runs (least p90 |error| after the first sync): {best[0]} "
+                   f"(p50 {best[1]:.1f} %, p90 {best[2]:.1f} %; now {saved}).")
+    return out
+
+
+def escalation(run: Run, samples: int, seconds: float) -> float | None:
+    """When a verdict that holds (``samples`` over ``seconds`` and a new pass) would escalate."""
+    held = None
+    for s, p in replay(run):
+        held = strategies_base.evidence(held, strategies_base.verdict_of(s, p), s)
+        if held and held.samples >= samples and held.until - held.since >= seconds and held.last_pass > held.first_pass:
+            return s.t
+    return None
+
+
+def fit_hold(runs: list[Run]) -> list[str]:
+    runs = [r for r in runs if r.policy in UNSTEERED]
+    results = []
+    for n in range(1, 9):
+        for sec in [0.25 * i for i in range(13)]:
+            false = late = 0
+            times = []
+            for r in runs:
+                t = escalation(r, n, sec)
+                if r.completed and t is not None:
+                    false += 1
+                elif not r.completed:
+                    if t is None:
+                        late += 1
+                    else:
+                        times.append(t)
+            results.append((false, late, statistics.mean(times) if times else float("inf"), n, sec))
+    best = min(results, key=lambda x: (x[0], x[1], x[2], x[3], x[4]))
+    clean = [x for x in results if x[0] == 0 and x[1] == 0]
+    region = (f"; 0 false and 0 missed for HOLD_S {min(x[4] for x in clean if x[3] == 3)}-"
+              f"{max(x[4] for x in clean if x[3] == 3)} s at HOLD_SAMPLES 3, HOLD_SAMPLES "
+              f"{min(x[3] for x in clean)}-{max(x[3] for x in clean)} at some HOLD_S"
+              if any(x[3] == 3 for x in clean) else "; no setting without a false or missed escalation")
+    now = next(x for x in results if x[3] == strategies_base.HOLD_SAMPLES and x[4] == strategies_base.HOLD_S)
+    stuck = sum(not r.completed for r in runs)
+    return [f"HOLD fitted on {len(runs)} unsteered fit runs ({stuck} not completed): HOLD_SAMPLES = {best[3]}, "
+            f"HOLD_S = {best[4]}: {best[0]} false escalations, {best[1]} missed, mean escalation at "
+            f"{best[2]:.1f} s; now ({strategies_base.HOLD_SAMPLES}, {strategies_base.HOLD_S}): {now[0]} false, "
+            f"{now[1]} missed, mean {now[2]:.1f} s{region}."]
+
+
+def confident_wrong_runs(runs: list[Run]) -> int:
+    return sum(1 for r in runs if r.policy in UNSTEERED and confident_wrong(r))
+
+
+def preflight_wrong(run: Run) -> bool:
+    p = preflight(run, True)
+    if p is None or run.policy not in UNSTEERED:
+        return False
+    return (p.verdict is model.Verdict.CONVERGES and not run.completed) or (
+        p.verdict is model.Verdict.WILL_NOT_CONVERGE and run.completed)
+
+
+def fit_migrating_share(runs: list[Run]) -> list[str]:
+    """MIGRATING_SHARE (the low end of the pre-flight range while migrating): fewest confident wrong
+    pre-flight verdicts on the unsteered fit runs, then the least p90 |error| of the total time."""
+    if dirty_model is None:
+        return []
+    saved, rows = dirty_model.MIGRATING_SHARE, []
+    try:
+        for v in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            dirty_model.MIGRATING_SHARE = v
+            e = errors(runs, lambda r: preflight(r, True))
+            rows.append((v, sum(preflight_wrong(r) for r in runs), pct(e.total, .5), pct(e.total, .9), len(e.total)))
+    finally:
+        dirty_model.MIGRATING_SHARE = saved
+    key = lambda r: (r[1], r[3] if r[3] is not None else 1e9)   # noqa: E731
+    best = min(rows, key=key)
+    tied = [r[0] for r in rows if key(r) == key(best)]
+    out = ["| MIGRATING_SHARE | confident wrong pre-flight verdicts (unsteered) | p50 / p90 abs error of the total | "
+           "runs with a time |", "|---|---|---|---|"]
+    out += [f"| {v} | {w} | {fmt(a)} / {fmt(b)} | {n} |" for v, w, a, b, n in rows]
+    out.append(f"\nMIGRATING_SHARE on {len(runs)} fit runs: " + (
+        f"{best[0]} (now {saved})." if len(tied) == 1 else
+        f"{min(tied)}-{max(tied)} score the same ({best[1]} wrong, p90 {fmt(best[3])}): the fit set cannot pin it "
+        f"down; {saved} stays" + (" (inside that range)." if min(tied) <= saved <= max(tied) else ".")))
+    return out
+
+
+def fit_pass_spread(runs: list[Run]) -> list[str]:
+    """PASS_SPREAD (how far the rate read from the passes is widened): fewest unsteered runs with a
+    confident wrong verdict, then the fewest verdict changes after 3 s, then the least p90 after the first sync."""
+    saved, rows = model.PASS_SPREAD, []
+    try:
+        for v in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
+            model.PASS_SPREAD = v
+            e = errors(runs, after_first_sync)
+            rows.append((v, confident_wrong_runs(runs), sum(verdict_changes(r) > 0 for r in runs),
+                         pct(e.total, .9), len(e.total)))
+    finally:
+        model.PASS_SPREAD = saved
+    best = min(rows, key=lambda r: (r[1], r[2], r[3] if r[3] is not None else 1e9))
+    out = ["| PASS_SPREAD | runs with a confident wrong verdict (unsteered) | runs whose verdict changes after 3 s | "
+           "p90 abs error after the first sync | runs with a time |", "|---|---|---|---|---|"]
+    out += [f"| {v} | {w} | {c} | {fmt(b)} | {n} |" for v, w, c, b, n in rows]
+    out.append(f"\nPASS_SPREAD fitted on {len(runs)} fit runs: {best[0]} (now {saved}).")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--set", choices=("held-out", "fit", "all"), default="held-out")
+    ap.add_argument("--fit", action="store_true", help="fit LATER_PASSES and HOLD_* on the fit set and print them")
+    args = ap.parse_args()
+    if not (args.corpus / "INDEX.jsonl").exists():
+        print(f"score_corpus: no {args.corpus / 'INDEX.jsonl'}: record the corpus first with bench/corpus.py",
+              file=sys.stderr)
+        return 2
+    if args.fit:
+        runs = load_runs(args.corpus, "fit")
+        print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
+                        + fit_pass_spread(runs)))
+        return 0
+    rows = index(args.corpus)
+    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]
+                    + score(load_runs(args.corpus, args.set))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

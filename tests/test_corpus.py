@@ -1,0 +1,92 @@
+"""The trace corpus (bench/corpus/): the fit/held-out split is fixed, the committed held-out traces
+replay through the current model, and the scorer prints its table. No QEMU: the traces are on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from kvmshell.core.migration.model.predict import Prediction
+from kvmshell.core.values.models import MigrationStatus
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+CORPUS = BENCH / "corpus"
+
+
+def bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module             # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scorer() -> ModuleType:
+    return bench_module("score_corpus")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> ModuleType:
+    return bench_module("corpus")
+
+
+def test_split_is_fixed_by_the_run_id(scorer: ModuleType, corpus: ModuleType) -> None:
+    """The same run id lands on the same side, in the recorder and the scorer, and as it was recorded."""
+    fixed = {"linux-ws-512m-none-defaults-r1": True, "linux-idle-512m-1gbit-defaults-r1": False,
+             "lab-ws-512m-1gbit-auto-r2": False, "linux-text-2048m-10gbit-precopy-r3": True}
+    for run_id, side in fixed.items():
+        assert scorer.held_out(run_id) is side and corpus.held_out(run_id) is side, run_id
+    rows = scorer.index(CORPUS)
+    assert rows, "no runs in bench/corpus/INDEX.jsonl"
+    for row in rows:
+        assert row["held_out"] == scorer.held_out(row["run_id"]), row["run_id"]
+    ids = [c.run_id(n) for c in corpus.grid() for n in (1, 2, 3)]
+    share = sum(map(scorer.held_out, ids)) / len(ids)
+    assert 0.2 < share < 0.4, share
+
+
+def test_held_out_traces_replay_through_the_model(scorer: ModuleType) -> None:
+    runs = scorer.load_runs(CORPUS, "held-out")
+    assert runs, "no held-out trace committed"
+    picked = [r for r in runs if r.completed][:3] + [r for r in runs if not r.completed][:3]
+    for run in picked:
+        assert run.header["corpus"]["run_id"] == run.run_id
+        pre = scorer.preflight(run)
+        assert isinstance(pre, Prediction) and pre.verdict.value
+        seq = scorer.replay(run)
+        assert seq and all(isinstance(p, Prediction) for _, p in seq), run.run_id
+        if run.completed:
+            last = run.trace.samples[-1]
+            assert last.status is MigrationStatus.COMPLETED
+            assert last.total_time_ms / 1000 == pytest.approx(run.total_s, abs=0.01)
+        else:
+            assert all(s.status is not MigrationStatus.COMPLETED for s in run.trace.samples)
+
+
+def test_scorer_prints_the_held_out_table(scorer: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = scorer.load_runs(CORPUS, "held-out")
+    lines = scorer.score(runs)
+    assert lines[0].startswith(f"Held-out runs scored: {len(runs)} ")
+    text = "\n".join(lines)
+    assert "| pre-flight, one figure | all |" in text and "| 25 % of elapsed | unsteered |" in text
+    assert "Verdict changes after the first 3 s:" in text
+    table = scorer.corpus_table(scorer.index(CORPUS))
+    rows = [line for line in table if line.startswith("| ")]
+    assert len(rows) == 1 + len({json.loads(line)["cell"] for line in
+                                 (CORPUS / "INDEX.jsonl").read_text().splitlines() if line.strip()})
+    assert table[-1].startswith("Destination checks of the ")
+
+
+def test_scorer_without_a_corpus_says_so(scorer: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.argv", ["score_corpus.py", "--corpus", str(tmp_path)])
+    assert scorer.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bench/corpus.py" in err
