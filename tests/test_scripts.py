@@ -169,6 +169,27 @@ async def test_destination_killed_mid_way_exits_1_and_the_source_runs_on(pair: G
     await g.src.wait_heartbeats(1)
 
 
+async def test_a_failed_migrations_json_says_why_and_where_each_side_is(pair: Guests, tmp_path: Path) -> None:
+    """--json of a failed migration kept only the error text: a script could not see QEMU's own
+    error, nor which side still holds the guest."""
+    g = pair
+    async with started(tmp_path, *g.args, "--json", "-c", f"@src migrate --to dst --strategy precopy {SLOW}") as k:
+        await g.until(MigrationStatus.ACTIVE)
+        await k.line(lambda text: "kvmshell: src: active" in text)
+        os.kill(g.dst.pid, signal.SIGKILL)
+        rc, out, err = await k.end()
+    assert rc == 1, err
+    [line] = out.splitlines()
+    obj = json.loads(line)
+    assert obj["ok"] is False, obj
+    [item] = obj["outcomes"]
+    assert item["ok"] is False and item["title"] == "migration failed" and "failed" in item["error"], item
+    result = item["result"]
+    assert result["status"] == "failed" and result["sent_bytes"] > 0 and isinstance(result["total_s"], float), result
+    assert isinstance(result["qemu_error"], str) and result["qemu_error"], result        # QEMU's error-desc
+    assert result["source_state"] == "running" and result["dest_state"] == "unreachable", result
+
+
 async def test_cancelled_by_someone_else_exits_1(pair: Guests, tmp_path: Path) -> None:
     g = pair
     async with started(tmp_path, *g.args, "-c", f"@src migrate --to dst {SLOW}") as k:
