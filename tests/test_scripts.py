@@ -11,7 +11,9 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +28,9 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import MigrationStatus, RunState
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
 from tests.test_cli import env_for, kvmshell
+from tests.test_static import bed  # noqa: F401  (the fixture: hosts a and b)
 from tests.waiting import free_port, wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
@@ -108,9 +112,9 @@ class Running:
 
 
 @asynccontextmanager
-async def started(tmp_path: Path, *args: str) -> AsyncIterator[Running]:
+async def started(tmp_path: Path, *args: str, **env: str) -> AsyncIterator[Running]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path),
+        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path) | env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         yield Running(proc)
@@ -212,6 +216,52 @@ async def test_postcopy_left_paused_exits_3(pair: Guests, tmp_path: Path) -> Non
     assert rc == 3, err
     assert "DANGER" in out and "migrate_recover" in out, out
     assert await g.status() is MigrationStatus.POSTCOPY_PAUSED
+
+
+@pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)")
+async def test_to_host_left_paused_in_postcopy_exits_3(lab: Lab, bed: SshTestbed,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    """`migrate --to-host` (kvmshell starts the destination on host b) that breaks in postcopy: the exit
+    status says the guest is split and recoverable, and both QEMUs are left alone."""
+    vm = f"pc{secrets.token_hex(3)}"                # the test hosts share this machine's process table
+    side_path = lab.workdir / "pc-side.qmp"
+    src = await lab.start(vm, MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM,
+                          extra_args=("-chardev", f"socket,id=side,path={side_path},server=on,wait=off",
+                                      "-mon", "chardev=side,mode=control"))
+    await src.wait_heartbeats(1)
+    config = tmp_path / "kvmshell.toml"
+    config.write_text(bed.config_toml())
+    home = tmp_path / "home"                        # the user's ~/.ssh/known_hosts knows host b
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(bed["b"].known_hosts_line())
+    run_dir = tmp_path / "run"
+
+    def dest() -> list[int]:                        # the destination QEMU kvmshell starts on b
+        return [pid for pid in processes_mentioning(vm) if pid != src.pid]
+    try:
+        async with Fleet() as fleet:
+            fleet.add("side", Address.unix(Protocol.QMP, str(side_path)))
+            await fleet.start()
+            side = fleet.monitor("side")
+            async with started(tmp_path, "--config", str(config), "--guest", f"{vm}={src.address}", "-y",
+                               "-c", f"@{vm} migrate_set_parameter max-postcopy-bandwidth 1M",
+                               "-c", f"@{vm} migrate --to-host b --dir {run_dir} --strategy postcopy --bandwidth 4M",
+                               HOME=str(home)) as k:
+                await wait_for(side.migration, lambda m: m.status is MigrationStatus.POSTCOPY_ACTIVE, timeout=60,
+                               what="the migration in postcopy")
+                await side.migrate_pause()
+                rc, out, err = await k.end()
+            assert rc == 3, err
+            assert "DANGER" in err and "migrate_recover" in err and "left as it is" in err, err
+            assert (await side.migration()).status is MigrationStatus.POSTCOPY_PAUSED
+            assert dest(), "the destination QEMU on b was not left alone"
+    finally:
+        for pid in dest():
+            os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: asyncio.sleep(0, dest()), lambda left: not left,
+                       timeout=10, what="the destination QEMU exited")
+        for moved in Path("/run/kvmshell").glob(f"{vm}.*"):     # sockets moved there when the path is long
+            shutil.rmtree(moved, ignore_errors=True)
 
 
 async def test_run_file_waits_before_the_next_line(lab: Lab, tmp_path: Path) -> None:
