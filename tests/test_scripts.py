@@ -364,12 +364,34 @@ async def test_watch_of_a_plain_migration_returns_when_completed(lab: Lab, tmp_p
         assert "steering" not in err, err
 
 
-@pytest.mark.parametrize("outcome", ["failed", "cancelled", "postcopy-paused"])
-async def test_watch_returns_when_it_breaks(pair: Guests, tmp_path: Path, outcome: str) -> None:
+async def test_watch_of_migrate_uri_returns_when_completed(lab: Lab, tmp_path: Path) -> None:
+    """Strategy none (observe): `migrate URI --watch`, QEMU's own migration that kvmshell follows."""
+    async with guests(lab, tmp_path, ws=512) as g:
+        port = free_port()
+        rc, out, err = await kvmshell(tmp_path, *g.args, "-c", f"@dst migrate_incoming tcp:127.0.0.1:{port}",
+                                      "-c", "@src migrate_set_speed 16M",
+                                      "-c", f"@src migrate tcp:127.0.0.1:{port} --watch", timeout=150)
+        assert rc == 0, err
+        assert "Migration status: completed" in out, out[-2000:]
+        assert "steering" not in err, err
+
+
+@pytest.mark.parametrize(("strategy", "outcome"), [
+    ("precopy", "failed"), ("precopy", "cancelled"), ("converge", "cancelled"), ("auto", "cancelled"),
+    ("none", "cancelled"), ("postcopy", "postcopy-paused")])
+async def test_watch_returns_when_it_breaks(pair: Guests, tmp_path: Path, strategy: str, outcome: str) -> None:
     g = pair
-    strategy = "postcopy --bandwidth 4M" if outcome == "postcopy-paused" else f"precopy {SLOW}"
-    setup = ["-c", "@src migrate_set_parameter max-postcopy-bandwidth 1M"] if outcome == "postcopy-paused" else []
-    async with started(tmp_path, *g.args, *setup, "-c", f"@src migrate --to dst --strategy {strategy} --watch") as k:
+    setup: list[str] = []
+    if strategy == "none":                          # observe: a plain `migrate URI`
+        port = free_port()
+        setup = ["-c", f"@dst migrate_incoming tcp:127.0.0.1:{port}", "-c", "@src migrate_set_speed 1M"]
+        line = f"@src migrate tcp:127.0.0.1:{port} --watch"
+    elif strategy == "postcopy":
+        setup = ["-c", "@src migrate_set_parameter max-postcopy-bandwidth 1M"]
+        line = "@src migrate --to dst --strategy postcopy --bandwidth 4M --watch"
+    else:
+        line = f"@src migrate --to dst --strategy {strategy} {SLOW} --watch"
+    async with started(tmp_path, *g.args, *setup, "-c", line) as k:
         if outcome == "postcopy-paused":
             await g.until(MigrationStatus.POSTCOPY_ACTIVE)
             await g.dst.wait_heartbeats(1)
