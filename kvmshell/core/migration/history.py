@@ -1,5 +1,6 @@
-"""The migration history: every migration a MigrationJob runs leaves its trace and a one-line JSON
-summary in the state directory, whatever the face that started it.
+"""The migration history: every migration a MigrationJob runs, and every static migration
+(``record_static``), leaves its trace and a one-line JSON summary in the state directory, whatever the
+face that started it.
 
 Layout (``state_dir()/migrations``): ``ID.jsonl`` is the trace (the format of ``--trace``, read by
 `kvmshell report`), ``history.jsonl`` the index, one summary per line, oldest first. Only the last
