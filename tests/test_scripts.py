@@ -254,7 +254,7 @@ async def test_to_host_left_paused_in_postcopy_exits_3(lab: Lab, bed: SshTestbed
             assert rc == 3, err
             assert "DANGER" in err and "migrate_recover" in err and "left as it is" in err, err
             assert (await side.migration()).status is MigrationStatus.POSTCOPY_PAUSED
-            assert dest(), "the destination QEMU on b was not left alone"
+            assert dest(), f"the destination QEMU on b was not left alone; stderr: {err}"
     finally:
         for pid in dest():
             os.kill(pid, signal.SIGKILL)
