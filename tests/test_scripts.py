@@ -11,7 +11,9 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +28,9 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import MigrationStatus, RunState
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning
 from tests.test_cli import env_for, kvmshell
+from tests.test_static import bed  # noqa: F401  (the fixture: hosts a and b)
 from tests.waiting import free_port, wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
@@ -108,9 +112,9 @@ class Running:
 
 
 @asynccontextmanager
-async def started(tmp_path: Path, *args: str) -> AsyncIterator[Running]:
+async def started(tmp_path: Path, *args: str, **env: str) -> AsyncIterator[Running]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path),
+        sys.executable, "-m", "kvmshell.cli", *args, env=env_for(tmp_path) | env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         yield Running(proc)
@@ -169,6 +173,27 @@ async def test_destination_killed_mid_way_exits_1_and_the_source_runs_on(pair: G
     await g.src.wait_heartbeats(1)
 
 
+async def test_a_failed_migrations_json_says_why_and_where_each_side_is(pair: Guests, tmp_path: Path) -> None:
+    """--json of a failed migration kept only the error text: a script could not see QEMU's own
+    error, nor which side still holds the guest."""
+    g = pair
+    async with started(tmp_path, *g.args, "--json", "-c", f"@src migrate --to dst --strategy precopy {SLOW}") as k:
+        await g.until(MigrationStatus.ACTIVE)
+        await k.line(lambda text: "kvmshell: src: active" in text)
+        os.kill(g.dst.pid, signal.SIGKILL)
+        rc, out, err = await k.end()
+    assert rc == 1, err
+    [line] = out.splitlines()
+    obj = json.loads(line)
+    assert obj["ok"] is False, obj
+    [item] = obj["outcomes"]
+    assert item["ok"] is False and item["title"] == "migration failed" and "failed" in item["error"], item
+    result = item["result"]
+    assert result["status"] == "failed" and result["sent_bytes"] > 0 and isinstance(result["total_s"], float), result
+    assert isinstance(result["qemu_error"], str) and result["qemu_error"], result        # QEMU's error-desc
+    assert result["source_state"] == "running" and result["dest_state"] == "unreachable", result
+
+
 async def test_cancelled_by_someone_else_exits_1(pair: Guests, tmp_path: Path) -> None:
     g = pair
     async with started(tmp_path, *g.args, "-c", f"@src migrate --to dst {SLOW}") as k:
@@ -191,6 +216,52 @@ async def test_postcopy_left_paused_exits_3(pair: Guests, tmp_path: Path) -> Non
     assert rc == 3, err
     assert "DANGER" in out and "migrate_recover" in out, out
     assert await g.status() is MigrationStatus.POSTCOPY_PAUSED
+
+
+@pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)")
+async def test_to_host_left_paused_in_postcopy_exits_3(lab: Lab, bed: SshTestbed,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    """`migrate --to-host` (kvmshell starts the destination on host b) that breaks in postcopy: the exit
+    status says the guest is split and recoverable, and both QEMUs are left alone."""
+    vm = f"pc{secrets.token_hex(3)}"                # the test hosts share this machine's process table
+    side_path = lab.workdir / "pc-side.qmp"
+    src = await lab.start(vm, MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM,
+                          extra_args=("-chardev", f"socket,id=side,path={side_path},server=on,wait=off",
+                                      "-mon", "chardev=side,mode=control"))
+    await src.wait_heartbeats(1)
+    config = tmp_path / "kvmshell.toml"
+    config.write_text(bed.config_toml())
+    home = tmp_path / "home"                        # the user's ~/.ssh/known_hosts knows host b
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(bed["b"].known_hosts_line())
+    run_dir = tmp_path / "run"
+
+    def dest() -> list[int]:                        # the destination QEMU kvmshell starts on b
+        return [pid for pid in processes_mentioning(vm) if pid != src.pid]
+    try:
+        async with Fleet() as fleet:
+            fleet.add("side", Address.unix(Protocol.QMP, str(side_path)))
+            await fleet.start()
+            side = fleet.monitor("side")
+            async with started(tmp_path, "--config", str(config), "--guest", f"{vm}={src.address}", "-y",
+                               "-c", f"@{vm} migrate_set_parameter max-postcopy-bandwidth 1M",
+                               "-c", f"@{vm} migrate --to-host b --dir {run_dir} --strategy postcopy --bandwidth 4M",
+                               HOME=str(home)) as k:
+                await wait_for(side.migration, lambda m: m.status is MigrationStatus.POSTCOPY_ACTIVE, timeout=60,
+                               what="the migration in postcopy")
+                await side.migrate_pause()
+                rc, out, err = await k.end()
+            assert rc == 3, err
+            assert "DANGER" in err and "migrate_recover" in err and "left as it is" in err, err
+            assert (await side.migration()).status is MigrationStatus.POSTCOPY_PAUSED
+            assert dest(), f"the destination QEMU on b was not left alone; stderr: {err}"
+    finally:
+        for pid in dest():
+            os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: asyncio.sleep(0, dest()), lambda left: not left,
+                       timeout=10, what="the destination QEMU exited")
+        for moved in Path("/run/kvmshell").glob(f"{vm}.*"):     # sockets moved there when the path is long
+            shutil.rmtree(moved, ignore_errors=True)
 
 
 async def test_run_file_waits_before_the_next_line(lab: Lab, tmp_path: Path) -> None:
@@ -293,12 +364,34 @@ async def test_watch_of_a_plain_migration_returns_when_completed(lab: Lab, tmp_p
         assert "steering" not in err, err
 
 
-@pytest.mark.parametrize("outcome", ["failed", "cancelled", "postcopy-paused"])
-async def test_watch_returns_when_it_breaks(pair: Guests, tmp_path: Path, outcome: str) -> None:
+async def test_watch_of_migrate_uri_returns_when_completed(lab: Lab, tmp_path: Path) -> None:
+    """Strategy none (observe): `migrate URI --watch`, QEMU's own migration that kvmshell follows."""
+    async with guests(lab, tmp_path, ws=512) as g:
+        port = free_port()
+        rc, out, err = await kvmshell(tmp_path, *g.args, "-c", f"@dst migrate_incoming tcp:127.0.0.1:{port}",
+                                      "-c", "@src migrate_set_speed 16M",
+                                      "-c", f"@src migrate tcp:127.0.0.1:{port} --watch", timeout=150)
+        assert rc == 0, err
+        assert "Migration status: completed" in out, out[-2000:]
+        assert "steering" not in err, err
+
+
+@pytest.mark.parametrize(("strategy", "outcome"), [
+    ("precopy", "failed"), ("precopy", "cancelled"), ("converge", "cancelled"), ("auto", "cancelled"),
+    ("none", "cancelled"), ("postcopy", "postcopy-paused")])
+async def test_watch_returns_when_it_breaks(pair: Guests, tmp_path: Path, strategy: str, outcome: str) -> None:
     g = pair
-    strategy = "postcopy --bandwidth 4M" if outcome == "postcopy-paused" else f"precopy {SLOW}"
-    setup = ["-c", "@src migrate_set_parameter max-postcopy-bandwidth 1M"] if outcome == "postcopy-paused" else []
-    async with started(tmp_path, *g.args, *setup, "-c", f"@src migrate --to dst --strategy {strategy} --watch") as k:
+    setup: list[str] = []
+    if strategy == "none":                          # observe: a plain `migrate URI`
+        port = free_port()
+        setup = ["-c", f"@dst migrate_incoming tcp:127.0.0.1:{port}", "-c", "@src migrate_set_speed 1M"]
+        line = f"@src migrate tcp:127.0.0.1:{port} --watch"
+    elif strategy == "postcopy":
+        setup = ["-c", "@src migrate_set_parameter max-postcopy-bandwidth 1M"]
+        line = "@src migrate --to dst --strategy postcopy --bandwidth 4M --watch"
+    else:
+        line = f"@src migrate --to dst --strategy {strategy} {SLOW} --watch"
+    async with started(tmp_path, *g.args, *setup, "-c", line) as k:
         if outcome == "postcopy-paused":
             await g.until(MigrationStatus.POSTCOPY_ACTIVE)
             await g.dst.wait_heartbeats(1)

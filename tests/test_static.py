@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from kvmshell.core.values.models import RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.commands.session import Session
 from kvmshell.core.hosts.shell import CHECKSUM, HostShell
+from kvmshell.core.migration.history import MigrationHistory
+from kvmshell.core.migration.model.samples import load_trace
 from kvmshell.core.migration.static_copy import receive_command, send_command
 from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import KvmError
@@ -32,6 +36,7 @@ from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory, dump_memory
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_ssh import pool_for, remote
+from tests.test_cli import env_for, kvmshell
 from tests.test_json_contract import units_said
 from tests.waiting import wait_for
 
@@ -180,6 +185,14 @@ async def test_static_migration_from_here_resumes_after_a_cut_and_quits_the_sour
         assert check.ok, check.summary()
         assert "move1" in {s.tag for s in await copy.snapshots()}
         await session.aclose()
+    # both runs are in the history (they were not), the failed one too, with a trace `report` reads
+    failed, done = MigrationHistory.default().entries()
+    assert (failed.guest, failed.source, failed.dest, failed.strategy, failed.outcome) == \
+        (VM, "local", "b", "static", "failed")
+    assert (done.strategy, done.outcome) == ("static", "completed") and done.bytes and done.bytes > 8 << 20, done
+    assert done.total_s and done.total_s > 0
+    events = [e.name for e in load_trace(done.trace).events]
+    assert events[:3] == ["preflight", "savevm", "copy"] and events[-1] == "outcome", events
 
 
 @pytest.fixture
@@ -340,3 +353,38 @@ async def test_a_write_that_fails_is_reported_not_hashed_over(tmp_path: Path) ->
     finally:
         await side.aclose()
         await run("umount", "-l", str(small), check=False)
+
+
+async def test_static_migrate_from_c_says_its_progress_on_stderr_and_is_in_the_history(
+        lab: Lab, bed: SshTestbed, dest_dir: Path, tmp_path: Path) -> None:
+    """`kvmshell -c 'static-migrate ...'`: a copy of GBs must not be silent (progress on stderr, the
+    result on stdout, exit 0), and `kvmshell history` lists it as every other migration."""
+    data = lab.workdir / "data.raw"
+    data.write_bytes(os.urandom(8 << 20))
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE,
+                          extra_args=("-drive", f"file={data},format=raw,if=virtio,readonly=on"))
+    await src.wait_heartbeats(2)
+    config = tmp_path / "kvmshell.toml"
+    config.write_text(bed.config_toml())
+    home = tmp_path / "home"                                 # the user's ~/.ssh/known_hosts knows both hosts
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", "--config", str(config), "--guest", f"{VM}={src.address}",
+        "-c", f"static-migrate {VM} --to b --tag c1 --keep-source --paused --dir {dest_dir}",
+        env=env_for(tmp_path) | {"HOME": str(home)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        stdout, stderr = await proc.communicate()
+    rc, out, err = proc.returncode, stdout.decode(), stderr.decode()
+    assert rc == 0, err
+    assert f"kvmshell: {VM}: savevm c1" in err and f"kvmshell: {VM}: copying data.raw" in err, err
+    assert "Traceback" not in err and "copying" not in out and f"{VM}.b" in out, out
+    rc, out, err = await kvmshell(tmp_path, "--json", "history")
+    assert rc == 0, err
+    [entry] = json.loads(out)
+    assert (entry["guest"], entry["from"], entry["to"], entry["strategy"], entry["outcome"]) == \
+        (VM, "local", "b", "static", "completed"), entry
+    rc, out, err = await kvmshell(tmp_path, "--json", "report", entry["id"])
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["outcome"] == "completed" and report["sent_bytes"] == entry["bytes"] > 8 << 20, report

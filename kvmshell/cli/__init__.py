@@ -116,7 +116,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
         write_report,
     )
     from kvmshell.core.migration.model.samples import load_trace
-    from kvmshell.cli.history import trace_file
+    from kvmshell.cli.history import static_summary, trace_file
     path = trace_file(args.trace)
     try:
         trace = load_trace(path)
@@ -124,7 +124,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> Exit:
         raise ConfigError(f"report {args.trace}: {e.strerror}") from None
     except ValueError as e:
         raise ConfigError(f"report: {e}") from None
-    summary = summarize(trace)
+    summary = static_summary(trace, summarize(trace))
     svg = Path(args.svg) if args.svg else path.with_suffix(".svg")
     try:
         write_report(trace, svg)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from kvmshell.cli.common import Exit
@@ -51,25 +51,29 @@ def worse(a: Exit, b: Exit) -> Exit:
 
 @dataclass(frozen=True)
 class Followed(Result):
-    """A migration followed to its end: the line's result in `-c`/`run`."""
+    """A migration followed to its end: the line's result in `-c`/`run`. ``detail`` (a migration that
+    did not complete): what a script needs to see why and where the guest is (see ``Follower.detail``)."""
 
     outcome: MigrationOutcome
+    detail: dict[str, Any] = field(default_factory=dict)
 
     def text(self) -> str:
         return self.outcome.full_message
 
     def to_json(self) -> Any:
         o = self.outcome
-        return {"status": o.status, "message": o.message, "total_s": o.total_s, "downtime_ms": o.downtime_ms,
-                "sent_bytes": o.bytes_sent, "decisions": list(o.decisions), "notes": list(o.notes)}
+        doc = {"status": o.status, "message": o.message, "total_s": o.total_s, "downtime_ms": o.downtime_ms,
+               "sent_bytes": o.bytes_sent, "decisions": list(o.decisions), "notes": list(o.notes)}
+        return doc | {k: v for k, v in self.detail.items() if doc.get(k) is None}
 
 
-def outcome_of(guest: str, outcome: MigrationOutcome | None) -> Outcome:
+def outcome_of(guest: str, outcome: MigrationOutcome | None, detail: dict[str, Any] | None = None) -> Outcome:
     if outcome is None:
         outcome = MigrationOutcome("failed", "kvmshell lost track of the migration (see the log)")
+    result = Followed(outcome, detail or {})
     if outcome.ok:
-        return Outcome(guest, Followed(outcome))
-    return Outcome(guest, Followed(outcome), error=outcome.full_message, error_title=f"migration {outcome.status}")
+        return Outcome(guest, result)
+    return Outcome(guest, result, error=outcome.full_message, error_title=f"migration {outcome.status}")
 
 
 class Progress:
@@ -279,6 +283,27 @@ class Follower:
             self.progress.say(f"{guest}: Ctrl-C: cancelled, as {why}; its undo did not end within {CANCEL_S:g} s")
             return
         self.progress.say(f"{guest}: Ctrl-C: cancelled, as {why}: {outcome.full_message}")
+
+    async def detail(self, job: MigrationJob) -> dict[str, Any]:
+        """For a migration that did not complete: QEMU's own error (the source's error-desc), the state
+        of each side now ("unreachable" when its monitor does not answer), and the time and bytes the
+        samples saw when QEMU's outcome has none."""
+        if job.outcome is None or job.outcome.ok:
+            return {}
+        info = await self._info(job.req.source)
+        last = job.sampler.ring.last
+        return {"qemu_error": info.error if info is not None else None,
+                "source_state": await self._state(job.req.source),
+                "dest_state": await self._state(job.req.dest) if job.req.dest else None,
+                "total_s": round(last.t, 3) if last is not None else None,
+                "sent_bytes": last.transferred if last is not None else None}
+
+    async def _state(self, guest: str) -> str:
+        try:
+            async with asyncio.timeout(ANSWER_S):
+                return str((await self.session.fleet.monitor(guest).status()).state)
+        except (TimeoutError, KvmError):
+            return "unreachable"
 
     async def _info(self, guest: str) -> MigrationInfo | None:
         try:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import TextIO
 
 from kvmshell.cli.common import Exit
 from kvmshell.core.migration.history import MigrationHistory
+from kvmshell.core.migration.model.report import Summary
+from kvmshell.core.migration.model.samples import Trace
 from kvmshell.core.values.units import human_bytes
 from kvmshell.errors import ConfigError
 
@@ -48,3 +51,16 @@ def trace_file(name: str, history: MigrationHistory | None = None) -> Path:
     if not Path(entry.trace).exists():
         raise ConfigError(f"report {name}: its trace {entry.trace} is gone")
     return Path(entry.trace)
+
+
+def static_summary(trace: Trace, summary: Summary) -> Summary:
+    """A static migration's trace (savevm, copy, loadvm: no samples) ends with an ``outcome`` event
+    that says how it ended and what the copy sent; the summary of samples alone would say unfinished."""
+    ends = [e for e in trace.events if e.source == "kvmshell" and e.name == "outcome"]
+    if trace.samples or trace.header.strategy != "static" or not ends:
+        return summary
+    end = ends[-1]
+    sent = end.detail.get("sent_bytes")
+    sent = sent if isinstance(sent, int) else 0
+    return dataclasses.replace(summary, outcome=str(end.detail.get("status", summary.outcome)), total_s=end.t,
+                               bytes_sent=sent, mean_throughput=sent / end.t if end.t > 0 else 0.0)

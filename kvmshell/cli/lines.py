@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -105,7 +106,7 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
             status = worse(status, Exit.INTERRUPTED)
     for job in started.values():
         status = worse(status, exit_for(job.outcome))
-    outcomes += [outcome_of(g, j.outcome) for g, j in started.items()]
+    outcomes += [outcome_of(g, j.outcome, await follower.detail(j)) for g, j in started.items()]
     if not _print(outcomes, args, out, err, loc, followed=set(started), line=line):
         status = worse(status, Exit.FAILED)
     return status
@@ -118,7 +119,7 @@ def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: 
     if not outcomes:
         return True
     if args.json:
-        out.write(outcomes_json(outcomes, line) + "\n")
+        out.write(_with_followed(outcomes_json(outcomes, line), outcomes, followed) + "\n")
     else:
         mine = [o for o in outcomes if o.ok and o.guest not in followed]
         for _, text in outcome_lines(mine, len(outcomes) > 1):
@@ -132,6 +133,18 @@ def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: 
             err.write(f"kvmshell: {loc}{where}{o.error}\n")
     out.flush()
     return all(o.ok for o in outcomes if o.guest not in followed)
+
+
+def _with_followed(text: str, outcomes: list[Outcome], followed: Collection[str]) -> str:
+    """A followed migration that did not complete keeps its result beside the error (its status, times,
+    bytes, QEMU's error, where each side is): a script sees why it failed."""
+    if not any(not o.ok and o.guest in followed and o.result is not None for o in outcomes):
+        return text
+    doc = json.loads(text)
+    for item, o in zip(doc["outcomes"], outcomes):
+        if not o.ok and o.guest in followed and o.result is not None:
+            item["result"] = o.result.to_json()
+    return json.dumps(doc)
 
 
 def _migrate_flags(session: Session, line: str) -> dict[str, object]:

@@ -1,5 +1,6 @@
-"""The migration history: every migration a MigrationJob runs leaves its trace and a one-line JSON
-summary in the state directory, whatever the face that started it.
+"""The migration history: every migration a MigrationJob runs, and every static migration
+(``record_static``), leaves its trace and a one-line JSON summary in the state directory, whatever the
+face that started it.
 
 Layout (``state_dir()/migrations``): ``ID.jsonl`` is the trace (the format of ``--trace``, read by
 `kvmshell report`), ``history.jsonl`` the index, one summary per line, oldest first. Only the last
@@ -223,3 +224,26 @@ def record(history: MigrationHistory, tee: TraceTee, job: MigrationJob, outcome:
             (last.transferred if last is not None else None), trace=str(history.dir / f"{tee.ident}.jsonl")))
     except Exception:                   # a bug here must not hide the migration's outcome
         log.exception("migration history: cannot record %s", tee.ident)
+
+
+def record_static(history: MigrationHistory, *, guest: str, source: str, dest: str, outcome: str, started: float,
+                  total_s: float, sent_bytes: int | None, steps: list[tuple[float, str, str]]) -> None:
+    """Keep a static migration (savevm, copy, loadvm) in the history: its trace holds the header and
+    one kvmshell event per step done (``steps``: seconds from the start, name, what it did), then an
+    ``outcome`` event (status, sent_bytes), and no samples, as no RAM is streamed. Never raises."""
+    kept = history.open_trace(guest)
+    if kept is None:
+        return
+    ident, writer = kept
+    try:
+        writer.write(TraceHeader(guest, started, strategy="static", note=f"to {dest}"))
+        for t, name, what in steps:
+            writer.write(TraceEvent(t, "kvmshell", name, {"message": what}))
+        writer.write(TraceEvent(total_s, "kvmshell", "outcome", {"status": outcome, "sent_bytes": sent_bytes}))
+        writer.close()
+        history.record(HistoryEntry(
+            id=ident, guest=guest, source=source, dest=dest, strategy="static", outcome=outcome,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), total_s=round(total_s, 3),
+            bytes=sent_bytes, trace=str(history.dir / f"{ident}.jsonl")))
+    except Exception:                   # a bug here must not hide the migration's outcome
+        log.exception("migration history: cannot record %s", ident)

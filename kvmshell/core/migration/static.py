@@ -44,6 +44,7 @@ from datetime import datetime
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.processes import discover, parse_qemu_cmdline, source_command
 from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.migration.history import MigrationHistory, record_static
 from kvmshell.core.migration.images import absolute_images, backing_chain
 from kvmshell.core.migration.ledger import Ledger
 from kvmshell.core.migration.static_copy import FileCopy, ImageFile, still_to_copy
@@ -135,6 +136,15 @@ Edit = Callable[[str], Awaitable[str]]         # the user edits a text (the deri
 
 # == the engine =====================================================================================
 
+def _steps(times: dict[str, float]) -> list[tuple[float, str, str]]:
+    """The steps done, each at its end (seconds from the start, after the preflight), for the history."""
+    out, t = [], 0.0
+    for name, took in times.items():
+        t += took
+        out.append((t, name, f"{name} took {took:.2f} s"))
+    return out
+
+
 def default_tag() -> str:
     return datetime.now().strftime("static-%Y%m%d-%H%M%S")
 
@@ -157,8 +167,9 @@ class StaticMigration:
 
     def __init__(self, fleet: Fleet, pool: HostPool, req: StaticRequest, *,
                  progress: Progress | None = None, confirm: Confirm | None = None,
-                 edit: Edit | None = None) -> None:
+                 edit: Edit | None = None, history: MigrationHistory | None = None) -> None:
         self.fleet = fleet
+        self.history = history if history is not None else MigrationHistory.default()
         self.pool = pool
         self.req = req
         self.progress = progress or (lambda message: None)
@@ -169,6 +180,7 @@ class StaticMigration:
         self.dst: HostShell | None = None
         self.copy: FileCopy | None = None
         self.twin: Twin | None = None
+        self.copied: int | None = None             # bytes the copy sent (None until it ends)
         self.was_running = self.stopped = self.saved = False
 
     # -- 1. preflight ------------------------------------------------------------------------
@@ -329,9 +341,30 @@ class StaticMigration:
     # -- 2.-5. the run -----------------------------------------------------------------------
     async def run(self, plan: StaticPlan) -> StaticResult:
         """Steps 2 to 5; a failure before 5 undoes (see the module docstring) and raises StaticFailed."""
-        req, ledger = plan.req, self.ledger
+        req = plan.req
         times = {"preflight": plan.preflight_s}
         files = [replace(f) for f in plan.files]       # the copy updates sizes and outcomes
+        started, t0 = time.time(), time.monotonic()
+        outcome = "cancelled"                          # unless it ends otherwise (Ctrl-C, a cancelled task)
+        try:
+            result = await self._run(plan, files, times)
+            outcome = "completed"
+        except StaticFailed:
+            outcome = "failed"
+            raise
+        finally:
+            record_static(self.history, guest=req.guest, source=self._source_label(), dest=req.to,
+                          outcome=outcome, started=started, total_s=time.monotonic() - t0, sent_bytes=self.copied,
+                          steps=_steps(times))
+        return result
+
+    def _source_label(self) -> str:
+        """Where the guest ran, as the history says it: "local" or its SSH host."""
+        ssh = self.fleet.get(self.req.guest).address.ssh
+        return str(ssh) if ssh else "local"
+
+    async def _run(self, plan: StaticPlan, files: list[ImageFile], times: dict[str, float]) -> StaticResult:
+        req, ledger = plan.req, self.ledger
         step = "stop"
         try:
             t = time.monotonic()
@@ -410,7 +443,7 @@ class StaticMigration:
     async def _copy_all(self, plan: StaticPlan, files: list[ImageFile]) -> int:
         assert self.src is not None and self.dst is not None
         self.copy = FileCopy(self.src, self.dst, files, plan.dest_dir, self.progress, error=StaticFailed)
-        copied = await self.copy.run()
+        copied = self.copied = await self.copy.run()
         self.ledger.done.append(f"copied {len(files)} file(s) to {plan.dest_dir} on {self.dst.label} "
                                 f"({', '.join(f'{os.path.basename(f.dest)}: {f.outcome}' for f in files)})")
         return copied
