@@ -265,7 +265,7 @@ async def test_copy_storage_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run
         await fleet.start()
         session = Session(fleet, default_registry(), assume_yes=True)
         [o] = await session.run_line(f"@{VM} migrate --to-host b --address {b_link} --dir {run_dir} "
-                                     "--copy-storage all")
+                                     "--copy-storage all --insecure-storage")
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
         assert f"no shared storage: 1 disk(s) copied over NBD into new images in {run_dir} on host b" in text, text

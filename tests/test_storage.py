@@ -474,13 +474,17 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             run_dir.mkdir()
             (run_dir / "src-top.qcow2").write_bytes(b"not to be overwritten")
             [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc")
+            assert not o.ok and "without --tls" in (o.error or "") and "Nothing was started" in (o.error or ""), \
+                o.error
+            [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc "
+                                         "--insecure-storage")
             assert not o.ok and f"{run_dir}/src-top.qcow2 already on host b" in (o.error or ""), o.error
             assert (run_dir / "src-top.qcow2").read_bytes() == b"not to be overwritten"
             assert not processes_mentioning(str(run_dir)) and (await mon.status()).running
             (run_dir / "src-top.qcow2").unlink()
             # the destination dies during the disk copy: it is gone, and so are the images made for it
             task = asyncio.create_task(session.run_line(          # (all: empty images of the same size)
-                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M"))
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M --insecure-storage"))
             await wait_for(mon.block_jobs, lambda jobs: any(j.offset for j in jobs),
                            what="the mirror under way", timeout=60)
             for pid in processes_mentioning(str(run_dir)):
@@ -491,7 +495,8 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             assert f"{vm} is running on this host, as before" in msg, msg
             assert not list(run_dir.glob("*.qcow2")) and await mon.block_jobs() == ()
             task = asyncio.create_task(session.run_line(
-                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M"))
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M "
+                "--insecure-storage"))
             await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active" and m.ram is not None
                            and m.ram.dirty_sync_count >= 2, what="RAM under way", timeout=60)
             assert "fail" not in await mon.hmp('qemu-io data0 "write -P 0x55 10M 256K"')
