@@ -26,7 +26,7 @@ deps: system-deps $(STAMP)
 # QEMU and the venv module come from Debian; as root we install them, otherwise we say what to run.
 # gcc and libc6-dev (libc.a) link the Linux lab guest's workload static; its kernel and busybox are
 # fetched by the lab itself (apt-get download, cached), not installed. zsh: the tests complete
-# kvmshell's command line in it.
+# kvmshell's command line in it. gnutls-bin: the tests check tls-init's certificates with certtool.
 system-deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
@@ -38,6 +38,7 @@ system-deps:
 	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
 	test -f /usr/lib/x86_64-linux-gnu/libc.a || missing="$$missing libc6-dev"; \
 	command -v zsh >/dev/null 2>&1 || missing="$$missing zsh"; \
+	command -v certtool >/dev/null 2>&1 || missing="$$missing gnutls-bin"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -179,6 +179,19 @@ async def test_tls_init(tmp_path: Path) -> None:
     assert rc == 2 and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("host", ["/ABS", "../x", "a/b", "", "a\x1bb", "a\nb", "a-", "a..b", "a_b", "x" * 64,
+                                  ".", ".."])
+async def test_tls_init_refuses_a_host_that_is_not_a_name_or_address(tmp_path: Path, host: str) -> None:
+    """HOST becomes a directory under DIR: only a DNS name (RFC 1123 labels) or an IP address is one.
+    An absolute HOST (/etc in the issue) is one under tmp_path here: a regression must not write /etc."""
+    host = str(tmp_path / "abs") if host == "/ABS" else host
+    rc, out, err = await kvmshell(tmp_path, "tls-init", str(tmp_path / "pki"), "good.example", host)
+    assert rc == 2, (out, err)
+    assert err.count("\n") == 1 and "not a host name or IP address" in err and "Traceback" not in err, err
+    assert not (tmp_path / "pki").exists() and not (tmp_path / "x").exists()     # nothing written
+    assert not (tmp_path / "abs").exists()
+
+
 async def test_a_monitor_on_tcp_beyond_loopback_is_warned_about(tmp_path: Path) -> None:
     from tests.waiting import free_port
     port = free_port()                                # nothing listens: unreachable, and warned about

@@ -252,9 +252,15 @@ async def test_to_host_dry_run_edit_and_tls(lab: Lab, bed: SshTestbed, run_dir: 
         shutil.rmtree(Path(REMOTE_ROOT) / b, ignore_errors=True)
 
 
-async def test_copy_storage_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", ["tls", "insecure"])
+async def test_copy_storage_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run_dir: Path, tmp_path: Path,
+                                                  secure: str) -> None:
     """A source that itself runs on an SSH host copies its disk to host b (the engine's view of the
-    fleet must know the hosts: this died with an AttributeError once)."""
+    fleet must know the hosts: this died with an AttributeError once); the disk goes in TLS with
+    --tls (the NBD server on b uses the migration's credentials), in plain TCP with --insecure-storage."""
+    import shutil
+
+    from kvmshell.core.migration.tls import REMOTE_ROOT, init_ca
     if bed.net is None:
         pytest.skip("the test hosts are not network namespaces (not root): no host a to migrate from")
     b_link = bed.net.hosts[1].ip
@@ -264,10 +270,20 @@ async def test_copy_storage_from_host_a_to_host_b(lab: Lab, bed: SshTestbed, run
         fleet.add(VM, remote(bed, "a", src.address))
         await fleet.start()
         session = Session(fleet, default_registry(), assume_yes=True)
-        [o] = await session.run_line(f"@{VM} migrate --to-host b --address {b_link} --dir {run_dir} "
-                                     "--copy-storage all")
+        installed = [Path(REMOTE_ROOT) / bed["a"].addr, Path(REMOTE_ROOT) / bed["b"].addr]
+        try:
+            if secure == "tls":
+                init_ca(tmp_path / "pki", [bed["a"].addr, bed["b"].addr])
+            how = f"--tls {tmp_path}/pki" if secure == "tls" else "--insecure-storage"
+            [o] = await session.run_line(f"@{VM} migrate --to-host b --address {b_link} --dir {run_dir} "
+                                         f"--copy-storage all {how}")
+        finally:
+            for d in installed:
+                shutil.rmtree(d, ignore_errors=True)
         assert o.ok, o.error
         text = o.result.text() if o.result else ""
+        assert ("not encrypted" in text) == (secure == "insecure"), text
+        assert (" in TLS)" in text) == (secure == "tls"), text
         assert f"no shared storage: 1 disk(s) copied over NBD into new images in {run_dir} on host b" in text, text
         assert "source: quit" in text, text
         await moved_and_checked(fleet, src, tmp_path)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.models import MigrationStatus, RunState
+from kvmshell.errors import UsageError
 
 PARAMS = """announce-initial: 50 ms
 announce-max: 550 ms
@@ -132,3 +133,15 @@ def test_keyval_and_quote() -> None:
     assert hmptext.keyval({"verify-peer": True, "x": False}) == "verify-peer=on,x=off"
     assert hmptext.quote("plain") == "plain"
     assert hmptext.quote("") == '""' and hmptext.quote('a "b"') == '"a \\"b\\""'
+
+
+@pytest.mark.parametrize("bad", ["a\nquit", "a\rb", "a\x00b", "a\x1b[2Jb", "\t", "a\x7fb", "a\x85b"])
+def test_quote_and_keyval_refuse_control_characters(bad: str) -> None:
+    """A newline would end the HMP command and start another: no quoting carries it, it is refused
+    (a UsageError: one line for the user, and a ValueError for a caller)."""
+    for call in (lambda: hmptext.quote(bad), lambda: hmptext.keyval({"identity": bad}),
+                 lambda: hmptext.keyval({bad: "x"})):
+        with pytest.raises(hmptext.ControlCharacter) as info:
+            call()
+        assert isinstance(info.value, UsageError) and isinstance(info.value, ValueError)
+        assert "\n" not in str(info.value) and "control character" in str(info.value)

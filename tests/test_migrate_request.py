@@ -44,6 +44,8 @@ def test_a_line_becomes_a_typed_request() -> None:
     "--copy-storage all --tls '/etc/pki qemu' --tls-authz --stall-timeout 2.5 --trace /tmp/t.jsonl "
     "--unplug nic0 --replug nic0=virtio-net-pci,id=nic0 --watch",
     "migrate --to vm2 --estimate --probe",
+    "migrate --to vm2 --copy-storage all --insecure-storage tcp:10.0.0.2:4444",
+    "migrate --to-host b --copy-storage inc --insecure-storage --dir /run/k",
     "migrate --to-host b --tunnel --address 10.1.0.2 --dir /run/k --name vm1b --edit --dry-run -y",
     "migrate -d -b tcp:[::1]:4444",
     "migrate -r unix:/run/mig.sock",
@@ -77,6 +79,8 @@ def test_any_steered_request_survives_the_round_trip(dest: str, strategy: str | 
     ("migrate --to-host b --unplug nic0", "--unplug/--replug do not go with --to-host yet"),
     ("migrate --to-host b --tls-authz", "--tls-authz goes with --tls DIR"),
     ("migrate --to-host b --tls /x --tunnel", "--tls and --tunnel both encrypt the stream: pick one"),
+    ("migrate --to vm2 --copy-storage all --tls /x --insecure-storage", "--insecure-storage is for a disk copy "
+     "without --tls"),
     ("migrate --to vm2 --dry-run", "--dry-run goes with --to-host (the destination kvmshell starts)"),
     ("migrate --to vm2 --dir /x", "--dir goes with --to-host"),
 ])

@@ -10,6 +10,7 @@ from kvmshell.core.values.address import Protocol
 from kvmshell.core.monitor.hmp import HmpMonitor, parameter_text
 from kvmshell.core.values.models import Event, MigrationStatus, NbdServer, RunState
 from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.values.hmptext import ControlCharacter
 from kvmshell.errors import CommandFailed, Disconnected, Unsupported
 from kvmshell.lab.launcher import Lab, MonitorKind
 from tests.waiting import free_port, wait_for
@@ -154,6 +155,22 @@ async def test_qmp_error_replies_become_command_failures(lab: Lab) -> None:
         with pytest.raises(CommandFailed, match="nosuch-command"):
             await mon.execute("nosuch-command")
         assert (await mon.status()).state is RunState.PRELAUNCH          # still in step
+    finally:
+        await mon.close()
+
+
+async def test_a_snapshot_tag_with_a_newline_sends_nothing_over_hmp(lab: Lab) -> None:
+    """savevm's tag goes into an HMP command line: a newline (and `quit` after it) is refused before
+    anything is sent, in one line naming the tag; the guest runs on and has no new snapshot."""
+    guest = await lab.start("vm", MonitorKind.HMP_UNIX)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        for tag in ("a\nquit", "b\x1b[2J", "c\x00"):
+            with pytest.raises(ControlCharacter, match="control character") as info:
+                await mon.save_snapshot(tag, replace=False, progress=lambda m: None)
+            assert "\n" not in str(info.value)
+        assert (await mon.status()).state is RunState.RUNNING
+        assert await mon.snapshots() == ()
     finally:
         await mon.close()
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -474,13 +474,17 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             run_dir.mkdir()
             (run_dir / "src-top.qcow2").write_bytes(b"not to be overwritten")
             [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc")
+            assert not o.ok and "without --tls" in (o.error or "") and "Nothing was started" in (o.error or ""), \
+                o.error
+            [o] = await session.run_line(f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc "
+                                         "--insecure-storage")
             assert not o.ok and f"{run_dir}/src-top.qcow2 already on host b" in (o.error or ""), o.error
             assert (run_dir / "src-top.qcow2").read_bytes() == b"not to be overwritten"
             assert not processes_mentioning(str(run_dir)) and (await mon.status()).running
             (run_dir / "src-top.qcow2").unlink()
             # the destination dies during the disk copy: it is gone, and so are the images made for it
             task = asyncio.create_task(session.run_line(          # (all: empty images of the same size)
-                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M"))
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage all --bandwidth 2M --insecure-storage"))
             await wait_for(mon.block_jobs, lambda jobs: any(j.offset for j in jobs),
                            what="the mirror under way", timeout=60)
             for pid in processes_mentioning(str(run_dir)):
@@ -491,7 +495,8 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
             assert f"{vm} is running on this host, as before" in msg, msg
             assert not list(run_dir.glob("*.qcow2")) and await mon.block_jobs() == ()
             task = asyncio.create_task(session.run_line(
-                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M"))
+                f"@{vm} migrate --to-host b --dir {run_dir} --copy-storage inc --strategy precopy --bandwidth 16M "
+                "--insecure-storage"))
             await wait_for(lambda: mon.migration(), lambda m: m.status.value == "active" and m.ram is not None
                            and m.ram.dirty_sync_count >= 2, what="RAM under way", timeout=60)
             assert "fail" not in await mon.hmp('qemu-io data0 "write -P 0x55 10M 256K"')
@@ -526,13 +531,29 @@ async def test_to_host_copy_storage_creates_the_images_there_and_copies_them(lab
     await offline_io(copy, "read -P 0x44 1M 2M", "read -P 0x55 10M 256K", "read -P 0x33 4M 6M")
 
 
-async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: Lab, tmp_path: Path) -> None:
+async def plain_nbd_client_refused(prefix: Sequence[str], uri: str) -> str:
+    """A client without TLS (qemu-img, from host a) asks the export: the server must turn it away."""
+    proc = await asyncio.create_subprocess_exec(*prefix, "qemu-img", "info", "--image-opts",
+                                                f"driver=nbd,{uri}", stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode != 0, out.decode()
+    return out.decode()
+
+
+@pytest.mark.parametrize("secure", ["tls", "insecure"])
+async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: Lab, tmp_path: Path,
+                                                                           secure: str) -> None:
     """Source on test host a, destination on b (network namespaces with their own sshd): the NBD
     server listens on b where the migration URI points (the a-b link), on a port free there; inc
-    checks the backing files there by sha256 (the hosts share this filesystem: the same files)."""
+    checks the backing files there by sha256 (the hosts share this filesystem: the same files).
+    Without --tls the copy is refused (nothing started) unless --insecure-storage; with --tls (and
+    --tls-authz) the NBD server takes only TLS clients: a plain one is turned away mid-copy."""
+    import shutil as sh
     from tests.sshd import HAVE_SSHD, SshTestbed
     from tests.test_ssh import pool_for, remote
     from kvmshell.core.hosts.processes import free_port as free_port_on_host
+    from kvmshell.core.migration.tls import REMOTE_ROOT, init_ca
     if not HAVE_SSHD:
         pytest.skip("OpenSSH server not installed (make test installs it)")
     w = lab.workdir
@@ -558,14 +579,37 @@ async def test_to_dest_on_another_ssh_host_copies_over_nbd_on_the_uri_host(lab: 
             await fleet.start()
             await rig.io("src", "write -P 0x61 0 4M")
             uri = f"tcp:{b_link}:{await free_port_on_host(fleet.hosts, fleet.get('dst').address.ssh)}"
-            text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD}")
-            assert "over NBD in plain TCP" in text, text
-            await ram_phase(rig)
-            await rig.io("src", "write -P 0x62 8M 1M")
-            await release(rig)
-            ev = await rig.finished()
+            o = await rig.run(f"@src migrate --to dst {uri} --copy-storage inc {HOLD}")
+            assert not o.ok and "without --tls" in (o.error or "") and "--insecure-storage" in (o.error or ""), o.error
+            assert "\n" not in (o.error or "") and await rig.mon("src").block_jobs() == ()
+            assert (await rig.mon("src").status()).running and "src" not in rig.session.migrations
+            installed = [Path(REMOTE_ROOT) / bed["a"].addr, Path(REMOTE_ROOT) / bed["b"].addr]
+            try:
+                if secure == "tls":
+                    init_ca(tmp_path / "pki", [bed["a"].addr, bed["b"].addr])
+                    text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD} "
+                                        f"--tls {tmp_path}/pki --tls-authz")
+                    assert "plain TCP" not in text, text
+                else:
+                    text = await rig.ok(f"@src migrate --to dst {uri} --copy-storage inc {HOLD} --insecure-storage")
+                    assert "over NBD in plain TCP" in text, text
+                await ram_phase(rig)
+                server = rig.stage()._server
+                assert server is not None and server.host == b_link
+                if secure == "tls":
+                    assert server.tls_creds == "kvmshell-tls" and server.tls_authz == "kvmshell-tls-authz"
+                    out = await plain_nbd_client_refused(bed["a"].prefix, f"server.type=inet,server.host={b_link},"
+                                                         f"server.port={server.port},export=kvmshell-0")
+                    assert "TLS" in out, out
+                await rig.io("src", "write -P 0x62 8M 1M")
+                await release(rig)
+                ev = await rig.finished()
+            finally:
+                for d in installed:
+                    sh.rmtree(d, ignore_errors=True)
             assert ev.data["status"] == "completed", ev.data
             assert f"over NBD (tcp:{b_link}:" in ev.data["message"], ev.data["message"]
+            assert (" in TLS)" in ev.data["message"]) == (secure == "tls"), ev.data["message"]
             assert "2 backing file(s) checked on dst's host (sha256)" in ev.data["message"], ev.data["message"]
             await no_leftovers_on_source(rig)
             await dest_running(rig)

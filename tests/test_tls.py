@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,34 @@ def test_tls_init_layout_and_permissions(tmp_path: Path) -> None:
     ca = (tmp_path / "ca-cert.pem").read_bytes()
     init_ca(tmp_path, ["other"])                         # a second host: the same CA
     assert (tmp_path / "ca-cert.pem").read_bytes() == ca == (tmp_path / "other" / "ca-cert.pem").read_bytes()
+
+
+def _certtool(*args: str) -> str:
+    r = subprocess.run(["certtool", *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(shutil.which("certtool") is None, reason="certtool (gnutls-bin, make system-deps) missing")
+def test_tls_init_certificates_pass_gnutls_strict_checks(tmp_path: Path) -> None:
+    """GnuTLS's certtool verifies each leaf against the CA; the leaves carry what stricter QEMU builds
+    and libvirt want: KeyUsage digitalSignature + keyEncipherment, and the server / client EKU."""
+    [name, addr] = init_ca(tmp_path, ["host-a.example", "10.0.0.7"])
+    ca = tmp_path / "ca-cert.pem"
+    for d in (name, addr):
+        assert (d / "ca-cert.pem").read_bytes() == ca.read_bytes()
+        for role, eku in (("server", "TLS WWW Server"), ("client", "TLS WWW Client")):
+            cert = d / f"{role}-cert.pem"
+            out = _certtool("--verify", "--load-ca-certificate", str(ca), "--infile", str(cert),
+                            "--verify-profile", "high")
+            assert "Chain verification output: Verified" in out, out
+            out = _certtool("--verify", "--load-ca-certificate", str(ca), "--infile", str(cert),
+                            "--verify-purpose", "1.3.6.1.5.5.7.3.1" if role == "server" else "1.3.6.1.5.5.7.3.2",
+                            *(["--verify-hostname", d.name] if role == "server" else []))
+            assert "Chain verification output: Verified" in out, out
+            info = _certtool("-i", "--infile", str(cert))
+            assert "Digital signature." in info and "Key encipherment." in info, info
+            assert eku in info, info
 
 
 async def _migrate(lab: Lab, tmp_path: Path, setup: TlsSetup | None, dst_tls: bool = True):  # type: ignore[no-untyped-def]

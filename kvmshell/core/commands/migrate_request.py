@@ -56,6 +56,7 @@ class MigrateRequest:
     stall_timeout: float | None = None
     probe: bool | None = None               # --probe True, --no-probe False, default None
     copy_storage: str | None = None         # all | inc
+    insecure_storage: bool = False          # --copy-storage across hosts without --tls: the user accepts it
     unplug: tuple[str, ...] = ()
     replug: tuple[str, ...] = ()
     tunnel: bool = False
@@ -105,6 +106,9 @@ class MigrateRequest:
         """UsageError for options that do not go together (the session's own checks - guests that
         exist, a running job, someone to ask - are the handler's)."""
         g = self.source
+        if self.insecure_storage and self.tls:
+            raise UsageError("--insecure-storage is for a disk copy without --tls: with --tls the disks go in TLS; "
+                             "drop one", guest=g)
         if self.leave_to_qemu:
             self._check_detach()
         if self.to_host is not None:
@@ -197,6 +201,8 @@ class MigrateRequest:
             opt("--tls", self.tls)
         if self.tls_authz:
             words.append("--tls-authz")
+        if self.insecure_storage:
+            words.append("--insecure-storage")
         if self.probe is not None:
             words.append("--probe" if self.probe else "--no-probe")
         if self.stall_timeout is not None:

@@ -28,11 +28,12 @@ def stages_for(inv: Invocation, req: MigrateRequest) -> list[Stage]:
         stages.append(passthrough_stage(source, dest, unplug, list(req.replug)))
     copy_storage = copy_storage_of(inv, req)
     if copy_storage:
-        stages.append(storage_stage(inv, source, dest, copy_storage))
+        stages.append(storage_stage(inv, source, dest, copy_storage, insecure=req.insecure_storage))
     return stages
 
 
-def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> StorageStage:
+def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str, *,
+                  insecure: bool = False) -> StorageStage:
     """The stage `migrate --to DEST --copy-storage all|inc` runs (checks what it can at once)."""
     if mode not in MODES:
         raise UsageError(f"--copy-storage {mode}: expected all or inc", guest=source)
@@ -43,7 +44,7 @@ def storage_stage(inv: Invocation, source: str, dest: str | None, mode: str) -> 
     for name in (source, dest):
         if not can_mirror(fleet.monitor(name)):
             raise Refused(f"--copy-storage needs a QMP monitor on both guests ({name} speaks HMP)", guest=source)
-    stage = StorageStage(mode)
+    stage = StorageStage(mode, insecure=insecure)
     if mode == "inc":
         stage.warnings.append(f"--copy-storage inc copies what {source}'s top images hold: {dest}'s top images must "
                               "be new (empty), or what they hold elsewhere stays there")

@@ -343,6 +343,8 @@ SPECS = (
                             "(all: whole disks; inc: the top qcow2 layer over a backing file both hosts have; "
                             "default: the guest's copy_storage in the config)",
                             value="all|inc", parse=parse_copy_storage),
+                       Flag(("--insecure-storage",), "with --copy-storage to another host and no --tls: export "
+                            "the disks over plain NBD anyway (anyone who reaches the port can write them)"),
                        Flag(("--unplug",), "unplug this device (a passthrough NIC...) before, plug it back after "
                             "(on the destination; on the source if the migration fails)", value="DEVICE_ID",
                             repeat=True),

@@ -257,7 +257,7 @@ async def migrate_to_host(inv: Invocation, mreq: MigrateRequest) -> Result:
     req = CrossHostRequest(guest=source, to=host, job=job_request(inv, mreq), tunnel=mreq.tunnel,
                            run_dir=mreq.run_dir, new_name=mreq.name, address=mreq.address,
                            copy_storage=copy_storage_of(inv, mreq), tls_root=mreq.tls, tls_authz=mreq.tls_authz,
-                           dry_run=mreq.dry_run)
+                           insecure_storage=mreq.insecure_storage, dry_run=mreq.dry_run)
 
     def on_job(j: MigrationJob) -> None:
         s.migrations[source] = j            # `info migrate` shows the live view meanwhile

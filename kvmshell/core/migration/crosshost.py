@@ -83,6 +83,7 @@ class CrossHostRequest:
     copy_storage: str | None = None   # no shared storage: all | inc (new images on HOST, copied over NBD)
     tls_root: str | None = None       # encrypt the stream: certificates `kvmshell tls-init DIR HOST...` wrote
     tls_authz: bool = False           # and admit only the source host's client certificate
+    insecure_storage: bool = False    # copy_storage without TLS: the user accepts a plain NBD export
     dry_run: bool = False             # preflight and the destination's command line only
 
 
@@ -200,6 +201,10 @@ class CrossHostMigration:
         if req.copy_storage and req.tunnel:
             raise Refused("--copy-storage does not go through --tunnel yet: drop --tunnel (the disks go over NBD "
                           "on TCP)")
+        if req.copy_storage and req.tls_root is None and not req.insecure_storage:
+            raise Refused(f"--copy-storage to {dst.label} without --tls: its NBD server would let anyone who "
+                          "reaches the port write the disks; add --tls DIR (certificates from `kvmshell tls-init`), "
+                          "or --insecure-storage to accept that. Nothing was started")
         if req.copy_storage and not can_mirror(self.mon):
             raise Refused(f"--copy-storage needs a QMP monitor on both guests ({req.guest} speaks HMP)")
         self.progress(f"preflight: connecting to {dst.label}")
@@ -387,9 +392,10 @@ class CrossHostMigration:
         if req.copy_storage:
             assert plan.nbd_port is not None
             stages.append(StorageStage(req.copy_storage, tcp=(req.address or plan.twin.target.host, plan.nbd_port),
-                                       check_backing=False))        # _check_backing did (sha256)
-            ledger.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {plan.nbd_port}, "
-                                   "not encrypted")
+                                       check_backing=False, insecure=req.insecure_storage))   # _check_backing did
+            if tls is None:
+                ledger.warnings.append(f"the disks go to {self.dst.label} over NBD on TCP port {plan.nbd_port}, "
+                                       "not encrypted (--insecure-storage)")
         job = MigrationJob(self.mon, dest_mon, job_req, hosts=self.pool, publish=self.fleet.publish, stages=stages)
         await job.prepare()
         if stages:                  # the stages' long work (the disk copy) comes before `migrate`: run does both

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,8 +77,8 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCur
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
-                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
+               .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
+                                            data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
     if names:
@@ -85,11 +86,32 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCur
     return builder.sign(ca_key, hashes.SHA256())
 
 
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS name (RFC 1123 labels: letters, digits, inner hyphens,
+    1-63 characters each, 253 in all), the only things a certificate names and DIR/HOST may be;
+    else ConfigError."""
+    try:
+        if "%" not in host:
+            ipaddress.ip_address(host)
+            return host
+    except ValueError:
+        pass
+    if 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split(".")):
+        return host
+    raise ConfigError(f"tls-init: {host!r} is not a host name or IP address (letters, digits, '-' and '.' "
+                      "as in host.example.org, or an address as 10.0.0.2): nothing was written")
+
+
 def init_ca(directory: str | Path, hosts: Sequence[str]) -> list[Path]:
     """A CA (reused if DIR already has one) and server + client certificates for each host; the
-    per-host directories written."""
+    per-host directories written. Every host is checked (``check_host``) before anything is written."""
     if not hosts:
         raise ConfigError("tls-init needs at least one host name (or address) to certify")
+    for host in hosts:
+        check_host(host)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = root / "ca-cert.pem", root / "ca-key.pem"

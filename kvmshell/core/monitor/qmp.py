@@ -314,7 +314,12 @@ class QmpMonitor(Monitor):
     async def nbd_server_start(self, server: NbdServer) -> None:
         flat = _socket_address(server)
         kind = flat.pop("type")
-        await self.execute("nbd-server-start", {"addr": {"type": kind, "data": flat}})    # the legacy form
+        args: dict[str, Any] = {"addr": {"type": kind, "data": flat}}          # the legacy form
+        if server.tls_creds:
+            args["tls-creds"] = server.tls_creds
+        if server.tls_authz:
+            args["tls-authz"] = server.tls_authz
+        await self.execute("nbd-server-start", args)
 
     async def nbd_server_stop(self) -> None:
         await self.execute("nbd-server-stop")
@@ -327,8 +332,13 @@ class QmpMonitor(Monitor):
             await self.execute("nbd-server-add", {"device": node_name, "name": name, "writable": writable})
 
     async def blockdev_add_nbd(self, node_name: str, server: NbdServer, export: str) -> None:
-        await self.execute("blockdev-add", {"driver": "nbd", "node-name": node_name, "server": _socket_address(server),
-                                            "export": export})
+        args: dict[str, Any] = {"driver": "nbd", "node-name": node_name, "server": _socket_address(server),
+                                "export": export}
+        if server.tls_creds:
+            args["tls-creds"] = server.tls_creds
+            if server.tls_hostname:
+                args["tls-hostname"] = server.tls_hostname
+        await self.execute("blockdev-add", args)
 
     async def blockdev_del(self, node_name: str) -> None:
         await self.execute("blockdev-del", {"node-name": node_name})

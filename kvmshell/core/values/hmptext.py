@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
 
+from kvmshell.errors import UsageError
 from kvmshell.core.values.models import (
     Capabilities, DirtyRateInfo, DiskStats, MigrationInfo, MigrationParameters, MigrationStatus, QemuVersion,
     RamStats, RunState, Snapshot, Status,
@@ -224,15 +225,31 @@ def parse_qom_list(text: str) -> dict[str, str]:
     return out
 
 
+class ControlCharacter(UsageError, ValueError):
+    """A word for an HMP command line holds a control character (a newline would end the command
+    there and start another one)."""
+
+
+def _plain(word: str) -> str:
+    """``word`` unchanged; ControlCharacter when it holds one (newline, CR, NUL, ESC, DEL...)."""
+    bad = next((c for c in word if ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0), None)
+    if bad is not None:
+        raise ControlCharacter(f"{word!r} holds the control character {bad!r}: an HMP command line cannot carry "
+                               "it; nothing was sent, use printable characters only")
+    return word
+
+
 def keyval(props: Mapping[str, object]) -> str:
     """Properties as QEMU's keyval syntax reads them (object_add, device_add): commas doubled."""
     def text(v: object) -> str:
-        return ("on" if v else "off") if isinstance(v, bool) else str(v)
-    return ",".join(f"{k}={text(v).replace(',', ',,')}" for k, v in props.items())
+        return _plain(("on" if v else "off") if isinstance(v, bool) else str(v))
+    return ",".join(f"{_plain(k)}={text(v).replace(',', ',,')}" for k, v in props.items())
 
 
 def quote(word: str) -> str:
-    """A word as HMP's parser reads it back (quotes when it is empty or has spaces or quotes)."""
+    """A word as HMP's parser reads it back (quotes when it is empty or has spaces or quotes);
+    ControlCharacter for a word with a control character, which no quoting carries safely."""
+    _plain(word)
     if word and not any(c.isspace() or c in "\"'\\" for c in word):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'

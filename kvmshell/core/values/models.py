@@ -367,6 +367,9 @@ class NbdServer:
     path: str | None = None
     host: str | None = None
     port: int | None = None
+    tls_creds: str | None = None      # the tls-creds-x509 object the server (or the client) uses
+    tls_authz: str | None = None      # the server admits only the client this authz object names
+    tls_hostname: str | None = None   # the client checks the server's certificate for this name
 
     def uri(self, export: str) -> str:
         """The NBD URI of ``export`` on this server (what drive-mirror and qemu-img take)."""
@@ -376,7 +379,8 @@ class NbdServer:
         return f"nbd://{host}:{self.port}/{export}"
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+        where = f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+        return f"{where} in TLS" if self.tls_creds else where
 
 
 @dataclass(frozen=True)

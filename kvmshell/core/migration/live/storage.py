@@ -8,7 +8,10 @@ while RAM migrates, the way libvirt does it:
                    destination exports each one writable on an NBD server (a unix socket in a private
                    directory when both guests are here; else TCP on the migration URI's host, at a port
                    free on the destination's host). Every check comes first: a mismatch refuses before
-                   anything is started.
+                   anything is started. Across hosts the export is writable by whoever reaches the
+                   port, so it needs the migration's TLS (``--tls``: the NBD server and the source's
+                   client use the same tls-creds-x509 objects, and tls-authz when given), or the user's
+                   explicit ``--insecure-storage``; else it is refused.
 ``before_start``   the source opens an NBD client node per export and mirrors each disk into it
                    (``sync: full`` for all, ``top`` for inc, ``copy-mode: write-blocking`` so the
                    guest's writes reach the destination synchronously), until every job is ready.
@@ -40,6 +43,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.uri import parse_uri
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.stages import BaseStage
+from kvmshell.core.migration.tls import AUTHZ_ID, OBJECT_ID, TlsSetup
 from kvmshell.core.values.models import BlockDevice, BlockImage, BlockJob, Event, NbdServer
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError, Refused, Unsupported
@@ -145,13 +149,17 @@ class StorageStage(BaseStage):
     name = "storage"
     pause_before_switchover = True
 
-    def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None, check_backing: bool = True) -> None:
+    def __init__(self, mode: str, *, tcp: tuple[str, int] | None = None, check_backing: bool = True,
+                 insecure: bool = False) -> None:
         """``tcp``: where the destination's NBD server listens and the source connects; by default
         a unix socket when both guests are here, else the migration URI's host (``_tcp_beside``).
         ``check_backing``: for inc across hosts, compare the backing files' sha256 (the caller may
-        have done it already)."""
+        have done it already). ``insecure``: across hosts without TLS, export the disks anyway
+        (``--insecure-storage``)."""
         super().__init__()
         self.check_backing = check_backing
+        self.insecure = insecure
+        self._tls: TlsSetup | None = None              # the migration's TLS: the NBD server and client use it
         if mode not in MODES:
             raise ValueError(mode)
         self.mode = mode
@@ -182,11 +190,20 @@ class StorageStage(BaseStage):
             if not can_mirror(mon):
                 raise Refused(f"--copy-storage needs a QMP monitor on both guests ({mon.name} speaks HMP)",
                               guest=self._src_name)
+        self._tls = job.req.tls
+        self._one_host = same_host(job.hosts, src.address, dst.address)
+        if not self._one_host and self._tls is None and not self.insecure:
+            raise Refused(f"--copy-storage to {self._dst_name} on another host without --tls: its NBD server "
+                          "would let anyone who reaches the port write the disks; add --tls DIR (certificates "
+                          "from `kvmshell tls-init`), or --insecure-storage to accept that. Nothing was started",
+                          guest=self._src_name)
         where = self.tcp if self.tcp is not None else await self._tcp_beside(job)
         self._check_commands(src, dst)
+        if self._tls is not None and where is not None and not self._blockdev:
+            raise Unsupported("--copy-storage with --tls needs blockdev-mirror on the source (drive-mirror "
+                              "has no TLS): drop --tls, or use a newer QEMU", guest=self._src_name)
         ours = writable_disks(await block_devices(src))
         theirs = await block_devices(dst)
-        self._one_host = same_host(job.hosts, src.address, dst.address)
         if not ours:
             raise Refused("--copy-storage: this guest has no writable disk to copy", guest=self._src_name)
         problems = [p for key, dev in ours.items() if (p := self._mismatch(key, dev, theirs.get(key)))]
@@ -282,7 +299,7 @@ class StorageStage(BaseStage):
                           f"{job.uri} is not tcp:HOST:PORT: kvmshell cannot tell where the source reaches "
                           f"{self._dst_name}", guest=self._src_name)
         port = await free_port(job.hosts, dst.ssh)
-        if uri.host not in ("127.0.0.1", "localhost", "::1"):
+        if job.req.tls is None and uri.host not in ("127.0.0.1", "localhost", "::1"):
             self.warnings.append(f"the disks go to {self._dst_name} over NBD in plain TCP ({uri.host}:{port}): "
                                  "anyone on the path can read and change them")
         return uri.host, port
@@ -303,7 +320,10 @@ class StorageStage(BaseStage):
                 log.info("%s: NBD on a unix socket failed (%s); using TCP on 127.0.0.1", dst.name, e)
                 self._drop_sock_dir()
         host, port = where or ("127.0.0.1", await free_port(None, None))
-        server = NbdServer(host=host, port=port)
+        tls = self._tls if where is not None else None
+        server = NbdServer(host=host, port=port) if tls is None else \
+            NbdServer(host=host, port=port, tls_creds=OBJECT_ID, tls_authz=AUTHZ_ID if tls.authz else None,
+                      tls_hostname=tls.hostname)
         await dst.nbd_server_start(server)
         self._server = server
 
