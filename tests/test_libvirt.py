@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 from kvmshell.config import parse_config
+from kvmshell.core.monitor.libvirt import TAINT
 from kvmshell.core.values.address import Address, parse_address
 from kvmshell.errors import ConfigError
 from kvmshell.lab.launcher import Lab, die_with_parent
@@ -231,6 +233,7 @@ async def test_guests_and_raw_commands_through_libvirt(libvirtd: Libvirtd, tmp_p
     rc, out, err = await kvmshell(tmp_path, "--guest", f"lv1={addr}", "-c", "info status", "-c", "info migrate",
                                   "-c", "hmp info name", "-c", "qmp query-name")
     assert rc == 0, err
+    assert err.splitlines() == [f"kvmshell: note: lv1: {TAINT}"]            # said once, on stderr
     assert "VM status: running" in out
     assert "Migration status: none" in out or "status: none" in out.lower()
     assert out.count("lv1") >= 2          # `info name` (HMP) and query-name (QMP) both answer the name
@@ -278,3 +281,57 @@ async def test_monitor_delivers_qemu_and_lifecycle_events(libvirtd: Libvirtd) ->
         assert any(e.name == "kvmshell.DISCONNECTED" for e in events)
     finally:
         await mon.close()
+
+
+@needs_libvirt
+@pytest.mark.qemu
+async def test_hosts_lists_domains_and_never_libvirts_monitor_socket(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    from kvmshell.core.hosts.processes import discover
+    await libvirtd.define("lvp")
+    await libvirtd.define("lvt", persistent=False)
+    rc, out, err = await kvmshell(tmp_path, "--json", "--guest", f"x=libvirt:{libvirtd.uri}#lvp", "hosts")
+    assert rc == 0, err
+    [report] = json.loads(out)
+    by_name = {d["name"]: d for d in report["domains"]}
+    assert report["libvirt"] == libvirtd.uri and sorted(by_name) == ["lvp", "lvt"]
+    for name, dom in by_name.items():
+        assert dom["state"] == "running"
+        assert dom["uuid"] == (await asyncio.to_thread(libvirtd.conn.lookupByName, name)).UUIDString()
+        assert dom["address"] == f"libvirt:{libvirtd.uri}#{name}"
+    assert (by_name["lvp"]["persistent"], by_name["lvt"]["persistent"]) == (True, False)
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"x=libvirt:{libvirtd.uri}#lvp", "hosts")
+    assert rc == 0, err
+    assert re.search(r"lvt\s+running\s+[0-9a-f-]{36}\s+transient\s+libvirt:", out), out
+    # this machine's processes: the domains are offered through libvirt, their monitor socket never
+    found = {g.name: g for g in await discover(None, None)}
+    assert found["lvp"].monitors == (Address.libvirt("lvp"),) and found["lvt"].monitor == Address.libvirt("lvt")
+    assert "monitor.sock" not in json.dumps([g.as_dict() for g in found.values()])
+
+
+@needs_libvirt
+@pytest.mark.qemu
+async def test_libvirts_monitor_socket_explained_and_attach_goes_through_libvirt(libvirtd: Libvirtd,
+                                                                               tmp_path: Path) -> None:
+    await libvirtd.define("att1")
+    sock = "/var/lib/libvirt/qemu/domain-1-att1/monitor.sock"       # libvirt's socket, as /proc shows it
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"a=qmp:unix:{sock}", "guests", timeout=30)
+    assert rc != 0
+    assert err.splitlines() == [f"kvmshell: a: qmp:unix:{sock}: libvirt holds this monitor (domain att1; QEMU "
+                                "serves one client): attach it as libvirt:att1"]
+    # `attach` finds the domain among this machine's processes and attaches it through libvirt's
+    # default connection (here the test's daemon); when that connection fails, attach fails
+    env = os.environ.copy()
+    try:
+        os.environ["LIBVIRT_DEFAULT_URI"] = libvirtd.uri
+        rc, out, err = await kvmshell(tmp_path, "-c", "attach --match att1", "-c", "info status")
+        assert rc == 0, err
+        assert re.search(r"att1\s+libvirt:att1\s+connected", out), out
+        assert "VM status: running" in out
+        os.environ["LIBVIRT_DEFAULT_URI"] = f"qemu:///system?socket={tmp_path}/nothing"
+        rc, out, err = await kvmshell(tmp_path, "-c", "attach --match att1")
+        assert rc != 0
+        [line] = err.splitlines()
+        assert line.startswith("kvmshell: could not reach att1: libvirt qemu:///system?socket=") and "No such" in line
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

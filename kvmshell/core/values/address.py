@@ -194,6 +194,28 @@ def parse_address(text: str, where: str = "address") -> Address:
     return Address(protocol, kind, path=target, ssh=ssh)
 
 
+# libvirt's own monitor socket: .../qemu/domain-ID-SHORTNAME/monitor.sock (system, session and embed roots)
+_LIBVIRT_MONITOR_RE = re.compile(r".*/domain-\d+-([^/]+)/monitor\.sock")
+
+
+def libvirt_monitor_domain(path: str | None) -> str | None:
+    """The domain (as libvirt shortened it for the directory) when ``path`` is a monitor socket libvirt
+    holds: QEMU serves one client, and libvirt is that client for as long as the domain runs."""
+    m = _LIBVIRT_MONITOR_RE.fullmatch(path or "")
+    return m.group(1) if m else None
+
+
+def held_by_libvirt(address: Address) -> str | None:
+    """One line for a QMP/HMP address that is libvirt's own monitor socket, with the address to use."""
+    domain = libvirt_monitor_domain(address.path) if address.kind is Kind.UNIX else None
+    if domain is None:
+        return None
+    uri = f"qemu+ssh://{address.ssh.user + '@' if address.ssh.user else ''}{uri_host(address.ssh.host)}" \
+          f"{':' + str(address.ssh.port) if address.ssh.port else ''}/system#" if address.ssh else ""
+    return (f"{address}: libvirt holds this monitor (domain {domain}; QEMU serves one client): attach it as "
+            f"libvirt:{uri}{domain}")
+
+
 def check_guest_name(name: str, where: str = "guest name") -> str:
     if not GUEST_NAME_RE.fullmatch(name):
         raise ConfigError(
