@@ -142,7 +142,8 @@ class Libvirtd:
                     if dom.isActive():
                         await asyncio.to_thread(dom.destroy)
                     if persistent:
-                        await asyncio.to_thread(dom.undefine)
+                        await asyncio.to_thread(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
                 left = await asyncio.to_thread(self.conn.listAllDomains)
                 await asyncio.to_thread(self.conn.close)
                 assert not left, f"domains left on the test's libvirtd: {[d.name() for d in left]}"
@@ -335,3 +336,45 @@ async def test_libvirts_monitor_socket_explained_and_attach_goes_through_libvirt
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+@needs_libvirt
+@pytest.mark.qemu
+async def test_snapshots_go_through_libvirt_and_virsh_agrees(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    dom = await libvirtd.define("snap1")
+    g = f"snap1=libvirt:{libvirtd.uri}#snap1"
+
+    def libvirt_list() -> list[str]:
+        return sorted(s.getName() for s in dom.listAllSnapshots())
+    rc, out, err = await kvmshell(tmp_path, "-y", "--guest", g, "-c", "savevm s1", "-c", "savevm s2", "-c",
+                                  "loadvm s1", "-c", "info status", "-c", "info snapshots")
+    assert rc == 0, err
+    assert "loaded snapshot 's1'" in out and "VM status: running" in out
+    assert re.search(r"^s1\s", out, re.M) and re.search(r"^s2\s", out, re.M)
+    assert await asyncio.to_thread(libvirt_list) == ["s1", "s2"]
+    assert (await asyncio.to_thread(dom.state))[0] == libvirt.VIR_DOMAIN_RUNNING
+    rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", "delvm s2")
+    assert rc == 0, err
+    assert await asyncio.to_thread(libvirt_list) == ["s1"]
+    # the same safety checks as for other guests: an unknown tag is one line, nothing loaded
+    rc, out, err = await kvmshell(tmp_path, "-y", "--guest", g, "-c", "loadvm nope")
+    assert rc != 0 and "no snapshot 'nope'" in err and "Traceback" not in err
+    assert await asyncio.to_thread(libvirt_list) == ["s1"]
+
+
+@needs_libvirt
+@pytest.mark.qemu
+async def test_what_libvirt_must_do_itself_is_refused_in_one_line(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    dom = await libvirtd.define("ref1")
+    g = f"ref1=libvirt:{libvirtd.uri}#ref1"
+    for line in ("migrate_set_speed 1g", "quit", "migrate tcp:127.0.0.1:1"):
+        rc, out, err = await kvmshell(tmp_path, "-y", "--guest", g, "-c", line)
+        assert rc != 0, line
+        [*_, last] = err.splitlines()
+        word = line.split()[0]
+        assert last == (f"kvmshell: ref1: {word}: libvirt manages this guest and kvmshell does not do that through "
+                        "libvirt yet (use virsh: migrate, destroy...); nothing was changed"), err
+    assert (await asyncio.to_thread(dom.state))[0] == libvirt.VIR_DOMAIN_RUNNING
+    rc, out, err = await kvmshell(tmp_path, "--json", "--guest", g, "-c", "info migrate_parameters")
+    assert rc == 0, err
+    assert json.loads(out)      # reading is fine: nothing changes in libvirt's back

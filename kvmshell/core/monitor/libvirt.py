@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import threading
+from xml.sax.saxutils import escape
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import QemuVersion
-from kvmshell.core.monitor.base import Features, clean_hmp_line
+from kvmshell.core.monitor.base import SNAPSHOT_TIMEOUT, Features, Progress, clean_hmp_line, with_ticker
 from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
 
@@ -170,8 +171,11 @@ class LibvirtMonitor(QmpMonitor):
         self.features = Features(frozenset(c["name"] for c in commands), hmptext.parse_help(hmp_help))
 
     def _lifecycle(self, event: int, detail: int) -> None:
+        libvirt, _ = binding()
         name = _LIFECYCLE[event] if 0 <= event < len(_LIFECYCLE) else str(event)
         self._emit("libvirt.LIFECYCLE", {"event": name, "detail": detail})
+        if name == "stopped" and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT:
+            return               # reverting to a snapshot: libvirt starts the domain again at once
         if name in ("stopped", "undefined") and self.connected:
             reason = f"libvirt: the domain {name}"
             self._mark_closed(reason)
@@ -231,3 +235,34 @@ class LibvirtMonitor(QmpMonitor):
         if error is not None:
             raise CommandFailed(error, guest=self.name)
         return output
+
+    # -- snapshots: libvirt's snapshot API, so that `virsh snapshot-list` agrees --------------------
+    async def _libvirt(self, what: str, fn: Callable[..., Any], *args: Any, progress: Progress | None = None) -> Any:
+        libvirt, _ = binding()
+        if self._dom is None or not self.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        call = asyncio.wait_for(self._call(fn, *args), SNAPSHOT_TIMEOUT)
+        try:
+            return await (with_ticker(progress, what, call) if progress else call)
+        except TimeoutError:
+            raise MonitorTimeout(f"{what}: libvirt did not finish within {SNAPSHOT_TIMEOUT:g} s",
+                                 guest=self.name) from None
+        except libvirt.libvirtError as e:
+            raise CommandFailed(f"{what}: libvirt: {e.get_error_message()}", guest=self.name) from None
+
+    async def save_snapshot(self, tag: str, *, replace: bool, progress: Progress) -> None:
+        """An internal snapshot with the memory state (libvirt's default for a running qcow2 guest)."""
+        dom = self._dom
+        if replace:
+            await self._libvirt(f"deleting old {tag!r}", lambda: dom.snapshotLookupByName(tag).delete(0))
+        xml = f"<domainsnapshot><name>{escape(tag)}</name><description>kvmshell savevm</description></domainsnapshot>"
+        await self._libvirt(f"saving {tag!r}", dom.snapshotCreateXML, xml, 0, progress=progress)
+
+    async def load_snapshot(self, tag: str, *, progress: Progress) -> None:
+        dom = self._dom
+        await self._libvirt(f"loading {tag!r}", lambda: dom.revertToSnapshot(dom.snapshotLookupByName(tag), 0),
+                            progress=progress)
+
+    async def delete_snapshot(self, tag: str, *, progress: Progress) -> None:
+        dom = self._dom
+        await self._libvirt(f"deleting {tag!r}", lambda: dom.snapshotLookupByName(tag).delete(0), progress=progress)
