@@ -239,6 +239,12 @@ async def test_guests_and_raw_commands_through_libvirt(libvirtd: Libvirtd, tmp_p
     assert "Migration status: none" in out or "status: none" in out.lower()
     assert out.count("lv1") >= 2          # `info name` (HMP) and query-name (QMP) both answer the name
     assert '"name": "lv1"' in out
+    # a guest like the others: @all reaches it beside a direct QMP guest
+    other = await libvirtd.lab.start("direct", paused=True)
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"lv1={addr}", "--guest", other.guest_option,
+                                  "-c", "@all info status")
+    assert rc == 0, err
+    assert re.search(r"── lv1 ──\nVM status: running\n", out) and re.search(r"── direct ──\nVM status: paused", out), out
 
 
 @needs_libvirt
