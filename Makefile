@@ -27,6 +27,9 @@ deps: system-deps $(STAMP)
 # gcc and libc6-dev (libc.a) link the Linux lab guest's workload static; its kernel and busybox are
 # fetched by the lab itself (apt-get download, cached), not installed. zsh: the tests complete
 # kvmshell's command line in it. gnutls-bin: the tests check tls-init's certificates with certtool.
+# libvirt: the daemon and its QEMU driver (the tests start their own,
+# never the system's), virsh, and libvirt-dev + pkg-config to build the Python binding (the extra
+# kvmshell[libvirt]: PyPI has no wheels of it, pip compiles it against these headers).
 system-deps:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
@@ -39,6 +42,10 @@ system-deps:
 	test -f /usr/lib/x86_64-linux-gnu/libc.a || missing="$$missing libc6-dev"; \
 	command -v zsh >/dev/null 2>&1 || missing="$$missing zsh"; \
 	command -v certtool >/dev/null 2>&1 || missing="$$missing gnutls-bin"; \
+	test -x /usr/sbin/libvirtd && test -f /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so \
+	  || missing="$$missing libvirt-daemon libvirt-daemon-driver-qemu"; \
+	command -v virsh >/dev/null 2>&1 || missing="$$missing libvirt-clients"; \
+	command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libvirt || missing="$$missing libvirt-dev pkg-config"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -52,7 +59,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,libvirt]'
 	touch $(STAMP)
 
 clean:

@@ -16,7 +16,7 @@ from typing import Any
 
 import platformdirs
 
-from kvmshell.core.values.address import Address, SshTarget, check_guest_name, parse_address
+from kvmshell.core.values.address import Address, Kind, SshTarget, check_guest_name, parse_address, parse_libvirt
 from kvmshell.core.values.units import parse_rate
 from kvmshell.errors import ConfigError
 
@@ -49,6 +49,16 @@ class HostConfig:
     jump: str | None = None
     accept_new_host_key: bool = False
     tls_dir: str | None = None         # where `migrate --tls` puts this host's certificates (on the host)
+    libvirt: str | None = None         # libvirt's URI for this host (default: qemu+ssh to its ssh target)
+
+    def libvirt_uri(self) -> str:
+        """The libvirt connection to this host: ``libvirt`` as given, else qemu+ssh to ``ssh``."""
+        if self.libvirt:
+            return self.libvirt
+        user = f"{self.ssh.user}@" if self.ssh.user else ""
+        port = f":{self.ssh.port}" if self.ssh.port else ""
+        host = f"[{self.ssh.host}]" if ":" in self.ssh.host else self.ssh.host
+        return f"qemu+ssh://{user}{host}{port}/system"
 
 
 @dataclass(frozen=True)
@@ -152,11 +162,14 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None, *,
         if not isinstance(h, dict):
             raise ConfigError(f"{where}: expected a table")
         _check_keys(h, {"ssh": str, "identity_file": str, "jump": str, "accept_new_host_key": bool,
-                        "tls_dir": str}, where)
+                        "tls_dir": str, "libvirt": str}, where)
+        if "libvirt" in h:
+            parse_libvirt(f"{h['libvirt']}#-", f"{where} libvirt")        # the URI alone
         if "ssh" not in h:
             raise ConfigError(f"{where}: missing key 'ssh' (e.g. ssh = \"root@host2:22\")")
         hosts[name] = HostConfig(name, parse_ssh_target(h["ssh"], f"{where} ssh"), h.get("identity_file"),
-                                 h.get("jump"), h.get("accept_new_host_key", False), h.get("tls_dir"))
+                                 h.get("jump"), h.get("accept_new_host_key", False), h.get("tls_dir"),
+                                 h.get("libvirt"))
     _check_jumps(hosts, src)
     guests: dict[str, GuestConfig] = {}
     for name, g in data.get("guests", {}).items():
@@ -164,20 +177,28 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None, *,
         check_guest_name(name, where)
         if not isinstance(g, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(g, {"monitor": str, "host": str, "unplug": list, "copy_storage": str}, where)
+        _check_keys(g, {"monitor": str, "libvirt": str, "host": str, "unplug": list, "copy_storage": str}, where)
         if g.get("copy_storage", "all") not in ("all", "inc"):
             raise ConfigError(f"{where}.copy_storage: expected \"all\" (whole disks) or \"inc\" (the top images "
                               "over a backing file both hosts have)")
         unplug = g.get("unplug", [])
         if not all(isinstance(d, str) and d for d in unplug):
             raise ConfigError(f"{where}.unplug: expected a list of device ids, e.g. unplug = [\"hostnet0\"]")
-        if "monitor" not in g:
-            raise ConfigError(f"{where}: missing key 'monitor' (e.g. monitor = \"qmp:unix:/run/{name}.qmp\")")
-        address = parse_address(g["monitor"], f"{where} monitor")
+        if "monitor" in g and "libvirt" in g:
+            raise ConfigError(f"{where}: give 'monitor' or 'libvirt', not both")
+        if "monitor" not in g and "libvirt" not in g:
+            raise ConfigError(f"{where}: missing key 'monitor' (e.g. monitor = \"qmp:unix:/run/{name}.qmp\") "
+                              f"or 'libvirt' (a domain libvirt manages, e.g. libvirt = \"{name}\")")
         host = g.get("host")
-        if host is not None:
-            if host not in hosts:
-                raise ConfigError(f"{where} host: no [hosts.{host}] in the config")
+        if host is not None and host not in hosts:
+            raise ConfigError(f"{where} host: no [hosts.{host}] in the config")
+        if "libvirt" in g:
+            address = parse_libvirt(g["libvirt"], f"{where} libvirt")
+            if host is not None and address.uri is None:
+                address = Address.libvirt(str(address.path), hosts[host].libvirt_uri())
+        else:
+            address = parse_address(g["monitor"], f"{where} monitor")
+        if host is not None and address.kind is not Kind.DOMAIN:
             if address.ssh is None:
                 address = Address(address.protocol, address.kind, address.path, address.host,
                                   address.port, hosts[host].ssh)

@@ -19,8 +19,9 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def declared() -> set[str]:
+    """The dependencies, and the extras kvmshell imports lazily (libvirt)."""
     names = set()
-    for req in PROJECT["dependencies"]:
+    for req in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["libvirt"]:
         name = req.split(";")[0]
         for sep in "<>=!~[ ":
             name = name.split(sep)[0]

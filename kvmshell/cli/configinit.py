@@ -36,6 +36,7 @@ TEMPLATE = """\
 #jump = "admin@bastion.example:22"       # go through another [hosts.NAME] or USER@HOST[:PORT] (ssh -J)
 #accept_new_host_key = false             # true: accept a host key not yet known, once, and record it
 #tls_dir = "/etc/pki/qemu-migration"     # where migrate --tls puts this host's certificates
+#libvirt = "qemu+ssh://root@host2.example/system"  # its libvirt (default: qemu+ssh to ssh above)
 
 # [guests.NAME]: a QEMU guest by its monitor, PROTO:KIND:TARGET (qmp|hmp, unix|tcp|pty).
 #[guests.vm1]
@@ -46,6 +47,11 @@ TEMPLATE = """\
 #host = "host2"                          # the monitor is on [hosts.host2], reached over SSH
 #unplug = ["hostnet0"]                   # devices unplugged before every migration, plugged back after
 #copy_storage = "all"                    # no shared storage: migrate --to copies the disks (all | inc)
+#
+# [guests.NAME] libvirt = "DOMAIN": a guest libvirt manages (it holds the monitor; kvmshell goes through
+# libvirt's API). With host: that host's libvirt; else $LIBVIRT_DEFAULT_URI or qemu:///system.
+#[guests.web1]
+#libvirt = "web1"                        # or "URI#DOMAIN", e.g. "qemu+ssh://root@host3/system#web1"
 """
 
 

@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kvmshell.cli.common import Exit
 from kvmshell.config import Config
 from kvmshell.core.monitor.fleet import Fleet, GuestState
-from kvmshell.core.values.address import Address, SshTarget, parse_guest_option
+from kvmshell.core.values.address import Address, Kind, SshTarget, parse_guest_option
 from kvmshell.errors import ConfigError, KvmError
 
 if TYPE_CHECKING:
@@ -88,21 +88,63 @@ def warn_exposed(guests: dict[str, Address], err: TextIO) -> None:
             err.write(f"kvmshell: warning: {name}: {exposed}\n")
 
 
+def libvirt_uris(args: argparse.Namespace, config: Config) -> list[str | None]:
+    """The libvirt connections to list: [hosts.X] libvirt, and those of the libvirt guests (None: the
+    default connection)."""
+    uris: dict[str | None, None] = {h.libvirt: None for h in config.hosts.values() if h.libvirt}
+    for address in inventory(args, config).values():
+        if address.kind is Kind.DOMAIN:
+            uris.setdefault(address.uri)
+    return list(uris)
+
+
+async def libvirt_report(uri: str | None) -> dict[str, Any]:
+    """The domains on one libvirt connection (name, state, UUID, persistent), or why not."""
+    from kvmshell.core.monitor.libvirt import default_uri, list_domains
+    try:
+        domains = await asyncio.wait_for(asyncio.to_thread(list_domains, uri), 30)
+    except KvmError as e:
+        return {"libvirt": uri or default_uri(), "reachable": False, "reason": e.message, "domains": []}
+    except TimeoutError:
+        return {"libvirt": uri or default_uri(), "reachable": False, "reason": "libvirt did not answer within 30 s",
+                "domains": []}
+    return {"libvirt": uri or default_uri(), "reachable": True, "reason": None, "domains": domains}
+
+
+def write_libvirt(reports: list[dict[str, Any]], out: TextIO) -> None:
+    for r in reports:
+        if not r["reachable"]:
+            out.write(f"\nlibvirt {r['libvirt']}: unreachable: {r['reason']}\n")
+            continue
+        out.write(f"\nlibvirt {r['libvirt']} (attach with --guest NAME=ADDRESS):\n")
+        rows = [("NAME", "STATE", "UUID", "KIND", "ADDRESS")] + [
+            (d["name"], d["state"], d["uuid"], "persistent" if d["persistent"] else "transient", d["address"])
+            for d in r["domains"]]
+        if len(rows) == 1:
+            out.write("  (no domains)\n")
+            continue
+        w = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            out.write("  " + "  ".join(c.ljust(n) for c, n in zip(row[:4], w)) + "  " + row[4] + "\n")
+
+
 async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:
     from kvmshell.core.hosts.processes import survey
+    uris = libvirt_uris(args, config)
     async with make_host_pool(config, args) as pool:
         targets: dict[object, str | SshTarget] = {pool.key(name): name for name in config.hosts}
         for address in inventory(args, config).values():
             if address.ssh is not None:
                 targets.setdefault(pool.key(address.ssh), address.ssh)
-        if not targets:
+        if not targets and not uris:
             raise ConfigError("no hosts: add [hosts.NAME] tables (ssh = \"USER@HOST[:PORT]\") to the config, or give "
-                              "--guest NAME=ssh://USER@HOST/PROTO:KIND:TARGET")
+                              "--guest NAME=ssh://USER@HOST/PROTO:KIND:TARGET or --guest NAME=libvirt:URI#DOMAIN")
         reports = await asyncio.gather(*(survey(pool, t) for t in targets.values()))
+        libvirts = list(await asyncio.gather(*(libvirt_report(u) for u in uris)))
     if args.json:
-        json.dump([r.as_dict() for r in reports], out, indent=2)
+        json.dump([r.as_dict() for r in reports] + libvirts, out, indent=2)
         out.write("\n")
-    else:
+    elif reports:
         table = [("HOST", "SSH", "STATUS", "QEMU", "GUESTS")] + [
             (r.name, r.ssh, "reachable" if r.reachable and not r.reason else
              f"unreachable: {r.reason}" if not r.reachable else f"error: {r.reason}",
@@ -118,7 +160,12 @@ async def cmd_hosts(args: argparse.Namespace, config: Config, out: TextIO, err: 
                 w = [max(len(row[i]) for row in rows) for i in range(2)]
                 for row in rows:
                     out.write(f"  {row[0].ljust(w[0])}  {row[1].ljust(w[1])}  {row[2]}\n")
+    if not args.json:
+        write_libvirt(libvirts, out)
     bad = [r for r in reports if r.reason]
     for r in bad:
         err.write(f"kvmshell: {r.name}: {r.reason}\n")
-    return Exit.FAILED if bad else Exit.OK
+    for lv in libvirts:
+        if lv["reason"]:
+            err.write(f"kvmshell: {lv['reason']}\n")
+    return Exit.FAILED if bad or any(lv["reason"] for lv in libvirts) else Exit.OK

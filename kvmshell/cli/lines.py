@@ -56,6 +56,9 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
         session.editor = edit              # `-c "static-migrate ... --edit"` from a terminal
     progress = Progress(err)
     session.progress_sink = progress.sink
+    for g in session.fleet:                # e.g. libvirt: the domain is now marked tainted
+        if g.monitor is not None and g.monitor.notice:
+            err.write(f"kvmshell: note: {g.name}: {g.monitor.notice}\n")
     for number, line in enumerate(lines, 1):
         loc = f"{source}:{number}: " if source != "-c" else ""
         line_status = await _run_line(session, line, args, out, err, progress, loc)

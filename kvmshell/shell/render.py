@@ -65,7 +65,7 @@ def event_line(ev: Event) -> str | None:
     if ev.name == "kvmshell.DISCONNECTED":
         return f"{ev.guest}: monitor lost ({ev.data.get('reason')})"
     if ev.name == "kvmshell.CONNECTED":
-        return None
+        return f"{ev.guest}: note: {ev.data['notice']}" if ev.data.get("notice") else None
     if ev.name == "kvmshell.UNREACHABLE":
         return None
     if ev.name in _EVENT_TEXT:

@@ -353,6 +353,8 @@ def event_line(ev: Event) -> LogLine | None:
         text, kind = f"unreachable: {d.get('reason')}", "error"
     elif name == "kvmshell.CONNECTED":
         text, kind = f"monitor connected (QEMU {d.get('version') or '?'})", "good"
+        if d.get("notice"):
+            text += f"; note: {d.get('notice')}"
     elif name == "JOB_STATUS_CHANGE":
         if d.get("status") not in ("concluded",):
             return None

@@ -12,7 +12,7 @@ from kvmshell.core.monitor.fleet import GuestState
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.hosts.processes import discover
 from kvmshell.core.values.address import GUEST_NAME_RE
-from kvmshell.errors import KvmError
+from kvmshell.errors import CommandFailed, KvmError
 
 
 def _two_columns(entries: list[tuple[str, str]], width: int = 100) -> list[str]:
@@ -126,6 +126,11 @@ async def attach(inv: Invocation) -> Result:
     for name in added:
         g = s.fleet.get(name)
         rows.append((name, str(g.address), g.state.value if g.reason is None else f"{g.state.value}: {g.reason}"))
+    failed = [f"{name}: {s.fleet.get(name).reason}" for name in added if s.fleet.get(name).reason is not None]
+    if failed:                          # attached all the same: the fleet keeps trying them
+        ok = [name for name in added if s.fleet.get(name).reason is None]
+        raise CommandFailed(f"could not reach {'; '.join(failed)}"
+                            + (f" (attached and reachable: {', '.join(ok)})" if ok else ""))
     return Table(("NAME", "ADDRESS", "STATUS"), tuple(rows))
 
 
@@ -153,7 +158,9 @@ SPECS = (
                 args=(Arg("host", "a [hosts.NAME] of the config", optional=True, complete=Completer.HOST),),
                 flags=(Flag(("--match",), "only guests whose QEMU -name matches GLOB", value="GLOB"),),
                 details="Finds QEMU processes and their monitor sockets from /proc (over SSH for a host) and "
-                        "attaches those not attached yet, QMP first.", category="shell"),
+                        "attaches those not attached yet, QMP first; a guest whose monitor libvirt holds is "
+                        "attached through libvirt (libvirt:NAME). Fails when one it attached does not answer.",
+                category="shell"),
     CommandSpec("watch", "show a command's output live, twice a second, until Ctrl-C", watch, scope=Scope.SHELL,
                 args=(Arg("line", "the command, e.g. info migrate", rest=True, complete=Completer.COMMAND),),
                 details="Ctrl-C returns to the prompt; it does not cancel anything.", category="shell"),

@@ -21,7 +21,8 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.guestdata import GuestData
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.monitor.base import Monitor
-from kvmshell.errors import KvmError, Refused
+from kvmshell.core.values.address import Kind
+from kvmshell.errors import KvmError, Refused, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ Confirmer = Callable[[str], Awaitable[bool]]
 Editor = Callable[[str], Awaitable[str]]
 Progress = Callable[[str, str], None]          # (guest, message)
 
+# what would change a libvirt guest behind libvirt's back (its migrations, its process): refused
+NOT_THROUGH_LIBVIRT = frozenset({
+    "migrate", "migrate_cancel", "migrate_incoming", "migrate_start_postcopy", "migrate_recover", "migrate_pause",
+    "migrate_set_parameter", "migrate_set_capability", "migrate_set_speed", "migrate_set_downtime",
+    "static-migrate", "loadvm-on", "quit"})
 _TARGET_RE = re.compile(r"^@(\S*)\s*(.*)$", re.S)
 
 
@@ -177,6 +183,11 @@ class Session:
                 result: Result = await self._passthrough(guest, plan.passthrough)
             else:
                 assert plan.parsed is not None
+                if guest is not None and plan.parsed.spec.name in NOT_THROUGH_LIBVIRT and \
+                        self.fleet.get(guest).address.kind is Kind.DOMAIN:
+                    raise Unsupported(f"{plan.parsed.spec.name}: libvirt manages this guest and kvmshell does not "
+                                      "do that through libvirt yet (use virsh: migrate, destroy...); nothing "
+                                      "was changed", guest=guest)
                 result = await plan.parsed.spec.handler(Invocation(self, guest, plan.parsed))
             return Outcome(guest, result)
         except KvmError as e:

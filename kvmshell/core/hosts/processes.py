@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget
+from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, libvirt_monitor_domain
 from kvmshell.core.values.cmdline import QemuCommand, parse_cmdline, split_props
 from kvmshell.core.values.models import QemuVersion
 from kvmshell.core.hosts.pool import COMMAND_TIMEOUT, ssh_text
@@ -259,11 +259,15 @@ async def discover(pool: HostPool | None, host: SshTarget | str | None) -> list[
         addrs: list[Address] = []
         for m in mons:
             path = paths.get((pid, m.fd)) if m.fd is not None else m.path
+            if libvirt_monitor_domain(path) is not None and name:
+                # libvirt's own monitor: offer the guest through libvirt, never this socket
+                addrs = [Address.libvirt(name, None if host is None else pool.lookup(host).libvirt_uri())]
+                break
             if m.kind is Kind.UNIX and path:
                 addrs.append(Address(m.protocol, Kind.UNIX, path=path, ssh=ssh))
             elif m.kind is Kind.TCP:
                 addrs.append(Address(m.protocol, Kind.TCP, host=m.host, port=m.port, ssh=ssh))
-        addrs = sorted(dict.fromkeys(addrs), key=lambda a: _RANK[(a.protocol, a.kind)])
+        addrs = sorted(dict.fromkeys(addrs), key=lambda a: _RANK.get((a.protocol, a.kind), -1))
         if addrs:
             guests.append((_guest_name(name, pid), pid, addrs))
     counts: dict[str, int] = {}

@@ -1,6 +1,7 @@
 """One async interface to a guest's monitor, whatever protocol it speaks.
 
-``Monitor`` is the base; ``QmpMonitor`` (qmp.py) and ``HmpMonitor`` (hmp.py) implement it.
+``Monitor`` is the base; ``QmpMonitor`` (qmp.py), ``HmpMonitor`` (hmp.py) and ``LibvirtMonitor``
+(libvirt.py: a domain libvirt manages) implement it.
 ``open_monitor`` picks one from an ``Address``. Callers get typed objects from ``models``.
 """
 
@@ -72,6 +73,7 @@ class Features:
 class Monitor(abc.ABC):
     protocol: Protocol
     delivers_events: bool            # QEMU's events (MIGRATION, DEVICE_DELETED...) reach subscribers
+    notice: str | None = None        # something to tell the user once, when it first connects
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:
@@ -422,6 +424,9 @@ def check_unix_target(address: Address) -> None:
 
 def make_monitor(name: str, address: Address, **kw: Any) -> Monitor:
     """A not-yet-connected monitor of the right protocol for ``address``."""
+    if address.protocol is Protocol.LIBVIRT:
+        from kvmshell.core.monitor.libvirt import LibvirtMonitor
+        return LibvirtMonitor(name, address, **kw)
     if address.protocol is Protocol.QMP:
         from kvmshell.core.monitor.qmp import QmpMonitor
         return QmpMonitor(name, address, **kw)

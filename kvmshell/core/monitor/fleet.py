@@ -45,6 +45,7 @@ class Guest:
     reason: str | None = None               # why it is unreachable
     monitor: Monitor | None = None
     attempts: int = 0
+    noticed: bool = False                   # the monitor's notice was said (once per guest)
     first_attempt: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     connected: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -63,6 +64,8 @@ class Guest:
 def _identity(address: Address) -> tuple[Any, ...]:
     """What makes two addresses the same monitor (symlinks resolved for local paths)."""
     ssh = (address.ssh.host, address.ssh.port) if address.ssh else None
+    if address.kind is Kind.DOMAIN:
+        return ("libvirt", address.uri, address.path)
     if address.kind is Kind.TCP:
         return (ssh, "tcp", address.host, address.port)
     path = address.path or ""
@@ -187,7 +190,9 @@ class Fleet:
             guest.connected.set()
             guest.first_attempt.set()
             delay = self.backoff[0]
-            self._emit_state(guest, CONNECTED_EVENT, version=str(mon.version or ""))
+            notice = mon.notice if not guest.noticed else None
+            guest.noticed = guest.noticed or notice is not None
+            self._emit_state(guest, CONNECTED_EVENT, version=str(mon.version or ""), notice=notice)
             try:
                 await mon.wait_closed()
             finally:

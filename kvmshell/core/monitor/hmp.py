@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvmshell.core.values import hmptext
-from kvmshell.core.values.address import Protocol
+from kvmshell.core.values.address import Protocol, held_by_libvirt
 from kvmshell.core.values.models import (
     SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, MigrationInfo, MigrationParameters,
     NbdServer, ParamValue, Snapshot, Status,
@@ -61,6 +61,9 @@ class HmpMonitor(Monitor):
 
     # -- life cycle --------------------------------------------------------------------------
     async def connect(self) -> None:
+        held = held_by_libvirt(self.address)
+        if held is not None:
+            raise ConnectFailed(held, guest=self.name)
         try:
             check_unix_target(self.address)
             hosts = self._host_pool() if self.address.ssh is not None else None

@@ -16,7 +16,7 @@ from typing import Any
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from kvmshell.core.values import hmptext
-from kvmshell.core.values.address import Kind, Protocol
+from kvmshell.core.values.address import Kind, Protocol, held_by_libvirt
 from kvmshell.core.values.models import (
     BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, Event, MigrationInfo, MigrationParameters, NbdServer,
     ParamValue, QemuVersion, Snapshot, Status,
@@ -68,6 +68,9 @@ class QmpMonitor(Monitor):
 
     # -- life cycle --------------------------------------------------------------------------
     async def connect(self) -> None:
+        held = held_by_libvirt(self.address)
+        if held is not None:
+            raise ConnectFailed(held, guest=self.name)
         try:
             check_unix_target(self.address)
         except ConnectFailed as e:
