@@ -15,6 +15,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -152,7 +153,10 @@ class KvmshellApp(App[int]):
 
     def _view_tick(self) -> None:
         if self._stale or self.source.running():
-            self.refresh_views()
+            try:
+                self.refresh_views()
+            except NoMatches:           # only while the app closes: its widgets go before its timers
+                pass
 
     def refresh_views(self) -> None:
         """Read the source's views (no I/O) and let the widgets redraw what changed."""
