@@ -70,3 +70,16 @@ async def test_a_tcg_guest_with_padded_ram_is_not_warned_about(lab: Lab, tmp_pat
     rc, _, err = await _migrate(lab, tmp_path, ("-m", "65544K"))
     assert rc == 0, err
     assert "under TCG" not in err, err
+
+
+@pytest.mark.qemu
+async def test_a_plain_migrate_over_hmp_is_warned_about(lab: Lab, tmp_path: Path, qemu: tuple[int, int]) -> None:
+    """`migrate URI` (QEMU runs it alone) from an HMP guest: the same check through `info kvm`."""
+    if qemu >= (9, 0):
+        pytest.skip(f"QEMU {qemu[0]}.{qemu[1]} has the fix: nothing to warn about")
+    src = await lab.start("src", MonitorKind.HMP_UNIX, ram_mib=64, accel="tcg")
+    rc, _, err = await kvmshell(tmp_path, "--guest", f"src={src.address}", "-c", "@src migrate exec:cat>/dev/null",
+                                timeout=120)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("kvmshell: src: warning: src: QEMU ")]
+    assert len(warnings) == 1 and warnings[0].endswith("a RAM size such as 65544K"), err
