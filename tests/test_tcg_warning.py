@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.session import Session
 from kvmshell.core.migration.tcgdirty import tcg_dirty_warning
+from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.models import QemuVersion
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.linuxguest import qemu_version
+from tests.sshd import HAVE_SSHD, SshTestbed
 from tests.test_cli import kvmshell
+from tests.test_ssh import pool_for
+from tests.test_static import bed  # noqa: F401  (the fixture)
 
 MIB = 1024 * 1024
 OLD, FIXED = QemuVersion(7, 2, 22), QemuVersion(9, 0, 0)
@@ -78,8 +84,31 @@ async def test_a_plain_migrate_over_hmp_is_warned_about(lab: Lab, tmp_path: Path
     if qemu >= (9, 0):
         pytest.skip(f"QEMU {qemu[0]}.{qemu[1]} has the fix: nothing to warn about")
     src = await lab.start("src", MonitorKind.HMP_UNIX, ram_mib=64, accel="tcg")
-    rc, _, err = await kvmshell(tmp_path, "--guest", f"src={src.address}", "-c", "@src migrate exec:cat>/dev/null",
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"src={src.address}", "-c", "@src migrate exec:cat>/dev/null",
                                 timeout=120)
     assert rc == 0, err
-    warnings = [line for line in err.splitlines() if line.startswith("kvmshell: src: warning: src: QEMU ")]
-    assert len(warnings) == 1 and warnings[0].endswith("a RAM size such as 65544K"), err
+    # stderr while kvmshell follows the migration; stdout with the result when it was over at once
+    warnings = [line for line in (out + err).splitlines() if "warning: src: QEMU " in line]
+    assert len(warnings) == 1 and warnings[0].endswith("a RAM size such as 65544K"), (out, err)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)")
+async def test_a_dry_run_to_another_host_is_warned_about(lab: Lab, bed: SshTestbed, tmp_path: Path,  # noqa: F811
+                                                        qemu: tuple[int, int]) -> None:
+    """`migrate --to-host b --dry-run`: the plan carries the warning (nothing is started)."""
+    if qemu >= (9, 0):
+        pytest.skip(f"QEMU {qemu[0]}.{qemu[1]} has the fix: nothing to warn about")
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ram_mib=64, accel="tcg")
+    async with Fleet(hosts=pool_for(bed), backoff=(0.05, 0.5)) as fleet:
+        fleet.add("src", src.address)
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True)
+        try:
+            [o] = await session.run_line(f"@src migrate --to-host b --dir {tmp_path}/run --dry-run")
+        finally:
+            await session.aclose()
+    assert o.ok and o.result is not None, o.error
+    text = o.result.text()
+    tcg = [line for line in text.splitlines() if "under TCG can lose guest writes" in line]
+    assert len(tcg) == 1 and tcg[0].startswith("warning: src: QEMU ") and "nothing was started" in text, text
