@@ -35,8 +35,9 @@ async def tcg_dirty_check(name: str, mon: Monitor) -> str | None:
     if mon.version is None or (mon.version.major, mon.version.minor) >= FIXED_IN:
         return None
     try:
-        kvm = await mon.uses_kvm()
+        if await mon.uses_kvm():
+            return None
         ram = await mon.ram_size()
     except (CommandFailed, Unsupported):
         return None
-    return tcg_dirty_warning(name, kvm, mon.version, ram)
+    return tcg_dirty_warning(name, False, mon.version, ram)
