@@ -18,6 +18,7 @@ from kvmshell.core.commands import steer
 from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.strategies import offered, parse_strategy
+from kvmshell.core.migration.tcgdirty import tcg_dirty_check
 from kvmshell.core.values.uri import MigrationUri, check_uri, is_local_host
 from kvmshell.core.values.units import (
     parse_on_off, parse_positive_int, parse_rate, parse_seconds, parse_size,
@@ -63,6 +64,9 @@ async def migrate(inv: Invocation) -> Result:
     if blk or inc:
         await _check_block_migration_limits(inv, "-b" if blk else "-i")
     warnings = []
+    tcg = None if resume else await tcg_dirty_check(inv.guest or "", mon)
+    if tcg is not None:
+        warnings.append(tcg)
     host = MigrationUri.parse(uri).host
     if not is_local_host(host):
         params = await mon.migrate_parameters()

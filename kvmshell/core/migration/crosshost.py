@@ -46,6 +46,7 @@ from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.hosts.ssh.forward import LocalForward, forward_local_unix
 from kvmshell.core.migration.images import absolute_images, backing_chain
 from kvmshell.core.migration.ledger import Ledger
+from kvmshell.core.migration.tcgdirty import tcg_dirty_check
 from kvmshell.core.migration.live.endpoints import tls_between
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
@@ -228,6 +229,9 @@ class CrossHostMigration:
                                mode=Option("-incoming", "defer"))
         notes += twin.derived.notes
         warnings: list[str] = []
+        tcg = await tcg_dirty_check(req.guest, self.mon)
+        if tcg is not None:
+            warnings.append(tcg)
         if self.edit is not None:           # before anything is started: the source runs on meanwhile
             edited = await twin.reviewed(self.edit, dst.label)
             if edited.command != twin.command:

@@ -193,6 +193,10 @@ class Monitor(abc.ABC):
         """The guest's base memory in bytes."""
 
     @abc.abstractmethod
+    async def uses_kvm(self) -> bool:
+        """Whether the guest's vCPUs run under KVM (false: TCG, QEMU's emulator)."""
+
+    @abc.abstractmethod
     async def qom_list(self, path: str) -> dict[str, str]:
         """The children and properties at a QOM path: {name: type}, types as QEMU writes them."""
 

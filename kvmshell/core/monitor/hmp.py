@@ -241,6 +241,9 @@ class HmpMonitor(Monitor):
     async def ram_size(self) -> int:
         return await self._parsed("info memory_size_summary", hmptext.parse_memory_size)
 
+    async def uses_kvm(self) -> bool:
+        return "kvm support: enabled" in await self.raw("info kvm")
+
     async def qom_list(self, path: str) -> dict[str, str]:
         return await self._parsed(f"qom-list {path}", hmptext.parse_qom_list)
 
@@ -307,7 +310,7 @@ class HmpMonitor(Monitor):
     async def dirty_rate_means(self) -> DirtyRateMeans:
         if "[-b]" not in await self.raw("help calc_dirty_rate"):
             return DirtyRateMeans(("page-sampling",), 1.0, "this QEMU has page sampling only")
-        if "kvm support: enabled" not in await self.raw("info kvm"):
+        if not await self.uses_kvm():
             # QEMU 7.2 under TCG dies (SIGSEGV) on calc_dirty_rate -b: never ask it there
             return DirtyRateMeans(("page-sampling",), 1.0, "the dirty-bitmap mode needs KVM; this guest runs "
                                                            "without it")

@@ -237,6 +237,9 @@ class QmpMonitor(Monitor):
     async def ram_size(self) -> int:
         return int((await self.execute("query-memory-size-summary"))["base-memory"])
 
+    async def uses_kvm(self) -> bool:
+        return bool((await self.execute("query-kvm")).get("enabled"))
+
     async def qom_list(self, path: str) -> dict[str, str]:
         return {str(e["name"]): str(e.get("type", "")) for e in await self.execute("qom-list", {"path": path})}
 
@@ -299,7 +302,7 @@ class QmpMonitor(Monitor):
         shortest = SHORTEST_MS_WINDOW if "calc-time-unit" in args else 1.0
         if "mode" not in args:
             return DirtyRateMeans(("page-sampling",), shortest, "this QEMU has page sampling only")
-        if not (await self.execute("query-kvm")).get("enabled"):
+        if not await self.uses_kvm():
             # QEMU 7.2 under TCG dies (SIGSEGV) on calc-dirty-rate mode=dirty-bitmap: never ask it there
             return DirtyRateMeans(("page-sampling",), shortest, "the dirty-bitmap mode needs KVM; this guest runs "
                                                                 "without it")

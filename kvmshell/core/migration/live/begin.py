@@ -9,6 +9,7 @@ from kvmshell.core.migration.live.endpoints import Notices, plan as plan_endpoin
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.tcgdirty import tcg_dirty_check
 from kvmshell.core.monitor.fleet import Fleet
 
 
@@ -18,11 +19,16 @@ async def begin(fleet: Fleet, req: MigrationRequest, stages: Sequence[Stage] = (
     both sides; without stages that have work to do first, send `migrate` too (a failure at once is
     raised here). The caller follows the job (``run``), which starts it after the stages' work."""
     stages = list(stages)
+    warnings = []
+    tcg = await tcg_dirty_check(req.source, fleet.monitor(req.source))
+    if tcg is not None:
+        warnings.append(tcg)
     if req.dest is not None:
         ends = await plan_endpoints(fleet, req.source, req.dest, req.uri, tls_root, progress, tls_authz=tls_authz)
         req = replace(req, uri=ends.uri, tls=ends.tls)
-        if ends.warnings:
-            stages.insert(0, Notices(ends.warnings))
+        warnings += ends.warnings
+    if warnings:
+        stages.insert(0, Notices(warnings))
     job = MigrationJob.of(fleet, req, stages=stages)
     await job.prepare()
     if not job.work:
