@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvmshell.core.hosts.holder import holders
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.monitor import pagesample
 from kvmshell.core.values import hmptext
@@ -424,6 +425,18 @@ def check_unix_target(address: Address) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
         raise ConnectFailed(f"{address}: {address.path} is {kind}, not a monitor socket")
+
+
+async def held_elsewhere(address: Address, default: str) -> str:
+    """Why a local unix monitor does not answer: the process holding it, when it can be found, else ``default``."""
+    if address.kind is not Kind.UNIX or address.ssh is not None or address.path is None:
+        return default
+    found = await holders(address.path)
+    if not found:
+        return default
+    who = ", ".join(str(h) for h in found)
+    return (f"{address}: the monitor is held by {who}: detach it there, or give the guest a second "
+            "monitor (QEMU serves one client per monitor) and attach that")
 
 
 def make_monitor(name: str, address: Address, **kw: Any) -> Monitor:

@@ -23,7 +23,7 @@ from kvmshell.core.values.models import (
     SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, MigrationInfo, MigrationParameters,
     NbdServer, ParamValue, Snapshot, Status,
 )
-from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line
+from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line, held_elsewhere
 from kvmshell.core.hosts.streams import Stream, open_stream
 from kvmshell.errors import (
     CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
@@ -160,9 +160,9 @@ class HmpMonitor(Monitor):
         try:
             end = await self._wait_until(found, self.connect_timeout, "HMP prompt")
         except MonitorTimeout:
-            raise ConnectFailed(
-                f"{self.address}: no HMP prompt within {self.connect_timeout:g} s: not a QEMU monitor, "
-                "or another client holds it", guest=self.name) from None
+            raise ConnectFailed(await held_elsewhere(
+                self.address, f"{self.address}: no HMP prompt within {self.connect_timeout:g} s: not a QEMU "
+                "monitor, or another client holds it"), guest=self.name) from None
         except Disconnected as e:
             raise ConnectFailed(f"{e.message} (not a QEMU HMP monitor?)", guest=self.name) from None
         del self._buf[:end]

@@ -22,7 +22,7 @@ from kvmshell.core.values.models import (
     ParamValue, QemuVersion, Snapshot, Status,
 )
 from kvmshell.core.monitor.base import (
-    SNAPSHOT_TIMEOUT, Features, Monitor, Progress, check_unix_target, clean_hmp_line,
+    SNAPSHOT_TIMEOUT, Features, Monitor, Progress, check_unix_target, clean_hmp_line, held_elsewhere,
 )
 from kvmshell.core.hosts.ssh.forward import SocketBridge
 from kvmshell.core.hosts.streams import open_socket
@@ -96,9 +96,9 @@ class QmpMonitor(Monitor):
         except TimeoutError:
             await self._discard(client)
             await self._drop_bridge()
-            raise ConnectFailed(
-                f"{self.address}: no QMP greeting within {self.connect_timeout:g} s: another client holds "
-                "this monitor (QEMU serves one at a time), or the peer is not QEMU", guest=self.name) from None
+            raise ConnectFailed(await held_elsewhere(
+                self.address, f"{self.address}: no QMP greeting within {self.connect_timeout:g} s: another client "
+                "holds this monitor (QEMU serves one at a time), or the peer is not QEMU"), guest=self.name) from None
         except ConnectError as e:
             await self._discard(client)
             lost = self._bridge.eof_reason if self._bridge else None
