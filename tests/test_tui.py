@@ -207,7 +207,8 @@ async def test_migrate_from_the_dialog_reaches_completed(lab: Lab, fleet: Fleet,
     dst = await lab.start("dst", MonitorKind.HMP_UNIX, ws_pages=256, ram_mib=64, incoming=True, disk=src.disk)
     source = await attach(fleet, tmp_path, src, dst, current="src")
     r = rig(source, [src, dst])
-    async with r.app.run_test(size=(120, 40), message_hook=r.messages.append) as pilot:
+    # 24 rows: the prediction scrolls, the buttons stay in view (a long one pushed Migrate off at 40 rows)
+    async with r.app.run_test(size=(120, 24), message_hook=r.messages.append) as pilot:
         await pilot.press("m")
         dialog = await until(pilot, lambda: isinstance(r.app.screen, MigrateDialog) and r.app.screen, "the dialog")
         assert dialog.query_one("#dest", Input).value == "dst"          # the guest waiting with -incoming
