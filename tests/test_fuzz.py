@@ -15,13 +15,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from kvmshell.config import load_config
 from kvmshell.core.commands.completion import CompletionEngine
+from kvmshell.core.commands.migrate_request import MigrateRequest
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.session import Session
+from kvmshell.core.commands.spec import split_words
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, parse_address, parse_guest_option
@@ -31,6 +33,7 @@ from kvmshell.errors import ConfigError, KvmError
 EXAMPLES = int(os.environ.get("KVMSHELL_FUZZ_EXAMPLES", "200"))
 CLI_EXAMPLES = int(os.environ.get("KVMSHELL_FUZZ_CLI_EXAMPLES", "5"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+REGISTRY = default_registry()
 HMP_DIR = Path(__file__).parent / "data" / "hmp"
 REPLIES = {p.name: p.read_text() for p in sorted(HMP_DIR.glob("*.txt"))}
 
@@ -141,6 +144,37 @@ def test_grammar_and_completion_never_raise_past_kvm_errors(offline_session: Ses
         offline_session.plan(line)
     except KvmError as e:
         one_line(e)
+
+
+MIGRATE_ARGS = st.lists(st.one_of(WORDS, st.text(max_size=6)), max_size=8).map(" ".join)
+MIGRATE_ARGS = st.one_of(MIGRATE_ARGS, MIGRATE_ARGS.map("--to vm2 {}".format))
+
+
+@fuzz
+@given(rest=MIGRATE_ARGS)
+def test_migrate_lines_become_checked_requests_or_one_usage_line(rest: str) -> None:
+    """`migrate ARGS` -> the typed request and its checks; a request that passes prints a line that
+    parses back into the same request."""
+    try:
+        words = split_words(f"migrate {rest}")
+    except KvmError as e:                # an unbalanced quote
+        one_line(e)
+        return
+    spec, used = REGISTRY.lookup(words)
+    assert spec is not None and spec.name == "migrate"
+    try:
+        parsed = REGISTRY.parse(spec, words[used:], rest)
+        req = MigrateRequest.from_parsed("vm1", parsed.values, parsed.flags)
+        req.check()
+    except KvmError as e:
+        one_line(e)
+        return
+    event("a request that passes its checks")
+    again = split_words(req.line())
+    spec2, used2 = REGISTRY.lookup(again[1:])
+    assert spec2 is spec
+    parsed2 = REGISTRY.parse(spec, again[1 + used2:], req.line().split(None, 2)[2] if len(again) > 2 else "")
+    assert MigrateRequest.from_parsed("vm1", parsed2.values, parsed2.flags) == req, req.line()
 
 
 # ---- HMP text parsers on mutated real replies --------------------------------------------------------
