@@ -270,17 +270,31 @@ SCRIPT_LINES = st.lists(st.one_of(st.binary(max_size=30).map(lambda b: b.replace
 
 @settings(max_examples=CLI_EXAMPLES, deadline=None)
 @given(SCRIPT_LINES)
+@example([b"info status", b"\xff\xfe junk", b"# comment"])        # not UTF-8: refused whole, nothing run
 def test_run_file_with_arbitrary_bytes(lines: list[bytes]) -> None:
-    """No guest attached: every line that is not blank or a comment fails, with one line each; none runs."""
+    """No guest attached: every line that is not blank or a comment fails, with one line each; none runs.
+    A file that is not UTF-8 is refused whole, in one line naming the line, from a file or from stdin."""
+    data = b"\n".join(lines) + b"\n"
+    try:
+        text: list[str] | None = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        text = None
     with tempfile.TemporaryDirectory(prefix="kvmshell-fuzz-") as d:
         script = Path(d) / "script"
-        script.write_bytes(b"\n".join(lines) + b"\n")
-        env = {**os.environ, "KVMSHELL_CONFIG": str(Path(d) / "none.toml"), "XDG_STATE_HOME": d}
-        proc = subprocess.run([sys.executable, "-m", "kvmshell", "run", str(script)], capture_output=True,
-                              timeout=60, env=env, stdin=subprocess.DEVNULL)
-    err = proc.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in err, err
-    commands = [ln for ln in lines if ln.strip(b" \t\r\x0b\x0c") and not ln.strip().startswith(b"#")]
-    if commands:
-        assert proc.returncode != 0, (lines, err)
-        assert 1 <= len(err.splitlines()) <= len(commands), (lines, err)
+        script.write_bytes(data)
+        (Path(d) / "empty.toml").write_text("")                # no guests (an explicit config: not the user's)
+        env = {**os.environ, "KVMSHELL_CONFIG": str(Path(d) / "empty.toml"), "XDG_STATE_HOME": d}
+        runs = [subprocess.run([sys.executable, "-m", "kvmshell", "run", arg], capture_output=True, timeout=60,
+                               env=env, input=data if arg == "-" else b"") for arg in (str(script), "-")]
+    for proc in runs:
+        err = proc.stderr.decode("utf-8", "replace")
+        assert "Traceback" not in err and "config file" not in err, err
+        if text is None:
+            assert proc.returncode != 0 and len(err.splitlines()) == 1 and "not UTF-8" in err, err
+            continue
+        commands = [ln for ln in text if ln.strip() and not ln.strip().startswith("#")]
+        if commands:
+            assert proc.returncode != 0, (lines, err)
+            assert 1 <= len(err.splitlines()) <= len(commands), (lines, err)
+        else:
+            assert proc.returncode == 0, (lines, err)
