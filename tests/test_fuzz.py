@@ -245,15 +245,19 @@ TOML_PIECES = st.sampled_from([
     '"root@h:22"', '"1gbit"', '"fast"', "300", "-1", "1e400", "nan", "true", "[]", '["net0"]', "{}",
     '{a = 1}', "\n", "=", "[", "]", '"', "'", "#", "\\u0000", "[[guests]]\n", "x = 1\n"])
 TOML = st.one_of(st.text(max_size=200), st.lists(TOML_PIECES, max_size=20).map("".join))
-CONFIG_DIR = Path(tempfile.mkdtemp(prefix="kvmshell-fuzz-"))
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-config") / "config.toml"
 
 
 @fuzz
 @given(TOML)
 @example('[hosts.b]\nssh = "root@h:\u00b2"\n')                # a digit to str.isdigit(), not to int()
 @example('[guests.vm1]\naddress = "hmp:tcp:127.0.0.1:\u00b2"\n')
-def test_config_loader_gives_a_config_or_one_error_line(text: str) -> None:
-    path = CONFIG_DIR / "config.toml"
+def test_config_loader_gives_a_config_or_one_error_line(config_path: Path, text: str) -> None:
+    path = config_path
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
         load_config(path)
