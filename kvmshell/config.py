@@ -111,7 +111,7 @@ def parse_ssh_target(text: str, where: str) -> SshTarget:
         host, _, port = hostport.partition(":")
         bad = hostport.count(":") > 1
     if bad or not host or (at and not user) or any(c.isspace() or c in "/@" for c in host) or (
-            port and not (port.isdigit() and 0 < int(port) < 65536)):
+            port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
         raise ConfigError(f"{where}: {text!r}: expected [USER@]HOST[:PORT], e.g. root@host2.example:22")
     return SshTarget(host=host, user=user if at else None, port=int(port) if port else None)
 

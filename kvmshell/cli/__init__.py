@@ -77,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_script(name: str) -> list[str]:
-    if name == "-":
-        return sys.stdin.read().splitlines()
+    """The lines of FILE ('-': stdin); a file that is not UTF-8 is refused whole, before any line runs."""
     try:
-        with open(name, encoding="utf-8") as f:
-            return f.read().splitlines()
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise ConfigError(f"run {name}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"run {name}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); "
+                          "nothing was run") from None
 
 
 async def cmd_demo(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> Exit:

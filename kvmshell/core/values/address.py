@@ -50,7 +50,7 @@ class SshTarget:
     def __str__(self) -> str:
         user = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port else ""
-        return f"ssh://{user}{self.host}{port}"
+        return f"ssh://{user}{uri_host(self.host)}{port}"
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def parse_libvirt(text: str, where: str = "address") -> Address:
 
 
 def _port(text: str, where: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ConfigError(f"{where}: port {text!r} is not a number from 1 to 65535")
     return int(text)
 
