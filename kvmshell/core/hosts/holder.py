@@ -3,10 +3,11 @@ as ``ss -xp`` shows them (the peer of each connection QEMU accepted there), with
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from dataclasses import dataclass
+
+from kvmshell.core.hosts.shell import run_here
 
 SS_TIMEOUT = 2.0
 COMMAND_CHARS = 60                 # of a holder's command line, in a message
@@ -66,18 +67,10 @@ def command_line(pid: int, proc: str = "/proc") -> str | None:
 async def holders(path: str) -> list[Holder]:
     """The other processes connected to the unix socket bound at ``path`` here ([] if none is seen:
     ``ss`` missing, or the processes belong to another user)."""
-    try:
-        proc = await asyncio.create_subprocess_exec("ss", "-xpnH", stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    except OSError:
+    result = await run_here("ss -xpnH", SS_TIMEOUT)      # no ss: sh says so on stderr, stdout is empty
+    if result is None:
         return []
-    try:
-        async with asyncio.timeout(SS_TIMEOUT):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return []
+    out = result.stdout
     pids = unix_peers(parse_ss(out.decode(errors="replace")), {path, os.path.realpath(path)})
     found = []
     for pid in pids:

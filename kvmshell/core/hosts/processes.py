@@ -25,7 +25,7 @@ from kvmshell.core.values.address import Address, Kind, Protocol, SshTarget, lib
 from kvmshell.core.values.cmdline import QemuCommand, parse_cmdline, split_props
 from kvmshell.core.values.models import QemuVersion
 from kvmshell.core.hosts.pool import COMMAND_TIMEOUT, ssh_text
-from kvmshell.core.hosts.shell import HostShell
+from kvmshell.core.hosts.shell import HostShell, run_here
 from kvmshell.core.hosts.ssh.connection import RemoteResult
 from kvmshell.errors import CommandFailed, ConnectFailed, KvmError
 
@@ -219,16 +219,10 @@ _RANK = {(Protocol.QMP, Kind.UNIX): 0, (Protocol.QMP, Kind.TCP): 1, (Protocol.HM
 
 
 async def _run_local(command: str) -> RemoteResult:
-    proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise ConnectFailed(f"scanning the local QEMU processes took more than {COMMAND_TIMEOUT:g} s") from None
-    return RemoteResult(command, proc.returncode or 0, out, err)
+    result = await run_here(command, COMMAND_TIMEOUT)
+    if result is None:
+        raise ConnectFailed(f"scanning the local QEMU processes took more than {COMMAND_TIMEOUT:g} s")
+    return result
 
 
 async def discover(pool: HostPool | None, host: SshTarget | str | None) -> list[DiscoveredGuest]:

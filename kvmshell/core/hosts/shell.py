@@ -27,6 +27,21 @@ HASH_TIMEOUT = 600.0
 HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as stuck
 
 
+async def run_here(command: str, timeout: float) -> RemoteResult | None:
+    """``sh -c command`` on this host with stdin closed; None when it does not end within ``timeout``
+    seconds (it is killed and reaped)."""
+    proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    return RemoteResult(command, proc.returncode or 0, out, err)
+
+
 class Process(TypingProtocol):
     """A pipeline started by ``HostShell.start`` (here: a subprocess; on a host: ssh.connection.RemoteProcess)."""
 
@@ -103,17 +118,10 @@ class HostShell:
 
     async def sh(self, command: str, timeout: float = 30.0) -> RemoteResult:
         if self.host is None:
-            proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
-            try:
-                async with asyncio.timeout(timeout):
-                    out, err = await proc.communicate()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise self.error(f"`{command.split()[0]}` did not finish within {timeout:g} s here") from None
-            return RemoteResult(command, proc.returncode or 0, out, err)
+            result = await run_here(command, timeout)
+            if result is None:
+                raise self.error(f"`{command.split()[0]}` did not finish within {timeout:g} s here")
+            return result
         assert self.pool is not None
         return await self.pool.run(self.host, command, timeout)
 
