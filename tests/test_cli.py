@@ -57,6 +57,21 @@ async def test_unreachable_guest_one_line_and_failure_status(lab: Lab, tmp_path:
     assert rows["gone"]["status"] == "unreachable"
 
 
+async def test_a_line_on_a_guest_never_reached_says_the_cause_once(tmp_path: Path) -> None:
+    """One cause, one line: the line that failed on the guest says why; a guest no line reached gets its
+    own line at the end."""
+    gone, other = tmp_path / "gone.qmp", tmp_path / "other.qmp"
+    cause = "no such socket (is the guest running, and the path right?)"
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"gone=qmp:unix:{gone}", "-c", "info status")
+    assert (rc, out) == (1, "")
+    assert err == f"kvmshell: gone: not connected: qmp:unix:{gone}: {cause}\n"
+    rc, out, err = await kvmshell(tmp_path, "--guest", f"gone=qmp:unix:{gone}", "--guest", f"other=qmp:unix:{other}",
+                                  "-c", "@gone info status")
+    assert rc == 1
+    assert err.splitlines() == [f"kvmshell: gone: not connected: qmp:unix:{gone}: {cause}",
+                                f"kvmshell: other: qmp:unix:{other}: {cause}"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--guest", "vm1", "guests"], "--guest 'vm1': expected NAME=ADDR"),
     (["--guest", "vm1=qmp:tcp:localhost", "guests"], "--guest vm1: 'qmp:tcp:localhost': expected tcp:HOST:PORT"),

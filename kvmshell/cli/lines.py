@@ -30,10 +30,10 @@ async def open_session(args: argparse.Namespace, config: Config, err: TextIO, *,
     await fleet.start()
     if fleet.hosts is not None:
         fleet.hosts.password_prompt = None      # asked before the UI starts, never under it
-    for g in fleet:
-        if g.state is not GuestState.CONNECTED:
-            err.write(f"kvmshell: {g.name}: {g.reason} (retrying in the background)\n" if interactive
-                      else f"kvmshell: {g.name}: {g.reason}\n")
+    if interactive:                         # without a prompt, the lines say it (see ``cmd_lines``)
+        for g in fleet:
+            if g.state is not GuestState.CONNECTED:
+                err.write(f"kvmshell: {g.name}: {g.reason} (retrying in the background)\n")
     current = fleet.names[0] if len(fleet) == 1 else None
     return Session(fleet, default_registry(), config, assume_yes=args.yes, current=current)
 
@@ -44,9 +44,10 @@ async def close_session(session: Session) -> None:
 
 
 async def run_lines(session: Session, lines: Sequence[str], args: argparse.Namespace, out: TextIO,
-                    err: TextIO, source: str) -> Exit:
+                    err: TextIO, source: str, failed: set[str] | None = None) -> Exit:
     """Non-interactive: run each line, print its outcomes, stop at the first failure unless --keep-going.
-    A migration a line starts is followed to its end (see ``follow``) unless --detach leaves it."""
+    A migration a line starts is followed to its end (see ``follow``) unless --detach leaves it.
+    The guests whose failures were printed are added to ``failed``."""
     status = Exit.OK
     if source == "-c" and sys.stdin.isatty() and sys.stdout.isatty() and session.editor is None:
         from kvmshell.core.commands.editor import edit_text
@@ -61,7 +62,7 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
             err.write(f"kvmshell: note: {g.name}: {g.monitor.notice}\n")
     for number, line in enumerate(lines, 1):
         loc = f"{source}:{number}: " if source != "-c" else ""
-        line_status = await _run_line(session, line, args, out, err, progress, loc)
+        line_status = await _run_line(session, line, args, out, err, progress, loc, failed)
         status = worse(status, line_status)
         if line_status is Exit.INTERRUPTED or (line_status is not Exit.OK and not args.keep_going):
             break
@@ -69,7 +70,7 @@ async def run_lines(session: Session, lines: Sequence[str], args: argparse.Names
 
 
 async def _run_line(session: Session, line: str, args: argparse.Namespace, out: TextIO, err: TextIO,
-                    progress: Progress, loc: str) -> Exit:
+                    progress: Progress, loc: str, failed: set[str] | None = None) -> Exit:
     from kvmshell.core.commands.results import Watch
     before = dict(session.migrations)
     outcomes = await session.run_line(line)
@@ -84,7 +85,7 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
             status = worse(status, exit_for(job.outcome))
         started = {}
     if not (watched or started):
-        return worse(status, Exit.OK if _print(outcomes, args, out, err, loc, line=line) else Exit.FAILED)
+        return worse(status, Exit.OK if _print(outcomes, args, out, err, loc, line=line, failed=failed) else Exit.FAILED)
     with ctrl_c_sets(asyncio.Event()) as stop:
         follower = Follower(session, progress, stop)
         if watched:
@@ -93,7 +94,7 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
                 await _watch_plain(session, o.result.line, o.result.interval, o.guest, err if args.json else out, stop)
             outcomes = [o for o in outcomes if o not in watched]
         elif args.detach or flags.get("detach"):
-            if not _print(outcomes, args, out, err, loc, line=line):
+            if not _print(outcomes, args, out, err, loc, line=line, failed=failed):
                 status = worse(status, Exit.FAILED)
             outcomes = []
             started = follower.detach(started)
@@ -110,13 +111,13 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
     for job in started.values():
         status = worse(status, exit_for(job.outcome))
     outcomes += [outcome_of(g, j.outcome, await follower.detail(j)) for g, j in started.items()]
-    if not _print(outcomes, args, out, err, loc, followed=set(started), line=line):
+    if not _print(outcomes, args, out, err, loc, followed=set(started), line=line, failed=failed):
         status = worse(status, Exit.FAILED)
     return status
 
 
 def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: TextIO, loc: str,
-           followed: Collection[str] = (), line: str | None = None) -> bool:
+           followed: Collection[str] = (), line: str | None = None, failed: set[str] | None = None) -> bool:
     """Write the outcomes (a followed migration's on stdout, ok or not); False if a line failed."""
     from kvmshell.shell.render import outcome_lines, outcomes_json
     if not outcomes:
@@ -134,6 +135,8 @@ def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: 
         if not o.ok and o.guest not in followed:
             where = f"{o.guest}: " if o.guest else ""
             err.write(f"kvmshell: {loc}{where}{o.error}\n")
+            if failed is not None and o.guest:
+                failed.add(o.guest)
     out.flush()
     return all(o.ok for o in outcomes if o.guest not in followed)
 
@@ -198,7 +201,13 @@ async def _under_way(session: Session, guest: str | None) -> bool:
 async def cmd_lines(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO,
                     lines: Sequence[str], source: str) -> Exit:
     session = await open_session(args, config, err, interactive=False)
+    unreachable = [g for g in session.fleet if g.state is not GuestState.CONNECTED]
+    failed: set[str] = set()
     try:
-        return await run_lines(session, lines, args, out, err, source)
+        status = await run_lines(session, lines, args, out, err, source, failed)
     finally:
         await close_session(session)
+    for g in unreachable:                   # said once: by the line that failed on it, or here
+        if g.name not in failed:
+            err.write(f"kvmshell: {g.name}: {g.reason}\n")
+    return status

@@ -56,8 +56,9 @@ class Guest:
     def require(self) -> Monitor:
         """The connected monitor, or a Disconnected error naming the guest and the reason."""
         if self.monitor is None or not self.monitor.connected:
-            raise Disconnected(f"{self.address}: not connected ({self.reason or self.state.value})",
-                               guest=self.name)
+            reason = self.reason or self.state.value
+            where = "" if reason.startswith(str(self.address)) else f"{self.address}: "
+            raise Disconnected(f"not connected: {where}{reason}", guest=self.name)
         return self.monitor
 
 
