@@ -207,10 +207,13 @@ async def test_cancelled_by_someone_else_exits_1(pair: Guests, tmp_path: Path) -
 
 async def test_postcopy_left_paused_exits_3(pair: Guests, tmp_path: Path) -> None:
     g = pair
-    async with started(tmp_path, *g.args, "-c", "@src migrate_set_parameter max-postcopy-bandwidth 1M",
+    async with started(tmp_path, *g.args, "-c", "@src migrate_set_parameter max-postcopy-bandwidth 512K",
                        "-c", "@src migrate --to dst --strategy postcopy --bandwidth 4M") as k:
-        await g.until(MigrationStatus.POSTCOPY_ACTIVE)
-        await g.dst.wait_heartbeats(1)           # the guest runs there: a pause now is a real split
+        # the guest runs there once it asks for pages: a pause now is a real split. Waiting for its
+        # heartbeat instead let postcopy end first on a loaded machine.
+        await wait_for(g.side.migration, lambda m: m.status is MigrationStatus.POSTCOPY_ACTIVE
+                       and m.ram is not None and m.ram.postcopy_requests > 0, timeout=60,
+                       what="the guest running on dst in postcopy")
         await g.side.migrate_pause()
         rc, out, err = await k.end()
     assert rc == 3, err
