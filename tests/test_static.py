@@ -388,3 +388,52 @@ async def test_static_migrate_from_c_says_its_progress_on_stderr_and_is_in_the_h
     assert rc == 0, err
     report = json.loads(out)
     assert report["outcome"] == "completed" and report["sent_bytes"] == entry["bytes"] > 8 << 20, report
+
+
+async def test_ctrl_c_during_the_copy_undoes_and_exits_130(lab: Lab, bed: SshTestbed, dest_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """Ctrl-C while `-c 'static-migrate ...'` copies: the source runs again as before (its snapshot
+    deleted), nothing runs on b, the exit status is 130, and the history says cancelled."""
+    data = lab.workdir / "data.raw"
+    data.write_bytes(os.urandom(8 << 20))
+    src = await lab.start(VM, MonitorKind.QMP_UNIX, ws_pages=WS, pace=PACE,
+                          extra_args=("-drive", f"file={data},format=raw,if=virtio,readonly=on"))
+    await src.wait_heartbeats(2)
+    for dev in bed._uplinks:                               # 8 MiB at 16 Mbit/s: seconds to press Ctrl-C in
+        await run("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "16mbit", "burst", "32kb", "latency", "50ms")
+    config = tmp_path / "kvmshell.toml"
+    config.write_text(bed.config_toml())
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", "--config", str(config), "--guest", f"{VM}={src.address}", "-y",
+        "-c", f"static-migrate {VM} --to b --tag cc --dir {dest_dir}",
+        env=env_for(tmp_path) | {"HOME": str(home)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None and proc.stdout is not None
+    err = b""
+    async with asyncio.timeout(60):
+        while b"copying data.raw" not in err:
+            line = await proc.stderr.readline()
+            assert line, f"kvmshell ended before the copy: {err.decode()}"
+            err += line
+        proc.send_signal(signal.SIGINT)
+        rest, stdout = await asyncio.gather(proc.stderr.read(), proc.stdout.read())
+        rc = await proc.wait()
+    err += rest
+    assert rc == 130, err.decode()
+    said = err.decode().splitlines()[-1]                    # what was undone and what is kept where
+    assert said.startswith(f"kvmshell: {VM}: copy interrupted: Ctrl-C. done: stopped {VM}; saved snapshot 'cc'"), said
+    assert f"undone: deleted snapshot 'cc'; resumed {VM} (it is running again)" in said, said
+    assert "Traceback" not in err.decode(), err.decode()
+    async with Fleet() as fleet:
+        fleet.add(VM, src.address)
+        await fleet.start()
+        mon = await wait_connected(fleet, VM)
+        assert (await mon.status()).running, "the source was left paused"
+        assert "cc" not in await mon.hmp("info snapshots"), "the snapshot was left on the source"
+    await src.wait_heartbeats(1)
+    assert not processes_mentioning(str(dest_dir)), "a copy runs on b"
+    rc, out, _ = await kvmshell(tmp_path, "--json", "history")
+    [entry] = json.loads(out)
+    assert (entry["guest"], entry["outcome"]) == (VM, "cancelled"), entry

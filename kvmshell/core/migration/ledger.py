@@ -20,10 +20,10 @@ class Ledger:
     warnings: list[str] = field(default_factory=list)
     after: str = ""
 
-    def story(self, step: str, message: str) -> str:
-        """The failure message of a run: the step that failed and why, then what was done, undone and
-        kept, and where the source stands."""
-        parts = [f"{step} failed: {message}", f"done: {'; '.join(self.done)}" if self.done else "nothing was done"]
+    def story(self, step: str, message: str, *, verb: str = "failed") -> str:
+        """The failure message of a run: the step that failed (or was interrupted) and why, then what was
+        done, undone and kept, and where the source stands."""
+        parts = [f"{step} {verb}: {message}", f"done: {'; '.join(self.done)}" if self.done else "nothing was done"]
         if self.undone:
             parts.append(f"undone: {'; '.join(self.undone)}")
         if self.kept:

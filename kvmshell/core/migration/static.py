@@ -392,8 +392,9 @@ class StaticMigration:
             await self._undo(plan)
             raise StaticFailed(ledger.story(step, e.message if isinstance(e, KvmError) else str(e)),
                                guest=req.guest) from None
-        except BaseException:
+        except BaseException:                   # Ctrl-C (a cancelled task): undo, then say what is where
             await asyncio.shield(self._undo(plan))
+            self.progress(ledger.story(step, "Ctrl-C", verb="interrupted"))
             raise
         await self._finish(result)
         return result
