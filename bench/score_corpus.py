@@ -9,7 +9,8 @@ the outcome (completed within the cap or not; unsteered policies only); the time
 "will not converge"; how often the verdict changes after the first 3 s.
 
     .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
-    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_*, MIGRATING_SHARE, PASS_SPREAD on the fit set
+    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_*, MIGRATING_SHARE, PASS_SPREAD, the
+                                                      # verdict hold (predict.held) on the fit set
 """
 
 from __future__ import annotations
@@ -135,15 +136,30 @@ def preflight_figures(run: Run) -> dict[str, float | None]:
 def replay(run: Run, upto: float | None = None, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
     """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
     ``with_preflight``), up to time ``upto``."""
-    limit, cap, link = run.limits()
-    extra = preflight_figures(run) if with_preflight else {}
-    out = []
-    ss = [s for s in run.trace.samples if upto is None or s.t <= upto]
-    for i in range(1, len(ss) + 1):
-        if ss[i - 1].status is MigrationStatus.COMPLETED:
-            break
-        out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link, **extra)))
-    return out
+    now = [(s, p) for s, p in replay_now(run, with_preflight) if upto is None or s.t <= upto]
+    # what model.assess_held says, without re-reading the lookback for every sample: the same held()
+    return [(s, model.held(now[max(0, i - model.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
+
+
+_NOW: dict[tuple[str, bool, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
+
+
+def replay_now(run: Run, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
+    """``assess`` after every sample (what each sample alone says; cached: the hold's constants do
+    not change it)."""
+    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0)))
+    if key not in _NOW:
+        limit, cap, link = run.limits()
+        extra = preflight_figures(run) if with_preflight else {}
+        out = []
+        ss = list(run.trace.samples)
+        for i in range(1, len(ss) + 1):
+            if ss[i - 1].status is MigrationStatus.COMPLETED:
+                break
+            out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link,
+                                                    **extra)))
+        _NOW[key] = out
+    return _NOW[key]
 
 
 def at_fraction(run: Run, fraction: float, with_preflight: bool = False) -> model.Prediction | None:
@@ -240,6 +256,14 @@ def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
     said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
     both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
     return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
+
+
+def retractions(run: Run) -> int:
+    """Times a confident (not rough) verdict said after the first pass is taken back: followed by
+    anything else (the other verdict, uncertain, rough). Uncertain becoming confident is not one."""
+    said = [p for s, p in replay(run) if s.pass_no >= 2]
+    return sum(1 for a, b in zip(said, said[1:]) if a.verdict in (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+               and not a.rough and (b.verdict is not a.verdict or b.rough))
 
 
 def confident_wrong(run: Run) -> list[str]:
@@ -343,6 +367,13 @@ def score(runs: list[Run]) -> list[str]:
                + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
                + f"); from one confident verdict to the other: "
                f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
+    took_back = {r.run_id: n for r in steady if (n := retractions(r))}
+    out.append(f"Confident verdicts taken back after the first pass on steady workloads: {len(took_back)} of "
+               f"{len(steady)} runs ({sum(took_back.values())} times"
+               + (": " + ", ".join(f"{k} {v}" for k, v in sorted(took_back.items(), key=lambda kv: -kv[1])[:4])
+                  if took_back else "") + "); of the unsteered ones: "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED and r.run_id in took_back)} of "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED)}.")
     wrong = {r.run_id: w for r in unsteered if (w := confident_wrong(r))}
     out.append(f"Confident wrong verdicts (not rough, contradicted by the outcome; unsteered): {len(wrong)} of "
                f"{len(unsteered)} runs" + ("".join(f"; {k}: {len(v)} samples, first at {v[0]}"
@@ -488,6 +519,46 @@ def fit_pass_spread(runs: list[Run]) -> list[str]:
     return out
 
 
+def fit_verdict_hold(runs: list[Run]) -> list[str]:
+    """HOLD_SAMPLES, HOLD_S, HOLD_CONVERGES_S, STICK_S (predict.held): fewest unsteered runs with a confident wrong verdict,
+    then fewest steady runs whose verdict changes after the first pass, then fewest that take one back, then
+    the earliest right "will not converge" (mean over the unsteered runs that did not complete; never said counts as the 30 s cap)."""
+    saved = (model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S)
+    unsteered = [r for r in runs if r.policy in UNSTEERED]
+    steady = [r for r in runs if r.row.get("work") in STEADY]
+    stuck = [r for r in unsteered if not r.completed]
+    rows = []
+    try:
+        for n in (1, 2, 3):
+            for sec in (0.0, 0.5, 1.0, 2.0, 3.0):
+                for conv in (0.0, 1.0, 2.0, 3.0):
+                    for stick in (0.0, 2.0, 5.0, 10.0):
+                        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = n, sec, conv, stick
+                        firsts = [first_will_not(r) for r in stuck]
+                        rows.append((sum(bool(confident_wrong(r)) for r in unsteered),
+                                     sum(changes_after_first_pass(r) > 0 for r in steady),
+                                     sum(retractions(r) > 0 for r in steady),
+                                     statistics.mean(t if t is not None else 30.0 for t in firsts) if firsts else 0.0,
+                                     n, sec, conv, stick))
+    finally:
+        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = saved
+    key = lambda r: (r[0], r[1], r[2], r[3])          # noqa: E731
+    best = min(rows, key=key)
+    now = next(r for r in rows if r[4:] == saved)
+    # the best setting at each count of wrong runs: what holding longer buys and costs
+    show = [min((r for r in rows if r[0] == w), key=key) for w in sorted({r[0] for r in rows})]
+    show += [r for r in rows if r[4:] in (saved, (1, 0.0, 0.0, 0.0))]
+    out = ["| HOLD_SAMPLES | HOLD_S | HOLD_CONVERGES_S | STICK_S | runs with a confident wrong verdict (unsteered) | steady runs whose "
+           "verdict changes after the first pass | steady runs with a verdict taken back | mean first right "
+           "\"will not converge\" |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {n} | {sec} | {conv} | {stick} | {w} | {c} | {b} | {t:.1f} s |" for w, c, b, t, n, sec, conv, stick in show]
+    out.append(f"\nHold fitted on {len(runs)} fit runs ({len(unsteered)} unsteered, {len(stuck)} of them not completed; "
+               f"{len(steady)} steady): HOLD_SAMPLES = {best[4]}, HOLD_S = {best[5]}, HOLD_CONVERGES_S = {best[6]}, STICK_S = {best[7]} "
+               f"({best[0]} wrong, {best[1]} changed, {best[2]} taken back, first right WNC {best[3]:.1f} s); now "
+               f"{saved}: {now[0]} wrong, {now[1]} changed, {now[2]} taken back, {now[3]:.1f} s. The last rows: the constants now, and the lightest hold (1 sample, any new pass).")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=CORPUS)
@@ -501,7 +572,7 @@ def main() -> int:
     if args.fit:
         runs = load_runs(args.corpus, "fit")
         print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
-                        + fit_pass_spread(runs)))
+                        + fit_pass_spread(runs) + [""] + fit_verdict_hold(runs)))
         return 0
     rows = index(args.corpus)
     print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]

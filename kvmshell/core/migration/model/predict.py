@@ -28,6 +28,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kvmshell.core.migration.model.dirty import PASS_MODE, DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.samples import Sample
@@ -110,7 +111,7 @@ class Prediction:
     def line(self) -> str:
         parts = [self.verdict.value + (" (rough)" if self.rough else "")]
         if self.verdict is Verdict.UNCERTAIN:
-            parts.append(self.outcomes())
+            parts += [self.outcomes()] if self.outcomes() else []
         elif self.total_range_s is not None:
             parts.append(f"total {self.total_text()}")
         elif self.total_s is not None:
@@ -315,7 +316,7 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
            link: float | None, ram_bytes: int | None = None, dirty_rate: float | None = None,
            working_set: float | None = None, zero_fraction: float | None = None,
            dirty: DirtyRange | None = None) -> Prediction:
-    """The model applied to a migration in progress. ``dirty_rate``/``working_set`` from before the
+    """The model applied to a migration in progress, from the latest sample alone (``assess_held``: its verdict held). ``dirty_rate``/``working_set`` from before the
     start (calc-dirty-rate) are used until the samples say better; so is ``zero_fraction`` (sampled
     pages) until the first pass has processed enough pages to say what share of them is zero. ``dirty``,
     the range measured before the start, stands for the dirty rate until QEMU's: both ends are run."""
@@ -384,6 +385,79 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
+
+
+# -- holding a verdict --------------------------------------------------------------------------
+# A confident verdict is said once it has HELD: HOLD_SAMPLES samples in a row after the first pass (none
+# rough) saying it over HOLD_S seconds ("will not converge"; HOLD_CONVERGES_S for "will converge") and at
+# least one sync; until then the prediction is UNCERTAIN
+# (with its figures). Once said it stands against samples that say otherwise (uncertain, rough or the
+# other verdict) until the other verdict holds in turn, or STICK_S seconds pass without a sample saying it.
+# Fitted on the corpus's fit set (bench/score_corpus.py --fit): fewest runs with a confident wrong verdict,
+# then fewest verdict changes after the first pass, then the earliest right "will not converge".
+HOLD_SAMPLES = 1
+HOLD_S = 1.0                   # "will not converge"
+HOLD_CONVERGES_S = 3.0         # "will converge" (a bursty guest's passes can shrink for 2 s and grow again)
+STICK_S = 5.0
+HOLD_LOOKBACK = 40             # samples re-read for it (bounds the cost: ~20 s at 0.5 s a sample)
+CONFIDENT = (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE)
+
+
+def assess_held(samples: Sequence[Sample], **limits: Any) -> Prediction:
+    """``assess`` with its verdict held (``held``): what the latest sample says read against what the
+    samples before it said. Same arguments as ``assess``. What a user is told; the strategies keep
+    ``assess`` and their own hold (strategies/base.py ``Held``)."""
+    now = assess(samples, **limits)
+    if not _holdable(samples[-1] if samples else None, now):
+        return now
+    first = max(1, len(samples) - HOLD_LOOKBACK)
+    return held([(samples[i - 1], assess(samples[:i], **limits)) for i in range(first, len(samples))]
+                + [(samples[-1], now)])
+
+
+def _holdable(s: Sample | None, p: Prediction) -> bool:
+    """A prediction the hold applies to: during pre-copy after the first pass, not a finished run."""
+    return (s is not None and s.pass_no >= 2 and s.status in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER)
+            and p.verdict not in (Verdict.DONE, Verdict.UNKNOWN))
+
+
+def _hold_s(v: Verdict) -> float:
+    return HOLD_S if v is Verdict.WILL_NOT_CONVERGE else HOLD_CONVERGES_S
+
+
+def held(history: Sequence[tuple[Sample, Prediction]]) -> Prediction:
+    """What to say at the last of ``history`` [(sample, what that sample alone said), ...], oldest first."""
+    s, now = history[-1]
+    if not _holdable(s, now):
+        return now
+    kind: Verdict | None = None                   # the run of samples saying one confident verdict
+    since = n = first_pass = 0
+    said: tuple[Verdict, Prediction, float] | None = None    # the verdict that held: which, its prediction, last said
+    for si, p in history:
+        k = p.verdict if p.verdict in CONFIDENT and not p.rough and _holdable(si, p) else None
+        if k is not kind:
+            kind, since, n, first_pass = k, si.t, 0, si.pass_no
+        n += 1
+        if said is not None and si.t - said[2] > STICK_S:
+            said = None
+        if k is not None and n >= HOLD_SAMPLES and si.t - since >= _hold_s(k) and si.pass_no > first_pass:
+            said = (k, p, si.t)
+        elif said is not None and k is said[0]:
+            said = (k, p, si.t)
+    if said is not None:
+        if said[1] is now:
+            return now
+        v, p, t = said
+        return replace(p, time_left_s=None if p.total_s is None else max(0.0, p.total_s - s.t),
+                       reason=f"{p.reason} (held since it was said on enough samples; at {s.t:.1f} s: "
+                              f"{now.verdict.value}{' (rough)' if now.rough else ''})")
+    if now.verdict in CONFIDENT and not now.rough:
+        span = s.t - since
+        return replace(now, verdict=Verdict.UNCERTAIN, total_s=None, time_left_s=None,
+                       total_range_s=None if now.total_s is None else (now.total_s, now.total_s),
+                       reason=f"{now.verdict.value} on {n} sample(s) over {span:.1f} s, not yet held "
+                              f"({HOLD_SAMPLES} over {_hold_s(now.verdict):.1f} s and a sync): {now.reason}")
+    return now
 
 
 def pass_windows(samples: Sequence[Sample], syncs: Sequence[Sync], theta: float) -> list[Window]:
