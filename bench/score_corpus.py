@@ -133,7 +133,22 @@ def preflight_figures(run: Run) -> dict[str, float | None]:
     return {"dirty_rate": D, "working_set": W, "zero_fraction": (pre.get("sample_pages") or {}).get("zero_fraction")}
 
 
-def replay(run: Run, upto: float | None = None, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
+def preflight_range_figures(run: Run) -> dict[str, Any]:
+    """The pre-flight as ``assess`` takes it for the first pass: the dirty range the windows allow and
+    the zero share of the pages sampled (with how many were)."""
+    pre = run.header.get("preflight")
+    if not pre or dirty_model is None:
+        return {}
+    per_gib = pre.get("dirty_sample_pages_per_gib", 512)
+    windows = [dirty_model.Window(float(t), float(r), round(per_gib * pre["ram"] / 2**30)) for t, r in pre["dirty_windows"]]
+    out: dict[str, Any] = {"dirty": dirty_model.dirty_range(windows, pre["ram"])}
+    sp = pre.get("sample_pages") or {}
+    if sp.get("zero_fraction") is not None:
+        out["zero_fraction"], out["zero_sampled"] = float(sp["zero_fraction"]), int(sp.get("pages") or 0) or None
+    return out
+
+
+def replay(run: Run, upto: float | None = None, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
     """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
     ``with_preflight``), up to time ``upto``."""
     now = [(s, p) for s, p in replay_now(run, with_preflight) if upto is None or s.t <= upto]
@@ -141,16 +156,18 @@ def replay(run: Run, upto: float | None = None, with_preflight: bool = False) ->
     return [(s, model.held(now[max(0, i - model.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
 
 
-_NOW: dict[tuple[str, bool, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
+_NOW: dict[tuple[str, bool | str, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
 
 
-def replay_now(run: Run, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
+def replay_now(run: Run, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
     """``assess`` after every sample (what each sample alone says; cached: the hold's constants do
     not change it)."""
-    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0)))
+    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0),
+                                         model.RATE_POINT, model.RATE_LO, model.TIGHT, model.LINK_BOUND, model.ZERO_SCAN_RATE))
     if key not in _NOW:
         limit, cap, link = run.limits()
-        extra = preflight_figures(run) if with_preflight else {}
+        extra = (preflight_range_figures(run) if with_preflight == "range" else preflight_figures(run)
+                 if with_preflight else {})
         out = []
         ss = list(run.trace.samples)
         for i in range(1, len(ss) + 1):
@@ -162,7 +179,7 @@ def replay_now(run: Run, with_preflight: bool = False) -> list[tuple[Sample, mod
     return _NOW[key]
 
 
-def at_fraction(run: Run, fraction: float, with_preflight: bool = False) -> model.Prediction | None:
+def at_fraction(run: Run, fraction: float, with_preflight: bool | str = False) -> model.Prediction | None:
     """The prediction from the samples up to ``fraction`` of the elapsed time (None: no sample yet)."""
     seq = replay(run, upto=fraction * run.elapsed, with_preflight=with_preflight)
     return seq[-1][1] if seq else None
@@ -338,6 +355,15 @@ def score(runs: list[Run]) -> list[str]:
             out.append(f"| {moment} | {gname} | {len(e.total)} | {fmt(pct(e.total, .5))} / {fmt(pct(e.total, .9))} | "
                        f"{fmt(pct(e.down, .5))} / {fmt(pct(e.down, .9))} | {fmt(pct(e.down_ms, .5), ' ms')} / "
                        f"{fmt(pct(e.down_ms, .9), ' ms')} | {e.none} |")
+    out += ["", "Ranges of the total time (completed runs; a time is given only when its range is tight):", "",
+            "| moment | completed runs with a range | outcome inside it | range width p50 (high / low) | of them with a time |",
+            "|---|---|---|---|---|"]
+    for moment, fn in MOMENTS:
+        rs = [(r, p) for r in runs if r.completed and r.total_s and (p := fn(r)) is not None and p.total_range_s]
+        inside = sum(1 for r, p in rs if p.total_range_s[0] * 0.999 <= r.total_s <= p.total_range_s[1] * 1.001)
+        widths = [p.total_range_s[1] / p.total_range_s[0] for r, p in rs if p.total_range_s[0] > 0]
+        out.append(f"| {moment} | {len(rs)} | {inside} | {fmt(pct(widths, .5), '', 2)} | "
+                   f"{sum(p.total_s is not None for r, p in rs)} |")
     unsteered = groups["unsteered"]
     for moment, fn in MOMENTS:
         table: Counter[tuple[str, bool]] = Counter()
@@ -394,6 +420,7 @@ def after_first_sync(run: Run) -> model.Prediction | None:
 MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
+           ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
            ("after the first sync", after_first_sync))
 
 
@@ -559,6 +586,45 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
     return out
 
 
+def fit_first_pass(runs: list[Run]) -> list[str]:
+    """ZERO_SCAN_RATE and RATE_POINT (predict.first_pass): the most outcomes inside their range at 25 % of
+    the elapsed time (pre-flight range + zero pages passed; every completed fit run), then the least p50
+    |error| of the time in the range (the width ignored); then TIGHT: the widest range (high / low)
+    whose runs (10 or more) keep p90 |error| <= 20 %."""
+    saved = (model.ZERO_SCAN_RATE, model.RATE_POINT, model.TIGHT)
+    done = [r for r in runs if r.completed and r.total_s]
+    rows, widths = [], []
+    try:
+        model.TIGHT = float("inf")
+        for zs in (2e9, 5e9, 1e10, 3e10, 1e11):
+            for rp in (0.8, 0.85, 0.9, 0.95, 1.0):
+                model.ZERO_SCAN_RATE, model.RATE_POINT = zs, rp
+                got = [(r, p) for r in done if (p := at_fraction(r, 0.25, "range")) is not None
+                       and p.total_s is not None and p.total_range_s]
+                err = [abs(p.total_s - r.total_s) / r.total_s * 100 for r, p in got]
+                inside = sum(p.total_range_s[0] * 0.999 <= r.total_s <= p.total_range_s[1] * 1.001 for r, p in got)
+                rows.append((-inside, pct(err, .5) or 1e9, zs, rp, pct(err, .9), len(got)))
+        best = min(rows)
+        model.ZERO_SCAN_RATE, model.RATE_POINT = best[2], best[3]
+        got = [(p.total_range_s[1] / p.total_range_s[0], abs(p.total_s - r.total_s) / r.total_s * 100) for r in done
+               if (p := at_fraction(r, 0.25, "range")) is not None and p.total_s is not None and p.total_range_s]
+        for tight in (1.1, 1.2, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0):
+            err = [e for w, e in got if w <= tight]
+            widths.append((tight, len(err), pct(err, .5), pct(err, .9)))
+    finally:
+        model.ZERO_SCAN_RATE, model.RATE_POINT, model.TIGHT = saved
+    out = ["| ZERO_SCAN_RATE | RATE_POINT | p50 / p90 abs error at 25 % (range ignored) | outcomes inside the range | runs |",
+           "|---|---|---|---|---|"]
+    out += [f"| {zs:.0e} | {rp} | {fmt(a)} / {fmt(b)} | {-i} | {n} |" for i, a, zs, rp, b, n in sorted(rows)[:6]]
+    out += ["", "| TIGHT (range high / low at most) | runs with a time | p50 / p90 abs error |", "|---|---|---|"]
+    out += [f"| {t} | {n} | {fmt(a)} / {fmt(b)} |" for t, n, a, b in widths]
+    ok = [t for t, n, a, b in widths if n >= 10 and b is not None and b <= 20]     # a p90 of fewer runs says little
+    out.append(f"\nFirst pass fitted on {len(done)} completed fit runs: ZERO_SCAN_RATE = {best[2]:.0e} B/s, RATE_POINT = "
+               f"{best[3]} (now {saved[0]:.0e}, {saved[1]}); TIGHT: " + (f"{max(ok)} (now {saved[2]})" if ok else
+               f"no width keeps p90 <= 20 % over 10 runs or more (now {saved[2]}: no time at 25 %)") + ".")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=CORPUS)
@@ -572,7 +638,7 @@ def main() -> int:
     if args.fit:
         runs = load_runs(args.corpus, "fit")
         print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
-                        + fit_pass_spread(runs) + [""] + fit_verdict_hold(runs)))
+                        + fit_pass_spread(runs) + [""] + fit_verdict_hold(runs) + [""] + fit_first_pass(runs)))
         return 0
     rows = index(args.corpus)
     print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]
