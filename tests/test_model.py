@@ -344,3 +344,31 @@ def test_the_held_verdict_on_the_never_converging_trace_never_says_will_converge
     assert first < 5.0                                    # 4.6 s (said at 3.6 s by assess, held 1 s)
     after = [p.verdict for s, p in zip(ss, said) if s.t > first]
     assert after and all(v is Verdict.WILL_NOT_CONVERGE for v in after)    # and it stands
+
+
+def test_the_first_pass_gives_a_time_only_when_its_range_is_tight() -> None:
+    """Inside the first pass of a 2 GiB guest over 1 Gbit/s: what is left of it at 0.75-1 x the link,
+    its zero pages from the pages sampled before the start, then the passes the dirty range allows."""
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.predict import TIGHT
+    from kvmshell.core.migration.model.samples import Sample
+    s = Sample(t=0.03, status=MigrationStatus.ACTIVE, pass_no=1, transferred=4 << 20, remaining=2040 << 20,
+               total=2048 << 20, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=1000.0, throughput=120 * MB,
+               expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0, duplicate_pages=1024,
+               normal_bytes=4 << 20)
+    idle = DirtyRange(0.0, 0.0, None)
+    many = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK, dirty=idle, zero_fraction=0.92,
+                  zero_sampled=20000)
+    assert many.verdict is Verdict.CONVERGES and many.total_s is not None and many.total_range_s is not None
+    lo, hi = many.total_range_s
+    assert lo <= many.total_s <= hi <= TIGHT * lo
+    assert many.total_s == pytest.approx(0.03 + 0.08 * (2040 << 20) / (0.9 * LINK), rel=0.15)
+    # 200 pages sampled: the zero share is 0.92 +- ~0.04, the non-zero bytes +-50 %: a range, no time
+    few = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK, dirty=idle, zero_fraction=0.92,
+                 zero_sampled=200)
+    assert few.verdict is Verdict.CONVERGES and few.total_s is None and few.total_range_s is not None
+    assert few.total_range_s[1] > TIGHT * few.total_range_s[0] and "only a range" in few.reason
+    # no link or cap to go by (uncapped, unshaped): the rate is anyone's guess
+    free = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=None, dirty=idle, zero_fraction=0.92,
+                  zero_sampled=20000)
+    assert free.total_s is None and free.total_range_s is not None
