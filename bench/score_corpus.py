@@ -1,7 +1,7 @@
 """Score the CURRENT model on the held-out runs of the trace corpus (bench/corpus.py), or fit its
 constants on the fit runs only.
 
-Every held-out trace is replayed sample by sample through ``assess`` (as the job calls it live), and its
+Every held-out trace is replayed sample by sample through ``assess_held`` (``assess``, its verdict held), and its
 header's pre-flight (calc-dirty-rate over 1 s and 3 s) through ``estimate_working_set`` and ``estimate``.
 Prints Markdown for bench/RESULTS.md: the corpus per cell; p50/p90 |error| of the predicted total time and
 downtime at the start (pre-flight) and at 25 % of the elapsed time; the verdict confusion matrix against
@@ -9,7 +9,7 @@ the outcome (completed within the cap or not; unsteered policies only); the time
 "will not converge"; how often the verdict changes after the first 3 s.
 
     .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
-    .venv/bin/python bench/score_corpus.py --fit      # LATER_PASSES, HOLD_*, MIGRATING_SHARE, PASS_SPREAD on the fit set
+    .venv/bin/python bench/score_corpus.py --fit      # the model's constants on the fit set (bench/fit_corpus.py)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmshell.core.migration.live.strategies import base as strategies_base
 from kvmshell.core.migration.model import predict as model
 from kvmshell.core.migration.model.estimate import estimate
 
@@ -132,21 +131,53 @@ def preflight_figures(run: Run) -> dict[str, float | None]:
     return {"dirty_rate": D, "working_set": W, "zero_fraction": (pre.get("sample_pages") or {}).get("zero_fraction")}
 
 
-def replay(run: Run, upto: float | None = None, with_preflight: bool = False) -> list[tuple[Sample, model.Prediction]]:
-    """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
-    ``with_preflight``), up to time ``upto``."""
-    limit, cap, link = run.limits()
-    extra = preflight_figures(run) if with_preflight else {}
-    out = []
-    ss = [s for s in run.trace.samples if upto is None or s.t <= upto]
-    for i in range(1, len(ss) + 1):
-        if ss[i - 1].status is MigrationStatus.COMPLETED:
-            break
-        out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link, **extra)))
+def preflight_range_figures(run: Run) -> dict[str, Any]:
+    """The pre-flight as ``assess`` takes it for the first pass: the dirty range the windows allow and
+    the zero share of the pages sampled (with how many were)."""
+    pre = run.header.get("preflight")
+    if not pre or dirty_model is None:
+        return {}
+    per_gib = pre.get("dirty_sample_pages_per_gib", 512)
+    windows = [dirty_model.Window(float(t), float(r), round(per_gib * pre["ram"] / 2**30)) for t, r in pre["dirty_windows"]]
+    out: dict[str, Any] = {"dirty": dirty_model.dirty_range(windows, pre["ram"])}
+    sp = pre.get("sample_pages") or {}
+    if sp.get("zero_fraction") is not None:
+        out["zero_fraction"], out["zero_sampled"] = float(sp["zero_fraction"]), int(sp.get("pages") or 0) or None
     return out
 
 
-def at_fraction(run: Run, fraction: float, with_preflight: bool = False) -> model.Prediction | None:
+def replay(run: Run, upto: float | None = None, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
+    """The prediction after every sample (as the job makes them live: no pre-flight figures, unless
+    ``with_preflight``), up to time ``upto``."""
+    now = [(s, p) for s, p in replay_now(run, with_preflight) if upto is None or s.t <= upto]
+    # what model.assess_held says, without re-reading the lookback for every sample: the same held()
+    return [(s, model.held(now[max(0, i - model.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
+
+
+_NOW: dict[tuple[str, bool | str, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
+
+
+def replay_now(run: Run, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
+    """``assess`` after every sample (what each sample alone says; cached: the hold's constants do
+    not change it)."""
+    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0),
+                                         model.RATE_POINT, model.RATE_LO, model.TIGHT, model.LINK_BOUND, model.ZERO_SCAN_RATE))
+    if key not in _NOW:
+        limit, cap, link = run.limits()
+        extra = (preflight_range_figures(run) if with_preflight == "range" else preflight_figures(run)
+                 if with_preflight else {})
+        out = []
+        ss = list(run.trace.samples)
+        for i in range(1, len(ss) + 1):
+            if ss[i - 1].status is MigrationStatus.COMPLETED:
+                break
+            out.append((ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link,
+                                                    **extra)))
+        _NOW[key] = out
+    return _NOW[key]
+
+
+def at_fraction(run: Run, fraction: float, with_preflight: bool | str = False) -> model.Prediction | None:
     """The prediction from the samples up to ``fraction`` of the elapsed time (None: no sample yet)."""
     seq = replay(run, upto=fraction * run.elapsed, with_preflight=with_preflight)
     return seq[-1][1] if seq else None
@@ -242,6 +273,14 @@ def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
     return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
 
 
+def retractions(run: Run) -> int:
+    """Times a confident (not rough) verdict said after the first pass is taken back: followed by
+    anything else (the other verdict, uncertain, rough). Uncertain becoming confident is not one."""
+    said = [p for s, p in replay(run) if s.pass_no >= 2]
+    return sum(1 for a, b in zip(said, said[1:]) if a.verdict in (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+               and not a.rough and (b.verdict is not a.verdict or b.rough))
+
+
 def confident_wrong(run: Run) -> list[str]:
     """Non-rough verdicts contradicted by the outcome (unsteered runs only): when and what."""
     wrong = []
@@ -314,6 +353,15 @@ def score(runs: list[Run]) -> list[str]:
             out.append(f"| {moment} | {gname} | {len(e.total)} | {fmt(pct(e.total, .5))} / {fmt(pct(e.total, .9))} | "
                        f"{fmt(pct(e.down, .5))} / {fmt(pct(e.down, .9))} | {fmt(pct(e.down_ms, .5), ' ms')} / "
                        f"{fmt(pct(e.down_ms, .9), ' ms')} | {e.none} |")
+    out += ["", "Ranges of the total time (completed runs; a time is given only when its range is tight):", "",
+            "| moment | completed runs with a range | outcome inside it | range width p50 (high / low) | of them with a time |",
+            "|---|---|---|---|---|"]
+    for moment, fn in MOMENTS:
+        rs = [(r, p) for r in runs if r.completed and r.total_s and (p := fn(r)) is not None and p.total_range_s]
+        inside = sum(1 for r, p in rs if p.total_range_s[0] * 0.999 <= r.total_s <= p.total_range_s[1] * 1.001)
+        widths = [p.total_range_s[1] / p.total_range_s[0] for r, p in rs if p.total_range_s[0] > 0]
+        out.append(f"| {moment} | {len(rs)} | {inside} | {fmt(pct(widths, .5), '', 2)} | "
+                   f"{sum(p.total_s is not None for r, p in rs)} |")
     unsteered = groups["unsteered"]
     for moment, fn in MOMENTS:
         table: Counter[tuple[str, bool]] = Counter()
@@ -343,6 +391,13 @@ def score(runs: list[Run]) -> list[str]:
                + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
                + f"); from one confident verdict to the other: "
                f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
+    took_back = {r.run_id: n for r in steady if (n := retractions(r))}
+    out.append(f"Confident verdicts taken back after the first pass on steady workloads: {len(took_back)} of "
+               f"{len(steady)} runs ({sum(took_back.values())} times"
+               + (": " + ", ".join(f"{k} {v}" for k, v in sorted(took_back.items(), key=lambda kv: -kv[1])[:4])
+                  if took_back else "") + "); of the unsteered ones: "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED and r.run_id in took_back)} of "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED)}.")
     wrong = {r.run_id: w for r in unsteered if (w := confident_wrong(r))}
     out.append(f"Confident wrong verdicts (not rough, contradicted by the outcome; unsteered): {len(wrong)} of "
                f"{len(unsteered)} runs" + ("".join(f"; {k}: {len(v)} samples, first at {v[0]}"
@@ -350,7 +405,7 @@ def score(runs: list[Run]) -> list[str]:
     return out
 
 
-# -- fitting on the fit set ---------------------------------------------------------------------
+# -- moments --------------------------------------------------------------------------------------
 
 def after_first_sync(run: Run) -> model.Prediction | None:
     """The first prediction made after the first sync: the moment LATER_PASSES is applied at."""
@@ -363,145 +418,24 @@ def after_first_sync(run: Run) -> model.Prediction | None:
 MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
+           ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
            ("after the first sync", after_first_sync))
-
-
-def fit_later_passes(runs: list[Run]) -> list[str]:
-    """LATER_PASSES only acts between the first sync and the third: scored on the first prediction
-    after the first sync (at 25 % of the elapsed time most runs are still in their first pass)."""
-    saved = model.LATER_PASSES
-    rows = []
-    try:
-        for v in [round(0.85 + 0.01 * i, 2) for i in range(26)]:
-            model.LATER_PASSES = v
-            e = errors(runs, after_first_sync)
-            rows.append((v, pct(e.total, .5), pct(e.total, .9), len(e.total)))
-    finally:
-        model.LATER_PASSES = saved
-    scored = [r for r in rows if r[2] is not None]
-    out = ["| LATER_PASSES | p50 abs error after the first sync | p90 | runs |", "|---|---|---|---|"]
-    out += [f"| {v} | {fmt(a, '%', 1)} | {fmt(b, '%', 1)} | {n} |" for v, a, b, n in rows if v in (0.9, 0.95, 0.97, 1.0, 1.05)
-            or (scored and v == min(scored, key=lambda r: (r[2], r[1]))[0])]
-    if scored:
-        best = min(scored, key=lambda r: (r[2], r[1]))
-        out.append(f"\nLATER_PASSES fitted on {best[3]} fit runs (least p90 |error| after the first sync): {best[0]} "
-                   f"(p50 {best[1]:.1f} %, p90 {best[2]:.1f} %; now {saved}).")
-    return out
-
-
-def escalation(run: Run, samples: int, seconds: float) -> float | None:
-    """When a verdict that holds (``samples`` over ``seconds`` and a new pass) would escalate."""
-    held = None
-    for s, p in replay(run):
-        held = strategies_base.evidence(held, strategies_base.verdict_of(s, p), s)
-        if held and held.samples >= samples and held.until - held.since >= seconds and held.last_pass > held.first_pass:
-            return s.t
-    return None
-
-
-def fit_hold(runs: list[Run]) -> list[str]:
-    runs = [r for r in runs if r.policy in UNSTEERED]
-    results = []
-    for n in range(1, 9):
-        for sec in [0.25 * i for i in range(13)]:
-            false = late = 0
-            times = []
-            for r in runs:
-                t = escalation(r, n, sec)
-                if r.completed and t is not None:
-                    false += 1
-                elif not r.completed:
-                    if t is None:
-                        late += 1
-                    else:
-                        times.append(t)
-            results.append((false, late, statistics.mean(times) if times else float("inf"), n, sec))
-    best = min(results, key=lambda x: (x[0], x[1], x[2], x[3], x[4]))
-    clean = [x for x in results if x[0] == 0 and x[1] == 0]
-    region = (f"; 0 false and 0 missed for HOLD_S {min(x[4] for x in clean if x[3] == 3)}-"
-              f"{max(x[4] for x in clean if x[3] == 3)} s at HOLD_SAMPLES 3, HOLD_SAMPLES "
-              f"{min(x[3] for x in clean)}-{max(x[3] for x in clean)} at some HOLD_S"
-              if any(x[3] == 3 for x in clean) else "; no setting without a false or missed escalation")
-    now = next(x for x in results if x[3] == strategies_base.HOLD_SAMPLES and x[4] == strategies_base.HOLD_S)
-    stuck = sum(not r.completed for r in runs)
-    return [f"HOLD fitted on {len(runs)} unsteered fit runs ({stuck} not completed): HOLD_SAMPLES = {best[3]}, "
-            f"HOLD_S = {best[4]}: {best[0]} false escalations, {best[1]} missed, mean escalation at "
-            f"{best[2]:.1f} s; now ({strategies_base.HOLD_SAMPLES}, {strategies_base.HOLD_S}): {now[0]} false, "
-            f"{now[1]} missed, mean {now[2]:.1f} s{region}."]
-
-
-def confident_wrong_runs(runs: list[Run]) -> int:
-    return sum(1 for r in runs if r.policy in UNSTEERED and confident_wrong(r))
-
-
-def preflight_wrong(run: Run) -> bool:
-    p = preflight(run, True)
-    if p is None or run.policy not in UNSTEERED:
-        return False
-    return (p.verdict is model.Verdict.CONVERGES and not run.completed) or (
-        p.verdict is model.Verdict.WILL_NOT_CONVERGE and run.completed)
-
-
-def fit_migrating_share(runs: list[Run]) -> list[str]:
-    """MIGRATING_SHARE (the low end of the pre-flight range while migrating): fewest confident wrong
-    pre-flight verdicts on the unsteered fit runs, then the least p90 |error| of the total time."""
-    if dirty_model is None:
-        return []
-    saved, rows = dirty_model.MIGRATING_SHARE, []
-    try:
-        for v in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
-            dirty_model.MIGRATING_SHARE = v
-            e = errors(runs, lambda r: preflight(r, True))
-            rows.append((v, sum(preflight_wrong(r) for r in runs), pct(e.total, .5), pct(e.total, .9), len(e.total)))
-    finally:
-        dirty_model.MIGRATING_SHARE = saved
-    key = lambda r: (r[1], r[3] if r[3] is not None else 1e9)   # noqa: E731
-    best = min(rows, key=key)
-    tied = [r[0] for r in rows if key(r) == key(best)]
-    out = ["| MIGRATING_SHARE | confident wrong pre-flight verdicts (unsteered) | p50 / p90 abs error of the total | "
-           "runs with a time |", "|---|---|---|---|"]
-    out += [f"| {v} | {w} | {fmt(a)} / {fmt(b)} | {n} |" for v, w, a, b, n in rows]
-    out.append(f"\nMIGRATING_SHARE on {len(runs)} fit runs: " + (
-        f"{best[0]} (now {saved})." if len(tied) == 1 else
-        f"{min(tied)}-{max(tied)} score the same ({best[1]} wrong, p90 {fmt(best[3])}): the fit set cannot pin it "
-        f"down; {saved} stays" + (" (inside that range)." if min(tied) <= saved <= max(tied) else ".")))
-    return out
-
-
-def fit_pass_spread(runs: list[Run]) -> list[str]:
-    """PASS_SPREAD (how far the rate read from the passes is widened): fewest unsteered runs with a
-    confident wrong verdict, then the fewest verdict changes after 3 s, then the least p90 after the first sync."""
-    saved, rows = model.PASS_SPREAD, []
-    try:
-        for v in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
-            model.PASS_SPREAD = v
-            e = errors(runs, after_first_sync)
-            rows.append((v, confident_wrong_runs(runs), sum(verdict_changes(r) > 0 for r in runs),
-                         pct(e.total, .9), len(e.total)))
-    finally:
-        model.PASS_SPREAD = saved
-    best = min(rows, key=lambda r: (r[1], r[2], r[3] if r[3] is not None else 1e9))
-    out = ["| PASS_SPREAD | runs with a confident wrong verdict (unsteered) | runs whose verdict changes after 3 s | "
-           "p90 abs error after the first sync | runs with a time |", "|---|---|---|---|---|"]
-    out += [f"| {v} | {w} | {c} | {fmt(b)} | {n} |" for v, w, c, b, n in rows]
-    out.append(f"\nPASS_SPREAD fitted on {len(runs)} fit runs: {best[0]} (now {saved}).")
-    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--set", choices=("held-out", "fit", "all"), default="held-out")
-    ap.add_argument("--fit", action="store_true", help="fit LATER_PASSES and HOLD_* on the fit set and print them")
+    ap.add_argument("--fit", action="store_true", help="fit the model's constants on the fit set (bench/fit_corpus.py)")
     args = ap.parse_args()
     if not (args.corpus / "INDEX.jsonl").exists():
         print(f"score_corpus: no {args.corpus / 'INDEX.jsonl'}: record the corpus first with bench/corpus.py",
               file=sys.stderr)
         return 2
     if args.fit:
-        runs = load_runs(args.corpus, "fit")
-        print("\n".join(fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
-                        + fit_pass_spread(runs)))
+        sys.path.insert(0, str(Path(__file__).parent))
+        import fit_corpus                      # the fits (bench/fit_corpus.py): they replay through this module
+        print("\n".join(fit_corpus.fit_all(load_runs(args.corpus, "fit"))))
         return 0
     rows = index(args.corpus)
     print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]

@@ -70,6 +70,17 @@ def test_held_out_traces_replay_through_the_model(scorer: ModuleType) -> None:
             assert all(s.status is not MigrationStatus.COMPLETED for s in run.trace.samples)
 
 
+def test_the_scorers_replay_is_what_assess_held_says(scorer: ModuleType) -> None:
+    """The scorer holds the verdicts over its cached per-sample predictions: the same as assess_held."""
+    from kvmshell.core.migration.model.predict import assess_held
+    run = next(r for r in scorer.load_runs(CORPUS, "fit") if r.run_id == "linux-ws-2048m-none-defaults-r3")
+    limit, cap, link = run.limits()
+    ss = list(run.trace.samples)
+    for i, (s, p) in enumerate(scorer.replay(run), 1):
+        q = assess_held(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link)
+        assert (q.verdict, q.total_s, q.rough) == (p.verdict, p.total_s, p.rough), (s.t, q.line(), p.line())
+
+
 def test_scorer_prints_the_held_out_table(scorer: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     runs = scorer.load_runs(CORPUS, "held-out")
     lines = scorer.score(runs)

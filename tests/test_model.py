@@ -303,3 +303,72 @@ def test_the_passes_are_windows_a_set_re_dirtied_within_each_pass_is_not_a_confi
     # a rate that grows with the pass (5 MB over 1 s, 25 MB over 5 s, the set found shrinking): converges
     calm = _pass_samples([25 * MB, 35 * MB], [5.0, 1.0])
     assert assess(calm, downtime_limit_s=0.3, bandwidth_cap=None, link=None).verdict is Verdict.CONVERGES
+
+
+def _said(t: float, pass_no: int, verdict: Verdict, total_s: float | None = None) -> tuple:
+    from kvmshell.core.migration.model.predict import Prediction
+    from kvmshell.core.migration.model.samples import Sample
+    s = Sample(t=t, status=MigrationStatus.ACTIVE, pass_no=pass_no, transferred=0, remaining=100 << 20,
+               total=512 << 20, dirty_pages_rate=1, dirty_bytes_rate=4096, mbps=800.0, throughput=100 * MB,
+               expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0)
+    return s, Prediction(verdict, f"{verdict.value} here", total_s=total_s, time_left_s=total_s and total_s - t)
+
+
+def test_a_verdict_is_said_once_it_has_held_and_stands_against_a_short_contrary_run() -> None:
+    """Seen on the corpus (linux-ws-2048m, defaults): "will not converge" for seconds, then two samples of
+    "will converge" as the passes shrank for a moment, then "will not converge" for good."""
+    from kvmshell.core.migration.model.predict import HOLD_CONVERGES_S, HOLD_S, held
+    N, C = Verdict.WILL_NOT_CONVERGE, Verdict.CONVERGES
+    hist = [_said(4.5 + 0.5 * i, 5 + i, N) for i in range(4)]
+    assert held(hist[:1]).verdict is Verdict.UNCERTAIN                  # said once: not yet
+    assert "not yet held" in held(hist[:1]).reason and "will not converge" in held(hist[:1]).reason
+    assert held(hist).verdict is N and 1.5 >= HOLD_S                    # held over 1.5 s and 3 syncs
+    hist += [_said(6.5, 9, C, 8.0), _said(7.0, 10, C, 8.2)]
+    p = held(hist)
+    assert p.verdict is N and "at 7.0 s: will converge" in p.reason     # stands against the short run
+    # a "will converge" that goes on is said, once it has held HOLD_CONVERGES_S
+    hist += [_said(7.0 + 0.5 * i, 10 + i, C, 9.0) for i in range(1, 8)]
+    assert held(hist).verdict is C and held(hist).total_s == 9.0 and 3.5 >= HOLD_CONVERGES_S
+    # a first "will converge" not held yet is uncertain, its time kept as a range, no confident figure
+    q = held([_said(3.0, 3, C, 5.0)])
+    assert q.verdict is Verdict.UNCERTAIN and q.total_s is None and q.total_text() == "5.0 s or never"
+
+
+def test_the_held_verdict_on_the_never_converging_trace_never_says_will_converge() -> None:
+    from kvmshell.core.migration.model.predict import assess_held
+    t = trace("1gbit-150-defaults")
+    ss = [s for s in t.samples if s.t <= 20]
+    said = [assess_held(ss[:i], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK) for i in range(1, len(ss) + 1)]
+    assert not any(p.verdict is Verdict.CONVERGES and not p.rough for p in said)
+    first = next(s.t for s, p in zip(ss, said) if p.verdict is Verdict.WILL_NOT_CONVERGE and not p.rough)
+    assert first < 5.0                                    # 4.6 s (said at 3.6 s by assess, held 1 s)
+    after = [p.verdict for s, p in zip(ss, said) if s.t > first]
+    assert after and all(v is Verdict.WILL_NOT_CONVERGE for v in after)    # and it stands
+
+
+def test_the_first_pass_gives_a_time_only_when_its_range_is_tight() -> None:
+    """Inside the first pass of a 2 GiB guest over 1 Gbit/s: what is left of it at 0.75-1 x the link,
+    its zero pages from the pages sampled before the start, then the passes the dirty range allows."""
+    from kvmshell.core.migration.model.dirty import DirtyRange
+    from kvmshell.core.migration.model.predict import TIGHT
+    from kvmshell.core.migration.model.samples import Sample
+    s = Sample(t=0.03, status=MigrationStatus.ACTIVE, pass_no=1, transferred=4 << 20, remaining=2040 << 20,
+               total=2048 << 20, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=1000.0, throughput=120 * MB,
+               expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0, duplicate_pages=1024,
+               normal_bytes=4 << 20)
+    idle = DirtyRange(0.0, 0.0, None)
+    many = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK, dirty=idle, zero_fraction=0.92,
+                  zero_sampled=20000)
+    assert many.verdict is Verdict.CONVERGES and many.total_s is not None and many.total_range_s is not None
+    lo, hi = many.total_range_s
+    assert lo <= many.total_s <= hi <= TIGHT * lo
+    assert many.total_s == pytest.approx(0.03 + 0.08 * (2040 << 20) / (0.9 * LINK), rel=0.15)
+    # 200 pages sampled: the zero share is 0.92 +- ~0.04, the non-zero bytes +-50 %: a range, no time
+    few = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK, dirty=idle, zero_fraction=0.92,
+                 zero_sampled=200)
+    assert few.verdict is Verdict.CONVERGES and few.total_s is None and few.total_range_s is not None
+    assert few.total_range_s[1] > TIGHT * few.total_range_s[0] and "only a range" in few.reason
+    # no link or cap to go by (uncapped, unshaped): the rate is anyone's guess
+    free = assess([s], downtime_limit_s=0.3, bandwidth_cap=None, link=None, dirty=idle, zero_fraction=0.92,
+                  zero_sampled=20000)
+    assert free.total_s is None and free.total_range_s is not None

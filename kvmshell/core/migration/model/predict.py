@@ -28,17 +28,19 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kvmshell.core.migration.model.dirty import PASS_MODE, DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.samples import Sample
-from kvmshell.core.values.models import MigrationStatus
+from kvmshell.core.values.models import MigrationStatus, wilson_interval
 
 FIXED_DOWNTIME_S = 0.01        # device state and the switch itself (~5-15 ms measured here)
 SYNC_TIME_S = 0.0              # per pass beyond sending; included in R once R is measured over passes
 LATER_PASSES = 0.97            # later passes move ~3 % less than the streaming first pass (bitmap syncs; fitted on the traces)
 NOISE = 0.02                   # QEMU completes once the fresh dirt is below this share of theta
 MAX_PASSES = 400
-ZERO_SCAN_RATE = 2e9           # bytes/s of zero pages the first pass gets through (found zero, sent as a header)
+ZERO_SCAN_RATE = 3e10          # bytes/s of zero pages the first pass gets through (found zero, sent as a header;
+                               # fitted on the corpus's fit set: bench/score_corpus.py --fit)
 UNBOUNDED = 1e13               # bytes/s standing for "no upper bound seen" (10 TB/s: every page at once)
 PAGE = 4096
 # The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
@@ -110,7 +112,7 @@ class Prediction:
     def line(self) -> str:
         parts = [self.verdict.value + (" (rough)" if self.rough else "")]
         if self.verdict is Verdict.UNCERTAIN:
-            parts.append(self.outcomes())
+            parts += [self.outcomes()] if self.outcomes() else []
         elif self.total_range_s is not None:
             parts.append(f"total {self.total_text()}")
         elif self.total_s is not None:
@@ -314,11 +316,12 @@ def observe(samples: Sequence[Sample], downtime_limit_s: float) -> Observed:
 def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap: float | None,
            link: float | None, ram_bytes: int | None = None, dirty_rate: float | None = None,
            working_set: float | None = None, zero_fraction: float | None = None,
-           dirty: DirtyRange | None = None) -> Prediction:
-    """The model applied to a migration in progress. ``dirty_rate``/``working_set`` from before the
-    start (calc-dirty-rate) are used until the samples say better; so is ``zero_fraction`` (sampled
-    pages) until the first pass has processed enough pages to say what share of them is zero. ``dirty``,
-    the range measured before the start, stands for the dirty rate until QEMU's: both ends are run."""
+           zero_sampled: int | None = None, dirty: DirtyRange | None = None) -> Prediction:
+    """The model applied to a migration in progress, from the latest sample alone (``assess_held``: its
+    verdict held). ``dirty_rate``/``working_set`` from before the start (calc-dirty-rate) are used until
+    the samples say better. ``dirty``, the range measured before the start, stands for the dirty rate
+    until QEMU's: both ends are run. During the first pass ``zero_fraction`` (of ``zero_sampled`` guest
+    pages read before the start) gives the zero share of the pages not processed yet (``first_pass``)."""
     if not samples:
         return Prediction(Verdict.UNKNOWN, "no samples yet")
     last = samples[-1]
@@ -337,20 +340,11 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     D = obs.dirty_rate if obs.dirty_rate is not None else dirty_rate
     W = working_set
     if not obs.first_pass_done:
-        z = zero_share(last)
-        z = z if z is not None else zero_fraction or 0.0
-        left, zeros = obs.remaining * (1 - z), obs.remaining * z
-        if D is None and dirty is not None:
-            D = dirty.lo
-        if D is None:
-            zero_note = f" ({100 * z:.0f} % of it zero pages so far)" if z >= 0.01 else ""
-            return Prediction(Verdict.UNKNOWN, f"first pass, {obs.remaining / 1e6:.0f} MB to go{zero_note} at "
-                                               f"{rate / 1e6:.0f} MB/s: the dirty rate shows at the first sync",
-                              time_left_s=left / rate + zeros / ZERO_SCAN_RATE, rate=rate)
-        inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D, working_set=W, rate=rate, link=link or rate,
-                     downtime_limit_s=downtime_limit_s, first_pass_left=left, zero_bytes=zeros,
-                     elapsed_s=obs.elapsed, sent=obs.sent)
-        return predict_range(inp, dirty) if dirty is not None and obs.dirty_rate is None else predict(inp)
+        if dirty is None and D is not None:
+            dirty = DirtyRange(D, D, W)
+        return first_pass(samples, obs, downtime_limit_s=downtime_limit_s, bound=min((x for x in (bandwidth_cap, link)
+                          if x), default=None), link=link, dirty=dirty, zero_fraction=zero_fraction,
+                          zero_sampled=zero_sampled)
     stuck = _stuck(obs.syncs, rate, downtime_limit_s)
     if stuck is not None:
         return Prediction(Verdict.WILL_NOT_CONVERGE, stuck, working_set=max(s.dirty for s in obs.syncs),
@@ -384,6 +378,142 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
+
+
+# -- holding a verdict --------------------------------------------------------------------------
+# A confident verdict is said once it has HELD: HOLD_SAMPLES samples in a row after the first pass (none
+# rough) saying it over HOLD_S seconds ("will not converge"; HOLD_CONVERGES_S for "will converge") and at
+# least one sync; until then the prediction is UNCERTAIN
+# (with its figures). Once said it stands against samples that say otherwise (uncertain, rough or the
+# other verdict) until the other verdict holds in turn, or STICK_S seconds pass without a sample saying it.
+# Fitted on the corpus's fit set (bench/score_corpus.py --fit): fewest runs with a confident wrong verdict,
+# then fewest verdict changes after the first pass, then the earliest right "will not converge".
+HOLD_SAMPLES = 1
+HOLD_S = 1.0                   # "will not converge"
+HOLD_CONVERGES_S = 3.0         # "will converge" (a bursty guest's passes can shrink for 2 s and grow again)
+STICK_S = 5.0
+HOLD_LOOKBACK = 40             # samples re-read for it (bounds the cost: ~20 s at 0.5 s a sample)
+CONFIDENT = (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE)
+
+
+def assess_held(samples: Sequence[Sample], **limits: Any) -> Prediction:
+    """``assess`` with its verdict held (``held``): what the latest sample says read against what the
+    samples before it said. Same arguments as ``assess``. What a user is told; the strategies keep
+    ``assess`` and their own hold (strategies/base.py ``Held``)."""
+    now = assess(samples, **limits)
+    if not _holdable(samples[-1] if samples else None, now):
+        return now
+    first = max(1, len(samples) - HOLD_LOOKBACK)
+    return held([(samples[i - 1], assess(samples[:i], **limits)) for i in range(first, len(samples))]
+                + [(samples[-1], now)])
+
+
+def _holdable(s: Sample | None, p: Prediction) -> bool:
+    """A prediction the hold applies to: during pre-copy after the first pass, not a finished run."""
+    return (s is not None and s.pass_no >= 2 and s.status in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER)
+            and p.verdict not in (Verdict.DONE, Verdict.UNKNOWN))
+
+
+def _hold_s(v: Verdict) -> float:
+    return HOLD_S if v is Verdict.WILL_NOT_CONVERGE else HOLD_CONVERGES_S
+
+
+def held(history: Sequence[tuple[Sample, Prediction]]) -> Prediction:
+    """What to say at the last of ``history`` [(sample, what that sample alone said), ...], oldest first."""
+    s, now = history[-1]
+    if not _holdable(s, now):
+        return now
+    kind: Verdict | None = None                   # the run of samples saying one confident verdict
+    since = n = first_pass = 0
+    said: tuple[Verdict, Prediction, float] | None = None    # the verdict that held: which, its prediction, last said
+    for si, p in history:
+        k = p.verdict if p.verdict in CONFIDENT and not p.rough and _holdable(si, p) else None
+        if k is not kind:
+            kind, since, n, first_pass = k, si.t, 0, si.pass_no
+        n += 1
+        if said is not None and si.t - said[2] > STICK_S:
+            said = None
+        if k is not None and n >= HOLD_SAMPLES and si.t - since >= _hold_s(k) and si.pass_no > first_pass:
+            said = (k, p, si.t)
+        elif said is not None and k is said[0]:
+            said = (k, p, si.t)
+    if said is not None:
+        if said[1] is now:
+            return now
+        v, p, t = said
+        return replace(p, time_left_s=None if p.total_s is None else max(0.0, p.total_s - s.t),
+                       reason=f"{p.reason} (held since it was said on enough samples; at {s.t:.1f} s: "
+                              f"{now.verdict.value}{' (rough)' if now.rough else ''})")
+    if now.verdict in CONFIDENT and not now.rough:
+        span = s.t - since
+        return replace(now, verdict=Verdict.UNCERTAIN, total_s=None, time_left_s=None,
+                       total_range_s=None if now.total_s is None else (now.total_s, now.total_s),
+                       reason=f"{now.verdict.value} on {n} sample(s) over {span:.1f} s, not yet held "
+                              f"({HOLD_SAMPLES} over {_hold_s(now.verdict):.1f} s and a sync): {now.reason}")
+    return now
+
+
+# The first pass runs at about RATE_POINT of the link or bandwidth cap when that is what limits it (seen
+# within LINK_BOUND of it), between RATE_LO and 1 of it; else its rate is only what the samples saw, from
+# UNBOUND_LO to UNBOUND_HI times that. A time is given when its range is within TIGHT (high / low).
+# Fitted on the corpus's fit set (bench/score_corpus.py --fit).
+RATE_POINT = 0.9
+RATE_LO = 0.75
+LINK_BOUND = 1.5
+UNBOUND_LO, UNBOUND_HI = 0.25, 2.0
+TIGHT = 1.5
+
+
+def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: float, bound: float | None,
+               link: float | None, dirty: DirtyRange | None, zero_fraction: float | None,
+               zero_sampled: int | None) -> Prediction:
+    """The total time from inside the first pass: what is left of it (its non-zero pages at the rate,
+    its zero pages scanned), then the passes the dirty range allows, at the fast and the slow end of the
+    rate and the zero share; a time when those ends are within TIGHT, else their range."""
+    last = samples[-1]
+    seen = [s.throughput for s in samples if s.status is MigrationStatus.ACTIVE and s.throughput > 0]
+    assert obs.rate is not None and seen
+    if bound is not None and bound <= LINK_BOUND * max(seen):
+        rates = (RATE_LO * bound, RATE_POINT * bound, bound)
+    else:
+        rates = (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate)
+    left, total = float(obs.remaining), float(last.total)
+    if zero_fraction is not None:              # the zero pages not seen yet, by the pages sampled before the start
+        lo, hi = wilson_interval(round(zero_fraction * zero_sampled), zero_sampled) if zero_sampled else (
+            zero_fraction, zero_fraction)
+        share = [min(1.0, max(0.0, (f * total - last.duplicate_pages * PAGE) / left)) if left > 0 else 0.0
+                 for f in (lo, zero_fraction, hi)]
+    else:
+        z = zero_share(last)
+        share = [0.0, z or 0.0, 1.0]           # nothing says what the rest holds
+    pace = f"{rates[0] / 1e6:.0f}-{rates[2] / 1e6:.0f} MB/s"
+    what = (f"first pass, {left / 1e6:.0f} MB to go ({100 * share[0]:.0f}-{100 * share[2]:.0f} % of it zero pages) "
+            f"at {pace}")
+    time_left = (left * (1 - share[2]) / rates[2], left * (1 - share[0]) / rates[0])
+    if dirty is None:
+        return Prediction(Verdict.UNKNOWN, f"{what}: the dirty rate shows at the first sync",
+                          time_left_s=left * (1 - share[1]) / rates[1],     # of the first pass: the pane adds "+"
+                          total_range_s=(last.t + time_left[0], last.t + time_left[1]),
+                          rate=rates[1])
+
+    def at(i: int, d: float | None) -> Prediction:
+        inp = Inputs(ram_bytes=total, dirty_rate=0.0, working_set=dirty.working_set, rate=rates[i],
+                     link=link or rates[i], downtime_limit_s=downtime_limit_s, first_pass_left=left * (1 - share[i]),
+                     zero_bytes=left * share[i], elapsed_s=obs.elapsed, sent=obs.sent)
+        return predict(replace(inp, dirty_rate=d)) if d is not None else predict_range(inp, dirty)
+    middle = at(1, None)
+    if middle.verdict is not Verdict.CONVERGES:
+        return replace(middle, reason=f"{what}; then {middle.reason}")
+    fast, slow = at(2, dirty.while_migrating), at(0, dirty.hi if dirty.hi is not None else UNBOUNDED)
+    if slow.verdict is not Verdict.CONVERGES or fast.total_s is None or slow.total_s is None:
+        return replace(middle, verdict=Verdict.UNCERTAIN, total_s=None, time_left_s=None,
+                       reason=f"{what}: at the slow end it would not converge ({slow.reason})")
+    lo_s, hi_s = min(fast.total_s, slow.total_s), max(fast.total_s, slow.total_s)
+    tight = hi_s <= TIGHT * lo_s
+    mid = at(1, math.sqrt(dirty.while_migrating * dirty.hi) if dirty.hi is not None else dirty.while_migrating)
+    return replace(mid, total_s=mid.total_s if tight else None, time_left_s=mid.time_left_s if tight else None,
+                   total_range_s=(lo_s, hi_s), reason=f"{what}; then {mid.reason}"
+                   + ("" if tight else f" (the time is only a range: {lo_s:.1f}-{hi_s:.1f} s)"))
 
 
 def pass_windows(samples: Sequence[Sample], syncs: Sequence[Sync], theta: float) -> list[Window]:
