@@ -53,6 +53,7 @@ echo 'libvirt-qemu:x:0:0::/var/lib/libvirt:/usr/sbin/nologin' >> "$D/passwd"
 printf 'libvirt-qemu:x:0:\\nkvm:x:0:\\n' >> "$D/group"
 mount --bind "$D/passwd" /etc/passwd
 mount --bind "$D/group" /etc/group
+if [ -n "$HOSTNAME_OF_HOST" ]; then hostname "$HOSTNAME_OF_HOST"; fi
 for dir in /run /var/lib /var/cache /etc/libvirt; do mount -t tmpfs tmpfs $dir; done
 mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt
 cat > /etc/libvirt/qemu.conf <<EOF
@@ -70,9 +71,13 @@ exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 class Libvirtd:
     """A private libvirt daemon and the domains the test defined on it."""
 
-    def __init__(self, root: Path, lab: Lab) -> None:
+    def __init__(self, root: Path, lab: Lab, *, prefix: tuple[str, ...] = (), host_uuid: str | None = None,
+                 hostname: str | None = None) -> None:
         self.root = root
         self.lab = lab
+        self.prefix = prefix            # `ip netns exec NS`: the daemon of a test host
+        self.host_uuid = host_uuid      # libvirt takes two daemons with one UUID for the same host
+        self.hostname = hostname        # with it, the daemon gets a UTS namespace of its own
         self.uri = f"qemu:///system?socket={root}/sock/libvirt-sock"
         self.proc: asyncio.subprocess.Process | None = None
         self.conn: Any = None
@@ -81,12 +86,14 @@ class Libvirtd:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)     # raised, not printed too
         (self.root / "sock").mkdir(parents=True)
         (self.root / "libvirtd.conf").write_text(
-            f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n')
+            f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n'
+            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else ''))
+        uts = ("--uts",) if self.hostname else ()
         log = open(self.root / "libvirtd.log", "wb")
         with log:
             self.proc = await asyncio.create_subprocess_exec(
-                "unshare", "--mount", "--propagation", "private", "sh", "-c", _SETUP,
-                env={**os.environ, "D": str(self.root)}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                *self.prefix, "unshare", "--mount", *uts, "--propagation", "private", "sh", "-c", _SETUP,
+                env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or ""}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True)
 
         async def probe() -> Any:
