@@ -87,8 +87,7 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
     def on_job(job: MigrationJob) -> None:
         s.migrations[g] = job              # `info migrate` shows the live view meanwhile
 
-    inv.progress(f"migrating through libvirt to {to} ({uri}; {flags})")
-    r = await migrate_libvirt(s.fleet, req, on_job=on_job)
+    r = await migrate_libvirt(s.fleet, req, on_job=on_job, progress=lambda m: inv.progress(f"{m}; {flags}"))
     o = r.outcome
     where = f"libvirt has {r.domain}: source {r.source_where}; destination {r.dest_where}"
     if not r.ok:

@@ -80,10 +80,12 @@ async def check(fleet: Fleet, req: LibvirtMoveRequest) -> tuple[LibvirtMonitor, 
 
 
 async def migrate_libvirt(fleet: Fleet, req: LibvirtMoveRequest, *,
-                          on_job: Callable[[MigrationJob], None] = lambda job: None) -> LibvirtMoveResult:
+                          on_job: Callable[[MigrationJob], None] = lambda job: None,
+                          progress: Callable[[str], None] = lambda message: None) -> LibvirtMoveResult:
     """Check, then migrate through libvirt with kvmshell's job on top; the result says where libvirt
     left the domain on both sides (also after a failure)."""
     mon, domain = await check(fleet, req)
+    progress(f"migrating {domain} through libvirt to {req.to} ({req.plan.uri})")
     mon.plan_migration(req.plan)
     jreq = replace(req.job, source=req.guest, dest=None, uri=req.plan.uri, listen_uri=None, tls=None)
     job = MigrationJob(mon, None, jreq, hosts=fleet.hosts, publish=fleet.publish)

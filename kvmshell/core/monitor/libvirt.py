@@ -218,6 +218,7 @@ class LibvirtMonitor(QmpMonitor):
     protocol = Protocol.LIBVIRT
     delivers_events = True
     notice = TAINT
+    settings_per_migration = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
