@@ -87,7 +87,7 @@ async def test_live_migration_through_libvirt_steered_by_kvmshell(two_hosts: Two
     assert rc == 0, err + out
     assert "m1 moved live to h2 through libvirt, attached as m1.h2" in out
     assert re.search(r"completed in [\d.]+ s, downtime \d+ ms, \d+ MB sent", out), out
-    assert "decision: t=0.0s start: migrate to qemu:///system?socket=" in out
+    assert "decision: t=0.0s start: migrate to qemu:///system?socket=" in out and "action-failed" not in out
     # libvirt's view agrees: the domain runs on the destination, defined there, gone from the source
     assert state(h.src, "m1") is None
     assert state(h.dst, "m1") == (libvirt.VIR_DOMAIN_RUNNING, True)
@@ -171,3 +171,27 @@ async def test_bad_libvirt_migrations_one_line_nothing_changed(two_hosts: TwoHos
     rc, out, err = await kvmshell(tmp_path, "--guest", other.guest_option, "-c", "migrate --to-host h2 --persistent")
     assert rc != 0 and err.strip().endswith("--persistent is a libvirt migration choice, and libvirt does not "
                                             "manage this guest"), err
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_kvmshells_strategy_switches_libvirts_migration_to_postcopy(two_hosts: TwoHosts, tmp_path: Path) -> None:
+    h = two_hosts
+    await h.src.define("p1", ws_pages=2048)
+    g = f"p1=libvirt:{h.src.uri}#p1"
+    rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", f"migrate --to-host h2 --address {h.net.dst.ip} "
+                                  "--unsafe --strategy postcopy --bandwidth 4M", timeout=120)
+    assert rc == 0, err + out
+    assert re.search(r"decision: t=[\d.]+s postcopy: switching to postcopy: the first full pass is done", out), out
+    assert re.search(r"completed in [1-9][\d.]* s, downtime (not reported \(postcopy\)|\d+ ms), [1-9]\d* MB sent", out), out
+    assert "action-failed" not in out
+    assert "p1 moved live to h2 through libvirt" in out
+    assert state(h.src, "p1") == (libvirt.VIR_DOMAIN_SHUTOFF, True)       # libvirt keeps its definition
+    assert state(h.dst, "p1") == (libvirt.VIR_DOMAIN_RUNNING, False)      # transient there: no --persistent
+    mon = await open_monitor("p1", Address.libvirt("p1", h.dst.uri))
+    try:
+        check = await check_guest_memory(mon, 2048, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()

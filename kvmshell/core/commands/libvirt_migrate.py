@@ -93,7 +93,8 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
     if not r.ok:
         raise CommandFailed(f"migration through libvirt {o.status}: {o.full_message}; {where}", guest=g)
     lines = [f"{g} moved live to {to} through libvirt" + (f", attached as {r.new_name}" if r.new_name else ""),
-             f"migration: completed in {o.total_s or 0:.2f} s, downtime {o.downtime_ms} ms, "
+             f"migration: completed in {o.total_s or 0:.2f} s, downtime "
+             f"{'not reported (postcopy)' if o.downtime_ms is None else f'{o.downtime_ms} ms'}, "
              f"{(o.bytes_sent or 0) / 1e6:.0f} MB sent",
              where, *(f"decision: {d}" for d in r.decisions), *(f"note: {n}" for n in o.notes)]
     return Done("\n".join(lines))

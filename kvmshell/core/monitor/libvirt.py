@@ -22,7 +22,6 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 from xml.sax.saxutils import escape
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -31,10 +30,10 @@ from typing import Any
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import (
-    Capabilities, DiskStats, MigrationInfo, MigrationParameters, MigrationStatus, ParamValue, QemuVersion, RamStats,
-    RunState, Status,
+    Capabilities, MigrationInfo, MigrationParameters, MigrationStatus, ParamValue, QemuVersion, RunState, Status,
 )
 from kvmshell.core.monitor.base import SNAPSHOT_TIMEOUT, Features, Progress, clean_hmp_line, with_ticker
+from kvmshell.core.monitor.libvirtmig import FLAG_OF_CAP, LibvirtMigrationPlan, Migration, start_arguments, stats_info
 from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
 
@@ -157,60 +156,6 @@ def describe_domain(uri: str | None, name: str) -> str:
         conn.close()
 
 
-@dataclass(frozen=True)
-class LibvirtMigrationPlan:
-    """How libvirt is to migrate the domain: ``uri`` the destination's libvirt URI; ``address`` where
-    QEMU's stream goes (``tcp://ADDR``; None: the destination's host name); the rest are libvirt's
-    VIR_MIGRATE_* choices. Capabilities and parameters set before the start add to it."""
-
-    uri: str
-    address: str | None = None
-    p2p: bool = False                 # the source's daemon reaches the destination's itself
-    persistent: bool = False          # PERSIST_DEST
-    undefine_source: bool = False     # UNDEFINE_SOURCE
-    unsafe: bool = False              # UNSAFE: shared storage libvirt cannot recognise as shared
-    tls: bool = False                 # TLS: libvirt's migrate_tls setup in qemu.conf
-    copy_storage: str | None = None   # all | inc: NON_SHARED_DISK | NON_SHARED_INC (NBD)
-
-
-_FLAG_OF_CAP = {"postcopy-ram": "VIR_MIGRATE_POSTCOPY", "auto-converge": "VIR_MIGRATE_AUTO_CONVERGE",
-                "compress": "VIR_MIGRATE_COMPRESSED"}
-_PARAM_OF = {"cpu-throttle-initial": "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL",
-             "cpu-throttle-increment": "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT"}
-
-
-def _stats_info(stats: Mapping[str, Any], status: MigrationStatus, error: str | None = None) -> MigrationInfo:
-    """libvirt's job statistics as the ``MigrationInfo`` query-migrate would give."""
-    def n(key: str) -> int:
-        return int(stats.get(key) or 0)
-    ram = RamStats(transferred=n("memory_processed"), remaining=n("memory_remaining"), total=n("memory_total"),
-                   duplicate=n("memory_constant"), normal=n("memory_normal"), normal_bytes=n("memory_normal_bytes"),
-                   dirty_pages_rate=n("memory_dirty_rate"), mbps=n("memory_bps") * 8 / 1e6,
-                   dirty_sync_count=n("memory_iteration"), page_size=n("memory_page_size") or 4096,
-                   postcopy_requests=n("memory_postcopy_requests"))
-    disk = DiskStats(n("disk_processed"), n("disk_remaining"), n("disk_total")) if n("disk_total") else None
-    return MigrationInfo(status, ram=ram, disk=disk, total_time_ms=n("time_elapsed") or None,
-                         downtime_ms=stats.get("downtime") if status is MigrationStatus.COMPLETED else None,
-                         setup_time_ms=stats.get("setup_time"), cpu_throttle_percentage=n("auto_converge_throttle"),
-                         error=error)
-
-
-@dataclass
-class _Migration:
-    """One migration libvirt runs for this monitor."""
-
-    plan: LibvirtMigrationPlan
-    flags: int
-    params: dict[str, Any]
-    downtime_ms: int | None
-    started: float = 0.0
-    task: asyncio.Future[Any] | None = None
-    qemu_status: str = "setup"                 # from QEMU's MIGRATION events
-    last: MigrationInfo | None = None          # the last statistics read
-    final: MigrationInfo | None = None         # once libvirt's call returned
-    aborted: bool = False
-
-
 class LibvirtMonitor(QmpMonitor):
     """QMP commands, HMP lines and events through libvirt; every typed query of ``QmpMonitor`` works
     unchanged on top of ``execute``."""
@@ -228,7 +173,7 @@ class LibvirtMonitor(QmpMonitor):
         self._plan: LibvirtMigrationPlan | None = None
         self._caps: dict[str, bool] = {}
         self._params: dict[str, ParamValue] = {}
-        self._mig: _Migration | None = None
+        self._mig: Migration | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -409,7 +354,7 @@ class LibvirtMonitor(QmpMonitor):
             raise CommandFailed("libvirt takes migration capabilities only at the start of a migration",
                                 guest=self.name)
         for cap, on in caps.items():
-            if on and cap not in _FLAG_OF_CAP and cap != "events":
+            if on and cap not in FLAG_OF_CAP and cap != "events":
                 raise CommandFailed(f"libvirt has no migration flag for the capability {cap}", guest=self.name)
         self._caps.update(caps)
 
@@ -443,30 +388,6 @@ class LibvirtMonitor(QmpMonitor):
             return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in self._caps.items()])
         return await super().migrate_capabilities()
 
-    def _start_arguments(self, plan: LibvirtMigrationPlan) -> tuple[int, dict[str, Any]]:
-        libvirt, _ = binding()
-        flags = libvirt.VIR_MIGRATE_LIVE
-        for on, flag in ((plan.p2p, "VIR_MIGRATE_PEER2PEER"), (plan.persistent, "VIR_MIGRATE_PERSIST_DEST"),
-                         (plan.undefine_source, "VIR_MIGRATE_UNDEFINE_SOURCE"), (plan.unsafe, "VIR_MIGRATE_UNSAFE"),
-                         (plan.tls, "VIR_MIGRATE_TLS"), (plan.copy_storage == "all", "VIR_MIGRATE_NON_SHARED_DISK"),
-                         (plan.copy_storage == "inc", "VIR_MIGRATE_NON_SHARED_INC")):
-            if on:
-                flags |= getattr(libvirt, flag)
-        for cap, flag in _FLAG_OF_CAP.items():
-            if self._caps.get(cap):
-                flags |= getattr(libvirt, flag)
-        params: dict[str, Any] = {}
-        if plan.address:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{plan.address}"
-        bandwidth = self._params.get("max-bandwidth")
-        if isinstance(bandwidth, int) and bandwidth > 0:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, bandwidth >> 20)        # MiB/s
-        if self._caps.get("auto-converge"):
-            for name, key in _PARAM_OF.items():
-                if isinstance(self._params.get(name), int):
-                    params[getattr(libvirt, key)] = int(self._params[name])
-        return flags, params
-
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         """Start libvirt's migration to ``uri`` (the plan's) in a thread; return once libvirt runs it."""
         libvirt, _ = binding()
@@ -476,9 +397,9 @@ class LibvirtMonitor(QmpMonitor):
                                 guest=self.name)
         if self._dom is None or not self.connected:
             raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
-        flags, params = self._start_arguments(plan)
+        flags, params = start_arguments(binding()[0], plan, self._caps, self._params)
         downtime = self._params.get("downtime-limit")
-        mig = _Migration(plan, flags, params, int(downtime) if isinstance(downtime, int) else None)
+        mig = Migration(plan, flags, params, int(downtime) if isinstance(downtime, int) else None)
         dom = self._dom
         dconn = None if plan.p2p else await self._call(open_connection, plan.uri)
 
@@ -502,12 +423,12 @@ class LibvirtMonitor(QmpMonitor):
         if mig.downtime_ms is not None:
             asyncio.ensure_future(self._downtime_once_running(mig))
 
-    def _ended(self, mig: _Migration, task: asyncio.Future[Any]) -> None:
+    def _ended(self, mig: Migration, task: asyncio.Future[Any]) -> None:
         libvirt, _ = binding()
         err = task.exception() if not task.cancelled() else None
         if err is None and not task.cancelled():
             stats = task.result() or {}
-            info = _stats_info(stats, MigrationStatus.COMPLETED) if stats else \
+            info = stats_info(stats, MigrationStatus.COMPLETED) if stats.get("time_elapsed") else \
                 MigrationInfo(MigrationStatus.COMPLETED, ram=mig.last.ram if mig.last else None,
                               total_time_ms=int((time.monotonic() - mig.started) * 1000))
         else:
@@ -517,7 +438,7 @@ class LibvirtMonitor(QmpMonitor):
         mig.final = info
         self._emit("MIGRATION", {"status": info.status.value})        # wakes whoever follows it
 
-    async def _downtime_once_running(self, mig: _Migration) -> None:
+    async def _downtime_once_running(self, mig: Migration) -> None:
         """libvirt takes the downtime limit only once its migration job runs."""
         libvirt, _ = binding()
         dom = self._dom
@@ -549,9 +470,9 @@ class LibvirtMonitor(QmpMonitor):
         if not stats or stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
             return mig.last or MigrationInfo(MigrationStatus.SETUP)
         status = MigrationStatus(mig.qemu_status)
-        if not status.is_active or status is MigrationStatus.SETUP:
-            status = MigrationStatus.ACTIVE
-        mig.last = _stats_info(stats, status)
+        if not status.is_postcopy:
+            status = MigrationStatus.ACTIVE          # libvirt does its own switch-over (pre-switchover, device)
+        mig.last = stats_info(stats, status)
         return mig.last
 
     async def status(self) -> Status:
@@ -573,6 +494,11 @@ class LibvirtMonitor(QmpMonitor):
         assert self._mig is not None
         self._mig.aborted = True
         await self._libvirt("abortJob", self._dom.abortJob)
+
+    async def migrate_continue(self, state: str) -> None:
+        if self.migrating:
+            raise CommandFailed("libvirt continues its own migration at the switch-over", guest=self.name)
+        await super().migrate_continue(state)
 
     async def start_postcopy(self) -> None:
         await self._libvirt("migrateStartPostCopy", self._dom.migrateStartPostCopy, 0)
