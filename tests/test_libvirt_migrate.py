@@ -164,6 +164,11 @@ async def test_bad_libvirt_migrations_one_line_nothing_changed(two_hosts: TwoHos
                 "No such file" in last, last
         else:
             assert last == expected, last
+    # --dry-run checks and says what libvirt would do, and starts nothing
+    rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", f"migrate --to libvirt:{h.dst.uri} --unsafe --dry-run")
+    assert rc == 0, err
+    assert out.strip() == (f"dry run: libvirt would migrate t1 to {h.dst.uri} ({h.dst.uri}; unsafe; stream to the "
+                           "destination host name), strategy auto; nothing was started"), out
     assert state(h.src, "t1") == (libvirt.VIR_DOMAIN_RUNNING, False)
     assert h.dst.domain_names() == []
     # a guest libvirt does not manage: the libvirt choices are refused
