@@ -62,6 +62,7 @@ def destination(inv: Invocation, req: MigrateRequest) -> tuple[str, str]:
 
 async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
     s, g = inv.session, mreq.source
+    replace(mreq, dry_run=False, address=None, name=None).check()   # these three go with --to libvirt:URI too
     for name, flag in NOT_WITH_LIBVIRT:
         if getattr(mreq, name):
             raise UsageError(f"{flag} does not go with a libvirt guest (libvirt runs the migration); nothing was "

@@ -37,9 +37,9 @@ MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
 
 async def migrate(inv: Invocation) -> Result:
     req = MigrateRequest.from_parsed(inv.guest or "", inv.values, inv.flags)
-    req.check()
     if libvirt_migrate.is_libvirt_guest(inv):
         return await libvirt_migrate.migrate(inv, req)
+    req.check()
     libvirt_migrate.refuse_libvirt_flags(req)
     if req.mode is Mode.TO_HOST:
         return await steer.migrate_to_host(inv, req)
