@@ -200,3 +200,4 @@ async def test_kvmshells_strategy_switches_libvirts_migration_to_postcopy(two_ho
         assert check.ok, check.summary()
     finally:
         await mon.close()
+
