@@ -53,6 +53,7 @@ echo 'libvirt-qemu:x:0:0::/var/lib/libvirt:/usr/sbin/nologin' >> "$D/passwd"
 printf 'libvirt-qemu:x:0:\\nkvm:x:0:\\n' >> "$D/group"
 mount --bind "$D/passwd" /etc/passwd
 mount --bind "$D/group" /etc/group
+if [ -n "$HOSTNAME_OF_HOST" ]; then hostname "$HOSTNAME_OF_HOST"; fi
 for dir in /run /var/lib /var/cache /etc/libvirt; do mount -t tmpfs tmpfs $dir; done
 mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt
 cat > /etc/libvirt/qemu.conf <<EOF
@@ -70,9 +71,13 @@ exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 class Libvirtd:
     """A private libvirt daemon and the domains the test defined on it."""
 
-    def __init__(self, root: Path, lab: Lab) -> None:
+    def __init__(self, root: Path, lab: Lab, *, prefix: tuple[str, ...] = (), host_uuid: str | None = None,
+                 hostname: str | None = None) -> None:
         self.root = root
         self.lab = lab
+        self.prefix = prefix            # `ip netns exec NS`: the daemon of a test host
+        self.host_uuid = host_uuid      # libvirt takes two daemons with one UUID for the same host
+        self.hostname = hostname        # with it, the daemon gets a UTS namespace of its own
         self.uri = f"qemu:///system?socket={root}/sock/libvirt-sock"
         self.proc: asyncio.subprocess.Process | None = None
         self.conn: Any = None
@@ -81,12 +86,14 @@ class Libvirtd:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)     # raised, not printed too
         (self.root / "sock").mkdir(parents=True)
         (self.root / "libvirtd.conf").write_text(
-            f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n')
+            f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n'
+            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else ''))
+        uts = ("--uts",) if self.hostname else ()
         log = open(self.root / "libvirtd.log", "wb")
         with log:
             self.proc = await asyncio.create_subprocess_exec(
-                "unshare", "--mount", "--propagation", "private", "sh", "-c", _SETUP,
-                env={**os.environ, "D": str(self.root)}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                *self.prefix, "unshare", "--mount", *uts, "--propagation", "private", "sh", "-c", _SETUP,
+                env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or ""}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True)
 
         async def probe() -> Any:
@@ -373,13 +380,18 @@ async def test_snapshots_go_through_libvirt_and_virsh_agrees(libvirtd: Libvirtd,
 async def test_what_libvirt_must_do_itself_is_refused_in_one_line(libvirtd: Libvirtd, tmp_path: Path) -> None:
     dom = await libvirtd.define("ref1")
     g = f"ref1=libvirt:{libvirtd.uri}#ref1"
-    for line in ("migrate_set_speed 1g", "quit", "migrate tcp:127.0.0.1:1"):
+    for line in ("migrate_set_speed 1g", "quit", "migrate_cancel"):
         rc, out, err = await kvmshell(tmp_path, "-y", "--guest", g, "-c", line)
         assert rc != 0, line
         [*_, last] = err.splitlines()
         word = line.split()[0]
         assert last == (f"kvmshell: ref1: {word}: libvirt manages this guest and kvmshell does not do that through "
                         "libvirt yet (use virsh: migrate, destroy...); nothing was changed"), err
+    # `migrate` goes through libvirt (tests/test_libvirt_migrate.py), never to a QEMU URI behind its back
+    rc, out, err = await kvmshell(tmp_path, "-y", "--guest", g, "-c", "migrate tcp:127.0.0.1:1")
+    assert rc != 0 and err.splitlines()[-1] == ("kvmshell: ref1: migrate: libvirt manages this guest: migrate it "
+                                                "through libvirt with --to-host HOST ([hosts.HOST] libvirt = URI) or "
+                                                "--to libvirt:URI; nothing was changed"), err
     assert (await asyncio.to_thread(dom.state))[0] == libvirt.VIR_DOMAIN_RUNNING
     rc, out, err = await kvmshell(tmp_path, "--json", "--guest", g, "-c", "info migrate_parameters")
     assert rc == 0, err

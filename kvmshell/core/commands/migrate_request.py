@@ -71,6 +71,10 @@ class MigrateRequest:
     resume: bool = False                    # -r
     detach: bool = False                    # -d (accepted; kvmshell never blocks the monitor)
     leave_to_qemu: bool = False             # --detach: -c/run do not follow it (steering and watchdog stop)
+    persistent: bool = False                # libvirt guests: define the domain on the destination
+    undefine_source: bool = False           # libvirt guests: undefine it on the source
+    unsafe: bool = False                    # libvirt guests: shared storage libvirt cannot recognise
+    p2p: bool = False                       # libvirt guests: the source's daemon reaches the destination's
 
     # -- from a parsed line -------------------------------------------------------------------
     @classmethod
@@ -214,7 +218,8 @@ class MigrateRequest:
         for spec in self.replug:
             opt("--replug", spec)
         for name, flag in (("tunnel", "--tunnel"), ("edit", "--edit"), ("dry_run", "--dry-run"), ("yes", "--yes"),
-                           ("watch", "--watch"), ("leave_to_qemu", "--detach")):
+                           ("watch", "--watch"), ("leave_to_qemu", "--detach"), ("persistent", "--persistent"),
+                           ("undefine_source", "--undefine-source"), ("unsafe", "--unsafe"), ("p2p", "--p2p")):
             if getattr(self, name):
                 words.append(flag)
         for name, flag in (("address", "--address"), ("run_dir", "--dir"), ("name", "--name")):

@@ -14,7 +14,7 @@ from kvmshell.core.commands.results import Done, KeyValues, Result, Watch
 from kvmshell.core.values.jsonform import as_json
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
-from kvmshell.core.commands import steer
+from kvmshell.core.commands import libvirt_migrate, steer
 from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.strategies import offered, parse_strategy
@@ -37,7 +37,10 @@ MAX_DOWNTIME_MS = 2_000_000     # QEMU's limit for downtime-limit
 
 async def migrate(inv: Invocation) -> Result:
     req = MigrateRequest.from_parsed(inv.guest or "", inv.values, inv.flags)
+    if libvirt_migrate.is_libvirt_guest(inv):
+        return await libvirt_migrate.migrate(inv, req)
     req.check()
+    libvirt_migrate.refuse_libvirt_flags(req)
     if req.mode is Mode.TO_HOST:
         return await steer.migrate_to_host(inv, req)
     guest_cfg = inv.session.config.guests.get(req.source)
@@ -370,7 +373,12 @@ SPECS = (
                             "before it starts"),
                        Flag(("--dry-run",), "with --to-host: preflight and show the destination's command line; "
                             "start nothing"),
-                       Flag(("-y", "--yes"), "with --to-host: do not ask before quitting the source")),
+                       Flag(("-y", "--yes"), "with --to-host: do not ask before quitting the source"),
+                       Flag(("--persistent",), "libvirt guest: define the domain on the destination"),
+                       Flag(("--undefine-source",), "libvirt guest: undefine the domain on the source"),
+                       Flag(("--unsafe",), "libvirt guest: the disks are shared, but libvirt cannot tell (not NFS...)"),
+                       Flag(("--p2p",), "libvirt guest: the source's libvirtd reaches the destination's itself "
+                            "(default: kvmshell holds both connections)")),
                 maps_to="QMP migrate (uri, blk, inc, resume) / HMP migrate -d; with --to: migrate-incoming on "
                         "the destination, capabilities on both sides, then migrate; with --to-host: QEMU "
                         "-incoming defer -daemonize on HOST over SSH, then as --to, then quit",

@@ -31,8 +31,9 @@ Editor = Callable[[str], Awaitable[str]]
 Progress = Callable[[str, str], None]          # (guest, message)
 
 # what would change a libvirt guest behind libvirt's back (its migrations, its process): refused
+# (`migrate` goes through libvirt: commands/libvirt_migrate.py)
 NOT_THROUGH_LIBVIRT = frozenset({
-    "migrate", "migrate_cancel", "migrate_incoming", "migrate_start_postcopy", "migrate_recover", "migrate_pause",
+    "migrate_cancel", "migrate_incoming", "migrate_start_postcopy", "migrate_recover", "migrate_pause",
     "migrate_set_parameter", "migrate_set_capability", "migrate_set_speed", "migrate_set_downtime",
     "static-migrate", "loadvm-on", "quit"})
 _TARGET_RE = re.compile(r"^@(\S*)\s*(.*)$", re.S)

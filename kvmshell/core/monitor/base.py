@@ -75,6 +75,8 @@ class Monitor(abc.ABC):
     protocol: Protocol
     delivers_events: bool            # QEMU's events (MIGRATION, DEVICE_DELETED...) reach subscribers
     notice: str | None = None        # something to tell the user once, when it first connects
+    settings_per_migration = False   # capabilities and parameters go with one migration (libvirt's flags
+                                     # and typed parameters): there is nothing to put back after it
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:

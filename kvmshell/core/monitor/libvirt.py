@@ -7,6 +7,10 @@ libvirt holds the guest's only QMP connection, so commands go through its monito
 life cycle through ``domainEventRegisterAny``; both are delivered by libvirt's default event loop, run
 in one daemon thread per process and bridged to asyncio with ``call_soon_threadsafe``.
 
+A migration of the domain goes through libvirt too (``plan_migration``, then ``migrate``): libvirt holds
+the domain's job lock while it migrates, so the pass-through is refused meanwhile and everything the
+migration engine asks of this monitor is answered from libvirt's calls (see "migration" below).
+
 The binding (PyPI ``libvirt-python``, the extra ``kvmshell[libvirt]``) is imported lazily: kvmshell works
 without it, and a ``libvirt:`` address then says what to install.
 """
@@ -17,6 +21,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from xml.sax.saxutils import escape
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -24,8 +29,11 @@ from typing import Any
 
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Protocol
-from kvmshell.core.values.models import QemuVersion
+from kvmshell.core.values.models import (
+    Capabilities, MigrationInfo, MigrationParameters, MigrationStatus, ParamValue, QemuVersion, RunState, Status,
+)
 from kvmshell.core.monitor.base import SNAPSHOT_TIMEOUT, Features, Progress, clean_hmp_line, with_ticker
+from kvmshell.core.monitor.libvirtmig import FLAG_OF_CAP, LibvirtMigrationPlan, Migration, start_arguments, stats_info
 from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
 
@@ -109,6 +117,45 @@ def list_domains(uri: str | None) -> list[dict[str, Any]]:
         conn.close()
 
 
+def host_uuid(conn: Any) -> str:
+    """The host UUID libvirt tells two hosts apart by (its capabilities' <host><uuid>)."""
+    from xml.etree import ElementTree
+    return ElementTree.fromstring(conn.getCapabilities()).findtext("host/uuid") or ""
+
+
+def destination_facts(uri: str, name: str) -> dict[str, Any]:
+    """Whether the daemon at ``uri`` has a domain ``name`` already, and its host UUID (blocking);
+    ConnectFailed with the URI and libvirt's reason."""
+    libvirt, _ = binding()
+    conn = open_connection(uri)
+    try:
+        try:
+            conn.lookupByName(name)
+            has = True
+        except libvirt.libvirtError:
+            has = False
+        return {"has_domain": has, "host_uuid": host_uuid(conn)}
+    finally:
+        conn.close()
+
+
+def describe_domain(uri: str | None, name: str) -> str:
+    """Where libvirt has the domain ``name`` on ``uri``, as `virsh list --all` would say it (blocking)."""
+    libvirt, _ = binding()
+    try:
+        conn = open_connection(uri)
+    except ConnectFailed as e:
+        return f"unknown ({e.message})"
+    try:
+        dom = conn.lookupByName(name)
+        state, _ = dom.state()
+        return f"{state_name(state)}, {'persistent' if dom.isPersistent() else 'transient'}"
+    except libvirt.libvirtError:
+        return "no such domain"
+    finally:
+        conn.close()
+
+
 class LibvirtMonitor(QmpMonitor):
     """QMP commands, HMP lines and events through libvirt; every typed query of ``QmpMonitor`` works
     unchanged on top of ``execute``."""
@@ -116,12 +163,17 @@ class LibvirtMonitor(QmpMonitor):
     protocol = Protocol.LIBVIRT
     delivers_events = True
     notice = TAINT
+    settings_per_migration = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._conn: Any = None
         self._dom: Any = None
         self._callbacks: list[Callable[[], None]] = []
+        self._plan: LibvirtMigrationPlan | None = None
+        self._caps: dict[str, bool] = {}
+        self._params: dict[str, ParamValue] = {}
+        self._mig: Migration | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -150,6 +202,8 @@ class LibvirtMonitor(QmpMonitor):
 
         def on_qemu(_conn: Any, _dom: Any, event: str, seconds: int, micros: int, details: Any, _opaque: Any) -> None:
             data = json.loads(details) if isinstance(details, str) and details else (details or {})
+            if event == "MIGRATION" and self._mig is not None and isinstance(data, dict):
+                self._mig.qemu_status = str(data.get("status", self._mig.qemu_status))
             loop.call_soon_threadsafe(self._emit, str(event), dict(data), seconds + micros / 1e6)
 
         def on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
@@ -176,6 +230,8 @@ class LibvirtMonitor(QmpMonitor):
         self._emit("libvirt.LIFECYCLE", {"event": name, "detail": detail})
         if name == "stopped" and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT:
             return               # reverting to a snapshot: libvirt starts the domain again at once
+        if self._mig is not None and name in ("stopped", "undefined"):
+            return               # migrated away: the migration's end says so, and its owner closes
         if name in ("stopped", "undefined") and self.connected:
             reason = f"libvirt: the domain {name}"
             self._mark_closed(reason)
@@ -266,3 +322,199 @@ class LibvirtMonitor(QmpMonitor):
     async def delete_snapshot(self, tag: str, *, progress: Progress) -> None:
         dom = self._dom
         await self._libvirt(f"deleting {tag!r}", lambda: dom.snapshotLookupByName(tag).delete(0), progress=progress)
+
+    # -- migration: libvirt migrates, kvmshell samples and steers ------------------------------------
+    # The engine (MigrationJob) drives this monitor as any other: capabilities and parameters set
+    # before the start become libvirt's flags and typed parameters, `migrate` starts libvirt's call in
+    # a thread, and while it runs the status, the statistics and the levers are libvirt's calls
+    # (jobStats, migrateSetMaxDowntime/Speed, migrateStartPostCopy, abortJob): the pass-through waits
+    # for the domain's job lock, which the migration holds.
+    async def domain_facts(self) -> dict[str, Any]:
+        """The domain's name, whether it is persistent, and its host's UUID."""
+        dom, conn = self._dom, self._conn
+        if dom is None or not self.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        return {"name": dom.name(), "persistent": bool(await self._libvirt("isPersistent", dom.isPersistent)),
+                "host_uuid": await self._libvirt("capabilities", host_uuid, conn)}
+
+    def migrated_away(self, reason: str) -> None:
+        """The domain runs elsewhere now: this monitor is closed (the fleet says why)."""
+        self._mark_closed(reason)
+
+    def plan_migration(self, plan: LibvirtMigrationPlan) -> None:
+        """Where and how the next ``migrate`` goes; resets what earlier capabilities and parameters set."""
+        self._plan, self._caps, self._params = plan, {}, {}
+
+    @property
+    def migrating(self) -> bool:
+        return self._mig is not None and self._mig.final is None
+
+    async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
+        if self.migrating:
+            raise CommandFailed("libvirt takes migration capabilities only at the start of a migration",
+                                guest=self.name)
+        for cap, on in caps.items():
+            if on and cap not in FLAG_OF_CAP and cap != "events":
+                raise CommandFailed(f"libvirt has no migration flag for the capability {cap}", guest=self.name)
+        self._caps.update(caps)
+
+    async def set_parameters(self, params: Mapping[str, ParamValue]) -> None:
+        mig = self._mig
+        if mig is None or mig.final is not None:
+            self._params.update(params)          # libvirt's typed parameters at the next start
+            return
+        libvirt, _ = binding()
+        dom = self._dom
+        for name, value in params.items():
+            if name == "downtime-limit":
+                await self._libvirt("migrateSetMaxDowntime", dom.migrateSetMaxDowntime, int(value), 0)
+            elif name == "max-bandwidth":
+                await self._libvirt("migrateSetMaxSpeed", dom.migrateSetMaxSpeed, max(1, int(value) >> 20), 0)
+            elif name == "max-postcopy-bandwidth":
+                await self._libvirt("migrateSetMaxSpeed", dom.migrateSetMaxSpeed, max(1, int(value) >> 20),
+                                    libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY)
+            else:
+                raise CommandFailed(f"libvirt cannot change {name} during a migration (it has no call for it): "
+                                    "it stays as the migration started", guest=self.name)
+
+    async def migrate_parameters(self) -> MigrationParameters:
+        if self.migrating:
+            return MigrationParameters.from_qmp(dict(self._params))
+        current = dict((await super().migrate_parameters()).values)
+        return MigrationParameters.from_qmp(current | self._params)
+
+    async def migrate_capabilities(self) -> Capabilities:
+        if self.migrating:
+            return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in self._caps.items()])
+        return await super().migrate_capabilities()
+
+    async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
+        """Start libvirt's migration to ``uri`` (the plan's) in a thread; return once libvirt runs it."""
+        libvirt, _ = binding()
+        plan = self._plan
+        if plan is None or plan.uri != uri or blk or inc or resume:
+            raise CommandFailed("a libvirt guest migrates through libvirt: to a libvirt URI, planned first",
+                                guest=self.name)
+        if self._dom is None or not self.connected:
+            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        flags, params = start_arguments(binding()[0], plan, self._caps, self._params)
+        downtime = self._params.get("downtime-limit")
+        mig = Migration(plan, flags, params, int(downtime) if isinstance(downtime, int) else None)
+        dom = self._dom
+        dconn = None if plan.p2p else await self._call(open_connection, plan.uri)
+
+        def run() -> Any:
+            try:
+                if dconn is None:
+                    dom.migrateToURI3(plan.uri, params, flags)
+                    return {}
+                new = dom.migrate3(dconn, params, flags)
+                try:
+                    return new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                except libvirt.libvirtError:
+                    return {}
+            finally:
+                if dconn is not None:
+                    dconn.close()
+        mig.started = time.monotonic()
+        self._mig = mig
+        mig.task = asyncio.ensure_future(asyncio.to_thread(run))
+        mig.task.add_done_callback(lambda task: self._ended(mig, task))
+        if mig.downtime_ms is not None:
+            asyncio.ensure_future(self._downtime_once_running(mig))
+
+    def _ended(self, mig: Migration, task: asyncio.Future[Any]) -> None:
+        libvirt, _ = binding()
+        err = task.exception() if not task.cancelled() else None
+        if err is None and not task.cancelled():
+            stats = task.result() or {}
+            info = stats_info(stats, MigrationStatus.COMPLETED) if stats.get("time_elapsed") else \
+                MigrationInfo(MigrationStatus.COMPLETED, ram=mig.last.ram if mig.last else None,
+                              total_time_ms=int((time.monotonic() - mig.started) * 1000))
+        else:
+            why = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err or "interrupted")
+            status = MigrationStatus.CANCELLED if mig.aborted else MigrationStatus.FAILED
+            info = MigrationInfo(status, ram=mig.last.ram if mig.last else None, error=f"libvirt: {why}")
+        mig.final = info
+        self._emit("MIGRATION", {"status": info.status.value})        # wakes whoever follows it
+
+    async def _downtime_once_running(self, mig: Migration) -> None:
+        """libvirt takes the downtime limit only once its migration job runs."""
+        libvirt, _ = binding()
+        dom = self._dom
+        for _ in range(200):
+            if mig.final is not None or dom is None:
+                return
+            try:
+                stats = await self._call(dom.jobStats, 0)
+                if stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+                    await self._call(dom.migrateSetMaxDowntime, mig.downtime_ms, 0)
+                    return
+            except libvirt.libvirtError:
+                pass
+            await asyncio.sleep(0.05)
+
+    async def migration(self) -> MigrationInfo:
+        mig = self._mig
+        if mig is None:
+            return await super().migration()
+        if mig.final is not None:
+            return mig.final
+        libvirt, _ = binding()
+        try:
+            stats = await self._call(self._dom.jobStats, 0)
+        except libvirt.libvirtError:
+            stats = {}
+        if mig.final is not None:
+            return mig.final
+        if not stats or stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return mig.last or MigrationInfo(MigrationStatus.SETUP)
+        status = MigrationStatus(mig.qemu_status)
+        if not status.is_postcopy:
+            status = MigrationStatus.ACTIVE          # libvirt does its own switch-over (pre-switchover, device)
+        mig.last = stats_info(stats, status)
+        return mig.last
+
+    async def status(self) -> Status:
+        if self._mig is None:
+            return await super().status()
+        libvirt, _ = binding()
+        state, reason = await self._libvirt("state", self._dom.state)
+        if state == libvirt.VIR_DOMAIN_RUNNING:
+            return Status(True, RunState.RUNNING)
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return Status(False, RunState.FINISH_MIGRATE if reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION
+                          else RunState.PAUSED)
+        return Status(False, RunState.POSTMIGRATE if reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED
+                      else RunState.SHUTDOWN)
+
+    async def migrate_cancel(self) -> None:
+        if not self.migrating:
+            raise CommandFailed("no migration libvirt runs for kvmshell to cancel", guest=self.name)
+        assert self._mig is not None
+        self._mig.aborted = True
+        await self._libvirt("abortJob", self._dom.abortJob)
+
+    async def migrate_continue(self, state: str) -> None:
+        if self.migrating:
+            raise CommandFailed("libvirt continues its own migration at the switch-over", guest=self.name)
+        await super().migrate_continue(state)
+
+    async def start_postcopy(self) -> None:
+        await self._libvirt("migrateStartPostCopy", self._dom.migrateStartPostCopy, 0)
+
+    async def migrate_pause(self) -> None:
+        libvirt, _ = binding()
+        flag = getattr(libvirt, "VIR_DOMAIN_ABORT_JOB_POSTCOPY", None)
+        if flag is None:
+            raise CommandFailed("this libvirt cannot pause a postcopy migration", guest=self.name)
+        await self._libvirt("abortJob", self._dom.abortJobFlags, flag)
+
+    async def migration_ended(self) -> MigrationInfo:
+        """Wait for libvirt's call to return; how it ended."""
+        mig = self._mig
+        if mig is None or mig.task is None:
+            return await self.migration()
+        await asyncio.wait({mig.task})
+        assert mig.final is not None
+        return mig.final

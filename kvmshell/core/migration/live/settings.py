@@ -92,7 +92,8 @@ class Settings:
         nothing follows its migration any more) and the destination too, but for ``events``: the
         guest runs there now and kvmshell follows it by its events. A migration paused in postcopy
         keeps everything: its recovery needs postcopy-ram and the same parameters."""
-        sides = [m for m in (source, dest) if m is not None and self._before.get(m.name)]
+        sides = [m for m in (source, dest) if m is not None and self._before.get(m.name)
+                 and not m.settings_per_migration]
         if not sides:
             return []
         if ended == "postcopy-paused":
@@ -100,7 +101,7 @@ class Settings:
                     f"the recovery needs them"]
         completed = ended == "completed"
         idle = 0.0 if ended == "interrupted" else IDLE_TIMEOUT_S     # kvmshell is closing: no waiting
-        results = [await self.put_back(source, wait_idle=idle)]
+        results = [await self.put_back(source, wait_idle=idle)] if source in sides else []
         kept = ""
         if dest is not None:
             keep = ("events",) if completed else ()
