@@ -1,0 +1,87 @@
+"""The soak and load benches in short (bench/soak.py, bench/load.py): nothing lost, nothing growing."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from qemu.qmp.message import Message
+
+from kvmshell.core.monitor.base import make_monitor
+from kvmshell.core.values.models import RunState
+from kvmshell.lab.launcher import Lab, MonitorKind
+from tests.conftest import needs_qemu
+
+pytestmark = [pytest.mark.qemu, needs_qemu]
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module             # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_twelve_migrations_with_a_cancel_and_a_killed_destination_lose_nothing() -> None:
+    soak = bench_module("soak")
+    run = await soak.soak(12, cancel_every=10, kill_every=11)
+    rows = run.rows
+    assert [r.kind for r in rows].count("cancel") == 1 and [r.kind for r in rows].count("kill") == 1
+    assert {r.strategy for r in rows if r.kind == "migrate"} == set(soak.STRATEGIES)
+    bad = [soak.row_line(r) for r in rows if not r.ok]
+    assert not bad, bad
+    assert all(r.memcheck == "ok" for r in rows) and run.extra_finished == 0
+    assert all(r.settings == "as before" for r in rows if r.kind != "migrate")
+    # past the first migrations (imports, first connections) the counts stay where they are
+    settled = rows[2:]
+    assert max(r.fds for r in settled) - min(r.fds for r in settled) <= 1, [r.fds for r in rows]
+    assert max(r.tasks for r in settled) == min(r.tasks for r in settled), [r.tasks for r in rows]
+    assert rows[-1].rss_kib - rows[2].rss_kib < 16 * 1024, [r.rss_kib for r in rows]
+
+
+def test_trend_tells_growth_from_noise() -> None:
+    soak = bench_module("soak")
+    assert not soak.trend("flat", [10, 11, 10, 11, 10, 11] * 25).grows
+    assert soak.trend("leak", [10 + i for i in range(150)]).grows
+    slow = soak.trend("slow leak", [100 + i // 10 + (i % 2) for i in range(150)], floor=0.5)
+    assert slow.grows and 0.05 < slow.slope < 0.15
+
+
+async def test_twenty_guests_answer_at_all_and_three_migrate_at_once() -> None:
+    load = bench_module("load")
+    res = await load.load(20, migrations=3, rounds=2, tui_seconds=0, say=False)
+    assert res.guests == 20
+    assert res.at_all_answered == [20, 20]
+    assert res.events_received == res.events_expected == {"STOP": 40, "RESUME": 40}, res.events_missing_guests
+    assert (res.shell_exit, res.shell_answered) == (0, 20)
+    assert res.migration_status == {f"src{i}": "completed" for i in range(3)}
+    assert res.migration_memcheck == {f"src{i}": "ok" for i in range(3)}
+    assert res.ok
+
+
+async def test_qmp_messages_are_formatted_only_when_debug_is_logged(lab: Lab, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """qemu.qmp pretty-prints every message for its debug log even when nothing logs at DEBUG: connecting
+    100 guests spent seconds in json.dumps(indent=2) of schema replies. Found by bench/load.py."""
+    formatted: list[int] = []
+    pretty = Message.__str__
+    monkeypatch.setattr(Message, "__str__", lambda self: formatted.append(1) or pretty(self))
+    guest = await lab.start("g", MonitorKind.QMP_UNIX, ws_pages=0, ram_mib=32, wait_banner=False)
+    caplog.set_level(logging.INFO)
+    mon = make_monitor("g", guest.address)
+    await mon.connect()
+    try:
+        assert (await mon.status()).state in (RunState.RUNNING, RunState.PRELAUNCH)
+        assert formatted == []
+        caplog.set_level(logging.DEBUG, logger="qemu.qmp")
+        await mon.status()
+        assert formatted and any("query-status" in r.getMessage() for r in caplog.records)
+    finally:
+        await mon.close()
