@@ -127,6 +127,8 @@ async def start_guests(lab: Lab, count: int, sources: int) -> list[LabGuest]:
         batch = [lab.start(f"g{n:03d}", MonitorKind.QMP_UNIX, ws_pages=0, ram_mib=IDLE_RAM_MIB, wait_banner=False)
                  for n in range(base, min(count - sources, base + 10))]
         guests += await asyncio.gather(*batch)
+    async with asyncio.timeout(600):       # all booted (the firmware is busy for seconds) before measuring
+        await asyncio.gather(*(g.banner.wait() for g in guests))
     return guests
 
 

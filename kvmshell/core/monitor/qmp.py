@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
-from qemu.qmp.message import Message
 
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Kind, Protocol, held_by_libvirt
@@ -30,18 +29,6 @@ from kvmshell.core.hosts.streams import open_socket
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)
-
-
-class _Client(QMPClient):
-    """qemu.qmp's client, formatting a message for its debug log only when DEBUG is logged: the
-    library's hooks pretty-print every message (``json.dumps(indent=2)``) before the logger decides,
-    which cost seconds of CPU on the schema replies when 100 guests connect (bench/load.py)."""
-
-    def _cb_outbound(self, msg: Message) -> Message:
-        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
 
 SHORTEST_MS_WINDOW = 0.25       # seconds: the short window taken where calc-dirty-rate has calc-time-unit
@@ -102,7 +89,7 @@ class QmpMonitor(Monitor):
         else:
             assert self.address.host is not None and self.address.port is not None
             target = (self.address.host, self.address.port)
-        client = _Client(self.name)
+        client = QMPClient(self.name)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await client.connect(target)
