@@ -129,6 +129,7 @@ class Soak:
     rows: list[Row] = field(default_factory=list)
     finished: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     extra_finished: int = 0
+    lingered: int = 0             # old QEMUs that had not ended 10 s after their quit, cancel or kill
 
     @property
     def fleet(self) -> Fleet:
@@ -156,6 +157,14 @@ class Soak:
         """A new ``-incoming defer`` QEMU on ``name``'s socket (the old process reaped first)."""
         old = self.lab.guests.get(name)
         if old is not None:
+            # quit, cancelled (a 7.2 destination exits) or killed: it ends by itself. Wait for that rather
+            # than kill it: killing a process asyncio has not seen exit yet races its child watcher
+            # (CPython's Popen.send_signal reaps it first; the watcher then says "Unknown child process").
+            try:
+                async with asyncio.timeout(10):
+                    await old.proc.wait()
+            except TimeoutError:
+                self.lingered += 1
             await old.kill()
         old_mon = self.fleet.get(name).monitor
         guest = await self.lab.start(name, MonitorKind.QMP_UNIX, ws_pages=self.ws_pages, ram_mib=RAM_MIB,
@@ -314,15 +323,15 @@ async def main() -> int:
                    "kinds": {k: sum(r.kind == k for r in rows) for k in ("migrate", "cancel", "kill")},
                    "strategies": {s: sum(r.strategy == s and r.kind == "migrate" for r in rows) for s in STRATEGIES},
                    "postcopy_used": sum(r.postcopy for r in rows),
-                   "unexpected_finished_events": run.extra_finished,
+                   "unexpected_finished_events": run.extra_finished, "qemu_lingered": run.lingered,
                    "trends": [asdict(t) for t in trends]}
         out.write(json.dumps(summary) + "\n")
     print(f"\n{len(rows)} migrations in {summary['seconds']} s: {summary['kinds']}; memory checks ok "
           f"{summary['memchecks_ok']}/{len(rows)}; postcopy used in {summary['postcopy_used']}; not as expected: {len(bad)}; stray finish events: "
-          f"{run.extra_finished}")
+          f"{run.extra_finished}; old QEMUs that did not end by themselves: {run.lingered}")
     for t in trends:
         print(t.line())
-    return 1 if bad or any(t.grows for t in trends) else 0
+    return 1 if bad or run.lingered or any(t.grows for t in trends) else 0
 
 
 if __name__ == "__main__":
