@@ -266,10 +266,11 @@ async def soak(count: int, *, ws_pages: int = WS_PAGES, cancel_every: int = 10, 
                report: Callable[[Row], None] = lambda row: None) -> Soak:
     """Start the two guests, attach them in one session, run ``count`` migrations; the finished Soak."""
     async with Lab() as lab:
-        first = await lab.start("a", MonitorKind.QMP_UNIX, ws_pages=ws_pages, pace=PACE, ram_mib=RAM_MIB)
+        first = await lab.start("a", MonitorKind.QMP_UNIX, ws_pages=ws_pages, pace=PACE, ram_mib=RAM_MIB,
+                                wait_banner=False)
         await lab.start("b", MonitorKind.QMP_UNIX, ws_pages=ws_pages, ram_mib=RAM_MIB, incoming=True,
                         disk=first.disk)
-        await first.wait_heartbeats(1)
+        await first.wait_heartbeats(1, timeout=300)     # a loaded machine can take long to boot it
         async with Fleet() as fleet:
             fleet.add("a", first.address)
             fleet.add("b", lab.guests["b"].address)
