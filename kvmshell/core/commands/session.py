@@ -37,6 +37,7 @@ NOT_THROUGH_LIBVIRT = frozenset({
     "migrate_set_parameter", "migrate_set_capability", "migrate_set_speed", "migrate_set_downtime",
     "static-migrate", "loadvm-on", "quit"})
 _TARGET_RE = re.compile(r"^@(\S*)\s*(.*)$", re.S)
+HISTORY_KEEP = 1000        # recent lines kept in Session.history: a session that runs for weeks must not grow
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class Session:
         if plan is None:
             return []
         self.history.append(line.strip())
+        if len(self.history) > 2 * HISTORY_KEEP:
+            del self.history[:-HISTORY_KEEP]
         if not plan.targets:
             assert plan.parsed is not None
             return [await self._run_one(None, plan)]

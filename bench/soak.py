@@ -1,0 +1,339 @@
+"""Soak: many live migrations back and forth in one kvmshell session, nothing lost, nothing growing.
+
+Two names, ``a`` and ``b``, as a user with a config of two guests on shared storage would have them.
+Each migration goes to a fresh ``-incoming defer`` QEMU started on the destination name's monitor
+socket (a QEMU that has run cannot take an incoming migration again, so there is no ping-pong between
+two processes): ``@a migrate --to b --strategy S``, the memory check on ``b``, ``@a quit``, and a new
+``-incoming`` QEMU on ``a``'s socket, which the session reconnects to by itself; then back. The strategies
+rotate (precopy, converge, postcopy, auto, auto+postcopy). Every 10th migration is cancelled while active
+(the source runs on, its memory intact, its migration settings as before); every 25th (it wins over the
+10th) the destination is killed (SIGKILL) while active (the source runs on, memory and settings too).
+
+After each migration kvmshell's own RSS (VmRSS), open file descriptors and asyncio tasks are sampled;
+the end judges their growth over the last 150 samples with a least-squares line (slope per migration,
+growth over the window, and the noise: the residuals' standard deviation). Prints a row per migration
+and writes JSON lines (one per migration, then a summary line).
+
+    nice -n 5 .venv/bin/python bench/soak.py [--count 200] [--out bench/results-soak.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.session import Session
+from kvmshell.core.migration.live.job import FINISHED
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import Event, MigrationStatus, RunState
+from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.lab.verify import check_guest_memory
+
+STRATEGIES = ("precopy", "converge", "postcopy", "auto", "auto+postcopy")
+WS_PAGES = 4096               # 16 MiB working set
+PACE = 2                      # ~8 MB/s dirtied
+RAM_MIB = 64
+WINDOW = 150                  # samples the growth is judged over
+SLOW = "--bandwidth 2M"       # a migration that stays active long enough to cancel or break
+POSTCOPY_CAP = "--bandwidth 20M"   # pass 1 takes about a second: postcopy starts after it, not never
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@dataclass
+class Row:
+    n: int
+    source: str
+    dest: str
+    kind: str                  # migrate | cancel | kill
+    strategy: str
+    status: str
+    expected: str
+    seconds: float
+    postcopy: bool             # the job switched to postcopy
+    memcheck: str
+    settings: str              # after a cancel or kill: "as before" or what differs
+    rss_kib: int
+    fds: int
+    tasks: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == self.expected and self.memcheck == "ok" and self.settings in ("as before", "-")
+
+
+@dataclass
+class Trend:
+    name: str
+    first: float
+    last: float
+    slope: float               # per migration
+    growth: float              # slope x window
+    noise: float               # residual standard deviation
+    window: int
+    grows: bool
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.first:g} -> {self.last:g}; last {self.window}: slope {self.slope:+.4g}/migration "
+                f"({self.growth:+.4g} over the window), noise {self.noise:.3g}: "
+                f"{'GROWS' if self.grows else 'flat'}")
+
+
+def trend(name: str, values: list[float], window: int = WINDOW, floor: float = 0.0) -> Trend:
+    """Least-squares line over the last ``window`` values. It grows when the growth over the window
+    is above both three times the noise and ``floor`` (what counts as noise for that measure)."""
+    tail = values[-window:]
+    n = len(tail)
+    if n < 2:
+        return Trend(name, values[0] if values else 0, values[-1] if values else 0, 0.0, 0.0, 0.0, n, False)
+    xs = range(n)
+    mx, my = (n - 1) / 2, statistics.fmean(tail)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, tail)) / sxx
+    resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, tail)]
+    noise = statistics.pstdev(resid)
+    growth = slope * n
+    return Trend(name, values[0], values[-1], slope, growth, noise, n, growth > max(3 * noise, floor))
+
+
+@dataclass
+class Soak:
+    lab: Lab
+    session: Session
+    shared_disk: Path
+    ws_pages: int = WS_PAGES
+    cancel_every: int = 10
+    kill_every: int = 25
+    rows: list[Row] = field(default_factory=list)
+    finished: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    extra_finished: int = 0
+    lingered: int = 0             # old QEMUs that had not ended 10 s after their quit, cancel or kill
+
+    @property
+    def fleet(self) -> Fleet:
+        return self.session.fleet
+
+    def on_event(self, ev: Event) -> None:
+        if ev.name == FINISHED:
+            self.finished.put_nowait(ev)
+
+    async def line(self, line: str) -> str:
+        [o] = await self.session.run_line(line)
+        if not o.ok or o.result is None:
+            raise RuntimeError(f"{line}: {o.error}")
+        return o.result.text()
+
+    async def reconnected(self, name: str, old: Monitor | None, timeout: float = 30) -> Monitor:
+        """The session's monitor of ``name`` once it is a new one (not ``old``) and connected."""
+        guest = self.fleet.get(name)
+        async with asyncio.timeout(timeout):
+            while guest.monitor is None or guest.monitor is old or not guest.monitor.connected:
+                await asyncio.sleep(0.02)
+        return guest.monitor
+
+    async def fresh_incoming(self, name: str) -> LabGuest:
+        """A new ``-incoming defer`` QEMU on ``name``'s socket (the old process reaped first)."""
+        old = self.lab.guests.get(name)
+        if old is not None:
+            # quit, cancelled (a 7.2 destination exits) or killed: it ends by itself. Wait for that rather
+            # than kill it: killing a process asyncio has not seen exit yet races its child watcher
+            # (CPython's Popen.send_signal reaps it first; the watcher then says "Unknown child process").
+            try:
+                async with asyncio.timeout(10):
+                    await old.proc.wait()
+            except TimeoutError:
+                self.lingered += 1
+            await old.kill()
+        old_mon = self.fleet.get(name).monitor
+        guest = await self.lab.start(name, MonitorKind.QMP_UNIX, ws_pages=self.ws_pages, ram_mib=RAM_MIB,
+                                     incoming=True, disk=self.shared_disk)
+        mon = await self.reconnected(name, old_mon)
+        await wait_until(mon, lambda st: st.state is RunState.INMIGRATE)
+        return guest
+
+    async def until_active(self, src: str) -> None:
+        mon = self.fleet.monitor(src)
+        async with asyncio.timeout(60):
+            while (await mon.migration()).status is not MigrationStatus.ACTIVE:
+                await asyncio.sleep(0.05)
+
+    async def wait_finished(self, src: str, timeout: float = 120) -> Event:
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.finished.get()
+                if ev.guest == src:
+                    return ev
+                self.extra_finished += 1
+
+    async def settings(self, mon: Monitor) -> tuple[dict[str, object], dict[str, bool]]:
+        return dict((await mon.migrate_parameters()).values), dict((await mon.migrate_capabilities()).states)
+
+    async def one(self, n: int, src: str, dst: str) -> tuple[Row, bool]:
+        """Migration number ``n`` from ``src`` to ``dst``; the row and whether the guest moved."""
+        kind = "kill" if n % self.kill_every == 0 else "cancel" if n % self.cancel_every == 0 else "migrate"
+        strategy = STRATEGIES[(n - 1) % len(STRATEGIES)] if kind == "migrate" else "precopy"
+        flags = "--strategy auto --allow-postcopy" if strategy == "auto+postcopy" else f"--strategy {strategy}"
+        if kind != "migrate":
+            flags += f" {SLOW}"
+        elif strategy == "postcopy":
+            flags += f" {POSTCOPY_CAP}"
+        src_mon = self.fleet.monitor(src)
+        before = await self.settings(src_mon)
+        t0 = time.monotonic()
+        await self.line(f"@{src} migrate --to {dst} {flags}")
+        if kind == "cancel":
+            await self.until_active(src)
+            await self.line(f"@{src} migrate_cancel")
+        elif kind == "kill":
+            await self.until_active(src)
+            os.kill(self.lab.guests[dst].pid, signal.SIGKILL)
+        ev = await self.wait_finished(src)
+        seconds = time.monotonic() - t0
+        status = str(ev.data["status"])
+        expected = {"migrate": "completed", "cancel": "cancelled", "kill": "failed"}[kind]
+        moved = status == "completed"
+        settings = "-"
+        if moved:
+            await self.lab.guests[dst].wait_heartbeats(1)
+            check = await check_guest_memory(self.fleet.monitor(dst), self.ws_pages, self.lab.workdir)
+        else:
+            st = await src_mon.status()
+            if st.state is not RunState.RUNNING:
+                status += f" (source {st.state.value})"
+            after = await self.settings(src_mon)
+            settings = "as before" if after == before else describe_change(before, after)
+            check = await check_guest_memory(src_mon, self.ws_pages, self.lab.workdir)
+        mem = "ok" if check.ok else f"FAILED: {check.summary()}"
+        postcopy = any(" postcopy:" in d for d in self.session.migrations[src].decisions)
+        return Row(n, src, dst, kind, strategy, status, expected, round(seconds, 2), postcopy, mem, settings,
+                   0, 0, 0), moved
+
+    async def run(self, count: int, report: Callable[[Row], None] = lambda row: None) -> list[Row]:
+        src, dst = "a", "b"
+        for n in range(1, count + 1):
+            row, moved = await self.one(n, src, dst)
+            if moved:
+                await self.line(f"@{src} quit")
+                await self.fresh_incoming(src)        # the next destination
+                src, dst = dst, src
+            else:
+                await self.fresh_incoming(dst)        # a cancelled or killed destination has gone
+            row.rss_kib, row.fds, row.tasks = rss_kib(), open_fds(), len(asyncio.all_tasks())
+            self.rows.append(row)
+            report(row)
+        return self.rows
+
+
+async def wait_until(mon: Monitor, ok: Callable[..., bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not ok(await mon.status()):
+            await asyncio.sleep(0.02)
+
+
+def describe_change(before: tuple[dict[str, object], dict[str, bool]],
+                    after: tuple[dict[str, object], dict[str, bool]]) -> str:
+    diffs = []
+    for b, a in zip(before, after):
+        for k in sorted(set(b) | set(a)):
+            if b.get(k) != a.get(k):
+                diffs.append(f"{k}: {b.get(k)} -> {a.get(k)}")
+    return "changed: " + ", ".join(diffs)
+
+
+async def soak(count: int, *, ws_pages: int = WS_PAGES, cancel_every: int = 10, kill_every: int = 25,
+               report: Callable[[Row], None] = lambda row: None) -> Soak:
+    """Start the two guests, attach them in one session, run ``count`` migrations; the finished Soak."""
+    async with Lab() as lab:
+        first = await lab.start("a", MonitorKind.QMP_UNIX, ws_pages=ws_pages, pace=PACE, ram_mib=RAM_MIB,
+                                wait_banner=False)
+        await lab.start("b", MonitorKind.QMP_UNIX, ws_pages=ws_pages, ram_mib=RAM_MIB, incoming=True,
+                        disk=first.disk)
+        await first.wait_heartbeats(1, timeout=300)     # a loaded machine can take long to boot it
+        async with Fleet() as fleet:
+            fleet.add("a", first.address)
+            fleet.add("b", lab.guests["b"].address)
+            await fleet.start()
+            session = Session(fleet, default_registry(), assume_yes=True)
+            run = Soak(lab, session, first.disk, ws_pages, cancel_every, kill_every)
+            fleet.subscribe(run.on_event)
+            try:
+                await run.run(count, report)
+            finally:
+                await session.aclose()
+            return run
+
+
+def judge(rows: list[Row], window: int = WINDOW) -> list[Trend]:
+    return [trend("RSS (KiB)", [r.rss_kib for r in rows], window, floor=1024),
+            trend("open fds", [r.fds for r in rows], window, floor=0.5),
+            trend("asyncio tasks", [r.tasks for r in rows], window, floor=0.5)]
+
+
+HEADER = f"{'n':>4} {'from':4} {'to':4} {'kind':7} {'strategy':14} {'status':11} {'s':>6} {'pc':2} {'mem':4} " \
+         f"{'settings':10} {'RSS MiB':>7} {'fds':>4} {'tasks':>5}"
+
+
+def row_line(r: Row) -> str:
+    return (f"{r.n:>4} {r.source:4} {r.dest:4} {r.kind:7} {r.strategy:14} {r.status:11} {r.seconds:>6.2f} {'pc' if r.postcopy else '-':2} "
+            f"{r.memcheck[:4]:4} {r.settings[:10]:10} {r.rss_kib / 1024:>7.1f} {r.fds:>4} {r.tasks:>5}"
+            f"{'' if r.ok else '  <-- NOT AS EXPECTED: ' + r.status + ' ' + r.memcheck + ' ' + r.settings}")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=200, help="migrations (default 200)")
+    ap.add_argument("--out", default="bench/results-soak.jsonl", help="JSON lines written here")
+    args = ap.parse_args()
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}, "
+          f"Python {platform.python_version()}, accel {Lab().accel}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(HEADER, flush=True)
+    started = time.monotonic()
+    with open(args.out, "w") as out:
+        def report(row: Row) -> None:
+            print(row_line(row), flush=True)
+            out.write(json.dumps(asdict(row)) + "\n")
+            out.flush()
+        run = await soak(args.count, report=report)
+        rows = run.rows
+        trends = judge(rows)
+        bad = [r for r in rows if not r.ok]
+        summary = {"summary": True, "count": len(rows), "seconds": round(time.monotonic() - started, 1),
+                   "not_as_expected": len(bad), "memchecks_ok": sum(r.memcheck == "ok" for r in rows),
+                   "kinds": {k: sum(r.kind == k for r in rows) for k in ("migrate", "cancel", "kill")},
+                   "strategies": {s: sum(r.strategy == s and r.kind == "migrate" for r in rows) for s in STRATEGIES},
+                   "postcopy_used": sum(r.postcopy for r in rows),
+                   "unexpected_finished_events": run.extra_finished, "qemu_lingered": run.lingered,
+                   "trends": [asdict(t) for t in trends]}
+        out.write(json.dumps(summary) + "\n")
+    print(f"\n{len(rows)} migrations in {summary['seconds']} s: {summary['kinds']}; memory checks ok "
+          f"{summary['memchecks_ok']}/{len(rows)}; postcopy used in {summary['postcopy_used']}; not as expected: {len(bad)}; stray finish events: "
+          f"{run.extra_finished}; old QEMUs that did not end by themselves: {run.lingered}")
+    for t in trends:
+        print(t.line())
+    return 1 if bad or run.lingered or any(t.grows for t in trends) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
