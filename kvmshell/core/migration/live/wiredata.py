@@ -18,7 +18,7 @@ import zstandard
 
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.migration.model.wire import (
-    PLAIN, Guest, Headroom, WireCost, WireData, WireOption, cost, delta_share, idle_cores, options,
+    PLAIN, STREAM_RATE, Guest, Headroom, WireCost, WireData, WireOption, cost, delta_share, idle_cores, options,
 )
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError
@@ -106,14 +106,15 @@ async def check_supported(job: MigrationJob, option: WireOption) -> None:
 
 
 async def measured_costs(job: MigrationJob, downtime_s: float) -> tuple[list[WireCost], WireData, Headroom]:
-    """Every option's cost on this guest and path, from the pages and both hosts' CPU."""
+    """Every option's cost on this guest and path, from the pages and both hosts' CPU (a link of unknown
+    speed costed as one stream's top rate: the strategy says whether it acts on that)."""
     mon = job.source
     data = await wire_data(mon)
     room = await headroom(job)
     ram = await mon.ram_size()
     ws = data.changed_fraction * ram or None
     guest = Guest(ram=ram, dirty_rate=(ws or 0.0) / max(data.interval_s, 0.1), working_set=ws,
-                  link=job.req.bandwidth or job.req.link or 0.0, downtime_limit_s=downtime_s)
+                  link=job.req.bandwidth or job.req.link or STREAM_RATE, downtime_limit_s=downtime_s)
     have = await mon.migrate_capabilities()
     methods = await compressions(mon)
     opts = [o for o in options(guest, compressions=tuple(methods))
@@ -129,9 +130,6 @@ async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
         return PLAIN
     costs = None
     if strategy.wants_wire_data(job.req):
-        if not (job.req.bandwidth or job.req.link):
-            job.decide("wire", "no fewer-bytes option: the link's speed is not known (--link or --bandwidth)")
-            return PLAIN
         try:
             costs, data, room = await measured_costs(job, downtime_s)
         except KvmError as e:
