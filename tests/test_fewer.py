@@ -159,3 +159,30 @@ async def test_wire_data_sees_the_working_set_change(pair: Pair) -> None:
     data = await wire_data(pair.session.fleet.monitor("src"), count=64, seed=7)
     assert data.pages == 64 and 0 < data.zero_fraction < 1
     assert 0 < data.zstd_ratio < 1 and data.zstd_speed > 0
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(90)
+async def test_the_estimate_lists_each_option(pair: Pair) -> None:
+    text = await pair.ok("@src estimate --to dst --link 1gbit")
+    for row in ("multifd", "compress zstd", "compress zlib", "xbzrle", "on the wire", "CPU s"):
+        assert row in text, text
+    assert "fewer bytes: non-zero pages compress to" in text and "idle cores: source" in text, text
+    assert "auto --preflight would send: " in text, text
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(120)
+async def test_auto_with_preflight_says_why_in_numbers_and_completes(pair: Pair, tmp_path: Path) -> None:
+    src, dst = pair.session.fleet.monitor("src"), pair.session.fleet.monitor("dst")
+    before = await settings(src)
+    await pair.ok("@src migrate --to dst --strategy auto --preflight --link 1gbit")
+    ev = await pair.finished(timeout=90)
+    assert ev.data["status"] == "completed", ev.data
+    check = await check_guest_memory(dst, WS, tmp_path)
+    assert check.ok, check.summary()
+    [wire] = [d for d in pair.job().decisions if " wire: " in d]
+    assert "within the 300 ms downtime limit" in wire, wire
+    for option in ("precopy (", "multifd (", "compress (", "xbzrle ("):
+        assert option in wire, wire
+    assert await settings(src) == before

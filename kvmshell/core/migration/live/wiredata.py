@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.migration.model.wire import (
     PLAIN, STREAM_RATE, Guest, Headroom, WireCost, WireData, WireOption, cost, delta_share, idle_cores, options,
@@ -75,11 +76,12 @@ async def idle_of(shell: HostShell) -> tuple[float, int]:
     return idle_cores(lines[0], lines[1]) * cores, cores
 
 
-async def headroom(job: MigrationJob) -> Headroom:
-    src = HostShell(job.hosts, job.source.address.ssh)
-    dst = HostShell(job.hosts, job.dest.address.ssh) if job.dest is not None else src
+async def headroom(hosts: HostPool | None, source: Monitor, dest: Monitor | None) -> Headroom:
+    """Idle cores on the source's host and the destination's (the same host: measured once)."""
+    src = HostShell(hosts, source.address.ssh)
     s = await idle_of(src)
-    d = await idle_of(dst) if dst.host != src.host or job.dest is None else s
+    same = dest is None or dest.address.ssh == source.address.ssh
+    d = s if same else await idle_of(HostShell(hosts, dest.address.ssh if dest is not None else None))
     return Headroom(s[0], s[1], d[0], d[1])
 
 
@@ -105,18 +107,18 @@ async def check_supported(job: MigrationJob, option: WireOption) -> None:
                             f"another --strategy", guest=job.source.name)
 
 
-async def measured_costs(job: MigrationJob, downtime_s: float) -> tuple[list[WireCost], WireData, Headroom]:
+async def measured_costs(source: Monitor, dest: Monitor | None, hosts: HostPool | None, link: float | None,
+                         downtime_s: float) -> tuple[list[WireCost], WireData, Headroom]:
     """Every option's cost on this guest and path, from the pages and both hosts' CPU (a link of unknown
-    speed costed as one stream's top rate: the strategy says whether it acts on that)."""
-    mon = job.source
-    data = await wire_data(mon)
-    room = await headroom(job)
-    ram = await mon.ram_size()
+    speed costed as one stream's top rate: the caller says whether it acts on that)."""
+    data = await wire_data(source)
+    room = await headroom(hosts, source, dest)
+    ram = await source.ram_size()
     ws = data.changed_fraction * ram or None
     guest = Guest(ram=ram, dirty_rate=(ws or 0.0) / max(data.interval_s, 0.1), working_set=ws,
-                  link=job.req.bandwidth or job.req.link or STREAM_RATE, downtime_limit_s=downtime_s)
-    have = await mon.migrate_capabilities()
-    methods = await compressions(mon)
+                  link=link or STREAM_RATE, downtime_limit_s=downtime_s)
+    have = await source.migrate_capabilities()
+    methods = await compressions(source)
     opts = [o for o in options(guest, compressions=tuple(methods))
             if all(k in have for k, v in o.capabilities.items() if v)]
     return [cost(o, guest, data, room) for o in opts], data, room
@@ -131,7 +133,8 @@ async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
     costs = None
     if strategy.wants_wire_data(job.req):
         try:
-            costs, data, room = await measured_costs(job, downtime_s)
+            costs, data, room = await measured_costs(job.source, job.dest, job.hosts,
+                                                     job.req.bandwidth or job.req.link, downtime_s)
         except KvmError as e:
             job.decide("wire", f"no fewer-bytes option: the pages or the CPU could not be measured ({e})")
             return PLAIN

@@ -62,7 +62,7 @@ class WireData:
 
     def text(self) -> str:
         delta = (f"{self.changed} of {self.pages} pages changed within {self.interval_s:.1f} s, "
-                 f"{100 * self.delta_fraction:.1f} % of their bytes" if self.delta_fraction is not None
+                 f"{PAGE * self.delta_fraction:.0f} of their {PAGE} bytes" if self.delta_fraction is not None
                  else f"no page of {self.pages} changed within {self.interval_s:.1f} s")
         return (f"non-zero pages compress to {100 * self.zstd_ratio:.0f} % (zstd, {self.zstd_speed / 1e6:.0f} MB/s "
                 f"a core) or {100 * self.zlib_ratio:.0f} % (zlib, {self.zlib_speed / 1e6:.0f} MB/s); {delta}")
@@ -140,8 +140,12 @@ class WireCost:
         if not self.converges:
             return f"{self.option.strategy} ({self.option.text()}): {p.verdict.value} at {self.rate / 1e6:.0f} MB/s ({self.limit})"
         return (f"{self.option.strategy} ({self.option.text()}): {p.total_s or 0:.2f} s, downtime "
-                f"{p.downtime_ms or 0:.0f} ms, {(self.wire_bytes or 0) / 1e6:.0f} MB on the wire, "
+                f"{p.downtime_ms or 0:.0f} ms, {_mb(self.wire_bytes or 0)} on the wire, "
                 f"{self.cpu_s or 0:.1f} CPU s, {self.rate / 1e6:.0f} MB/s ({self.limit})")
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.1f} MB" if x < 10e6 else f"{x / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)
