@@ -12,6 +12,7 @@ import pytest
 
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
+from kvmshell.core.migration.live.strategies.auto import Auto
 from kvmshell.core.migration.live.wiredata import check_supported, wire_data
 from kvmshell.core.migration.model.wire import (
     PLAIN, Guest, Headroom, WireData, WireOption, cache_size, cheapest, compress, cost, delta_share, idle_cores,
@@ -89,6 +90,20 @@ def test_proc_stat_and_deltas() -> None:
     after = "cpu  200 0 200 1400 0 0 0 0 0 0"
     assert idle_cores(before, after) == pytest.approx(0.75)
     assert delta_share(b"\0" * 4096, b"\1" + b"\0" * 4095) == pytest.approx(1 / 4096)
+
+
+def test_auto_picks_only_with_the_preflight_and_a_known_link() -> None:
+    costs = [cost(o, HOT, TEXTY, IDLE) for o in options(HOT)]
+    plain = Auto(MigrationRequest("src", dest="dst", allow_postcopy=True))
+    assert not plain.wants_wire_data(plain.request) and plain.wire_option(None, 0.3) == (PLAIN, None)
+    blind = Auto(MigrationRequest("src", dest="dst", preflight=True))
+    option, why = blind.wire_option(costs, 0.3)
+    assert option == PLAIN and why is not None and "link's speed is not known" in why
+    auto = Auto(MigrationRequest("src", dest="dst", preflight=True, link=125e6, allow_postcopy=True))
+    option, why = auto.wire_option(costs, 0.3)
+    assert option.parameters.get("multifd-compression") == "zstd" and why is not None
+    assert "compress is the fastest within the 300 ms downtime limit" in why and "MB on the wire" in why
+    assert not auto.postcopy()                     # no postcopy over multifd, though allowed
 
 
 # -- with real QEMU ------------------------------------------------------------------------------
