@@ -3,6 +3,7 @@ the live view that `info migrate` shows for a migration kvmshell follows."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -159,20 +160,27 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
     figure = await link_figure(inv, req)
-    m = await measure(mon, inv.progress)
-    ram, dirty = m.ram, m.dirty
-    D, W = dirty.lo, dirty.working_set
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
+    # the pages for the fewer-bytes options are read while the dirty-rate windows wait
+    reading = asyncio.create_task(_fewer_bytes(inv, req, R_link, L), name=f"wire-data-{source}")
+    try:
+        m = await measure(mon, inv.progress)
+        fewer, said = await reading
+    finally:
+        if not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+    ram, dirty = m.ram, m.dirty
+    D, W = dirty.lo, dirty.working_set
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
                               bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction)
     rows = [(o.name, o.prediction.verdict.value, o.prediction.total_text(), _downtime(o.prediction),
              f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
             for o in est.options]
-    fewer, said = await _fewer_bytes(inv, req, R_link, L)
     rows += [_wire_row(c) for c in fewer]
     if est.postcopy is not None:
         rows.append(("postcopy after the first pass", "will converge", f"{est.postcopy.total_s:.1f} s", "~ 1-10 ms",
