@@ -136,9 +136,9 @@ async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
             costs, data, room = await measured_costs(job.source, job.dest, job.hosts,
                                                      job.req.bandwidth or job.req.link, downtime_s)
         except KvmError as e:
-            job.decide("wire", f"no fewer-bytes option: the pages or the CPU could not be measured ({e})")
-            return PLAIN
-        job.decide("wire-data", f"{data.text()}; {room.text()}")
+            job.decide("wire-data", f"the pages or the CPU could not be measured ({e})")
+        else:
+            job.decide("wire-data", f"{data.text()}; {room.text()}")
     option, why = strategy.wire_option(costs, downtime_s)
     if why:
         job.decide("wire", why)
