@@ -57,7 +57,8 @@ async def test_live_candidates(engine: CompletionEngine) -> None:
     assert texts(engine, "migrate tcp:") == ["tcp:127.0.0.1:"]
     assert texts(engine, "migrate -")[:4] == ["-d", "-b", "-i", "-r"] and "--to" in texts(engine, "migrate -")
     assert texts(engine, "migrate --to ") == ["vm1", "vm2"]
-    assert texts(engine, "migrate --to vm2 --strategy ") == ["auto", "precopy", "converge", "postcopy"]
+    assert texts(engine, "migrate --to vm2 --strategy ") == ["auto", "precopy", "converge", "postcopy", "multifd",
+                                                             "compress", "xbzrle"]
     assert "savevm" in texts(engine, "sav") and texts(engine, "sav")[0] == "savevm"
     assert "query-migrate" in texts(engine, "qmp query-mig")
     assert texts(engine, "watch info migrate_c") == ["migrate_capabilities"]

@@ -108,7 +108,7 @@ def test_each_strategy_is_one_class_in_one_module_and_found_by_name() -> None:
         classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
         assert len(classes) == 1 and any(getattr(b, "id", "") == "Strategy" for b in classes[0].bases), stem
     names = {strategy_named(n).name for n in (*offered(), "none")}
-    assert len(names) == len(modules) == 5
+    assert len(names) == len(modules) == 8
     assert offered()[0] == "auto" and "none" not in offered()       # the default first; observe is kvmshell's own
 
 

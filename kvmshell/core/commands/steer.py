@@ -3,6 +3,7 @@ the live view that `info migrate` shows for a migration kvmshell follows."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -19,11 +20,13 @@ from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
 from kvmshell.core.migration.live.measure import measure
+from kvmshell.core.migration.live.wiredata import measured_costs
+from kvmshell.core.migration.model.wire import WireCost, cheapest, why as wire_why
 from kvmshell.core.migration.model.predict import Prediction, Verdict
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.migration.crosshost import CrossHostRequest, migrate_to_host as run_migration
-from kvmshell.errors import CommandFailed, ConfigError, Refused
+from kvmshell.errors import CommandFailed, ConfigError, KvmError, Refused
 from kvmshell.core.commands.spec import UsageError
 
 
@@ -157,19 +160,28 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
         raise Refused(f"a migration is {info.status}: measuring now would disturb it", guest=source)
     params = await mon.migrate_parameters()
     figure = await link_figure(inv, req)
-    m = await measure(mon, inv.progress)
-    ram, dirty = m.ram, m.dirty
-    D, W = dirty.lo, dirty.working_set
     link = figure.rate
     cap = float(params.max_bandwidth or 0) or None
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
+    # the pages for the fewer-bytes options are read while the dirty-rate windows wait
+    reading = asyncio.create_task(_fewer_bytes(inv, req, R_link, L), name=f"wire-data-{source}")
+    try:
+        m = await measure(mon, inv.progress)
+        fewer, said = await reading
+    finally:
+        if not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+    ram, dirty = m.ram, m.dirty
+    D, W = dirty.lo, dirty.working_set
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
                               bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction)
     rows = [(o.name, o.prediction.verdict.value, o.prediction.total_text(), _downtime(o.prediction),
              f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
             for o in est.options]
+    rows += [_wire_row(c) for c in fewer]
     if est.postcopy is not None:
         rows.append(("postcopy after the first pass", "will converge", f"{est.postcopy.total_s:.1f} s", "~ 1-10 ms",
                      f"{est.postcopy.bytes_total / 1e6:.0f} MB", est.postcopy.note))
@@ -192,7 +204,7 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
         lines.append("UNCERTAIN: the measurement cannot tell whether pre-copy converges:")
         lines += [f"  {o.name}: {o.prediction.outcomes()}" for o in uncertain]
         lines += [f"  ({uncertain[0].prediction.reason})", ""]
-    lines.append(f"auto would run: {est.auto}. Nothing was started.")
+    lines += [*said, f"auto would run: {est.auto}. Nothing was started."]
     by_s = {w.seconds: w.bytes_per_s for w in dirty.windows}
     data = {"guest": source, "destination": dest, "ram_bytes": ram,
             "dirty_rate_1s_bytes_per_s": by_s.get(1.0), "dirty_rate_3s_bytes_per_s": by_s.get(3.0),
@@ -204,7 +216,35 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
             "zero_pages_percent": 100 * m.pages.zero_fraction, "uncertain": est.uncertain, "started": False}
     # options, postcopy, auto: every field of the model's objects (the range and zero share: just above)
     data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction")}
+    data["fewer_bytes"] = [{"strategy": c.option.strategy, "settings": c.option.text(),
+                            "verdict": c.prediction.verdict.value, "total_s": c.prediction.total_s,
+                            "downtime_ms": c.prediction.downtime_ms, "wire_bytes": c.wire_bytes, "cpu_s": c.cpu_s,
+                            "rate_bytes_per_s": c.rate, "limit": c.limit} for c in fewer]
     return Text("\n".join(lines), data=data)
+
+
+async def _fewer_bytes(inv: Invocation, req: MigrateRequest, link: float, limit_s: float) -> tuple[list[WireCost], list[str]]:
+    """Each way of sending fewer bytes (model/wire.py), from the guest's pages and both hosts' CPU; the
+    lines that say what they rest on and what `auto --preflight` would pick."""
+    fleet = inv.session.fleet
+    try:
+        costs, data, room = await measured_costs(inv.monitor, fleet.monitor(req.dest) if req.dest else None,
+                                                 fleet.hosts, link or None, limit_s)
+    except KvmError as e:
+        return [], [f"fewer bytes: not estimated ({e})"]
+    chosen = cheapest(costs, limit_s)
+    pick = chosen.option.strategy if chosen is not None else "plain pre-copy (none fits)"
+    return costs, [f"fewer bytes: {data.text()}; {room.text()}",
+                   f"auto --preflight would send: {pick} ({wire_why(chosen, [], limit_s).split(':')[0]})", ""]
+
+
+def _wire_row(c: WireCost) -> tuple[str, ...]:
+    p = c.prediction
+    name = c.option.strategy + (f" {c.option.parameters['multifd-compression']}"
+                                if c.option.strategy == "compress" else "")
+    return (name, p.verdict.value, f"{p.total_s:.1f} s" if p.total_s is not None else "-", _downtime(p),
+            f"{c.wire_bytes / 1e6:.1f} MB on the wire" if c.wire_bytes is not None else "-",
+            f"{c.limit}; {c.cpu_s or 0:.1f} CPU s; {c.option.text()}")
 
 
 def _downtime(p: Prediction) -> str:

@@ -28,7 +28,7 @@ from kvmshell.core.values.models import (
     BlockDevice, BlockJob, Capabilities, DirtyRate, DirtyRateInfo, DirtyRateMeans, Event, MigrationInfo, MigrationParameters,
     NbdServer, PageSample, ParamValue, QemuVersion, Snapshot, Status,
 )
-from kvmshell.errors import CommandFailed, ConnectFailed, MonitorTimeout
+from kvmshell.errors import CommandFailed, ConnectFailed, KvmError, MonitorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,20 @@ class Monitor(abc.ABC):
                 for e in schema if e.get("meta-type") == "command"}
         return self._command_args.get(command, frozenset())
 
+    async def argument_choices(self, command: str, argument: str) -> frozenset[str] | None:
+        """The values an enum argument of this QEMU's QMP ``command`` takes (e.g. migrate-set-parameters'
+        multifd-compression), from its schema; None when the schema cannot say (no QMP, not an enum)."""
+        try:
+            schema = await self.execute("query-qmp-schema")
+        except KvmError:
+            return None
+        by_name = {e.get("name"): e for e in schema}
+        cmd = next((e for e in schema if e.get("meta-type") == "command" and e.get("name") == command), None)
+        members = by_name.get(cmd.get("arg-type"), {}).get("members", []) if cmd else []
+        kind = next((m.get("type") for m in members if m.get("name") == argument), None)
+        values = by_name.get(kind, {}).get("values")
+        return frozenset(values) if values is not None else None
+
     @abc.abstractmethod
     async def hmp(self, line: str, timeout: float | None = None) -> str:
         """Run one HMP command line; its output. Raises CommandFailed when QEMU reports an error."""
@@ -287,11 +301,10 @@ class Monitor(abc.ABC):
         except TimeoutError:
             raise MonitorTimeout(f"no dirty-rate result within {bound:g} s", guest=self.name) from None
 
-    async def sample_pages(self, count: int, *, seed: int | None = None) -> PageSample:
-        """Read ``count`` random pages of the guest's RAM (``xp``, through HMP on either protocol) and
-        say how many are all zero and how well the others compress. The RAM's ranges come from
-        ``info mtree -f``, or the usual x86 layout when that cannot be read, so that no device
-        register is read."""
+    async def page_addresses(self, count: int, *, seed: int | None = None) -> list[int]:
+        """``count`` random guest-physical page addresses in the guest's RAM. The RAM's ranges come from
+        ``info mtree -f``, or the usual x86 layout when that cannot be read, so that no device register
+        is read."""
         if count <= 0:
             raise CommandFailed(f"cannot sample {count} pages: give a positive count", guest=self.name)
         ram = await self.ram_size()
@@ -302,21 +315,33 @@ class Monitor(abc.ABC):
             ranges = []
         if not ranges:
             ranges = pagesample.usual_ranges(ram)
-        zero = raw = packed = 0
-        addresses = pagesample.pick_pages(ranges, count, random.Random(seed))
+        return pagesample.pick_pages(ranges, count, random.Random(seed))
+
+    async def read_pages(self, addresses: list[int]) -> list[bytes]:
+        """The bytes of the guest pages at ``addresses`` (``xp``, through HMP on either protocol)."""
+        pages = []
         for address in addresses:
             dump = await self.hmp(f"xp /{pagesample.WORDS}gx {address:#x}")
             try:
-                data = pagesample.page_bytes(dump)
+                pages.append(pagesample.page_bytes(dump))
             except ValueError as e:
                 raise CommandFailed(f"reading the page at {address:#x}: {e}", guest=self.name) from None
+        return pages
+
+    async def sample_pages(self, count: int, *, seed: int | None = None) -> PageSample:
+        """Read ``count`` random pages of the guest's RAM and say how many are all zero and how well
+        the others compress."""
+        addresses = await self.page_addresses(count, seed=seed)
+        zero = raw = packed = 0
+        for data in await self.read_pages(addresses):
             if not any(data):
                 zero += 1
             else:
                 raw += len(data)
                 packed += pagesample.compressed_size(data)
-        return PageSample(pages=len(addresses), zero_pages=zero, page_size=pagesample.PAGE, ram_bytes=ram,
-                          compressed_ratio=packed / raw if raw else None, when=time.time())
+        return PageSample(pages=len(addresses), zero_pages=zero, page_size=pagesample.PAGE,
+                          ram_bytes=await self.ram_size(), compressed_ratio=packed / raw if raw else None,
+                          when=time.time())
 
     @abc.abstractmethod
     async def object_add(self, qom_type: str, object_id: str, props: Mapping[str, ParamValue]) -> None: ...

@@ -30,6 +30,7 @@ from kvmshell.core.migration.model.samples import Sample, TraceEvent
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.strategies import strategy_named
+from kvmshell.core.migration.live.wiredata import wire_option
 from kvmshell.core.values.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.migration.tls import disable as tls_disable, enable as tls_enable
@@ -187,7 +188,8 @@ class MigrationJob:
             if dinfo.status is not MigrationStatus.NONE:
                 raise CommandFailed(f"{self.req.dest} already has an incoming migration ({dinfo.status})",
                                     guest=self.req.source)
-        caps: dict[str, bool] = {"events": True}
+        wire = await wire_option(self, downtime_s)       # before the capabilities: auto's postcopy depends on it
+        caps: dict[str, bool] = {"events": True} | wire.capabilities
         if strategy.steers:
             caps["postcopy-ram"] = strategy.postcopy()
             caps["auto-converge"] = strategy.converge()
@@ -211,6 +213,8 @@ class MigrationJob:
                 new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy.throttles_from_start() and known \
                     else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
             await self.settings.set_parameters(src, new)
+            for side in [m for m in (src, self.dest) if m is not None and wire.parameters]:
+                await self.settings.set_parameters(side, wire.parameters)     # the same on both sides
             params = await src.migrate_parameters()
         # QEMU never sends faster than max-bandwidth: the model must know the cap
         cap = params.max_bandwidth
@@ -440,10 +444,7 @@ class MigrationJob:
         """Switch the running migration to postcopy (once), saying why."""
         self.postcopy_started = True
         self.decide("postcopy", f"switching to postcopy: {why}")
-        self._spawn(self._postcopy_cmd())
-
-    async def _postcopy_cmd(self) -> None:
-        await self.source.start_postcopy()
+        self._spawn(self.source.start_postcopy())
 
     async def _choose_converge(self, src: Monitor, caps: dict[str, bool]) -> None:
         """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's

@@ -1,5 +1,6 @@
-"""Pre-copy, escalating once the model's verdict holds that it will not converge (or too slowly): to
-postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
+"""Pre-copy (with --preflight: sending fewer bytes, the fastest of multifd, compression and XBZRLE
+within the downtime limit, model/wire.py), escalating once the model's verdict holds that it will not
+converge (or too slowly): to postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
 allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, a confident "will not
 converge" before the start switches to postcopy right after the first pass. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
@@ -7,11 +8,13 @@ and may still switch to postcopy."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvmshell.core.migration.live.strategies.base import Strategy, escalation, release
 from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption, cheapest, why
 from kvmshell.core.values.models import ParamValue
 
 if TYPE_CHECKING:
@@ -29,9 +32,23 @@ class Auto(Strategy):
         super().__init__(request)
         self.preflight_said = False
         self.released = False            # the throttle was released: it is not armed again
+        self.wire = PLAIN                # the fewer-bytes option chosen before the start (with the pre-flight)
 
     def postcopy(self) -> bool:
-        return self.request.allow_postcopy
+        # QEMU 7.2 sends postcopy's pages on the main stream only: no postcopy over multifd
+        return self.request.allow_postcopy and not self.wire.capabilities.get("multifd")
+
+    def wants_wire_data(self, request: MigrationRequest) -> bool:
+        return request.preflight
+
+    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float) -> tuple[WireOption, str | None]:
+        if costs is None:
+            return PLAIN, None
+        if not (self.request.bandwidth or self.request.link):
+            return PLAIN, "plain pre-copy: the link's speed is not known (--link or --bandwidth), no option can be costed"
+        chosen = cheapest(costs, downtime_s)
+        self.wire = chosen.option if chosen is not None else PLAIN
+        return self.wire, why(chosen, costs, downtime_s)
 
     def converge(self) -> bool:
         return True                      # armed but inert (below): throttling stays a choice with postcopy too

@@ -5,12 +5,13 @@ throttle (``release``, on the same evidence)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, syncs_of, throttle_for
 from kvmshell.core.migration.model.samples import Sample
+from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption
 from kvmshell.core.values.models import ParamValue
 
 if TYPE_CHECKING:
@@ -72,6 +73,16 @@ class Strategy:
         """With dirty-limit: hold the vCPUs back from the start (else the limit stays inert until the
         strategy arms it)."""
         return False
+
+    def wants_wire_data(self, request: MigrationRequest) -> bool:
+        """Measure the guest's pages and both hosts' CPU before the start (live/wiredata.py) and pass
+        every fewer-bytes option's cost to ``wire_option``."""
+        return False
+
+    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float) -> tuple[WireOption, str | None]:
+        """The fewer-bytes settings (multifd, compression, XBZRLE) both sides get before the start, and
+        why in numbers (None: nothing to say); ``costs``: each option's, when ``wants_wire_data``."""
+        return PLAIN, None
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:
         """Act on the model's latest prediction (the job's levers: ``start_postcopy``, ``arm_throttle``)."""

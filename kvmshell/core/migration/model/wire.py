@@ -1,0 +1,266 @@
+"""Bytes on the wire: what each way QEMU has of sending fewer bytes would cost this guest. Pure: the
+figures measured before the start in (``WireData``, ``Headroom``), one ``WireCost`` per option out,
+and the option auto would pick (``cheapest``).
+
+The options (QEMU 7.2 names; the guest's QEMU must have each, discovered from the guest):
+
+* plain pre-copy: every non-zero page as it is, one stream;
+* ``multifd``: the pages over several streams (``multifd-channels``), where one TCP stream is the limit;
+* ``compress``: multifd with ``multifd-compression`` zstd (or zlib): each page costs its compressed size
+  on the wire, and the compressing cores (source) and decompressing ones (destination) become a limit;
+* ``xbzrle``: a re-dirtied page found in the source's cache is sent as its delta to the cached copy.
+  The first pass is plain; the cache costs the source ``xbzrle-cache-size`` bytes of memory.
+
+Each is run through the pre-copy model (``predict``) with the rate it moves page bytes at. Multifd's
+``ram.transferred`` counts page bytes before compression (measured here), so QEMU's threshold
+(bandwidth x downtime limit) grows with compression too. XBZRLE's does not: QEMU measures its bandwidth
+in the encoded bytes it writes while the dirty set stays in page bytes, so its passes run faster but the
+final set must still fit the wire rate x the limit (``_xbzrle``).
+
+Figures fitted on this machine (QEMU 7.2, 2 cores): one migration TCP stream moves ~2.2 GB/s on
+loopback; XBZRLE encodes in the migration thread; decompression is about 4x faster than compression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from kvmshell.core.migration.model.predict import (
+    FIXED_DOWNTIME_S, ZERO_SCAN_RATE, Inputs, Prediction, Verdict, dirtied, predict,
+)
+from kvmshell.core.values.models import ParamValue
+
+PAGE = 4096
+STREAM_RATE = 2.2e9            # bytes/s one migration stream moves when the link is not the limit
+XBZRLE_RATE = 1.0e9            # page bytes/s the migration thread xor-encodes against the cache
+XBZRLE_PAGE_OVERHEAD = 16      # bytes per encoded page: header, run lengths
+DECOMPRESS_FACTOR = 4.0        # decompressing is this many times faster than compressing
+MIN_CORES = 0.5                # a busy host still gives a compressing thread this share of a core
+CHANNELS = 2                   # multifd channels: QEMU's default; more only with idle cores for them
+SAME_S = 0.05                  # options within this share of each other's time: the cheaper CPU wins
+
+
+@dataclass(frozen=True)
+class WireData:
+    """The guest's pages, sampled before the start: how well the non-zero ones compress and how much of a
+    re-dirtied page changes. Compression speeds are measured on kvmshell's host, standing in for QEMU's."""
+
+    pages: int                          # pages read
+    zero_fraction: float                # of them, all zero
+    zstd_ratio: float                   # compressed / raw size of the non-zero pages (zstd level 1)
+    zlib_ratio: float                   # ... zlib level 1
+    zstd_speed: float                   # page bytes/s one core compresses (zstd level 1)
+    zlib_speed: float
+    changed: int = 0                    # pages read twice that changed in between
+    delta_fraction: float | None = None  # of a changed page, the share of its bytes that changed
+    interval_s: float = 0.0             # between the two reads of a page
+
+    @property
+    def changed_fraction(self) -> float:
+        return self.changed / self.pages if self.pages else 0.0
+
+    def text(self) -> str:
+        delta = (f"{self.changed} of {self.pages} pages changed within {self.interval_s:.1f} s, "
+                 f"{PAGE * self.delta_fraction:.0f} of their {PAGE} bytes" if self.delta_fraction is not None
+                 else f"no page of {self.pages} changed within {self.interval_s:.1f} s")
+        return (f"non-zero pages compress to {100 * self.zstd_ratio:.0f} % (zstd, {self.zstd_speed / 1e6:.0f} MB/s "
+                f"a core) or {100 * self.zlib_ratio:.0f} % (zlib, {self.zlib_speed / 1e6:.0f} MB/s); {delta}")
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Idle cores on each host over a short window (/proc/stat), of how many."""
+
+    source_idle: float
+    source_cores: int
+    dest_idle: float
+    dest_cores: int
+
+    def text(self) -> str:
+        return (f"idle cores: source {self.source_idle:.1f} of {self.source_cores}, destination "
+                f"{self.dest_idle:.1f} of {self.dest_cores}")
+
+
+@dataclass(frozen=True)
+class WireOption:
+    """One way to send the pages: the strategy that runs it and the settings it needs on both sides."""
+
+    strategy: str                       # "precopy", "multifd", "compress", "xbzrle"
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+    def text(self) -> str:
+        on = [k for k, v in self.capabilities.items() if v]
+        return ", ".join([*on, *(f"{k} {v}" for k, v in self.parameters.items())]) or "plain pre-copy"
+
+
+PLAIN = WireOption("precopy")
+
+
+def multifd(channels: int = CHANNELS) -> WireOption:
+    return WireOption("multifd", {"multifd": True, "xbzrle": False},
+                      {"multifd-channels": channels, "multifd-compression": "none"})
+
+
+def compress(method: str = "zstd", level: int = 1, channels: int = CHANNELS) -> WireOption:
+    return WireOption("compress", {"multifd": True, "xbzrle": False},
+                      {"multifd-channels": channels, "multifd-compression": method, f"multifd-{method}-level": level})
+
+
+def xbzrle(cache_bytes: int) -> WireOption:
+    return WireOption("xbzrle", {"xbzrle": True, "multifd": False}, {"xbzrle-cache-size": cache_bytes})
+
+
+def cache_size(working_set: float | None, ram: float) -> int:
+    """An XBZRLE cache that holds the working set with a quarter to spare: a power of two (QEMU rounds
+    down to one), at least 64 MiB (QEMU's default), at most the RAM."""
+    want = max(64 << 20, 1.25 * (working_set or 0.0))
+    size = 1 << (int(want) - 1).bit_length()
+    return int(min(size, max(64 << 20, 1 << (int(ram).bit_length() - 1))))
+
+
+@dataclass(frozen=True)
+class WireCost:
+    """One option's predicted cost: time, downtime, bytes on the wire, CPU seconds on both hosts."""
+
+    option: WireOption
+    prediction: Prediction
+    rate: float                         # page bytes/s it moves
+    wire_bytes: float | None            # bytes on the wire until completion (None: it never completes)
+    cpu_s: float | None                 # CPU seconds it costs both hosts together (beyond plain sending)
+    limit: str                          # what bounds its rate
+
+    @property
+    def converges(self) -> bool:
+        return self.prediction.verdict is Verdict.CONVERGES
+
+    def line(self) -> str:
+        p = self.prediction
+        if not self.converges:
+            return f"{self.option.strategy} ({self.option.text()}): {p.verdict.value} at {self.rate / 1e6:.0f} MB/s ({self.limit})"
+        return (f"{self.option.strategy} ({self.option.text()}): {p.total_s or 0:.2f} s, downtime "
+                f"{p.downtime_ms or 0:.0f} ms, {_mb(self.wire_bytes or 0)} on the wire, "
+                f"{self.cpu_s or 0:.1f} CPU s, {self.rate / 1e6:.0f} MB/s ({self.limit})")
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.1f} MB" if x < 10e6 else f"{x / 1e6:.0f} MB"
+
+
+@dataclass(frozen=True)
+class Guest:
+    """What the model needs of the guest and the path, besides its pages."""
+
+    ram: float                          # bytes
+    dirty_rate: float                   # bytes/s (a lower bound is fine: with a working set it is capped)
+    working_set: float | None
+    link: float                         # bytes/s
+    downtime_limit_s: float
+
+
+def _inputs(g: Guest, data: WireData, rate: float, final: float) -> Inputs:
+    zero = g.ram * data.zero_fraction
+    return Inputs(ram_bytes=g.ram - zero, zero_bytes=zero, dirty_rate=g.dirty_rate, working_set=g.working_set,
+                  rate=rate, link=final, downtime_limit_s=g.downtime_limit_s)
+
+
+def _plain(opt: WireOption, g: Guest, data: WireData, streams: int) -> WireCost:
+    rate = min(g.link, streams * STREAM_RATE)
+    limit = "the link" if rate == g.link else f"{streams} stream(s)"
+    p = predict(_inputs(g, data, rate, rate))
+    return WireCost(opt, p, rate, p.bytes_total, 0.0 if p.bytes_total is not None else None, limit)
+
+
+def _compressed(opt: WireOption, g: Guest, data: WireData, room: Headroom) -> WireCost:
+    method = str(opt.parameters["multifd-compression"])
+    channels = int(opt.parameters["multifd-channels"])
+    ratio, speed = (data.zstd_ratio, data.zstd_speed) if method == "zstd" else (data.zlib_ratio, data.zlib_speed)
+    ratio = max(ratio, 1e-3)
+    src = speed * min(channels, max(MIN_CORES, room.source_idle))
+    dst = speed * DECOMPRESS_FACTOR * min(channels, max(MIN_CORES, room.dest_idle))
+    bounds = {"the link": g.link / ratio, "compressing on the source": src, "decompressing on the destination": dst,
+              f"{channels} stream(s)": channels * STREAM_RATE / ratio}
+    limit = min(bounds, key=lambda k: bounds[k])
+    rate = bounds[limit]
+    p = predict(_inputs(g, data, rate, rate))
+    if p.bytes_total is None:
+        return WireCost(opt, p, rate, None, None, limit)
+    cpu = p.bytes_total / speed + p.bytes_total / (speed * DECOMPRESS_FACTOR)
+    return WireCost(opt, p, rate, p.bytes_total * ratio, cpu, limit)
+
+
+def _xbzrle(opt: WireOption, g: Guest, data: WireData) -> WireCost:
+    """The first pass plain; later passes at the delta's size for pages the cache holds, whole pages
+    for the others. QEMU's threshold stays the wire rate x the limit: run the model in page bytes with
+    the limit scaled by the encoded share, so that its threshold is the same bytes."""
+    cache = float(opt.parameters["xbzrle-cache-size"])
+    held = 1.0 if not g.working_set else min(1.0, cache / g.working_set)
+    delta = data.delta_fraction if data.delta_fraction is not None else 1.0
+    encoded = min(1.0, delta + XBZRLE_PAGE_OVERHEAD / PAGE)
+    share = held * encoded + (1 - held)
+    wire = min(g.link, STREAM_RATE)
+    later = min(wire / share, XBZRLE_RATE)
+    limit = "the link" if later == wire / share else "xbzrle encoding (one thread)"
+    zero = g.ram * data.zero_fraction
+    first = g.ram - zero
+    t1 = first / wire + zero / ZERO_SCAN_RATE
+    after = dirtied(g.dirty_rate, g.working_set, t1)
+    p = predict(Inputs(ram_bytes=0.0, dirty_rate=g.dirty_rate, working_set=g.working_set, rate=later, link=later,
+                       downtime_limit_s=g.downtime_limit_s * wire / later, dirty_set=after, elapsed_s=t1, sent=first))
+    if p.bytes_total is None:
+        return WireCost(opt, p, later, None, None, limit)
+    p = replace(p, downtime_ms=max(p.downtime_ms or 0.0, FIXED_DOWNTIME_S * 1000))
+    later_bytes = p.bytes_total - first
+    return WireCost(opt, p, later, first + later_bytes * share, later_bytes / XBZRLE_RATE, limit)
+
+
+def cost(opt: WireOption, g: Guest, data: WireData, room: Headroom) -> WireCost:
+    """One option's predicted cost on this guest and path."""
+    if opt.capabilities.get("xbzrle"):
+        return _xbzrle(opt, g, data)
+    if opt.parameters.get("multifd-compression", "none") != "none":
+        return _compressed(opt, g, data, room)
+    return _plain(opt, g, data, int(opt.parameters.get("multifd-channels", 1)) if opt.capabilities.get("multifd") else 1)
+
+
+def options(g: Guest, *, compressions: Sequence[str] = ("zstd", "zlib")) -> list[WireOption]:
+    """The options worth costing: plain, multifd, multifd with each compression the guest's QEMU has,
+    XBZRLE with a cache for the working set."""
+    out = [PLAIN, multifd()]
+    out += [compress(m) for m in ("zstd", "zlib") if m in compressions]
+    out.append(xbzrle(cache_size(g.working_set, g.ram)))
+    return out
+
+
+def cheapest(costs: Sequence[WireCost], downtime_limit_s: float) -> WireCost | None:
+    """The option auto runs: the fastest that converges within the downtime limit; among those within
+    SAME_S of the fastest, the one with the fewest CPU seconds (plain first on a tie). None: none would."""
+    ok = [c for c in costs if c.converges and (c.prediction.downtime_ms or 0) <= downtime_limit_s * 1000 + 1]
+    if not ok:
+        return None
+    best = min(c.prediction.total_s or 0.0 for c in ok)
+    near = [c for c in ok if (c.prediction.total_s or 0.0) <= best * (1 + SAME_S) + 0.01]
+    return min(near, key=lambda c: (c.cpu_s or 0.0, c.prediction.total_s or 0.0))
+
+
+def why(chosen: WireCost | None, costs: Sequence[WireCost], downtime_limit_s: float) -> str:
+    """The choice in numbers: what it costs, and every option's cost."""
+    each = "; ".join(c.line() for c in costs)
+    if chosen is None:
+        return f"no option converges within {downtime_limit_s * 1000:.0f} ms: {each}"
+    return (f"{chosen.option.strategy} is the fastest within the {downtime_limit_s * 1000:.0f} ms downtime limit "
+            f"(ties within {100 * SAME_S:.0f} %: fewer CPU seconds): {each}")
+
+
+def idle_cores(before: str, after: str) -> float:
+    """Idle cores between two ``cpu`` lines of /proc/stat (idle + iowait over all jiffies, x cores)."""
+    a, b = ([int(x) for x in line.split()[1:]] for line in (before, after))
+    d = [y - x for x, y in zip(a, b)]
+    total = sum(d[:8])                   # user nice system idle iowait irq softirq steal
+    return (d[3] + d[4]) / total if total > 0 else 0.0
+
+
+def delta_share(first: bytes, second: bytes) -> float:
+    """The share of a page's bytes that differ between two reads of it."""
+    return sum(1 for x, y in zip(first, second) if x != y) / max(1, len(first))
