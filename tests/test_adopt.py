@@ -167,12 +167,15 @@ async def test_follow_refuses_in_one_line(lab: Lab, tmp_path: Path) -> None:
             dst_session = Session(fleet, default_registry(), Config())
             [o] = await dst_session.run_line("@dst migrate --follow")
             assert not o.ok and "this guest receives the migration" in (o.error or ""), o.error
-            # the same session twice
+            # the same session twice; a state file about an older migration (a live pid, even) is set aside
+            running.write(running.RunningFile(source="src", source_address=str(g.src.address), strategy="auto",
+                                              pid=os.getpid(), started_at=1.0))
             async with attached(("src", g.src.address)) as ours:
                 session = Session(ours, default_registry(), Config())
                 try:
                     [o] = await session.run_line("@src migrate --follow")
-                    assert o.ok, o.error
+                    assert o.ok and o.result is not None, o.error
+                    assert "is about an older migration: following this one with strategy none" in o.result.text()
                     [o] = await session.run_line("@src migrate --follow")
                     assert not o.ok and "this kvmshell follows this migration already" in (o.error or ""), o.error
                     [o] = await session.run_line("@src info migrate")

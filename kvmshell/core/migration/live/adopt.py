@@ -24,6 +24,9 @@ from kvmshell.errors import CommandFailed, Refused
 NO_FILE = ("no state file from the kvmshell that started it: following it with strategy none (sampler, model, "
            "stall watchdog); its migration settings cannot be put back, kvmshell does not know what they were")
 
+STALE = ("the state file of this guest is about an older migration: following this one with strategy none; its "
+         "migration settings cannot be put back, kvmshell does not know what they were")
+
 
 @dataclass
 class Adopted:
@@ -39,7 +42,7 @@ def not_followed(info: MigrationInfo, state: running.RunningFile | None) -> str 
     if not info.status.is_active:
         return None
     owner = ""
-    if state is not None:
+    if state is not None and state.describes(info):
         owner = (f"; kvmshell pid {state.pid} follows it" if state.alive else
                  f"; started by kvmshell pid {state.pid} (gone), strategy {state.strategy}")
     return f"{info.status} and not followed: `migrate --follow` adopts it{owner}"
@@ -63,12 +66,15 @@ async def adopt(fleet: Fleet, guest: str) -> Adopted:
     if (await mon.status()).state is RunState.INMIGRATE:
         raise Refused("this guest receives the migration: `migrate --follow` on its source", guest=guest)
     state = running.load(str(mon.address))
+    stale = state is not None and not state.describes(info)
+    if stale:
+        state = None                        # a file about an older migration of this guest
     if state is not None and state.alive:
         raise Refused(f"kvmshell pid {state.pid} follows this migration already: adopt it once that kvmshell "
                       "has ended", guest=guest)
     if state is None or state.strategy == "none":
         job = MigrationJob.of(fleet, MigrationRequest(guest, strategy="none"))
-        why = NO_FILE if state is None else "the kvmshell that started it only observed it: following it with " \
+        why = (STALE if stale else NO_FILE) if state is None else "the kvmshell that started it only observed it: following it with " \
                                              "strategy none (sampler, model, stall watchdog)"
         return Adopted(job, f"following the {info.status} migration; {why}")
     return await _resume(fleet, mon, info, state)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.config import state_dir
+from kvmshell.core.values.models import MigrationInfo
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ THROTTLE = ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"
             "vcpu-dirty-limit")
 REQUEST = ("downtime_ms", "bandwidth", "link", "allow_postcopy", "interval", "stall_timeout")
 ANSWER_S = 3.0
+STALE_S = 10.0                   # the start a file records and QEMU's own may differ by this much
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class RunningFile:
                    pid=int(d["pid"]), dest=d.get("dest"), dest_address=d.get("dest_address"), uri=d.get("uri"),
                    request=dict(d.get("request") or {}), before=dict(d.get("before") or {}),
                    stages=tuple(d.get("stages") or ()), started_at=float(d.get("started_at") or 0.0))
+
+    def describes(self, info: MigrationInfo, slack_s: float = STALE_S) -> bool:
+        """The file is about the migration ``info`` describes (QEMU's total time matches its start),
+        not an older one it outlived (a kvmshell that closed while it ran, say)."""
+        if info.total_time_ms is None or not self.started_at:
+            return True
+        return abs(time.time() - info.total_time_ms / 1000 - self.started_at) <= slack_s
 
     @property
     def alive(self) -> bool:
@@ -127,20 +136,24 @@ async def save(job: MigrationJob) -> None:
         if mon is not None:
             b = job.settings.before(mon.name)
             before[role] = {"capabilities": dict(b.capabilities), "parameters": dict(b.parameters)}
-    if job.strategy.steers:
-        params = before["source"]["parameters"]
-        try:
-            async with asyncio.timeout(ANSWER_S):
+    started_at = time.time()
+    try:
+        async with asyncio.timeout(ANSWER_S):
+            info = await job.source.migration()
+            if info.total_time_ms is not None:          # when QEMU started it: an adopted job's too
+                started_at -= info.total_time_ms / 1000
+            if job.strategy.steers:
+                params = before["source"]["parameters"]
                 now = await job.source.migrate_parameters()
-            params |= {k: v for k in THROTTLE if k not in params and (v := now.get(k)) is not None}
-        except (KvmError, TimeoutError) as e:
-            log.info("%s: throttle parameters not recorded: %s", job.req.source, e)
+                params |= {k: v for k in THROTTLE if k not in params and (v := now.get(k)) is not None}
+    except (KvmError, TimeoutError) as e:
+        log.info("%s: the state file may lack the throttle parameters or the start: %s", job.req.source, e)
     req = job.req
     write(RunningFile(source=job.source.name, source_address=str(job.source.address), strategy=req.strategy,
                       pid=os.getpid(), dest=job.dest.name if job.dest else None,
                       dest_address=str(job.dest.address) if job.dest else None, uri=job.uri,
                       request={k: getattr(req, k) for k in REQUEST}, before=before,
-                      stages=tuple(st.name for st in job.work), started_at=time.time()))
+                      stages=tuple(st.name for st in job.work), started_at=started_at))
 
 
 def drop(job: MigrationJob) -> None:
