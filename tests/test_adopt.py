@@ -210,3 +210,38 @@ async def test_postcopy_paused_is_shown_and_follow_exits_3(lab: Lab, tmp_path: P
             assert await g.status() is MigrationStatus.POSTCOPY_PAUSED
         finally:
             await fleet.aclose()
+
+
+# -- the state file itself (no QEMU) -----------------------------------------------------------------
+
+def test_state_file_round_trip_is_atomic_and_only_its_writer_removes_it(tmp_path: Path) -> None:
+    state = running.RunningFile(source="vm1", source_address="qmp:unix:/run/vm1.qmp", strategy="auto", pid=os.getpid(),
+                                dest="vm2", dest_address="qmp:unix:/run/vm2.qmp", uri="tcp:127.0.0.1:4444",
+                                request={"bandwidth": 1 << 20}, stages=("copy storage",), started_at=12.5,
+                                before={"source": {"capabilities": {"events": False}, "parameters": {"max-bandwidth": 5}}})
+    running.write(state)
+    assert running.load(state.source_address) == state
+    assert [p.suffix for p in running.directory().iterdir()] == [".json"]        # no temporary file left
+    running.remove(state.source_address, pid=os.getpid() + 1)                   # another kvmshell's: kept
+    assert running.load(state.source_address) == state
+    running.remove(state.source_address, pid=os.getpid())
+    assert running.load(state.source_address) is None
+    running.path_for("x").parent.mkdir(parents=True, exist_ok=True)
+    running.path_for("x").write_text("{not json")
+    assert running.load("x") is None                                             # logged, not raised
+
+
+async def test_a_dead_or_zombie_kvmshell_is_not_alive() -> None:
+    import subprocess
+    child = subprocess.Popen(["true"])
+    try:
+        async def state() -> str:
+            return Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        await wait_for(state, lambda st: st == "Z", what="a zombie (exited, not reaped: no wait() yet)")
+        assert not running.pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not running.pid_alive(child.pid)
+    assert running.pid_alive(os.getpid())
+    mine = running.RunningFile(source="a", source_address="a", strategy="auto", pid=os.getpid())
+    assert not mine.alive                          # this very kvmshell is not "another live one"
