@@ -25,9 +25,10 @@ from kvmshell.core.values.address import Address
 from kvmshell.core.values.models import MigrationStatus, ParamValue
 from kvmshell.lab.launcher import Lab
 from kvmshell.lab.verify import check_guest_memory
-from kvmshell.tui.views import badge_for_info
+from kvmshell.tui.views import Badge, badge_for_info
 from tests.test_cli import kvmshell
 from tests.test_scripts import Guests, guests, started
+from tests.test_tui import attach as tui_attach, rig as tui_rig, until as tui_until
 from tests.waiting import free_port, wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
@@ -208,6 +209,30 @@ async def test_postcopy_paused_is_shown_and_follow_exits_3(lab: Lab, tmp_path: P
             assert rc == 3, err
             assert "DANGER" in out and "migrate_recover" in out, out
             assert await g.status() is MigrationStatus.POSTCOPY_PAUSED
+        finally:
+            await fleet.aclose()
+
+
+async def test_the_dashboard_shows_it_not_followed_and_adopts_it_from_the_command_bar(lab: Lab, tmp_path: Path) -> None:
+    async with guests(lab, tmp_path, ws=WS) as g:
+        fleet = await plain_migration(g)
+        try:
+            async with Fleet() as mine:
+                source = await tui_attach(mine, tmp_path, g.src, current="src")
+                r = tui_rig(source, [g.src])
+                async with r.app.run_test(size=(160, 30), message_hook=r.messages.append) as pilot:
+                    text = await tui_until(pilot, lambda: r.row("src").badge_text, "the badge")
+                    assert "(not followed: `migrate --follow` to adopt)" in text, text
+                    await pilot.press("slash", *"migrate --follow", "enter")
+                    done = await tui_until(pilot, lambda: [m for m in r.finished("") if "migrate --follow" in m.line],
+                                           "the command")
+                    assert done[0].ok, r.output_text()
+                    await tui_until(pilot, lambda: "not followed" not in r.row("src").badge_text, "followed")
+                    await uncap(g)
+                    await tui_until(pilot, lambda: r.row("src").badge is Badge.COMPLETED, "completed", timeout=60)
+                await r.session.aclose()
+            check = await check_guest_memory(fleet.monitor("dst"), WS, tmp_path)
+            assert check.ok, check.problems
         finally:
             await fleet.aclose()
 
