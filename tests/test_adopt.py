@@ -59,33 +59,42 @@ async def uncap(g: Guests) -> None:
     await g.side.set_parameters({"max-bandwidth": 1 << 30})
 
 
-async def test_kill_9_then_follow_adopts_finishes_and_puts_both_sides_back(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ends", ["kill -9", "--detach"])
+async def test_kill_9_then_follow_adopts_finishes_and_puts_both_sides_back(lab: Lab, tmp_path: Path, ends: str) -> None:
+    """The issue's case (kill -9), and a kvmshell that left the migration to QEMU on purpose (--detach)."""
     async with guests(lab, tmp_path, ws=WS) as g:
         await g.side.set_parameters({"cpu-throttle-initial": 35, "downtime-limit": 400})    # the user's own
         src_before = await settings(g.side)
         async with attached(("dst", g.dst.address)) as fleet:
             dst_before = await settings(fleet.monitor("dst"))
-        async with started(tmp_path, *g.args, "-c", "@src migrate --to dst --strategy converge --bandwidth 1M "
-                                                    "--stall-timeout 60") as first:
-            await g.until(MigrationStatus.ACTIVE)
-            await wait_for(lambda: _async(state_files(tmp_path)), bool, what="the state file")
+        line = "@src migrate --to dst --strategy converge --bandwidth 1M --stall-timeout 60"
+        if ends == "--detach":
+            rc, out, err = await kvmshell(tmp_path, *g.args, "-c", line + " --detach")
+            assert rc == 0 and "`migrate --follow` takes it back" in err, err
             [path] = state_files(tmp_path)
-            state = json.loads(path.read_text())
-            assert state["pid"] == first.proc.pid and state["strategy"] == "converge", state
-            assert state["before"]["source"]["capabilities"]["auto-converge"] is False, state
-            assert state["before"]["source"]["parameters"]["cpu-throttle-initial"] == 35, state
-            assert state["before"]["source"]["parameters"]["max-bandwidth"] == 128 << 20, state
-            first.proc.send_signal(signal.SIGKILL)
-            assert await first.proc.wait() == -signal.SIGKILL
+            first_pid = json.loads(path.read_text())["pid"]
+        else:
+            async with started(tmp_path, *g.args, "-c", line) as first:
+                await g.until(MigrationStatus.ACTIVE)
+                await wait_for(lambda: _async(state_files(tmp_path)), bool, what="the state file")
+                [path] = state_files(tmp_path)
+                first.proc.send_signal(signal.SIGKILL)
+                assert await first.proc.wait() == -signal.SIGKILL
+                first_pid = first.proc.pid
+        state = json.loads(path.read_text())
+        assert state["pid"] == first_pid and state["strategy"] == "converge", state
+        assert state["before"]["source"]["capabilities"]["auto-converge"] is False, state
+        assert state["before"]["source"]["parameters"]["cpu-throttle-initial"] == 35, state
+        assert state["before"]["source"]["parameters"]["max-bandwidth"] == 128 << 20, state
         assert await g.status() is MigrationStatus.ACTIVE          # QEMU goes on, unsteered
         assert (await settings(g.side))[1]["max-bandwidth"] == 1 << 20
         rc, out, err = await kvmshell(tmp_path, *g.args, "-c", "@src info migrate")
         assert rc == 0, err
         assert "not followed: `migrate --follow` adopts it" in out and \
-            f"started by kvmshell pid {first.proc.pid} (gone), strategy converge" in out, out
+            f"started by kvmshell pid {first_pid} (gone), strategy converge" in out, out
         async with started(tmp_path, *g.args, "-c", "@src migrate --follow") as second:
             said = await second.line(lambda text: "adopted" in text)
-            assert f"started by kvmshell pid {first.proc.pid} (gone): strategy converge resumes" in said, said
+            assert f"started by kvmshell pid {first_pid} (gone): strategy converge resumes" in said, said
             await wait_for(lambda: _async(json.loads(path.read_text())["pid"]), lambda pid: pid == second.proc.pid,
                            what="the state file taken over by the adopter")
             await uncap(g)
@@ -243,7 +252,8 @@ def test_state_file_round_trip_is_atomic_and_only_its_writer_removes_it(tmp_path
     state = running.RunningFile(source="vm1", source_address="qmp:unix:/run/vm1.qmp", strategy="auto", pid=os.getpid(),
                                 dest="vm2", dest_address="qmp:unix:/run/vm2.qmp", uri="tcp:127.0.0.1:4444",
                                 request={"bandwidth": 1 << 20}, stages=("copy storage",), started_at=12.5,
-                                before={"source": {"capabilities": {"events": False}, "parameters": {"max-bandwidth": 5}}})
+                                before={"source": {"capabilities": {"events": False},
+                                                   "parameters": {"max-bandwidth": 5}}})
     running.write(state)
     assert running.load(state.source_address) == state
     assert [p.suffix for p in running.directory().iterdir()] == [".json"]        # no temporary file left

@@ -27,6 +27,9 @@ NO_FILE = ("no state file from the kvmshell that started it: following it with s
 STALE = ("the state file of this guest is about an older migration: following this one with strategy none; its "
          "migration settings cannot be put back, kvmshell does not know what they were")
 
+OBSERVED = ("the kvmshell that started it only observed it: following it with strategy none (sampler, model, "
+            "stall watchdog)")
+
 
 @dataclass
 class Adopted:
@@ -74,8 +77,7 @@ async def adopt(fleet: Fleet, guest: str) -> Adopted:
                       "has ended", guest=guest)
     if state is None or state.strategy == "none":
         job = MigrationJob.of(fleet, MigrationRequest(guest, strategy="none"))
-        why = (STALE if stale else NO_FILE) if state is None else "the kvmshell that started it only observed it: following it with " \
-                                             "strategy none (sampler, model, stall watchdog)"
+        why = OBSERVED if state is not None else STALE if stale else NO_FILE
         return Adopted(job, f"following the {info.status} migration; {why}")
     return await _resume(fleet, mon, info, state)
 
@@ -85,8 +87,9 @@ async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: runnin
     warnings: list[str] = []
     dest = _attached(fleet, state.dest_address)
     if state.dest_address is not None and dest is None:
-        warnings.append(f"the destination {state.dest_address} is not attached here: its migration settings "
-                        f"cannot be put back (attach it and they will be next time)")
+        warnings.append(f"the destination {state.dest_address} is not attached here: its migration settings stay "
+                        "as kvmshell set them (attach it with -g NAME=ADDRESS before `migrate --follow` to put them "
+                        "back)")
     req = MigrationRequest(mon.name, dest=dest.name if dest else None, strategy=state.strategy,
                            **{k: v for k, v in state.request.items() if k in running.REQUEST})
     try:
