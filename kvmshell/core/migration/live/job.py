@@ -298,9 +298,9 @@ class MigrationJob:
                 self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                                "message": self.outcome.full_message}, time.time()))
                 return self.outcome
-        await running.save(self)                 # another kvmshell can adopt it if this one dies
         self.sampler.on_sample(self._on_sample)
         try:
+            await running.save(self)             # another kvmshell can adopt it if this one dies
             last = await self._follow()
             self.outcome = await self._conclude(last)
         finally:
