@@ -32,7 +32,7 @@ from tests.test_tui import attach as tui_attach, rig as tui_rig, until as tui_un
 from tests.waiting import free_port, wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
-WS = 512                         # 2 MiB working set: seconds at 1 MB/s, well under one once uncapped
+WS = 4096                        # 16 MiB working set: half a minute at 512 KiB/s, under a second once uncapped
 Settings = tuple[Mapping[str, bool], Mapping[str, ParamValue]]
 
 
@@ -67,7 +67,7 @@ async def test_kill_9_then_follow_adopts_finishes_and_puts_both_sides_back(lab: 
         src_before = await settings(g.side)
         async with attached(("dst", g.dst.address)) as fleet:
             dst_before = await settings(fleet.monitor("dst"))
-        line = "@src migrate --to dst --strategy converge --bandwidth 1M --stall-timeout 60"
+        line = "@src migrate --to dst --strategy converge --bandwidth 512K --stall-timeout 60"
         if ends == "--detach":
             rc, out, err = await kvmshell(tmp_path, *g.args, "-c", line + " --detach")
             assert rc == 0 and "`migrate --follow` takes it back" in err, err
@@ -87,7 +87,7 @@ async def test_kill_9_then_follow_adopts_finishes_and_puts_both_sides_back(lab: 
         assert state["before"]["source"]["parameters"]["cpu-throttle-initial"] == 35, state
         assert state["before"]["source"]["parameters"]["max-bandwidth"] == 128 << 20, state
         assert await g.status() is MigrationStatus.ACTIVE          # QEMU goes on, unsteered
-        assert (await settings(g.side))[1]["max-bandwidth"] == 1 << 20
+        assert (await settings(g.side))[1]["max-bandwidth"] == 1 << 19
         rc, out, err = await kvmshell(tmp_path, *g.args, "-c", "@src info migrate")
         assert rc == 0, err
         assert "not followed: `migrate --follow` adopts it" in out and \
@@ -117,7 +117,7 @@ async def _async(value: object) -> object:
     return value
 
 
-async def plain_migration(g: Guests, *, postcopy: bool = False, bandwidth: int = 1 << 20) -> Fleet:
+async def plain_migration(g: Guests, *, postcopy: bool = False, bandwidth: int = 1 << 19) -> Fleet:
     """A migration started by hand over plain QMP (no kvmshell): the destination's fleet, to close."""
     fleet = Fleet()
     fleet.add("dst", g.dst.address)

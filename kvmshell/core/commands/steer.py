@@ -52,6 +52,8 @@ async def migrate_steered(inv: Invocation, mreq: MigrateRequest) -> Result:
     req = job_request(inv, mreq)
     job = await begin(s.fleet, req, stages_for(inv, mreq), tls_root=mreq.tls, tls_authz=mreq.tls_authz,
                       progress=inv.progress)
+    if not job.work:                       # started: its state file now, should kvmshell exit before the job runs
+        await running.save(job)
     s.launch(job)                          # with stages, their work and the start run in the background
     if mreq.watch:
         return Watch("info migrate")
