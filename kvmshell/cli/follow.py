@@ -235,7 +235,8 @@ class Follower:
             self.progress.say(f"{guest}: --detach: the migration goes on in QEMU alone; "
                               + self._left(job, "stop as kvmshell exits")
                               + f"; {self.how_to('info migrate', guest)} shows it, "
-                              f"{self.how_to('migrate_cancel', guest)} cancels it")
+                              f"{self.how_to('migrate_cancel', guest)} cancels it, `migrate --follow` takes it "
+                              "back (with its strategy and undo)")
         return kept
 
     async def interrupted(self, jobs: dict[str, MigrationJob]) -> None:
@@ -255,7 +256,7 @@ class Follower:
                     f"{self.how_to('migrate_pause', guest)} pauses it for a recovery" if postcopy
                     else f"to cancel it: {self.how_to('migrate_cancel', guest)}")
             self.progress.say(f"{guest}: stopped following (Ctrl-C); the migration goes on in QEMU: {where}; "
-                              f"{self._left(job, 'stop')}; {stop}")
+                              f"{self._left(job, 'stop')}; {stop}; `migrate --follow` takes it back")
 
     @staticmethod
     def _left(job: MigrationJob, stop: str) -> str:

@@ -149,13 +149,17 @@ def is_savevm_trace(info: MigrationInfo) -> bool:
 
 
 def badge_for_info(info: MigrationInfo | None) -> tuple[Badge, str]:
-    """The badge of a guest kvmshell does not follow, from its last `query-migrate`."""
+    """The badge of a guest kvmshell does not follow, from its last `query-migrate`. A migration that
+    runs from here (the source reports RAM figures; a receiving side does not) says how to adopt it."""
     if info is None or is_savevm_trace(info):
         return Badge.IDLE, "idle"
     fraction = None
     if info.ram is not None and info.ram.total:
         fraction = min(1.0, max(0.0, 1 - info.ram.remaining / info.ram.total))
-    return badge_for_status(info.status, fraction)
+    badge, text = badge_for_status(info.status, fraction)
+    if info.status.is_active and info.ram is not None:
+        text = f"migrating, {text} (not followed: `migrate --follow` to adopt)"
+    return badge, text
 
 
 def state_of(status: Status | None, connection: str) -> str:

@@ -23,6 +23,7 @@ class Mode(enum.Enum):
     STEERED = "steered"        # kvmshell runs it: --to DEST, or a URI with a strategy or a stage
     TO_HOST = "to-host"        # kvmshell starts the destination on another host
     ESTIMATE = "estimate"      # measure and predict, start nothing
+    FOLLOW = "follow"          # adopt the migration that runs: kvmshell follows (and steers) it from now on
 
 
 # flag name in the spec -> field of the request (where they differ)
@@ -75,6 +76,7 @@ class MigrateRequest:
     undefine_source: bool = False           # libvirt guests: undefine it on the source
     unsafe: bool = False                    # libvirt guests: shared storage libvirt cannot recognise
     p2p: bool = False                       # libvirt guests: the source's daemon reaches the destination's
+    follow: bool = False                    # --follow: adopt the migration that runs (kvmshell did not start it here)
 
     # -- from a parsed line -------------------------------------------------------------------
     @classmethod
@@ -94,6 +96,8 @@ class MigrateRequest:
 
     @property
     def mode(self) -> Mode:
+        if self.follow:
+            return Mode.FOLLOW
         if self.to_host is not None:
             return Mode.TO_HOST
         if self.estimate:
@@ -110,6 +114,13 @@ class MigrateRequest:
         """UsageError for options that do not go together (the session's own checks - guests that
         exist, a running job, someone to ask - are the handler's)."""
         g = self.source
+        if self.follow:
+            others = [f.name for f in fields(self) if f.name not in ("source", "follow")
+                      and getattr(self, f.name) not in (None, False, ())]
+            if others:
+                raise UsageError("--follow adopts the running migration as it is: drop "
+                                 + ", ".join(_flag(name) for name in others), guest=g)
+            return
         if self.insecure_storage and self.tls:
             raise UsageError("--insecure-storage is for a disk copy without --tls: with --tls the disks go in TLS; "
                              "drop one", guest=g)
@@ -177,6 +188,8 @@ class MigrateRequest:
     def line(self) -> str:
         """The `@SOURCE migrate ...` line that parses back into this request."""
         words = [f"@{self.source}", "migrate"]
+        if self.follow:
+            words.append("--follow")
         for name, flag in (("block", "-b"), ("inc", "-i"), ("resume", "-r"), ("detach", "-d")):
             if getattr(self, name):
                 words.append(flag)
@@ -228,3 +241,11 @@ class MigrateRequest:
         if self.uri is not None:
             words.append(shlex.quote(self.uri))
         return " ".join(words)
+
+
+def _flag(name: str) -> str:
+    """The option a request field comes from (``uri``: the URI)."""
+    if name == "uri":
+        return "the URI"
+    flag = next((f for f, n in _FIELD.items() if n == name), name)
+    return ("-" if len(flag) == 1 else "--") + flag.replace("_", "-")

@@ -41,6 +41,8 @@ async def migrate(inv: Invocation) -> Result:
         return await libvirt_migrate.migrate(inv, req)
     req.check()
     libvirt_migrate.refuse_libvirt_flags(req)
+    if req.mode is Mode.FOLLOW:
+        return await steer.follow(inv)
     if req.mode is Mode.TO_HOST:
         return await steer.migrate_to_host(inv, req)
     guest_cfg = inv.session.config.guests.get(req.source)
@@ -263,7 +265,7 @@ async def info_migrate(inv: Invocation) -> Result:
     info = await inv.monitor.migration()
     view = render_migration(info)
     job = inv.session.migrations.get(inv.guest or "")
-    extra = steer.live_lines(info, job)
+    extra = steer.live_lines(info, job) + steer.unfollowed_lines(inv, info)
     data = as_json(info) | ({"kvmshell": steer.live_json(job)} if job is not None else {})
     return KeyValues(view.items + tuple(extra), data=data)
 
@@ -332,6 +334,8 @@ SPECS = (
                        Flag(("--preflight",), "auto: measure the dirty rate for 4 s before the start; if pre-copy "
                             "surely will not converge and postcopy is allowed, switch right after the first pass"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
+                       Flag(("--follow",), "adopt the migration that runs (its kvmshell died, or a plain QMP "
+                            "migrate): follow it, and resume the strategy and undo of the kvmshell that started it"),
                        Flag(("--detach",), "with -c/run: do not wait for the migration, leave it to QEMU "
                             "(kvmshell's steering and stall watchdog stop when the script ends)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),

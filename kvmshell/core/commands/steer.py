@@ -1,5 +1,5 @@
-"""kvmshell's own migration commands: `migrate --to DEST` with a strategy, `estimate`, `trace`, and
-the live view that `info migrate` shows for a migration kvmshell follows."""
+"""kvmshell's own migration commands: `migrate --to DEST` with a strategy, `estimate`, `trace`,
+`migrate --follow`, and the live view that `info migrate` shows for a migration kvmshell follows."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from kvmshell.core.values.jsonform import as_json
 from kvmshell.core.values.units import human_bytes, parse_rate
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.probe import LinkFigure, probe_path
+from kvmshell.core.migration.live import running
+from kvmshell.core.migration.live.adopt import adopt, not_followed
 from kvmshell.core.migration.live.begin import begin
 from kvmshell.core.migration.live.endpoints import warnings_for
 from kvmshell.core.migration.live.job import MigrationJob
@@ -53,6 +55,8 @@ async def migrate_steered(inv: Invocation, mreq: MigrateRequest) -> Result:
     req = job_request(inv, mreq)
     job = await begin(s.fleet, req, stages_for(inv, mreq), tls_root=mreq.tls, tls_authz=mreq.tls_authz,
                       progress=inv.progress)
+    if not job.work:                       # started: its state file now, should kvmshell exit before the job runs
+        await running.save(job)
     s.launch(job)                          # with stages, their work and the start run in the background
     if mreq.watch:
         return Watch("info migrate")
@@ -276,6 +280,26 @@ async def trace(inv: Invocation) -> Result:
     await job.attach_trace()
     s.launch(job)
     return Done(f"tracing the migration to {path}")
+
+
+# -- migrate --follow ----------------------------------------------------------------------------
+
+async def follow(inv: Invocation) -> Result:
+    """`migrate --follow`: adopt the migration that runs on the guest (``live.adopt``)."""
+    s, guest = inv.session, inv.guest or ""
+    if s.running_job(guest) is not None:
+        raise Refused("this kvmshell follows this migration already: `info migrate` shows it", guest=guest)
+    adopted = await adopt(s.fleet, guest)
+    s.launch(adopted.job)
+    return Done(f"{adopted.message}; `info migrate` shows progress", tuple(adopted.warnings))
+
+
+def unfollowed_lines(inv: Invocation, info: MigrationInfo) -> list[tuple[str, Any]]:
+    """The `info migrate` line of a migration that runs and that this kvmshell does not follow."""
+    if inv.session.running_job(inv.guest or "") is not None:
+        return []
+    said = not_followed(info, running.load(str(inv.monitor.address)) if info.status.is_active else None)
+    return [("kvmshell", said)] if said else []
 
 
 # -- migrate --to-host HOST ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
+from kvmshell.core.migration.live import running
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.migration.live.wiredata import wire_option
@@ -46,8 +47,7 @@ DIRTY_LIMIT_INERT = 1_000_000            # MB/s per vCPU: dirty-limit armed, but
 
 @dataclass
 class Throttling:
-    """How the job throttles once a strategy arms it: dirty-limit where the source's QEMU has it and
-    KVM's dirty ring is on, else auto-converge."""
+    """How the job throttles once a strategy arms it: dirty-limit where QEMU and KVM allow it, else auto-converge."""
 
     dirty_limit: bool = False
     vcpus: int = 1
@@ -300,11 +300,11 @@ class MigrationJob:
                                                 notes=[n for st in self.stages for n in st.notes] + self._restored)
                 self._done.set()
                 self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
-                                                                    "message": self.outcome.full_message},
-                                         time.time()))
+                                                               "message": self.outcome.full_message}, time.time()))
                 return self.outcome
         self.sampler.on_sample(self._on_sample)
         try:
+            await running.save(self)             # another kvmshell can adopt it if this one dies
             last = await self._follow()
             self.outcome = await self._conclude(last)
         finally:
@@ -324,6 +324,7 @@ class MigrationJob:
             if self.outcome is not None:
                 self.outcome.notes += restored
             await self._close_trace(self.outcome)
+            running.drop(self)
             self._done.set()
         self.publish(Event(self.req.source, FINISHED, {"status": self.outcome.status,
                                                             "message": self.outcome.full_message}, time.time()))

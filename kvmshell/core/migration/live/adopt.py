@@ -1,0 +1,122 @@
+"""Adopting a migration that runs without a kvmshell following it (`migrate --follow`).
+
+The kvmshell that started it died (kill -9, a lost terminal) or closed, or someone typed a plain
+QMP `migrate`: QEMU goes on migrating, unsteered, without a stall watchdog. Adopting builds a job
+around the running migration: the sampler, the model and the watchdog resume. If the state file of a
+dead kvmshell (``running``) names this guest, its strategy resumes too, with the destination when it
+is attached here, and the settings it changed are put back on both sides at the end. Without a file
+the job only observes (strategy "none") and says it cannot put back what it does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmshell.core.migration.live import running
+from kvmshell.core.migration.live.job import UNCAPPED, Limits, MigrationJob
+from kvmshell.core.migration.live.request import MigrationRequest
+from kvmshell.core.migration.live.strategies import strategy_named
+from kvmshell.core.monitor.base import Monitor
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import MigrationInfo, MigrationStatus, RunState
+from kvmshell.errors import CommandFailed, Refused
+
+NO_FILE = ("no state file from the kvmshell that started it: following it with strategy none (sampler, model, "
+           "stall watchdog); its migration settings cannot be put back, kvmshell does not know what they were")
+
+STALE = ("the state file of this guest is about an older migration: following this one with strategy none; its "
+         "migration settings cannot be put back, kvmshell does not know what they were")
+
+OBSERVED = ("the kvmshell that started it only observed it: following it with strategy none (sampler, model, "
+            "stall watchdog)")
+
+
+@dataclass
+class Adopted:
+    """The job that follows the adopted migration, and what to tell the user about it."""
+
+    job: MigrationJob
+    message: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def not_followed(info: MigrationInfo, state: running.RunningFile | None) -> str | None:
+    """What `info migrate` and the badges say of a migration this kvmshell does not follow; None if idle."""
+    if not info.status.is_active:
+        return None
+    owner = ""
+    if state is not None and state.describes(info):
+        owner = (f"; kvmshell pid {state.pid} follows it" if state.alive else
+                 f"; started by kvmshell pid {state.pid} (gone), strategy {state.strategy}")
+    return f"{info.status} and not followed: `migrate --follow` adopts it{owner}"
+
+
+def _attached(fleet: Fleet, address: str | None) -> Monitor | None:
+    """The connected monitor of the guest at ``address`` here, if one is attached."""
+    for g in fleet:
+        if address is not None and str(g.address) == address and g.monitor is not None and g.monitor.connected:
+            return g.monitor
+    return None
+
+
+async def adopt(fleet: Fleet, guest: str) -> Adopted:
+    """The job that follows ``guest``'s running migration from now on (not launched yet); Refused when
+    none runs, when the guest is the receiving side, or when a live kvmshell follows it."""
+    mon = fleet.monitor(guest)
+    info = await mon.migration()
+    if not info.status.is_active:
+        raise Refused(f"no migration of this guest is running ({info.status}): nothing to follow", guest=guest)
+    if (await mon.status()).state is RunState.INMIGRATE:
+        raise Refused("this guest receives the migration: `migrate --follow` on its source", guest=guest)
+    state = running.load(str(mon.address))
+    stale = state is not None and not state.describes(info)
+    if stale:
+        state = None                        # a file about an older migration of this guest
+    if state is not None and state.alive:
+        raise Refused(f"kvmshell pid {state.pid} follows this migration already: adopt it once that kvmshell "
+                      "has ended", guest=guest)
+    if state is None or state.strategy == "none":
+        job = MigrationJob.of(fleet, MigrationRequest(guest, strategy="none"))
+        why = OBSERVED if state is not None else STALE if stale else NO_FILE
+        return Adopted(job, f"following the {info.status} migration; {why}")
+    return await _resume(fleet, mon, info, state)
+
+
+async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: running.RunningFile) -> Adopted:
+    """The dead kvmshell's job again: its strategy, request and the settings to put back."""
+    warnings: list[str] = []
+    dest = _attached(fleet, state.dest_address)
+    if state.dest_address is not None and dest is None:
+        warnings.append(f"the destination {state.dest_address} is not attached here: its migration settings stay "
+                        "as kvmshell set them (attach it with -g NAME=ADDRESS before `migrate --follow` to put them "
+                        "back)")
+    req = MigrationRequest(mon.name, dest=dest.name if dest else None, strategy=state.strategy,
+                           **{k: v for k, v in state.request.items() if k in running.REQUEST})
+    try:
+        strategy_named(req.strategy)
+    except ValueError as e:
+        raise CommandFailed(f"the state file names a strategy this kvmshell does not have ({e}); "
+                            f"remove {running.path_for(state.source_address)} to follow it without", guest=mon.name)
+    job = MigrationJob(mon, dest, req, hosts=fleet.hosts, publish=fleet.publish)
+    for role, side in (("source", mon), ("dest", dest)):
+        saved = state.before.get(role)
+        if side is not None and saved:
+            b = job.settings.before(side.name)
+            b.capabilities.update({k: bool(v) for k, v in saved.get("capabilities", {}).items()})
+            b.parameters.update(saved.get("parameters", {}))
+    params = await mon.migrate_parameters()
+    cap = params.max_bandwidth
+    job._limits = Limits((req.downtime_ms or params.downtime_limit_ms or 300) / 1000,
+                         float(cap) if cap and cap < UNCAPPED else None)
+    job.postcopy_started = info.status.is_postcopy
+    job.throttle_armed = bool(info.cpu_throttle_percentage)
+    if state.stages:
+        warnings.append(f"the stages of the start ({', '.join(state.stages)}) are not resumed: check them by hand")
+    if info.status is MigrationStatus.POSTCOPY_PAUSED:
+        warnings.append("the migration is paused in postcopy: recover it (migrate_recover on the destination, "
+                        "then migrate -r here)")
+    return Adopted(job, f"adopted the {info.status} migration started by kvmshell pid {state.pid} (gone): strategy "
+                        f"{state.strategy} resumes, its settings are put back at the end", warnings)
+
+
+__all__ = ["Adopted", "adopt", "not_followed"]
