@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmshell.core.migration.live import running
-from kvmshell.core.migration.live.job import UNCAPPED, Limits, MigrationJob
+from kvmshell.core.migration.live.job import UNCAPPED, MigrationJob
+from kvmshell.core.migration.live.limits import Limits
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.monitor.base import Monitor

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from kvmshell.core.monitor.fleet import Fleet
@@ -22,8 +21,9 @@ from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.migration.history import MigrationHistory, TraceTee, open_traces, record
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
+from kvmshell.core.migration.live.limits import Limits, Throttling, Watchdog
 from kvmshell.core.migration.live.preflight import Preflight
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, assess_held, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent
@@ -43,40 +43,6 @@ UNCAPPED = 100 * 1000**3 // 8            # 100 Gbit/s: "no cap", the link decide
 DECISION = "kvmshell.MIGRATION_DECISION"
 FINISHED = "kvmshell.MIGRATION_FINISHED"
 DIRTY_LIMIT_INERT = 1_000_000            # MB/s per vCPU: dirty-limit armed, but no vCPU is ever held back
-
-
-@dataclass
-class Throttling:
-    """How the job throttles once a strategy arms it: dirty-limit where QEMU and KVM allow it, else auto-converge."""
-
-    dirty_limit: bool = False
-    vcpus: int = 1
-    said: tuple[str, str] | None = None          # (decision, reason), said at the start
-
-
-@dataclass
-class Watchdog:
-    """Progress seen by the job: no bytes sent for ``timeout`` seconds means the destination or the
-    link is stuck (QEMU itself waits for TCP, many minutes)."""
-
-    timeout: float
-    transferred: int = 0
-    since: float = 0.0
-    stalled: str | None = None                   # why, once it fired
-
-    def stuck(self, transferred: int, now: float) -> bool:
-        if transferred > self.transferred or self.since == 0.0:
-            self.transferred, self.since = transferred, now
-            return False
-        return now - self.since >= self.timeout
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the model must know of the source's settings once both sides are prepared."""
-
-    downtime_s: float = 0.3
-    bandwidth_cap: float | None = None           # QEMU never sends faster than max-bandwidth
 
 
 class MigrationJob:
@@ -406,9 +372,12 @@ class MigrationJob:
         return self.outcome
 
     def _on_sample(self, s: Sample) -> None:
-        pred = assess(self.sampler.ring.list(), downtime_limit_s=self._limits.downtime_s,
-                      bandwidth_cap=self._limits.bandwidth_cap, link=self.req.link)
-        self.prediction = pred
+        ring = self.sampler.ring.list()
+        limits: dict[str, Any] = dict(downtime_limit_s=self._limits.downtime_s,
+                                      bandwidth_cap=self._limits.bandwidth_cap, link=self.req.link)
+        pred = assess(ring, **limits)          # what the strategy acts on (with its own hold)
+        dirty = self.preflight.dirty if self.preflight is not None else None
+        self.prediction = assess_held(ring, **limits, dirty=dirty)   # what the user is told: a verdict that held
         if pred.verdict is not Verdict.UNKNOWN:
             self.marks.setdefault("start", pred)
         if s.pass_no >= 2 and not pred.rough and \

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose
-from kvmshell.core.migration.model.dirty import Window, dirty_range
+from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class Preflight(BaseStage):
         self.choice: Choice | None = None
         self.windows: list[Window] = []
         self.missing: str | None = None          # why there is no choice
+        self.dirty: DirtyRange | None = None     # the range measured: what the job's held verdict reads
 
     async def before_start(self, job: MigrationJob) -> None:
         src = job.source
@@ -40,12 +41,13 @@ class Preflight(BaseStage):
         except KvmError as e:
             self.missing = f"the dirty rate could not be measured ({e})"
             return
+        self.dirty = dirty_range(self.windows, ram)
         rate = job.req.bandwidth or job.req.link        # the job caps max-bandwidth at one, else the other
         if not rate:
             self.missing = ("no transfer rate is known before the start (neither --bandwidth nor --link, nor a link "
                             "in the config)")
             return
-        self.choice = choose(ram=ram, dirty=dirty_range(self.windows, ram), rate=rate, link=job.req.link,
+        self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link,
                              downtime_limit_s=(params.downtime_limit_ms or 300) / 1000, allow_postcopy=job.req.allow_postcopy)
 
     def said(self) -> str:
