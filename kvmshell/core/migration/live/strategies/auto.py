@@ -46,9 +46,14 @@ class Auto(Strategy):
             return PLAIN, None
         if not (self.request.bandwidth or self.request.link):
             return PLAIN, "plain pre-copy: the link's speed is not known (--link or --bandwidth), no option can be costed"
+        left_out = ""
+        if self.request.allow_postcopy:          # postcopy is auto's strongest lever: keep it (no multifd)
+            left_out = ("; multifd and compression left out: --allow-postcopy keeps postcopy, which QEMU does not "
+                        "run over multifd")
+            costs = [c for c in costs if not c.option.capabilities.get("multifd")]
         chosen = cheapest(costs, downtime_s)
         self.wire = chosen.option if chosen is not None else PLAIN
-        return self.wire, why(chosen, costs, downtime_s)
+        return self.wire, why(chosen, costs, downtime_s) + left_out
 
     def converge(self) -> bool:
         return True                      # armed but inert (below): throttling stays a choice with postcopy too
