@@ -4,9 +4,11 @@ behind, and the run says how many tests started a real QEMU.
 What is watched: processes whose name (``/proc/PID/comm``) is ``qemu-system-*``, ``qemu-kvm``,
 ``sshd*`` or ``libvirtd``, and that are this test run's: descendants of this pytest process (a walk
 over the parent pids in /proc), or, when re-parented to init (a QEMU libvirt daemonised, say), whose
-environment carries ``KVMSHELL_LEAKGUARD=<this pid>`` or whose command line names a path under this
-process's pytest temporary directory. Other people's QEMUs on the same machine are never looked at
-twice. Network namespaces: those of every ``kvmshell.lab.netns.TestNetwork`` made in this process
+environment carries ``KVMSHELL_LEAKGUARD=<this pid>``, or that run in a mount namespace one of this
+run's processes made, or whose command line names a path under this process's pytest temporary
+directory or the work directory of a ``Lab`` made in this process (a private libvirtd's QEMUs: libvirt
+clears their environment and gives each its own mount namespace). Other people's QEMUs on
+the same machine are never looked at twice. Network namespaces: those of every ``kvmshell.lab.netns.TestNetwork`` made in this process
 (``<id>-src``, ``<id>-dst``), as ``ip netns list`` shows them.
 
 When: a snapshot before a test's setup, a check after its teardown (function-scoped fixtures are
@@ -17,8 +19,8 @@ closing); what remains is killed (and a namespace deleted) so that the next test
 the test fails in its teardown with the pid and command line of each.
 
 The count: a test "started a real QEMU" when, during its setup, call or teardown, ``kvmshell.lab``
-launched one (``Lab.start``, ``Lab.start_argv``, ``start_linux``; also from a kvmshell the test runs
-as a subprocess: they append to the file ``$KVMSHELL_LAUNCH_LOG``), or when one of this run's QEMUs
+launched one (``Lab.start``, ``Lab.start_argv``, ``start_linux``; also in a kvmshell or a pytest the
+test runs as a subprocess: they append to the files ``$KVMSHELL_LAUNCH_LOG`` names), or when one of this run's QEMUs
 that was not there before the test is seen after its setup, call or teardown (a libvirt domain's).
 Each worker sends its counts to the controller (xdist's ``workeroutput``), which prints one line.
 """
@@ -64,7 +66,7 @@ class Proc:
         return self.comm.startswith("qemu-")
 
     def describe(self) -> str:
-        return f"pid {self.pid} ({self.comm}): {self.cmdline[:300]}"
+        return f"pid {self.pid} ({self.comm}): {self.cmdline.replace(chr(0), ' ').strip()[:300]}"
 
 
 def _read(path: str) -> bytes | None:
@@ -89,6 +91,13 @@ def _stat(pid: int) -> tuple[str, str, int, int] | None:
         return None
 
 
+def _mount_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
 def accel_of(cmdline: str) -> str:
     """"kvm", "tcg" or "?" from a QEMU command line (NULs between arguments)."""
     m = _ACCEL.search(cmdline)
@@ -100,8 +109,11 @@ class Guard:
 
     def __init__(self, owner: int, basetemp: str) -> None:
         self.owner = owner
-        self.basetemp = basetemp
+        self.basetemp = basetemp.rstrip("/") + "/"
+        self.own_mount_ns = _mount_ns(owner)
+        self.mount_ns: set[str] = set()          # mount namespaces this run's processes made (libvirtd's)
         self.netns_ids: list[str] = []           # TestNetwork ids made in this process, in order
+        self.paths = [self.basetemp]             # and the work directories of its Labs
 
     def scan(self) -> dict[tuple[int, int], Proc]:
         """The watched processes of this run alive now (zombies are gone)."""
@@ -118,16 +130,18 @@ class Guard:
                 if child not in ours:
                     ours.add(child)
                     todo.append(child)
+        for pid in ours:
+            if (ns := _mount_ns(pid)) not in (None, self.own_mount_ns):
+                self.mount_ns.add(ns)
         marker = f"{MARKER}={self.owner}".encode()
         found = {}
         for pid, (comm, state, _, start) in stats.items():
             if state == "Z" or not _WATCHED.match(comm):
                 continue
             cmdline = (_read(f"/proc/{pid}/cmdline") or b"").decode(errors="replace")
-            if pid not in ours:
-                environ = _read(f"/proc/{pid}/environ") or b""
-                if marker + b"\0" not in environ + b"\0" and self.basetemp not in cmdline:
-                    continue
+            if pid not in ours and not (marker + b"\0" in (_read(f"/proc/{pid}/environ") or b"") + b"\0"
+                                        or _mount_ns(pid) in self.mount_ns or any(d in cmdline for d in self.paths)):
+                continue
             proc = Proc(pid, start, comm, cmdline)
             found[proc.key] = proc
         return found
@@ -170,10 +184,6 @@ class Guard:
             time.sleep(0.05)
 
 
-class LeakFound(AssertionError):
-    """A test (or a fixture) left a process or a namespace of its own."""
-
-
 @dataclass
 class _Window:
     """One test, from the start of its setup to the end of its teardown."""
@@ -198,25 +208,31 @@ class LeakGuardPlugin:
         self.fixtures: dict[int, tuple[list[Proc], list[str], str]] = {}
         self.records: dict[str, dict[str, object]] = {}       # nodeid -> {"qemu": [accel...], "ran": bool}
         self.leaks: list[str] = []
-        self._init = netns.TestNetwork.__init__
+        self._inits = (netns.TestNetwork.__init__, launcher.Lab.__init__)
 
     # --- set-up and the end of the session -----------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         os.environ[MARKER] = str(os.getpid())
-        os.environ[launcher.LAUNCH_LOG_ENV] = str(self.launch_log)
+        outer = os.environ.get(launcher.LAUNCH_LOG_ENV)      # a pytest run by a test: that test counts too
+        os.environ[launcher.LAUNCH_LOG_ENV] = os.pathsep.join(filter(None, [str(self.launch_log), outer]))
         basetemp = str(self.config._tmp_path_factory.getbasetemp())   # type: ignore[attr-defined]
         self.guard = guard = Guard(os.getpid(), basetemp)
-        original = self._init
+        network_init, lab_init = self._inits
 
-        def recording_init(network: netns.TestNetwork, *args: object, **kwargs: object) -> None:
-            original(network, *args, **kwargs)      # type: ignore[arg-type]
+        def recording_network_init(network: netns.TestNetwork, *args: object, **kwargs: object) -> None:
+            network_init(network, *args, **kwargs)      # type: ignore[arg-type]
             guard.netns_ids.append(network.id)
-        netns.TestNetwork.__init__ = recording_init      # type: ignore[method-assign]
+
+        def recording_lab_init(lab: launcher.Lab, *args: object, **kwargs: object) -> None:
+            lab_init(lab, *args, **kwargs)      # type: ignore[arg-type]
+            guard.paths.append(str(lab.workdir).rstrip("/") + "/")
+        netns.TestNetwork.__init__ = recording_network_init      # type: ignore[method-assign]
+        launcher.Lab.__init__ = recording_lab_init      # type: ignore[method-assign]
 
     def stop(self) -> None:
-        netns.TestNetwork.__init__ = self._init      # type: ignore[method-assign]
+        netns.TestNetwork.__init__, launcher.Lab.__init__ = self._inits      # type: ignore[method-assign]
         self.launch_log.unlink(missing_ok=True)
 
     def _launches(self, since: int) -> tuple[dict[int, str], int]:
@@ -268,7 +284,7 @@ class LeakGuardPlugin:
             return
         w = self.window
         for key, p in self.guard.scan().items():
-            if p.is_qemu and key not in w.before and key not in w.exempt:
+            if p.is_qemu and key not in w.before:
                 w.qemus.setdefault(p.pid, accel_of(p.cmdline))
 
     def _end_test(self, item: pytest.Item) -> None:
@@ -278,7 +294,7 @@ class LeakGuardPlugin:
             return
         now = self.guard.scan()
         for key, p in now.items():
-            if p.is_qemu and key not in w.before and key not in w.exempt:
+            if p.is_qemu and key not in w.before:
                 w.qemus.setdefault(p.pid, accel_of(p.cmdline))
         launched, _ = self._launches(w.launches_at)
         for pid, accel in launched.items():
@@ -295,9 +311,10 @@ class LeakGuardPlugin:
             return
         self.guard.remove(left, spaces)
         what = [p.describe() for p in left] + [f"network namespace {ns}" for ns in spaces]
-        self.leaks.append(f"{who}: " + "; ".join(what))
-        raise LeakFound(f"{who} left {len(what)} behind (killed now, {GRACE:.0f} s after its teardown):\n  "
-                        + "\n  ".join(what))
+        self.leaks.append(f"{who}: " + ", ".join([f"pid {p.pid} ({p.comm})" for p in left] + spaces))
+        pytest.fail(f"leak guard: {who} left {len(what)} behind (still there {GRACE:.0f} s after its teardown; "
+                    "killed now):"
+                    "\n  " + "\n  ".join(what), pytrace=False)
 
     # --- fixtures wider than a test ------------------------------------------------------------
 
@@ -333,7 +350,7 @@ class LeakGuardPlugin:
             left = list(self.guard.scan().values())
             if left:
                 self.guard.remove(left, [])
-                self.leaks.append("the session: " + "; ".join(p.describe() for p in left))
+                self.leaks.append("the session: " + ", ".join(p.describe() for p in left))
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:

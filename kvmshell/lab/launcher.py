@@ -75,12 +75,14 @@ def choose_accel() -> str:
 
 
 def note_launch(pid: int, accel: str) -> None:
-    """Append "PID ACCEL" to the file $KVMSHELL_LAUNCH_LOG names, when it is set: the tests count the real
-    QEMUs each test started (also those of a kvmshell a test runs, which inherits the variable)."""
-    path = os.environ.get(LAUNCH_LOG_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{pid} {accel}\n")
+    """Append "PID ACCEL" to each file $KVMSHELL_LAUNCH_LOG names (':' between them), when it is set: the
+    tests count the real QEMUs each test started (also those of a kvmshell or a pytest a test runs)."""
+    for path in filter(None, os.environ.get(LAUNCH_LOG_ENV, "").split(os.pathsep)):
+        try:
+            with open(path, "a") as f:
+                f.write(f"{pid} {accel}\n")
+        except OSError as e:             # a count never stops a guest
+            log.warning("cannot note the launch of QEMU %d in %s: %s", pid, path, e)
 
 
 def _accel_of(argv: list[str]) -> str:
