@@ -11,17 +11,17 @@ clears their environment and gives each its own mount namespace). Other people's
 the same machine are never looked at twice. Network namespaces: those of every ``kvmshell.lab.netns.TestNetwork`` made in this process
 (``<id>-src``, ``<id>-dst``), as ``ip netns list`` shows them.
 
-When: a snapshot before a test's setup, a check after its teardown (function-scoped fixtures are
-torn down by then). What a module-, class- or session-scoped fixture starts while it is set up
-belongs to that fixture, not to the test that set it up: it is checked when the fixture is torn
-down. Anything new still there gets up to ``GRACE`` s to go (a QEMU being reaped, an sshd session
+When: a snapshot before a test's setup (the previous test's last one), a check after its teardown
+(function-scoped fixtures are torn down by then). What a module-, class- or session-scoped fixture
+starts while it is set up belongs to that fixture, not to the test that set it up: it is checked
+when the fixture is torn down. Anything new still there gets up to ``GRACE`` s to go (a QEMU being reaped, an sshd session
 closing); what remains is killed (and a namespace deleted) so that the next test starts clean, and
 the test fails in its teardown with the pid and command line of each.
 
 The count: a test "started a real QEMU" when, during its setup, call or teardown, ``kvmshell.lab``
 launched one (``Lab.start``, ``Lab.start_argv``, ``start_linux``; also in a kvmshell or a pytest the
 test runs as a subprocess: they append to the files ``$KVMSHELL_LAUNCH_LOG`` names), or when one of this run's QEMUs
-that was not there before the test is seen after its setup, call or teardown (a libvirt domain's).
+that was not there before the test is seen after its call or its teardown (a libvirt domain's).
 Each worker sends its counts to the controller (xdist's ``workeroutput``), which prints one line.
 """
 
@@ -69,17 +69,27 @@ class Proc:
         return f"pid {self.pid} ({self.comm}): {self.cmdline.replace(chr(0), ' ').strip()[:300]}"
 
 
-def _read(path: str) -> bytes | None:
+def _read(path: str, whole: bool = True) -> bytes | None:
+    """A /proc file's bytes (the first read's only unless ``whole``), None once the process is gone.
+    os.open/os.read: a scan reads hundreds of them."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        chunks = [os.read(fd, 65536)]
+        while whole and chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _stat(pid: int) -> tuple[str, str, int, int] | None:
     """(comm, state, ppid, start time) of a process from /proc/PID/stat; None once it is gone."""
-    raw = _read(f"/proc/{pid}/stat")
+    raw = _read(f"/proc/{pid}/stat", whole=False)        # one line, well under 64 KiB
     if raw is None:
         return None
     text = raw.decode(errors="replace")
@@ -205,6 +215,7 @@ class LeakGuardPlugin:
         os.close(fd)
         self.launch_log = Path(path)
         self.window: _Window | None = None
+        self.last_scan: dict[tuple[int, int], Proc] | None = None
         self.fixtures: dict[int, tuple[list[Proc], list[str], str]] = {}
         self.records: dict[str, dict[str, object]] = {}       # nodeid -> {"qemu": [accel...], "ran": bool}
         self.leaks: list[str] = []
@@ -250,11 +261,9 @@ class LeakGuardPlugin:
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
         assert self.guard is not None
-        self.window = _Window(self.guard.scan(), self.launch_log.stat().st_size, len(self.guard.netns_ids))
-        try:
-            return (yield)
-        finally:
-            self._observe()
+        before, self.last_scan = self.last_scan or self.guard.scan(), None     # the last test's end will do
+        self.window = _Window(before, self.launch_log.stat().st_size, len(self.guard.netns_ids))
+        return (yield)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
@@ -292,7 +301,7 @@ class LeakGuardPlugin:
         w, self.window = self.window, None
         if w is None:
             return
-        now = self.guard.scan()
+        now = self.last_scan = self.guard.scan()
         for key, p in now.items():
             if p.is_qemu and key not in w.before:
                 w.qemus.setdefault(p.pid, accel_of(p.cmdline))
