@@ -3,13 +3,13 @@ behind, and the run says how many tests started a real QEMU.
 
 What is watched: processes whose name (``/proc/PID/comm``) is ``qemu-system-*``, ``qemu-kvm``,
 ``sshd*`` or ``libvirtd``, and that are this test run's: descendants of this pytest process (a walk
-over the parent pids in /proc), or, when re-parented to init (a QEMU libvirt daemonised, say), whose
-environment carries ``KVMSHELL_LEAKGUARD=<this pid>``, or that run in a mount namespace one of this
-run's processes made, or whose command line names a path under this process's pytest temporary
-directory or the work directory of a ``Lab`` made in this process (a private libvirtd's QEMUs: libvirt
-clears their environment and gives each its own mount namespace). Other people's QEMUs on
-the same machine are never looked at twice. Network namespaces: those of every ``kvmshell.lab.netns.TestNetwork`` made in this process
-(``<id>-src``, ``<id>-dst``), as ``ip netns list`` shows them.
+over the parent pids in /proc), or, when re-parented to init (a QEMU libvirt daemonised, say) and
+started after this process, whose environment carries ``KVMSHELL_LEAKGUARD=<this pid>-<random>`` or
+whose command line names the work directory of a ``Lab`` made in this process (a private libvirtd's
+QEMUs: libvirt clears their environment). Nothing weaker (a mount namespace, say, whose inode number
+another namespace takes once it is gone): other people's QEMUs run on the same machine, and the
+guard kills what it finds. Network namespaces: those of every ``kvmshell.lab.netns.TestNetwork`` made
+in this process (``<id>-src``, ``<id>-dst``), as ``ip netns list`` shows them.
 
 When: a snapshot before a test's setup (the previous test's last one), a check after its teardown
 (function-scoped fixtures are torn down by then). What a module-, class- or session-scoped fixture
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -101,13 +102,6 @@ def _stat(pid: int) -> tuple[str, str, int, int] | None:
         return None
 
 
-def _mount_ns(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:
-        return None
-
-
 def accel_of(cmdline: str) -> str:
     """"kvm", "tcg" or "?" from a QEMU command line (NULs between arguments)."""
     m = _ACCEL.search(cmdline)
@@ -117,13 +111,13 @@ def accel_of(cmdline: str) -> str:
 class Guard:
     """The processes and namespaces of one pytest process (a worker, or the only process)."""
 
-    def __init__(self, owner: int, basetemp: str) -> None:
+    def __init__(self, owner: int) -> None:
         self.owner = owner
-        self.basetemp = basetemp.rstrip("/") + "/"
-        self.own_mount_ns = _mount_ns(owner)
-        self.mount_ns: set[str] = set()          # mount namespaces this run's processes made (libvirtd's)
+        self.marker = f"{MARKER}={owner}-{secrets.token_hex(8)}"     # a pid alone may be an old one's
+        st = _stat(owner)
+        self.since = st[3] if st else 0          # nothing started before this process is its
         self.netns_ids: list[str] = []           # TestNetwork ids made in this process, in order
-        self.paths = [self.basetemp]             # and the work directories of its Labs
+        self.paths: list[str] = []               # and the work directories of its Labs
 
     def scan(self) -> dict[tuple[int, int], Proc]:
         """The watched processes of this run alive now (zombies are gone)."""
@@ -140,17 +134,15 @@ class Guard:
                 if child not in ours:
                     ours.add(child)
                     todo.append(child)
-        for pid in ours:
-            if (ns := _mount_ns(pid)) not in (None, self.own_mount_ns):
-                self.mount_ns.add(ns)
-        marker = f"{MARKER}={self.owner}".encode()
+        marker = self.marker.encode()
         found = {}
         for pid, (comm, state, _, start) in stats.items():
             if state == "Z" or not _WATCHED.match(comm):
                 continue
             cmdline = (_read(f"/proc/{pid}/cmdline") or b"").decode(errors="replace")
-            if pid not in ours and not (marker + b"\0" in (_read(f"/proc/{pid}/environ") or b"") + b"\0"
-                                        or _mount_ns(pid) in self.mount_ns or any(d in cmdline for d in self.paths)):
+            if pid not in ours and (start < self.since or not (
+                    marker + b"\0" in (_read(f"/proc/{pid}/environ") or b"") + b"\0"
+                    or any(d in cmdline for d in self.paths))):
                 continue
             proc = Proc(pid, start, comm, cmdline)
             found[proc.key] = proc
@@ -225,11 +217,11 @@ class LeakGuardPlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        os.environ[MARKER] = str(os.getpid())
         outer = os.environ.get(launcher.LAUNCH_LOG_ENV)      # a pytest run by a test: that test counts too
         os.environ[launcher.LAUNCH_LOG_ENV] = os.pathsep.join(filter(None, [str(self.launch_log), outer]))
-        basetemp = str(self.config._tmp_path_factory.getbasetemp())   # type: ignore[attr-defined]
-        self.guard = guard = Guard(os.getpid(), basetemp)
+        self.guard = guard = Guard(os.getpid())
+        name, _, value = guard.marker.partition("=")
+        os.environ[name] = value
         network_init, lab_init = self._inits
 
         def recording_network_init(network: netns.TestNetwork, *args: object, **kwargs: object) -> None:

@@ -125,7 +125,8 @@ def test_the_count_line() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' environment: root")
 def test_the_guard_sees_only_this_runs_processes() -> None:
     from tests.leakguard import Guard
-    mine = Guard(os.getpid(), "/nonexistent-basetemp").scan()
+    guard = Guard(os.getpid())
+    mine = guard.scan()
     for p in mine.values():
         chain, pid = [], p.pid
         while pid > 1:
@@ -133,4 +134,4 @@ def test_the_guard_sees_only_this_runs_processes() -> None:
             with open(f"/proc/{pid}/stat") as f:
                 pid = int(f.read().rpartition(")")[2].split()[1])
         environ = Path(f"/proc/{p.pid}/environ").read_bytes()
-        assert os.getpid() in chain or f"KVMSHELL_LEAKGUARD={os.getpid()}".encode() in environ, p
+        assert os.getpid() in chain or guard.marker.encode() in environ, p
