@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,38 @@ def test_the_count_line() -> None:
                "e": {"qemu": ["kvm", "kvm"], "ran": True}}
     assert summary_line(records) == "3 of 4 tests started a real QEMU (2 under KVM, 1 under KVM and TCG)"
     assert summary_line({}) == "0 of 0 tests started a real QEMU"
+
+
+def orphan(tmp_path: Path, name: str, env: dict[str, str]) -> int:
+    """Start a copy of sleep called ``name`` whose parent exits at once (re-parented, as libvirt's QEMUs are)."""
+    prog = tmp_path / name
+    shutil.copy("/bin/sleep", prog)
+    subprocess.run(["setsid", "-f", "env", "-i", *(f"{k}={v}" for k, v in env.items()), str(prog), "60"],
+                   check=True, timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            if Path(f"/proc/{entry}/cmdline").read_bytes().startswith(str(prog).encode()):
+                return int(entry)
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not start")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setsid") is None, reason="root, setsid (util-linux)")
+def test_an_orphan_is_ours_only_with_our_marker(tmp_path: Path) -> None:
+    """A process re-parented to init is this run's only if it carries this run's marker: not because
+    its command line is under our temporary directory, nor because of an old pid's marker."""
+    from tests.leakguard import Guard
+    guard = Guard(os.getpid())
+    name, _, value = guard.marker.partition("=")
+    stranger = orphan(tmp_path, "sshd-stranger", {name: f"{os.getpid()}-0123456789abcdef"})
+    ours = orphan(tmp_path, "sshd-ours", {name: value})
+    try:
+        found = {p.pid for p in guard.scan().values()}
+        assert ours in found and stranger not in found, found
+    finally:
+        for pid in (stranger, ours):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' environment: root")
