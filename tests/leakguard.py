@@ -240,7 +240,7 @@ class LeakGuardPlugin:
 
     def _launches(self, since: int) -> tuple[dict[int, str], int]:
         """pid -> accel of the QEMUs kvmshell.lab launched since byte ``since`` of the log; the new end."""
-        data = self.launch_log.read_bytes()
+        data = self.launch_log.read_bytes() if self.launch_log.exists() else b""
         found = {}
         for line in data[since:].decode(errors="replace").splitlines():
             pid, _, accel = line.partition(" ")
@@ -353,6 +353,7 @@ class LeakGuardPlugin:
                 self.guard.remove(left, [])
                 self.leaks.append("the session: " + ", ".join(p.describe() for p in left))
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        self.launch_log.unlink(missing_ok=True)      # here: an xdist worker may never run its config's cleanups
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput["leakguard"] = json.dumps({"records": self.records, "leaks": self.leaks})
