@@ -1,14 +1,16 @@
-"""Shared fixtures: a Lab of real QEMU guests per test, and a guard that no QEMU outlives the suite."""
+"""Shared fixtures: a Lab of real QEMU guests per test; tests/leakguard.py fails a test that leaves a
+QEMU, sshd, libvirtd or network namespace of its own, and counts the tests that start a real QEMU."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator
 
 import pytest
 
-from kvmshell.lab.launcher import Lab, leftover_lab_processes
+from kvmshell.lab.launcher import Lab
+
+pytest_plugins = ["tests.leakguard"]
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None and shutil.which("qemu-img") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64/qemu-img not installed (make test installs them)")
@@ -29,10 +31,3 @@ def own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
     return state
 
-
-@pytest.fixture(autouse=True, scope="session")
-def no_qemu_left_behind() -> object:
-    """Fail the run if any QEMU started by a Lab in this process tree is still alive at the end."""
-    yield
-    left = leftover_lab_processes(parent=os.getpid())
-    assert not left, f"QEMU processes left running by the tests: {left}"

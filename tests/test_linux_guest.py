@@ -6,22 +6,18 @@ with one line saying what is missing.
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import time
 from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands.registry import default_registry
-from kvmshell.core.commands.session import Session
-from kvmshell.core.migration.live.job import FINISHED
-from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.values.models import Event, RunState
+from kvmshell.core.values.models import RunState
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.linux import Cpio, LinuxParts, PartsMissing, initramfs_bytes, linux_parts
 from kvmshell.lab.linuxguest import GuestCheck, LinuxWork, ram_option, start_linux
 from kvmshell.errors import LabError
+from tests.guests import attached
 
 
 async def parts_or_skip() -> LinuxParts:
@@ -104,26 +100,14 @@ async def test_migrate_to_keeps_the_guests_memory(lab: Lab, work: LinuxWork) -> 
     dst = await start_linux(lab, "dst", work, parts=parts, monitor=MonitorKind.HMP_UNIX, incoming=True)
     booted = time.monotonic() - started
     assert (await src.check()).ok
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    async with Fleet() as fleet:
-        fleet.subscribe(events.put_nowait)
-        fleet.add("src", src.address)
-        fleet.add("dst", dst.address)
-        await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
-        try:
-            began = time.monotonic()
-            [outcome] = await session.run_line("@src migrate --to dst --strategy auto")
-            assert outcome.ok, outcome.error
-            async with asyncio.timeout(60):
-                while (ev := await events.get()).name != FINISHED:
-                    pass
-            moved = time.monotonic() - began
-            assert ev.data["status"] == "completed", ev.data
-            assert (await fleet.monitor("dst").status()).state is RunState.RUNNING
-            assert (await fleet.monitor("src").status()).state is RunState.POSTMIGRATE
-        finally:
-            await session.aclose()
+    async with attached(src, dst) as pair:
+        began = time.monotonic()
+        await pair.ok("@src migrate --to dst --strategy auto")
+        ev = await pair.finished()
+        moved = time.monotonic() - began
+        assert ev.data["status"] == "completed", ev.data
+        assert (await pair.session.fleet.monitor("dst").status()).state is RunState.RUNNING
+        assert (await pair.session.fleet.monitor("src").status()).state is RunState.POSTMIGRATE
     if work.work != "idle":
         await dst.wait_passes(1)                    # the workload runs on at the destination
     check = await dst.check()

@@ -7,74 +7,22 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvmshell.core.commands.registry import default_registry
-from kvmshell.core.commands.results import Outcome
-from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import FINISHED, MigrationJob
+from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.samples import load_trace
-from kvmshell.core.values.models import Event, MigrationStatus, RunState
-from kvmshell.core.commands.session import Session
-from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from kvmshell.core.values.models import MigrationStatus, RunState
+from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
+from tests.guests import Pair, attached
 from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.qemu
 WS = 4096                      # 16 MiB working set
 RAM = 64
-
-
-@dataclass
-class Pair:
-    session: Session
-    src: LabGuest
-    dst: LabGuest
-    events: asyncio.Queue[Event]
-
-    async def run(self, line: str) -> Outcome:
-        outcomes = await self.session.run_line(line)
-        assert len(outcomes) == 1
-        return outcomes[0]
-
-    async def ok(self, line: str) -> str:
-        o = await self.run(line)
-        assert o.ok, o.error
-        assert o.result is not None
-        return o.result.text()
-
-    async def finished(self, timeout: float = 60) -> Event:
-        async with asyncio.timeout(timeout):
-            while True:
-                ev = await self.events.get()
-                if ev.name == FINISHED:
-                    return ev
-
-    def job(self) -> MigrationJob:
-        return self.session.migrations["src"]
-
-    async def until_status(self, *statuses: str, timeout: float = 30) -> None:
-        await wait_for(lambda: self.session.fleet.monitor("src").migration(),
-                       lambda m: m.status.value in statuses, timeout=timeout, what=f"status in {statuses}")
-
-
-@asynccontextmanager
-async def attached(src: LabGuest, dst: LabGuest) -> AsyncIterator[Pair]:
-    """A session over the two guests (as "src" and "dst"), its events queued."""
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    async with Fleet() as fleet:
-        fleet.subscribe(events.put_nowait)
-        fleet.add("src", src.address)
-        fleet.add("dst", dst.address)
-        await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
-        yield Pair(session, src, dst, events)
-        await session.aclose()
 
 
 @pytest.fixture

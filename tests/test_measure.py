@@ -3,22 +3,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 
 import pytest
 
-from kvmshell.core.commands.registry import default_registry
-from kvmshell.core.commands.session import Session
-from kvmshell.core.migration.live.job import FINISHED
 from kvmshell.core.monitor import pagesample
-from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.base import open_monitor
-from kvmshell.core.values.models import Event, PageSample, wilson_interval
+from kvmshell.core.values.models import PageSample, wilson_interval
 from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.linux import LinuxParts, PartsMissing, linux_parts
 from kvmshell.lab.linuxguest import LinuxWork, start_linux
+from tests.guests import attached
 
 MTREE = """FlatView #0
  AS "memory", root: system
@@ -132,14 +128,8 @@ async def test_hot_working_set_is_not_a_confident_will_converge(lab: Lab) -> Non
     """The issue's guest: 512 MiB re-dirtying 100 MiB as fast as it goes, 128 MiB/s, 300 ms. The
     old estimate said `will converge, 5.2 s`; plain QEMU never converges."""
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=25600, ram_mib=512)
-    async with Fleet() as fleet:
-        fleet.add("src", src.address)
-        await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
-        try:
-            [o] = await session.run_line("@src estimate --link 128M --no-probe --downtime 300")
-        finally:
-            await session.aclose()
+    async with attached(src) as pair:
+        o = await pair.run("@src estimate --link 128M --no-probe --downtime 300")
     assert o.ok, o.error
     text = o.result.text()
     verdict, total = precopy_row(text)
@@ -167,26 +157,14 @@ async def test_idle_linux_guest_estimate_counts_only_its_non_zero_pages(lab: Lab
     work = LinuxWork("idle", ws_mib=16)
     src = await start_linux(lab, "src", work, parts=parts)
     dst = await start_linux(lab, "dst", work, parts=parts, monitor=MonitorKind.HMP_UNIX, incoming=True)
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    async with Fleet() as fleet:
-        fleet.subscribe(events.put_nowait)
-        fleet.add("src", src.address)
-        fleet.add("dst", dst.address)
-        await fleet.start()
-        sample = await fleet.monitor("src").sample_pages(512)
-        session = Session(fleet, default_registry(), assume_yes=True)
-        try:
-            [est] = await session.run_line("@src estimate --to dst --link 32M --no-probe")
-            assert est.ok, est.error
-            [o] = await session.run_line("@src migrate --to dst --strategy precopy --bandwidth 32M")
-            assert o.ok, o.error
-            async with asyncio.timeout(60):
-                while (ev := await events.get()).name != FINISHED:
-                    pass
-            assert ev.data["status"] == "completed", ev.data
-            info = await fleet.monitor("src").migration()
-        finally:
-            await session.aclose()
+    async with attached(src, dst) as pair:
+        sample = await pair.session.fleet.monitor("src").sample_pages(512)
+        est = await pair.run("@src estimate --to dst --link 32M --no-probe")
+        assert est.ok, est.error
+        await pair.ok("@src migrate --to dst --strategy precopy --bandwidth 32M")
+        ev = await pair.finished()
+        assert ev.data["status"] == "completed", ev.data
+        info = await pair.session.fleet.monitor("src").migration()
     assert (await dst.check()).ok
     ram = info.ram
     assert ram is not None and info.total_time_ms is not None
@@ -210,14 +188,8 @@ async def test_unbounded_linux_working_set_is_not_a_will_converge(lab: Lab) -> N
     parts = await linux_or_skip()
     src = await start_linux(lab, "src", LinuxWork("ws", ws_mib=256), parts=parts)
     await src.wait_passes(1, timeout=120)
-    async with Fleet() as fleet:
-        fleet.add("src", src.address)
-        await fleet.start()
-        session = Session(fleet, default_registry(), assume_yes=True)
-        try:
-            [o] = await session.run_line("@src estimate --no-probe")
-        finally:
-            await session.aclose()
+    async with attached(src) as pair:
+        o = await pair.run("@src estimate --no-probe")
     assert o.ok, o.error
     text = o.result.text()
     verdict, _total = precopy_row(text)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 LAB_DIR_PREFIX = "kvmshell-lab-"
+LAUNCH_LOG_ENV = "KVMSHELL_LAUNCH_LOG"     # a file each QEMU launched here is noted in (the tests count them)
 _PTY_RE = re.compile(rb"char device redirected to (/dev/pts/\d+) \(label mon0\)")
 
 
@@ -71,6 +72,29 @@ def choose_accel() -> str:
     if forced in ("kvm", "tcg"):
         return forced
     return "kvm" if kvm_usable() else "tcg"
+
+
+def note_launch(pid: int, accel: str) -> None:
+    """Append "PID ACCEL" to each file $KVMSHELL_LAUNCH_LOG names (':' between them), when it is set: the
+    tests count the real QEMUs each test started (also those of a kvmshell or a pytest a test runs)."""
+    for path in filter(None, os.environ.get(LAUNCH_LOG_ENV, "").split(os.pathsep)):
+        try:
+            with open(path, "a") as f:
+                f.write(f"{pid} {accel}\n")
+        except OSError as e:             # a count never stops a guest
+            log.warning("cannot note the launch of QEMU %d in %s: %s", pid, path, e)
+
+
+def _accel_of(argv: list[str]) -> str:
+    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-accel"), "?")
+
+
+@typing.runtime_checkable
+class Launched(typing.Protocol):
+    """A guest process that says its pid and accelerator (a Linux guest handed to ``Lab.own``)."""
+
+    pid: int
+    accel: str
 
 
 def die_with_parent() -> None:  # runs in the child between fork and exec
@@ -254,6 +278,7 @@ class Lab:
         finally:
             if listener is not None:
                 listener.close()      # QEMU holds its own copy now
+        note_launch(proc.pid, accel)
         pty: asyncio.Future[str] | None = asyncio.get_running_loop().create_future() if kind is MonitorKind.HMP_PTY else None
         guest = LabGuest(name=name, address=address or Address.pty("?"), proc=proc, disk=disk,
                          ws_pages=ws_pages, ram_mib=ram, accel=accel, incoming=incoming, log_path=log_path)
@@ -309,6 +334,8 @@ class Lab:
     def own(self, guest: Killable) -> None:
         """Kill and reap ``guest`` (one this Lab did not start itself, e.g. a Linux guest) in ``aclose``."""
         self._others.append(guest)
+        if isinstance(guest, Launched):
+            note_launch(guest.pid, guest.accel)
 
     async def start_argv(self, name: str, argv: list[str], address: Address, *, ws_pages: int, ram_mib: int,
                          disk: Path, incoming: bool = True, timeout: float = 30.0) -> LabGuest:
@@ -320,6 +347,7 @@ class Lab:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent, start_new_session=True)
+        note_launch(proc.pid, _accel_of(argv))
         guest = LabGuest(name=name, address=address, proc=proc, disk=disk, ws_pages=ws_pages, ram_mib=ram_mib,
                          accel=self.accel, incoming=incoming, log_path=log_path)
         guest.banner.set()
