@@ -292,11 +292,13 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
                       monitor: MonitorKind = MonitorKind.QMP_UNIX, incoming: bool = False,
                       parts: LinuxParts | None = None, ram_mib: int | None = None,
                       mem_file: Path | None = None, accel: str | None = None,
-                      qemu_args: tuple[str, ...] = (), timeout: float = 60.0) -> LinuxGuest:
+                      qemu_args: tuple[str, ...] = (), timeout: float = 60.0,
+                      prefix: tuple[str, ...] = ()) -> LinuxGuest:
     """Start a Linux guest in ``lab`` (which kills it on close). Returns once its workload is ready
     (``kvmshell-ready`` on the console), or at once for an ``incoming`` (-incoming defer) guest.
     ``mem_file`` backs guest RAM with a shared file (to corrupt a page from outside); ``qemu_args`` are
-    appended to QEMU's command line (experiments: ``-accel``/``-cpu`` options, ``-smp``)."""
+    appended to QEMU's command line (experiments: ``-accel``/``-cpu`` options, ``-smp``); ``prefix``
+    runs QEMU through a command, e.g. ``ip netns exec NS`` for a test host."""
     parts = parts or await linux_parts()
     accel = accel or linux_accel()
     ram = ram_mib or work.ram_mib
@@ -304,7 +306,7 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
     listener, address, monitor_args = lab.monitor_listener(name, monitor)
     if address is None:
         raise LabError("the Linux lab guest needs a unix or tcp monitor")
-    argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    argv = [*prefix, QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel.startswith("tcg") else "host",
             "-m", ram_size, "-kernel", str(parts.kernel), "-initrd", str(parts.initrd),
             "-append", work.append(),
