@@ -22,6 +22,13 @@ destination's. :func:`blackout` puts the two streams together:
   clock's own gap plus the time its clock stood still. Without a guest clock (the boot guest)
   it is the largest arrival gap in that window.
 
+How to read them under TCG (the Linux guest where /dev/kvm is kvm_pvm): the virtual clock stops
+while the VM is stopped, so ``clock_lost_ms`` is the time the VM was stopped (QEMU's downtime plus
+the destination's load and resume), and ``guest_gap_ms`` the time the guest's clock ran while its
+vCPU made no progress (a starved vCPU: TCG's dirty tracking sends every store to a clean page
+through the slow path, and a shared host adds its own load). Arrival times also carry the guest's
+own output delay: its serial driver writes a line from the UART interrupt, late when the vCPU is.
+
 A beat written by the guest before the stop but sent out by the destination (still in the
 guest's tty buffer) only moves the gap by one beat period. The blackout includes the beat period
 itself (at most one ``period_ms``); ``ms`` >= QEMU's reported downtime less that and the jitter.
