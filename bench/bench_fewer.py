@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,8 @@ class Run:
     cpu_dst_s: float | None = None
     cpu_kvmshell_s: float | None = None
     memcheck: str = "n/a"
+    dirty_mb_s: float | None = None       # the boot guest's dirty rate in the 2 s before the start (its beats)
+    load1: float | None = None            # the host's 1-minute load average at the start (a shared machine)
 
 
 def working_set_mib(guest: str, ram_mib: int) -> int:
@@ -221,6 +224,11 @@ async def one_run(net: TestNetwork, guest: str, load: str, link: str, ram: str, 
             s, d = fleet.monitor("src"), fleet.monitor("dst")
             uri = f"tcp:{net.dst.ip}:{PORT}"
             tx0, cpu0 = tx_bytes(net), sum(os.times()[:2])
+            row.load1 = round(os.getloadavg()[0], 1)
+            if guest == "lab":
+                now = time.monotonic()
+                recent = sum(1 for b in src.beats if b.host_s >= now - 2)
+                row.dirty_mb_s = round(recent * BEAT_PAGES * image.PAGE_SIZE / 2 / 1e6, 1)
             if policy.startswith("hand:") or policy in ("defaults", "defaults+ac"):
                 info = await plain(policy, s, d, uri, link_rate, ws_mib << 20, cap)
             else:
@@ -368,18 +376,38 @@ async def main() -> int:
                         for load in loads:
                             for n in range(args.runs):          # runs interleaved: drift hits every policy
                                 for policy in policies:
-                                    row = await one_run(net, guest, load, link, ram, policy, n, args.cap, traces)
+                                    try:
+                                        row = await one_run(net, guest, load, link, ram, policy, n, args.cap,
+                                                            traces)
+                                    except Exception as e:     # a QEMU gone (killed, crashed): a row, go on
+                                        row = Run(guest, load, link, ram, policy, n, "error",
+                                                  note=f"{type(e).__name__}: {e}")
                                     rows.append(row)
                                     out.write(json.dumps(asdict(row)) + "\n")
                                     out.flush()
                                     print(f"{guest} {load:14} {link:6} {ram:4} {policy:18} #{n} {row.status:9} "
                                           f"total={row.total_s} down={row.downtime_ms} blackout={row.blackout_ms} "
                                           f"wire={row.wire_mb}MB cpu={row.cpu_src_s}/{row.cpu_dst_s}/"
-                                          f"{row.cpu_kvmshell_s} mem={row.memcheck} {row.note}", flush=True)
+                                          f"{row.cpu_kvmshell_s} mem={row.memcheck} dirty={row.dirty_mb_s}MB/s "
+                                          f"load={row.load1} {row.note}", flush=True)
     Path(args.table).write_text(table(rows) + "\n")
     print(table(rows))
     return 0
 
 
+async def cancellable() -> int:
+    """main(), cancelled by SIGTERM or SIGINT so that the guests and the namespaces are cleaned up."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await main()
+    except asyncio.CancelledError:
+        print("bench_fewer: stopped; the rows so far are in --out", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(cancellable()))
