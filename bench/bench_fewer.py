@@ -286,6 +286,7 @@ def spread(xs: list[float]) -> str:
 
 def table(rows: list[Run]) -> str:
     cases: dict[tuple[str, str, str, str], list[Run]] = {}
+    skipped: set[str] = set()
     for r in rows:
         cases.setdefault((r.guest, r.load, r.link, r.ram), []).append(r)
     out = ["| guest | load | link | RAM | policy | runs ok | total s (median, range) | QEMU downtime ms | "
@@ -304,8 +305,12 @@ def table(rows: list[Run]) -> str:
         nonzero = med([r.nonzero_mb for r in case if r.nonzero_mb])
         link_rate = LINK_BYTES[link] or 0
         floor = nonzero * 1e6 / link_rate if nonzero and link_rate else None
+        dirty = med([r.dirty_mb_s for r in case if r.dirty_mb_s is not None])
         for policy, runs in by.items():
             ok = [r for r in runs if r.total_s is not None]
+            if all(r.status == "skipped" for r in runs):
+                skipped.add(runs[0].note)
+                continue
             if not ok:
                 note = next((r.note for r in runs if r.note), runs[0].status)
                 out.append(f"| {guest} | {load} | {link} | {ram} | {policy} | 0/{len(runs)} | {note} |" + " |" * 8)
@@ -324,10 +329,11 @@ def table(rows: list[Run]) -> str:
                        f"{t:.2f} ({spread([r.total_s for r in ok if r.total_s is not None])}) | {m('downtime_ms')} | "
                        f"{m('blackout_ms')} | {m('wire_mb')} | {m('cpu_src_s', 1)}/{m('cpu_dst_s', 1)}/"
                        f"{m('cpu_kvmshell_s', 1)} | {mem} | {ratio(ac)} | {ratio(floor)} | {ratio(best_t)} |")
+        rate = f"; the guest dirtied {dirty:.0f} MB/s before the start (median)" if dirty is not None else ""
         out.append(f"| {guest} | {load} | {link} | {ram} | *floor* | | {floor:.2f} s = {nonzero:.0f} MB non-zero / "
-                   f"{link_rate / 1e6:.0f} MB/s |" + " |" * 8 if floor and nonzero else
-                   f"| {guest} | {load} | {link} | {ram} | *floor* | | unknown (no defaults run) |" + " |" * 8)
-    return "\n".join(out)
+                   f"{link_rate / 1e6:.0f} MB/s{rate} |" + " |" * 8 if floor and nonzero else
+                   f"| {guest} | {load} | {link} | {ram} | *floor* | | unknown (no completed run){rate} |" + " |" * 8)
+    return "\n".join(out + [f"\n{note}" for note in sorted(skipped)])
 
 
 def pick(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
