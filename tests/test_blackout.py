@@ -169,7 +169,7 @@ async def test_linux_guest_blackout_covers_qemus_downtime(lab: Lab) -> None:
         parts = await linux_parts()
     except PartsMissing as e:
         pytest.skip(f"Linux lab guest parts missing: {e}")
-    work = LinuxWork("sparse", ws_mib=64)
+    work = LinuxWork("sparse", ws_mib=64, rate_mb_s=20)   # paced: converges on a loaded host too
     src = await start_linux(lab, "src", work, parts=parts)
     dst = await start_linux(lab, "dst", work, parts=parts, incoming=True)
     await src.wait_passes(2, timeout=60)
