@@ -26,7 +26,13 @@ What the guest does:
    needs no initialisation to transmit).
 5. Forever: walk the working set (``ws_pages`` pages of 4 KiB from
    ``WS_BASE`` = 1 MiB) in ascending order; on each page at address A write
-   ``MARKER`` at A+1, the dword A at A+4, then ``inc byte [A]``; when paced,
+   ``MARKER`` at A+1, the dword A at A+4, then the page's body from A+8 as ``fill`` says
+   (:data:`FILLS`: ``sparse`` leaves it alone, so only those bytes change per pass;
+   ``compressible`` writes one dword (pass counter xor A) over it with ``rep stosd``;
+   ``incompressible`` writes an xorshift32 stream that runs on across pages and passes), then
+   ``inc byte [A]``; with ``beat_pages`` (a power of two) a ``,`` heartbeat on COM1 after every
+   ``beat_pages`` pages (:mod:`kvmshell.lab.blackout` times a migration's blackout from their
+   arrival; the ``.`` per pass is too rare for that); when paced,
    after every ``pace`` pages ``sti; hlt; cli``: sleep until the next timer
    tick (or return at once if a tick fell while dirtying, so a guest that
    cannot keep its pace is not slowed further). After each full pass:
@@ -66,6 +72,11 @@ MARKER = 0x5A
 PASS_COUNTER_ADDR = 0x600
 BANNER = b"KVMSHELL-GUEST\n"
 HEARTBEAT = b"."
+BEAT = b","
+"""The page heartbeat: one per ``beat_pages`` pages dirtied (off unless asked for)."""
+FILLS = ("sparse", "compressible", "incompressible")
+"""What a pass writes in each page beyond its first 8 bytes (which the memory check reads)."""
+_XORSHIFT_SEED = 0x2545F491
 
 LOAD_ADDR = 0x7C00
 """Where the BIOS loads the boot sector (and where the guest's stack starts, growing down)."""
@@ -138,7 +149,8 @@ class _Code:
         return _u8(disp)
 
 
-def _assemble(ws_pages: int, pace: int, labels: dict[str, int]) -> tuple[bytes, dict[str, int]]:
+def _assemble(ws_pages: int, pace: int, labels: dict[str, int], fill: str = "sparse",
+              beat_pages: int = 0) -> tuple[bytes, dict[str, int]]:
     """One assembly pass. ``labels`` holds the addresses found by the previous pass (empty on the
     first pass: unknown labels then read as the current address); instruction sizes never depend
     on label values, so two passes are enough."""
@@ -232,13 +244,46 @@ def _assemble(ws_pages: int, pace: int, labels: dict[str, int]) -> tuple[bytes, 
     else:
         if paced:
             a.emit(0xB9, _u32(pace))                      # mov ecx, pace    (pages until the next hlt)
+        if fill == "incompressible":
+            a.emit(0xBE, _u32(_XORSHIFT_SEED))            # mov esi, seed    (xorshift32 state)
         # one pass over the working set; ebx = page address
         found["pass_loop"] = a.here()
         a.emit(0xBB, _u32(WS_BASE))                       # mov ebx, WS_BASE
         found["page_loop"] = a.here()
         a.emit(0xC6, 0x43, 0x01, _u8(MARKER))             # mov byte [ebx+1], MARKER
         a.emit(0x89, 0x5B, 0x04)                          # mov [ebx+4], ebx
+        if fill == "compressible":
+            a.emit(0x51)                                  # push ecx
+            a.emit(0xA1, _u32(PASS_COUNTER_ADDR))         # mov eax, [0x600]
+            a.emit(0x31, 0xD8)                            # xor eax, ebx
+            a.emit(0x8D, 0x7B, 0x08)                      # lea edi, [ebx+8]
+            a.emit(0xB9, _u32(PAGE_SIZE // 4 - 2))        # mov ecx, 1022
+            a.emit(0xF3, 0xAB)                            # rep stosd
+            a.emit(0x59)                                  # pop ecx
+        elif fill == "incompressible":
+            a.emit(0x8D, 0x7B, 0x08)                      # lea edi, [ebx+8]
+            a.emit(0xBD, _u32(PAGE_SIZE // 4 - 2))        # mov ebp, 1022
+            found["xorshift"] = a.here()
+            a.emit(0x89, 0xF0)                            # mov eax, esi
+            a.emit(0xC1, 0xE0, 13)                        # shl eax, 13
+            a.emit(0x31, 0xC6)                            # xor esi, eax
+            a.emit(0x89, 0xF0)                            # mov eax, esi
+            a.emit(0xC1, 0xE8, 17)                        # shr eax, 17
+            a.emit(0x31, 0xC6)                            # xor esi, eax
+            a.emit(0x89, 0xF0)                            # mov eax, esi
+            a.emit(0xC1, 0xE0, 5)                         # shl eax, 5
+            a.emit(0x31, 0xC6)                            # xor esi, eax
+            a.emit(0x89, 0x37)                            # mov [edi], esi
+            a.emit(0x83, 0xC7, 0x04)                      # add edi, 4
+            a.emit(0x4D)                                  # dec ebp
+            a.emit(0x75, a.rel8(found["xorshift"]))       # jnz xorshift
         a.emit(0xFE, 0x03)                                # inc byte [ebx]
+        if beat_pages:
+            # dx is 0x3f8 from the banner on (nothing else writes it)
+            a.emit(0xF7, 0xC3, _u32(beat_pages * PAGE_SIZE - 1))  # test ebx, beat_pages*0x1000 - 1
+            a.emit(0x75, 0x03)                            # jnz +3           (not a beat page)
+            a.emit(0xB0, BEAT[0])                         # mov al, ','
+            a.emit(0xEE)                                  # out dx, al
         if paced:
             # every pace pages, sleep until the next timer tick. Interrupts are enabled only
             # here (sti holds them off for one instruction, so a tick cannot slip in between
@@ -304,28 +349,36 @@ def _check_ws_pages(ws_pages: int) -> None:
         raise ValueError(f"ws_pages must be in 0..{MAX_WS_PAGES}, got {ws_pages}")
 
 
-def build_boot_sector(ws_pages: int, pace: int = 0) -> bytes:
+def build_boot_sector(ws_pages: int, pace: int = 0, fill: str = "sparse", beat_pages: int = 0) -> bytes:
     """The 512-byte boot sector dirtying ``ws_pages`` pages from ``WS_BASE``.
 
     ``pace`` is the pages dirtied per timer tick (1/``TICK_HZ`` s): the guest halts after every
     ``pace`` pages until the next tick. 0: unpaced (no timer, interrupts stay disabled).
     ``ws_pages`` = 0 is an idle guest: the banner, then ``hlt`` forever (``pace`` is ignored).
+    ``fill`` (one of ``FILLS``) is what each pass writes in a page's body; ``beat_pages`` (0 or a
+    power of two) sends a ``BEAT`` on COM1 every that many pages.
     """
     _check_ws_pages(ws_pages)
     _check_int("pace", pace)
     if not 0 <= pace <= MAX_PACE:
         raise ValueError(f"pace must be in 0..{MAX_PACE}, got {pace}")
-    _, labels = _assemble(ws_pages, pace, {})
-    code, final = _assemble(ws_pages, pace, labels)
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    _check_int("beat_pages", beat_pages)
+    if beat_pages < 0 or beat_pages & (beat_pages - 1) or beat_pages * PAGE_SIZE > WS_LIMIT:
+        raise ValueError(f"beat_pages must be 0 or a power of two up to {WS_LIMIT // PAGE_SIZE}, got {beat_pages}")
+    _, labels = _assemble(ws_pages, pace, {}, fill, beat_pages)
+    code, final = _assemble(ws_pages, pace, labels, fill, beat_pages)
     assert final == labels, "label addresses moved between passes"
     if len(code) > SECTOR_SIZE - 2:
         raise AssertionError(f"boot sector code too large: {len(code)} bytes")
     return code + bytes(SECTOR_SIZE - 2 - len(code)) + b"\x55\xAA"
 
 
-def write_disk_image(path: str | os.PathLike[str], ws_pages: int, pace: int = 0) -> None:
+def write_disk_image(path: str | os.PathLike[str], ws_pages: int, pace: int = 0, fill: str = "sparse",
+                     beat_pages: int = 0) -> None:
     """Write a raw disk image: the boot sector, then zeros up to 1 MiB."""
-    sector = build_boot_sector(ws_pages, pace)
+    sector = build_boot_sector(ws_pages, pace, fill, beat_pages)
     with open(path, "wb") as f:
         f.write(sector)
         f.write(bytes(DISK_IMAGE_SIZE - len(sector)))

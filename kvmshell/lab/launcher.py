@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from kvmshell.core.values.address import Address, Kind, Protocol
 from kvmshell.errors import LabError
 from kvmshell.lab import image
+from kvmshell.lab.blackout import Beat
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class LabGuest:
     incoming: bool
     log_path: Path
     heartbeats: int = 0
+    beats: list[Beat] = field(default_factory=list)   # one per image.BEAT, stamped on arrival
     banner: asyncio.Event = field(default_factory=asyncio.Event)
     _beat: asyncio.Event = field(default_factory=asyncio.Event)
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -178,6 +181,9 @@ class LabGuest:
                     head = b""
                 else:
                     continue
+            if image.BEAT in chunk:
+                at = time.monotonic()
+                self.beats += [Beat(at, len(self.beats) + k, None) for k in range(chunk.count(image.BEAT))]
             beats = chunk.count(image.HEARTBEAT)
             if beats:
                 self.heartbeats += beats
@@ -205,7 +211,7 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.accel = accel or choose_accel()
         self.guests: dict[str, LabGuest] = {}
-        self._bases: dict[tuple[int, int], Path] = {}
+        self._bases: dict[tuple[int, int, str, int], Path] = {}
         self._others: list[Killable] = []
 
     async def __aenter__(self) -> Lab:
@@ -214,11 +220,11 @@ class Lab:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _base_image(self, ws_pages: int, pace: int) -> Path:
-        key = (ws_pages, pace)
+    def _base_image(self, ws_pages: int, pace: int, fill: str = "sparse", beat_pages: int = 0) -> Path:
+        key = (ws_pages, pace, fill, beat_pages)
         if key not in self._bases:
-            path = self.workdir / f"boot-{ws_pages}-{pace}.raw"
-            image.write_disk_image(path, ws_pages, pace)
+            path = self.workdir / f"boot-{ws_pages}-{pace}-{fill}-{beat_pages}.raw"
+            image.write_disk_image(path, ws_pages, pace, fill, beat_pages)
             self._bases[key] = path
         return self._bases[key]
 
@@ -229,9 +235,10 @@ class Lab:
         if proc.returncode:
             raise LabError(f"{argv[0]} failed: {out.decode(errors='replace').strip()}")
 
-    async def make_disk(self, name: str, ws_pages: int, pace: int = 0) -> Path:
-        """A qcow2 overlay (so savevm works) on the raw boot image."""
-        base = self._base_image(ws_pages, pace)
+    async def make_disk(self, name: str, ws_pages: int, pace: int = 0, fill: str = "sparse",
+                        beat_pages: int = 0) -> Path:
+        """A qcow2 overlay (so savevm works) on the raw boot image (see ``image.build_boot_sector``)."""
+        base = self._base_image(ws_pages, pace, fill, beat_pages)
         disk = self.workdir / f"{name}.qcow2"
         await self._run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(disk))
         return disk
@@ -241,17 +248,19 @@ class Lab:
                     incoming: bool = False, disk: Path | None = None, mem_file: Path | None = None,
                     accel: str | None = None, extra_args: tuple[str, ...] = (),
                     paused: bool = False, wait_banner: bool = True,
-                    prefix: tuple[str, ...] = ()) -> LabGuest:
+                    prefix: tuple[str, ...] = (), fill: str = "sparse", beat_pages: int = 0) -> LabGuest:
         """Start a guest; return once its monitor address is ready and, unless it is an incoming
         or ``paused`` (-S) guest or ``wait_banner`` is false, once the guest printed its banner
         (under nested KVM the firmware alone takes seconds: skip the wait when you can).
-        ``prefix`` runs QEMU through a command, e.g. ``ip netns exec NS`` for a test host."""
+        ``prefix`` runs QEMU through a command, e.g. ``ip netns exec NS`` for a test host.
+        ``fill`` and ``beat_pages``: what a pass writes in each page, a heartbeat every that many
+        pages (see ``image.build_boot_sector``)."""
         if name in self.guests and self.guests[name].alive:
             raise LabError(f"lab guest {name!r} is already running")
         kind = MonitorKind(monitor)
         accel = accel or self.accel
         ram = ram_mib or max(32, image.min_ram_mib(ws_pages))
-        disk = disk or await self.make_disk(name, ws_pages, pace)
+        disk = disk or await self.make_disk(name, ws_pages, pace, fill, beat_pages)
         argv = [*prefix, QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel == "tcg" else "kvm64",
                 "-m", str(ram),

@@ -3,7 +3,10 @@ of ``workload.c`` (parts from :mod:`kvmshell.lab.linux`), talked to over its ser
 
 QEMU's stdin and stdout are the guest's ttyS0: lines written to stdin are commands to the workload
 (``check``, ``hold``, ``run``, ``where K``), its answers and its ``kvmshell-pass N`` lines arrive on
-stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory).
+stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory). Its
+heartbeats (``kvmshell-hb SEQ USEC`` every ``beat_ms``) go to ``LinuxGuest.beats`` instead, each
+stamped with the host's monotonic clock on arrival (:mod:`kvmshell.lab.blackout` times a blackout
+from them).
 
 A stock Debian kernel does not boot under a kvm_pvm ``/dev/kvm``: there the guest runs under TCG, and
 a log line says so. Elsewhere it uses KVM when ``/dev/kvm`` opens (KVMSHELL_ACCEL forces either).
@@ -19,17 +22,19 @@ import logging
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmshell.core.values.address import Address
 from kvmshell.errors import LabError
+from kvmshell.lab.blackout import Beat
 from kvmshell.lab.launcher import QEMU, Lab, MonitorKind, die_with_parent, kvm_usable
 from kvmshell.lab.linux import LinuxParts, linux_parts
 
 log = logging.getLogger(__name__)
 
-WORKS = ("idle", "ws", "text", "hotcold")
+WORKS = ("idle", "ws", "text", "hotcold", "sparse")
 KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
 RAM_HEADROOM_MIB = 192
 """Guest RAM beyond the working set: the kernel, the unpacked initramfs, the page tables; plus 1/16 of
@@ -45,6 +50,7 @@ target page (QEMU rounds -m to 8 KiB) makes the size unaligned and QEMU takes th
 a paced workload's destination crashed in 15 of 15 migrations without, 0 of 15 with (bench/RESULTS.md)."""
 TCG_DIRTY_FIXED = (9, 0)
 _WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
+_BEAT_RE = re.compile(r"kvmshell-hb (\d+) (\d+)")
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,21 @@ class LinuxWork:
     rate_mb_s: int = 0          # rewrite rate in MB/s; 0 = as fast as the vCPU goes
     seed: int = 1
     hot_pct: int = 10           # hotcold: the share of pages rewritten
+    beat_ms: int = 2            # a heartbeat line every beat_ms (0: none)
 
     def __post_init__(self) -> None:
         if self.work not in WORKS:
             raise LabError(f"unknown Linux guest workload {self.work!r}: one of {', '.join(WORKS)}")
         if not 0 <= self.ws_mib <= 2048:
             raise LabError(f"working set of {self.ws_mib} MiB: 0 to 2048")
+        if not 0 <= self.beat_ms <= 10000:
+            raise LabError(f"heartbeat every {self.beat_ms} ms: 0 (none) to 10000")
 
     def append(self) -> str:
         """The kernel command line."""
         return (f"{KERNEL_ARGS} kvmshell.work={self.work} kvmshell.ws_mib={self.ws_mib} "
-                f"kvmshell.rate={self.rate_mb_s} kvmshell.seed={self.seed} kvmshell.hot_pct={self.hot_pct}")
+                f"kvmshell.rate={self.rate_mb_s} kvmshell.seed={self.seed} kvmshell.hot_pct={self.hot_pct} "
+                f"kvmshell.beat_ms={self.beat_ms}")
 
     @property
     def ram_mib(self) -> int:
@@ -142,6 +152,7 @@ class LinuxGuest:
     console_path: Path
     lines: list[str] = field(default_factory=list)
     passes: int = 0
+    beats: list[Beat] = field(default_factory=list)
     _console_closed: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -255,9 +266,13 @@ class LinuxGuest:
     async def _read_console(self, stream: asyncio.StreamReader) -> None:
         with open(self.console_path, "ab") as f:
             while raw := await stream.readline():
+                line = raw.decode(errors="replace").strip("\r\n")
+                beat = _BEAT_RE.fullmatch(line)
+                if beat:
+                    self.beats.append(Beat(time.monotonic(), int(beat.group(1)), int(beat.group(2)) / 1e6))
+                    continue
                 f.write(raw)
                 f.flush()
-                line = raw.decode(errors="replace").strip("\r\n")
                 self.lines.append(line)
                 if line.startswith("kvmshell-pass "):
                     self.passes += 1
@@ -277,11 +292,13 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
                       monitor: MonitorKind = MonitorKind.QMP_UNIX, incoming: bool = False,
                       parts: LinuxParts | None = None, ram_mib: int | None = None,
                       mem_file: Path | None = None, accel: str | None = None,
-                      qemu_args: tuple[str, ...] = (), timeout: float = 60.0) -> LinuxGuest:
+                      qemu_args: tuple[str, ...] = (), timeout: float = 60.0,
+                      prefix: tuple[str, ...] = ()) -> LinuxGuest:
     """Start a Linux guest in ``lab`` (which kills it on close). Returns once its workload is ready
     (``kvmshell-ready`` on the console), or at once for an ``incoming`` (-incoming defer) guest.
     ``mem_file`` backs guest RAM with a shared file (to corrupt a page from outside); ``qemu_args`` are
-    appended to QEMU's command line (experiments: ``-accel``/``-cpu`` options, ``-smp``)."""
+    appended to QEMU's command line (experiments: ``-accel``/``-cpu`` options, ``-smp``); ``prefix``
+    runs QEMU through a command, e.g. ``ip netns exec NS`` for a test host."""
     parts = parts or await linux_parts()
     accel = accel or linux_accel()
     ram = ram_mib or work.ram_mib
@@ -289,7 +306,7 @@ async def start_linux(lab: Lab, name: str, work: LinuxWork = LinuxWork(), *,
     listener, address, monitor_args = lab.monitor_listener(name, monitor)
     if address is None:
         raise LabError("the Linux lab guest needs a unix or tcp monitor")
-    argv = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    argv = [*prefix, QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", "q35", "-accel", accel, "-cpu", "qemu64" if accel.startswith("tcg") else "host",
             "-m", ram_size, "-kernel", str(parts.kernel), "-initrd", str(parts.initrd),
             "-append", work.append(),

@@ -6,20 +6,29 @@
  * migration no longer matches what the array says it must be.
  *
  * Knobs, read from /proc/cmdline:
- *   kvmshell.work=idle|ws|text|hotcold   idle: the set is written once, then left alone
- *                                        ws: every page rewritten with fresh incompressible data
- *                                        text: rewritten with text-like (compressible) pages
- *                                        hotcold: only the first hot_pct % of pages are rewritten
+ *   kvmshell.work=idle|ws|text|hotcold|sparse
+ *                         idle: the set is written once, then left alone
+ *                         ws: every page rewritten with fresh incompressible data
+ *                         text: rewritten with text-like (compressible) pages
+ *                         hotcold: only the first hot_pct % of pages are rewritten
+ *                         sparse: every page rewritten, but only 40 bytes of it change per pass
+ *                           (the header's generation and SPARSE_WORDS words spread over the page;
+ *                           the rest is incompressible and the same in every generation)
  *   kvmshell.ws_mib=N     size of the working set in MiB (default 64; idle: 0)
  *   kvmshell.rate=R       rewrite rate in MB/s (10^6 bytes); 0 = as fast as it can (default 0)
  *   kvmshell.seed=S       the seed of every page's content (default 1)
  *   kvmshell.hot_pct=P    hotcold: the hot share of the pages (default 10)
+ *   kvmshell.beat_ms=B    a heartbeat every B ms (default 2; 0 = none), see below
  *
  * Console protocol (one line per command on the serial console, one line per answer):
  *   check      -> "kvmshell-check ok N pages" or "kvmshell-check BAD page K ..." (first bad page, count)
  *   hold, run  -> "kvmshell-hold" / "kvmshell-run": stop / resume rewriting
  *   where K    -> "kvmshell-where page K phys 0xADDR" (guest-physical address, from /proc/self/pagemap)
- * Unprompted: "kvmshell-ready ..." once the set is written, "kvmshell-pass N" after each pass.
+ * Unprompted: "kvmshell-ready ..." once the set is written, "kvmshell-pass N" after each pass, and
+ * "kvmshell-hb SEQ USEC" every beat_ms: a sequence number from 0 and the guest's CLOCK_MONOTONIC in
+ * microseconds, so the host can time the blackout the guest sees in a migration (lab/blackout.py).
+ * The beat is written between pages (every 16 pages rewritten) and while waiting for input, so a
+ * beat is late by at most the time of 16 page rewrites.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -39,10 +48,12 @@
 #define MAGIC 0x3147575348535658ULL /* "XVSHSWG1" little-endian */
 #define HDR_WORDS 3
 
-enum mode { IDLE, WS, TEXT, HOTCOLD };
+enum mode { IDLE, WS, TEXT, HOTCOLD, SPARSE };
+#define SPARSE_WORDS 4   /* sparse: words 3, 131, 259, 387 change with the generation */
+#define SPARSE_STRIDE 128
 
 static enum mode mode = WS;
-static uint64_t ws_mib = 64, rate = 0, seed = 1, hot_pct = 10;
+static uint64_t ws_mib = 64, rate = 0, seed = 1, hot_pct = 10, beat_ms = 2;
 static int ws_given = 0;
 static uint8_t *ws;
 static uint32_t *gens;
@@ -60,9 +71,16 @@ static uint64_t mix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+/* sparse: the words of page i that change with the generation g (the header's dst[1] aside). */
+static void sparse_words(uint64_t *dst, uint64_t i, uint32_t g) {
+    dst[1] = i | ((uint64_t)g << 32);
+    for (int k = 0; k < SPARSE_WORDS; k++)
+        dst[HDR_WORDS + k * SPARSE_STRIDE] = mix(seed ^ mix((i << 8 | k) * 0x9e3779b97f4a7c15ULL + g + 1));
+}
+
 /* Page i at generation g, written into dst (a page of the set or a scratch page). */
 static void fill(uint64_t *dst, uint64_t i, uint32_t g) {
-    uint64_t s = mix(seed ^ mix(i * 0x9e3779b97f4a7c15ULL + g + 1)) | 1;
+    uint64_t s = mix(seed ^ mix(i * 0x9e3779b97f4a7c15ULL + (mode == SPARSE ? 0 : g) + 1)) | 1;
     dst[0] = MAGIC;
     dst[1] = i | ((uint64_t)g << 32);
     dst[2] = seed;
@@ -71,6 +89,7 @@ static void fill(uint64_t *dst, uint64_t i, uint32_t g) {
             s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
             dst[w] = s * 0x2545f4914f6cdd1dULL;
         }
+        if (mode == SPARSE) sparse_words(dst, i, g);
         return;
     }
     char *p = (char *)(dst + HDR_WORDS), *end = (char *)dst + PAGE;
@@ -82,6 +101,12 @@ static void fill(uint64_t *dst, uint64_t i, uint32_t g) {
             while (*wd && p < end) *p++ = *wd++;
         }
     }
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -98,6 +123,19 @@ static void say(const char *fmt, ...) {
         if (w <= 0) return;
         off += w;
     }
+}
+
+/* A heartbeat line when one is due; the milliseconds until the next one (-1: no heartbeats). */
+static int beat(void) {
+    static double next = 0;
+    static uint64_t seq = 0;
+    if (!beat_ms) return -1;
+    double t = now(), period = beat_ms / 1e3;
+    if (t >= next) {
+        say("kvmshell-hb %llu %llu", (unsigned long long)seq++, (unsigned long long)(t * 1e6));
+        next = next + period > t ? next + period : t + period;
+    }
+    return (int)((next - t) * 1000) + 1;
 }
 
 static void check(void) {
@@ -163,11 +201,6 @@ static void serve(int timeout_ms) {
     if (have == sizeof buf - 1) have = 0;          /* a line too long: drop it */
 }
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void knobs(void) {
     char line[4096] = {0};
@@ -180,11 +213,12 @@ static void knobs(void) {
         *val++ = 0;
         if (!strcmp(key, "work")) {
             mode = !strcmp(val, "idle") ? IDLE : !strcmp(val, "text") ? TEXT
-                 : !strcmp(val, "hotcold") ? HOTCOLD : WS;
+                 : !strcmp(val, "hotcold") ? HOTCOLD : !strcmp(val, "sparse") ? SPARSE : WS;
         } else if (!strcmp(key, "ws_mib")) { ws_mib = strtoull(val, NULL, 10); ws_given = 1; }
         else if (!strcmp(key, "rate")) rate = strtoull(val, NULL, 10);
         else if (!strcmp(key, "seed")) seed = strtoull(val, NULL, 10);
         else if (!strcmp(key, "hot_pct")) hot_pct = strtoull(val, NULL, 10);
+        else if (!strcmp(key, "beat_ms")) beat_ms = strtoull(val, NULL, 10);
     }
     if (mode == IDLE && !ws_given) ws_mib = 0;
     if (hot_pct > 100) hot_pct = 100;
@@ -207,21 +241,28 @@ int main(void) {
         return 1;
     }
     for (uint64_t i = 0; i < npages; i++) fill((uint64_t *)(ws + i * PAGE), i, 0);
-    static const char *const names[] = {"idle", "ws", "text", "hotcold"};
+    static const char *const names[] = {"idle", "ws", "text", "hotcold", "sparse"};
     say("kvmshell-ready work=%s pages=%llu hot=%llu rate=%llu", names[mode], (unsigned long long)npages,
         (unsigned long long)nhot, (unsigned long long)rate);
     double t0 = now(), written = 0;
     uint64_t pass = 0;
     for (;;) {
-        if (!nhot || holding) { serve(-1); t0 = now(); written = 0; continue; }
+        if (!nhot || holding) { serve(beat()); t0 = now(); written = 0; continue; }
         for (uint64_t i = 0; i < nhot && !holding; i++) {
-            fill((uint64_t *)(ws + i * PAGE), i, ++gens[i]);
+            uint64_t *page = (uint64_t *)(ws + i * PAGE);
+            if (mode == SPARSE) sparse_words(page, i, ++gens[i]);
+            else fill(page, i, ++gens[i]);
             written += PAGE;
             if ((i & 15) != 15) continue;
-            int wait_ms = 0;
+            int wait_ms = 0, beat_in = beat();
             if (rate) {
                 double due = t0 + written / (rate * 1e6), left = due - now();
                 if (left > 0) wait_ms = (int)(left * 1000) + 1;
+            }
+            while (wait_ms > 0 && beat_in >= 0 && beat_in < wait_ms) {   /* beat while pacing */
+                serve(beat_in);
+                wait_ms -= beat_in;
+                beat_in = beat();
             }
             if (wait_ms || (i & 255) == 255) serve(wait_ms);
         }
