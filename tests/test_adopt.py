@@ -92,6 +92,10 @@ async def test_kill_9_then_follow_adopts_finishes_and_puts_both_sides_back(lab: 
         assert rc == 0, err
         assert "not followed: `migrate --follow` adopts it" in out and \
             f"started by kvmshell pid {first_pid} (gone), strategy converge" in out, out
+        rc, out, err = await kvmshell(tmp_path, *g.args, "guests")
+        assert rc == 0, err
+        [src_row] = [line for line in out.splitlines() if line.startswith("src ")]
+        assert "running, migration active (not followed: `migrate --follow` adopts it)" in src_row, out
         async with started(tmp_path, *g.args, "-c", "@src migrate --follow") as second:
             said = await second.line(lambda text: "adopted" in text)
             assert f"started by kvmshell pid {first_pid} (gone): strategy converge resumes" in said, said

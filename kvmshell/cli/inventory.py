@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from kvmshell.cli.common import Exit
 from kvmshell.config import Config
+from kvmshell.core.commands.builtin import guest_status
 from kvmshell.core.monitor.fleet import Fleet, GuestState
 from kvmshell.core.values.address import Address, Kind, SshTarget, parse_guest_option
 from kvmshell.errors import ConfigError, KvmError
@@ -55,10 +56,9 @@ async def cmd_guests(args: argparse.Namespace, config: Config, out: TextIO, err:
         for g in fleet:
             status = version = ""
             if g.state is GuestState.CONNECTED and g.monitor is not None:
-                try:
-                    status = str(await g.monitor.status())
-                except KvmError as e:
-                    status, g.reason = "error", e.message
+                status = await guest_status(g.monitor, followed=False)
+                if status.startswith("error: "):
+                    status, g.reason = "error", status.removeprefix("error: ")
                 version = str(g.version or "")
             rows.append({"name": g.name, "address": str(g.address), "protocol": g.address.protocol.value,
                          "status": status or "unreachable", "version": version,

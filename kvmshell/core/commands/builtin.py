@@ -8,10 +8,12 @@ import textwrap
 
 from kvmshell.core.commands.results import Exit, KeyValues, Result, Table, Text, Watch
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, Scope, UsageError
+from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.monitor.fleet import GuestState
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.hosts.processes import discover
 from kvmshell.core.values.address import GUEST_NAME_RE
+from kvmshell.core.values.models import RunState
 from kvmshell.errors import CommandFailed, KvmError
 
 
@@ -78,9 +80,27 @@ async def guests(inv: Invocation) -> Result:
 
 async def _status(name: str, inv: Invocation) -> str:
     try:
-        return str(await inv.session.fleet.monitor(name).status())
+        mon = inv.session.fleet.monitor(name)
     except KvmError as e:
         return f"error: {e.message}"
+    return await guest_status(mon, followed=inv.session.running_job(name) is not None)
+
+
+async def guest_status(mon: Monitor, *, followed: bool) -> str:
+    """The guest's run state, and its migration when one runs from it (followed here or not); raises
+    nothing (an error is the status)."""
+    try:
+        status = await mon.status()
+    except KvmError as e:
+        return f"error: {e.message}"
+    try:
+        info = await mon.migration()
+    except KvmError:
+        return str(status)
+    if not info.status.is_active or status.state is RunState.INMIGRATE:
+        return str(status)
+    who = "followed" if followed else "not followed: `migrate --follow` adopts it"
+    return f"{status}, migration {info.status} ({who})"
 
 
 async def use(inv: Invocation) -> Result:
