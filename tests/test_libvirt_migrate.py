@@ -131,7 +131,9 @@ async def test_stalled_libvirt_migration_is_aborted_and_the_source_runs_on(two_h
     assert rc != 0
     [*_, line] = err.strip().splitlines()
     assert line.startswith("kvmshell: m2: migration through libvirt stalled: cancelled: no progress for 3 s"), err
-    assert "m2 is running" in line and "libvirt: operation aborted" in line and "put back" not in line
+    # libvirt's own words for the aborted job vary with what QEMU saw first: the abort, or the stream breaking
+    assert "m2 is running" in line and "put back" not in line, line
+    assert "libvirt: operation aborted" in line or "libvirt: operation failed: job 'migration out' failed" in line, line
     assert re.search(r"libvirt has m2: source qemu:///system\?socket=\S+: running, persistent; destination "
                      r"qemu:///system\?socket=\S+: no such domain", line), line
     assert state(h.src, "m2") == (libvirt.VIR_DOMAIN_RUNNING, True)

@@ -223,7 +223,8 @@ class Lab:
     def _base_image(self, ws_pages: int, pace: int, fill: str = "sparse", beat_pages: int = 0) -> Path:
         key = (ws_pages, pace, fill, beat_pages)
         if key not in self._bases:
-            path = self.workdir / f"boot-{ws_pages}-{pace}-{fill}-{beat_pages}.raw"
+            extra = "" if (fill, beat_pages) == ("sparse", 0) else f"-{fill}-{beat_pages}"   # the default keeps its name
+            path = self.workdir / f"boot-{ws_pages}-{pace}{extra}.raw"
             image.write_disk_image(path, ws_pages, pace, fill, beat_pages)
             self._bases[key] = path
         return self._bases[key]
