@@ -8,8 +8,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Collection, Sequence
-from typing import TextIO
+from collections.abc import Collection, Coroutine, Sequence
+from typing import Any, TextIO
 
 from kvmshell.cli.common import Exit
 from kvmshell.cli.follow import Follower, Progress, ctrl_c_sets, exit_for, outcome_of, worse
@@ -73,7 +73,10 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
                     progress: Progress, loc: str, failed: set[str] | None = None) -> Exit:
     from kvmshell.core.commands.results import Watch
     before = dict(session.migrations)
-    outcomes = await session.run_line(line)
+    outcomes = await _interruptible(session.run_line(line))
+    if outcomes is None:
+        err.write(f"kvmshell: {loc}interrupted\n")
+        return Exit.INTERRUPTED
     if not outcomes:
         return Exit.OK
     started = {g: j for g, j in session.migrations.items() if before.get(g) is not j}
@@ -114,6 +117,26 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
     if not _print(outcomes, args, out, err, loc, followed=set(started), line=line, failed=failed):
         status = worse(status, Exit.FAILED)
     return status
+
+
+async def _interruptible(coro: Coroutine[Any, Any, list[Outcome]]) -> list[Outcome] | None:
+    """Run a line; Ctrl-C cancels it (it undoes what it can and says so) and gives None. A cancel that
+    was taken back (``uncancel``, as asyncio.timeout does when its own timeout fires at the same moment)
+    is repeated; one the line is handling (its undo) is left to finish."""
+    task = asyncio.ensure_future(coro)
+    with ctrl_c_sets(asyncio.Event()) as stop:
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done() and task.cancelling() == 0:
+                task.cancel()
+    return None if task.cancelled() else task.result()
 
 
 def _print(outcomes: list[Outcome], args: argparse.Namespace, out: TextIO, err: TextIO, loc: str,

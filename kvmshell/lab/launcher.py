@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 LAB_DIR_PREFIX = "kvmshell-lab-"
+BOOT_TIMEOUT_S = 60         # the banner of a guest booting while tens of others boot on two cores (tests/test_soak.py)
 LAUNCH_LOG_ENV = "KVMSHELL_LAUNCH_LOG"     # a file each QEMU launched here is noted in (the tests count them)
 _PTY_RE = re.compile(rb"char device redirected to (/dev/pts/\d+) \(label mon0\)")
 
@@ -299,7 +300,7 @@ class Lab:
                           asyncio.create_task(guest._read_stderr(proc.stderr))]
         self.guests[name] = guest
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(BOOT_TIMEOUT_S):
                 if pty is not None:
                     guest.address = Address.pty(await pty)
                 if wait_banner and not incoming and not paused:
