@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.session import HISTORY_KEEP, Session
 from kvmshell.core.monitor.fleet import Fleet
 from tests.conftest import needs_qemu
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def bench_module(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module             # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.test_corpus import bench_module
 
 
 @pytest.mark.timeout(300)
