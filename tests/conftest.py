@@ -10,7 +10,7 @@ import pytest
 
 from kvmshell.lab.launcher import Lab
 
-pytest_plugins = ["tests.leakguard"]
+pytest_plugins = ["tests.leakguard", "tests.libvirtd"]
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None and shutil.which("qemu-img") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64/qemu-img not installed (make test installs them)")

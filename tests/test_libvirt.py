@@ -1,4 +1,4 @@
-"""Guests that libvirt manages, with a real libvirt daemon of the tests' own.
+"""Guests that libvirt manages, with a real libvirt daemon of the tests' own (tests/libvirtd.py).
 
 Each test that needs one starts a private ``libvirtd`` (Debian 12 ships the monolithic daemon, no
 virtqemud) in its own mount namespace: tmpfs over /run, /var/lib, /var/cache and /etc/libvirt, so its
@@ -19,12 +19,7 @@ import asyncio
 import json
 import os
 import re
-import shutil
-import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,161 +27,14 @@ from kvmshell.config import parse_config
 from kvmshell.core.monitor.libvirt import TAINT
 from kvmshell.core.values.address import Address, parse_address
 from kvmshell.errors import ConfigError
-from kvmshell.lab.launcher import Lab, die_with_parent
+from tests.libvirtd import Libvirtd, kvmshell, needs_libvirt
 from tests.waiting import wait_for
 
 try:
     import libvirt
-    HAVE_BINDING = True
 except ImportError:
-    HAVE_BINDING = False
+    pass
 
-LIBVIRTD = "/usr/sbin/libvirtd"
-needs_libvirt = pytest.mark.skipif(
-    not (HAVE_BINDING and os.path.exists(LIBVIRTD) and shutil.which("unshare") and os.geteuid() == 0),
-    reason="needs root, libvirtd and the binding (make deps as root installs them: libvirt-daemon, "
-           "libvirt-daemon-driver-qemu, libvirt-dev, pip kvmshell[libvirt])")
-
-_SETUP = """set -e
-cp /etc/passwd "$D/passwd"; cp /etc/group "$D/group"
-echo 'libvirt-qemu:x:0:0::/var/lib/libvirt:/usr/sbin/nologin' >> "$D/passwd"
-printf 'libvirt-qemu:x:0:\\nkvm:x:0:\\n' >> "$D/group"
-mount --bind "$D/passwd" /etc/passwd
-mount --bind "$D/group" /etc/group
-if [ -n "$HOSTNAME_OF_HOST" ]; then hostname "$HOSTNAME_OF_HOST"; fi
-for dir in /run /var/lib /var/cache /etc/libvirt; do mount -t tmpfs tmpfs $dir; done
-mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt
-cat > /etc/libvirt/qemu.conf <<EOF
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-stdio_handler = "file"
-EOF
-exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
-"""
-
-
-class Libvirtd:
-    """A private libvirt daemon and the domains the test defined on it."""
-
-    def __init__(self, root: Path, lab: Lab, *, prefix: tuple[str, ...] = (), host_uuid: str | None = None,
-                 hostname: str | None = None) -> None:
-        self.root = root
-        self.lab = lab
-        self.prefix = prefix            # `ip netns exec NS`: the daemon of a test host
-        self.host_uuid = host_uuid      # libvirt takes two daemons with one UUID for the same host
-        self.hostname = hostname        # with it, the daemon gets a UTS namespace of its own
-        self.uri = f"qemu:///system?socket={root}/sock/libvirt-sock"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.conn: Any = None
-
-    async def start(self) -> None:
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)     # raised, not printed too
-        (self.root / "sock").mkdir(parents=True)
-        (self.root / "libvirtd.conf").write_text(
-            f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n'
-            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else ''))
-        uts = ("--uts",) if self.hostname else ()
-        log = open(self.root / "libvirtd.log", "wb")
-        with log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.prefix, "unshare", "--mount", *uts, "--propagation", "private", "sh", "-c", _SETUP,
-                env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or ""}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True)
-
-        async def probe() -> Any:
-            if self.proc is not None and self.proc.returncode is not None:
-                raise AssertionError(f"libvirtd exited: {(self.root / 'libvirtd.log').read_text()[-800:]}")
-            try:
-                return await asyncio.to_thread(libvirt.open, self.uri)
-            except libvirt.libvirtError:
-                return None
-        self.conn = await wait_for(probe, lambda c: c is not None, timeout=30, every=0.1, what="libvirtd answers")
-
-    async def define(self, name: str, *, persistent: bool = True, ws_pages: int = 256) -> Any:
-        """A running domain of the lab's boot-sector guest, once the guest printed its banner."""
-        disk = await self.lab.make_disk(name, ws_pages)
-        serial = self.root / f"{name}.serial"
-        xml = f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <cpu mode='custom'><model>qemu64</model></cpu>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='unsafe'/>
-      <source file='{disk}'/>
-      <target dev='sda' bus='sata'/>
-    </disk>
-    <serial type='file'><source path='{serial}'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
-        if persistent:
-            dom = await asyncio.to_thread(self.conn.defineXML, xml)
-            await asyncio.to_thread(dom.create)
-        else:
-            dom = await asyncio.to_thread(self.conn.createXML, xml, 0)
-
-        async def banner() -> bool:
-            return serial.exists() and b"KVMSHELL-GUEST" in serial.read_bytes()
-        await wait_for(banner, bool, timeout=60, what=f"{name}'s banner on its serial port")
-        return dom
-
-    def domain_names(self) -> list[str]:
-        return sorted(d.name() for d in self.conn.listAllDomains())
-
-    async def stop(self) -> None:
-        """Destroy and undefine every domain (their QEMUs outlive libvirtd otherwise), stop libvirtd."""
-        try:
-            if self.conn is not None:
-                for dom in await asyncio.to_thread(self.conn.listAllDomains):
-                    persistent = dom.isPersistent()        # a transient one is gone once destroyed
-                    if dom.isActive():
-                        await asyncio.to_thread(dom.destroy)
-                    if persistent:
-                        await asyncio.to_thread(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                                                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-                left = await asyncio.to_thread(self.conn.listAllDomains)
-                await asyncio.to_thread(self.conn.close)
-                assert not left, f"domains left on the test's libvirtd: {[d.name() for d in left]}"
-        finally:
-            if self.proc is not None and self.proc.returncode is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(20):
-                        await self.proc.wait()
-                except TimeoutError:
-                    self.proc.kill()
-                    await self.proc.wait()
-
-
-@pytest.fixture
-async def libvirtd(lab: Lab, tmp_path: Path) -> AsyncIterator[Libvirtd]:
-    daemon = Libvirtd(tmp_path / "libvirtd", lab)
-    try:
-        await daemon.start()
-        yield daemon
-    finally:
-        await daemon.stop()
-
-
-async def kvmshell(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[int, str, str]:
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
-    env.pop("KVMSHELL_CONFIG", None)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "kvmshell.cli", *args, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-# -- addresses and config (no daemon) ------------------------------------------------------------
 
 @pytest.mark.parametrize("text, domain, uri", [
     ("libvirt:web1", "web1", None),

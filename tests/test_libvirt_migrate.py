@@ -13,65 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.values.address import Address
-from kvmshell.lab.launcher import Lab
 from kvmshell.lab.verify import check_guest_memory
-from kvmshell.lab.netns import TestNetwork, netns_available
-from tests.test_libvirt import Libvirtd, kvmshell, needs_libvirt
+from tests.libvirtd import TwoHosts, kvmshell, needs_libvirt, needs_netns, state
 from tests.waiting import wait_for
 
 try:
     import libvirt
 except ImportError:
     pass
-
-needs_netns = pytest.mark.skipif(netns_available() is not None, reason=f"{netns_available()}")
-
-
-@dataclass
-class TwoHosts:
-    net: TestNetwork
-    src: Libvirtd
-    dst: Libvirtd
-
-
-@pytest.fixture
-async def two_hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[TwoHosts]:
-    async with TestNetwork(rate=None, prefix="kvlv") as net:
-        src = Libvirtd(tmp_path / "src", lab, prefix=tuple(net.exec_prefix(net.src)), host_uuid=str(uuid.uuid4()),
-                       hostname="lv-src")
-        dst = Libvirtd(tmp_path / "dst", lab, prefix=tuple(net.exec_prefix(net.dst)), host_uuid=str(uuid.uuid4()),
-                       hostname="lv-dst")
-        try:
-            await src.start()
-            await dst.start()
-            config = tmp_path / "config" / "kvmshell"
-            config.mkdir(parents=True)
-            (config / "config.toml").write_text(f'[hosts.h2]\nssh = "root@{net.dst.ip}"\nlibvirt = "{dst.uri}"\n')
-            yield TwoHosts(net, src, dst)
-        finally:
-            try:
-                await dst.stop()
-            finally:
-                await src.stop()
-
-
-
-def state(lv: Libvirtd, name: str) -> tuple[int, bool] | None:
-    """(libvirt's state, persistent) of ``name`` on that daemon, None if it has no such domain."""
-    try:
-        dom = lv.conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return None
-    return dom.state()[0], bool(dom.isPersistent())
 
 
 @needs_libvirt
