@@ -65,6 +65,7 @@ remember_owner = 0
 security_driver = "none"
 stdio_handler = "file"
 EOF
+printf '%s\\n' "$QEMU_CONF_EXTRA" >> /etc/libvirt/qemu.conf
 exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 """
 
@@ -73,12 +74,14 @@ class Libvirtd:
     """A private libvirt daemon and the domains the test defined on it."""
 
     def __init__(self, root: Path, lab: Lab, *, prefix: tuple[str, ...] = (), host_uuid: str | None = None,
-                 hostname: str | None = None) -> None:
+                 hostname: str | None = None, qemu_conf: str = "", libvirtd_conf: str = "") -> None:
         self.root = root
         self.lab = lab
         self.prefix = prefix            # `ip netns exec NS`: the daemon of a test host
         self.host_uuid = host_uuid      # libvirt takes two daemons with one UUID for the same host
         self.hostname = hostname        # with it, the daemon gets a UTS namespace of its own
+        self.qemu_conf = qemu_conf      # lines added to the daemon's qemu.conf (TLS, ...)
+        self.libvirtd_conf = libvirtd_conf  # lines added to its libvirtd.conf (listen_tcp, ...)
         self.uri = f"qemu:///system?socket={root}/sock/libvirt-sock"
         self.proc: asyncio.subprocess.Process | None = None
         self.conn: Any = None
@@ -88,13 +91,14 @@ class Libvirtd:
         (self.root / "sock").mkdir(parents=True)
         (self.root / "libvirtd.conf").write_text(
             f'unix_sock_dir = "{self.root}/sock"\nlisten_tls = 0\nlisten_tcp = 0\n'
-            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else ''))
+            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else '') + self.libvirtd_conf)
         uts = ("--uts",) if self.hostname else ()
         log = open(self.root / "libvirtd.log", "wb")
         with log:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.prefix, "unshare", "--mount", *uts, "--propagation", "private", "sh", "-c", _SETUP,
-                env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or ""}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or "",
+                     "QEMU_CONF_EXTRA": self.qemu_conf}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True)
 
         async def probe() -> Any:
