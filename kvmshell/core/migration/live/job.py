@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,8 @@ from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.live.limits import Limits, Throttling, Watchdog
 from kvmshell.core.migration.live.preflight import Preflight
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, assess_held, throttle_for
+from kvmshell.core.migration.model.predict import (HOLD_LOOKBACK, Prediction, Verdict, assess, held,
+                                                    throttle_for)
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent
@@ -72,6 +74,7 @@ class MigrationJob:
         self.uri: str | None = request.uri
         self.sampler = Sampler(self.source, interval=request.interval, clock=clock)
         self.prediction: Prediction | None = None
+        self._said: deque[tuple[Sample, Prediction]] = deque(maxlen=HOLD_LOOKBACK + 1)  # for the hold
         self.outcome: MigrationOutcome | None = None
         self.decisions: list[str] = []
         self._limits = Limits()
@@ -377,7 +380,8 @@ class MigrationJob:
                                       bandwidth_cap=self._limits.bandwidth_cap, link=self.req.link)
         pred = assess(ring, **limits)          # what the strategy acts on (with its own hold)
         dirty = self.preflight.dirty if self.preflight is not None else None
-        self.prediction = assess_held(ring, **limits, dirty=dirty)   # what the user is told: a verdict that held
+        self._said.append((s, assess(ring, **limits, dirty=dirty)))
+        self.prediction = held(self._said)     # what the user is told: a verdict that held (model.assess_held)
         if pred.verdict is not Verdict.UNKNOWN:
             self.marks.setdefault("start", pred)
         if s.pass_no >= 2 and not pred.rough and \
