@@ -28,13 +28,10 @@ class Guest(Protocol):
 G = TypeVar("G", bound=Guest)
 
 
-@dataclass
-class Pair(Generic[G]):
-    """The session, its guests ("src", and "dst" unless attached to one guest) and its events, queued."""
+class Lines:
+    """Lines run in ``session`` on one guest, and the end of a migration read from ``events``."""
 
     session: Session
-    src: G
-    dst: Any          # a G, or None when the session has the source alone
     events: asyncio.Queue[Event]
 
     async def run(self, line: str) -> Outcome:
@@ -54,6 +51,16 @@ class Pair(Generic[G]):
                 ev = await self.events.get()
                 if ev.name == FINISHED:
                     return ev
+
+
+@dataclass
+class Pair(Lines, Generic[G]):
+    """The session, its guests ("src", and "dst" unless attached to one guest) and its events, queued."""
+
+    session: Session
+    src: G
+    dst: Any          # a G, or None when the session has the source alone
+    events: asyncio.Queue[Event]
 
     def job(self) -> MigrationJob:
         return self.session.migrations["src"]

@@ -20,9 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.core.commands.registry import default_registry
-from kvmshell.core.commands.results import Outcome
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.migration.live.job import FINISHED
 from kvmshell.core.migration.live.storage import StorageStage
 from kvmshell.core.values.models import BlockImage, BlockJobStatus, Event, NbdServer, RunState
 from kvmshell.core.monitor.base import Monitor, open_monitor
@@ -30,6 +28,7 @@ from kvmshell.core.commands.session import Session
 from kvmshell.config import parse_config
 from kvmshell.errors import CommandFailed, ConfigError, KvmError
 from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
+from tests.guests import Lines
 from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.qemu
@@ -70,7 +69,7 @@ def data_drive(path: Path) -> tuple[str, ...]:
 
 
 @dataclass
-class Rig:
+class Rig(Lines):
     lab: Lab
     session: Session
     guests: dict[str, LabGuest]
@@ -80,27 +79,9 @@ class Rig:
     def mon(self, name: str) -> Monitor:
         return self.session.fleet.monitor(name)
 
-    async def run(self, line: str) -> Outcome:
-        outcomes = await self.session.run_line(line)
-        assert len(outcomes) == 1
-        return outcomes[0]
-
-    async def ok(self, line: str) -> str:
-        o = await self.run(line)
-        assert o.ok, o.error
-        assert o.result is not None
-        return o.result.text()
-
     async def io(self, guest: str, command: str) -> None:
         out = await self.mon(guest).hmp(f'qemu-io data0 "{command}"')
         assert "fail" not in out.lower(), out
-
-    async def finished(self, timeout: float = 60) -> Event:
-        async with asyncio.timeout(timeout):
-            while True:
-                ev = await self.events.get()
-                if ev.name == FINISHED:
-                    return ev
 
     def stage(self) -> StorageStage:
         stage = next(st for st in self.session.migrations["src"].stages if isinstance(st, StorageStage))
