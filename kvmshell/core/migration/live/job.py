@@ -120,6 +120,8 @@ class MigrationJob:
         """Undo what was set up before `migrate` was sent (or what failed at once): the stages, the
         TLS credentials, the capabilities and parameters."""
         failed = MigrationOutcome("failed", why)
+        if self.preflight is not None:
+            self.preflight.stop()
         await self._finish_stages(failed)
         if self._tls_on:
             await self._tls_off()
@@ -157,6 +159,8 @@ class MigrationJob:
             if dinfo.status is not MigrationStatus.NONE:
                 raise CommandFailed(f"{self.req.dest} already has an incoming migration ({dinfo.status})",
                                     guest=self.req.source)
+        if self.preflight is not None:
+            self.preflight.begin(self)                   # its windows run while the pages are read
         wire = await wire_option(self, downtime_s)       # before the capabilities: auto's postcopy depends on it
         caps: dict[str, bool] = {"events": True} | wire.capabilities
         if strategy.steers:

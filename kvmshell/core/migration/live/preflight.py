@@ -4,12 +4,15 @@ the job the choice auto acts on (``job.preflight``): postcopy right after the fi
 choice is a confident "will not converge" and postcopy is allowed.
 
 Its cost: the start waits for the windows (4 s); calc-dirty-rate's page sampling hashes a few pages
-per GiB and does not slow the guest measurably. A measurement that fails stops nothing: auto then
-steers as without it, and the job says why.
+per GiB and does not slow the guest measurably. The job starts the windows (``begin``) before it
+reads the guest's pages and both hosts' CPU (live/wiredata.py), so that the two measurements overlap
+instead of adding up. A measurement that fails stops nothing: auto then steers as without it, and
+the job says why.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.stages import BaseStage
@@ -30,12 +33,31 @@ class Preflight(BaseStage):
         self.windows: list[Window] = []
         self.missing: str | None = None          # why there is no choice
         self.dirty: DirtyRange | None = None     # the range measured: what the job's held verdict reads
+        self._measuring: asyncio.Task[None] | None = None
+
+    def begin(self, job: MigrationJob) -> None:
+        """Start measuring the windows now (the job goes on preparing); ``before_start`` waits for them."""
+        if self._measuring is None:
+            self._measuring = asyncio.create_task(self._measure(job))
+
+    def stop(self) -> None:
+        """The migration will not start: stop measuring."""
+        task = self._measuring
+        if task is not None and not task.done():
+            task.cancel()
+        elif task is not None and not task.cancelled():
+            task.exception()                     # seen here: a failure of a migration that will not start
+
+    async def _measure(self, job: MigrationJob) -> None:
+        for seconds in PREFLIGHT_WINDOWS:
+            self.windows.append(Window(seconds, float((await job.source.measure_dirty_rate(seconds)).bytes_per_s)))
 
     async def before_start(self, job: MigrationJob) -> None:
         src = job.source
+        self.begin(job)
+        assert self._measuring is not None
         try:
-            for seconds in PREFLIGHT_WINDOWS:
-                self.windows.append(Window(seconds, float((await src.measure_dirty_rate(seconds)).bytes_per_s)))
+            await self._measuring
             ram = await src.ram_size()
             params = await src.migrate_parameters()
         except KvmError as e:
@@ -49,6 +71,9 @@ class Preflight(BaseStage):
             return
         self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link,
                              downtime_limit_s=(params.downtime_limit_ms or 300) / 1000, allow_postcopy=job.req.allow_postcopy)
+
+    async def finish(self, job: MigrationJob, outcome: Any) -> None:
+        self.stop()
 
     def said(self) -> str:
         """The decision's reason: the choice with its numbers, or why there is none."""
