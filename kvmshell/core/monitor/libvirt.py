@@ -156,6 +156,79 @@ def describe_domain(uri: str | None, name: str) -> str:
         conn.close()
 
 
+class LibvirtDaemon:
+    """One daemon as a static migration uses it (libvirtsave): its own connection, blocking calls (run
+    them in a thread); libvirt's failures raise CommandFailed with the call, the URI and libvirt's reason."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri or default_uri()
+        self.conn = open_connection(uri)
+
+    def _do(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        libvirt, _ = binding()
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as e:
+            raise CommandFailed(f"{what} ({self.uri}): libvirt: {e.get_error_message()}") from None
+
+    def facts(self, name: str) -> dict[str, Any]:
+        """The domain's state, persistence, memory, its XML as it runs and as libvirt would define it
+        elsewhere (inactive; secure and migratable), and the host's UUID."""
+        libvirt, _ = binding()
+        dom = lookup_domain(self.conn, name)
+        state, _ = self._do("state", dom.state)
+        live = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
+        return {"state": state, "running": state == libvirt.VIR_DOMAIN_RUNNING,
+                "active": state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED),
+                "persistent": bool(dom.isPersistent()), "memory": int(dom.maxMemory()) << 10,
+                "xml": self._do("XMLDesc", dom.XMLDesc, live),
+                "inactive_xml": self._do("XMLDesc", dom.XMLDesc, live | libvirt.VIR_DOMAIN_XML_INACTIVE),
+                "host_uuid": host_uuid(self.conn)}
+
+    def has_domain(self, name: str) -> bool:
+        libvirt, _ = binding()
+        try:
+            self.conn.lookupByName(name)
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    def save(self, name: str, path: str) -> None:
+        """virDomainSaveFlags: the domain's memory and device state to ``path``; libvirt stops it."""
+        self._do(f"saving {name} to {path}", lookup_domain(self.conn, name).saveFlags, path, None, 0)
+
+    def image_xml(self, path: str) -> str:
+        """The domain XML the save image at ``path`` holds (virDomainSaveImageGetXMLDesc)."""
+        libvirt, _ = binding()
+        return str(self._do(f"reading the XML of {path}", self.conn.saveImageGetXMLDesc, path,
+                            libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE))
+
+    def restore(self, path: str, xml: str | None = None, paused: bool = False) -> None:
+        """virDomainRestoreFlags from ``path`` (``xml``: the image's XML with the paths changed); the
+        domain runs again (or stays paused) as it was saved, paused with ``paused``."""
+        libvirt, _ = binding()
+        self._do(f"restoring from {path}", self.conn.restoreFlags, path, xml,
+                 libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0)
+
+    def define(self, xml: str) -> None:
+        self._do("defining the domain", self.conn.defineXML, xml)
+
+    def remove(self, name: str) -> None:
+        """Destroy the domain if it runs, undefine it if it is defined."""
+        dom = lookup_domain(self.conn, name)
+        persistent = bool(self._do("isPersistent", dom.isPersistent))
+        if self._do("isActive", dom.isActive):
+            self._do(f"destroying {name}", dom.destroy)
+        if persistent:
+            self._do(f"undefining {name}", dom.undefine)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:           # the daemon may be gone already
+            pass
+
+
 class LibvirtMonitor(QmpMonitor):
     """QMP commands, HMP lines and events through libvirt; every typed query of ``QmpMonitor`` works
     unchanged on top of ``execute``."""

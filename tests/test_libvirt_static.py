@@ -1,0 +1,236 @@
+"""Static migration of a libvirt guest (libvirt's save image, the disks, restored by the other host's
+libvirt) between two test hosts, each with its own sshd and its own libvirtd.
+
+The hosts are those of the direct static tests (``SshTestbed``: network namespaces ``a`` and ``b``,
+a real sshd in each, reached over their uplinks); a private ``Libvirtd`` runs in each namespace with
+its own host UUID and hostname, so that libvirt takes them for two hosts. kvmshell reaches both
+daemons over their unix sockets (in the test's tmp dir, which all namespaces share) and copies the
+files to host ``b`` over SSH; the source's files are "here" (the source URI is a local socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmshell.core.commands.registry import default_registry
+from kvmshell.core.commands.session import Session
+from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.address import Address
+from kvmshell.lab.launcher import Lab
+from kvmshell.lab.verify import check_guest_memory
+from tests.libvirtd import Libvirtd, needs_libvirt, needs_netns, state
+from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
+from tests.test_cli import env_for
+from tests.test_ssh import pool_for
+from tests.waiting import wait_for
+
+try:
+    import libvirt
+except ImportError:
+    pass
+
+pytestmark = [needs_libvirt, needs_netns, pytest.mark.qemu, pytest.mark.timeout(180),
+              pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)")]
+
+WS = 512
+
+
+@dataclass
+class Hosts:
+    bed: SshTestbed
+    src: Libvirtd
+    dst: Libvirtd
+    config: Path          # kvmshell's config: [hosts.a] and [hosts.b], b with its libvirt URI
+    home: Path            # HOME whose ~/.ssh/known_hosts knows both hosts
+    dest: Path            # the image directory on b
+
+
+@pytest.fixture
+async def hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[Hosts]:
+    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed:
+        bed.trust()
+        src = Libvirtd(tmp_path / "lv-a", lab, prefix=bed["a"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-a")
+        dst = Libvirtd(tmp_path / "lv-b", lab, prefix=bed["b"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-b")
+        try:
+            await src.start()
+            await dst.start()
+            config = tmp_path / "kvmshell.toml"
+            config.write_text(bed.config_toml().replace("[hosts.b]\n", f'[hosts.b]\nlibvirt = "{dst.uri}"\n'))
+            home = tmp_path / "home"
+            (home / ".ssh").mkdir(parents=True)
+            (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
+            yield Hosts(bed, src, dst, config, home, tmp_path / "dest")
+        finally:
+            try:
+                await dst.stop()
+            finally:
+                await src.stop()
+    assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
+
+
+async def define(lv: Libvirtd, name: str, data: Path | None = None, *, persistent: bool = True) -> Any:
+    """A running domain of the lab's boot-sector guest (as ``Libvirtd.define``), with a raw data disk."""
+    disk = await lv.lab.make_disk(name, WS)
+    serial = lv.root / f"{name}.serial"
+    extra = f"""<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{data}'/>
+      <target dev='sdb' bus='sata'/></disk>""" if data else ""
+    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os><cpu mode='custom'><model>qemu64</model></cpu>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/><source file='{disk}'/>
+      <target dev='sda' bus='sata'/></disk>{extra}
+    <serial type='file'><source path='{serial}'/></serial><memballoon model='none'/></devices></domain>"""
+    if persistent:
+        dom = await asyncio.to_thread(lv.conn.defineXML, xml)
+        await asyncio.to_thread(dom.create)
+    else:
+        dom = await asyncio.to_thread(lv.conn.createXML, xml, 0)
+    await wait_for(lambda: asyncio.sleep(0, serial.exists() and b"KVMSHELL-GUEST" in serial.read_bytes()), bool,
+                   timeout=60, what=f"{name}'s banner on its serial port")
+    return dom
+
+
+async def cli(h: Hosts, tmp_path: Path, guest: str, line: str, timeout: float = 120) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", "--config", str(h.config), "--guest", f"{guest}=libvirt:{h.src.uri}#{guest}",
+        "-c", line, env=env_for(tmp_path) | {"HOME": str(h.home)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def virsh_list(lv: Libvirtd) -> dict[str, str]:
+    out = await run("virsh", "-c", lv.uri, "list", "--all")
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s*(?:\d+|-)\s+(\S+)\s+(.+)$", out, re.M)}
+
+
+async def test_static_migration_of_a_libvirt_guest_restores_it_on_the_other_host(hosts: Hosts, tmp_path: Path) -> None:
+    h = hosts
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(2 << 20))
+    await define(h.src, "s1", data)
+    rc, out, err = await cli(h, tmp_path, "s1", f"static-migrate s1 --to-host b --dir {h.dest}")
+    assert rc == 0, err + out
+    assert "s1 moved to b through libvirt's save image, attached as s1.b" in out, out
+    assert "source: defined, shut off (its disks stay" in out and "libvirt: shut off, persistent" in out, out
+    assert re.search(r"kvmshell: s1: copying s1\.save: ", err), err
+    # libvirt's view on both hosts: defined and shut off on a, defined and running on b
+    assert state(h.src, "s1") == (libvirt.VIR_DOMAIN_SHUTOFF, True)
+    assert state(h.dst, "s1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+    assert await virsh_list(h.src) == {"s1": "shut off"} and await virsh_list(h.dst) == {"s1": "running"}
+    # the destination's definition and the running domain use the copied files; the save images are gone
+    dom = h.dst.conn.lookupByName("s1")
+    for xml in (dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), dom.XMLDesc(0)):
+        assert f"{h.dest}/s1.qcow2" in xml and f"{h.dest}/data.raw" in xml and str(h.src.lab.workdir) not in xml
+    assert sorted(p.name for p in h.dest.iterdir()) == ["boot-512-0.raw", "data.raw", "s1.qcow2"]
+    assert not list(h.src.lab.workdir.glob("*.save"))
+    # the disks hold what the source's hold (the overlay now backed by the copied base)
+    assert (h.dest / "data.raw").read_bytes() == data.read_bytes()
+    await run("qemu-img", "compare", "-U", str(h.src.lab.workdir / "s1.qcow2"), str(h.dest / "s1.qcow2"))
+    assert f"backing file: {h.dest}/boot-512-0.raw" in await run("qemu-img", "info", "-U", str(h.dest / "s1.qcow2"))
+    # its memory arrived whole: read on the destination through libvirt's pass-through
+    mon = await open_monitor("s1", Address.libvirt("s1", h.dst.uri))
+    try:
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()
+
+
+async def test_dry_run_shows_the_xml_and_changes_nothing(hosts: Hosts, tmp_path: Path) -> None:
+    h = hosts
+    await define(h.src, "d1")
+    rc, out, err = await cli(h, tmp_path, "d1", f"static-migrate d1 --to b --dir {h.dest} --dry-run")
+    assert rc == 0, err + out
+    first, said, *xml = out.strip().splitlines()
+    assert first.startswith(f"dry run: libvirt would save d1 to {h.src.lab.workdir}/d1.kvmshell.save, kvmshell would "
+                            f"copy it with boot-512-0.raw (1.0 MiB), d1.qcow2 (") and first.endswith("nothing was done")
+    assert said == "the XML defined on b:", out
+    text = "\n".join(xml)
+    assert text.startswith("<domain type=\"qemu\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
+    assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text, text
+    assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+    assert not h.dest.exists() and not list(h.src.lab.workdir.glob("*.save"))
+
+
+async def test_a_failure_mid_copy_restores_the_source_and_leaves_the_destination_clean(hosts: Hosts,
+                                                                                       tmp_path: Path) -> None:
+    h = hosts
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(16 << 20))
+    await define(h.src, "f1", data)
+    cut: list[str] = []
+
+    def progress(guest: str, message: str) -> None:
+        m = re.match(r"copying data\.raw: .* \((\d+) %", message)       # b's sessions killed a quarter in
+        if not cut and m and 25 <= int(m.group(1)) < 100:
+            cut.append(message)
+            h.bed["b"].kill_sessions()
+
+    async with Fleet(hosts=pool_for(h.bed, extra={"libvirt": f'"{h.dst.uri}"'}), backoff=(0.05, 0.5)) as fleet:
+        fleet.add("f1", Address.libvirt("f1", h.src.uri))
+        await fleet.start()
+        session = Session(fleet, default_registry(), assume_yes=True, progress=progress)
+        [o] = await session.run_line(f"static-migrate f1 --to-host b --dir {h.dest}")
+        await session.aclose()
+    assert cut and not o.ok, o.result.text() if o.result else cut
+    msg = o.error or ""
+    assert "\n" not in msg and msg.startswith("copy failed:"), msg
+    assert f"done: saved f1 to {h.src.lab.workdir}/f1.kvmshell.save (libvirt stopped it)" in msg, msg
+    assert f"undone: removed the files copied to {h.dest} on host b" in msg, msg
+    assert "restored f1 from its save image (running again) and removed the image" in msg, msg
+    assert state(h.src, "f1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+    assert await virsh_list(h.src) == {"f1": "running"} and await virsh_list(h.dst) == {}
+    assert list(h.dest.iterdir()) == [] and not list(h.src.lab.workdir.glob("*.save"))
+    mon = await open_monitor("f1", Address.libvirt("f1", h.src.uri))
+    try:
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()
+
+
+async def test_bad_static_migrations_of_a_libvirt_guest_one_line_nothing_changed(hosts: Hosts, tmp_path: Path) -> None:
+    h = hosts
+    await define(h.src, "t1", persistent=False)
+    await define(h.dst, "dup")
+    (h.dest).mkdir()
+    (h.dest / "t1.qcow2").write_bytes(b"someone's file")
+    cases = [
+        ("static-migrate t1 --to-host b --undefine-source -y", "kvmshell: t1: --undefine-source: t1 is a transient "
+         "domain (libvirt has no definition of it to undefine): drop --undefine-source; nothing was changed"),
+        ("static-migrate t1 --to-host b --tag x", "kvmshell: t1: --tag does not go with a libvirt guest (libvirt saves "
+         "its state in a save image, not a snapshot); nothing was changed"),
+        ("static-migrate t1 --to-host nowhere", "kvmshell: --to nowhere: not a configured host (hosts: a, b); add a "
+         "[hosts.nowhere] table"),
+        (f"static-migrate t1 --to-host b --dir {h.dest}", f"kvmshell: t1: {h.dest}/t1.qcow2 on host b: there already, "
+         "and kvmshell never overwrites a file: remove it or pick another --dir"),
+        (f"static-migrate t1 --to-host b --dir {h.src.lab.workdir}", f"kvmshell: t1: {h.src.lab.workdir}/t1.qcow2 "
+         "would be copied onto itself: pick another --dir"),
+    ]
+    for line, expected in cases:
+        rc, out, err = await cli(h, tmp_path, "t1", line)
+        assert rc != 0, line
+        [*notes, last] = err.strip().splitlines()
+        assert all(n.startswith("kvmshell: note: t1: libvirt marks the domain tainted") for n in notes), err
+        assert last == expected, last
+    # a domain of that name on the destination already
+    await define(h.src, "dup")
+    rc, out, err = await cli(h, tmp_path, "dup", "static-migrate dup --to-host b")
+    assert rc != 0 and err.strip().splitlines()[-1] == (f"kvmshell: dup: b ({h.dst.uri}) has a domain dup already: "
+                                                        "undefine it there first; nothing was changed"), err
+    assert state(h.src, "t1") == (libvirt.VIR_DOMAIN_RUNNING, False) and state(h.src, "dup")[0] == 1
+    assert h.dst.domain_names() == ["dup"] and (h.dest / "t1.qcow2").read_bytes() == b"someone's file"
+    assert not list(h.src.lab.workdir.glob("*.save"))
