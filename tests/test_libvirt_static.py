@@ -236,3 +236,31 @@ async def test_bad_static_migrations_of_a_libvirt_guest_one_line_nothing_changed
     assert state(h.src, "t1") == (libvirt.VIR_DOMAIN_RUNNING, False) and state(h.src, "dup")[0] == 1
     assert h.dst.domain_names() == ["dup"] and (h.dest / "t1.qcow2").read_bytes() == b"someone's file"
     assert not list(h.src.lab.workdir.glob("*.save"))
+
+
+async def test_undefine_source_and_paused_and_a_transient_domain(hosts: Hosts, tmp_path: Path) -> None:
+    h = hosts
+    await define(h.src, "u1")
+    await define(h.src, "t2", persistent=False)
+    rc, out, err = await cli(h, tmp_path, "u1", f"static-migrate u1 --to-host b --dir {h.dest}/u1 --undefine-source "
+                             "--paused")
+    assert rc != 0 and err.strip().splitlines()[-1] == ("kvmshell: u1: --undefine-source undefines the source at the "
+                                                        "end and there is no one to ask: add -y"), err
+    assert state(h.src, "u1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+    rc, out, err = await cli(h, tmp_path, "u1", f"static-migrate u1 --to-host b --dir {h.dest}/u1 --undefine-source "
+                             "--paused -y")
+    assert rc == 0, err + out
+    assert "source: undefined (--undefine-source; its disks stay); libvirt: no such domain" in out, out
+    assert state(h.src, "u1") is None and state(h.dst, "u1") == (libvirt.VIR_DOMAIN_PAUSED, True)
+    assert (h.src.lab.workdir / "u1.qcow2").exists()
+    rc, out, err = await cli(h, tmp_path, "t2", f"static-migrate t2 --to-host b --dir {h.dest}/t2")
+    assert rc == 0, err + out
+    assert "source: gone (a transient domain: libvirt keeps no definition of it); libvirt: no such domain" in out, out
+    assert state(h.src, "t2") is None and state(h.dst, "t2") == (libvirt.VIR_DOMAIN_RUNNING, False)
+    assert await virsh_list(h.src) == {} and await virsh_list(h.dst) == {"u1": "paused", "t2": "running"}
+    mon = await open_monitor("t2", Address.libvirt("t2", h.dst.uri))
+    try:
+        check = await check_guest_memory(mon, WS, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()
