@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -264,3 +265,35 @@ async def test_undefine_source_and_paused_and_a_transient_domain(hosts: Hosts, t
         assert check.ok, check.summary()
     finally:
         await mon.close()
+
+
+async def test_ctrl_c_during_the_copy_restores_the_source_and_exits_130(hosts: Hosts, tmp_path: Path) -> None:
+    h = hosts
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(8 << 20))
+    await define(h.src, "c1", data)
+    for dev in h.bed._uplinks:                            # 8 MiB at 16 Mbit/s: seconds to press Ctrl-C in
+        await run("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "16mbit", "burst", "32kb", "latency", "50ms")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmshell.cli", "--config", str(h.config), "--guest", f"c1=libvirt:{h.src.uri}#c1",
+        "-c", f"static-migrate c1 --to-host b --dir {h.dest}", env=env_for(tmp_path) | {"HOME": str(h.home)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None and proc.stdout is not None
+    err = b""
+    async with asyncio.timeout(120):
+        while b"copying data.raw" not in err:
+            line = await proc.stderr.readline()
+            assert line, f"kvmshell ended before the copy: {err.decode()}"
+            err += line
+        proc.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.gather(proc.stderr.read(), proc.stdout.read())
+        rc = await proc.wait()
+    text = (err + rest).decode()
+    assert rc == 130, text
+    [said] = [line for line in text.splitlines() if " interrupted: " in line]
+    assert said.startswith(f"kvmshell: c1: copy interrupted: Ctrl-C. done: saved c1 to {h.src.lab.workdir}/"
+                           "c1.kvmshell.save (libvirt stopped it). undone: removed the files copied to"), said
+    assert said.endswith("restored c1 from its save image (running again) and removed the image"), said
+    assert "Traceback" not in text and text.endswith("kvmshell: interrupted\n"), text
+    assert state(h.src, "c1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+    assert list(h.dest.iterdir()) == [] and not list(h.src.lab.workdir.glob("*.save"))
