@@ -194,6 +194,7 @@ async def test_kill_9_after_an_unplug_then_follow_plugs_the_device_back_on_failu
     src = await lab.start("src", ws_pages=256, ram_mib=64, extra_args=(*XHCI, *TABLET, *side_args(w / "src-side.qmp")),
                           wait_banner=False)
     dst = await lab.start("dst", ws_pages=256, ram_mib=64, incoming=True, disk=src.disk, extra_args=XHCI)
+    await wait_for(lambda: _value((w / "src-side.qmp").exists()), bool, what="src's second monitor")
     async with Fleet() as fleet:
         fleet.add("side", Address.unix(Protocol.QMP, str(w / "src-side.qmp")))
         await fleet.start()
