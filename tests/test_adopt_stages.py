@@ -161,13 +161,18 @@ async def test_kill_9_during_the_disk_copy_then_follow_completes_it(lab: Lab, tm
         assert await compare(p.src.disk, p.dst.disk) == (0, "Images are identical.")
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_kill_9_during_the_disk_copy_then_a_cancel_after_follow_leaves_the_source_as_before(
-        lab: Lab, tmp_path: Path) -> None:
+        lab: Lab, tmp_path: Path, tls: bool) -> None:
     async with copy_pair(lab) as p:
-        src_before = await settings(p.side)
+        src_before, src_objects = await settings(p.side), await p.side.objects()
         nodes_before = await p.side.execute("query-named-block-nodes")
         await p.io("write -P 0x11 0 8M")
-        await kill_9_once_it_runs(p, tmp_path, f"@src migrate --to dst --copy-storage all {HOLD}")
+        line = f"@src migrate --to dst --copy-storage all {HOLD}"
+        if tls:
+            init_ca(tmp_path / "pki", ["localhost"])
+            line += f" --tls {tmp_path}/pki"
+        await kill_9_once_it_runs(p, tmp_path, line)
         await p.io("write -P 0x5a 12M 1M")
         async with started(tmp_path, *p.args, "-c", "@src migrate --follow") as second:
             await second.line(lambda text: "adopted" in text)
@@ -180,6 +185,7 @@ async def test_kill_9_during_the_disk_copy_then_a_cancel_after_follow_leaves_the
         assert "src's own disks were only read" in out, out
         assert (await p.side.status()).state is RunState.RUNNING
         assert await settings(p.side) == src_before
+        assert await p.side.objects() == src_objects                  # no kvmshell-tls left
         assert await p.side.block_jobs() == () and await kvmshell_nodes(p.side) == []
         assert len(await p.side.execute("query-named-block-nodes")) == len(nodes_before)
         await p.io("read -P 0x11 0 8M")

@@ -223,14 +223,15 @@ async def disable(mon: Monitor) -> None:
 async def undo(mon: Monitor, side: TlsSide) -> list[str]:
     """Put back what ``enable`` changed on ``mon``: the TLS parameters as they were, then its objects
     removed; what was done, for the outcome."""
-    params = {k: side.parameters.get(k, "") for k in TLS_PARAMETERS}
-    await mon.set_parameters(params)
+    now = await mon.migrate_parameters()
+    params = {k: was for k in TLS_PARAMETERS if (now.get(k) or "") != (was := side.parameters.get(k, ""))}
+    if params:
+        await mon.set_parameters(params)
     objects = await mon.objects()
     gone = [ident for ident in side.objects if ident in objects]
     for ident in gone:
         await mon.object_del(ident)
-    return [f"{', '.join(f'{k} {v!r}' for k, v in params.items())} put back"] + \
-        ([f"{', '.join(gone)} removed"] if gone else [])
+    return ([f"{', '.join(params)} put back"] if params else []) + ([f"{', '.join(gone)} removed"] if gone else [])
 
 
 # -- certificates on another host ------------------------------------------------------------------

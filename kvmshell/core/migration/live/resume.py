@@ -121,7 +121,8 @@ class TlsUndo(BaseStage):
                 self.notes.append(f"TLS on {mon.name} not undone ({e.message}): remove {', '.join(side.objects)} "
                                   "with object_del")
                 continue
-            self.notes.append(f"TLS on {mon.name}: {'; '.join(done)}")
+            if done:
+                self.notes.append(f"TLS on {mon.name}: {'; '.join(done)}")
 
 
 __all__ = ["DiskCopy", "StorageRecord", "TlsUndo", "UnplugRecord", "UnpluggedDevice", "tls_from_dict"]

@@ -4,8 +4,9 @@ One JSON file per source monitor in ``state_dir()/running/``: who follows the mi
 between which monitors, with which strategy and request, and what kvmshell changed there: each
 side's migration capabilities and parameters as they were before (the job's ``Settings``, plus the
 throttle parameters a strategy may raise later), what its stages leave to finish (the disk copy, the
-devices unplugged: ``resume``) and what TLS changed on each side (``tls.TlsSide``). It is written when the job starts following and
-removed when the job concludes; it stays when kvmshell dies or closes while QEMU goes on migrating.
+devices unplugged: ``resume``) and what TLS changed on each side (``tls.TlsSide``). It is written
+when the job starts following and removed when the job concludes; it stays when kvmshell dies or
+closes while QEMU goes on migrating.
 ``adopt`` reads it back. Nothing here raises for a file it cannot write or read: it is logged.
 """
 
