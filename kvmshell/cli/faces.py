@@ -6,7 +6,7 @@ import argparse
 from typing import TextIO
 
 from kvmshell.cli.common import Exit
-from kvmshell.cli.lines import close_session, open_session
+from kvmshell.cli.lines import close_session, open_session, say_unfollowed
 from kvmshell.config import Config
 
 
@@ -15,6 +15,7 @@ async def cmd_shell(args: argparse.Namespace, config: Config, out: TextIO, err: 
     from kvmshell.shell.app import Shell, history_file
     session = await open_session(args, config, err, interactive=True)
     try:
+        await say_unfollowed(session, err)
         await session.data.refresh_all()
         return Exit(await Shell(session, history=history_file(state_dir()), json_output=args.json).run())
     finally:

@@ -15,6 +15,7 @@ from kvmshell.cli.common import Exit
 from kvmshell.cli.follow import Follower, Progress, ctrl_c_sets, exit_for, outcome_of, worse
 from kvmshell.cli.inventory import inventory, make_fleet, warn_exposed
 from kvmshell.config import Config
+from kvmshell.core.commands.builtin import unfollowed_status
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
@@ -36,6 +37,15 @@ async def open_session(args: argparse.Namespace, config: Config, err: TextIO, *,
                 err.write(f"kvmshell: {g.name}: {g.reason} (retrying in the background)\n")
     current = fleet.names[0] if len(fleet) == 1 else None
     return Session(fleet, default_registry(), config, assume_yes=args.yes, current=current)
+
+
+async def say_unfollowed(session: Session, err: TextIO) -> None:
+    """On attach: one line per guest whose migration runs with no kvmshell following it."""
+    attached = [g for g in session.fleet if g.state is GuestState.CONNECTED and g.monitor is not None]
+    said = await asyncio.gather(*(unfollowed_status(g.monitor) for g in attached if g.monitor is not None))
+    for g, status in zip(attached, said):
+        if status is not None:
+            err.write(f"kvmshell: {g.name}: {status}\n")
 
 
 async def close_session(session: Session) -> None:
@@ -227,6 +237,7 @@ async def cmd_lines(args: argparse.Namespace, config: Config, out: TextIO, err: 
     unreachable = [g for g in session.fleet if g.state is not GuestState.CONNECTED]
     failed: set[str] = set()
     try:
+        await say_unfollowed(session, err)
         status = await run_lines(session, lines, args, out, err, source, failed)
     finally:
         await close_session(session)

@@ -12,6 +12,7 @@ from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.monitor.fleet import GuestState
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.hosts.processes import discover
+from kvmshell.core.migration.live import running
 from kvmshell.core.values.address import GUEST_NAME_RE
 from kvmshell.core.values.models import RunState
 from kvmshell.errors import CommandFailed, KvmError
@@ -89,18 +90,32 @@ async def _status(name: str, inv: Invocation) -> str:
 async def guest_status(mon: Monitor, *, followed: bool) -> str:
     """The guest's run state, and its migration when one runs from it (followed here or not); raises
     nothing (an error is the status)."""
+    return (await _guest_status(mon, followed))[0]
+
+
+async def unfollowed_status(mon: Monitor) -> str | None:
+    """``guest_status`` of a guest whose migration runs (active, paused in postcopy) with no kvmshell
+    following it (the caller follows none here); None for any other guest."""
+    state = running.load(str(mon.address))
+    if state is not None and state.alive:
+        return None                      # another kvmshell follows it
+    text, migrating = await _guest_status(mon, False)
+    return text if migrating else None
+
+
+async def _guest_status(mon: Monitor, followed: bool) -> tuple[str, bool]:
     try:
         status = await mon.status()
     except KvmError as e:
-        return f"error: {e.message}"
+        return f"error: {e.message}", False
     try:
         info = await mon.migration()
     except KvmError:
-        return str(status)
+        return str(status), False
     if not info.status.is_active or status.state is RunState.INMIGRATE:
-        return str(status)
+        return str(status), False
     who = "followed" if followed else "not followed: `migrate --follow` adopts it"
-    return f"{status}, migration {info.status} ({who})"
+    return f"{status}, migration {info.status} ({who})", True
 
 
 async def use(inv: Invocation) -> Result:

@@ -335,7 +335,8 @@ SPECS = (
                             "surely will not converge and postcopy is allowed, switch right after the first pass"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--follow",), "adopt the migration that runs (its kvmshell died, or a plain QMP "
-                            "migrate): follow it, and resume the strategy and undo of the kvmshell that started it"),
+                            "migrate): follow it, and resume the strategy, stages (disk copy, unplugged devices) and undo "
+                            "(settings, TLS) of the kvmshell that started it"),
                        Flag(("--detach",), "with -c/run: do not wait for the migration, leave it to QEMU "
                             "(kvmshell's steering and stall watchdog stop when the script ends)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),

@@ -16,8 +16,8 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from cryptography import x509
@@ -163,10 +163,33 @@ def client_identity(host_dir: str | Path) -> str:
     return cert.subject.rfc4514_string()
 
 
+TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz")
+
+
+@dataclass(frozen=True)
+class TlsSide:
+    """What ``enable`` changed on one side, to undo it later (another kvmshell may: see ``live.running``):
+    the objects it created and the TLS parameters as they were before."""
+
+    objects: tuple[str, ...] = ()
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"objects": list(self.objects), "parameters": dict(self.parameters)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TlsSide:
+        return cls(tuple(str(o) for o in d.get("objects") or ()),
+                   {str(k): v for k, v in (d.get("parameters") or {}).items() if isinstance(v, (str, int, bool))})
+
+
 async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | None = None,
-                 authz: str | None = None) -> None:
+                 authz: str | None = None) -> TlsSide:
     """Create (or replace) kvmshell's tls-creds-x509 object and make migration use it; ``authz``
-    (server side): admit only the client whose certificate has this DN (an authz-simple object)."""
+    (server side): admit only the client whose certificate has this DN (an authz-simple object).
+    What it changed (for ``undo``)."""
+    before = await mon.migrate_parameters()
+    saved = {k: v for k in TLS_PARAMETERS if (v := before.get(k)) is not None}
     objects = await mon.objects()
     if OBJECT_ID in objects:
         await mon.set_parameters({"tls-creds": ""})
@@ -174,6 +197,7 @@ async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | 
     await mon.object_add("tls-creds-x509", OBJECT_ID, {"dir": directory, "endpoint": "server" if server else "client",
                                                       "verify-peer": True})
     params: dict[str, ParamValue] = {"tls-creds": OBJECT_ID}
+    created = [OBJECT_ID]
     if hostname is not None:
         params["tls-hostname"] = hostname
     if authz is not None:
@@ -182,7 +206,9 @@ async def enable(mon: Monitor, directory: str, *, server: bool, hostname: str | 
             await mon.object_del(AUTHZ_ID)
         await mon.object_add("authz-simple", AUTHZ_ID, {"identity": authz})
         params["tls-authz"] = AUTHZ_ID
+        created.append(AUTHZ_ID)
     await mon.set_parameters(params)
+    return TlsSide(tuple(created), saved)
 
 
 async def disable(mon: Monitor) -> None:
@@ -192,6 +218,20 @@ async def disable(mon: Monitor) -> None:
     for ident in (OBJECT_ID, AUTHZ_ID):
         if ident in objects:
             await mon.object_del(ident)
+
+
+async def undo(mon: Monitor, side: TlsSide) -> list[str]:
+    """Put back what ``enable`` changed on ``mon``: the TLS parameters as they were, then its objects
+    removed; what was done, for the outcome."""
+    now = await mon.migrate_parameters()
+    params = {k: was for k in TLS_PARAMETERS if (now.get(k) or "") != (was := side.parameters.get(k, ""))}
+    if params:
+        await mon.set_parameters(params)
+    objects = await mon.objects()
+    gone = [ident for ident in side.objects if ident in objects]
+    for ident in gone:
+        await mon.object_del(ident)
+    return ([f"{', '.join(params)} put back"] if params else []) + ([f"{', '.join(gone)} removed"] if gone else [])
 
 
 # -- certificates on another host ------------------------------------------------------------------

@@ -4,8 +4,10 @@ The kvmshell that started it died (kill -9, a lost terminal) or closed, or someo
 QMP `migrate`: QEMU goes on migrating, unsteered, without a stall watchdog. Adopting builds a job
 around the running migration: the sampler, the model and the watchdog resume. If the state file of a
 dead kvmshell (``running``) names this guest, its strategy resumes too, with the destination when it
-is attached here, and the settings it changed are put back on both sides at the end. Without a file
-the job only observes (strategy "none") and says it cannot put back what it does not know.
+is attached here, and the settings it changed are put back on both sides at the end; so do its
+stages (``resume``): the disk copy completes at the switch-over (or is cancelled), the devices it
+unplugged are plugged on the destination (or back on the source), and the TLS it set up is undone.
+Without a file the job only observes (strategy "none") and says it cannot put back what it does not know.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from dataclasses import dataclass, field
 from kvmshell.core.migration.live import running
 from kvmshell.core.migration.live.job import UNCAPPED, MigrationJob
 from kvmshell.core.migration.live.limits import Limits
+from kvmshell.core.migration.live.passthrough import PassthroughStage
+from kvmshell.core.migration.live.resume import TlsUndo
+from kvmshell.core.migration.live.stages import Stage
+from kvmshell.core.migration.live.storage import StorageStage
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.monitor.base import Monitor
@@ -99,6 +105,7 @@ async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: runnin
         raise CommandFailed(f"the state file names a strategy this kvmshell does not have ({e}); "
                             f"remove {running.path_for(state.source_address)} to follow it without", guest=mon.name)
     job = MigrationJob(mon, dest, req, hosts=fleet.hosts, publish=fleet.publish)
+    job.tls = dict(state.tls)
     for role, side in (("source", mon), ("dest", dest)):
         saved = state.before.get(role)
         if side is not None and saved:
@@ -111,13 +118,33 @@ async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: runnin
                          float(cap) if cap and cap < UNCAPPED else None)
     job.postcopy_started = info.status.is_postcopy
     job.throttle_armed = bool(info.cpu_throttle_percentage)
-    if state.stages:
-        warnings.append(f"the stages of the start ({', '.join(state.stages)}) are not resumed: check them by hand")
+    stages, resumed = _stages(mon, dest, state, warnings)
+    left = [name for name in state.stages if name not in resumed and name != "pre-flight"]
+    if left:
+        warnings.append(f"the stages of the start ({', '.join(left)}) are not resumed: check them by hand")
     if info.status is MigrationStatus.POSTCOPY_PAUSED:
         warnings.append("the migration is paused in postcopy: recover it (migrate_recover on the destination, "
                         "then migrate -r here)")
+    job.stages += stages               # last: the disk copy's poller runs from now on
     return Adopted(job, f"adopted the {info.status} migration started by kvmshell pid {state.pid} (gone): strategy "
                         f"{state.strategy} resumes, its settings are put back at the end", warnings)
+
+
+def _stages(mon: Monitor, dest: Monitor | None, state: running.RunningFile,
+            warnings: list[str]) -> tuple[list[Stage], set[str]]:
+    """The stages of the dead kvmshell rebuilt from its records, in the order it ran them (finished in
+    reverse: the TLS last), and their names."""
+    stages: list[Stage] = []
+    if state.tls:
+        stages.append(TlsUndo(dict(state.tls)))
+    if state.unplug is not None:
+        stages.append(PassthroughStage.resumed(state.unplug, mon.name, dest.name if dest else None))
+    if state.storage is not None:
+        if dest is None:
+            warnings.append(f"the NBD server of the disk copy stays on {state.storage.dest} (not attached here): "
+                            "stop it there with nbd-server-stop once the migration has ended")
+        stages.append(StorageStage.resumed(state.storage, mon, dest))
+    return stages, {st.name for st in stages}
 
 
 __all__ = ["Adopted", "adopt", "not_followed"]

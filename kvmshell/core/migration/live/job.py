@@ -36,7 +36,7 @@ from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.migration.live.wiredata import wire_option
 from kvmshell.core.values.models import Event, MigrationStatus, RunState
 from kvmshell.core.monitor.base import Monitor
-from kvmshell.core.migration.tls import disable as tls_disable, enable as tls_enable
+from kvmshell.core.migration.tls import TlsSide, disable as tls_disable, enable as tls_enable
 from kvmshell.errors import CommandFailed, KvmError, Refused
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class MigrationJob:
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
+        self.tls: dict[str, TlsSide] = {}     # what TLS changed, by side ("source", "dest"): for the state file
         self.settings = Settings()            # what the job changes on each side, to put back at the end
         self._restored: list[str] = []        # what putting it back said, before a start that failed
 
@@ -195,8 +196,9 @@ class MigrationJob:
         if self.req.tls is not None:
             if self.dest is None:
                 raise CommandFailed("TLS needs a destination kvmshell attaches (--to DEST)", guest=self.req.source)
-            await tls_enable(self.dest, self.req.tls.dest_dir, server=True, authz=self.req.tls.authz)
-            await tls_enable(src, self.req.tls.source_dir, server=False, hostname=self.req.tls.hostname)
+            self.tls["dest"] = await tls_enable(self.dest, self.req.tls.dest_dir, server=True, authz=self.req.tls.authz)
+            self.tls["source"] = await tls_enable(src, self.req.tls.source_dir, server=False,
+                                                  hostname=self.req.tls.hostname)
             self._tls_on = True
         if self.dest is not None and self.uri is None:
             self.uri = f"tcp:127.0.0.1:{await free_port(None, None)}"

@@ -29,6 +29,7 @@ from kvmshell.core.hosts.processes import source_command
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.cmdline import QemuCommand
 from kvmshell.core.migration.live.blockers import explain
+from kvmshell.core.migration.live.resume import UnpluggedDevice, UnplugRecord
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, ConfigError, Disconnected, KvmError, Refused
@@ -174,6 +175,23 @@ class PassthroughStage(BaseStage):
             if dev_id not in unplug:
                 raise Refused(f"--replug {dev_id}=...: {dev_id} is not unplugged; add --unplug {dev_id}",
                               guest=source)
+
+    # -- in the state file, and back in the kvmshell that adopts the migration ---------------------
+    def record(self) -> UnplugRecord | None:
+        gone = [d for d in self.devices if d.unplugged or d.pending]
+        return UnplugRecord(self.dest_name, tuple(UnpluggedDevice(d.id, d.spec, d.replug, d.pending)
+                                                  for d in gone)) if gone else None
+
+    @classmethod
+    def resumed(cls, rec: UnplugRecord, source: str, dest: str | None) -> PassthroughStage:
+        """The stage of the kvmshell that started the migration: its devices are unplugged; ``finish``
+        plugs them on the destination (or back on the source) as usual."""
+        stage = cls(source, dest or rec.dest, [d.id for d in rec.devices],
+                    {d.id: d.replug for d in rec.devices if d.replug})
+        for dev, was in zip(stage.devices, rec.devices):
+            dev.spec, dev.pending, dev.unplugged = was.spec, was.pending, not was.pending
+            dev.origin, dev.state = "the state file", f"unplugged from {source}"
+        return stage
 
     # -- prepare: check and record ---------------------------------------------------------------
     async def prepare(self, job: MigrationJob) -> None:

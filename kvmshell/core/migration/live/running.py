@@ -3,8 +3,10 @@
 One JSON file per source monitor in ``state_dir()/running/``: who follows the migration (the pid),
 between which monitors, with which strategy and request, and what kvmshell changed there: each
 side's migration capabilities and parameters as they were before (the job's ``Settings``, plus the
-throttle parameters a strategy may raise later). It is written when the job starts following and
-removed when the job concludes; it stays when kvmshell dies or closes while QEMU goes on migrating.
+throttle parameters a strategy may raise later), what its stages leave to finish (the disk copy, the
+devices unplugged: ``resume``) and what TLS changed on each side (``tls.TlsSide``). It is written
+when the job starts following and removed when the job concludes; it stays when kvmshell dies or
+closes while QEMU goes on migrating.
 ``adopt`` reads it back. Nothing here raises for a file it cannot write or read: it is logged.
 """
 
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.config import state_dir
+from kvmshell.core.migration.live.resume import StorageRecord, UnplugRecord, tls_from_dict
+from kvmshell.core.migration.tls import TlsSide
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.errors import KvmError
 
@@ -53,13 +57,25 @@ class RunningFile:
     before: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     stages: tuple[str, ...] = ()
     started_at: float = 0.0
+    storage: StorageRecord | None = None       # the disk copy to finish (``resume``)
+    unplug: UnplugRecord | None = None         # the devices to plug again
+    tls: dict[str, TlsSide] = field(default_factory=dict)     # by side: what TLS changed there
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunningFile:
+        storage, unplug = d.get("storage"), d.get("unplug")
         return cls(source=str(d["source"]), source_address=str(d["source_address"]), strategy=str(d["strategy"]),
                    pid=int(d["pid"]), dest=d.get("dest"), dest_address=d.get("dest_address"), uri=d.get("uri"),
                    request=dict(d.get("request") or {}), before=dict(d.get("before") or {}),
-                   stages=tuple(d.get("stages") or ()), started_at=float(d.get("started_at") or 0.0))
+                   stages=tuple(d.get("stages") or ()), started_at=float(d.get("started_at") or 0.0),
+                   storage=StorageRecord.from_dict(storage) if storage else None,
+                   unplug=UnplugRecord.from_dict(unplug) if unplug else None,
+                   tls=tls_from_dict(d.get("tls") or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"storage": self.storage.to_dict() if self.storage else None,
+                               "unplug": self.unplug.to_dict() if self.unplug else None,
+                               "tls": {role: side.to_dict() for role, side in self.tls.items()}}
 
     def describes(self, info: MigrationInfo, slack_s: float = STALE_S) -> bool:
         """The file is about the migration ``info`` describes (QEMU's total time matches its start),
@@ -110,7 +126,7 @@ def write(state: RunningFile) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         log.warning("cannot write the migration state file %s: %s", path, e)
@@ -149,11 +165,14 @@ async def save(job: MigrationJob) -> None:
     except (KvmError, TimeoutError) as e:
         log.info("%s: the state file may lack the throttle parameters or the start: %s", job.req.source, e)
     req = job.req
+    records = [r for st in job.work if (r := st.record()) is not None]
     write(RunningFile(source=job.source.name, source_address=str(job.source.address), strategy=req.strategy,
                       pid=os.getpid(), dest=job.dest.name if job.dest else None,
                       dest_address=str(job.dest.address) if job.dest else None, uri=job.uri,
                       request={k: getattr(req, k) for k in REQUEST}, before=before,
-                      stages=tuple(st.name for st in job.work), started_at=started_at))
+                      stages=tuple(st.name for st in job.work), started_at=started_at,
+                      storage=next((r for r in records if isinstance(r, StorageRecord)), None),
+                      unplug=next((r for r in records if isinstance(r, UnplugRecord)), None), tls=dict(job.tls)))
 
 
 def drop(job: MigrationJob) -> None:

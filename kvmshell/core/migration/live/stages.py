@@ -19,6 +19,10 @@ The points, in order:
 A stage that raises in ``prepare``/``before_start`` stops the migration before `migrate` is sent;
 the engine then calls ``finish`` with a failed outcome on every stage whose ``prepare`` was called,
 in reverse order. ``finish`` must not raise for what it cannot undo: it says so in ``notes``.
+
+A stage with work left once the migration runs says what in ``record`` (written in the state file);
+the kvmshell that adopts the migration rebuilds it from that (``resume``) and the engine calls
+``at_switchover`` and ``finish`` as usual.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class Stage(Protocol):
         """Rows for the live view (``info migrate``), e.g. each disk's mirror progress."""
         ...
 
+    def record(self) -> object | None:
+        """What a kvmshell that adopts the running migration needs to finish this stage (written in
+        the state file, see ``resume``); None when there is nothing to finish."""
+        ...
+
 
 class BaseStage:
     """Does nothing at every point; stages override what they need."""
@@ -73,3 +82,6 @@ class BaseStage:
 
     def lines(self) -> list[tuple[str, Any]]:
         return []
+
+    def record(self) -> object | None:
+        return None

@@ -42,6 +42,7 @@ from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.uri import parse_uri
 from kvmshell.core.migration.live.endpoints import same_host
+from kvmshell.core.migration.live.resume import DiskCopy, StorageRecord
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.tls import AUTHZ_ID, OBJECT_ID, TlsSetup
 from kvmshell.core.values.models import BlockDevice, BlockImage, BlockJob, Event, NbdServer
@@ -334,7 +335,7 @@ class StorageStage(BaseStage):
         speed = job.req.bandwidth // len(self.disks) if job.req.bandwidth else 0
         for disk in self.disks:
             await self._mirror(src, disk, speed)
-        self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
+        self._watch()
         # a capped mirror copies a buffer (up to 16 MiB) at once, then sleeps: allow for that pause
         stall = max(job.req.stall_timeout, 2 * MIRROR_BUFFER / speed) if speed else job.req.stall_timeout
         await self._wait(lambda: all(d.ready for d in self.disks), stall_s=stall,
@@ -355,6 +356,34 @@ class StorageStage(BaseStage):
             await src.drive_mirror(disk.job_id, disk.source_node, self._server.uri(disk.export), target_format="raw",
                                    sync=sync, speed=speed, write_blocking=blocking)
         self._jobs.append(disk.job_id)
+
+    def _watch(self) -> None:
+        self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
+
+    # -- in the state file, and back in the kvmshell that adopts the migration ---------------------
+    def record(self) -> StorageRecord | None:
+        if self._server is None or not self._jobs:
+            return None
+        return StorageRecord(self.mode, self._dst_name, self._server,
+                             tuple(DiskCopy(d.key, d.source_node, d.dest_node, d.size, d.index) for d in self.disks),
+                             tuple(self._jobs), tuple(self._clients), self._blockdev, self._sock_dir,
+                             self.pause_before_switchover)
+
+    @classmethod
+    def resumed(cls, rec: StorageRecord, source: Monitor, dest: Monitor | None) -> StorageStage:
+        """The stage of the kvmshell that started the migration, from its record: the mirrors run on in
+        QEMU; ``at_switchover`` completes them, ``finish`` cleans up (the NBD server only when ``dest``
+        is attached here)."""
+        stage = cls(rec.mode)
+        stage._src, stage._dst = source, dest
+        stage._src_name, stage._dst_name = source.name, dest.name if dest is not None else rec.dest
+        stage._server, stage._sock_dir, stage._blockdev = rec.server, rec.sock_dir, rec.blockdev
+        stage._jobs, stage._clients = list(rec.jobs), list(rec.clients)
+        stage.disks = [Disk(d.key, d.source_node, d.dest_node, d.size, d.index) for d in rec.disks]
+        stage.pause_before_switchover = rec.pause_before_switchover
+        stage._unsubscribe = source.subscribe(stage._on_event)
+        stage._watch()
+        return stage
 
     def _on_event(self, ev: Event) -> None:
         if ev.name not in JOB_EVENTS:
