@@ -45,6 +45,11 @@ _STATES = ("no state", "running", "blocked", "paused", "shutting down", "shut of
 _LIFECYCLE = ("defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown", "pmsuspended",
               "crashed")
 
+# what libvirt takes from the user's migrate_set_parameter: at the start (typed parameters), and
+# while it migrates (migrateSetMaxSpeed, migrateSetMaxDowntime)
+START_PARAMS = ("max-bandwidth", "downtime-limit", "cpu-throttle-initial", "cpu-throttle-increment")
+LIVE_PARAMS = ("max-bandwidth", "max-postcopy-bandwidth", "downtime-limit")
+
 _modules: tuple[ModuleType, ModuleType] | None = None
 _loop_lock = threading.Lock()
 
@@ -171,8 +176,9 @@ class LibvirtMonitor(QmpMonitor):
         self._dom: Any = None
         self._callbacks: list[Callable[[], None]] = []
         self._plan: LibvirtMigrationPlan | None = None
-        self._caps: dict[str, bool] = {}
+        self._caps: dict[str, bool] = {}              # for the next migration (the user's and the job's)
         self._params: dict[str, ParamValue] = {}
+        self._before: tuple[dict[str, ParamValue], dict[str, bool]] = ({}, {})   # QEMU's, read at the start
         self._mig: Migration | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -342,8 +348,28 @@ class LibvirtMonitor(QmpMonitor):
         self._mark_closed(reason)
 
     def plan_migration(self, plan: LibvirtMigrationPlan) -> None:
-        """Where and how the next ``migrate`` goes; resets what earlier capabilities and parameters set."""
-        self._plan, self._caps, self._params = plan, {}, {}
+        """Where and how the next ``migrate`` goes (with the capabilities and parameters set before it)."""
+        self._plan = plan
+
+    def refuse_setting(self, kind: str, name: str) -> None:
+        """What libvirt has no call for, in one line with the libvirt way: capabilities are flags of
+        the start; a running migration takes only max speed and max downtime (migrateSetMaxSpeed,
+        migrateSetMaxDowntime); the start takes those and auto-converge's throttle."""
+        if kind == "capability":
+            if self.migrating:
+                raise CommandFailed(f"libvirt takes {name} only as a flag of the start of a migration (virsh "
+                                    "migrate --auto-converge...): set it before `migrate`; nothing was changed",
+                                    guest=self.name)
+            if name not in FLAG_OF_CAP:
+                raise CommandFailed(f"libvirt has no migration flag for the capability {name} (virsh migrate --help "
+                                    f"lists libvirt's: {', '.join(FLAG_OF_CAP)} here); nothing was changed",
+                                    guest=self.name)
+        elif name not in (LIVE_PARAMS if self.migrating else START_PARAMS):
+            when = "during a migration" if self.migrating else "at the start of a migration"
+            allowed = LIVE_PARAMS if self.migrating else START_PARAMS
+            raise CommandFailed(f"libvirt has no call to set {name} {when} (it takes {', '.join(allowed)}: virsh "
+                                "migrate-setspeed, migrate-setmaxdowntime, migrate's options); nothing was changed",
+                                guest=self.name)
 
     @property
     def migrating(self) -> bool:
@@ -366,6 +392,7 @@ class LibvirtMonitor(QmpMonitor):
         libvirt, _ = binding()
         dom = self._dom
         for name, value in params.items():
+            self._params[name] = value
             if name == "downtime-limit":
                 await self._libvirt("migrateSetMaxDowntime", dom.migrateSetMaxDowntime, int(value), 0)
             elif name == "max-bandwidth":
@@ -378,15 +405,13 @@ class LibvirtMonitor(QmpMonitor):
                                     "it stays as the migration started", guest=self.name)
 
     async def migrate_parameters(self) -> MigrationParameters:
-        if self.migrating:
-            return MigrationParameters.from_qmp(dict(self._params))
-        current = dict((await super().migrate_parameters()).values)
+        """QEMU's, with what the next (or the running) libvirt migration takes on top."""
+        current = self._before[0] if self.migrating else dict((await super().migrate_parameters()).values)
         return MigrationParameters.from_qmp(current | self._params)
 
     async def migrate_capabilities(self) -> Capabilities:
-        if self.migrating:
-            return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in self._caps.items()])
-        return await super().migrate_capabilities()
+        current = self._before[1] if self.migrating else dict((await super().migrate_capabilities()).states)
+        return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in (current | self._caps).items()])
 
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         """Start libvirt's migration to ``uri`` (the plan's) in a thread; return once libvirt runs it."""
@@ -397,6 +422,8 @@ class LibvirtMonitor(QmpMonitor):
                                 guest=self.name)
         if self._dom is None or not self.connected:
             raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
+        self._before = (dict((await super().migrate_parameters()).values),
+                        dict((await super().migrate_capabilities()).states))
         flags, params = start_arguments(binding()[0], plan, self._caps, self._params)
         downtime = self._params.get("downtime-limit")
         mig = Migration(plan, flags, params, int(downtime) if isinstance(downtime, int) else None)
@@ -433,9 +460,12 @@ class LibvirtMonitor(QmpMonitor):
                               total_time_ms=int((time.monotonic() - mig.started) * 1000))
         else:
             why = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err or "interrupted")
-            status = MigrationStatus.CANCELLED if mig.aborted else MigrationStatus.FAILED
+            aborted = mig.aborted or (isinstance(err, libvirt.libvirtError)           # virsh domjobabort too
+                                      and err.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED)
+            status = MigrationStatus.CANCELLED if aborted else MigrationStatus.FAILED
             info = MigrationInfo(status, ram=mig.last.ram if mig.last else None, error=f"libvirt: {why}")
         mig.final = info
+        self._caps, self._params = {}, {}       # they went with this migration (libvirt keeps none of them)
         self._emit("MIGRATION", {"status": info.status.value})        # wakes whoever follows it
 
     async def _downtime_once_running(self, mig: Migration) -> None:
@@ -454,8 +484,25 @@ class LibvirtMonitor(QmpMonitor):
                 pass
             await asyncio.sleep(0.05)
 
+    async def _foreign_job(self) -> dict[str, Any] | None:
+        """libvirt's statistics of a migration out of this domain that another client started (virsh,
+        another kvmshell); None when there is none."""
+        libvirt, _ = binding()
+        try:
+            stats = await self._call(self._dom.jobStats, 0)
+        except libvirt.libvirtError:
+            return None
+        out = getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT", 5)
+        if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE or stats.get("operation", out) != out:
+            return None
+        return dict(stats)
+
     async def migration(self) -> MigrationInfo:
         mig = self._mig
+        if mig is None or mig.final is not None and self.connected:
+            foreign = await self._foreign_job() if self._dom is not None else None
+            if foreign is not None:
+                return stats_info(foreign, MigrationStatus.ACTIVE)
         if mig is None:
             return await super().migration()
         if mig.final is not None:
@@ -489,10 +536,11 @@ class LibvirtMonitor(QmpMonitor):
                       else RunState.SHUTDOWN)
 
     async def migrate_cancel(self) -> None:
-        if not self.migrating:
-            raise CommandFailed("no migration libvirt runs for kvmshell to cancel", guest=self.name)
-        assert self._mig is not None
-        self._mig.aborted = True
+        if self.migrating:
+            assert self._mig is not None
+            self._mig.aborted = True
+        elif await self._foreign_job() is None:
+            raise CommandFailed("libvirt runs no migration of this domain to cancel", guest=self.name)
         await self._libvirt("abortJob", self._dom.abortJob)
 
     async def migrate_continue(self, state: str) -> None:
