@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import pytest
 from textual.message import Message
 
 from kvmshell.cli.lines import _watch_plain
-from kvmshell.config import Config, HostConfig
+from kvmshell.config import Config, HostConfig, parse_config
+from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.commands.completion import CompletionEngine
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
@@ -32,7 +34,9 @@ from kvmshell.tui.messages import CommandFinished
 from kvmshell.tui.screens import ConfirmScreen
 from kvmshell.tui.source import SessionSource
 from kvmshell.tui.views import Badge
-from tests.libvirtd import TwoHosts, needs_libvirt, needs_netns, state
+from kvmshell.errors import ConfigError
+from tests.libvirtd import Libvirtd, TwoHosts, needs_libvirt, needs_netns, state
+from tests.sshd import HAVE_SSHD, SshTestbed
 from tests.test_tui import screen_text, until
 from tests.waiting import wait_for
 
@@ -153,3 +157,73 @@ async def test_commands_faces_and_cancel_during_a_libvirt_migration(two_hosts: T
     assert state(h.src, "w1") == (libvirt.VIR_DOMAIN_RUNNING, True)
     await wait_for(lambda: asyncio.to_thread(state, h.dst, "w1"), lambda s: s is None, timeout=30,
                    what="the destination's domain gone")
+
+
+# -- libvirt over SSH: kvmshell's known_hosts policy ---------------------------------------------
+
+def test_built_libvirt_uris_carry_kvmshells_known_hosts_policy(tmp_path: Path) -> None:
+    """`[guests.X] libvirt` with `host`, and `[hosts.X]` without `libvirt`: libvirt's libssh transport
+    with kvmshell's known_hosts file, strict unless accept_new_host_key, the identity file as keyfile."""
+    config = parse_config(tomllib.loads(
+        '[hosts.h1]\nssh = "root@10.0.0.1:2222"\nidentity_file = "/k/id"\n'
+        '[hosts.h2]\nssh = "h2.example"\naccept_new_host_key = true\n'
+        '[hosts.h3]\nssh = "h3"\njump = "h1"\n'
+        '[guests.web]\nlibvirt = "web"\nhost = "h1"\n'))
+    known = str(Path("~/.ssh/known_hosts").expanduser())
+    assert config.guests["web"].address.uri == (f"qemu+libssh://root@10.0.0.1:2222/system?known_hosts={known}"
+                                                "&known_hosts_verify=normal&keyfile=/k/id")
+    assert config.hosts["h2"].libvirt_uri("/kh") == "qemu+libssh://h2.example/system?known_hosts=/kh" \
+                                                    "&known_hosts_verify=auto"
+    with pytest.raises(ConfigError, match=r"^\[hosts.h3\] jump: libvirt's SSH transport cannot go through"):
+        config.hosts["h3"].libvirt_uri()
+
+
+async def dry_run_to(libvirtd: Libvirtd, bed: SshTestbed, extra: dict[str, str] | None = None) -> tuple[str, Outcome]:
+    """`migrate --to-host a --dry-run` of the domain k1 (checks the destination's daemon, starts nothing):
+    the URI kvmshell built for host a, and the outcome."""
+    config = parse_config(tomllib.loads(bed.config_toml(extra=extra)))
+    pool = HostPool.from_config(config, known_hosts=bed.known_hosts, ssh_config=bed.ssh_config,
+                                connect_timeout=5.0, keepalive=None)
+    async with Fleet(hosts=pool) as fleet:
+        fleet.add("k1", Address.libvirt("k1", libvirtd.uri))
+        await fleet.start()
+        session = Session(fleet, default_registry(), config, current="k1")
+        try:
+            return pool.libvirt_uri("a"), await one(session, "migrate --to-host a --unsafe --dry-run")
+        finally:
+            await session.aclose()
+
+
+@needs_libvirt
+@pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH server not installed (make test installs it)")
+@pytest.mark.qemu
+async def test_libvirt_over_ssh_checks_the_host_key_against_kvmshells_known_hosts(libvirtd: Libvirtd,
+                                                                                 tmp_path: Path) -> None:
+    await libvirtd.define("k1")
+    async with SshTestbed(tmp_path / "ssh", ("a",)) as bed:
+        a, known = bed["a"], bed.known_hosts
+        # known_hosts has no key for a: refused in one line, naming the host and what to do
+        uri, o = await dry_run_to(libvirtd, bed)
+        assert f"known_hosts={known}&known_hosts_verify=normal&keyfile={bed.client_key}" in uri
+        assert not o.ok and o.error == (
+            f"libvirt {uri}: the host key of {a.known_hosts_pattern} is not in {known} (libvirt checks it there and "
+            f"has no one to ask); check the host's fingerprint (`ssh-keyscan {a.addr} | ssh-keygen -lf -`), then add "
+            f"it with `ssh-keyscan {a.addr} >> {known}`, or set accept_new_host_key = true in the host's "
+            "[hosts.NAME] table"), o.error
+        assert known.read_text() == ""
+        # accept_new_host_key: libvirt accepts the new key once and records it in the same file
+        uri, o = await dry_run_to(libvirtd, bed, {"accept_new_host_key": "true"})
+        assert "known_hosts_verify=auto" in uri
+        assert a.known_hosts_line().split()[2] in known.read_text()
+        # past the key and the login (the identity file): what fails now is libvirt's end on the test host,
+        # which has no daemon at libvirt's default socket
+        assert o.ok or "Remote command terminated" in (o.error or ""), o.error
+        # a changed key is refused, accept_new_host_key or not
+        alg, b64 = Path(f"{bed.stranger_key}.pub").read_text().split()[:2]
+        known.write_text(f"{a.known_hosts_pattern} {alg} {b64}\n")
+        for extra in (None, {"accept_new_host_key": "true"}):
+            uri, o = await dry_run_to(libvirtd, bed, extra)
+            assert not o.ok and o.error and o.error.startswith(
+                f"libvirt {uri}: HOST KEY CHANGED: the server's key is not the one {known} has for "
+                f"{a.known_hosts_pattern}"), o.error
+    assert state(libvirtd, "k1") == (libvirt.VIR_DOMAIN_RUNNING, True)

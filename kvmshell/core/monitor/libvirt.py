@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+from kvmshell.core.hosts.ssh.libvirt_uri import host_key_failure
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import (
@@ -92,7 +93,8 @@ def open_connection(uri: str | None) -> Any:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise ConnectFailed(f"libvirt {uri}: {e.get_error_message()}") from None
+        reason = e.get_error_message()
+        raise ConnectFailed(host_key_failure(uri, reason) or f"libvirt {uri}: {reason}") from None
 
 
 def lookup_domain(conn: Any, name: str) -> Any:
@@ -434,8 +436,9 @@ class LibvirtMonitor(QmpMonitor):
             try:
                 if dconn is None:
                     dom.migrateToURI3(plan.uri, params, flags)
-                    return {}
-                new = dom.migrate3(dconn, params, flags)
+                    new = dom                    # peer-to-peer: the source keeps the completed job's figures
+                else:
+                    new = dom.migrate3(dconn, params, flags)
                 try:
                     return new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                 except libvirt.libvirtError:
