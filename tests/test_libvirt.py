@@ -65,7 +65,9 @@ def test_config_libvirt_keys() -> None:
         "guests": {"a": {"libvirt": "web1"}, "b": {"libvirt": "web2", "host": "h2"},
                    "c": {"libvirt": "web3", "host": "h3"}, "d": {"libvirt": "qemu:///session#web4", "host": "h2"}}})
     assert config.guests["a"].address == Address.libvirt("web1")
-    assert config.guests["b"].address == Address.libvirt("web2", "qemu+ssh://root@host2:2222/system")
+    known = Path("~/.ssh/known_hosts").expanduser()      # libvirt's SSH under kvmshell's host key policy
+    assert config.guests["b"].address == Address.libvirt(
+        "web2", f"qemu+libssh://root@host2:2222/system?known_hosts={known}&known_hosts_verify=normal")
     assert config.guests["c"].address == Address.libvirt("web3", "qemu+tls://h3/system")
     assert config.guests["d"].address == Address.libvirt("web4", "qemu:///session")
     with pytest.raises(ConfigError, match="give 'monitor' or 'libvirt', not both"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from kvmshell.core.commands.completion import CompletionEngine
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address, SshTarget
 from kvmshell.tui.app import KvmshellApp
@@ -35,7 +37,8 @@ from kvmshell.tui.screens import ConfirmScreen
 from kvmshell.tui.source import SessionSource
 from kvmshell.tui.views import Badge
 from kvmshell.errors import ConfigError
-from tests.libvirtd import Libvirtd, TwoHosts, needs_libvirt, needs_netns, state
+from kvmshell.lab.verify import check_guest_memory
+from tests.libvirtd import Libvirtd, TwoHosts, kvmshell, needs_libvirt, needs_netns, state
 from tests.sshd import HAVE_SSHD, SshTestbed
 from tests.test_tui import screen_text, until
 from tests.waiting import wait_for
@@ -227,3 +230,42 @@ async def test_libvirt_over_ssh_checks_the_host_key_against_kvmshells_known_host
                 f"libvirt {uri}: HOST KEY CHANGED: the server's key is not the one {known} has for "
                 f"{a.known_hosts_pattern}"), o.error
     assert state(libvirtd, "k1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+
+
+# -- peer-to-peer ---------------------------------------------------------------------------------
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_p2p_needs_a_uri_the_source_daemon_reaches(two_hosts: TwoHosts, tmp_path: Path) -> None:
+    """With --p2p the source's libvirtd opens the destination's URI itself. There, a URI without a
+    transport or host (qemu:///system?socket=...) opens that daemon's own driver ("Attempt to migrate guest
+    to the same host"): refused before anything starts. qemu+unix with the socket works (both test hosts
+    share the filesystem); QEMU's stream needs --address (the test hosts' names resolve nowhere: without
+    it libvirt waits on DNS time-outs before it fails - the "hang" seen earlier)."""
+    h = two_hosts
+    await h.src.define("q1", ws_pages=512)
+    g = f"q1=libvirt:{h.src.uri}#q1"
+    rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", f"migrate --to-host h2 --address {h.net.dst.ip} "
+                                  "--unsafe --p2p")
+    assert rc != 0
+    assert err.strip().splitlines()[-1] == (
+        f"kvmshell: q1: --p2p: the source's libvirtd opens {h.dst.uri} itself, and there a URI without a transport "
+        "or host names that daemon: give one it reaches (qemu+unix:///system?socket=PATH on this machine, "
+        "qemu+tcp://HOST/system, qemu+ssh://HOST/system), or drop --p2p; nothing was changed"), err
+    assert state(h.src, "q1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+    unix = h.dst.uri.replace("qemu:", "qemu+unix:", 1)
+    rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", f"migrate --to libvirt:{unix} --address "
+                                  f"{h.net.dst.ip} --unsafe --p2p --persistent --undefine-source", timeout=120)
+    assert rc == 0, err + out
+    assert f"q1 moved live to {unix} through libvirt" in out and "stays paused" not in out + err, out + err
+    assert re.search(r"completed in [\d.]+ s, downtime \d+ ms, \d+ MB sent", out), out
+    assert "peer-to-peer" in err
+    assert state(h.src, "q1") is None
+    assert state(h.dst, "q1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+    mon = await open_monitor("q1", Address.libvirt("q1", h.dst.uri))
+    try:
+        check = await check_guest_memory(mon, 512, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()

@@ -433,19 +433,22 @@ class LibvirtMonitor(QmpMonitor):
         dconn = None if plan.p2p else await self._call(open_connection, plan.uri)
 
         def run() -> Any:
+            peer = dconn
             try:
                 if dconn is None:
                     dom.migrateToURI3(plan.uri, params, flags)
-                    new = dom                    # peer-to-peer: the source keeps the completed job's figures
                 else:
                     new = dom.migrate3(dconn, params, flags)
                 try:
+                    if peer is None:             # peer-to-peer: the destination keeps the completed job's figures
+                        peer = libvirt.open(plan.uri)
+                        new = peer.lookupByName(dom.name())
                     return new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                 except libvirt.libvirtError:
                     return {}
             finally:
-                if dconn is not None:
-                    dconn.close()
+                if peer is not None:
+                    peer.close()
         mig.started = time.monotonic()
         self._mig = mig
         mig.task = asyncio.ensure_future(asyncio.to_thread(run))
