@@ -180,7 +180,7 @@ class LibvirtMonitor(QmpMonitor):
         self._plan: LibvirtMigrationPlan | None = None
         self._caps: dict[str, bool] = {}              # for the next migration (the user's and the job's)
         self._params: dict[str, ParamValue] = {}
-        self._before: tuple[dict[str, ParamValue], dict[str, bool]] = ({}, {})   # QEMU's, read at the start
+        self._before: tuple[dict[str, ParamValue], dict[str, bool]] = ({}, {})   # QEMU's, as last read
         self._mig: Migration | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -407,13 +407,16 @@ class LibvirtMonitor(QmpMonitor):
                                     "it stays as the migration started", guest=self.name)
 
     async def migrate_parameters(self) -> MigrationParameters:
-        """QEMU's, with what the next (or the running) libvirt migration takes on top."""
-        current = self._before[0] if self.migrating else dict((await super().migrate_parameters()).values)
-        return MigrationParameters.from_qmp(current | self._params)
+        """QEMU's, with what the next (or the running) libvirt migration takes on top; during one, QEMU's
+        as last read before it (the engine reads them as it prepares)."""
+        if not self.migrating:
+            self._before = (dict((await super().migrate_parameters()).values), self._before[1])
+        return MigrationParameters.from_qmp(self._before[0] | self._params)
 
     async def migrate_capabilities(self) -> Capabilities:
-        current = self._before[1] if self.migrating else dict((await super().migrate_capabilities()).states)
-        return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in (current | self._caps).items()])
+        if not self.migrating:
+            self._before = (self._before[0], dict((await super().migrate_capabilities()).states))
+        return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in (self._before[1] | self._caps).items()])
 
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         """Start libvirt's migration to ``uri`` (the plan's) in a thread; return once libvirt runs it."""
@@ -424,8 +427,6 @@ class LibvirtMonitor(QmpMonitor):
                                 guest=self.name)
         if self._dom is None or not self.connected:
             raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
-        self._before = (dict((await super().migrate_parameters()).values),
-                        dict((await super().migrate_capabilities()).states))
         flags, params = start_arguments(binding()[0], plan, self._caps, self._params)
         downtime = self._params.get("downtime-limit")
         mig = Migration(plan, flags, params, int(downtime) if isinstance(downtime, int) else None)
