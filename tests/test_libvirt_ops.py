@@ -269,3 +269,44 @@ async def test_p2p_needs_a_uri_the_source_daemon_reaches(two_hosts: TwoHosts, tm
         assert check.ok, check.summary()
     finally:
         await mon.close()
+
+
+# -- postcopy, and another kvmshell looking on ----------------------------------------------------
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_migrate_start_postcopy_through_libvirt_and_info_migrate_from_another_kvmshell(
+        two_hosts: TwoHosts, tmp_path: Path) -> None:
+    h = two_hosts
+    await h.src.define("y1", ws_pages=4096)
+    config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+    async with Fleet() as fleet:
+        fleet.add("y1", Address.libvirt("y1", h.src.uri))
+        await fleet.start()
+        session = Session(fleet, default_registry(), config, current="y1", assume_yes=True)
+        try:
+            mon = fleet.monitor("y1")
+            migrating = asyncio.create_task(one(session, f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe "
+                                                         "--strategy auto --allow-postcopy --bandwidth 2M"))
+            await wait_for(mon.migration, lambda i: i.status.value == "active" and i.ram and i.ram.transferred > 0,
+                           timeout=60, what="libvirt's migration under way")
+            # another kvmshell sees libvirt's job (its statistics: nothing goes through QEMU's monitor)
+            rc, out, err = await kvmshell(tmp_path, "--guest", f"y1=libvirt:{h.src.uri}#y1", "-c", "info migrate")
+            assert rc == 0 and "Migration status: active" in out and "transferred ram" in out, err + out
+            assert await ok(session, "migrate_start_postcopy") == "switched to postcopy"
+            await wait_for(mon.migration, lambda i: i.status.is_postcopy or i.status.value == "completed",
+                           timeout=60, what="postcopy")
+            o = await migrating
+            assert o.ok, o.error
+            assert "y1 moved live to h2 through libvirt" in o.result.text()
+        finally:
+            await session.aclose()
+    assert state(h.src, "y1") == (libvirt.VIR_DOMAIN_SHUTOFF, True)
+    assert state(h.dst, "y1") == (libvirt.VIR_DOMAIN_RUNNING, False)
+    mon = await open_monitor("y1", Address.libvirt("y1", h.dst.uri))
+    try:
+        check = await check_guest_memory(mon, 4096, tmp_path)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()
