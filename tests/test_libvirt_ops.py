@@ -310,3 +310,34 @@ async def test_migrate_start_postcopy_through_libvirt_and_info_migrate_from_anot
         assert check.ok, check.summary()
     finally:
         await mon.close()
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_migrate_cancel_from_another_kvmshell_aborts_libvirts_job(two_hosts: TwoHosts, tmp_path: Path) -> None:
+    """A second kvmshell (or `virsh domjobabort`) aborts the libvirt job this one follows: this one's job
+    ends cancelled too, not failed, and the source runs on."""
+    h = two_hosts
+    await h.src.define("z1", ws_pages=4096)
+    config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+    async with Fleet() as fleet:
+        fleet.add("z1", Address.libvirt("z1", h.src.uri))
+        await fleet.start()
+        session = Session(fleet, default_registry(), config, current="z1")
+        try:
+            mon = fleet.monitor("z1")
+            migrating = asyncio.create_task(one(session, f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe "
+                                                         "--strategy precopy --bandwidth 2M"))
+            await wait_for(mon.migration, lambda i: i.status.value == "active" and i.ram and i.ram.transferred > 0,
+                           timeout=60, what="libvirt's migration under way")
+            rc, out, err = await kvmshell(tmp_path, "--guest", f"z1=libvirt:{h.src.uri}#z1", "-c", "migrate_cancel")
+            assert rc == 0 and out.strip() == "migration cancelled; the guest keeps running here", err + out
+            o = await migrating
+            assert not o.ok and o.error and o.error.startswith("migration through libvirt cancelled"), o.error
+            assert session.migrations["z1"].outcome.status == "cancelled"
+        finally:
+            await session.aclose()
+    assert state(h.src, "z1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+    await wait_for(lambda: asyncio.to_thread(state, h.dst, "z1"), lambda s: s is None, timeout=30,
+                   what="the destination's domain gone")
