@@ -99,8 +99,8 @@ async def test_commands_faces_and_cancel_during_a_libvirt_migration(two_hosts: T
                 return [m for m in messages if isinstance(m, CommandFinished) and m.line.startswith(prefix)]
 
             async with app.run_test(size=(120, 30), message_hook=messages.append) as pilot:
-                await pilot.press("slash", *f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe --strategy precopy --bandwidth 2M",
-                                  "enter")
+                line = f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe --strategy precopy --bandwidth 2M"
+                await pilot.press("slash", *line, "enter")
                 try:
                     await until(pilot, lambda: row().badge is Badge.ACTIVE, "the row shows the migration", timeout=60)
                 except AssertionError:

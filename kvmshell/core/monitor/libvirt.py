@@ -363,9 +363,9 @@ class LibvirtMonitor(QmpMonitor):
                                     "migrate --auto-converge...): set it before `migrate`; nothing was changed",
                                     guest=self.name)
             if name not in FLAG_OF_CAP:
-                raise CommandFailed(f"libvirt has no migration flag for the capability {name} (virsh migrate --help "
-                                    f"lists libvirt's: {', '.join(FLAG_OF_CAP)} here); nothing was changed",
-                                    guest=self.name)
+                raise CommandFailed(f"libvirt has no migration flag for the capability {name} (kvmshell passes "
+                                    f"{', '.join(FLAG_OF_CAP)} as libvirt's flags; virsh migrate --help lists the "
+                                    "others); nothing was changed", guest=self.name)
         elif name not in (LIVE_PARAMS if self.migrating else START_PARAMS):
             when = "during a migration" if self.migrating else "at the start of a migration"
             allowed = LIVE_PARAMS if self.migrating else START_PARAMS
@@ -394,7 +394,6 @@ class LibvirtMonitor(QmpMonitor):
         libvirt, _ = binding()
         dom = self._dom
         for name, value in params.items():
-            self._params[name] = value
             if name == "downtime-limit":
                 await self._libvirt("migrateSetMaxDowntime", dom.migrateSetMaxDowntime, int(value), 0)
             elif name == "max-bandwidth":
@@ -405,6 +404,7 @@ class LibvirtMonitor(QmpMonitor):
             else:
                 raise CommandFailed(f"libvirt cannot change {name} during a migration (it has no call for it): "
                                     "it stays as the migration started", guest=self.name)
+            self._params[name] = value           # what `info migrate_parameters` shows
 
     async def migrate_parameters(self) -> MigrationParameters:
         """QEMU's, with what the next (or the running) libvirt migration takes on top; during one, QEMU's
