@@ -51,7 +51,7 @@ class HostConfig:
     jump: str | None = None
     accept_new_host_key: bool = False
     tls_dir: str | None = None         # where `migrate --tls` puts this host's certificates (on the host)
-    libvirt: str | None = None         # libvirt's URI for this host (default: qemu+ssh to its ssh target)
+    libvirt: str | None = None         # libvirt's URI for this host (default: libssh to its ssh target)
 
     def libvirt_uri(self, known_hosts: str = DEFAULT_KNOWN_HOSTS) -> str:
         """The libvirt connection to this host: ``libvirt`` as given, else over SSH to ``ssh`` with

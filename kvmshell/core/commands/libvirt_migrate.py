@@ -1,7 +1,7 @@
 """`migrate` on a libvirt guest: through libvirt's API, steered by kvmshell
 (the engine is ``kvmshell.core.migration.libvirtmove``).
 
-`migrate GUEST --to-host HOST` (HOST's ``[hosts.HOST] libvirt`` URI, else qemu+ssh to its ssh target)
+`migrate GUEST --to-host HOST` (HOST's ``[hosts.HOST] libvirt`` URI, else over SSH to its ssh target)
 or `migrate GUEST --to libvirt:URI`; ``--persistent``, ``--undefine-source``, ``--unsafe``, ``--p2p``,
 ``--copy-storage all|inc`` and ``--tls`` are libvirt's choices. Anything else is refused in one line.
 """
