@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import platformdirs
 
@@ -21,6 +22,7 @@ from kvmshell.core.values.units import parse_rate
 from kvmshell.errors import ConfigError
 
 APP = "kvmshell"
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"      # the file kvmshell checks host keys against (core/hosts/ssh)
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,29 @@ class HostConfig:
     jump: str | None = None
     accept_new_host_key: bool = False
     tls_dir: str | None = None         # where `migrate --tls` puts this host's certificates (on the host)
-    libvirt: str | None = None         # libvirt's URI for this host (default: qemu+ssh to its ssh target)
+    libvirt: str | None = None         # libvirt's URI for this host (default: libssh to its ssh target)
 
-    def libvirt_uri(self) -> str:
-        """The libvirt connection to this host: ``libvirt`` as given, else qemu+ssh to ``ssh``."""
+    def libvirt_uri(self, known_hosts: str = DEFAULT_KNOWN_HOSTS) -> str:
+        """The libvirt connection to this host: ``libvirt`` as given, else over SSH to ``ssh`` with
+        kvmshell's host key policy. libvirt's ``ssh`` transport runs ssh(1), which cannot be told
+        which known_hosts file to use, so the URI is libvirt's ``libssh`` transport: ``known_hosts``
+        is kvmshell's file, ``known_hosts_verify=normal`` refuses an unknown key (libvirt has no
+        one to ask), ``auto`` accepts and records a new one when ``accept_new_host_key`` says so (a
+        changed key is refused either way), ``keyfile`` is ``identity_file``."""
         if self.libvirt:
             return self.libvirt
-        user = f"{self.ssh.user}@" if self.ssh.user else ""
+        if self.jump:
+            raise ConfigError(f"[hosts.{self.name}] jump: libvirt's SSH transport cannot go through a jump host: "
+                              f"give libvirt's URI for this host in [hosts.{self.name}] libvirt = \"URI\" (e.g. "
+                              "qemu+ssh://... with ProxyJump in ~/.ssh/config)")
+        user = f"{quote(self.ssh.user, safe='')}@" if self.ssh.user else ""
         port = f":{self.ssh.port}" if self.ssh.port else ""
         host = f"[{self.ssh.host}]" if ":" in self.ssh.host else self.ssh.host
-        return f"qemu+ssh://{user}{host}{port}/system"
+        query = {"known_hosts": os.path.expanduser(known_hosts),
+                 "known_hosts_verify": "auto" if self.accept_new_host_key else "normal"}
+        if self.identity_file:
+            query["keyfile"] = os.path.expanduser(self.identity_file)
+        return f"qemu+libssh://{user}{host}{port}/system?{urlencode(query, safe='/')}"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ TEMPLATE = """\
 #jump = "admin@bastion.example:22"       # go through another [hosts.NAME] or USER@HOST[:PORT] (ssh -J)
 #accept_new_host_key = false             # true: accept a host key not yet known, once, and record it
 #tls_dir = "/etc/pki/qemu-migration"     # where migrate --tls puts this host's certificates
-#libvirt = "qemu+ssh://root@host2.example/system"  # its libvirt (default: qemu+ssh to ssh above)
+#libvirt = "qemu+ssh://root@host2.example/system"  # its libvirt (default: over SSH to ssh above, known_hosts checked)
 
 # [guests.NAME]: a QEMU guest by its monitor, PROTO:KIND:TARGET (qmp|hmp, unix|tcp|pty).
 #[guests.vm1]

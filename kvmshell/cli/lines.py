@@ -20,6 +20,7 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
 from kvmshell.core.monitor.fleet import GuestState
+from kvmshell.core.values.address import Kind
 from kvmshell.core.values.models import MigrationStatus
 from kvmshell.errors import KvmError
 
@@ -93,7 +94,8 @@ async def _run_line(session: Session, line: str, args: argparse.Namespace, out: 
     flags = _migrate_flags(session, line)
     watched = [o for o in outcomes if o.ok and isinstance(o.result, Watch)]
     status = Exit.OK
-    if flags.get("to_host"):               # its handler followed it to the end: the outcome decides
+    if flags.get("to_host") or any(session.fleet.get(g).address.kind is Kind.DOMAIN for g in started):
+        # its handler followed it to the end (a libvirt guest's always does): the outcome decides
         for job in started.values():
             status = worse(status, exit_for(job.outcome))
         started = {}

@@ -1,7 +1,7 @@
 """`migrate` on a libvirt guest: through libvirt's API, steered by kvmshell
 (the engine is ``kvmshell.core.migration.libvirtmove``).
 
-`migrate GUEST --to-host HOST` (HOST's ``[hosts.HOST] libvirt`` URI, else qemu+ssh to its ssh target)
+`migrate GUEST --to-host HOST` (HOST's ``[hosts.HOST] libvirt`` URI, else over SSH to its ssh target)
 or `migrate GUEST --to libvirt:URI`; ``--persistent``, ``--undefine-source``, ``--unsafe``, ``--p2p``,
 ``--copy-storage all|inc`` and ``--tls`` are libvirt's choices. Anything else is refused in one line.
 """
@@ -49,7 +49,9 @@ def destination(inv: Invocation, req: MigrateRequest) -> tuple[str, str]:
         if host is None:
             known = ", ".join(sorted(inv.session.config.hosts)) or "none"
             raise ConfigError(f"--to-host {req.to_host}: no [hosts.{req.to_host}] in the config (hosts: {known})")
-        return req.to_host, host.libvirt_uri()
+        pool = inv.session.fleet.hosts
+        return req.to_host, pool.libvirt_uri(req.to_host) if pool is not None and req.to_host in pool.hosts \
+            else host.libvirt_uri()
     if req.dest is not None:
         uri = req.dest.removeprefix("libvirt:")
         if "://" in uri:
@@ -68,6 +70,12 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
             raise UsageError(f"{flag} does not go with a libvirt guest (libvirt runs the migration); nothing was "
                              "changed", guest=g)
     to, uri = destination(inv, mreq)
+    if mreq.p2p and "+" not in (urlsplit(uri).scheme or "") and not urlsplit(uri).hostname:
+        # inside libvirtd such a URI opens the daemon's own driver: "Attempt to migrate guest to the same host"
+        raise UsageError(f"--p2p: the source's libvirtd opens {uri} itself, and there a URI without a transport or "
+                         "host names that daemon: give one it reaches (qemu+unix:///system?socket=PATH on this "
+                         "machine, qemu+tcp://HOST/system, qemu+ssh://HOST/system), or drop --p2p; nothing was "
+                         "changed", guest=g)
     if s.running_job(g) is not None:
         raise Refused("kvmshell is already migrating this guest", guest=g)
     address = mreq.address or urlsplit(uri).hostname or None

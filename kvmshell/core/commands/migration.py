@@ -178,12 +178,14 @@ async def migrate_pause(inv: Invocation) -> Result:
 
 
 async def set_parameter(inv: Invocation, name: str, value: Any) -> None:
+    inv.monitor.refuse_setting("parameter", name)
     await inv.monitor.set_parameters({name: value})
     inv.session.data.schedule(inv.guest or "", PARAMETERS)
 
 
 async def migrate_set_parameter(inv: Invocation) -> Result:
     name, text = str(inv.values["name"]), str(inv.values["value"])
+    inv.monitor.refuse_setting("parameter", name)
     params = await inv.monitor.migrate_parameters()
     if name not in params.values:
         raise UsageError(f"no migration parameter {name!r} on this guest (`info migrate_parameters` lists them)",
@@ -213,6 +215,8 @@ async def migrate_set_capability(inv: Invocation) -> Result:
     if name not in caps:
         raise UsageError(f"no migration capability {name!r} on this guest (`info migrate_capabilities` lists them)",
                          guest=inv.guest)
+    if state:
+        mon.refuse_setting("capability", name)
     await mon.set_capabilities({name: state})
     inv.session.data.schedule(inv.guest or "", CAPABILITIES)
     return Done(f"{name} {'on' if state else 'off'}")

@@ -33,8 +33,7 @@ Progress = Callable[[str, str], None]          # (guest, message)
 # what would change a libvirt guest behind libvirt's back (its migrations, its process): refused
 # (`migrate` goes through libvirt: commands/libvirt_migrate.py)
 NOT_THROUGH_LIBVIRT = frozenset({
-    "migrate_cancel", "migrate_incoming", "migrate_start_postcopy", "migrate_recover", "migrate_pause",
-    "migrate_set_parameter", "migrate_set_capability", "migrate_set_speed", "migrate_set_downtime",
+    "migrate_incoming", "migrate_recover", "migrate_pause",
     "loadvm-on", "quit"})
 _TARGET_RE = re.compile(r"^@(\S*)\s*(.*)$", re.S)
 HISTORY_KEEP = 1000        # recent lines kept in Session.history: a session that runs for weeks must not grow

@@ -124,6 +124,11 @@ class HostPool:
     def label(self, target: SshTarget | str) -> str:
         return host_label(self.lookup(target))
 
+    def libvirt_uri(self, name: str) -> str:
+        """libvirt's connection to the host ``name``, its host key checked against this pool's
+        known_hosts file as kvmshell's own SSH does (``HostConfig.libvirt_uri``)."""
+        return self.lookup(name).libvirt_uri(str(self.known_hosts))
+
     def _params(self, hc: HostConfig) -> SshParams:
         return SshParams(
             target=hc.ssh, label=host_label(hc), host_name=hc.name if hc.name in self.hosts else None,

@@ -238,6 +238,10 @@ class Monitor(abc.ABC):
         """The block jobs running (mirrors, commits...) and those ended but not yet dismissed."""
 
     # -- typed actions -----------------------------------------------------------------------
+    def refuse_setting(self, kind: str, name: str) -> None:
+        """Raise (one line) when the user's ``migrate_set_*`` of the ``kind`` ("capability" or
+        "parameter") ``name`` cannot be done on this guest now; QEMU takes them all."""
+
     @abc.abstractmethod
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
         """Turn migration capabilities (QEMU's names) on or off."""

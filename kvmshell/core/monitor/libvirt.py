@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+from kvmshell.core.hosts.ssh.libvirt_uri import host_key_failure
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.core.values.models import (
@@ -44,6 +45,11 @@ TAINT = ("libvirt marks the domain tainted (custom-monitor) when kvmshell sends 
 _STATES = ("no state", "running", "blocked", "paused", "shutting down", "shut off", "crashed", "suspended (pm)")
 _LIFECYCLE = ("defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown", "pmsuspended",
               "crashed")
+
+# what libvirt takes from the user's migrate_set_parameter: at the start (typed parameters), and
+# while it migrates (migrateSetMaxSpeed, migrateSetMaxDowntime)
+START_PARAMS = ("max-bandwidth", "downtime-limit", "cpu-throttle-initial", "cpu-throttle-increment")
+LIVE_PARAMS = ("max-bandwidth", "max-postcopy-bandwidth", "downtime-limit")
 
 _modules: tuple[ModuleType, ModuleType] | None = None
 _loop_lock = threading.Lock()
@@ -87,7 +93,8 @@ def open_connection(uri: str | None) -> Any:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise ConnectFailed(f"libvirt {uri}: {e.get_error_message()}") from None
+        reason = e.get_error_message()
+        raise ConnectFailed(host_key_failure(uri, reason) or f"libvirt {uri}: {reason}") from None
 
 
 def lookup_domain(conn: Any, name: str) -> Any:
@@ -244,8 +251,9 @@ class LibvirtMonitor(QmpMonitor):
         self._dom: Any = None
         self._callbacks: list[Callable[[], None]] = []
         self._plan: LibvirtMigrationPlan | None = None
-        self._caps: dict[str, bool] = {}
+        self._caps: dict[str, bool] = {}              # for the next migration (the user's and the job's)
         self._params: dict[str, ParamValue] = {}
+        self._before: tuple[dict[str, ParamValue], dict[str, bool]] = ({}, {})   # QEMU's, as last read
         self._mig: Migration | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -415,8 +423,28 @@ class LibvirtMonitor(QmpMonitor):
         self._mark_closed(reason)
 
     def plan_migration(self, plan: LibvirtMigrationPlan) -> None:
-        """Where and how the next ``migrate`` goes; resets what earlier capabilities and parameters set."""
-        self._plan, self._caps, self._params = plan, {}, {}
+        """Where and how the next ``migrate`` goes (with the capabilities and parameters set before it)."""
+        self._plan = plan
+
+    def refuse_setting(self, kind: str, name: str) -> None:
+        """What libvirt has no call for, in one line with the libvirt way: capabilities are flags of
+        the start; a running migration takes only max speed and max downtime (migrateSetMaxSpeed,
+        migrateSetMaxDowntime); the start takes those and auto-converge's throttle."""
+        if kind == "capability":
+            if self.migrating:
+                raise CommandFailed(f"libvirt takes {name} only as a flag of the start of a migration (virsh "
+                                    "migrate --auto-converge...): set it before `migrate`; nothing was changed",
+                                    guest=self.name)
+            if name not in FLAG_OF_CAP:
+                raise CommandFailed(f"libvirt has no migration flag for the capability {name} (kvmshell passes "
+                                    f"{', '.join(FLAG_OF_CAP)} as libvirt's flags; virsh migrate --help lists the "
+                                    "others); nothing was changed", guest=self.name)
+        elif name not in (LIVE_PARAMS if self.migrating else START_PARAMS):
+            when = "during a migration" if self.migrating else "at the start of a migration"
+            allowed = LIVE_PARAMS if self.migrating else START_PARAMS
+            raise CommandFailed(f"libvirt has no call to set {name} {when} (it takes {', '.join(allowed)}: virsh "
+                                "migrate-setspeed, migrate-setmaxdowntime, migrate's options); nothing was changed",
+                                guest=self.name)
 
     @property
     def migrating(self) -> bool:
@@ -449,17 +477,19 @@ class LibvirtMonitor(QmpMonitor):
             else:
                 raise CommandFailed(f"libvirt cannot change {name} during a migration (it has no call for it): "
                                     "it stays as the migration started", guest=self.name)
+            self._params[name] = value           # what `info migrate_parameters` shows
 
     async def migrate_parameters(self) -> MigrationParameters:
-        if self.migrating:
-            return MigrationParameters.from_qmp(dict(self._params))
-        current = dict((await super().migrate_parameters()).values)
-        return MigrationParameters.from_qmp(current | self._params)
+        """QEMU's, with what the next (or the running) libvirt migration takes on top; during one, QEMU's
+        as last read before it (the engine reads them as it prepares)."""
+        if not self.migrating:
+            self._before = (dict((await super().migrate_parameters()).values), self._before[1])
+        return MigrationParameters.from_qmp(self._before[0] | self._params)
 
     async def migrate_capabilities(self) -> Capabilities:
-        if self.migrating:
-            return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in self._caps.items()])
-        return await super().migrate_capabilities()
+        if not self.migrating:
+            self._before = (self._before[0], dict((await super().migrate_capabilities()).states))
+        return Capabilities.from_qmp([{"capability": k, "state": v} for k, v in (self._before[1] | self._caps).items()])
 
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         """Start libvirt's migration to ``uri`` (the plan's) in a thread; return once libvirt runs it."""
@@ -477,18 +507,22 @@ class LibvirtMonitor(QmpMonitor):
         dconn = None if plan.p2p else await self._call(open_connection, plan.uri)
 
         def run() -> Any:
+            peer = dconn
             try:
                 if dconn is None:
                     dom.migrateToURI3(plan.uri, params, flags)
-                    return {}
-                new = dom.migrate3(dconn, params, flags)
+                else:
+                    new = dom.migrate3(dconn, params, flags)
                 try:
+                    if peer is None:             # peer-to-peer: the destination keeps the completed job's figures
+                        peer = libvirt.open(plan.uri)
+                        new = peer.lookupByName(dom.name())
                     return new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
                 except libvirt.libvirtError:
                     return {}
             finally:
-                if dconn is not None:
-                    dconn.close()
+                if peer is not None:
+                    peer.close()
         mig.started = time.monotonic()
         self._mig = mig
         mig.task = asyncio.ensure_future(asyncio.to_thread(run))
@@ -506,9 +540,12 @@ class LibvirtMonitor(QmpMonitor):
                               total_time_ms=int((time.monotonic() - mig.started) * 1000))
         else:
             why = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err or "interrupted")
-            status = MigrationStatus.CANCELLED if mig.aborted else MigrationStatus.FAILED
+            aborted = mig.aborted or (isinstance(err, libvirt.libvirtError)           # virsh domjobabort too
+                                      and err.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED)
+            status = MigrationStatus.CANCELLED if aborted else MigrationStatus.FAILED
             info = MigrationInfo(status, ram=mig.last.ram if mig.last else None, error=f"libvirt: {why}")
         mig.final = info
+        self._caps, self._params = {}, {}       # they went with this migration (libvirt keeps none of them)
         self._emit("MIGRATION", {"status": info.status.value})        # wakes whoever follows it
 
     async def _downtime_once_running(self, mig: Migration) -> None:
@@ -527,8 +564,25 @@ class LibvirtMonitor(QmpMonitor):
                 pass
             await asyncio.sleep(0.05)
 
+    async def _foreign_job(self) -> dict[str, Any] | None:
+        """libvirt's statistics of a migration out of this domain that another client started (virsh,
+        another kvmshell); None when there is none."""
+        libvirt, _ = binding()
+        try:
+            stats = await self._call(self._dom.jobStats, 0)
+        except libvirt.libvirtError:
+            return None
+        out = getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT", 5)
+        if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE or stats.get("operation", out) != out:
+            return None
+        return dict(stats)
+
     async def migration(self) -> MigrationInfo:
         mig = self._mig
+        if mig is None or mig.final is not None and self.connected:
+            foreign = await self._foreign_job() if self._dom is not None else None
+            if foreign is not None:
+                return stats_info(foreign, MigrationStatus.ACTIVE)
         if mig is None:
             return await super().migration()
         if mig.final is not None:
@@ -562,10 +616,11 @@ class LibvirtMonitor(QmpMonitor):
                       else RunState.SHUTDOWN)
 
     async def migrate_cancel(self) -> None:
-        if not self.migrating:
-            raise CommandFailed("no migration libvirt runs for kvmshell to cancel", guest=self.name)
-        assert self._mig is not None
-        self._mig.aborted = True
+        if self.migrating:
+            assert self._mig is not None
+            self._mig.aborted = True
+        elif await self._foreign_job() is None:
+            raise CommandFailed("libvirt runs no migration of this domain to cancel", guest=self.name)
         await self._libvirt("abortJob", self._dom.abortJob)
 
     async def migrate_continue(self, state: str) -> None:
