@@ -92,7 +92,14 @@ async def migrate(lab: Lab, src: LinuxGuest, dst: LinuxGuest, cap_s: float) -> d
         await qd.close()
 
 
-async def compare_ram(lab: Lab, src: LinuxGuest, dst: LinuxGuest) -> dict[str, object]:
+async def generation_table(guest: LinuxGuest) -> dict[int, str]:
+    """The guest-physical pages of the workload's generation table (4 bytes a page of the set), labelled."""
+    npages = guest.work.ws_mib * 256
+    found = {await guest.where(k, gen=True) & ~0xFFF for k in [*range(0, npages, 512), npages - 1]}
+    return dict.fromkeys(found, "generation table")
+
+
+async def compare_ram(lab: Lab, src: LinuxGuest, dst: LinuxGuest, labels: dict[int, str]) -> dict[str, object]:
     """Dump the stopped source's and the paused destination's RAM, compare them, then `cont` the latter."""
     qs, qd = await Qmp.open(str(src.address.path)), await Qmp.open(str(dst.address.path))
     dumps = Path("/dev/shm") if Path("/dev/shm").is_dir() else lab.workdir
@@ -109,10 +116,11 @@ async def compare_ram(lab: Lab, src: LinuxGuest, dst: LinuxGuest) -> dict[str, o
         size = int(summary["base-memory"])
         for qmp, path in zip((qs, qd), paths):
             await qmp.run("pmemsave", val=0, size=size, filename=str(path))
-        diff = await asyncio.to_thread(diff_dumps, paths[0], paths[1])
+        diff = await asyncio.to_thread(diff_dumps, paths[0], paths[1], labels)
         await qd.run("cont")
         return {"dst_status": status["status"], "ram_bytes": size, "ram_differing": diff.differing,
-                "ram_ws_pages": diff.ws_pages, "ram_stale": diff.stale, "ram_first": diff.named[:5]}
+                "ram_ws_pages": diff.ws_pages, "ram_stale": diff.stale,
+                "ram_gen_table": diff.labelled["generation table"], "ram_first": diff.named[:5]}
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
@@ -153,13 +161,14 @@ async def main() -> None:
             row: dict[str, object] = {"variant": a.variant, "work": a.work, "ws_mib": a.ws_mib, "rate": a.rate,
                                       "ram": a.ram, "accel": a.accel, "qemu_args": list(qemu_args), "run": run,
                                       "load1": round(os.getloadavg()[0], 2)}
+            labels = await generation_table(src) if a.compare_ram and a.work != "idle" else {}
             row.update(await migrate(lab, src, dst, a.cap))
             if row["status"] != "completed":
                 row["memcheck"] = "n/a"
                 await dst.kill()
             else:
                 if a.compare_ram:
-                    row.update(await compare_ram(lab, src, dst))
+                    row.update(await compare_ram(lab, src, dst, labels))
                 await src.kill()
                 try:
                     if a.work != "idle":

@@ -43,6 +43,16 @@ def test_stale_working_set_page_and_other_page(tmp_path: Path) -> None:
     assert "2 of 304 pages differ (1 of the working set, 1 of them stale" in diff.summary()
 
 
+def test_labelled_pages_are_counted_by_label(tmp_path: Path) -> None:
+    """A page the caller knows (the generation table) is named by its label, an unknown one as other."""
+    src = b"\x00" * PAGE * 4
+    dst = b"\x00" * PAGE + b"\x01" * PAGE + b"\x00" * PAGE + b"\x02" * PAGE
+    diff = diff_dumps(*dumps(tmp_path, src, dst), labels={PAGE: "generation table", 2 * PAGE: "generation table"})
+    assert diff.differing == 2 and diff.labelled == {"generation table": 1}
+    assert diff.named == [f"0x{PAGE:x} generation table", f"0x{3 * PAGE:x} other"]
+    assert "(0 of the working set, 0 of them stale on the destination, 1 generation table; 1 other)" in diff.summary()
+
+
 def test_page_ahead_on_the_destination_is_not_stale(tmp_path: Path) -> None:
     src = b"".join(ws_page(i, 5) for i in range(4))
     dst = ws_page(0, 5) + ws_page(1, 6) + ws_page(2, 5) + ws_page(3, 5)

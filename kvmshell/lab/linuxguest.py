@@ -2,8 +2,8 @@
 of ``workload.c`` (parts from :mod:`kvmshell.lab.linux`), talked to over its serial console.
 
 QEMU's stdin and stdout are the guest's ttyS0: lines written to stdin are commands to the workload
-(``check``, ``hold``, ``run``, ``where K``), its answers and its ``kvmshell-pass N`` lines arrive on
-stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory). Its
+(``check``, ``hold``, ``run``, ``where K``, ``where gen K``), its answers and its ``kvmshell-pass N``
+lines arrive on stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory). Its
 heartbeats (``kvmshell-hb SEQ USEC`` every ``beat_ms``) go to ``LinuxGuest.beats`` instead, each
 stamped with the host's monotonic clock on arrival (:mod:`kvmshell.lab.blackout` times a blackout
 from them).
@@ -49,7 +49,7 @@ migration dirty bitmap coherency with TCG memory access", QEMU 9.0; not in Debia
 target page (QEMU rounds -m to 8 KiB) makes the size unaligned and QEMU takes the path that re-arms it:
 a paced workload's destination crashed in 15 of 15 migrations without, 0 of 15 with (bench/RESULTS.md)."""
 TCG_DIRTY_FIXED = (9, 0)
-_WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
+_WHERE_RE = re.compile(r"kvmshell-where (page|gen) (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
 _BEAT_RE = re.compile(r"kvmshell-hb (\d+) (\d+)")
 
 
@@ -229,12 +229,14 @@ class LinuxGuest:
     async def resume(self) -> None:
         await self.ask("run", r"kvmshell-run")
 
-    async def where(self, page: int) -> int:
-        """The guest-physical address of a page of the working set."""
-        m = await self.ask(f"where {page}", _WHERE_RE)
-        if m.group(2) is None:
-            raise LabError(f"{self.name}: the guest cannot tell where page {page} is")
-        return int(m.group(2), 16)
+    async def where(self, page: int, *, gen: bool = False) -> int:
+        """The guest-physical address of a page of the working set (``gen``: of its entry in the
+        generation table)."""
+        m = await self.ask(f"where gen {page}" if gen else f"where {page}", _WHERE_RE)
+        if m.group(3) is None:
+            raise LabError(f"{self.name}: the guest cannot tell where {'the generation of ' if gen else ''}"
+                           f"page {page} is")
+        return int(m.group(3), 16)
 
     async def wait_passes(self, count: int = 1, timeout: float = 30.0) -> None:
         """Wait until the workload has rewritten its working set ``count`` more times."""

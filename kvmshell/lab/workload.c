@@ -24,6 +24,7 @@
  *   check      -> "kvmshell-check ok N pages" or "kvmshell-check BAD page K ..." (first bad page, count)
  *   hold, run  -> "kvmshell-hold" / "kvmshell-run": stop / resume rewriting
  *   where K    -> "kvmshell-where page K phys 0xADDR" (guest-physical address, from /proc/self/pagemap)
+ *   where gen K -> "kvmshell-where gen K phys 0xADDR": where the generation table holds page K's entry
  * Unprompted: "kvmshell-ready ..." once the set is written, "kvmshell-pass N" after each pass, and
  * "kvmshell-hb SEQ USEC" every beat_ms: a sequence number from 0 and the guest's CLOCK_MONOTONIC in
  * microseconds, so the host can time the blackout the guest sees in a migration (lab/blackout.py).
@@ -159,16 +160,21 @@ static void check(void) {
         (unsigned long long)(page[1] >> 32), (unsigned long long)bad, (unsigned long long)npages);
 }
 
-static void where(uint64_t i) {
-    uint64_t entry = 0, va = (uint64_t)(uintptr_t)(ws + i * PAGE);
+/* The guest-physical address of virtual address va (0: not mapped). */
+static uint64_t phys_of(const void *va) {
+    uint64_t entry = 0, v = (uint64_t)(uintptr_t)va;
     int fd = open("/proc/self/pagemap", O_RDONLY);
-    if (i >= npages || fd < 0 || pread(fd, &entry, 8, (off_t)(va / PAGE * 8)) != 8 || !(entry >> 63)) {
-        say("kvmshell-where page %llu unknown", (unsigned long long)i);
-    } else {
-        say("kvmshell-where page %llu phys 0x%llx", (unsigned long long)i,
-            (unsigned long long)((entry & ((1ULL << 55) - 1)) * PAGE));
-    }
-    if (fd >= 0) close(fd);
+    if (fd < 0) return 0;
+    if (pread(fd, &entry, 8, (off_t)(v / PAGE * 8)) != 8 || !(entry >> 63)) entry = 0;
+    close(fd);
+    return entry ? (entry & ((1ULL << 55) - 1)) * PAGE + v % PAGE : 0;
+}
+
+/* where K: page K of the set; where gen K: the generation table's entry for page K. */
+static void where(const char *what, uint64_t i) {
+    uint64_t phys = i >= npages ? 0 : phys_of(*what == 'g' ? (void *)&gens[i] : (void *)(ws + i * PAGE));
+    if (!phys) say("kvmshell-where %s %llu unknown", what, (unsigned long long)i);
+    else say("kvmshell-where %s %llu phys 0x%llx", what, (unsigned long long)i, (unsigned long long)phys);
 }
 
 static void command(char *line) {
@@ -176,7 +182,8 @@ static void command(char *line) {
     if (!strcmp(line, "check")) check();
     else if (!strcmp(line, "hold")) { holding = 1; say("kvmshell-hold"); }
     else if (!strcmp(line, "run")) { holding = 0; say("kvmshell-run"); }
-    else if (!strncmp(line, "where ", 6)) where(strtoull(line + 6, NULL, 10));
+    else if (!strncmp(line, "where gen ", 10)) where("gen", strtoull(line + 10, NULL, 10));
+    else if (!strncmp(line, "where ", 6)) where("page", strtoull(line + 6, NULL, 10));
     else if (*line) say("kvmshell-what %s", line);
 }
 
