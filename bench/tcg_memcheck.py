@@ -3,7 +3,8 @@
 No kvmshell steering: a bare QMP client sends `migrate-incoming`/`migrate` over a unix socket with
 QEMU's defaults and polls `query-migrate`; then the destination's workload checks its own pages.
 Runs chain: the destination of one run is the source of the next (no boot per run); a failure
-(bad pages, a kernel oops, a dead QEMU) ends the chain and the next run boots a fresh guest.
+(bad pages, a kernel oops, a dead QEMU, with --compare-ram a page that differs) ends the chain and the
+next run boots a fresh guest.
 
     .venv/bin/python bench/tcg_memcheck.py --work text --ws-mib 128 --ram 512 --runs 10 \\
         --variant default [--accel tcg,thread=single] [--qemu-arg=-smp --qemu-arg=1]
@@ -178,7 +179,7 @@ async def main() -> None:
                 except LabError as e:
                     row["memcheck"] = f"crashed: {e}"
                 src = dst
-                if row["memcheck"] != "ok":
+                if row["memcheck"] != "ok" or row.get("ram_differing"):      # the next run starts whole
                     await dst.kill()
                     src = None
             line = json.dumps(row)

@@ -22,6 +22,9 @@
  *
  * Console protocol (one line per command on the serial console, one line per answer):
  *   check      -> "kvmshell-check ok N pages" or "kvmshell-check BAD page K ..." (first bad page, count)
+ *                 Every rewrite first reads the page's header: one that does not say (i, gens[i]) is counted
+ *                 and makes every later check BAD, so a lost page is caught even when a pass has rewritten
+ *                 it (and its generation) consistent again before the check was asked for.
  *   hold, run  -> "kvmshell-hold" / "kvmshell-run": stop / resume rewriting
  *   where K    -> "kvmshell-where page K phys 0xADDR" (guest-physical address, from /proc/self/pagemap)
  *   where gen K -> "kvmshell-where gen K phys 0xADDR": where the generation table holds page K's entry
@@ -60,6 +63,8 @@ static uint8_t *ws;
 static uint32_t *gens;
 static uint64_t npages, nhot;
 static int holding = 0;
+static uint64_t torn = 0, torn_page, torn_header;  /* pages found wrong before a rewrite; the first, */
+static uint32_t torn_want;                         /* and the generation the table said it had */
 
 static const char *const words[16] = {
     "the ", "guest ", "memory ", "page ", "moves ", "over ", "a ", "link ",
@@ -150,14 +155,22 @@ static void check(void) {
             bad++;
         }
     }
-    if (!bad) {
+    if (!bad && !torn) {
         say("kvmshell-check ok %llu pages", (unsigned long long)npages);
         return;
     }
+    if (!bad) {
+        say("kvmshell-check BAD page %llu: before its rewrite want gen %u, header said page %llu gen %llu; "
+            "%llu pages found bad before a rewrite, all %llu consistent now", (unsigned long long)torn_page,
+            torn_want, (unsigned long long)(torn_header & 0xffffffffULL), (unsigned long long)(torn_header >> 32),
+            (unsigned long long)torn, (unsigned long long)npages);
+        return;
+    }
     uint64_t *page = (uint64_t *)(ws + first * PAGE);
-    say("kvmshell-check BAD page %llu: want gen %u, header says page %llu gen %llu; %llu of %llu pages bad",
-        (unsigned long long)first, gens[first], (unsigned long long)(page[1] & 0xffffffffULL),
-        (unsigned long long)(page[1] >> 32), (unsigned long long)bad, (unsigned long long)npages);
+    say("kvmshell-check BAD page %llu: want gen %u, header says page %llu gen %llu; %llu of %llu pages bad; "
+        "%llu found bad before a rewrite", (unsigned long long)first, gens[first],
+        (unsigned long long)(page[1] & 0xffffffffULL), (unsigned long long)(page[1] >> 32),
+        (unsigned long long)bad, (unsigned long long)npages, (unsigned long long)torn);
 }
 
 /* The guest-physical address of virtual address va (0: not mapped). */
@@ -257,6 +270,11 @@ int main(void) {
         if (!nhot || holding) { serve(beat()); t0 = now(); written = 0; continue; }
         for (uint64_t i = 0; i < nhot && !holding; i++) {
             uint64_t *page = (uint64_t *)(ws + i * PAGE);
+            if ((page[0] != MAGIC || page[1] != (i | (uint64_t)gens[i] << 32)) && !torn++) {
+                torn_page = i;
+                torn_header = page[1];
+                torn_want = gens[i];
+            }
             if (mode == SPARSE) sparse_words(page, i, ++gens[i]);
             else fill(page, i, ++gens[i]);
             written += PAGE;
