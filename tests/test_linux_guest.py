@@ -47,7 +47,7 @@ def test_cpio_newc_layout() -> None:
 def test_work_knobs_and_check_lines() -> None:
     work = LinuxWork("text", ws_mib=128, rate_mb_s=20)
     assert "kvmshell.work=text kvmshell.ws_mib=128 kvmshell.rate=20" in work.append()
-    assert "console=ttyS0" in work.append() and work.ram_mib > 128
+    assert "console=ttyS0" in work.append() and "no_timer_check" in work.append() and work.ram_mib > 128
     with pytest.raises(LabError):
         LinuxWork("busy")
     with pytest.raises(LabError):
