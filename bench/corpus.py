@@ -14,7 +14,9 @@ the run's outcome in its header line (extra keys: load_trace ignores them), and 
 bench/corpus/INDEX.jsonl. Runs already in the index are skipped (resumable). Needs root (namespaces).
 
     .venv/bin/python bench/corpus.py [--only guest=linux,ram=512,link=1gbit|none,policy=defaults|auto]
-        [--runs 3] [--cap 40] [--list]
+        [--runs 3] [--cap 40] [--list] [--dir DIR]
+
+``--dir`` records into another directory (its own INDEX.jsonl): a re-check that leaves the corpus alone.
 """
 
 from __future__ import annotations
@@ -321,7 +323,11 @@ async def main() -> int:
     ap.add_argument("--cap", type=float, default=40.0, help="seconds a migration may take before it is cancelled")
     ap.add_argument("--retry-errors", action="store_true", help="run again the runs that ended in an error")
     ap.add_argument("--list", action="store_true", help="print the runs still to record and stop")
+    ap.add_argument("--dir", type=Path, default=None, help="record there instead of bench/corpus")
     args = ap.parse_args()
+    if args.dir is not None:
+        global CORPUS, INDEX
+        CORPUS, INDEX = args.dir, args.dir / "INDEX.jsonl"
     only = parse_only(args.only)
     cells = sorted((c for c in grid() if c.matches(only)), key=order_key)
     done = recorded()

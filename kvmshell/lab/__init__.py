@@ -1,6 +1,6 @@
 """Real QEMU guests on this machine for the demo, the tests and the benchmarks: the boot-sector
-guest image, the Linux guest, the launcher, network namespaces, the memory checks and the blackout a
-migrated guest sees (``blackout``: timed from the guests' heartbeats on their serial consoles).
+guest image, the Linux guest, the launcher, network namespaces, the memory checks (and ``ramdiff``:
+two RAM dumps compared page by page) and the blackout a migrated guest sees (``blackout``: timed from the guests' heartbeats on their serial consoles).
 
 Two guests. The boot-sector guest (``image``, ``launcher``) boots in well under a second and dirties
 pages that ``memcheck``/``verify`` read back through ``pmemsave``: the fast tests use it. The Linux

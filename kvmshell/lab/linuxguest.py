@@ -2,8 +2,8 @@
 of ``workload.c`` (parts from :mod:`kvmshell.lab.linux`), talked to over its serial console.
 
 QEMU's stdin and stdout are the guest's ttyS0: lines written to stdin are commands to the workload
-(``check``, ``hold``, ``run``, ``where K``), its answers and its ``kvmshell-pass N`` lines arrive on
-stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory). Its
+(``check``, ``hold``, ``run``, ``where K``, ``where gen K``), its answers and its ``kvmshell-pass N``
+lines arrive on stdout and are kept in ``LinuxGuest.lines`` (and in ``NAME.console`` in the Lab's directory). Its
 heartbeats (``kvmshell-hb SEQ USEC`` every ``beat_ms``) go to ``LinuxGuest.beats`` instead, each
 stamped with the host's monotonic clock on arrival (:mod:`kvmshell.lab.blackout` times a blackout
 from them).
@@ -35,7 +35,9 @@ from kvmshell.lab.linux import LinuxParts, linux_parts
 log = logging.getLogger(__name__)
 
 WORKS = ("idle", "ws", "text", "hotcold", "sparse")
-KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
+KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off no_timer_check"
+"""``no_timer_check``: on a loaded host a TCG guest's boot-time check of the IO-APIC timer can miss its
+ticks and panic ("IO-APIC + timer doesn't work!", seen at a load average of 90 on 2 cores)."""
 RAM_HEADROOM_MIB = 192
 """Guest RAM beyond the working set: the kernel, the unpacked initramfs, the page tables; plus 1/16 of
 the set for the kernel's per-page structures (a 1900 MiB set in 2060 MiB was OOM-killed)."""
@@ -49,7 +51,7 @@ migration dirty bitmap coherency with TCG memory access", QEMU 9.0; not in Debia
 target page (QEMU rounds -m to 8 KiB) makes the size unaligned and QEMU takes the path that re-arms it:
 a paced workload's destination crashed in 15 of 15 migrations without, 0 of 15 with (bench/RESULTS.md)."""
 TCG_DIRTY_FIXED = (9, 0)
-_WHERE_RE = re.compile(r"kvmshell-where page (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
+_WHERE_RE = re.compile(r"kvmshell-where (page|gen) (\d+) (?:phys (0x[0-9a-f]+)|unknown)")
 _BEAT_RE = re.compile(r"kvmshell-hb (\d+) (\d+)")
 
 
@@ -229,12 +231,14 @@ class LinuxGuest:
     async def resume(self) -> None:
         await self.ask("run", r"kvmshell-run")
 
-    async def where(self, page: int) -> int:
-        """The guest-physical address of a page of the working set."""
-        m = await self.ask(f"where {page}", _WHERE_RE)
-        if m.group(2) is None:
-            raise LabError(f"{self.name}: the guest cannot tell where page {page} is")
-        return int(m.group(2), 16)
+    async def where(self, page: int, *, gen: bool = False) -> int:
+        """The guest-physical address of a page of the working set (``gen``: of its entry in the
+        generation table)."""
+        m = await self.ask(f"where gen {page}" if gen else f"where {page}", _WHERE_RE)
+        if m.group(3) is None:
+            raise LabError(f"{self.name}: the guest cannot tell where {'the generation of ' if gen else ''}"
+                           f"page {page} is")
+        return int(m.group(3), 16)
 
     async def wait_passes(self, count: int = 1, timeout: float = 30.0) -> None:
         """Wait until the workload has rewritten its working set ``count`` more times."""

@@ -22,8 +22,12 @@
  *
  * Console protocol (one line per command on the serial console, one line per answer):
  *   check      -> "kvmshell-check ok N pages" or "kvmshell-check BAD page K ..." (first bad page, count)
+ *                 Every rewrite first reads the page's header: one that does not say (i, gens[i]) is counted
+ *                 and makes every later check BAD, so a lost page is caught even when a pass has rewritten
+ *                 it (and its generation) consistent again before the check was asked for.
  *   hold, run  -> "kvmshell-hold" / "kvmshell-run": stop / resume rewriting
  *   where K    -> "kvmshell-where page K phys 0xADDR" (guest-physical address, from /proc/self/pagemap)
+ *   where gen K -> "kvmshell-where gen K phys 0xADDR": where the generation table holds page K's entry
  * Unprompted: "kvmshell-ready ..." once the set is written, "kvmshell-pass N" after each pass, and
  * "kvmshell-hb SEQ USEC" every beat_ms: a sequence number from 0 and the guest's CLOCK_MONOTONIC in
  * microseconds, so the host can time the blackout the guest sees in a migration (lab/blackout.py).
@@ -59,6 +63,8 @@ static uint8_t *ws;
 static uint32_t *gens;
 static uint64_t npages, nhot;
 static int holding = 0;
+static uint64_t torn = 0, torn_page, torn_header;  /* pages found wrong before a rewrite; the first, */
+static uint32_t torn_want;                         /* and the generation the table said it had */
 
 static const char *const words[16] = {
     "the ", "guest ", "memory ", "page ", "moves ", "over ", "a ", "link ",
@@ -149,26 +155,39 @@ static void check(void) {
             bad++;
         }
     }
-    if (!bad) {
+    if (!bad && !torn) {
         say("kvmshell-check ok %llu pages", (unsigned long long)npages);
         return;
     }
+    if (!bad) {
+        say("kvmshell-check BAD page %llu: before its rewrite want gen %u, header said page %llu gen %llu; "
+            "%llu pages found bad before a rewrite, all %llu consistent now", (unsigned long long)torn_page,
+            torn_want, (unsigned long long)(torn_header & 0xffffffffULL), (unsigned long long)(torn_header >> 32),
+            (unsigned long long)torn, (unsigned long long)npages);
+        return;
+    }
     uint64_t *page = (uint64_t *)(ws + first * PAGE);
-    say("kvmshell-check BAD page %llu: want gen %u, header says page %llu gen %llu; %llu of %llu pages bad",
-        (unsigned long long)first, gens[first], (unsigned long long)(page[1] & 0xffffffffULL),
-        (unsigned long long)(page[1] >> 32), (unsigned long long)bad, (unsigned long long)npages);
+    say("kvmshell-check BAD page %llu: want gen %u, header says page %llu gen %llu; %llu of %llu pages bad; "
+        "%llu found bad before a rewrite", (unsigned long long)first, gens[first],
+        (unsigned long long)(page[1] & 0xffffffffULL), (unsigned long long)(page[1] >> 32),
+        (unsigned long long)bad, (unsigned long long)npages, (unsigned long long)torn);
 }
 
-static void where(uint64_t i) {
-    uint64_t entry = 0, va = (uint64_t)(uintptr_t)(ws + i * PAGE);
+/* The guest-physical address of virtual address va (0: not mapped). */
+static uint64_t phys_of(const void *va) {
+    uint64_t entry = 0, v = (uint64_t)(uintptr_t)va;
     int fd = open("/proc/self/pagemap", O_RDONLY);
-    if (i >= npages || fd < 0 || pread(fd, &entry, 8, (off_t)(va / PAGE * 8)) != 8 || !(entry >> 63)) {
-        say("kvmshell-where page %llu unknown", (unsigned long long)i);
-    } else {
-        say("kvmshell-where page %llu phys 0x%llx", (unsigned long long)i,
-            (unsigned long long)((entry & ((1ULL << 55) - 1)) * PAGE));
-    }
-    if (fd >= 0) close(fd);
+    if (fd < 0) return 0;
+    if (pread(fd, &entry, 8, (off_t)(v / PAGE * 8)) != 8 || !(entry >> 63)) entry = 0;
+    close(fd);
+    return entry ? (entry & ((1ULL << 55) - 1)) * PAGE + v % PAGE : 0;
+}
+
+/* where K: page K of the set; where gen K: the generation table's entry for page K. */
+static void where(const char *what, uint64_t i) {
+    uint64_t phys = i >= npages ? 0 : phys_of(*what == 'g' ? (void *)&gens[i] : (void *)(ws + i * PAGE));
+    if (!phys) say("kvmshell-where %s %llu unknown", what, (unsigned long long)i);
+    else say("kvmshell-where %s %llu phys 0x%llx", what, (unsigned long long)i, (unsigned long long)phys);
 }
 
 static void command(char *line) {
@@ -176,7 +195,8 @@ static void command(char *line) {
     if (!strcmp(line, "check")) check();
     else if (!strcmp(line, "hold")) { holding = 1; say("kvmshell-hold"); }
     else if (!strcmp(line, "run")) { holding = 0; say("kvmshell-run"); }
-    else if (!strncmp(line, "where ", 6)) where(strtoull(line + 6, NULL, 10));
+    else if (!strncmp(line, "where gen ", 10)) where("gen", strtoull(line + 10, NULL, 10));
+    else if (!strncmp(line, "where ", 6)) where("page", strtoull(line + 6, NULL, 10));
     else if (*line) say("kvmshell-what %s", line);
 }
 
@@ -250,6 +270,11 @@ int main(void) {
         if (!nhot || holding) { serve(beat()); t0 = now(); written = 0; continue; }
         for (uint64_t i = 0; i < nhot && !holding; i++) {
             uint64_t *page = (uint64_t *)(ws + i * PAGE);
+            if ((page[0] != MAGIC || page[1] != (i | (uint64_t)gens[i] << 32)) && !torn++) {
+                torn_page = i;
+                torn_header = page[1];
+                torn_want = gens[i];
+            }
             if (mode == SPARSE) sparse_words(page, i, ++gens[i]);
             else fill(page, i, ++gens[i]);
             written += PAGE;
