@@ -220,7 +220,7 @@ async def guest_runs(h: StorHosts, name: str) -> bool:
 
     Not the working-set check of tests/test_libvirt_migrate.py: it fails intermittently after libvirt
     migrations of more than a few seconds, with libvirt alone too (a plain ``migrate3`` at 4 MiB/s, no
-    kvmshell: 278 of 512 pages a pass behind); to be found out apart from the disks."""
+    kvmshell: 278 of 512 pages with a stale pass counter); to be found out apart from the disks."""
     mon = await open_monitor(name, Address.libvirt(name, h.dst.uri))
     try:
         async def counter() -> int:
@@ -302,6 +302,12 @@ async def test_copy_storage_without_tls_is_refused_unless_insecure_storage(lab: 
         assert f"removed the images kvmshell had created on h2: {boot}, {data}" in line, line
         assert re.search(r"source \S+: running, persistent; destination \S+: no such domain", line), line
         assert state(h.src, "s2") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+        assert not await h.b.exists(boot) and not await h.b.exists(data)
+        # --dry-run says which images kvmshell would create, and creates none
+        rc, out, err = await kvmshell(tmp_path, "--guest", g, "-c", "migrate --to-host h2 --copy-storage inc "
+                                      "--insecure-storage --dry-run")
+        assert rc == 0, err
+        assert f"\ncreate on h2: {boot} (qcow2, 1 MiB over {base})\ncreate on h2: {data} (qcow2, 4 MiB)" in out, out
         assert not await h.b.exists(boot) and not await h.b.exists(data)
         # --copy-storage inc --insecure-storage: the top images over the same backing file, in the clear
         before = {p: await h.a.contents(p, tmp_path / "raw") for p in (boot, data)}
