@@ -124,7 +124,7 @@ async def stor_hosts(lab: Lab, tmp_path: Path, *, tls: bool = True) -> AsyncIter
 
 
 async def define_private(h: StorHosts, name: str, *, ws_pages: int = 256, data_mib: int = 4,
-                         fill_mib: int = 1) -> tuple[str, str]:
+                         fill_mib: int = 1, private_base: bool = False) -> tuple[str, str]:
     """A running domain on the source whose disks are in the source's own /var/lib: the boot overlay
     (backed by the lab's base image in the shared tmp dir) and a data disk of ``data_mib`` MiB with the
     marker at 1 MiB and ``fill_mib`` MiB of it written; (boot path, data path)."""
@@ -133,6 +133,11 @@ async def define_private(h: StorHosts, name: str, *, ws_pages: int = 256, data_m
     marker = h.src.root / "marker.bin"
     marker.write_bytes(MARKER * (2**20 // len(MARKER)))
     await h.a.run("cp", str(overlay), boot)
+    if private_base:                     # the backing file too in the source's own directory
+        base = await backing_of(h.a, boot)
+        assert base is not None
+        await h.a.run("cp", base, f"{IMAGES}/{name}-base.raw")
+        await h.a.run("qemu-img", "rebase", "-u", "-F", "raw", "-b", f"{IMAGES}/{name}-base.raw", boot)
     await h.a.run("qemu-img", "create", "-q", "-f", "qcow2", data, f"{data_mib}M")
     await h.a.run("qemu-io", "-f", "qcow2", "-c", f"write -s {marker} 1M 1M", data)
     if fill_mib > 1:
@@ -322,6 +327,24 @@ async def test_copy_storage_without_tls_is_refused_unless_insecure_storage(lab: 
         assert await guest_runs(h, "s2")
         wire_bytes = wire.read_bytes()
         assert MARKER in wire_bytes and BANNER in wire_bytes        # what the TLS test checks is absent
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_copy_storage_inc_without_the_backing_file_there_is_refused(lab: Lab, tmp_path: Path) -> None:
+    async with stor_hosts(lab, tmp_path) as h:
+        boot, data = await define_private(h, "s4", private_base=True)
+        rc, out, err = await kvmshell(tmp_path, "--guest", f"s4=libvirt:{h.src.uri}#s4", "-c",
+                                      "migrate --to-host h2 --copy-storage inc --tls libvirt")
+        assert rc != 0
+        [*_, line] = err.strip().splitlines()
+        assert line.startswith(f"kvmshell: s4: --copy-storage: cannot create {boot} (qcow2, 1 MiB over "
+                               f"{IMAGES}/s4-base.raw): libvirt: "), line
+        assert line.endswith("; nothing was changed"), line
+        assert state(h.src, "s4") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
+        assert not await h.b.exists(boot) and not await h.b.exists(data)
+
 
 
 def incoming_qemu(name: str) -> int:

@@ -127,8 +127,11 @@ async def migrate_libvirt(fleet: Fleet, req: LibvirtMoveRequest, *,
     disks = await disks_to_copy(mon, req)
     created: list[str] = []
     if disks:
-        created, existing = await asyncio.to_thread(create_destination_images, req.plan.uri, disks,
-                                                    req.plan.copy_storage == "inc")
+        try:
+            created, existing = await asyncio.to_thread(create_destination_images, req.plan.uri, disks,
+                                                        req.plan.copy_storage == "inc")
+        except KvmError as e:
+            raise e.for_guest(req.guest) from None
         for path in created:
             progress(f"created {next(d for d in disks if d.path == path).describe()} on {req.to} for libvirt "
                      "to copy into")
