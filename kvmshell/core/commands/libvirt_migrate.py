@@ -3,7 +3,12 @@
 
 `migrate GUEST --to-host HOST` (HOST's ``[hosts.HOST] libvirt`` URI, else over SSH to its ssh target)
 or `migrate GUEST --to libvirt:URI`; ``--persistent``, ``--undefine-source``, ``--unsafe``, ``--p2p``,
-``--copy-storage all|inc`` and ``--tls`` are libvirt's choices. Anything else is refused in one line.
+``--copy-storage all|inc`` and ``--tls libvirt`` are libvirt's choices. Anything else is refused in one line.
+
+``--tls libvirt``: the daemons' own migration TLS (qemu.conf's ``migrate_tls_x509_cert_dir``, certificates
+from `kvmshell tls-init`); kvmshell installs nothing for a libvirt guest. A daemon without it fails the
+migration at its start (QEMU cannot read the credentials): one line saying what to set in qemu.conf.
+``--copy-storage`` without it needs ``--insecure-storage`` (libvirt's NBD in plain TCP).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from kvmshell.core.commands.results import Done, Result
 from kvmshell.core.commands.session import Invocation
 from kvmshell.core.commands.spec import UsageError
 from kvmshell.core.commands import steer
-from kvmshell.core.migration.libvirtmove import LibvirtMoveRequest, check, migrate_libvirt
+from kvmshell.core.migration.libvirtmove import LibvirtMoveRequest, check, disks_to_copy, migrate_libvirt
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.monitor.libvirt import LibvirtMigrationPlan
 from kvmshell.core.values.address import Kind
@@ -62,6 +67,18 @@ def destination(inv: Invocation, req: MigrateRequest) -> tuple[str, str]:
                       "([hosts.HOST] libvirt = URI) or --to libvirt:URI; nothing was changed", guest=g)
 
 
+TLS_SETUP = ("set migrate_tls_x509_cert_dir = \"DIR\" (a host directory of `kvmshell tls-init DIR HOST...`: "
+             "ca-cert.pem, server-*.pem, client-*.pem) and default_tls_x509_verify = 1 in /etc/libvirt/qemu.conf on "
+             "both hosts, and restart libvirtd")
+TLS_FAILURES = ("tls-creds", "x509", "credentials", "certificate", "gnutls", "tls")
+
+
+def tls_not_set_up(message: str) -> bool:
+    """libvirt's words when a daemon's migration TLS is missing or broken."""
+    low = message.lower()
+    return any(word in low for word in TLS_FAILURES)
+
+
 async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
     s, g = inv.session, mreq.source
     replace(mreq, dry_run=False, address=None, name=None).check()   # these three go with --to libvirt:URI too
@@ -69,6 +86,9 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
         if getattr(mreq, name):
             raise UsageError(f"{flag} does not go with a libvirt guest (libvirt runs the migration); nothing was "
                              "changed", guest=g)
+    if mreq.tls is not None and mreq.tls != "libvirt":
+        raise UsageError(f"--tls {mreq.tls}: a libvirt guest migrates in the daemons' own TLS (qemu.conf's "
+                         "migrate_tls_x509_cert_dir): say --tls libvirt; nothing was changed", guest=g)
     to, uri = destination(inv, mreq)
     if mreq.p2p and "+" not in (urlsplit(uri).scheme or "") and not urlsplit(uri).hostname:
         # inside libvirtd such a URI opens the daemon's own driver: "Attempt to migrate guest to the same host"
@@ -83,15 +103,17 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
                                 undefine_source=mreq.undefine_source, unsafe=mreq.unsafe, tls=mreq.tls is not None,
                                 copy_storage=mreq.copy_storage)
     req = LibvirtMoveRequest(g, plan, replace(steer.job_request(inv, replace(mreq, dest=None)), uri=uri), to,
-                             new_name=mreq.name)
+                             new_name=mreq.name, insecure_storage=mreq.insecure_storage)
     flags = " ".join(f for on, f in ((plan.p2p, "peer-to-peer"), (plan.persistent, "persistent"),
                                     (plan.undefine_source, "undefine-source"), (plan.unsafe, "unsafe"),
                                     (plan.tls, "tls"), (bool(plan.copy_storage), f"copy-storage {plan.copy_storage}"))
                      if on) or "live"
     if mreq.dry_run:
-        _, domain = await check(s.fleet, req)
+        mon, domain = await check(s.fleet, req)
+        disks = [f"\ncreate on {to}: {d.describe()}" for d in await disks_to_copy(mon, req)]
         return Done(f"dry run: libvirt would migrate {domain} to {to} ({uri}; {flags}; stream to "
-                    f"{address or 'the destination host name'}), strategy {req.job.strategy}; nothing was started")
+                    f"{address or 'the destination host name'}), strategy {req.job.strategy}; nothing was started"
+                    + "".join(disks))
 
     def on_job(job: MigrationJob) -> None:
         s.migrations[g] = job              # `info migrate` shows the live view meanwhile
@@ -100,6 +122,9 @@ async def migrate(inv: Invocation, mreq: MigrateRequest) -> Result:
     o = r.outcome
     where = f"libvirt has {r.domain}: source {r.source_where}; destination {r.dest_where}"
     if not r.ok:
+        if plan.tls and tls_not_set_up(o.full_message):
+            raise CommandFailed(f"--tls libvirt: libvirt could not set up the migration's TLS ({o.full_message}): "
+                                f"{TLS_SETUP}; {where}", guest=g)
         raise CommandFailed(f"migration through libvirt {o.status}: {o.full_message}; {where}", guest=g)
     lines = [f"{g} moved live to {to} through libvirt" + (f", attached as {r.new_name}" if r.new_name else ""),
              f"migration: completed in {o.total_s or 0:.2f} s, downtime "

@@ -345,7 +345,8 @@ SPECS = (
                             "(kvmshell's steering and stall watchdog stop when the script ends)"),
                        Flag(("--trace",), "write every sample as JSON lines to FILE", value="FILE"),
                        Flag(("--tls",), "encrypt the stream with the certificates `kvmshell tls-init DIR HOST...` "
-                            "made (needs --to; a remote host's are installed into its tls_dir over SFTP)",
+                            "made (needs --to; a remote host's are installed into its tls_dir over SFTP); a libvirt guest: "
+                            "--tls libvirt (the daemons' migrate_tls_x509_cert_dir)",
                             value="DIR"),
                        Flag(("--tls-authz",), "with --tls: the destination admits only the source host's client "
                             "certificate (an authz-simple object with its DN, tls-authz)"),

@@ -9,8 +9,11 @@ job: the source runs on, and the message says what libvirt has where (`virsh lis
 
 The steps: ``check`` (nothing changes: the guest is a libvirt guest, the destination's daemon
 answers, has no domain of that name and is another host; a transient domain cannot be made
-persistent), then ``migrate_libvirt`` (the plan on the monitor, the job's prepare, start and run).
-On success the destination domain joins the fleet as ``NAME`` (default GUEST.HOST).
+persistent; ``--copy-storage`` goes in TLS or with ``--insecure-storage``: libvirt's NBD server
+takes the disks in plain TCP otherwise), then ``migrate_libvirt`` (with ``--copy-storage``, the
+destination's images first: ``libvirtdisk``; the plan on the monitor, the job's prepare, start and
+run; if it fails, the images kvmshell created are removed once libvirt's call returned). On success
+the destination domain joins the fleet as ``NAME`` (default GUEST.HOST).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.libvirt import LibvirtMigrationPlan, LibvirtMonitor, describe_domain, destination_facts
+from kvmshell.core.monitor.libvirtdisk import (
+    CopiedDisk, create_destination_images, remove_destination_images, source_disks,
+)
 from kvmshell.core.values.address import Address, Protocol
 from kvmshell.errors import CommandFailed, KvmError, Refused
 
@@ -34,6 +40,7 @@ class LibvirtMoveRequest:
     job: MigrationRequest             # strategy and limits (uri is filled in here)
     to: str                           # how the user named the destination (HOST or the URI)
     new_name: str | None = None       # the destination's name in kvmshell
+    insecure_storage: bool = False    # copy_storage without TLS: the user accepts libvirt's plain NBD
 
 
 @dataclass
@@ -61,6 +68,11 @@ def source_monitor(fleet: Fleet, guest: str) -> LibvirtMonitor:
 async def check(fleet: Fleet, req: LibvirtMoveRequest) -> tuple[LibvirtMonitor, str]:
     """The source's monitor and its domain name, once nothing stands in the way; changes nothing."""
     mon = source_monitor(fleet, req.guest)
+    if req.plan.copy_storage and not req.plan.tls and not req.insecure_storage:
+        raise Refused(f"--copy-storage to {req.to} without --tls: libvirt's NBD server there would take the disks "
+                      "in plain TCP (anyone who reaches its port can write them); add --tls libvirt (the daemons' "
+                      "migration TLS, qemu.conf), or --insecure-storage to accept that; nothing was changed",
+                      guest=req.guest)
     facts = await mon.domain_facts()
     domain = str(facts["name"])
     if not facts["persistent"]:
@@ -79,23 +91,70 @@ async def check(fleet: Fleet, req: LibvirtMoveRequest) -> tuple[LibvirtMonitor, 
     return mon, domain
 
 
+async def disks_to_copy(mon: LibvirtMonitor, req: LibvirtMoveRequest) -> list[CopiedDisk]:
+    """With --copy-storage, the disks libvirt copies; Refused when one cannot be (changes nothing)."""
+    if not req.plan.copy_storage:
+        return []
+    disks, problems = await source_disks(mon)
+    if problems:
+        raise Refused("--copy-storage: " + "; ".join(problems) + "; nothing was changed", guest=req.guest)
+    return disks
+
+
+async def remove_created(req: LibvirtMoveRequest, created: list[str]) -> str:
+    """Remove the images kvmshell created on the destination for a migration that failed; what it says."""
+    left = await asyncio.to_thread(remove_destination_images, req.plan.uri, created)
+    if left:
+        return f"could not remove images kvmshell created on {req.to}: {', '.join(left)}: remove them there"
+    return f"removed the images kvmshell had created on {req.to}: {', '.join(created)}"
+
+
+async def remove_unused(req: LibvirtMoveRequest, domain: str, created: list[str]) -> None:
+    """After an error of kvmshell's own: remove the images it created unless libvirt runs the domain there."""
+    try:
+        if not (await asyncio.to_thread(destination_facts, req.plan.uri, domain))["has_domain"]:
+            await asyncio.to_thread(remove_destination_images, req.plan.uri, created)
+    except KvmError:
+        pass
+
+
 async def migrate_libvirt(fleet: Fleet, req: LibvirtMoveRequest, *,
                           on_job: Callable[[MigrationJob], None] = lambda job: None,
                           progress: Callable[[str], None] = lambda message: None) -> LibvirtMoveResult:
     """Check, then migrate through libvirt with kvmshell's job on top; the result says where libvirt
     left the domain on both sides (also after a failure)."""
     mon, domain = await check(fleet, req)
+    disks = await disks_to_copy(mon, req)
+    created: list[str] = []
+    if disks:
+        try:
+            created, existing = await asyncio.to_thread(create_destination_images, req.plan.uri, disks,
+                                                        req.plan.copy_storage == "inc")
+        except KvmError as e:
+            raise e.for_guest(req.guest) from None
+        for path in created:
+            progress(f"created {next(d for d in disks if d.path == path).describe()} on {req.to} for libvirt "
+                     "to copy into")
+        for path in existing:
+            progress(f"{path} is on {req.to} already (same format and size): libvirt copies onto it")
     progress(f"migrating {domain} through libvirt to {req.to} ({req.plan.uri})")
-    mon.plan_migration(req.plan)
-    jreq = replace(req.job, source=req.guest, dest=None, uri=req.plan.uri, listen_uri=None, tls=None)
-    job = MigrationJob(mon, None, jreq, hosts=fleet.hosts, publish=fleet.publish)
-    on_job(job)
-    await job.prepare()
-    await job.start()
-    outcome = await job.run()
-    ended = await mon.migration_ended()
+    try:
+        mon.plan_migration(req.plan)
+        jreq = replace(req.job, source=req.guest, dest=None, uri=req.plan.uri, listen_uri=None, tls=None)
+        job = MigrationJob(mon, None, jreq, hosts=fleet.hosts, publish=fleet.publish)
+        on_job(job)
+        await job.prepare()
+        await job.start()
+        outcome = await job.run()
+        ended = await mon.migration_ended()
+    except BaseException:
+        if created:
+            await asyncio.shield(remove_unused(req, domain, created))
+        raise
     if ended.error and not outcome.ok and ended.error not in outcome.message:
         outcome.notes.append(ended.error)
+    if created and not outcome.ok:
+        outcome.notes.append(await remove_created(req, created))
     source_uri = mon.address.uri
     src_where, dst_where = await asyncio.gather(asyncio.to_thread(describe_domain, source_uri, domain),
                                                 asyncio.to_thread(describe_domain, req.plan.uri, domain))

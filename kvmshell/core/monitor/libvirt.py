@@ -418,6 +418,14 @@ class LibvirtMonitor(QmpMonitor):
         return {"name": dom.name(), "persistent": bool(await self._libvirt("isPersistent", dom.isPersistent)),
                 "host_uuid": await self._libvirt("capabilities", host_uuid, conn)}
 
+    async def domain_xml(self) -> str:
+        """The running domain's XML, as libvirt has it now."""
+        return str(await self._libvirt("XMLDesc", self._dom.XMLDesc, 0))
+
+    async def disk_capacity(self, target: str) -> int:
+        """The virtual size in bytes of the disk ``target`` (sda...)."""
+        return int((await self._libvirt("blockInfo", self._dom.blockInfo, target))[0])
+
     def migrated_away(self, reason: str) -> None:
         """The domain runs elsewhere now: this monitor is closed (the fleet says why)."""
         self._mark_closed(reason)

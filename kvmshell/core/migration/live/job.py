@@ -82,7 +82,7 @@ class MigrationJob:
         self.throttle_armed = False
         self._throttling = Throttling()
         self.marks: dict[str, Prediction] = {}   # "start", "first pass": the predictions scored later
-        self._watchdog = Watchdog(request.stall_timeout)
+        self._watchdog = Watchdog(request.stall_timeout, request.bandwidth)
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
@@ -334,7 +334,8 @@ class MigrationJob:
             return False
         if self._switchover is not None and not self._switchover.done():
             return False                     # the stages finish their work while the guest is stopped
-        return self._watchdog.stuck(last.transferred, self.clock())
+        # libvirt copies the disks of --copy-storage inside its migration job, before the RAM
+        return self._watchdog.stuck(last.transferred, self.clock(), last.disk_remaining)
 
     async def _cancel_stalled(self) -> None:
         last = self.sampler.ring.last

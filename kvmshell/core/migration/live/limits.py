@@ -15,21 +15,36 @@ class Throttling:
     said: tuple[str, str] | None = None          # (decision, reason), said at the start
 
 
+MIRROR_STEP = 16 << 20       # a mirror job's progress moves in steps of its buffer (QEMU's default buf-size)
+
+
 @dataclass
 class Watchdog:
     """Progress seen by the job: no bytes sent for ``timeout`` seconds means the destination or the
-    link is stuck (QEMU itself waits for TCP, many minutes)."""
+    link is stuck (QEMU itself waits for TCP, many minutes). A disk copy inside the migration
+    (libvirt's --copy-storage copies the disks before the RAM) counts as progress when its remaining
+    bytes shrink; it moves in mirror-buffer steps, so at ``bandwidth`` (bytes/s) the watchdog waits two
+    steps at least while it runs."""
 
     timeout: float
+    bandwidth: int | None = None
     transferred: int = 0
     since: float = 0.0
     stalled: str | None = None                   # why, once it fired
+    disk_remaining: int | None = None            # the least seen
 
-    def stuck(self, transferred: int, now: float) -> bool:
-        if transferred > self.transferred or self.since == 0.0:
-            self.transferred, self.since = transferred, now
+    def stuck(self, transferred: int, now: float, disk_remaining: int | None = None) -> bool:
+        """No bytes sent, and no disk copy getting closer to its end, for the timeout."""
+        disk_moved = disk_remaining is not None and (self.disk_remaining is None or disk_remaining < self.disk_remaining)
+        if disk_moved:
+            self.disk_remaining = disk_remaining
+        if transferred > self.transferred or disk_moved or self.since == 0.0:
+            self.transferred, self.since = max(transferred, self.transferred), now
             return False
-        return now - self.since >= self.timeout
+        timeout = self.timeout
+        if disk_remaining and self.bandwidth:
+            timeout = max(timeout, 2 * MIRROR_STEP / self.bandwidth)
+        return now - self.since >= timeout
 
 
 @dataclass(frozen=True)
@@ -40,4 +55,4 @@ class Limits:
     bandwidth_cap: float | None = None           # QEMU never sends faster than max-bandwidth
 
 
-__all__ = ["Limits", "Throttling", "Watchdog"]
+__all__ = ["MIRROR_STEP", "Limits", "Throttling", "Watchdog"]
