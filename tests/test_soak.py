@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.session import HISTORY_KEEP, Session
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.errors import Disconnected
+from kvmshell.lab.launcher import Lab, MonitorKind
 from tests.conftest import needs_qemu
 from tests.test_corpus import bench_module
 
@@ -66,3 +71,24 @@ async def test_a_long_session_keeps_a_bounded_history() -> None:
         assert len(session.history) >= HISTORY_KEEP
         assert session.history[-1] == "help migrate"
         await session.aclose()
+
+
+@pytest.mark.qemu
+@needs_qemu
+async def test_an_hmp_command_queued_behind_a_quit_says_disconnected(lab: Lab) -> None:
+    """Found by bench/load.py: the dashboard's poll asked an HMP guest for its status while `quit` held
+    its monitor; the fleet closed the monitor on QEMU's exit before the poll got its turn, and the poll
+    wrote to no stream (AttributeError, not a kvmshell error): the worker's exception ended the app."""
+    guest = await lab.start("vm", MonitorKind.HMP_UNIX, paused=True)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        holder = asyncio.create_task(mon.raw("quit"))        # holds the monitor until QEMU has gone
+        queued = asyncio.create_task(mon.status())
+        await mon.wait_closed()
+        await mon.close()                                     # what the fleet does when its monitor closes
+        with pytest.raises(Disconnected):
+            await holder
+        with pytest.raises(Disconnected):
+            await queued
+    finally:
+        await mon.close()
