@@ -10,8 +10,13 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.session import HISTORY_KEEP, Session
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import Event
 from kvmshell.errors import Disconnected
 from kvmshell.lab.launcher import Lab, MonitorKind
+from kvmshell.tui.app import KvmshellApp
+from kvmshell.tui.history import History
+from kvmshell.tui.messages import GuestEvent
+from kvmshell.tui.source import SessionSource
 from tests.conftest import needs_qemu
 from tests.test_corpus import bench_module
 
@@ -92,3 +97,18 @@ async def test_an_hmp_command_queued_behind_a_quit_says_disconnected(lab: Lab) -
             await queued
     finally:
         await mon.close()
+
+
+async def test_an_event_that_arrives_as_the_dashboard_closes_is_let_go() -> None:
+    """Found by bench/load.py: quit guests kept the fleet's reconnect events coming while the dashboard
+    closed; one handled after its widgets had gone raised NoMatches, which textual reports as the app's
+    crash. The app lets such an event go (as its view timer does)."""
+    async with Fleet() as fleet:
+        session = Session(fleet, default_registry())
+        app = KvmshellApp(SessionSource(session, history=History()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.events_log is not None
+        # the widgets are gone; the app's fleet subscription goes only after them
+        app.on_guest_event(GuestEvent(Event("vm", "kvmshell.DISCONNECTED", {"reason": "gone"}, 0.0)))
+        await session.aclose()
