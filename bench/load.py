@@ -63,7 +63,7 @@ from kvmshell.lab.launcher import Lab, LabGuest, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from kvmshell.tui.app import KvmshellApp
 from kvmshell.tui.history import History
-from kvmshell.tui.messages import GuestEvent
+from kvmshell.tui.messages import CommandFinished, GuestEvent
 from kvmshell.tui.source import SessionSource
 from kvmshell.tui.views import GuestRow
 
@@ -124,6 +124,8 @@ class LoadResult:
     hmp_state_expected: int = 0             # HMP guests x stop/cont rounds x 2
     hmp_state_ok: int = 0                   # ... that showed the state expected
     migrations_cpu_percent: float | None = None    # the process over the migrations of 5 (no dashboard)
+    migrations_cpu_s: float | None = None
+    load1: list[float] = field(default_factory=list)   # the machine's load average at each step
     dash: DashResult | None = None
 
     @property
@@ -139,14 +141,20 @@ class LoadResult:
 @dataclass
 class DashResult:
     """Step 6: the dashboard in this process while migrations run."""
+    gap_limit_s: float = PANE_GAP
     idle_cpu_percent: float = 0.0
+    idle_s: float = 0.0
     migrations: int = 0
     migrations_s: float = 0.0
     cpu_percent: float = 0.0                # the process over the migrations, dashboard attached
     migration_status: dict[str, str] = field(default_factory=dict)
     migration_memcheck: dict[str, str] = field(default_factory=dict)
+    commands_s: float = 0.0                 # from the lines typed to the last one's outcome in the app
+    cpu_s: float = 0.0
+    idle_cpu_s: float = 0.0
+    row_first_s: dict[str, float | None] = field(default_factory=dict)   # lines typed -> the row shows it under way
     row_updates: dict[str, int] = field(default_factory=dict)      # changes of each migrating guest's row
-    row_max_gap_s: dict[str, float] = field(default_factory=dict)  # longest time without one while it migrated
+    row_max_gap_s: dict[str, float] = field(default_factory=dict)  # longest time without one, under way -> outcome
     row_final_lag_s: dict[str, float] = field(default_factory=dict)  # QEMU's MIGRATION completed -> its row says so
     timeline: list[tuple[float, str]] = field(default_factory=list)   # the pane guest's row: (s from start, badge)
     pane_guest: str = ""
@@ -164,7 +172,7 @@ class DashResult:
     def ok(self) -> bool:
         return (set(self.migration_status.values()) == {"completed"} and len(self.migration_status) == self.migrations
                 and set(self.migration_memcheck.values()) <= {"ok"} and not self.dropped
-                and all(g <= PANE_GAP for g in self.row_max_gap_s.values())
+                and all(g <= self.gap_limit_s for g in self.row_max_gap_s.values())
                 and all("completed" in v for v in self.migration_events.values())
                 and all(n == 1 for n in self.shutdown_events.values()) and sorted(self.shown_gone) == sorted(self.quit))
 
@@ -264,13 +272,17 @@ async def tui_face(kvmshell: str, config: Path, env: dict[str, str], count: int,
 
 async def load(count: int = 100, migrations: int = 10, rounds: int = 3, tui_seconds: float = 30.0,
                shell: bool = True, say: bool = True, settle: bool = True, hmp: int = 0,
-               dash: bool = True, quits: int = 4, bandwidth: str = "") -> LoadResult:
+               dash: bool = True, quits: int = 4, bandwidth: str = "", dash_idle: float = DASH_IDLE,
+               pane_gap: float = PANE_GAP) -> LoadResult:
     """The whole load run (see the module's docstring). ``settle`` false (the short test): no memory
     probe, and no wait for the idle guests' firmware before measuring. ``bandwidth`` (e.g. "16M") caps
     every migration (longer ones give the dashboard more to show)."""
+    loads: list[float] = []
+
     def note(text: str) -> None:
+        loads.append(round(os.getloadavg()[0], 1))
         if say:
-            print(text, flush=True)
+            print(f"[load {loads[-1]}] {text}", flush=True)
 
     kvmshell = shutil.which("kvmshell", path=str(ROOT / ".venv" / "bin")) or "kvmshell"
     state = Path(tempfile.mkdtemp(prefix="kvmshell-bench-load-"))
@@ -356,13 +368,15 @@ async def load(count: int = 100, migrations: int = 10, rounds: int = 3, tui_seco
                         note(f"{migrations} concurrent migrations in {res.migrations_s} s: "
                              f"{dict(Counter(res.migration_status.values()))}, memory "
                              f"{dict(Counter(res.migration_memcheck.values()))}; this process's CPU over them "
-                             f"{res.migrations_cpu_percent} % of a core")
+                             f"{res.migrations_cpu_percent} % of a core ({res.migrations_cpu_s} s)")
                     if dash:
                         idle_qmp = [n for n in names if n.startswith("g")]
                         quit_names = on_hmp[:quits // 2] + idle_qmp[:quits - min(quits // 2, len(on_hmp))]
                         res.dash = await dashboard(lab, session, res, migrations, finished, finished_at,
-                                                   migration_statuses, flags, quit_names, counts)
+                                                   migration_statuses, flags, quit_names, counts, dash_idle)
+                        res.dash.gap_limit_s = pane_gap
                         note(dash_lines(res.dash))
+                    res.load1 = loads
                 finally:
                     await session.aclose()
             return res
@@ -374,12 +388,14 @@ def dash_lines(d: DashResult) -> str:
     gaps = list(d.row_max_gap_s.values())
     lags = list(d.row_final_lag_s.values())
     return "\n".join([
-        f"dashboard (in this process): idle {d.idle_cpu_percent} % of a core over {DASH_IDLE:.0f} s",
-        f"  {d.migrations} migrations from its command bar in {d.migrations_s} s: "
-        f"{dict(Counter(d.migration_status.values()))}, memory {dict(Counter(d.migration_memcheck.values()))}; "
-        f"this process's CPU over them {d.cpu_percent} % of a core",
-        f"  migrating guests' rows: {min(d.row_updates.values(), default=0)}-{max(d.row_updates.values(), default=0)} "
-        f"changes each, longest gap {max(gaps, default=0):.2f} s (limit {PANE_GAP} s), finish event -> row "
+        f"dashboard (in this process): idle {d.idle_cpu_percent} % of a core ({d.idle_cpu_s} s CPU) over {d.idle_s:.0f} s",
+        f"  {d.migrations} migrations from its command bar in {d.migrations_s} s (the lines done in the app after "
+        f"{d.commands_s} s): {dict(Counter(d.migration_status.values()))}, memory "
+        f"{dict(Counter(d.migration_memcheck.values()))}; this process's CPU over them {d.cpu_percent} % of a core "
+        f"({d.cpu_s} s)",
+        f"  migrating guests' rows: under way after {sorted(x for x in d.row_first_s.values() if x is not None)} s; "
+        f"{min(d.row_updates.values(), default=0)}-{max(d.row_updates.values(), default=0)} "
+        f"changes each, longest gap {max(gaps, default=0):.2f} s (limit {d.gap_limit_s} s), finish event -> row "
         f"{min(lags, default=0):.2f}-{max(lags, default=0):.2f} s (from QEMU's MIGRATION completed); the pane ({d.pane_guest}): {d.pane_updates} "
         f"changes, longest gap {d.pane_max_gap_s:.2f} s",
         f"  {d.pane_guest}'s row: {d.timeline}",
@@ -393,6 +409,7 @@ def dash_lines(d: DashResult) -> str:
 class Batch:
     seconds: float = 0.0
     cpu_percent: float = 0.0              # this process's CPU over the batch, % of one core
+    cpu_s: float = 0.0
     status: dict[str, str] = field(default_factory=dict)
     memcheck: dict[str, str] = field(default_factory=dict)
     t0: float = 0.0
@@ -440,6 +457,7 @@ async def migrate_batch(lab: Lab, session: Session, pairs: list[tuple[str, str]]
         pass
     b.ended, cpu1 = time.perf_counter(), cpu_seconds()
     b.seconds = round(b.ended - b.t0, 2)
+    b.cpu_s = round(cpu1 - cpu0, 2)
     b.cpu_percent = round(100 * (cpu1 - cpu0) / max(b.seconds, 1e-3), 1)
     for src, dst in pairs:
         if src in finished:
@@ -457,6 +475,7 @@ async def migrate_all(lab: Lab, session: Session, res: LoadResult, migrations: i
     await new_dests(lab, session, [f"dst{i}" for i in range(migrations)], [f"src{i}" for i in range(migrations)])
     b = await migrate_batch(lab, session, [(f"src{i}", f"dst{i}") for i in range(migrations)], finished, flags)
     res.migrations, res.migrations_s, res.migrations_cpu_percent = migrations, b.seconds, b.cpu_percent
+    res.migrations_cpu_s = b.cpu_s
     res.migration_status, res.migration_memcheck = b.status, b.memcheck
 
 
@@ -493,6 +512,13 @@ class Watched:
     def shown_at(self, name: str, done: Callable[[GuestRow], bool]) -> float | None:
         return next((t for t, r in self.rows[name] if done(r)), None)
 
+    def span(self, name: str, after: float) -> tuple[float | None, float | None]:
+        """When, after ``after``, ``name``'s row first showed a migration under way, and then its outcome."""
+        rows = [(t, r) for t, r in self.rows[name] if t > after]
+        first = next((t for t, r in rows if r.badge_text not in TERMINAL + ("idle", "incoming")), None)
+        end = next((t for t, r in rows if t >= (first or after) and r.badge_text in TERMINAL), None)
+        return first, end
+
 
 def max_gap(times: list[float]) -> float:
     return max((b - a for a, b in zip(times, times[1:])), default=0.0)
@@ -503,16 +529,19 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int, finished: dict[str, Event],
                     finished_at: dict[str, float], migration_statuses: dict[str, list[str]], flags: str,
-                    quits: list[str], counts: Counter[tuple[str, str]]) -> DashResult:
+                    quits: list[str], counts: Counter[tuple[str, str]], idle: float = DASH_IDLE) -> DashResult:
     """Step 6 (see the module's docstring)."""
     d = DashResult(migrations=migrations)
     app = KvmshellApp(SessionSource(session, history=History()))
     reached: set[int] = set()
     delivered: list[Event] = []
+    done_at: dict[str, float] = {}
 
     def hook(message: object) -> None:
         if isinstance(message, GuestEvent):
             reached.add(id(message.event))
+        elif isinstance(message, CommandFinished) and " migrate " in message.line:
+            done_at[message.line] = time.perf_counter()
 
     sources = [f"dst{i}" for i in range(migrations)]
     async with app.run_test(size=(120, 40), message_hook=hook) as pilot:
@@ -522,10 +551,12 @@ async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int
                 await pilot.pause(0.1)
         unsubscribe = session.fleet.subscribe(delivered.append)
         try:
-            await asyncio.sleep(3)                    # the first polls settle
+            await asyncio.sleep(min(3.0, idle))       # the first polls settle
             t0, cpu0 = time.perf_counter(), cpu_seconds()
-            await asyncio.sleep(DASH_IDLE)
-            d.idle_cpu_percent = round(100 * (cpu_seconds() - cpu0) / (time.perf_counter() - t0), 1)
+            await asyncio.sleep(idle)
+            d.idle_s = round(time.perf_counter() - t0, 1)
+            d.idle_cpu_s = round(cpu_seconds() - cpu0, 2)
+            d.idle_cpu_percent = round(100 * d.idle_cpu_s / d.idle_s, 1)
             if migrations:
                 backs = [f"back{i}" for i in range(migrations)]
                 await new_dests(lab, session, backs, sources, hmp={b for i, b in enumerate(backs) if i % 2})
@@ -535,17 +566,20 @@ async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int
                 for s in sources:
                     finished_at.pop(s, None)
                 b = await migrate_batch(lab, session, list(zip(sources, backs)), finished, flags, app)
-                d.migrations_s, d.cpu_percent = b.seconds, b.cpu_percent
+                d.migrations_s, d.cpu_percent, d.cpu_s = b.seconds, b.cpu_percent, b.cpu_s
                 d.migration_status, d.migration_memcheck = b.status, b.memcheck
                 try:
-                    async with asyncio.timeout(10):
-                        while any(watched.shown_at(s, lambda r: r.badge_text in TERMINAL) is None for s in sources):
+                    async with asyncio.timeout(30):
+                        while any(watched.span(s, b.t0)[1] is None for s in sources):
                             await asyncio.sleep(0.05)
                 except TimeoutError:
                     pass
+                d.commands_s = round(max(done_at.values(), default=b.t0) - b.t0, 2)
                 for s in sources:
-                    end = watched.shown_at(s, lambda r: r.badge_text in TERMINAL) or b.ended
-                    times = [b.t0] + [t for t, _ in watched.rows[s] if b.t0 < t <= end]
+                    first, end = watched.span(s, b.t0)
+                    end = end or time.perf_counter()
+                    times = [first or b.t0] + [t for t, _ in watched.rows[s] if (first or b.t0) < t <= end]
+                    d.row_first_s[s] = round(first - b.t0, 2) if first else None
                     d.row_updates[s] = len(times) - 1
                     d.row_max_gap_s[s] = round(max_gap(times), 2)
                     if s in finished_at:

@@ -54,7 +54,7 @@ def test_trend_tells_growth_from_noise() -> None:
 @needs_qemu
 async def test_twenty_guests_answer_at_all_and_three_migrate_at_once() -> None:
     load = bench_module("load")
-    res = await load.load(20, migrations=3, rounds=2, tui_seconds=0, say=False, settle=False)
+    res = await load.load(20, migrations=3, rounds=2, tui_seconds=0, say=False, settle=False, dash=False)
     assert res.guests == 20
     assert res.at_all_answered == [20, 20]
     assert res.events_received == res.events_expected == {"STOP": 40, "RESUME": 40}, res.events_missing_guests
@@ -63,6 +63,28 @@ async def test_twenty_guests_answer_at_all_and_three_migrate_at_once() -> None:
     assert res.migration_memcheck == {f"src{i}": "ok" for i in range(3)}
     assert res.ok
 
+
+@pytest.mark.timeout(300)
+@pytest.mark.qemu
+@needs_qemu
+async def test_the_dashboard_follows_two_migrations_and_two_quits_among_ten_guests() -> None:
+    """bench/load.py step 6 in short: 10 guests (3 on HMP), the dashboard in-process over the session,
+    2 migrations typed into its bar, 2 guests quit (one HMP, one QMP): nothing dropped."""
+    load = bench_module("load")
+    res = await load.load(10, migrations=2, rounds=1, tui_seconds=0, shell=False, say=False, settle=False,
+                          hmp=3, quits=2, dash_idle=1, bandwidth="16M", pane_gap=10)
+    assert res.hmp_guests == 3 and res.hmp_state_ok == res.hmp_state_expected == 6
+    assert res.events_received == res.events_expected == {"STOP": 7, "RESUME": 7}
+    d = res.dash
+    assert d is not None
+    assert d.migration_status == {"dst0": "completed", "dst1": "completed"}, d.migration_status
+    assert d.migration_memcheck == {"dst0": "ok", "dst1": "ok"}
+    assert all(d.row_final_lag_s[s] < 10 for s in d.migration_status), d.row_final_lag_s   # the outcome shown
+    assert all(ev[-1] == "completed" and "active" in ev for ev in d.migration_events.values()), d.migration_events
+    assert sorted(d.shown_gone) == sorted(d.quit) and len(d.quit) == 2
+    assert list(d.shutdown_events.values()) == [1], d.shutdown_events        # the QMP one; HMP sends none
+    assert d.fleet_events > 0 and d.app_events == d.fleet_events and not d.dropped
+    assert res.ok, load.dash_lines(d)
 
 
 async def test_a_long_session_keeps_a_bounded_history() -> None:
