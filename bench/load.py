@@ -150,6 +150,7 @@ class DashResult:
     migration_status: dict[str, str] = field(default_factory=dict)
     migration_memcheck: dict[str, str] = field(default_factory=dict)
     commands_s: float = 0.0                 # from the lines typed to the last one's outcome in the app
+    command_errors: dict[str, str] = field(default_factory=dict)   # guest -> the error its migrate line gave
     cpu_s: float = 0.0
     idle_cpu_s: float = 0.0
     row_first_s: dict[str, float | None] = field(default_factory=dict)   # lines typed -> the row shows it under way
@@ -399,6 +400,7 @@ def dash_lines(d: DashResult) -> str:
         f"{min(lags, default=0):.2f}-{max(lags, default=0):.2f} s (from QEMU's MIGRATION completed); the pane ({d.pane_guest}): {d.pane_updates} "
         f"changes, longest gap {d.pane_max_gap_s:.2f} s",
         f"  {d.pane_guest}'s row: {d.timeline}",
+        f"  migrate lines that failed: {d.command_errors or 'none'}",
         f"  MIGRATION events per source: {sorted({' '.join(v) for v in d.migration_events.values()})}",
         f"  quit {d.quit}: shown gone {d.shown_gone}, SHUTDOWN events (QMP ones) {d.shutdown_events}",
         f"  events while it ran: the fleet delivered {d.fleet_events}, the app got {d.app_events}; "
@@ -542,6 +544,7 @@ async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int
             reached.add(id(message.event))
         elif isinstance(message, CommandFinished) and " migrate " in message.line:
             done_at[message.line] = time.perf_counter()
+            d.command_errors.update({o.guest or message.line: str(o.error) for o in message.outcomes if not o.ok})
 
     sources = [f"dst{i}" for i in range(migrations)]
     async with app.run_test(size=(120, 40), message_hook=hook) as pilot:
