@@ -151,6 +151,7 @@ class DashResult:
     migration_memcheck: dict[str, str] = field(default_factory=dict)
     commands_s: float = 0.0                 # from the lines typed to the last one's outcome in the app
     command_errors: dict[str, str] = field(default_factory=dict)   # guest -> the error its migrate line gave
+    dests_unattached: list[str] = field(default_factory=list)      # destinations not attached after 60 s
     cpu_s: float = 0.0
     idle_cpu_s: float = 0.0
     row_first_s: dict[str, float | None] = field(default_factory=dict)   # lines typed -> the row shows it under way
@@ -172,7 +173,7 @@ class DashResult:
     @property
     def ok(self) -> bool:
         return (set(self.migration_status.values()) == {"completed"} and len(self.migration_status) == self.migrations
-                and set(self.migration_memcheck.values()) <= {"ok"} and not self.dropped
+                and set(self.migration_memcheck.values()) <= {"ok"} and not self.dropped and not self.dests_unattached
                 and all(g <= self.gap_limit_s for g in self.row_max_gap_s.values())
                 and all("completed" in v for v in self.migration_events.values())
                 and all(n == 1 for n in self.shutdown_events.values()) and sorted(self.shown_gone) == sorted(self.quit))
@@ -400,7 +401,8 @@ def dash_lines(d: DashResult) -> str:
         f"{min(lags, default=0):.2f}-{max(lags, default=0):.2f} s (from QEMU's MIGRATION completed); the pane ({d.pane_guest}): {d.pane_updates} "
         f"changes, longest gap {d.pane_max_gap_s:.2f} s",
         f"  {d.pane_guest}'s row: {d.timeline}",
-        f"  migrate lines that failed: {d.command_errors or 'none'}",
+        f"  migrate lines that failed: {d.command_errors or 'none'}; destinations not attached: "
+        f"{d.dests_unattached or 'none'}",
         f"  MIGRATION events per source: {sorted({' '.join(v) for v in d.migration_events.values()})}",
         f"  quit {d.quit}: shown gone {d.shown_gone}, SHUTDOWN events (QMP ones) {d.shutdown_events}",
         f"  events while it ran: the fleet delivered {d.fleet_events}, the app got {d.app_events}; "
@@ -424,8 +426,9 @@ def cpu_seconds() -> float:
 
 
 async def new_dests(lab: Lab, session: Session, names: list[str], like: list[str],
-                    hmp: set[str] = frozenset()) -> None:
-    """Fresh ``-incoming`` QEMUs named ``names`` for the guests ``like`` (same disk), attached."""
+                    hmp: set[str] = frozenset()) -> list[str]:
+    """Fresh ``-incoming`` QEMUs named ``names`` for the guests ``like`` (same disk), attached; those
+    not attached after 60 s."""
     dests = await asyncio.gather(*(lab.start(n, MonitorKind.HMP_UNIX if n in hmp else MonitorKind.QMP_UNIX,
                                              ws_pages=WS_PAGES, ram_mib=SRC_RAM_MIB, incoming=True,
                                              disk=lab.guests[src].disk)
@@ -433,6 +436,16 @@ async def new_dests(lab: Lab, session: Session, names: list[str], like: list[str
     for d in dests:
         session.fleet.add(d.name, d.address)
     await session.fleet.wait_first_attempts(names)
+
+    def unattached() -> list[str]:
+        return [n for n in names if (m := session.fleet.get(n).monitor) is None or not m.connected]
+    try:
+        async with asyncio.timeout(60):          # on a loaded machine a first attempt can fail: the fleet retries
+            while unattached():
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pass
+    return unattached()
 
 
 async def migrate_batch(lab: Lab, session: Session, pairs: list[tuple[str, str]], finished: dict[str, Event],
@@ -474,7 +487,8 @@ async def migrate_batch(lab: Lab, session: Session, pairs: list[tuple[str, str]]
 
 async def migrate_all(lab: Lab, session: Session, res: LoadResult, migrations: int,
                       finished: dict[str, Event], flags: str = "") -> None:
-    await new_dests(lab, session, [f"dst{i}" for i in range(migrations)], [f"src{i}" for i in range(migrations)])
+    res.unattached += await new_dests(lab, session, [f"dst{i}" for i in range(migrations)],
+                                      [f"src{i}" for i in range(migrations)])
     b = await migrate_batch(lab, session, [(f"src{i}", f"dst{i}") for i in range(migrations)], finished, flags)
     res.migrations, res.migrations_s, res.migrations_cpu_percent = migrations, b.seconds, b.cpu_percent
     res.migrations_cpu_s = b.cpu_s
@@ -562,7 +576,8 @@ async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int
             d.idle_cpu_percent = round(100 * d.idle_cpu_s / d.idle_s, 1)
             if migrations:
                 backs = [f"back{i}" for i in range(migrations)]
-                await new_dests(lab, session, backs, sources, hmp={b for i, b in enumerate(backs) if i % 2})
+                d.dests_unattached = await new_dests(lab, session, backs, sources,
+                                                     hmp={b for i, b in enumerate(backs) if i % 2})
                 d.pane_guest = sources[0]
                 app.select(d.pane_guest)
                 seen_before = {s: len(migration_statuses.get(s, [])) for s in sources}
