@@ -14,13 +14,21 @@ the end judges their growth over the last 150 samples with a least-squares line 
 growth over the window, and the noise: the residuals' standard deviation). Prints a row per migration
 and writes JSON lines (one per migration, then a summary line).
 
+What the RSS is made of is sampled too: the blocks Python's allocator holds (``sys.getallocatedblocks``)
+and glibc's heap (``mallinfo2``: bytes in use, and the arena and mmapped bytes it holds from the
+system). With ``--tracemalloc N`` the bench traces Python allocations (``--frames`` deep) and every N
+migrations compares a snapshot with the previous one and with the first, by traceback, printing the 15
+sites that grew most (and the traced bytes then go in every row).
+
     nice -n 5 .venv/bin/python bench/soak.py [--count 200] [--out bench/results-soak.jsonl]
+                                             [--tracemalloc N [--frames 8]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import platform
@@ -28,6 +36,7 @@ import signal
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +71,36 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2          # glibc 2.33+
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+MALLINFO2 = _mallinfo2()
+
+
+def heap_kib() -> tuple[int, int]:
+    """glibc's heap (main arena only, plus mmapped chunks): the bytes in use, the bytes held from the
+    system; (0, 0) without glibc."""
+    if MALLINFO2 is None:
+        return 0, 0
+    m = MALLINFO2()
+    return (m.uordblks + m.hblkhd) // 1024, (m.arena + m.hblkhd) // 1024
+
+
+def traced_kib() -> int:
+    return tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
+
+
 @dataclass
 class Row:
     n: int
@@ -78,6 +117,11 @@ class Row:
     rss_kib: int
     fds: int
     tasks: int
+    py_blocks: int = 0         # sys.getallocatedblocks()
+    heap_used_kib: int = 0     # glibc mallinfo2: uordblks + hblkhd
+    heap_kib: int = 0          # glibc mallinfo2: arena + hblkhd
+    traced_kib: int = 0        # tracemalloc's traced bytes (with --tracemalloc)
+    load1: float = 0.0         # the machine's 1-minute load average then
 
     @property
     def ok(self) -> bool:
@@ -241,6 +285,10 @@ class Soak:
             else:
                 await self.fresh_incoming(dst)        # a cancelled or killed destination has gone
             row.rss_kib, row.fds, row.tasks = rss_kib(), open_fds(), len(asyncio.all_tasks())
+            row.py_blocks = sys.getallocatedblocks()
+            row.heap_used_kib, row.heap_kib = heap_kib()
+            row.traced_kib = traced_kib()
+            row.load1 = round(os.getloadavg()[0], 2)
             self.rows.append(row)
             report(row)
         return self.rows
@@ -291,13 +339,89 @@ def judge(rows: list[Row], window: int = WINDOW) -> list[Trend]:
             trend("asyncio tasks", [r.tasks for r in rows], window, floor=0.5)]
 
 
+def explain(rows: list[Row], window: int = WINDOW) -> list[Trend]:
+    """What the RSS is made of, over the same window (told, not judged: the floor is the RSS's)."""
+    trends = [trend("Python blocks", [r.py_blocks for r in rows], window),
+              trend("glibc heap in use (KiB)", [r.heap_used_kib for r in rows], window, floor=1024),
+              trend("glibc heap held (KiB)", [r.heap_kib for r in rows], window, floor=1024)]
+    if any(r.traced_kib for r in rows):
+        trends.append(trend("tracemalloc traced (KiB)", [r.traced_kib for r in rows], window, floor=1024))
+    return trends
+
+
+class Tracer:
+    """tracemalloc over the run: a snapshot every ``every`` migrations, compared by traceback with the
+    previous one and with the first; the sites that grew most printed, their full tracebacks written."""
+
+    TOP = 15
+
+    def __init__(self, every: int, frames: int, log: Path) -> None:
+        self.every = every
+        self.log = log.open("w")
+        self.first: tracemalloc.Snapshot | None = None
+        self.first_n = 0
+        self.prev: tracemalloc.Snapshot | None = None
+        self.prev_n = 0
+        tracemalloc.start(frames)
+
+    def maybe(self, n: int) -> None:
+        if n % self.every:
+            return
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        if self.prev is not None and self.first is not None:
+            self.compare(snap, self.prev, f"migrations {self.prev_n} -> {n}")
+            if self.first is not self.prev:
+                self.compare(snap, self.first, f"migrations {self.first_n} -> {n} (since the first snapshot)")
+        else:
+            self.first, self.first_n = snap, n
+        self.prev, self.prev_n = snap, n
+
+    def compare(self, now: tracemalloc.Snapshot, then: tracemalloc.Snapshot, title: str) -> None:
+        stats = now.compare_to(then, "traceback")
+        total = sum(s.size_diff for s in stats)
+        grew = [s for s in stats if s.size_diff > 0][:self.TOP]
+        head = f"tracemalloc, {title}: traced {total / 1024:+.1f} KiB in all; the {len(grew)} sites that grew most:"
+        print(head, flush=True)
+        self.log.write(head + "\n")
+        for s in grew:
+            where = site(s.traceback)
+            line = f"  {s.size_diff / 1024:+8.1f} KiB {s.count_diff:+6d} blocks (now {s.size / 1024:.1f} KiB): {where}"
+            print(line, flush=True)
+            # frames by file and line only: format() would read the sources into linecache, which shows up as growth
+            self.log.write(line + "\n" + "".join(f"      {short(f.filename)}:{f.lineno}\n" for f in reversed(s.traceback)))
+        self.log.flush()
+
+    def close(self) -> None:
+        tracemalloc.stop()
+        self.log.close()
+
+
+def site(tb: tracemalloc.Traceback) -> str:
+    """The allocating frame and, when that is in a library, the innermost frame of kvmshell or the bench."""
+    frames = list(reversed(tb))             # most recent first
+    inner = frames[0]
+    text = f"{short(inner.filename)}:{inner.lineno}"
+    ours = next((f for f in frames if "/kvmshell/" in f.filename or "/bench/" in f.filename), None)
+    if ours is not None and ours is not inner:
+        text += f" <- {short(ours.filename)}:{ours.lineno}"
+    return text
+
+
+def short(path: str) -> str:
+    for mark in ("/site-packages/", "/lib/python3", "/kvmshell/", "/bench/"):
+        if mark in path:
+            return path[path.index(mark) + 1:]
+    return path
+
+
 HEADER = f"{'n':>4} {'from':4} {'to':4} {'kind':7} {'strategy':14} {'status':11} {'s':>6} {'pc':2} {'mem':4} " \
-         f"{'settings':10} {'RSS MiB':>7} {'fds':>4} {'tasks':>5}"
+         f"{'settings':10} {'RSS MiB':>7} {'fds':>4} {'tasks':>5} {'blocks':>7} {'heap MiB':>8} {'traced':>6} {'load':>5}"
 
 
 def row_line(r: Row) -> str:
     return (f"{r.n:>4} {r.source:4} {r.dest:4} {r.kind:7} {r.strategy:14} {r.status:11} {r.seconds:>6.2f} {'pc' if r.postcopy else '-':2} "
-            f"{r.memcheck[:4]:4} {r.settings[:10]:10} {r.rss_kib / 1024:>7.1f} {r.fds:>4} {r.tasks:>5}"
+            f"{r.memcheck[:4]:4} {r.settings[:10]:10} {r.rss_kib / 1024:>7.1f} {r.fds:>4} {r.tasks:>5} {r.py_blocks:>7} "
+            f"{r.heap_used_kib / 1024:>8.1f} {r.traced_kib / 1024:>6.1f} {r.load1:>5.1f}"
             f"{'' if r.ok else '  <-- NOT AS EXPECTED: ' + r.status + ' ' + r.memcheck + ' ' + r.settings}")
 
 
@@ -305,7 +429,12 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=200, help="migrations (default 200)")
     ap.add_argument("--out", default="bench/results-soak.jsonl", help="JSON lines written here")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="N",
+                    help="trace Python allocations; compare snapshots every N migrations (default: off)")
+    ap.add_argument("--frames", type=int, default=8, help="traceback depth with --tracemalloc (default 8)")
     args = ap.parse_args()
+    tracer = Tracer(args.tracemalloc, args.frames, Path(args.out).with_suffix(".tracemalloc.txt")) \
+        if args.tracemalloc > 0 else None
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}, "
           f"Python {platform.python_version()}, accel {Lab().accel}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(HEADER, flush=True)
@@ -315,7 +444,13 @@ async def main() -> int:
             print(row_line(row), flush=True)
             out.write(json.dumps(asdict(row)) + "\n")
             out.flush()
-        run = await soak(args.count, report=report)
+            if tracer is not None:
+                tracer.maybe(row.n)
+        try:
+            run = await soak(args.count, report=report)
+        finally:
+            if tracer is not None:
+                tracer.close()
         rows = run.rows
         trends = judge(rows)
         bad = [r for r in rows if not r.ok]
@@ -325,12 +460,13 @@ async def main() -> int:
                    "strategies": {s: sum(r.strategy == s and r.kind == "migrate" for r in rows) for s in STRATEGIES},
                    "postcopy_used": sum(r.postcopy for r in rows),
                    "unexpected_finished_events": run.extra_finished, "qemu_lingered": run.lingered,
-                   "trends": [asdict(t) for t in trends]}
+                   "trends": [asdict(t) for t in trends], "explain": [asdict(t) for t in explain(rows)],
+                   "tracemalloc_every": args.tracemalloc, "load_at_end": os.getloadavg()}
         out.write(json.dumps(summary) + "\n")
     print(f"\n{len(rows)} migrations in {summary['seconds']} s: {summary['kinds']}; memory checks ok "
           f"{summary['memchecks_ok']}/{len(rows)}; postcopy used in {summary['postcopy_used']}; not as expected: {len(bad)}; stray finish events: "
           f"{run.extra_finished}; old QEMUs that did not end by themselves: {run.lingered}")
-    for t in trends:
+    for t in trends + explain(rows):
         print(t.line())
     return 1 if bad or run.lingered or any(t.grows for t in trends) else 0
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.session import HISTORY_KEEP, Session
+from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
+from kvmshell.core.values.models import Event
+from kvmshell.errors import Disconnected
+from kvmshell.lab.launcher import Lab, MonitorKind
+from kvmshell.tui.app import KvmshellApp
+from kvmshell.tui.history import History
+from kvmshell.tui.messages import GuestEvent
+from kvmshell.tui.source import SessionSource
 from tests.conftest import needs_qemu
 from tests.test_corpus import bench_module
 
@@ -44,7 +54,7 @@ def test_trend_tells_growth_from_noise() -> None:
 @needs_qemu
 async def test_twenty_guests_answer_at_all_and_three_migrate_at_once() -> None:
     load = bench_module("load")
-    res = await load.load(20, migrations=3, rounds=2, tui_seconds=0, say=False, settle=False)
+    res = await load.load(20, migrations=3, rounds=2, tui_seconds=0, say=False, settle=False, dash=False)
     assert res.guests == 20
     assert res.at_all_answered == [20, 20]
     assert res.events_received == res.events_expected == {"STOP": 40, "RESUME": 40}, res.events_missing_guests
@@ -53,6 +63,28 @@ async def test_twenty_guests_answer_at_all_and_three_migrate_at_once() -> None:
     assert res.migration_memcheck == {f"src{i}": "ok" for i in range(3)}
     assert res.ok
 
+
+@pytest.mark.timeout(300)
+@pytest.mark.qemu
+@needs_qemu
+async def test_the_dashboard_follows_two_migrations_and_two_quits_among_ten_guests() -> None:
+    """bench/load.py step 6 in short: 10 guests (3 on HMP), the dashboard in-process over the session,
+    2 migrations typed into its bar, 2 guests quit (one HMP, one QMP): nothing dropped."""
+    load = bench_module("load")
+    res = await load.load(10, migrations=2, rounds=1, tui_seconds=0, shell=False, say=False, settle=False,
+                          hmp=3, quits=2, dash_idle=1, bandwidth="16M", pane_gap=10)
+    assert res.hmp_guests == 3 and res.hmp_state_ok == res.hmp_state_expected == 6
+    assert res.events_received == res.events_expected == {"STOP": 7, "RESUME": 7}
+    d = res.dash
+    assert d is not None
+    assert d.migration_status == {"dst0": "completed", "dst1": "completed"}, d.migration_status
+    assert d.migration_memcheck == {"dst0": "ok", "dst1": "ok"}
+    assert all(d.row_final_lag_s[s] < 10 for s in d.migration_status), d.row_final_lag_s   # the outcome shown
+    assert all(ev[-1] == "completed" and "active" in ev for ev in d.migration_events.values()), d.migration_events
+    assert sorted(d.shown_gone) == sorted(d.quit) and len(d.quit) == 2
+    assert list(d.shutdown_events.values()) == [1], d.shutdown_events        # the QMP one; HMP sends none
+    assert d.fleet_events > 0 and d.app_events == d.fleet_events and not d.dropped
+    assert res.ok, load.dash_lines(d)
 
 
 async def test_a_long_session_keeps_a_bounded_history() -> None:
@@ -65,4 +97,40 @@ async def test_a_long_session_keeps_a_bounded_history() -> None:
         assert len(session.history) <= 2 * HISTORY_KEEP
         assert len(session.history) >= HISTORY_KEEP
         assert session.history[-1] == "help migrate"
+        await session.aclose()
+
+
+@pytest.mark.qemu
+@needs_qemu
+async def test_an_hmp_command_queued_behind_a_quit_says_disconnected(lab: Lab) -> None:
+    """Found by bench/load.py: the dashboard's poll asked an HMP guest for its status while `quit` held
+    its monitor; the fleet closed the monitor on QEMU's exit before the poll got its turn, and the poll
+    wrote to no stream (AttributeError, not a kvmshell error): the worker's exception ended the app."""
+    guest = await lab.start("vm", MonitorKind.HMP_UNIX, paused=True)
+    mon = await open_monitor(guest.name, guest.address)
+    try:
+        holder = asyncio.create_task(mon.raw("quit"))        # holds the monitor until QEMU has gone
+        queued = asyncio.create_task(mon.status())
+        await mon.wait_closed()
+        await mon.close()                                     # what the fleet does when its monitor closes
+        with pytest.raises(Disconnected):
+            await holder
+        with pytest.raises(Disconnected):
+            await queued
+    finally:
+        await mon.close()
+
+
+async def test_an_event_that_arrives_as_the_dashboard_closes_is_let_go() -> None:
+    """Found by bench/load.py: quit guests kept the fleet's reconnect events coming while the dashboard
+    closed; one handled after its widgets had gone raised NoMatches, which textual reports as the app's
+    crash. The app lets such an event go (as its view timer does)."""
+    async with Fleet() as fleet:
+        session = Session(fleet, default_registry())
+        app = KvmshellApp(SessionSource(session, history=History()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.events_log is not None
+        # the widgets are gone; the app's fleet subscription goes only after them
+        app.on_guest_event(GuestEvent(Event("vm", "kvmshell.DISCONNECTED", {"reason": "gone"}, 0.0)))
         await session.aclose()

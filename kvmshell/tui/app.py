@@ -194,7 +194,12 @@ class KvmshellApp(App[int]):
         self.post_message(GuestEvent(ev))
 
     def on_guest_event(self, message: GuestEvent) -> None:
-        ev = message.event
+        try:
+            self._guest_event(message.event)
+        except NoMatches:               # only while the app closes: its widgets go before its subscription
+            pass
+
+    def _guest_event(self, ev: Event) -> None:
         line = event_line(ev)
         if line is not None:
             self.events_log.add(line)

@@ -171,10 +171,11 @@ class HmpMonitor(Monitor):
     async def raw(self, line: str, timeout: float | None = None) -> str:
         """One command line; its output (ANSI and echo removed), errors not interpreted."""
         line = clean_hmp_line(line, self.name)
-        if self._stream is None or not self.connected:
-            raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
         timeout = timeout or self.timeout
         async with self._lock:
+            # checked once the monitor is ours: a command before this one may have lost it (a `quit`)
+            if self._stream is None or not self.connected:
+                raise Disconnected(f"{self.address}: not connected ({self.disconnect_reason})", guest=self.name)
             if self._buf:
                 log.debug("%s: unsolicited HMP output: %r", self.name, bytes(self._buf[:200]))
                 self._buf.clear()
