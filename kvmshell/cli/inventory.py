@@ -100,7 +100,7 @@ def libvirt_uris(args: argparse.Namespace, config: Config) -> list[str | None]:
 
 async def libvirt_report(uri: str | None) -> dict[str, Any]:
     """The domains on one libvirt connection (name, state, UUID, persistent), or why not."""
-    from kvmshell.core.monitor.libvirt import default_uri, list_domains
+    from kvmshell.core.monitor.libvirtconn import default_uri, list_domains
     try:
         domains = await asyncio.wait_for(asyncio.to_thread(list_domains, uri), 30)
     except KvmError as e:

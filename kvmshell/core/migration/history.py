@@ -10,6 +10,7 @@ Keeping the history never fails a migration: a write error is logged and the mig
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -100,9 +101,11 @@ class MigrationHistory:
         """Append ``entry`` to the index and drop what is beyond the cap. Errors are logged."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.index, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
-            self._prune()
+            with open(self.index.with_name(INDEX + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)      # two kvmshells ending migrations at once: one at a time
+                with open(self.index, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
+                self._prune()
         except OSError as e:
             log.warning("migration history: cannot record %s in %s: %s", entry.id, self.index, e)
 
@@ -111,7 +114,7 @@ class MigrationHistory:
         if len(lines) <= self.cap:
             return
         dropped, kept = lines[:-self.cap], lines[-self.cap:]
-        tmp = self.index.with_name(INDEX + ".tmp")
+        tmp = self.index.with_name(f"{INDEX}.{os.getpid()}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.index)
         for line in dropped:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.monitor.libvirt import LibvirtMigrationPlan, LibvirtMonitor, describe_domain, destination_facts
+from kvmshell.core.monitor.libvirt import LibvirtMigrationPlan, LibvirtMonitor
+from kvmshell.core.monitor.libvirtconn import describe_domain, destination_facts
 from kvmshell.core.monitor.libvirtdisk import (
     CopiedDisk, create_destination_images, remove_destination_images, source_disks,
 )

@@ -51,7 +51,7 @@ from kvmshell.core.migration.ledger import Ledger
 from kvmshell.core.migration.static import DEFAULT_DIR, StaticFailed
 from kvmshell.core.migration.static_copy import FileCopy, ImageFile, still_to_copy
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.monitor.libvirt import LibvirtDaemon, default_uri, describe_domain, host_uuid, state_name
+from kvmshell.core.monitor.libvirtconn import LibvirtDaemon, default_uri, describe_domain, host_uuid, state_name
 from kvmshell.core.values.address import Address, Kind, SshTarget, check_guest_name
 from kvmshell.core.values.units import human_bytes
 from kvmshell.errors import ConfigError, KvmError, Refused

@@ -25,7 +25,8 @@ from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
-from kvmshell.core.monitor.libvirt import LibvirtMonitor, binding, open_connection
+from kvmshell.core.monitor.libvirt import LibvirtMonitor
+from kvmshell.core.monitor.libvirtconn import binding, open_connection
 from kvmshell.errors import ConnectFailed, Refused
 
 
