@@ -19,6 +19,7 @@ from kvmshell.tui.messages import GuestEvent
 from kvmshell.tui.source import SessionSource
 from tests.conftest import needs_qemu
 from tests.test_corpus import bench_module
+from tests.waiting import wait_for
 
 
 @pytest.mark.timeout(300)
@@ -134,3 +135,30 @@ async def test_an_event_that_arrives_as_the_dashboard_closes_is_let_go() -> None
         # the widgets are gone; the app's fleet subscription goes only after them
         app.on_guest_event(GuestEvent(Event("vm", "kvmshell.DISCONNECTED", {"reason": "gone"}, 0.0)))
         await session.aclose()
+
+
+@pytest.mark.qemu
+@needs_qemu
+async def test_a_qmp_monitor_keeps_no_event_it_has_passed_on(lab: Lab) -> None:
+    """Found by the soak's tracemalloc (strings decoded by qemu.qmp, ~0.4 KiB a migration): qemu.qmp's
+    EventListener keeps every event it heard in a history list for the connection's life, and the
+    client's default listener (``client.events``) also queues them for a reader kvmshell is not. On a
+    monitor attached for weeks both grew without bound. Every event is delivered; none is kept."""
+    guest = await lab.start("vm", MonitorKind.QMP_UNIX)
+    mon = await open_monitor(guest.name, guest.address)
+    seen: list[str] = []
+    mon.subscribe(lambda ev: seen.append(ev.name))
+    try:
+        for _ in range(10):
+            await mon.stop()
+            await mon.cont()
+        async def resumed() -> int:
+            return seen.count("RESUME")
+        await wait_for(resumed, lambda n: n >= 10, timeout=10, what="10 RESUME events")
+        assert seen.count("STOP") == 10
+        client = mon._client                     # qemu.qmp's own: what its listeners still hold
+        assert client is not None
+        kept = sum(len(listener.history) + (0 if listener.empty() else 1) for listener in client._listeners)
+        assert kept == 0, f"{kept} events kept by qemu.qmp's listeners"
+    finally:
+        await mon.close()

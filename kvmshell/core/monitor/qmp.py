@@ -1,7 +1,7 @@
 """QMP through ``qemu.qmp.QMPClient``: the one module that imports qemu.qmp.
 
-Events are pumped from a listener and fanned out to subscribers. A watcher notices when QEMU goes
-away, awaits ``disconnect()`` (qemu.qmp needs it) and marks the monitor closed.
+Events are handed on as qemu.qmp reads them (``_Forwarder``: no listener keeps them) and fanned out
+to subscribers. A watcher notices when QEMU goes away, awaits ``disconnect()`` (qemu.qmp needs it) and marks the monitor closed.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from kvmshell.core.values import hmptext
 from kvmshell.core.values.address import Kind, Protocol, held_by_libvirt
@@ -54,6 +54,23 @@ def _socket_address(server: NbdServer) -> dict[str, str]:
     if server.path is not None:
         return {"type": "unix", "path": server.path}
     return {"type": "inet", "host": str(server.host), "port": str(server.port)}
+
+
+def _none(_event: Message) -> bool:
+    return False
+
+
+class _Forwarder(EventListener):
+    """Hands each event on as it arrives. qemu.qmp's ``EventListener`` keeps every event it heard in a
+    history list for the connection's life (and queues it until read): on a monitor attached for weeks
+    that grows without bound, so this one keeps none."""
+
+    def __init__(self, deliver: Callable[[Message], None]) -> None:
+        super().__init__()
+        self._deliver = deliver
+
+    async def put(self, event: Message) -> None:
+        self._deliver(event)
 
 
 class QmpMonitor(Monitor):
@@ -112,11 +129,10 @@ class QmpMonitor(Monitor):
         greeting = client.greeting
         if greeting is not None:
             self.version = QemuVersion.from_qmp(greeting.QMP.version)
-        listener = EventListener()
-        client.register_listener(listener)
+        client.events.event_filter = _none             # the default listener: would queue for no reader
+        client.register_listener(_Forwarder(self._on_event))
         self._mark_open()
         self._tasks = [
-            asyncio.create_task(self._pump(listener), name=f"qmp-events-{self.name}"),
             asyncio.create_task(self._watch(client), name=f"qmp-watch-{self.name}"),
         ]
         try:
@@ -140,11 +156,13 @@ class QmpMonitor(Monitor):
         except (QMPError, OSError, EOFError):
             pass
 
-    async def _pump(self, listener: EventListener) -> None:
-        async for msg in listener:
-            ts = msg.get("timestamp", {})
-            when = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 if ts else None
+    def _on_event(self, msg: Message) -> None:
+        ts = msg.get("timestamp", {})
+        when = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 if ts else None
+        try:
             self._emit(str(msg["event"]), dict(msg.get("data", {})), when)
+        except Exception:             # a subscriber's bug must not end qemu.qmp's reader (the connection)
+            log.exception("%s: an event handler failed on %s", self.name, msg.get("event"))
 
     async def _watch(self, client: QMPClient) -> None:
         """Wait until qemu.qmp starts disconnecting (QEMU gone, or us), then finish the job."""
