@@ -83,7 +83,10 @@ async def test_the_dashboard_follows_two_migrations_and_two_quits_among_ten_gues
     assert all(d.row_final_lag_s[s] < 10 for s in d.migration_status), d.row_final_lag_s   # the outcome shown
     assert all(ev[-1] == "completed" and "active" in ev for ev in d.migration_events.values()), d.migration_events
     assert sorted(d.shown_gone) == sorted(d.quit) and len(d.quit) == 2
-    assert list(d.shutdown_events.values()) == [1], d.shutdown_events        # the QMP one; HMP sends none
+    # the QMP one; HMP sends none. QEMU writes SHUTDOWN as it exits on `quit`: once in a full run the
+    # socket broke first (qemu.qmp's reader: BrokenPipeError) and it never came; the guest is shown gone
+    # either way (above)
+    assert list(d.shutdown_events.values()) in ([0], [1]), d.shutdown_events
     assert d.fleet_events > 0 and d.app_events == d.fleet_events and not d.dropped
     assert res.ok, load.dash_lines(d)
 
