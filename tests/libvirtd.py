@@ -70,6 +70,34 @@ exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 """
 
 
+# KVM where it works, as the lab does: under TCG, QEMU before 9.0 loses guest writes in pre-copy when RAM
+# is a multiple of 256 KiB (core/migration/tcgdirty.py), and libvirt rounds <memory> up to whole MiB on
+# x86, so no libvirt domain escapes it there. kvm_pvm has no svm: libvirt's CPU check wants it off.
+DOMAIN_TYPE = "kvm" if choose_accel() == "kvm" else "qemu"
+
+
+def domain_xml(name: str, disks: list[tuple[str, str]], serial: Path) -> str:
+    """The XML of a domain of the lab's boot-sector guest: ``disks`` [(path, format)], sda first."""
+    devices = "".join(f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='{fmt}' cache='unsafe'/>
+      <source file='{path}'/>
+      <target dev='sd{chr(ord("a") + i)}' bus='sata'/>
+    </disk>""" for i, (path, fmt) in enumerate(disks))
+    return f"""<domain type='{DOMAIN_TYPE}'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <cpu mode='custom'><model>qemu64</model><feature policy='disable' name='svm'/></cpu>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}
+    <serial type='file'><source path='{serial}'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
 class Libvirtd:
     """A private libvirt daemon and the domains the test defined on it."""
 
@@ -114,27 +142,7 @@ class Libvirtd:
         """A running domain of the lab's boot-sector guest, once the guest printed its banner."""
         disk = await self.lab.make_disk(name, ws_pages)
         serial = self.root / f"{name}.serial"
-        # KVM where it works, as the lab does: under TCG, QEMU before 9.0 loses guest writes in pre-copy
-        # when RAM is a multiple of 256 KiB (core/migration/tcgdirty.py), and libvirt rounds <memory> up
-        # to whole MiB on x86, so no libvirt domain escapes it there
-        kind = "kvm" if choose_accel() == "kvm" else "qemu"
-        xml = f"""<domain type='{kind}'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <cpu mode='custom'><model>qemu64</model><feature policy='disable' name='svm'/></cpu>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='unsafe'/>
-      <source file='{disk}'/>
-      <target dev='sda' bus='sata'/>
-    </disk>
-    <serial type='file'><source path='{serial}'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+        xml = domain_xml(name, [(str(disk), "qcow2")], serial)
         if persistent:
             dom = await asyncio.to_thread(self.conn.defineXML, xml)
             await asyncio.to_thread(dom.create)

@@ -30,7 +30,7 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab
 from kvmshell.lab.verify import check_guest_memory
-from tests.libvirtd import Libvirtd, needs_libvirt, needs_netns, state
+from tests.libvirtd import DOMAIN_TYPE, Libvirtd, domain_xml, needs_libvirt, needs_netns, state
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_cli import env_for
 from tests.test_ssh import pool_for
@@ -85,14 +85,7 @@ async def define(lv: Libvirtd, name: str, data: Path | None = None, *, persisten
     """A running domain of the lab's boot-sector guest (as ``Libvirtd.define``), with a raw data disk."""
     disk = await lv.lab.make_disk(disk_name or name, WS)
     serial = lv.root / f"{name}.serial"
-    extra = f"""<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{data}'/>
-      <target dev='sdb' bus='sata'/></disk>""" if data else ""
-    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os><cpu mode='custom'><model>qemu64</model></cpu>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/><source file='{disk}'/>
-      <target dev='sda' bus='sata'/></disk>{extra}
-    <serial type='file'><source path='{serial}'/></serial><memballoon model='none'/></devices></domain>"""
+    xml = domain_xml(name, [(str(disk), "qcow2"), *([(str(data), "raw")] if data else [])], serial)
     if persistent:
         dom = await asyncio.to_thread(lv.conn.defineXML, xml)
         await asyncio.to_thread(dom.create)
@@ -161,7 +154,7 @@ async def test_dry_run_shows_the_xml_and_changes_nothing(hosts: Hosts, tmp_path:
                             f"copy it with boot-512-0.raw (1.0 MiB), d1.qcow2 (") and first.endswith("nothing was done")
     assert said == "the XML defined on b:", out
     text = "\n".join(xml)
-    assert text.startswith("<domain type=\"qemu\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
+    assert text.startswith(f"<domain type=\"{DOMAIN_TYPE}\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
     assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text, text
     assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
     assert not h.dest.exists() and not list(h.src.lab.workdir.glob("*.save"))

@@ -38,8 +38,8 @@ from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab
 from kvmshell.lab.netns import TestNetwork
 from kvmshell.lab.image import WS_BASE
-from kvmshell.lab.verify import dump_memory
-from tests.libvirtd import Libvirtd, kvmshell, needs_libvirt, needs_netns, state
+from kvmshell.lab.verify import check_guest_memory, dump_memory
+from tests.libvirtd import DOMAIN_TYPE, Libvirtd, domain_xml, kvmshell, needs_libvirt, needs_netns, state
 from tests.waiting import wait_for
 
 try:
@@ -143,28 +143,7 @@ async def define_private(h: StorHosts, name: str, *, ws_pages: int = 256, data_m
     if fill_mib > 1:
         await h.a.run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 2M {fill_mib - 1}M", data)
     serial = h.src.root / f"{name}.serial"
-    xml = f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <cpu mode='custom'><model>qemu64</model></cpu>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='unsafe'/>
-      <source file='{boot}'/>
-      <target dev='sda' bus='sata'/>
-    </disk>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='unsafe'/>
-      <source file='{data}'/>
-      <target dev='sdb' bus='sata'/>
-    </disk>
-    <serial type='file'><source path='{serial}'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+    xml = domain_xml(name, [(boot, "qcow2"), (data, "qcow2")], serial)
     dom = await asyncio.to_thread(h.src.conn.defineXML, xml)
     await asyncio.to_thread(dom.create)
 
@@ -220,18 +199,20 @@ async def backing_of(host: Host, path: str) -> str | None:
     return found.group(1) if found else None
 
 
-async def guest_runs(h: StorHosts, name: str) -> bool:
-    """The guest runs on the destination: its working-set pass counter moves there.
-
-    Not the working-set check of tests/test_libvirt_migrate.py: it fails intermittently after libvirt
-    migrations of more than a few seconds, with libvirt alone too (a plain ``migrate3`` at 4 MiB/s, no
-    kvmshell: 278 of 512 pages with a stale pass counter); to be found out apart from the disks."""
+async def guest_runs(h: StorHosts, name: str, ws_pages: int) -> bool:
+    """The guest runs on the destination (its working-set pass counter moves there) with its memory
+    intact (the working-set check of tests/test_libvirt_migrate.py). Under TCG the check is left out:
+    QEMU 7.2 loses pre-copy writes of every libvirt domain there (libvirt rounds RAM to whole MiB, a
+    multiple of 256 KiB: core/migration/tcgdirty.py; 278 of 512 pages stale in a plain ``migrate3``)."""
     mon = await open_monitor(name, Address.libvirt(name, h.dst.uri))
     try:
         async def counter() -> int:
             return (await dump_memory(mon, WS_BASE, 1, tmp_dump(h)))[0]
         first = await counter()
         await wait_for(counter, lambda c: c != first, timeout=30, what=f"{name}'s pass counter moving")
+        if DOMAIN_TYPE == "kvm":
+            check = await check_guest_memory(mon, ws_pages, h.dst.root)
+            assert check.ok, check.summary()
         return (await mon.status()).running
     finally:
         await mon.close()
@@ -269,7 +250,7 @@ async def test_copy_storage_all_in_tls_through_libvirt(lab: Lab, tmp_path: Path)
             assert await h.b.contents(path, tmp_path / "raw") == content, path
         assert MARKER * 4 in before[data]
         assert await backing_of(h.b, boot) is None and await backing_of(h.a, boot) is not None
-        assert await guest_runs(h, "s1")
+        assert await guest_runs(h, "s1", 512)
         # and nothing of them went in the clear
         wire_bytes = wire.read_bytes()
         assert len(wire_bytes) > 16 << 20, len(wire_bytes)
@@ -324,7 +305,7 @@ async def test_copy_storage_without_tls_is_refused_unless_insecure_storage(lab: 
         assert await backing_of(h.b, boot) == base
         for path, content in before.items():
             assert await h.b.contents(path, tmp_path / "raw") == content, path
-        assert await guest_runs(h, "s2")
+        assert await guest_runs(h, "s2", 256)
         wire_bytes = wire.read_bytes()
         assert MARKER in wire_bytes and BANNER in wire_bytes        # what the TLS test checks is absent
 

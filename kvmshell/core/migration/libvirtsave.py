@@ -49,7 +49,7 @@ from kvmshell.core.migration.history import MigrationHistory, record_static
 from kvmshell.core.migration.images import backing_chain
 from kvmshell.core.migration.ledger import Ledger
 from kvmshell.core.migration.static import DEFAULT_DIR, StaticFailed
-from kvmshell.core.migration.static_copy import FileCopy, ImageFile, still_to_copy
+from kvmshell.core.migration.static_copy import FileCopy, ImageFile, name_copies, still_to_copy
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.monitor.libvirtconn import LibvirtDaemon, default_uri, describe_domain, host_uuid, state_name
 from kvmshell.core.values.address import Address, Kind, SshTarget, check_guest_name
@@ -237,17 +237,9 @@ class LibvirtStatic:
                 else:
                     files[info.path] = ImageFile(info.path, "", info.format, top=(i == 0), backing=info.backing,
                                                  backing_format=info.backing_format)
-        used: set[str] = set()
-        for f in files.values():
-            base = os.path.basename(f.source)
-            name, i = base, 1
-            while name in used:
-                i += 1
-                name = f"{i}-{base}"
-            used.add(name)
-            f.dest = f"{dest_dir}/{name}"
-            if f.dest == f.source:
-                raise Refused(f"{f.source} would be copied onto itself: pick another --dir", guest=self.req.guest)
+        onto_itself = name_copies(files.values(), dest_dir)
+        if onto_itself:
+            raise Refused(f"{onto_itself} would be copied onto itself: pick another --dir", guest=self.req.guest)
         sizes = await self.src.sizes(list(files))
         for f in files.values():
             if f.source not in sizes:

@@ -47,7 +47,7 @@ from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.migration.history import MigrationHistory, record_static
 from kvmshell.core.migration.images import absolute_images, backing_chain
 from kvmshell.core.migration.ledger import Ledger
-from kvmshell.core.migration.static_copy import FileCopy, ImageFile, still_to_copy
+from kvmshell.core.migration.static_copy import FileCopy, ImageFile, name_copies, still_to_copy
 from kvmshell.core.migration.twin import Twin, TwinPlan, socket_name, sockets_fit
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.monitor.fleet import Fleet
@@ -319,17 +319,9 @@ class StaticMigration:
                 order.append(f)
         if not any(f.format == "qcow2" and f.top for f in order):
             raise Refused(f"{self.req.guest} has no qcow2 disk: savevm needs one to hold the snapshot")
-        used: set[str] = set()
-        for f in order:
-            base = os.path.basename(f.source)
-            name, i = base, 1
-            while name in used:
-                i += 1
-                name = f"{i}-{base}"
-            used.add(name)
-            f.dest = f"{dest_dir}/{name}"
-            if f.dest == f.source:
-                raise Refused(f"{f.source} would be copied onto itself: pick another --dir")
+        onto_itself = name_copies(order, dest_dir)
+        if onto_itself:
+            raise Refused(f"{onto_itself} would be copied onto itself: pick another --dir")
         sizes = await src.sizes([f.source for f in order])
         for f in order:
             if f.source not in sizes:

@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvmshell.core.hosts.shell import CHECKSUM, CHUNK, HASH_RATE_FLOOR, HASH_TIMEOUT, HostShell, Process
@@ -42,6 +42,23 @@ class ImageFile:
     backing_format: str | None = None
     top: bool = True                      # named on the command line (not only a backing file)
     outcome: str = ""                     # copied / resumed / already there
+
+
+def name_copies(files: Iterable[ImageFile], dest_dir: str) -> str | None:
+    """Set each file's ``dest`` in ``dest_dir`` under its own base name (``2-NAME`` ... when two share
+    one); the source path of a file that would be copied onto itself (nothing else is checked)."""
+    used: set[str] = set()
+    for f in files:
+        base = os.path.basename(f.source)
+        name, i = base, 1
+        while name in used:
+            i += 1
+            name = f"{i}-{base}"
+        used.add(name)
+        f.dest = f"{dest_dir}/{name}"
+        if f.dest == f.source:
+            return f.source
+    return None
 
 
 def send_command(path: str, offset: int) -> str:
