@@ -32,8 +32,11 @@ from typing import Any
 
 import pytest
 
+from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab, choose_accel, die_with_parent
 from kvmshell.lab.netns import TestNetwork, netns_available
+from kvmshell.lab.verify import check_guest_memory
 from tests.waiting import wait_for
 
 try:
@@ -245,3 +248,14 @@ def state(lv: Libvirtd, name: str) -> tuple[int, bool] | None:
     except libvirt.libvirtError:
         return None
     return dom.state()[0], bool(dom.isPersistent())
+
+
+async def memory_intact(lv: Libvirtd, name: str, ws_pages: int, workdir: Path) -> None:
+    """The domain's working set checked on that daemon through libvirt's pass-through (AssertionError
+    with the check's summary when a page is wrong)."""
+    mon = await open_monitor(name, Address.libvirt(name, lv.uri))
+    try:
+        check = await check_guest_memory(mon, ws_pages, workdir)
+        assert check.ok, check.summary()
+    finally:
+        await mon.close()

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmshell.core.monitor.base import open_monitor
-from kvmshell.core.values.address import Address
-from kvmshell.lab.verify import check_guest_memory
-from tests.libvirtd import TwoHosts, kvmshell, needs_libvirt, needs_netns, state
+from tests.libvirtd import TwoHosts, memory_intact, kvmshell, needs_libvirt, needs_netns, state
 from tests.waiting import wait_for
 
 try:
@@ -48,12 +45,7 @@ async def test_live_migration_through_libvirt_steered_by_kvmshell(two_hosts: Two
     assert state(h.dst, "m1") == (libvirt.VIR_DOMAIN_RUNNING, True)
     assert "source " + h.src.uri + ": no such domain" in out and f"destination {h.dst.uri}: running, persistent" in out
     # the guest's memory arrived whole: read on the destination through libvirt's pass-through
-    mon = await open_monitor("m1", Address.libvirt("m1", h.dst.uri))
-    try:
-        check = await check_guest_memory(mon, 512, tmp_path)
-        assert check.ok, check.summary()
-    finally:
-        await mon.close()
+    await memory_intact(h.dst, "m1", 512, tmp_path)
     # and kvmshell sees it there like libvirt does
     rc, out, err = await kvmshell(tmp_path, "--guest", f"m1=libvirt:{h.dst.uri}#m1", "-c", "info status")
     assert rc == 0 and "VM status: running" in out, err
@@ -151,10 +143,5 @@ async def test_kvmshells_strategy_switches_libvirts_migration_to_postcopy(two_ho
     assert "p1 moved live to h2 through libvirt" in out
     assert state(h.src, "p1") == (libvirt.VIR_DOMAIN_SHUTOFF, True)       # libvirt keeps its definition
     assert state(h.dst, "p1") == (libvirt.VIR_DOMAIN_RUNNING, False)      # transient there: no --persistent
-    mon = await open_monitor("p1", Address.libvirt("p1", h.dst.uri))
-    try:
-        check = await check_guest_memory(mon, 2048, tmp_path)
-        assert check.ok, check.summary()
-    finally:
-        await mon.close()
+    await memory_intact(h.dst, "p1", 2048, tmp_path)
 

@@ -27,7 +27,6 @@ from kvmshell.core.commands.completion import CompletionEngine
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
-from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address, SshTarget
 from kvmshell.tui.app import KvmshellApp
@@ -37,8 +36,7 @@ from kvmshell.tui.screens import ConfirmScreen
 from kvmshell.tui.source import SessionSource
 from kvmshell.tui.views import Badge
 from kvmshell.errors import ConfigError
-from kvmshell.lab.verify import check_guest_memory
-from tests.libvirtd import DOMAIN_TYPE, Libvirtd, TwoHosts, kvmshell, needs_libvirt, needs_netns, state
+from tests.libvirtd import DOMAIN_TYPE, Libvirtd, TwoHosts, kvmshell, memory_intact, needs_libvirt, needs_netns, state
 from tests.sshd import HAVE_SSHD, SshTestbed
 from tests.test_tui import screen_text, until
 from tests.waiting import wait_for
@@ -264,12 +262,7 @@ async def test_p2p_needs_a_uri_the_source_daemon_reaches(two_hosts: TwoHosts, tm
     assert state(h.src, "q1") is None
     assert state(h.dst, "q1") == (libvirt.VIR_DOMAIN_RUNNING, True)
     if DOMAIN_TYPE == "kvm":     # under TCG, QEMU 7.2 loses pre-copy writes of every libvirt domain
-        mon = await open_monitor("q1", Address.libvirt("q1", h.dst.uri))   # (tests/libvirtd.py)
-        try:
-            check = await check_guest_memory(mon, 512, tmp_path)
-            assert check.ok, check.summary()
-        finally:
-            await mon.close()
+        await memory_intact(h.dst, "q1", 512, tmp_path)     # (tests/libvirtd.py)
 
 
 # -- postcopy, and another kvmshell looking on ----------------------------------------------------
@@ -305,12 +298,7 @@ async def test_migrate_start_postcopy_through_libvirt_and_info_migrate_from_anot
             await session.aclose()
     assert state(h.src, "y1") == (libvirt.VIR_DOMAIN_SHUTOFF, True)
     assert state(h.dst, "y1") == (libvirt.VIR_DOMAIN_RUNNING, False)
-    mon = await open_monitor("y1", Address.libvirt("y1", h.dst.uri))
-    try:
-        check = await check_guest_memory(mon, 4096, tmp_path)
-        assert check.ok, check.summary()
-    finally:
-        await mon.close()
+    await memory_intact(h.dst, "y1", 4096, tmp_path)
 
 
 @needs_libvirt
