@@ -291,8 +291,8 @@ class LibvirtStatic:
         assert self.lv_src is not None and self.lv_dst is not None and self.src is not None and self.dst is not None
         req, ledger, domain = plan.req, self.ledger, plan.domain
         files = [replace(f) for f in plan.files]
-        step = "save"
-        try:
+        ledger.step = "save"
+        async with ledger.undone_on_failure(lambda: self._undo(plan), self.progress, StaticFailed, req.guest):
             t = time.monotonic()
             self.progress(f"saving {domain} to {plan.save_source} (libvirt stops it)")
             await self._lv(self.lv_src.save, domain, plan.save_source)
@@ -300,14 +300,14 @@ class LibvirtStatic:
             ledger.done.append(f"saved {domain} to {plan.save_source} (libvirt stopped it)")
             image_xml = str(await self._lv(self.lv_src.image_xml, plan.save_source))
             times["save"] = time.monotonic() - t
-            step, t = "copy", time.monotonic()
+            ledger.step, t = "copy", time.monotonic()
             await self.dst.check(f"mkdir -p -- {shlex.quote(plan.dest_dir)}", f"creating {plan.dest_dir}")
             image = ImageFile(plan.save_source, plan.save_dest, "raw")
             self.copy = FileCopy(self.src, self.dst, [*files, image], plan.dest_dir, self.progress, error=StaticFailed)
             self.copied = await self.copy.run()
             ledger.done.append(f"copied {len(files) + 1} file(s) to {plan.dest_dir} on {self.dst.label}")
             times["copy"] = time.monotonic() - t
-            step, t = "restore", time.monotonic()
+            ledger.step, t = "restore", time.monotonic()
             if plan.persistent:
                 await self._lv(self.lv_dst.define, plan.xml)
                 self.defined = True
@@ -322,14 +322,6 @@ class LibvirtStatic:
                 raise StaticFailed(f"{domain} on {req.to} is {describe_domain(plan.dest_uri, domain)} after the "
                                    "restore, not as it was saved")
             times["restore"] = time.monotonic() - t
-        except (KvmError, OSError) as e:
-            await self._undo(plan)
-            raise StaticFailed(ledger.story(step, e.message if isinstance(e, KvmError) else str(e)),
-                               guest=req.guest) from None
-        except BaseException:                   # Ctrl-C (a cancelled task): undo, then say what is where
-            await asyncio.shield(self._undo(plan))
-            self.progress(ledger.story(step, "Ctrl-C", verb="interrupted"))
-            raise
         return await self._finish(plan, files, times)
 
     async def _finish(self, plan: LibvirtSavePlan, files: list[ImageFile], times: dict[str, float]) -> LibvirtSaveResult:

@@ -357,37 +357,29 @@ class StaticMigration:
 
     async def _run(self, plan: StaticPlan, files: list[ImageFile], times: dict[str, float]) -> StaticResult:
         req, ledger = plan.req, self.ledger
-        step = "stop"
-        try:
+        ledger.step = "stop"
+        async with ledger.undone_on_failure(lambda: self._undo(plan), self.progress, StaticFailed, req.guest):
             t = time.monotonic()
             self.was_running = (await self.mon.status()).running
             if self.was_running:
                 await self.mon.hmp("stop")
                 self.stopped = True
                 ledger.done.append(f"stopped {req.guest}")
-            step = "savevm"
+            ledger.step = "savevm"
             self.progress(f"savevm {plan.tag}")
             await self.mon.hmp(f"savevm {plan.tag}", timeout=SAVEVM_TIMEOUT)
             self.saved = True
             ledger.done.append(f"saved snapshot {plan.tag!r} on {req.guest}")
             times["savevm"] = time.monotonic() - t
-            step = "copy"
+            ledger.step = "copy"
             t = time.monotonic()
             copied = await self._copy_all(plan, files)
             times["copy"] = time.monotonic() - t
-            step = "start"
+            ledger.step = "start"
             t = time.monotonic()
             result = await self._start(plan, files, copied, times)
             times["start"] = time.monotonic() - t
             self.fleet.add(result.new_name, result.address)
-        except (KvmError, OSError) as e:
-            await self._undo(plan)
-            raise StaticFailed(ledger.story(step, e.message if isinstance(e, KvmError) else str(e)),
-                               guest=req.guest) from None
-        except BaseException:                   # Ctrl-C (a cancelled task): undo, then say what is where
-            await asyncio.shield(self._undo(plan))
-            self.progress(ledger.story(step, "Ctrl-C", verb="interrupted"))
-            raise
         await self._finish(result)
         return result
 
