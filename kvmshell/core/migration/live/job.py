@@ -231,9 +231,11 @@ class MigrationJob:
         await self.attach_trace()
         for stage in self.stages:
             await stage.before_start(self)
+            running.checkpoint(self)                 # what it did (devices unplugged, say)
         self.sampler.start = self.clock()
         await src.migrate(self.uri)
-        self._started, self.start_phase = True, "migrating"
+        self._started = True
+        running.checkpoint(self, "migrating")        # until ``run`` saves it with QEMU's start
         self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy}, "
                              f"downtime limit {self._limits.downtime_s * 1000:.0f} ms, "
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")

@@ -186,11 +186,12 @@ async def save(job: MigrationJob) -> None:
 
 def checkpoint(job: MigrationJob, phase: str | None = None) -> None:
     """The job's start is under way: write what it has changed so far and is about to change (called
-    before each change; ``phase`` moves it on). No QEMU is asked: nothing to wait for (never raises)."""
+    before each change; ``phase`` moves it on; "migrating": `migrate` was sent just now, and ``save``
+    writes the file again with QEMU's start). No QEMU is asked: nothing to wait for (never raises)."""
+    if job.start_phase == "migrating" and phase is None:     # past the start: ``save`` wrote the file
+        return
     if phase is not None:
         job.start_phase = phase
-    if job.start_phase == "migrating":        # `migrate` was sent: ``save`` wrote the file of the migration
-        return
     before: dict[str, dict[str, dict[str, Any]]] = {}
     for role, mon in (("source", job.source), ("dest", job.dest)):
         if mon is not None:
@@ -205,7 +206,7 @@ def checkpoint(job: MigrationJob, phase: str | None = None) -> None:
                       stages=tuple(st.name for st in job.work),
                       storage=next((r for r in records if isinstance(r, StorageRecord)), None),
                       unplug=next((r for r in records if isinstance(r, UnplugRecord)), None), tls=dict(job.tls),
-                      phase=job.start_phase))
+                      phase=job.start_phase, started_at=time.time() if job.start_phase == "migrating" else 0.0))
 
 
 def forget(job: MigrationJob) -> None:
