@@ -152,6 +152,7 @@ class DashResult:
     commands_s: float = 0.0                 # from the lines typed to the last one's outcome in the app
     command_errors: dict[str, str] = field(default_factory=dict)   # guest -> the error its migrate line gave
     dests_unattached: list[str] = field(default_factory=list)      # destinations not attached after 60 s
+    dests_first_failed: dict[str, str] = field(default_factory=dict)  # destination -> why its first connect failed
     cpu_s: float = 0.0
     idle_cpu_s: float = 0.0
     row_first_s: dict[str, float | None] = field(default_factory=dict)   # lines typed -> the row shows it under way
@@ -402,7 +403,7 @@ def dash_lines(d: DashResult) -> str:
         f"changes, longest gap {d.pane_max_gap_s:.2f} s",
         f"  {d.pane_guest}'s row: {d.timeline}",
         f"  migrate lines that failed: {d.command_errors or 'none'}; destinations not attached: "
-        f"{d.dests_unattached or 'none'}",
+        f"{d.dests_unattached or 'none'}; first connect failed: {d.dests_first_failed or 'none'}",
         f"  MIGRATION events per source: {sorted({' '.join(v) for v in d.migration_events.values()})}",
         f"  quit {d.quit}: shown gone {d.shown_gone}, SHUTDOWN events (QMP ones) {d.shutdown_events}",
         f"  events while it ran: the fleet delivered {d.fleet_events}, the app got {d.app_events}; "
@@ -426,9 +427,9 @@ def cpu_seconds() -> float:
 
 
 async def new_dests(lab: Lab, session: Session, names: list[str], like: list[str],
-                    hmp: set[str] = frozenset()) -> list[str]:
+                    hmp: set[str] = frozenset(), first_failed: dict[str, str] | None = None) -> list[str]:
     """Fresh ``-incoming`` QEMUs named ``names`` for the guests ``like`` (same disk), attached; those
-    not attached after 60 s."""
+    not attached after 60 s. ``first_failed`` gets the reason of each whose first attempt failed."""
     dests = await asyncio.gather(*(lab.start(n, MonitorKind.HMP_UNIX if n in hmp else MonitorKind.QMP_UNIX,
                                              ws_pages=WS_PAGES, ram_mib=SRC_RAM_MIB, incoming=True,
                                              disk=lab.guests[src].disk)
@@ -436,6 +437,9 @@ async def new_dests(lab: Lab, session: Session, names: list[str], like: list[str
     for d in dests:
         session.fleet.add(d.name, d.address)
     await session.fleet.wait_first_attempts(names)
+    if first_failed is not None:
+        first_failed.update({n: g.reason or "?" for n in names if (g := session.fleet.get(n)).reason is not None
+                             and g.monitor is None})
 
     def unattached() -> list[str]:
         return [n for n in names if (m := session.fleet.get(n).monitor) is None or not m.connected]
@@ -576,7 +580,7 @@ async def dashboard(lab: Lab, session: Session, res: LoadResult, migrations: int
             d.idle_cpu_percent = round(100 * d.idle_cpu_s / d.idle_s, 1)
             if migrations:
                 backs = [f"back{i}" for i in range(migrations)]
-                d.dests_unattached = await new_dests(lab, session, backs, sources,
+                d.dests_unattached = await new_dests(lab, session, backs, sources, first_failed=d.dests_first_failed,
                                                      hmp={b for i, b in enumerate(backs) if i % 2})
                 d.pane_guest = sources[0]
                 app.select(d.pane_guest)

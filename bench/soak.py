@@ -37,6 +37,8 @@ import statistics
 import sys
 import time
 import tracemalloc
+from array import array
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,6 +173,7 @@ class Soak:
     cancel_every: int = 10
     kill_every: int = 25
     rows: list[Row] = field(default_factory=list)
+    keep: bool = True             # the rows kept in ``rows`` (the bench writes them out instead: kept, they grow the RSS)
     finished: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     extra_finished: int = 0
     lingered: int = 0             # old QEMUs that had not ended 10 s after their quit, cancel or kill
@@ -289,7 +292,8 @@ class Soak:
             row.heap_used_kib, row.heap_kib = heap_kib()
             row.traced_kib = traced_kib()
             row.load1 = round(os.getloadavg()[0], 2)
-            self.rows.append(row)
+            if self.keep:
+                self.rows.append(row)
             report(row)
         return self.rows
 
@@ -311,7 +315,7 @@ def describe_change(before: tuple[dict[str, object], dict[str, bool]],
 
 
 async def soak(count: int, *, ws_pages: int = WS_PAGES, cancel_every: int = 10, kill_every: int = 25,
-               report: Callable[[Row], None] = lambda row: None) -> Soak:
+               report: Callable[[Row], None] = lambda row: None, keep: bool = True) -> Soak:
     """Start the two guests, attach them in one session, run ``count`` migrations; the finished Soak."""
     async with Lab() as lab:
         first = await lab.start("a", MonitorKind.QMP_UNIX, ws_pages=ws_pages, pace=PACE, ram_mib=RAM_MIB,
@@ -324,7 +328,7 @@ async def soak(count: int, *, ws_pages: int = WS_PAGES, cancel_every: int = 10, 
             fleet.add("b", lab.guests["b"].address)
             await fleet.start()
             session = Session(fleet, default_registry(), assume_yes=True)
-            run = Soak(lab, session, first.disk, ws_pages, cancel_every, kill_every)
+            run = Soak(lab, session, first.disk, ws_pages, cancel_every, kill_every, keep=keep)
             fleet.subscribe(run.on_event)
             try:
                 await run.run(count, report)
@@ -333,19 +337,43 @@ async def soak(count: int, *, ws_pages: int = WS_PAGES, cancel_every: int = 10, 
             return run
 
 
-def judge(rows: list[Row], window: int = WINDOW) -> list[Trend]:
-    return [trend("RSS (KiB)", [r.rss_kib for r in rows], window, floor=1024),
-            trend("open fds", [r.fds for r in rows], window, floor=0.5),
-            trend("asyncio tasks", [r.tasks for r in rows], window, floor=0.5)]
+SERIES = ("rss_kib", "fds", "tasks", "py_blocks", "heap_used_kib", "heap_kib", "traced_kib")
 
 
-def explain(rows: list[Row], window: int = WINDOW) -> list[Trend]:
+class Tally:
+    """What the summary needs of the rows, without keeping them: their numbers in arrays, the rest counted."""
+
+    def __init__(self) -> None:
+        self.series = {name: array("q") for name in SERIES}
+        self.count = self.bad = self.memchecks_ok = self.postcopy = 0
+        self.kinds: Counter[str] = Counter()
+        self.strategies: Counter[str] = Counter()
+
+    def add(self, r: Row) -> None:
+        for name in SERIES:
+            self.series[name].append(int(getattr(r, name)))
+        self.count += 1
+        self.bad += not r.ok
+        self.memchecks_ok += r.memcheck == "ok"
+        self.postcopy += r.postcopy
+        self.kinds[r.kind] += 1
+        if r.kind == "migrate":
+            self.strategies[r.strategy] += 1
+
+
+def judge(series: dict[str, array[int]], window: int = WINDOW) -> list[Trend]:
+    return [trend("RSS (KiB)", list(series["rss_kib"]), window, floor=1024),
+            trend("open fds", list(series["fds"]), window, floor=0.5),
+            trend("asyncio tasks", list(series["tasks"]), window, floor=0.5)]
+
+
+def explain(series: dict[str, array[int]], window: int = WINDOW) -> list[Trend]:
     """What the RSS is made of, over the same window (told, not judged: the floor is the RSS's)."""
-    trends = [trend("Python blocks", [r.py_blocks for r in rows], window),
-              trend("glibc heap in use (KiB)", [r.heap_used_kib for r in rows], window, floor=1024),
-              trend("glibc heap held (KiB)", [r.heap_kib for r in rows], window, floor=1024)]
-    if any(r.traced_kib for r in rows):
-        trends.append(trend("tracemalloc traced (KiB)", [r.traced_kib for r in rows], window, floor=1024))
+    trends = [trend("Python blocks", list(series["py_blocks"]), window),
+              trend("glibc heap in use (KiB)", list(series["heap_used_kib"]), window, floor=1024),
+              trend("glibc heap held (KiB)", list(series["heap_kib"]), window, floor=1024)]
+    if any(series["traced_kib"]):
+        trends.append(trend("tracemalloc traced (KiB)", list(series["traced_kib"]), window, floor=1024))
     return trends
 
 
@@ -439,36 +467,36 @@ async def main() -> int:
           f"Python {platform.python_version()}, accel {Lab().accel}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(HEADER, flush=True)
     started = time.monotonic()
+    tally = Tally()
     with open(args.out, "w") as out:
-        def report(row: Row) -> None:
+        def report(row: Row) -> None:         # written out and counted; not kept (the bench's rows grew the RSS)
             print(row_line(row), flush=True)
             out.write(json.dumps(asdict(row)) + "\n")
             out.flush()
+            tally.add(row)
             if tracer is not None:
                 tracer.maybe(row.n)
         try:
-            run = await soak(args.count, report=report)
+            run = await soak(args.count, report=report, keep=False)
         finally:
             if tracer is not None:
                 tracer.close()
-        rows = run.rows
-        trends = judge(rows)
-        bad = [r for r in rows if not r.ok]
-        summary = {"summary": True, "count": len(rows), "seconds": round(time.monotonic() - started, 1),
-                   "not_as_expected": len(bad), "memchecks_ok": sum(r.memcheck == "ok" for r in rows),
-                   "kinds": {k: sum(r.kind == k for r in rows) for k in ("migrate", "cancel", "kill")},
-                   "strategies": {s: sum(r.strategy == s and r.kind == "migrate" for r in rows) for s in STRATEGIES},
-                   "postcopy_used": sum(r.postcopy for r in rows),
+        trends = judge(tally.series)
+        summary = {"summary": True, "count": tally.count, "seconds": round(time.monotonic() - started, 1),
+                   "not_as_expected": tally.bad, "memchecks_ok": tally.memchecks_ok,
+                   "kinds": {k: tally.kinds[k] for k in ("migrate", "cancel", "kill")},
+                   "strategies": {s: tally.strategies[s] for s in STRATEGIES},
+                   "postcopy_used": tally.postcopy,
                    "unexpected_finished_events": run.extra_finished, "qemu_lingered": run.lingered,
-                   "trends": [asdict(t) for t in trends], "explain": [asdict(t) for t in explain(rows)],
+                   "trends": [asdict(t) for t in trends], "explain": [asdict(t) for t in explain(tally.series)],
                    "tracemalloc_every": args.tracemalloc, "load_at_end": os.getloadavg()}
         out.write(json.dumps(summary) + "\n")
-    print(f"\n{len(rows)} migrations in {summary['seconds']} s: {summary['kinds']}; memory checks ok "
-          f"{summary['memchecks_ok']}/{len(rows)}; postcopy used in {summary['postcopy_used']}; not as expected: {len(bad)}; stray finish events: "
-          f"{run.extra_finished}; old QEMUs that did not end by themselves: {run.lingered}")
-    for t in trends + explain(rows):
+    print(f"\n{tally.count} migrations in {summary['seconds']} s: {summary['kinds']}; memory checks ok "
+          f"{tally.memchecks_ok}/{tally.count}; postcopy used in {tally.postcopy}; not as expected: {tally.bad}; "
+          f"stray finish events: {run.extra_finished}; old QEMUs that did not end by themselves: {run.lingered}")
+    for t in trends + explain(tally.series):
         print(t.line())
-    return 1 if bad or run.lingered or any(t.grows for t in trends) else 0
+    return 1 if tally.bad or run.lingered or any(t.grows for t in trends) else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from kvmshell.core.values.units import human_bytes
 from kvmshell.core.commands.spec import Arg, CommandSpec, Completer, Flag, UsageError
 from kvmshell.core.commands import libvirt_migrate, steer
 from kvmshell.core.commands.migrate_request import MigrateRequest, Mode
+from kvmshell.core.migration.live.adopt import undo_start
 from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.strategies import offered, parse_strategy
 from kvmshell.core.migration.tcgdirty import tcg_dirty_check
@@ -127,6 +128,9 @@ async def migrate_cancel(inv: Invocation) -> Result:
         return Done("migration cancelled; the guest keeps running here")
     info = await mon.migration()
     if not info.status.is_active:
+        undone = await undo_start(inv.session.fleet, inv.guest or "")     # a dead kvmshell's start
+        if undone is not None:
+            return Done(undone[0], tuple(undone[1]))
         return Done(f"no migration to cancel (status: {info.status})")
     if info.status.is_postcopy:
         raise Refused(f"cancel refused: the migration is {info.status}, the guest already runs on the destination; "

@@ -2,12 +2,14 @@
 
 Events are handed on as qemu.qmp reads them (``_Forwarder``: no listener keeps them) and fanned out
 to subscribers. A watcher notices when QEMU goes away, awaits ``disconnect()`` (qemu.qmp needs it) and marks the monitor closed.
+A command written as QEMU exits does not cost what QEMU sent before it went (``_Client``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -73,6 +75,33 @@ class _Forwarder(EventListener):
         self._deliver(event)
 
 
+class _Client(QMPClient):
+    """qemu.qmp's client, but a write to a QEMU that has gone does not drop what QEMU sent before it went.
+
+    QEMU writes SHUTDOWN and closes the monitor as it exits. A command written after that close fails
+    (EPIPE), and asyncio's transport answers a failed write by dropping its reader at once, unread data
+    and all: the SHUTDOWN was lost. Here such a write is let go; the reader reads to the end of what QEMU
+    sent, and the disconnect at its end fails the command (Disconnected)."""
+
+    def _do_send(self, msg: Message) -> None:
+        writer = self._writer
+        assert writer is not None
+        data = bytes(msg)
+        sock = writer.get_extra_info("socket")
+        if sock is None or writer.transport.get_write_buffer_size():
+            writer.write(data)                    # behind bytes the transport holds: keep their order
+            return
+        try:
+            sent = os.write(sock.fileno(), data)  # the socket is non-blocking (asyncio's)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except (BrokenPipeError, ConnectionResetError) as e:
+            log.debug("%s: not written, QEMU has closed the monitor (%s)", self.name, e)
+            return
+        if sent < len(data):
+            writer.write(data[sent:])
+
+
 class QmpMonitor(Monitor):
     protocol = Protocol.QMP
     delivers_events = True
@@ -106,7 +135,7 @@ class QmpMonitor(Monitor):
         else:
             assert self.address.host is not None and self.address.port is not None
             target = (self.address.host, self.address.port)
-        client = QMPClient(self.name)
+        client = _Client(self.name)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await client.connect(target)

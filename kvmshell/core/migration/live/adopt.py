@@ -8,6 +8,11 @@ is attached here, and the settings it changed are put back on both sides at the 
 stages (``resume``): the disk copy completes at the switch-over (or is cancelled), the devices it
 unplugged are plugged on the destination (or back on the source), and the TLS it set up is undone.
 Without a file the job only observes (strategy "none") and says it cannot put back what it does not know.
+
+A kvmshell that died before it sent `migrate` (its disk copy under way, say) left a file of a start
+(``running.RunningFile.starting``): `migrate --follow` takes the start over once its destination
+listens (the mirrors finish, `migrate` is sent, the rest as usual), and `migrate_cancel` undoes it
+(``undo_start``: the mirrors cancelled, the NBD server stopped, the settings put back).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from kvmshell.core.migration.live.passthrough import PassthroughStage
 from kvmshell.core.migration.live.resume import TlsUndo
 from kvmshell.core.migration.live.stages import Stage
 from kvmshell.core.migration.live.storage import StorageStage
-from kvmshell.core.migration.live.request import MigrationRequest
+from kvmshell.core.migration.live.request import MigrationOutcome, MigrationRequest
 from kvmshell.core.migration.live.strategies import strategy_named
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.core.monitor.fleet import Fleet
@@ -72,6 +77,9 @@ async def adopt(fleet: Fleet, guest: str) -> Adopted:
     mon = fleet.monitor(guest)
     info = await mon.migration()
     if not info.status.is_active:
+        start = _dead_start(mon)
+        if start is not None:
+            return await _take_over_start(fleet, mon, start)
         raise Refused(f"no migration of this guest is running ({info.status}): nothing to follow", guest=guest)
     if (await mon.status()).state is RunState.INMIGRATE:
         raise Refused("this guest receives the migration: `migrate --follow` on its source", guest=guest)
@@ -89,9 +97,79 @@ async def adopt(fleet: Fleet, guest: str) -> Adopted:
     return await _resume(fleet, mon, info, state)
 
 
+def _dead_start(mon: Monitor) -> running.RunningFile | None:
+    """The file of a start (no `migrate` sent yet) whose kvmshell has died, for this source."""
+    state = running.load(str(mon.address))
+    return state if state is not None and state.starting and not state.alive else None
+
+
+async def _take_over_start(fleet: Fleet, mon: Monitor, state: running.RunningFile) -> Adopted:
+    """A dead kvmshell's start that had set up both sides (the destination listens): this job goes on
+    from its stages' work before `migrate` (``StorageStage.resumed``: the mirrors finish)."""
+    by = f"kvmshell pid {state.pid} (gone)"
+    if state.phase != "prepared" or state.unplug is not None:
+        what = "setting up both sides" if state.phase != "prepared" else "unplugging devices"
+        raise Refused(f"{by} was {what} for a migration when it ended, which cannot go on from there: "
+                      "`migrate_cancel` undoes what it set up", guest=mon.name)
+    warnings: list[str] = []
+    job = await _job(fleet, mon, state, warnings)
+    if job.dest is None:
+        raise Refused(f"{by} was starting a migration to {state.dest_address}, not attached here: attach it "
+                      "(-g NAME=ADDRESS) to go on, or `migrate_cancel` to undo it", guest=mon.name)
+    _take_stages(job, mon, state, warnings)
+    job.uri = state.uri
+    running.checkpoint(job, "prepared")          # this kvmshell's file now
+    return Adopted(job, f"took over the start of the migration to {job.dest.name} that {by} left before `migrate`: "
+                        f"its {', '.join(state.stages) or 'work'} goes on, then `migrate`, strategy {state.strategy}",
+                   warnings)
+
+
+async def undo_start(fleet: Fleet, guest: str) -> tuple[str, list[str]] | None:
+    """`migrate_cancel` on a guest whose start a dead kvmshell left (no migration runs): undo what it
+    set up on both sides; what was done, and warnings. None when there is no such start."""
+    mon = fleet.monitor(guest)
+    state = _dead_start(mon)
+    if state is None or (await mon.migration()).status.is_active:
+        return None
+    warnings: list[str] = []
+    job = await _job(fleet, mon, state, warnings)
+    stages = _take_stages(job, mon, state, warnings)
+    running.checkpoint(job, state.phase)         # this kvmshell's file, removed once undone
+    why = f"the start kvmshell pid {state.pid} (gone) left, cancelled"
+    job.outcome = MigrationOutcome("cancelled", why)     # the TLS is undone too
+    await job._unwind(why)
+    done = [n for st in stages for n in st.notes] + job._restored
+    return f"{why}: " + ("; ".join(done) or "nothing was left to undo"), warnings
+
+
+def _take_stages(job: MigrationJob, mon: Monitor, state: running.RunningFile, warnings: list[str]) -> list[Stage]:
+    stages, _ = _stages(mon, job.dest, state, warnings)
+    job.stages += stages
+    job._prepared = list(stages)                 # finished (undone) if the start fails or is cancelled
+    return stages
+
+
 async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: running.RunningFile) -> Adopted:
     """The dead kvmshell's job again: its strategy, request and the settings to put back."""
     warnings: list[str] = []
+    job = await _job(fleet, mon, state, warnings)
+    dest = job.dest
+    job.postcopy_started = info.status.is_postcopy
+    job.throttle_armed = bool(info.cpu_throttle_percentage)
+    stages, resumed = _stages(mon, dest, state, warnings)
+    left = [name for name in state.stages if name not in resumed and name != "pre-flight"]
+    if left:
+        warnings.append(f"the stages of the start ({', '.join(left)}) are not resumed: check them by hand")
+    if info.status is MigrationStatus.POSTCOPY_PAUSED:
+        warnings.append("the migration is paused in postcopy: recover it (migrate_recover on the destination, "
+                        "then migrate -r here)")
+    job.stages += stages               # last: the disk copy's poller runs from now on
+    return Adopted(job, f"adopted the {info.status} migration started by kvmshell pid {state.pid} (gone): strategy "
+                        f"{state.strategy} resumes, its settings are put back at the end", warnings)
+
+
+async def _job(fleet: Fleet, mon: Monitor, state: running.RunningFile, warnings: list[str]) -> MigrationJob:
+    """The dead kvmshell's job rebuilt: its strategy, request, TLS and the settings to put back."""
     dest = _attached(fleet, state.dest_address)
     if state.dest_address is not None and dest is None:
         warnings.append(f"the destination {state.dest_address} is not attached here: its migration settings stay "
@@ -116,18 +194,7 @@ async def _resume(fleet: Fleet, mon: Monitor, info: MigrationInfo, state: runnin
     cap = params.max_bandwidth
     job._limits = Limits((req.downtime_ms or params.downtime_limit_ms or 300) / 1000,
                          float(cap) if cap and cap < UNCAPPED else None)
-    job.postcopy_started = info.status.is_postcopy
-    job.throttle_armed = bool(info.cpu_throttle_percentage)
-    stages, resumed = _stages(mon, dest, state, warnings)
-    left = [name for name in state.stages if name not in resumed and name != "pre-flight"]
-    if left:
-        warnings.append(f"the stages of the start ({', '.join(left)}) are not resumed: check them by hand")
-    if info.status is MigrationStatus.POSTCOPY_PAUSED:
-        warnings.append("the migration is paused in postcopy: recover it (migrate_recover on the destination, "
-                        "then migrate -r here)")
-    job.stages += stages               # last: the disk copy's poller runs from now on
-    return Adopted(job, f"adopted the {info.status} migration started by kvmshell pid {state.pid} (gone): strategy "
-                        f"{state.strategy} resumes, its settings are put back at the end", warnings)
+    return job
 
 
 def _stages(mon: Monitor, dest: Monitor | None, state: running.RunningFile,
@@ -147,4 +214,4 @@ def _stages(mon: Monitor, dest: Monitor | None, state: running.RunningFile,
     return stages, {st.name for st in stages}
 
 
-__all__ = ["Adopted", "adopt", "not_followed"]
+__all__ = ["Adopted", "adopt", "not_followed", "undo_start"]

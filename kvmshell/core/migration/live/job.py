@@ -88,6 +88,7 @@ class MigrationJob:
         self._tls_on = False
         self.tls: dict[str, TlsSide] = {}     # what TLS changed, by side ("source", "dest"): for the state file
         self.settings = Settings()            # what the job changes on each side, to put back at the end
+        self.start_phase = "preparing"        # in the state file until `migrate` is sent (running.PHASES)
         self._restored: list[str] = []        # what putting it back said, before a start that failed
 
     @property
@@ -111,6 +112,7 @@ class MigrationJob:
     # -- preparing both sides -------------------------------------------------------------------
     async def prepare(self) -> None:
         """Check and set up both sides; nothing runs yet. A failure leaves both as they were."""
+        self.settings.on_change = lambda: running.checkpoint(self)     # the state file before each change
         try:
             await self._prepare()
         except BaseException as e:
@@ -128,6 +130,7 @@ class MigrationJob:
             await self._tls_off()
         self._restored.extend(await self.settings.restore(self.source, self.dest, "failed"))
         await self._close_trace(failed)
+        running.forget(self)
 
     async def _finish_stages(self, outcome: MigrationOutcome) -> None:
         for stage in reversed(self._prepared):
@@ -209,6 +212,7 @@ class MigrationJob:
             await stage.prepare(self)
         if self.dest is not None:
             await self.dest.migrate_incoming(self.req.listen_uri or self.uri)
+        running.checkpoint(self, "prepared")
 
     # -- running --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -227,9 +231,11 @@ class MigrationJob:
         await self.attach_trace()
         for stage in self.stages:
             await stage.before_start(self)
+            running.checkpoint(self)                 # what it did (devices unplugged, say)
         self.sampler.start = self.clock()
         await src.migrate(self.uri)
         self._started = True
+        running.checkpoint(self, "migrating")        # until ``run`` saves it with QEMU's start
         self.decide("start", f"migrate to {self.uri} with strategy {self.req.strategy}, "
                              f"downtime limit {self._limits.downtime_s * 1000:.0f} ms, "
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")

@@ -5,8 +5,10 @@ between which monitors, with which strategy and request, and what kvmshell chang
 side's migration capabilities and parameters as they were before (the job's ``Settings``, plus the
 throttle parameters a strategy may raise later), what its stages leave to finish (the disk copy, the
 devices unplugged: ``resume``) and what TLS changed on each side (``tls.TlsSide``). It is written
-when the job starts following and removed when the job concludes; it stays when kvmshell dies or
-closes while QEMU goes on migrating.
+before the job's first change to either side (``checkpoint``, again after each change until `migrate`
+is sent: ``phase`` "preparing", then "prepared" once the destination listens), rewritten when the job
+starts following (phase "migrating") and removed when the job concludes or its start is undone; it
+stays when kvmshell dies or closes while QEMU goes on migrating, or while its start is under way.
 ``adopt`` reads it back. Nothing here raises for a file it cannot write or read: it is logged.
 """
 
@@ -39,6 +41,7 @@ THROTTLE = ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"
 REQUEST = ("downtime_ms", "bandwidth", "link", "allow_postcopy", "interval", "stall_timeout")
 ANSWER_S = 3.0
 STALE_S = 10.0                   # the start a file records and QEMU's own may differ by this much
+PHASES = ("preparing", "prepared", "migrating")    # before `migrate`: setting up, then the stages' work
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class RunningFile:
     storage: StorageRecord | None = None       # the disk copy to finish (``resume``)
     unplug: UnplugRecord | None = None         # the devices to plug again
     tls: dict[str, TlsSide] = field(default_factory=dict)     # by side: what TLS changed there
+    phase: str = "migrating"                   # PHASES: "migrating" once `migrate` was sent
+
+    @property
+    def starting(self) -> bool:
+        """`migrate` was not sent yet: the file is about a start under way (or interrupted)."""
+        return self.phase != "migrating"
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunningFile:
@@ -70,7 +79,7 @@ class RunningFile:
                    stages=tuple(d.get("stages") or ()), started_at=float(d.get("started_at") or 0.0),
                    storage=StorageRecord.from_dict(storage) if storage else None,
                    unplug=UnplugRecord.from_dict(unplug) if unplug else None,
-                   tls=tls_from_dict(d.get("tls") or {}))
+                   tls=tls_from_dict(d.get("tls") or {}), phase=str(d.get("phase") or "migrating"))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"storage": self.storage.to_dict() if self.storage else None,
@@ -175,6 +184,36 @@ async def save(job: MigrationJob) -> None:
                       unplug=next((r for r in records if isinstance(r, UnplugRecord)), None), tls=dict(job.tls)))
 
 
+def checkpoint(job: MigrationJob, phase: str | None = None) -> None:
+    """The job's start is under way: write what it has changed so far and is about to change (called
+    before each change; ``phase`` moves it on; "migrating": `migrate` was sent just now, and ``save``
+    writes the file again with QEMU's start). No QEMU is asked: nothing to wait for (never raises)."""
+    if job.start_phase == "migrating" and phase is None:     # past the start: ``save`` wrote the file
+        return
+    if phase is not None:
+        job.start_phase = phase
+    before: dict[str, dict[str, dict[str, Any]]] = {}
+    for role, mon in (("source", job.source), ("dest", job.dest)):
+        if mon is not None:
+            b = job.settings.before(mon.name)
+            before[role] = {"capabilities": dict(b.capabilities), "parameters": dict(b.parameters)}
+    records = [r for st in job.work if (r := st.record()) is not None]
+    req = job.req
+    write(RunningFile(source=job.source.name, source_address=str(job.source.address), strategy=req.strategy,
+                      pid=os.getpid(), dest=job.dest.name if job.dest else None,
+                      dest_address=str(job.dest.address) if job.dest else None, uri=job.uri,
+                      request={k: getattr(req, k) for k in REQUEST}, before=before,
+                      stages=tuple(st.name for st in job.work),
+                      storage=next((r for r in records if isinstance(r, StorageRecord)), None),
+                      unplug=next((r for r in records if isinstance(r, UnplugRecord)), None), tls=dict(job.tls),
+                      phase=job.start_phase, started_at=time.time() if job.start_phase == "migrating" else 0.0))
+
+
+def forget(job: MigrationJob) -> None:
+    """The job's start was undone: its file goes (only one this kvmshell wrote)."""
+    remove(str(job.source.address), os.getpid())
+
+
 def drop(job: MigrationJob) -> None:
     """The job has ended: its file goes once it has concluded (kvmshell closing mid-way keeps it, and
     so does a migration paused in postcopy: its settings stay for the recovery, and go back after it)."""
@@ -182,4 +221,4 @@ def drop(job: MigrationJob) -> None:
         remove(str(job.source.address), os.getpid())
 
 
-__all__ = ["RunningFile", "directory", "drop", "load", "path_for", "pid_alive", "remove", "save", "write"]
+__all__ = ["RunningFile", "checkpoint", "directory", "drop", "forget", "load", "path_for", "pid_alive", "remove", "save", "write"]

@@ -11,7 +11,7 @@ created, and its parameters never pass through here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from kvmshell.core.monitor.base import Monitor
@@ -55,6 +55,11 @@ class Settings:
 
     def __init__(self) -> None:
         self._before: dict[str, Before] = {}
+        self.on_change: Callable[[], None] | None = None     # told before each change, the values recorded
+
+    def _changing(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def before(self, guest: str) -> Before:
         return self._before.setdefault(guest, Before())
@@ -72,6 +77,7 @@ class Settings:
         saved = self.before(mon.name).capabilities
         for k in wanted:
             saved.setdefault(k, have[k])
+        self._changing()
         await mon.set_capabilities(wanted)
 
     async def set_parameters(self, mon: Monitor, params: Mapping[str, ParamValue]) -> None:
@@ -83,6 +89,7 @@ class Settings:
                 v = now.get(k)
                 if v is not None:       # a parameter this QEMU does not report: setting it fails anyway
                     saved.setdefault(k, v)
+        self._changing()
         await mon.set_parameters(params)
 
     async def restore(self, source: Monitor, dest: Monitor | None, ended: str) -> list[str]:

@@ -41,6 +41,7 @@ from kvmshell.core.hosts.processes import free_port
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.values.units import human_bytes
 from kvmshell.core.values.uri import parse_uri
+from kvmshell.core.migration.live import running
 from kvmshell.core.migration.live.endpoints import same_host
 from kvmshell.core.migration.live.resume import DiskCopy, StorageRecord
 from kvmshell.core.migration.live.stages import BaseStage
@@ -172,6 +173,8 @@ class StorageStage(BaseStage):
         self._sock_dir: str | None = None
         self._one_host = False                         # both QEMUs on one host: a shared file is possible
         self._server: NbdServer | None = None          # where the destination's NBD server listens
+        self._starting_server: NbdServer | None = None # in the state file before nbd-server-start is sent
+        self._resumed = False                          # rebuilt from a state file (``resumed``)
         self._clients: list[str] = []                  # NBD client nodes on the source
         self._jobs: list[str] = []                     # mirror job ids started
         self._blockdev = True                          # blockdev-add + blockdev-mirror (else drive-mirror)
@@ -217,7 +220,7 @@ class StorageStage(BaseStage):
         for i, (key, dev) in enumerate(ours.items()):
             self.disks.append(Disk(key, dev.node_name, theirs[key].node_name, _size(dev), i))
         self._mirror_args = set(await src.command_args("blockdev-mirror" if self._blockdev else "drive-mirror"))
-        await self._start_server(dst, where)
+        await self._start_server(job, dst, where)
         for disk in self.disks:
             await dst.nbd_export(disk.dest_node, disk.export, writable=True)
         self.notes.append(f"storage: {dst.name} exported {', '.join(d.key for d in self.disks)} over NBD "
@@ -308,12 +311,18 @@ class StorageStage(BaseStage):
     def _where(self) -> str:
         return "no server" if self._server is None else str(self._server)
 
-    async def _start_server(self, dst: Monitor, where: tuple[str, int] | None) -> None:
+    def _announce(self, job: MigrationJob, server: NbdServer) -> None:
+        """The server in the state file before it is started (a kvmshell that adopts stops it)."""
+        self._starting_server = server
+        running.checkpoint(job)
+
+    async def _start_server(self, job: MigrationJob, dst: Monitor, where: tuple[str, int] | None) -> None:
         if where is None:
             self._sock_dir = tempfile.mkdtemp(prefix="kvmshell-nbd-")
             path = os.path.join(self._sock_dir, "nbd.sock")
             try:
                 server = NbdServer(path=path)
+                self._announce(job, server)
                 await dst.nbd_server_start(server)
                 self._server = server
                 return
@@ -325,17 +334,27 @@ class StorageStage(BaseStage):
         server = NbdServer(host=host, port=port) if tls is None else \
             NbdServer(host=host, port=port, tls_creds=OBJECT_ID, tls_authz=AUTHZ_ID if tls.authz else None,
                       tls_hostname=tls.hostname)
+        self._announce(job, server)
         await dst.nbd_server_start(server)
         self._server = server
 
     # -- before_start: mirror every disk until all are ready -------------------------------------
     async def before_start(self, job: MigrationJob) -> None:
         src = job.source
-        self._unsubscribe = src.subscribe(self._on_event)
         speed = job.req.bandwidth // len(self.disks) if job.req.bandwidth else 0
-        for disk in self.disks:
-            await self._mirror(src, disk, speed)
-        self._watch()
+        if self._resumed:                 # a dead kvmshell's start: its mirrors run on; start those it had not
+            running_jobs = {j.id for j in await src.block_jobs()}
+            missing = [d for d in self.disks if d.job_id not in running_jobs]
+            if missing:
+                self._mirror_args = set(await src.command_args("blockdev-mirror" if self._blockdev else "drive-mirror"))
+            for disk in missing:
+                self._jobs = [j for j in self._jobs if j != disk.job_id]
+                await self._mirror(job, src, disk, speed)
+        else:
+            self._unsubscribe = src.subscribe(self._on_event)
+            for disk in self.disks:
+                await self._mirror(job, src, disk, speed)
+            self._watch()
         # a capped mirror copies a buffer (up to 16 MiB) at once, then sleeps: allow for that pause
         stall = max(job.req.stall_timeout, 2 * MIRROR_BUFFER / speed) if speed else job.req.stall_timeout
         await self._wait(lambda: all(d.ready for d in self.disks), stall_s=stall,
@@ -343,28 +362,33 @@ class StorageStage(BaseStage):
         self.notes.append(f"storage: {len(self.disks)} disk(s) in sync on {self._dst_name} "
                           f"({', '.join(f'{d.key} {human_bytes(d.size)}' for d in self.disks)})")
 
-    async def _mirror(self, src: Monitor, disk: Disk, speed: int) -> None:
+    async def _mirror(self, job: MigrationJob, src: Monitor, disk: Disk, speed: int) -> None:
+        """Mirror ``disk``; the state file says so after each change on the source."""
         sync = "full" if self.mode == "all" else "top"
         blocking = "copy-mode" in self._mirror_args
         assert self._server is not None
         if self._blockdev:
-            await src.blockdev_add_nbd(disk.client_node, self._server, disk.export)
-            self._clients.append(disk.client_node)
+            if disk.client_node not in self._clients:
+                await src.blockdev_add_nbd(disk.client_node, self._server, disk.export)
+                self._clients.append(disk.client_node)
+                running.checkpoint(job)
             await src.blockdev_mirror(disk.job_id, disk.source_node, disk.client_node, sync=sync, speed=speed,
                                       write_blocking=blocking)
         else:
             await src.drive_mirror(disk.job_id, disk.source_node, self._server.uri(disk.export), target_format="raw",
                                    sync=sync, speed=speed, write_blocking=blocking)
         self._jobs.append(disk.job_id)
+        running.checkpoint(job)
 
     def _watch(self) -> None:
         self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
 
     # -- in the state file, and back in the kvmshell that adopts the migration ---------------------
     def record(self) -> StorageRecord | None:
-        if self._server is None or not self._jobs:
+        server = self._server or self._starting_server
+        if server is None:
             return None
-        return StorageRecord(self.mode, self._dst_name, self._server,
+        return StorageRecord(self.mode, self._dst_name, server,
                              tuple(DiskCopy(d.key, d.source_node, d.dest_node, d.size, d.index) for d in self.disks),
                              tuple(self._jobs), tuple(self._clients), self._blockdev, self._sock_dir,
                              self.pause_before_switchover)
@@ -373,7 +397,8 @@ class StorageStage(BaseStage):
     def resumed(cls, rec: StorageRecord, source: Monitor, dest: Monitor | None) -> StorageStage:
         """The stage of the kvmshell that started the migration, from its record: the mirrors run on in
         QEMU; ``at_switchover`` completes them, ``finish`` cleans up (the NBD server only when ``dest``
-        is attached here)."""
+        is attached here). A start it had not finished goes on in ``before_start`` (the mirrors not
+        started yet are started, then all are waited for)."""
         stage = cls(rec.mode)
         stage._src, stage._dst = source, dest
         stage._src_name, stage._dst_name = source.name, dest.name if dest is not None else rec.dest
@@ -381,6 +406,7 @@ class StorageStage(BaseStage):
         stage._jobs, stage._clients = list(rec.jobs), list(rec.clients)
         stage.disks = [Disk(d.key, d.source_node, d.dest_node, d.size, d.index) for d in rec.disks]
         stage.pause_before_switchover = rec.pause_before_switchover
+        stage._resumed = True
         stage._unsubscribe = source.subscribe(stage._on_event)
         stage._watch()
         return stage
