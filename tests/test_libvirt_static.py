@@ -1,11 +1,13 @@
 """Static migration of a libvirt guest (libvirt's save image, the disks, restored by the other host's
-libvirt) between two test hosts, each with its own sshd and its own libvirtd.
+libvirt) between two test hosts, each with its own sshd and its own libvirtd; and libvirt over SSH.
 
 The hosts are those of the direct static tests (``SshTestbed``: network namespaces ``a`` and ``b``,
 a real sshd in each, reached over their uplinks); a private ``Libvirtd`` runs in each namespace with
 its own host UUID and hostname, so that libvirt takes them for two hosts. kvmshell reaches both
 daemons over their unix sockets (in the test's tmp dir, which all namespaces share) and copies the
-files to host ``b`` over SSH; the source's files are "here" (the source URI is a local socket).
+files to host ``b`` over SSH; the source's files are "here" (the source URI is a local socket). Each
+sshd runs in its libvirtd's mount namespace (``serve_ssh``), so ``qemu+libssh://root@HOST/system``
+reaches that daemon as on a real host.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab
 from kvmshell.lab.verify import check_guest_memory
-from tests.libvirtd import DOMAIN_TYPE, Libvirtd, domain_xml, needs_libvirt, needs_netns, state
+from tests.libvirtd import (DOMAIN_TYPE, Libvirtd, domain_xml, kvmshell_view, libvirt_agrees, memory_intact,
+                            needs_libvirt, needs_netns, serve_ssh, state)
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_cli import env_for
 from tests.test_ssh import pool_for
@@ -66,6 +69,8 @@ async def hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[Hosts]:
         try:
             await src.start()
             await dst.start()
+            await serve_ssh(bed["a"], src)
+            await serve_ssh(bed["b"], dst)
             config = tmp_path / "kvmshell.toml"
             config.write_text(bed.config_toml().replace("[hosts.b]\n", f'[hosts.b]\nlibvirt = "{dst.uri}"\n'))
             home = tmp_path / "home"
@@ -290,3 +295,42 @@ async def test_ctrl_c_during_the_copy_restores_the_source_and_exits_130(hosts: H
     assert "Traceback" not in text and text.endswith("kvmshell: interrupted\n"), text
     assert state(h.src, "c1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
     assert list(h.dest.iterdir()) == [] and not list(h.src.lab.workdir.glob("*.save"))
+
+
+async def test_libvirt_over_ssh_attach_and_live_migration_to_a_host_with_only_ssh(hosts: Hosts,
+                                                                                  tmp_path: Path) -> None:
+    """The libssh URI kvmshell builds, to success: attach a domain over it, and migrate live to a host
+    whose [hosts.b] has only `ssh` (kvmshell holds both connections, the destination's over libssh)."""
+    h = hosts
+    await define(h.src, "r1")
+    a, b = h.bed["a"], h.bed["b"]
+    known = h.home / ".ssh" / "known_hosts"
+    over_ssh = {x.name: f"qemu+libssh://{x.user}@{x.addr}:22/system?known_hosts={known}&known_hosts_verify=normal"
+                        f"&keyfile={h.bed.client_key}" for x in (a, b)}
+    config = tmp_path / "ssh-only.toml"
+    config.write_text(h.bed.config_toml())
+    assert "libvirt =" not in config.read_text()
+    guest = f"r1=libvirt:{over_ssh['a']}#r1"
+
+    async def cli_ssh(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvmshell.cli", "--config", str(config), *args,
+            env=env_for(tmp_path) | {"HOME": str(h.home)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(120):
+            out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    rc, out, err = await cli_ssh("--guest", guest, "-c", "info status")
+    assert rc == 0 and out.strip() == "VM status: running", err + out
+    rc, out, err = await cli_ssh("--guest", guest, "-c", f"migrate --to-host b --address {h.bed.net.dst.ip} --unsafe "
+                                 "--persistent --undefine-source")
+    assert rc == 0, err + out
+    assert f"kvmshell: r1: migrating r1 through libvirt to b ({over_ssh['b']})" in err, err
+    assert "r1 moved live to b through libvirt, attached as r1.b" in out, out
+    assert f"libvirt has r1: source {over_ssh['a']}: no such domain; destination {over_ssh['b']}: running, " \
+           "persistent" in out, out
+    # libvirt's view, read on each daemon's own socket, agrees with kvmshell's over SSH
+    src, dst = await libvirt_agrees(h.src, h.dst)
+    assert src == {} and dst["r1"][0] == "running" and dst["r1"][2] is True, (src, dst)
+    assert await kvmshell_view(over_ssh["b"]) == dst and await kvmshell_view(over_ssh["a"]) == {}
+    await memory_intact(h.dst, "r1", WS, tmp_path)
