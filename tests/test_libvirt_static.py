@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 import uuid
@@ -31,6 +32,7 @@ from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab
+from kvmshell.lab.linux import PartsMissing, linux_parts
 from kvmshell.lab.verify import check_guest_memory
 from tests.libvirtd import (DOMAIN_TYPE, Libvirtd, domain_xml, kvmshell_view, libvirt_agrees, memory_intact,
                             needs_libvirt, needs_netns, serve_ssh, state)
@@ -149,20 +151,56 @@ async def test_static_migration_of_a_libvirt_guest_restores_it_on_the_other_host
         await mon.close()
 
 
-async def test_dry_run_shows_the_xml_and_changes_nothing(hosts: Hosts, tmp_path: Path) -> None:
+async def test_dry_run_shows_the_xml_then_the_move_carries_the_kernel_and_initrd(hosts: Hosts, tmp_path: Path) -> None:
+    """A domain that boots the Linux lab guest's kernel and initrd (its disk the boot-sector guest's):
+    --dry-run lists them with the disks and changes nothing; the move copies them (checked at both
+    ends) and both definitions on b use the copies."""
     h = hosts
-    await define(h.src, "d1")
+    try:
+        parts = await linux_parts()
+    except PartsMissing as e:
+        pytest.skip(str(e))
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    kernel, initrd = boot / "vmlinuz", boot / "initrd.cpio"
+    shutil.copyfile(parts.kernel.with_name("vmlinuz"), kernel)       # the bzImage: 8 MiB, not the 64 MiB ELF
+    shutil.copyfile(parts.initrd, initrd)
+    disk = await h.src.lab.make_disk("d1", WS)
+    serial = h.src.root / "d1.serial"
+    xml = domain_xml("d1", [(str(disk), "qcow2")], serial).replace(
+        "hvm</type></os>", f"hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+                           "<cmdline>console=ttyS0</cmdline></os>").replace(f"<domain type='{DOMAIN_TYPE}'>",
+                                                                            "<domain type='qemu'>")  # kvm_pvm: no Linux
+    dom = await asyncio.to_thread(h.src.conn.defineXML, xml)
+    await asyncio.to_thread(dom.create)
+    assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True)  # QEMU took the files (how far Linux gets in
+                                                                      # 32 MiB under TCG does not matter here)
     rc, out, err = await cli(h, tmp_path, "d1", f"static-migrate d1 --to b --dir {h.dest} --dry-run")
     assert rc == 0, err + out
-    first, said, *xml = out.strip().splitlines()
+    first, said, *xml_lines = out.strip().splitlines()
     assert first.startswith(f"dry run: libvirt would save d1 to {h.src.lab.workdir}/d1.kvmshell.save, kvmshell would "
                             f"copy it with boot-512-0.raw (1.0 MiB), d1.qcow2 (") and first.endswith("nothing was done")
+    assert re.search(r", vmlinuz \([\d.]+ MiB\), initrd\.cpio \([\d.]+ MiB\) to ", first), first
     assert said == "the XML defined on b:", out
-    text = "\n".join(xml)
-    assert text.startswith(f"<domain type=\"{DOMAIN_TYPE}\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
-    assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text, text
+    text = "\n".join(xml_lines)
+    assert text.startswith("<domain type=\"qemu\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
+    assert f"<kernel>{h.dest}/vmlinuz</kernel>" in text and f"<initrd>{h.dest}/initrd.cpio</initrd>" in text, text
+    assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text and str(boot) not in text, text
     assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
     assert not h.dest.exists() and not list(h.src.lab.workdir.glob("*.save"))
+    # the move: the boot files go with the disks, through the same checked copy
+    rc, out, err = await cli(h, tmp_path, "d1", f"static-migrate d1 --to-host b --dir {h.dest}")
+    assert rc == 0, err + out
+    assert re.search(r"kvmshell: d1: copying vmlinuz: ", err) and re.search(r"kvmshell: d1: copying initrd\.cpio: ", err), err
+    assert sorted(p.name for p in h.dest.iterdir()) == ["boot-512-0.raw", "d1.qcow2", "initrd.cpio", "vmlinuz"]
+    assert (h.dest / "vmlinuz").read_bytes() == kernel.read_bytes()
+    assert (h.dest / "initrd.cpio").read_bytes() == initrd.read_bytes()
+    moved = h.dst.conn.lookupByName("d1")
+    for x in (moved.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), moved.XMLDesc(0)):
+        assert f"<kernel>{h.dest}/vmlinuz</kernel>" in x and f"<initrd>{h.dest}/initrd.cpio</initrd>" in x, x
+        assert str(boot) not in x and str(h.src.lab.workdir) not in x
+    src, dst = await libvirt_agrees(h.src, h.dst)
+    assert src["d1"][0] == "shut off" and dst["d1"][0] == "running", (src, dst)
 
 
 async def test_a_failure_mid_copy_restores_the_source_and_leaves_the_destination_clean(hosts: Hosts,
