@@ -2,7 +2,9 @@
 
 ``Libvirtd`` starts a real ``libvirtd`` in its own mount namespace: tmpfs over /run, /var/lib,
 /var/cache and /etc/libvirt, so its state, domain XML and monitor sockets are its own and vanish with
-it; its socket lives in the test's tmp dir and is reached with ``qemu:///system?socket=...``. Why not
+it; its socket lives in the test's tmp dir and is reached with ``qemu:///system?socket=...``; inside the
+namespace /run/libvirt/libvirt-sock links to it, so an sshd started there (``serve_ssh``) takes
+``qemu+libssh://root@HOST/system`` to this daemon as on a real host. Why not
 ``qemu:///embed``: the embed driver runs QEMU inside the one process that opened it, so the kvmshell a
 test starts could not reach the same domains. libvirt resolves its compiled-in user ``libvirt-qemu``
 at start even when qemu.conf says root, so the namespace also gets /etc/passwd and /etc/group with
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import sys
@@ -32,11 +35,13 @@ from typing import Any
 
 import pytest
 
+from kvmshell.cli.inventory import libvirt_report
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab, choose_accel, die_with_parent
 from kvmshell.lab.netns import TestNetwork, netns_available
 from kvmshell.lab.verify import check_guest_memory
+from tests.sshd import SshTestHost, run
 from tests.waiting import wait_for
 
 try:
@@ -59,7 +64,9 @@ mount --bind "$D/passwd" /etc/passwd
 mount --bind "$D/group" /etc/group
 if [ -n "$HOSTNAME_OF_HOST" ]; then hostname "$HOSTNAME_OF_HOST"; fi
 for dir in /run /var/lib /var/cache /etc/libvirt; do mount -t tmpfs tmpfs $dir; done
-mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt
+mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt /run/sshd
+ln -s "$D/sock/libvirt-sock" /run/libvirt/libvirt-sock
+ln -s "$D/sock/libvirt-sock-ro" /run/libvirt/libvirt-sock-ro
 cat > /etc/libvirt/qemu.conf <<EOF
 user = "root"
 group = "root"
@@ -160,20 +167,27 @@ class Libvirtd:
     def domain_names(self) -> list[str]:
         return sorted(d.name() for d in self.conn.listAllDomains())
 
+    async def _clear(self) -> None:
+        for dom in await asyncio.to_thread(self.conn.listAllDomains):
+            persistent = dom.isPersistent()        # a transient one is gone once destroyed
+            if dom.isActive():
+                await asyncio.to_thread(dom.destroy)
+            if persistent:
+                await asyncio.to_thread(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        left = await asyncio.to_thread(self.conn.listAllDomains)
+        await asyncio.to_thread(self.conn.close)
+        assert not left, f"domains left on the test's libvirtd: {[d.name() for d in left]}"
+
     async def stop(self) -> None:
-        """Destroy and undefine every domain (their QEMUs outlive libvirtd otherwise), stop libvirtd."""
+        """Check that virsh and kvmshell agree on the domains (``libvirt_agrees``), destroy and undefine
+        every domain (their QEMUs outlive libvirtd otherwise), stop libvirtd."""
         try:
             if self.conn is not None:
-                for dom in await asyncio.to_thread(self.conn.listAllDomains):
-                    persistent = dom.isPersistent()        # a transient one is gone once destroyed
-                    if dom.isActive():
-                        await asyncio.to_thread(dom.destroy)
-                    if persistent:
-                        await asyncio.to_thread(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                                                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-                left = await asyncio.to_thread(self.conn.listAllDomains)
-                await asyncio.to_thread(self.conn.close)
-                assert not left, f"domains left on the test's libvirtd: {[d.name() for d in left]}"
+                try:
+                    await libvirt_agrees(self)
+                finally:
+                    await self._clear()
         finally:
             if self.proc is not None and self.proc.returncode is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -248,6 +262,46 @@ def state(lv: Libvirtd, name: str) -> tuple[int, bool] | None:
     except libvirt.libvirtError:
         return None
     return dom.state()[0], bool(dom.isPersistent())
+
+
+async def virsh_view(uri: str) -> dict[str, tuple[str, str, bool]]:
+    """{name: (state, UUID, persistent)} from `virsh list --all` and `virsh dominfo` on ``uri``."""
+    listed = await run("virsh", "-c", uri, "list", "--all")
+    view = {}
+    for m in re.finditer(r"^\s*(?:\d+|-)\s+(\S+)\s+(.+?)\s*$", listed, re.M):
+        info = dict(re.findall(r"^([^:\n]+):\s*(.*?)\s*$", await run("virsh", "-c", uri, "dominfo", m[1]), re.M))
+        view[m[1]] = (m[2], info["UUID"], info["Persistent"] == "yes")
+    return view
+
+
+async def kvmshell_view(uri: str) -> dict[str, tuple[str, str, bool]]:
+    """The same, as `kvmshell hosts` reads it (its libvirt report of that connection)."""
+    report = await libvirt_report(uri)
+    assert report["reachable"], report["reason"]
+    return {d["name"]: (d["state"], d["uuid"], d["persistent"]) for d in report["domains"]}
+
+
+async def libvirt_agrees(*daemons: Libvirtd) -> list[dict[str, tuple[str, str, bool]]]:
+    """`virsh list --all`/`dominfo` on each daemon and kvmshell's `hosts` agree (name, state, UUID,
+    persistent): each daemon's view, after up to 10 s for a domain still changing state. Every libvirt
+    test checks this: ``Libvirtd.stop`` calls it first."""
+    views = []
+    for lv in daemons:
+        async def both() -> tuple[dict[str, tuple[str, str, bool]], dict[str, tuple[str, str, bool]]]:
+            return await virsh_view(lv.uri), await kvmshell_view(lv.uri)
+        virsh, _ = await wait_for(both, lambda v: v[0] == v[1], timeout=10, every=0.2,
+                                  what=f"virsh and kvmshell agree on {lv.uri}")
+        views.append(virsh)
+    return views
+
+
+async def serve_ssh(host: SshTestHost, lv: Libvirtd) -> None:
+    """Restart the test host's sshd in the mount and UTS namespaces of ``lv`` (which runs in that host's
+    network namespace): an SSH session's ``qemu:///system`` is then that daemon, as on a real host."""
+    assert lv.proc is not None
+    await host.stop()
+    host.enter = ("nsenter", "-t", str(lv.proc.pid), "--mount", "--uts")
+    await host.start()
 
 
 async def memory_intact(lv: Libvirtd, name: str, ws_pages: int, workdir: Path) -> None:

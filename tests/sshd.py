@@ -129,6 +129,7 @@ class SshTestHost:
     authorized_keys: Path
     netns: str | None = None
     password_auth: bool = False
+    enter: tuple[str, ...] = ()     # argv sshd runs under (tests/libvirtd.py: a libvirtd's mount namespace)
     proc: asyncio.subprocess.Process | None = None
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)
     _forked: set[int] = field(default_factory=set, repr=False)
@@ -196,9 +197,9 @@ class SshTestHost:
     async def start(self) -> None:
         assert self.proc is None or self.proc.returncode is not None, "sshd already running"
         self.write_config()
-        await run(*self.prefix, SSHD, "-t", "-f", str(self.config))
+        await run(*self.prefix, *self.enter, SSHD, "-t", "-f", str(self.config))
         self.proc = await asyncio.create_subprocess_exec(
-            *self.prefix, SSHD, "-D", "-e", "-f", str(self.config),
+            *self.prefix, *self.enter, SSHD, "-D", "-e", "-f", str(self.config),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
         listening = asyncio.get_running_loop().create_future()

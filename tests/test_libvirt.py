@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from kvmshell.config import parse_config
+from kvmshell.core.migration.libvirtsave import boot_files, rewrite_paths
 from kvmshell.core.monitor.libvirt import TAINT
 from kvmshell.core.values.address import Address, parse_address
 from kvmshell.errors import ConfigError
@@ -74,6 +75,23 @@ def test_config_libvirt_keys() -> None:
         parse_config({"guests": {"a": {"libvirt": "web1", "monitor": "qmp:unix:/x"}}})
     with pytest.raises(ConfigError, match=r"\[hosts.h\] libvirt: .*not a libvirt URI"):
         parse_config({"hosts": {"h": {"ssh": "h", "libvirt": "nonsense"}}})
+
+
+def test_static_migration_rewrites_the_boot_files_with_the_disks() -> None:
+    """<loader>, <nvram> (both forms; not its template), <kernel>, <initrd>, <dtb>: found and rewritten
+    as the disks are; what is not copied stays."""
+    xml = """<domain type='kvm'><name>b1</name><os><type>hvm</type>
+    <loader readonly='yes' type='pflash'>/fw/CODE.fd</loader><nvram template='/fw/VARS.fd'>/nv/b1_VARS.fd</nvram>
+    <kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd.img</initrd><dtb>/boot/b1.dtb</dtb><cmdline>ro</cmdline></os>
+    <devices><disk type='file' device='disk'><source file='/img/b1.qcow2'/><target dev='sda'/></disk></devices>
+    </domain>"""
+    assert boot_files(xml) == ["/fw/CODE.fd", "/nv/b1_VARS.fd", "/boot/vmlinuz", "/boot/initrd.img", "/boot/b1.dtb"]
+    dest = {p: "/d/" + p.rsplit("/", 1)[1] for p in [*boot_files(xml), "/img/b1.qcow2"]}
+    out = rewrite_paths(xml, dest)
+    assert boot_files(out) == ["/d/CODE.fd", "/d/b1_VARS.fd", "/d/vmlinuz", "/d/initrd.img", "/d/b1.dtb"]
+    assert "<source file=\"/d/b1.qcow2\"" in out and "template=\"/fw/VARS.fd\"" in out and "<cmdline>ro<" in out
+    newer = "<domain><os><nvram type='file'><source file='/nv/x.fd'/></nvram></os></domain>"
+    assert boot_files(newer) == ["/nv/x.fd"] and boot_files(rewrite_paths(newer, {"/nv/x.fd": "/d/x.fd"})) == ["/d/x.fd"]
 
 
 # -- a real daemon --------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Static migration of a libvirt guest (libvirt's save image, the disks, restored by the other host's
-libvirt) between two test hosts, each with its own sshd and its own libvirtd.
+libvirt) between two test hosts, each with its own sshd and its own libvirtd; and libvirt over SSH.
 
 The hosts are those of the direct static tests (``SshTestbed``: network namespaces ``a`` and ``b``,
 a real sshd in each, reached over their uplinks); a private ``Libvirtd`` runs in each namespace with
 its own host UUID and hostname, so that libvirt takes them for two hosts. kvmshell reaches both
 daemons over their unix sockets (in the test's tmp dir, which all namespaces share) and copies the
-files to host ``b`` over SSH; the source's files are "here" (the source URI is a local socket).
+files to host ``b`` over SSH; the source's files are "here" (the source URI is a local socket). Each
+sshd runs in its libvirtd's mount namespace (``serve_ssh``), so ``qemu+libssh://root@HOST/system``
+reaches that daemon as on a real host.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 import uuid
@@ -29,8 +32,10 @@ from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.monitor.fleet import Fleet
 from kvmshell.core.values.address import Address
 from kvmshell.lab.launcher import Lab
+from kvmshell.lab.linux import PartsMissing, linux_parts
 from kvmshell.lab.verify import check_guest_memory
-from tests.libvirtd import DOMAIN_TYPE, Libvirtd, domain_xml, needs_libvirt, needs_netns, state
+from tests.libvirtd import (DOMAIN_TYPE, Libvirtd, domain_xml, kvmshell_view, libvirt_agrees, memory_intact,
+                            needs_libvirt, needs_netns, serve_ssh, state)
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_cli import env_for
 from tests.test_ssh import pool_for
@@ -66,6 +71,8 @@ async def hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[Hosts]:
         try:
             await src.start()
             await dst.start()
+            await serve_ssh(bed["a"], src)
+            await serve_ssh(bed["b"], dst)
             config = tmp_path / "kvmshell.toml"
             config.write_text(bed.config_toml().replace("[hosts.b]\n", f'[hosts.b]\nlibvirt = "{dst.uri}"\n'))
             home = tmp_path / "home"
@@ -144,20 +151,56 @@ async def test_static_migration_of_a_libvirt_guest_restores_it_on_the_other_host
         await mon.close()
 
 
-async def test_dry_run_shows_the_xml_and_changes_nothing(hosts: Hosts, tmp_path: Path) -> None:
+async def test_dry_run_shows_the_xml_then_the_move_carries_the_kernel_and_initrd(hosts: Hosts, tmp_path: Path) -> None:
+    """A domain that boots the Linux lab guest's kernel and initrd (its disk the boot-sector guest's):
+    --dry-run lists them with the disks and changes nothing; the move copies them (checked at both
+    ends) and both definitions on b use the copies."""
     h = hosts
-    await define(h.src, "d1")
+    try:
+        parts = await linux_parts()
+    except PartsMissing as e:
+        pytest.skip(str(e))
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    kernel, initrd = boot / "vmlinuz", boot / "initrd.cpio"
+    shutil.copyfile(parts.kernel.with_name("vmlinuz"), kernel)       # the bzImage: 8 MiB, not the 64 MiB ELF
+    shutil.copyfile(parts.initrd, initrd)
+    disk = await h.src.lab.make_disk("d1", WS)
+    serial = h.src.root / "d1.serial"
+    xml = domain_xml("d1", [(str(disk), "qcow2")], serial).replace(
+        "hvm</type></os>", f"hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+                           "<cmdline>console=ttyS0</cmdline></os>").replace(f"<domain type='{DOMAIN_TYPE}'>",
+                                                                            "<domain type='qemu'>")  # kvm_pvm: no Linux
+    dom = await asyncio.to_thread(h.src.conn.defineXML, xml)
+    await asyncio.to_thread(dom.create)
+    assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True)  # QEMU took the files (how far Linux gets in
+                                                                      # 32 MiB under TCG does not matter here)
     rc, out, err = await cli(h, tmp_path, "d1", f"static-migrate d1 --to b --dir {h.dest} --dry-run")
     assert rc == 0, err + out
-    first, said, *xml = out.strip().splitlines()
+    first, said, *xml_lines = out.strip().splitlines()
     assert first.startswith(f"dry run: libvirt would save d1 to {h.src.lab.workdir}/d1.kvmshell.save, kvmshell would "
                             f"copy it with boot-512-0.raw (1.0 MiB), d1.qcow2 (") and first.endswith("nothing was done")
+    assert re.search(r", vmlinuz \([\d.]+ MiB\), initrd\.cpio \([\d.]+ MiB\) to ", first), first
     assert said == "the XML defined on b:", out
-    text = "\n".join(xml)
-    assert text.startswith(f"<domain type=\"{DOMAIN_TYPE}\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
-    assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text, text
+    text = "\n".join(xml_lines)
+    assert text.startswith("<domain type=\"qemu\">") and f"<source file=\"{h.dest}/d1.qcow2\"" in text, text
+    assert f"<kernel>{h.dest}/vmlinuz</kernel>" in text and f"<initrd>{h.dest}/initrd.cpio</initrd>" in text, text
+    assert "<name>d1</name>" in text and str(h.src.lab.workdir) not in text and str(boot) not in text, text
     assert state(h.src, "d1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
     assert not h.dest.exists() and not list(h.src.lab.workdir.glob("*.save"))
+    # the move: the boot files go with the disks, through the same checked copy
+    rc, out, err = await cli(h, tmp_path, "d1", f"static-migrate d1 --to-host b --dir {h.dest}")
+    assert rc == 0, err + out
+    assert re.search(r"kvmshell: d1: copying vmlinuz: ", err) and re.search(r"kvmshell: d1: copying initrd\.cpio: ", err), err
+    assert sorted(p.name for p in h.dest.iterdir()) == ["boot-512-0.raw", "d1.qcow2", "initrd.cpio", "vmlinuz"]
+    assert (h.dest / "vmlinuz").read_bytes() == kernel.read_bytes()
+    assert (h.dest / "initrd.cpio").read_bytes() == initrd.read_bytes()
+    moved = h.dst.conn.lookupByName("d1")
+    for x in (moved.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), moved.XMLDesc(0)):
+        assert f"<kernel>{h.dest}/vmlinuz</kernel>" in x and f"<initrd>{h.dest}/initrd.cpio</initrd>" in x, x
+        assert str(boot) not in x and str(h.src.lab.workdir) not in x
+    src, dst = await libvirt_agrees(h.src, h.dst)
+    assert src["d1"][0] == "shut off" and dst["d1"][0] == "running", (src, dst)
 
 
 async def test_a_failure_mid_copy_restores_the_source_and_leaves_the_destination_clean(hosts: Hosts,
@@ -290,3 +333,42 @@ async def test_ctrl_c_during_the_copy_restores_the_source_and_exits_130(hosts: H
     assert "Traceback" not in text and text.endswith("kvmshell: interrupted\n"), text
     assert state(h.src, "c1") == (libvirt.VIR_DOMAIN_RUNNING, True) and h.dst.domain_names() == []
     assert list(h.dest.iterdir()) == [] and not list(h.src.lab.workdir.glob("*.save"))
+
+
+async def test_libvirt_over_ssh_attach_and_live_migration_to_a_host_with_only_ssh(hosts: Hosts,
+                                                                                  tmp_path: Path) -> None:
+    """The libssh URI kvmshell builds, to success: attach a domain over it, and migrate live to a host
+    whose [hosts.b] has only `ssh` (kvmshell holds both connections, the destination's over libssh)."""
+    h = hosts
+    await define(h.src, "r1")
+    a, b = h.bed["a"], h.bed["b"]
+    known = h.home / ".ssh" / "known_hosts"
+    over_ssh = {x.name: f"qemu+libssh://{x.user}@{x.addr}:22/system?known_hosts={known}&known_hosts_verify=normal"
+                        f"&keyfile={h.bed.client_key}" for x in (a, b)}
+    config = tmp_path / "ssh-only.toml"
+    config.write_text(h.bed.config_toml())
+    assert "libvirt =" not in config.read_text()
+    guest = f"r1=libvirt:{over_ssh['a']}#r1"
+
+    async def cli_ssh(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvmshell.cli", "--config", str(config), *args,
+            env=env_for(tmp_path) | {"HOME": str(h.home)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(120):
+            out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    rc, out, err = await cli_ssh("--guest", guest, "-c", "info status")
+    assert rc == 0 and out.strip() == "VM status: running", err + out
+    rc, out, err = await cli_ssh("--guest", guest, "-c", f"migrate --to-host b --address {h.bed.net.dst.ip} --unsafe "
+                                 "--persistent --undefine-source")
+    assert rc == 0, err + out
+    assert f"kvmshell: r1: migrating r1 through libvirt to b ({over_ssh['b']})" in err, err
+    assert "r1 moved live to b through libvirt, attached as r1.b" in out, out
+    assert f"libvirt has r1: source {over_ssh['a']}: no such domain; destination {over_ssh['b']}: running, " \
+           "persistent" in out, out
+    # libvirt's view, read on each daemon's own socket, agrees with kvmshell's over SSH
+    src, dst = await libvirt_agrees(h.src, h.dst)
+    assert src == {} and dst["r1"][0] == "running" and dst["r1"][2] is True, (src, dst)
+    assert await kvmshell_view(over_ssh["b"]) == dst and await kvmshell_view(over_ssh["a"]) == {}
+    await memory_intact(h.dst, "r1", WS, tmp_path)

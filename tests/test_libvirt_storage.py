@@ -90,7 +90,7 @@ class StorHosts:
 
 
 @asynccontextmanager
-async def stor_hosts(lab: Lab, tmp_path: Path, *, tls: bool = True) -> AsyncIterator[StorHosts]:
+async def stor_hosts(lab: Lab, tmp_path: Path, *, tls: bool = True, libvirtd_conf: str = "") -> AsyncIterator[StorHosts]:
     """Two test hosts without shared storage; with ``tls`` their daemons have migration TLS set up with
     the certificates of `kvmshell tls-init`."""
     certs = tmp_path / "tls"
@@ -103,7 +103,7 @@ async def stor_hosts(lab: Lab, tmp_path: Path, *, tls: bool = True) -> AsyncIter
     async with TestNetwork(rate=None, prefix="kvlv") as net:
         assert (net.src.ip, net.dst.ip) == (SRC_IP, DST_IP)
         src = Libvirtd(tmp_path / "src", lab, prefix=tuple(net.exec_prefix(net.src)), host_uuid=str(uuid.uuid4()),
-                       hostname="lv-src", qemu_conf=conf(SRC_IP))
+                       hostname="lv-src", qemu_conf=conf(SRC_IP), libvirtd_conf=libvirtd_conf)
         dst = Libvirtd(tmp_path / "dst", lab, prefix=tuple(net.exec_prefix(net.dst)), host_uuid=str(uuid.uuid4()),
                        hostname="lv-dst", qemu_conf=conf(DST_IP))
         try:
@@ -387,3 +387,57 @@ def test_the_stall_watchdog_counts_a_disk_copy_as_progress() -> None:
     capped = Watchdog(3, bandwidth=4 << 20)
     assert not capped.stuck(0, 1.0, 64 << 20) and not capped.stuck(0, 8.9, 64 << 20) and capped.stuck(0, 9.1, 64 << 20)
     assert not capped.stuck(5, 13.0, 0) and capped.stuck(5, 16.1, 0)
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+@pytest.mark.timeout(240)
+async def test_link_cut_during_the_disk_copy_ends_within_bounds(lab: Lab, tmp_path: Path) -> None:
+    """The link between the hosts goes silent while libvirt copies the disks (NBD). The stall watchdog
+    aborts libvirt's job; libvirt then waits for QEMU to cancel the disk mirrors, which wait for their
+    NBD writes on the silent link (minutes): kvmshell gives up on libvirt's call ABORT_WAIT_S after
+    abortJob, says so in one line and exits, the source running. Once kvmshell's connections are
+    gone the destination's libvirt drops its incoming domain; once the link is back the source's job ends."""
+    async with stor_hosts(lab, tmp_path, tls=False) as h:
+        boot, data = await define_private(h, "s4", data_mib=64, fill_mib=48)
+        dom = h.src.conn.lookupByName("s4")
+        proc = asyncio.ensure_future(kvmshell(tmp_path, "--guest", f"s4=libvirt:{h.src.uri}#s4", "-c",
+                                              f"migrate --to-host h2 --address {DST_IP} --copy-storage all "
+                                              "--insecure-storage --bandwidth 2M --stall-timeout 8", timeout=150))
+        loop = asyncio.get_running_loop()
+        try:
+            def copied() -> int:
+                try:
+                    return int(dom.jobStats().get("disk_processed", 0))
+                except libvirt.libvirtError:
+                    return 0
+            await wait_for(lambda: asyncio.to_thread(copied), lambda n: n > 0, timeout=120, what="the disk copy moving")
+            await h.net.cut()
+            cut = loop.time()
+            rc, out, err = await proc
+            took = loop.time() - cut
+            assert rc != 0
+            [*_, line] = err.strip().splitlines()
+            assert line.startswith("kvmshell: s4: migration through libvirt stalled: cancelled: no progress for 8 s"), err
+            assert "s4 is running" in line and "abortJob sent, and libvirt's migration job did not end within 10 s" \
+                in line and "until TCP gives up" in line, line
+            assert re.search(r"libvirt has s4: source \S+: running, persistent; destination \S+: ", line), line
+            assert f"removed the images kvmshell had created on h2: {boot}, {data}" in line, line
+            assert took < 8 + 10 + 30, took           # stall timeout + the wait after abortJob + the load's slack
+            # kvmshell is gone, the link still silent: the destination's libvirt dropped its incoming domain
+            await wait_for(lambda: asyncio.to_thread(state, h.dst, "s4"), lambda s: s is None, timeout=30,
+                           what="the destination's incoming domain gone")
+            assert state(h.src, "s4") == (libvirt.VIR_DOMAIN_RUNNING, True)
+            assert not await h.b.exists(boot) and not await h.b.exists(data)
+        finally:
+            if h.net.is_cut:
+                await h.net.heal()
+            if not proc.done():
+                proc.cancel()
+        # the link back: QEMU's mirrors end, and so does libvirt's job; the source runs on, its disks its own
+        healed = loop.time()
+        await wait_for(lambda: asyncio.to_thread(lambda: dom.jobStats().get("type", 0)),
+                       lambda t: t == libvirt.VIR_DOMAIN_JOB_NONE, timeout=60, every=0.2, what="libvirt's job ended")
+        print(f"kvmshell ended {took:.1f} s after the cut; libvirt's job {loop.time() - healed:.1f} s after the heal")
+        assert state(h.src, "s4") == (libvirt.VIR_DOMAIN_RUNNING, True) and await h.a.exists(data)

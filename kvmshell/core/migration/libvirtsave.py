@@ -13,12 +13,13 @@ The steps (``LibvirtStatic``: ``preflight`` returns a ``LibvirtSavePlan``, ``run
 1. preflight - nothing is touched: the guest is a running (or paused) libvirt domain; the
    destination host is configured, its libvirt answers, is another host (host UUID) and has no
    domain of that name; the domain's disks are files, with their backing chains (``qemu-img info
-   -U``); no file is there already on the destination (kvmshell never overwrites one); room for
+   -U``), and so are its boot files (``<loader>``, ``<nvram>``, ``<kernel>``, ``<initrd>``, ``<dtb>``,
+   copied and rewritten like the disks); no file is there already on the destination (kvmshell never overwrites one); room for
    the files and the saved RAM. The XML that will be defined there is the domain's definition with
-   every disk path rewritten to ``--dir``.
+   every disk and boot file path rewritten to ``--dir``.
 2. save the domain to ``DIR-OF-ITS-FIRST-DISK/DOMAIN.kvmshell.save`` (libvirt stops it: a
    persistent domain stays defined, shut off).
-3. copy the disks (backing files first) and the save image over SSH (``static_copy``: checksums on
+3. copy the disks (backing files first), the boot files and the save image over SSH (``static_copy``: checksums on
    both ends, overlays rebased onto the copied backing files).
 4. define the domain on the destination (a persistent source), restore it there from the copied
    image with the image's XML rewritten the same way, check that it runs (or is paused, as it was
@@ -129,14 +130,43 @@ def disk_files(xml: str, guest: str) -> list[str]:
     return paths
 
 
-def rewrite_disks(xml: str, dest_of: dict[str, str]) -> str:
-    """``xml`` with every disk file (backing stores too) in ``dest_of`` replaced by its destination path."""
+BOOT_FILES = ("os/loader", "os/nvram", "os/kernel", "os/initrd", "os/dtb")
+"""The files a domain boots from besides its disks: firmware, its variables, a kernel, its initrd and
+device tree (``<nvram>``'s ``template`` is the destination's own firmware: not copied)."""
+
+
+def _boot_elements(root: ElementTree.Element) -> list[tuple[ElementTree.Element, str | None]]:
+    """(element, path) of each boot file: the element's text, or its ``<source file=...>`` (libvirt's
+    newer form of ``<nvram>``)."""
+    found = []
+    for tag in BOOT_FILES:
+        for e in root.findall(tag):
+            source = e.find("source")
+            found.append((e, source.get("file") if source is not None else (e.text or "").strip() or None))
+    return found
+
+
+def boot_files(xml: str) -> list[str]:
+    """The paths of the domain's boot files (``BOOT_FILES``), in that order."""
+    return [path for _, path in _boot_elements(_parse(xml)) if path]
+
+
+def rewrite_paths(xml: str, dest_of: dict[str, str]) -> str:
+    """``xml`` with every disk file (backing stores too) and boot file in ``dest_of`` replaced by its
+    destination path."""
     root = _parse(xml)
     for disk in root.findall("devices/disk"):
         for source in disk.iter("source"):
             path = source.get("file")
             if path in dest_of:
                 source.set("file", dest_of[path])
+    for e, path in _boot_elements(root):
+        if path in dest_of:
+            source = e.find("source")
+            if source is not None:
+                source.set("file", dest_of[path])
+            else:
+                e.text = dest_of[path]
     return ElementTree.tostring(root, encoding="unicode")
 
 
@@ -208,7 +238,7 @@ class LibvirtStatic:
         self.dst = HostShell(pool, req.to, error=StaticFailed)
         await pool.connection(req.to)                     # reachable, or the SSH error says why
         dest_dir = (req.dest_dir or f"{DEFAULT_DIR}/{domain}").rstrip("/") or "/"
-        files = await self._files(disk_files(str(facts["xml"]), req.guest), dest_dir)
+        files = await self._files(disk_files(str(facts["xml"]), req.guest), boot_files(str(facts["xml"])), dest_dir)
         save_source = f"{os.path.dirname(next(f.source for f in files if f.top))}/{domain}{SAVE_SUFFIX}"
         save_dest = f"{dest_dir}/{domain}.save"
         if save_source in await self.src.sizes([save_source]):
@@ -217,12 +247,13 @@ class LibvirtStatic:
                           guest=req.guest)
         await self._check_destination(files, save_dest, dest_dir, int(facts["memory"]))
         dest_of = {f.source: f.dest for f in files}
-        xml = rewrite_disks(str(facts["inactive_xml" if facts["persistent"] else "xml"]), dest_of)
+        xml = rewrite_paths(str(facts["inactive_xml" if facts["persistent"] else "xml"]), dest_of)
         return LibvirtSavePlan(req, domain, self.lv_src.uri, dest_uri, bool(facts["persistent"]), bool(facts["running"]),
                                dest_dir, tuple(files), save_source, save_dest, xml, new_name, time.monotonic() - t0)
 
-    async def _files(self, disks: list[str], dest_dir: str) -> list[ImageFile]:
-        """Every file of the disks' backing chains with its place in ``dest_dir``, backing files first."""
+    async def _files(self, disks: list[str], boot: list[str], dest_dir: str) -> list[ImageFile]:
+        """Every file of the disks' backing chains, then the boot files, each with its place in
+        ``dest_dir``; backing files first."""
         assert self.src is not None
         if not disks:
             raise Refused(f"{self.req.guest} has no disk image file to copy", guest=self.req.guest)
@@ -237,6 +268,8 @@ class LibvirtStatic:
                 else:
                     files[info.path] = ImageFile(info.path, "", info.format, top=(i == 0), backing=info.backing,
                                                  backing_format=info.backing_format)
+        for path in boot:
+            files.setdefault(path, ImageFile(path, "", "raw"))     # copied as bytes: no chain, no rebase
         onto_itself = name_copies(files.values(), dest_dir)
         if onto_itself:
             raise Refused(f"{onto_itself} would be copied onto itself: pick another --dir", guest=self.req.guest)
@@ -313,7 +346,7 @@ class LibvirtStatic:
                 self.defined = True
                 ledger.done.append(f"defined {domain} on {req.to}")
             self.progress(f"restoring {domain} on {req.to} from {plan.save_dest}")
-            dxml = rewrite_disks(image_xml, {f.source: f.dest for f in files})
+            dxml = rewrite_paths(image_xml, {f.source: f.dest for f in files})
             await self._lv(self.lv_dst.restore, plan.save_dest, dxml, req.paused)
             self.restored = True
             ledger.done.append(f"restored {domain} on {req.to}")
@@ -411,4 +444,4 @@ async def migrate_libvirt_static(fleet: Fleet, pool: HostPool, req: LibvirtSaveR
 
 
 __all__ = ["LibvirtSavePlan", "LibvirtSaveRequest", "LibvirtSaveResult", "LibvirtStatic",
-           "disk_files", "migrate_libvirt_static", "rewrite_disks", "source_host"]
+           "boot_files", "disk_files", "migrate_libvirt_static", "rewrite_paths", "source_host"]

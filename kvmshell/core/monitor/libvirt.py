@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from xml.sax.saxutils import escape
 from collections.abc import Callable, Mapping
@@ -34,7 +35,9 @@ from kvmshell.core.monitor.libvirtconn import (
     binding, host_uuid, lookup_domain,
     open_connection,
 )
-from kvmshell.core.monitor.libvirtmig import FLAG_OF_CAP, LibvirtMigrationPlan, Migration, start_arguments, stats_info
+from kvmshell.core.monitor.libvirtmig import (
+    ABORT_WAIT_S, FLAG_OF_CAP, LibvirtMigrationPlan, Migration, start_arguments, stats_info, still_cancelling,
+)
 from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
 
@@ -48,6 +51,30 @@ _LIFECYCLE = ("defined", "undefined", "started", "suspended", "resumed", "stoppe
 START_PARAMS = ("max-bandwidth", "downtime-limit", "cpu-throttle-initial", "cpu-throttle-increment")
 LIVE_PARAMS = ("max-bandwidth", "max-postcopy-bandwidth", "downtime-limit")
 
+
+
+def in_daemon_thread(fn: Callable[[], Any], name: str) -> asyncio.Future[Any]:
+    """``fn()`` in a daemon thread of its own; its result as a future of the running loop. Not
+    ``asyncio.to_thread``: asyncio.run() joins the default executor's threads at exit, and libvirt's
+    migration call may not return for minutes after abortJob (``ABORT_WAIT_S``)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as e:
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:                     # the loop is closed: nobody waits any more
+            pass
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 class LibvirtMonitor(QmpMonitor):
@@ -347,7 +374,7 @@ class LibvirtMonitor(QmpMonitor):
                     peer.close()
         mig.started = time.monotonic()
         self._mig = mig
-        mig.task = asyncio.ensure_future(asyncio.to_thread(run))
+        mig.task = in_daemon_thread(run, f"libvirt-migrate-{self.name}")
         mig.task.add_done_callback(lambda task: self._ended(mig, task))
         if mig.downtime_ms is not None:
             asyncio.ensure_future(self._downtime_once_running(mig))
@@ -355,6 +382,8 @@ class LibvirtMonitor(QmpMonitor):
     def _ended(self, mig: Migration, task: asyncio.Future[Any]) -> None:
         libvirt, _ = binding()
         err = task.exception() if not task.cancelled() else None
+        if mig.final is not None:                # given up on after abortJob (``_abort_bounded``)
+            return
         if err is None and not task.cancelled():
             stats = task.result() or {}
             info = stats_info(stats, MigrationStatus.COMPLETED) if stats.get("time_elapsed") else \
@@ -401,6 +430,8 @@ class LibvirtMonitor(QmpMonitor):
 
     async def migration(self) -> MigrationInfo:
         mig = self._mig
+        if mig is not None and mig.final is not None and mig.task is not None and not mig.task.done():
+            return mig.final         # given up on after abortJob: libvirt's job is still ours, not another's
         if mig is None or mig.final is not None and self.connected:
             foreign = await self._foreign_job() if self._dom is not None else None
             if foreign is not None:
@@ -410,12 +441,11 @@ class LibvirtMonitor(QmpMonitor):
         if mig.final is not None:
             return mig.final
         libvirt, _ = binding()
-        try:
-            stats = await self._call(self._dom.jobStats, 0)
-        except libvirt.libvirtError:
-            stats = {}
+        stats = await self._job_stats(mig)
         if mig.final is not None:
             return mig.final
+        if stats is None:
+            return mig.last or MigrationInfo(MigrationStatus.SETUP)       # libvirt busy: as last read
         if not stats or stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
             return mig.last or MigrationInfo(MigrationStatus.SETUP)
         status = MigrationStatus(mig.qemu_status)
@@ -423,6 +453,22 @@ class LibvirtMonitor(QmpMonitor):
             status = MigrationStatus.ACTIVE          # libvirt does its own switch-over (pre-switchover, device)
         mig.last = stats_info(stats, status)
         return mig.last
+
+    async def _job_stats(self, mig: Migration) -> dict[str, Any] | None:
+        """libvirt's job statistics ({} when it has none), or None when libvirt did not answer within
+        2 s. One call at a time, in a daemon thread: while libvirt cancels a disk copy (``ABORT_WAIT_S``)
+        it answers jobStats only when the job ends, and calls piled up behind it would fill the
+        connection's request slots (5 a client) and keep kvmshell from exiting."""
+        libvirt, _ = binding()
+        if mig.stats_call is None or mig.stats_call.done():
+            mig.stats_call = in_daemon_thread(lambda: self._dom.jobStats(0), f"libvirt-jobstats-{self.name}")
+        call = mig.stats_call
+        await asyncio.wait({call}, timeout=2)
+        if not call.done():
+            return None
+        if call.exception() is not None:
+            return {} if isinstance(call.exception(), libvirt.libvirtError) else None
+        return dict(call.result())
 
     async def status(self) -> Status:
         if self._mig is None:
@@ -438,12 +484,28 @@ class LibvirtMonitor(QmpMonitor):
                       else RunState.SHUTDOWN)
 
     async def migrate_cancel(self) -> None:
-        if self.migrating:
-            assert self._mig is not None
-            self._mig.aborted = True
+        mig = self._mig if self.migrating else None
+        if mig is not None:
+            mig.aborted = True
         elif await self._foreign_job() is None:
             raise CommandFailed("libvirt runs no migration of this domain to cancel", guest=self.name)
         await self._libvirt("abortJob", self._dom.abortJob)
+        if mig is not None and mig.bound is None:
+            mig.bound = asyncio.ensure_future(self._abort_bounded(mig))
+
+    async def _abort_bounded(self, mig: Migration) -> None:
+        """End kvmshell's side of an aborted migration whose libvirt call does not return within
+        ``ABORT_WAIT_S`` (see there): cancelled, saying why; libvirt's call runs on in its thread."""
+        assert mig.task is not None
+        await asyncio.wait({mig.task}, timeout=ABORT_WAIT_S)
+        if mig.final is not None or mig.task.done():
+            return
+        if mig.final is None:
+            disk = mig.last.disk.remaining if mig.last and mig.last.disk else None
+            mig.final = MigrationInfo(MigrationStatus.CANCELLED, ram=mig.last.ram if mig.last else None,
+                                      error=still_cancelling(ABORT_WAIT_S, disk))
+            self._caps, self._params = {}, {}
+            self._emit("MIGRATION", {"status": mig.final.status.value})
 
     async def migrate_continue(self, state: str) -> None:
         if self.migrating:
@@ -465,6 +527,8 @@ class LibvirtMonitor(QmpMonitor):
         mig = self._mig
         if mig is None or mig.task is None:
             return await self.migration()
-        await asyncio.wait({mig.task})
-        assert mig.final is not None
+        waits = {mig.task} | ({mig.bound} if mig.bound is not None else set())
+        while mig.final is None:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            waits = {w for w in waits if not w.done()} or {mig.task}
         return mig.final

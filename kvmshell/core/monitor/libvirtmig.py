@@ -51,6 +51,23 @@ def stats_info(stats: Mapping[str, Any], status: MigrationStatus, error: str | N
                          error=error)
 
 
+ABORT_WAIT_S = 10.0
+"""How long kvmshell waits for libvirt's migration call to return after abortJob. libvirt returns at
+once when only RAM moves; with --copy-storage it first cancels QEMU's disk mirrors (block-job-cancel
+force), and QEMU ends a mirror only once its NBD writes in flight are answered: on a link gone
+silent, not before TCP gives up (tcp_retries2: up to ~15 min) or the link is back (measured: the
+mirror ended the moment the link returned, 40 s after the cut)."""
+
+
+def still_cancelling(waited: float, disk_remaining: int | None) -> str:
+    """What kvmshell says when libvirt's call did not return within ``waited`` s of abortJob."""
+    mirror = f" ({disk_remaining >> 20} MiB of the disks still to copy)" if disk_remaining else ""
+    return (f"libvirt: abortJob sent, and libvirt's migration job did not end within {waited:g} s: it waits for "
+            f"QEMU to cancel the disk copy{mirror}, whose NBD writes hang on the stalled link until TCP gives up "
+            "(up to ~15 min) or the link is back; the domain keeps running on the source, and libvirt ends the "
+            "job (and the destination's incoming domain) by itself")
+
+
 @dataclass
 class Migration:
     """One migration libvirt runs for this monitor."""
@@ -63,8 +80,10 @@ class Migration:
     task: asyncio.Future[Any] | None = None
     qemu_status: str = "setup"                 # from QEMU's MIGRATION events
     last: MigrationInfo | None = None          # the last statistics read
-    final: MigrationInfo | None = None         # once libvirt's call returned
+    final: MigrationInfo | None = None         # once libvirt's call returned (or kvmshell gave up on it)
     aborted: bool = False
+    bound: asyncio.Future[None] | None = None  # the wait on libvirt's call after abortJob
+    stats_call: asyncio.Future[Any] | None = None   # the jobStats call in flight
 
 
 def start_arguments(libvirt: ModuleType, plan: LibvirtMigrationPlan, caps: Mapping[str, bool],
