@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kvmshell.lab.launcher import Lab
+from tests.accel import KVM_FOR_MARKED, choose_for_the_run
+
+choose_for_the_run()        # before any Lab: TCG for the guests where /dev/kvm is kvm_pvm (tests/accel.py)
 
 pytest_plugins = ["tests.leakguard", "tests.libvirtd"]
 
@@ -17,10 +20,12 @@ needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64/qemu-i
 
 
 @pytest.fixture
-async def lab() -> AsyncIterator[Lab]:
+async def lab(request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
+    """A Lab; KVM for a test marked `kvm` where /dev/kvm opens (and KVMSHELL_ACCEL is not tcg)."""
     if not HAVE_QEMU:
         pytest.skip("qemu-system-x86_64 not installed (make test installs it)")
-    async with Lab() as the_lab:
+    accel = "kvm" if request.node.get_closest_marker("kvm") and KVM_FOR_MARKED else None
+    async with Lab(accel=accel) as the_lab:
         yield the_lab
 
 

@@ -38,8 +38,9 @@ import pytest
 from kvmshell.cli.inventory import libvirt_report
 from kvmshell.core.monitor.base import open_monitor
 from kvmshell.core.values.address import Address
-from kvmshell.lab.launcher import Lab, choose_accel, die_with_parent
+from kvmshell.lab.launcher import Lab, die_with_parent
 from kvmshell.lab.netns import TestNetwork, netns_available
+from tests.accel import KVM_FOR_MARKED
 from kvmshell.lab.verify import check_guest_memory
 from tests.sshd import SshTestHost, run
 from tests.waiting import wait_for
@@ -80,10 +81,10 @@ exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 """
 
 
-# KVM where it works, as the lab does: under TCG, QEMU before 9.0 loses guest writes in pre-copy when RAM
+# KVM where /dev/kvm opens (tests/accel.py: also where the lab's guests run under TCG, kvm_pvm): under TCG, QEMU before 9.0 loses guest writes in pre-copy when RAM
 # is a multiple of 256 KiB (core/migration/tcgdirty.py), and libvirt rounds <memory> up to whole MiB on
 # x86, so no libvirt domain escapes it there. kvm_pvm has no svm: libvirt's CPU check wants it off.
-DOMAIN_TYPE = "kvm" if choose_accel() == "kvm" else "qemu"
+DOMAIN_TYPE = "kvm" if KVM_FOR_MARKED else "qemu"
 
 
 def domain_xml(name: str, disks: list[tuple[str, str]], serial: Path) -> str:

@@ -29,7 +29,7 @@ from kvmshell.lab.verify import check_guest_memory
 from tests.test_live import Pair, attached
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.kvm]
 WS = 4096                      # 16 MiB working set, rewritten flat out: does not converge at 20 MB/s
 RAM = 64
 NEW_QEMU = os.environ.get("KVMSHELL_QEMU_NEW", "")

@@ -91,6 +91,7 @@ async def test_a_fresh_lab_guest_is_mostly_zero_pages(lab: Lab, kind: MonitorKin
 
 
 @pytest.mark.qemu
+@pytest.mark.kvm
 async def test_dirty_rate_means_are_discovered_and_tcg_is_spared_the_bitmap(lab: Lab) -> None:
     """QEMU 7.2 under TCG dies on calc-dirty-rate's dirty-bitmap mode: a TCG guest is offered page
     sampling only (and survives a measurement); a KVM guest, where there is one, the bitmap."""

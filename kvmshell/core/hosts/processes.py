@@ -13,6 +13,7 @@ descriptors is the QEMU. ``free_port`` picks a TCP port nothing uses, here or on
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
@@ -27,7 +28,9 @@ from kvmshell.core.values.models import QemuVersion
 from kvmshell.core.hosts.pool import COMMAND_TIMEOUT, ssh_text
 from kvmshell.core.hosts.shell import HostShell, run_here
 from kvmshell.core.hosts.ssh.connection import RemoteResult
-from kvmshell.errors import CommandFailed, ConnectFailed, KvmError
+from kvmshell.errors import CommandFailed, ConfigError, ConnectFailed, KvmError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kvmshell.core.hosts.pool import HostPool
@@ -255,7 +258,11 @@ async def discover(pool: HostPool | None, host: SshTarget | str | None) -> list[
             path = paths.get((pid, m.fd)) if m.fd is not None else m.path
             if libvirt_monitor_domain(path) is not None and name:
                 # libvirt's own monitor: offer the guest through libvirt, never this socket
-                addrs = [Address.libvirt(name, None if host is None else pool.lookup(host).libvirt_uri())]
+                addrs = []
+                try:
+                    addrs = [Address.libvirt(name, None if host is None else pool.lookup(host).libvirt_uri())]
+                except ConfigError as e:    # no libvirt URI for this host (a jump host): not attachable here
+                    log.warning("%s: libvirt's guest %s is left out: %s", host, name, e.message)
                 break
             if m.kind is Kind.UNIX and path:
                 addrs.append(Address(m.protocol, Kind.UNIX, path=path, ssh=ssh))
