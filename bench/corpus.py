@@ -14,9 +14,12 @@ the run's outcome in its header line (extra keys: load_trace ignores them), and 
 bench/corpus/INDEX.jsonl. Runs already in the index are skipped (resumable). Needs root (namespaces).
 
     .venv/bin/python bench/corpus.py [--only guest=linux,ram=512,link=1gbit|none,policy=defaults|auto]
-        [--runs 3] [--cap 40] [--list] [--dir DIR]
+        [--runs 3] [--cap 40] [--list] [--dir DIR] [--same-as INDEX] [--held-out-first]
 
 ``--dir`` records into another directory (its own INDEX.jsonl): a re-check that leaves the corpus alone.
+``--same-as`` records only the run ids of another index (a re-recording keeps its ids, so its split);
+``--held-out-first`` records the held-out runs first, then the fit runs cell by cell (all runs of a cell
+together). Every index line has the 1-, 5- and 15-minute load averages at the start and end of its run.
 """
 
 from __future__ import annotations
@@ -268,7 +271,8 @@ async def one_run(cell: Cell, n: int, cap: float) -> dict[str, Any]:
     run_id = cell.run_id(n)
     began = time.monotonic()
     row: dict[str, Any] = {"run_id": run_id, "cell": cell.name, **asdict(cell), "run": n,
-                           "held_out": held_out(run_id), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "held_out": held_out(run_id), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "load_start": os.getloadavg()}
     async with TestNetwork(None if cell.link == "none" else cell.link) as net, Lab() as lab:
         try:
             return await recorded_run(lab, net, cell, run_id, cap, row, began)
@@ -303,6 +307,7 @@ async def recorded_run(lab: Lab, net: TestNetwork, cell: Cell, run_id: str, cap:
         store(trace, run_id, {"preflight": pre, "corpus": {k: v for k, v in row.items() if k != "decisions"}})
         row["trace"] = f"{run_id}.jsonl.gz"
     row["wall_s"] = round(time.monotonic() - began, 1)
+    row["load_end"] = os.getloadavg()
     return row
 
 
@@ -324,6 +329,9 @@ async def main() -> int:
     ap.add_argument("--retry-errors", action="store_true", help="run again the runs that ended in an error")
     ap.add_argument("--list", action="store_true", help="print the runs still to record and stop")
     ap.add_argument("--dir", type=Path, default=None, help="record there instead of bench/corpus")
+    ap.add_argument("--same-as", type=Path, default=None, help="record only the run ids of this index")
+    ap.add_argument("--held-out-first", action="store_true",
+                    help="the held-out runs first, then the fit runs cell by cell")
     args = ap.parse_args()
     if args.dir is not None:
         global CORPUS, INDEX
@@ -333,7 +341,16 @@ async def main() -> int:
     done = recorded()
     todo = [(c, n) for n in range(1, args.runs + 1) for c in cells
             if c.run_id(n) not in done or (args.retry_errors and done[c.run_id(n)]["outcome"] == "error")]
-    todo.sort(key=lambda cn: (order_key(cn[0])[:3], cn[1], order_key(cn[0])[3:]))
+    if args.same_as is not None:
+        if not args.same_as.is_file():
+            print(f"--same-as {args.same_as}: no such index", file=sys.stderr)
+            return 2
+        ids = {json.loads(line)["run_id"] for line in args.same_as.read_text().splitlines() if line.strip()}
+        todo = [(c, n) for c, n in todo if c.run_id(n) in ids]
+    if args.held_out_first:
+        todo.sort(key=lambda cn: (not held_out(cn[0].run_id(cn[1])), order_key(cn[0]), cn[1]))
+    else:
+        todo.sort(key=lambda cn: (order_key(cn[0])[:3], cn[1], order_key(cn[0])[3:]))
     if args.list:
         for c, n in todo:
             print(c.run_id(n))
@@ -352,7 +369,7 @@ async def main() -> int:
         except (KvmError, OSError, TimeoutError) as e:
             row = {"run_id": c.run_id(n), "cell": c.name, **asdict(c), "run": n, "held_out": held_out(c.run_id(n)),
                    "outcome": "error", "error": f"{type(e).__name__}: {e}"[:500],
-                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_end": os.getloadavg()}
             traceback.print_exc()
         with open(INDEX, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
