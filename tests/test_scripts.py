@@ -461,9 +461,6 @@ async def test_detach_with_what_needs_kvmshell_is_refused_in_one_line(pair: Gues
     assert await g.status() is MigrationStatus.NONE
 
 
-# under TCG with 3 workers on 2 cores, once in two whole runs the undo (block-job-cancel of the mirrors)
-# took over the 30 s kvmshell waits for it; alone it takes 2 s: kept on KVM where it has not failed (tests/accel.py)
-@pytest.mark.kvm
 async def test_ctrl_c_during_a_disk_copy_cancels_it(lab: Lab, tmp_path: Path) -> None:
     """A disk copy completes at the switch-over, with kvmshell: Ctrl-C cannot leave it to QEMU, so it
     cancels it, and the source runs on as before."""
