@@ -17,7 +17,7 @@ from kvmshell.core.values.models import MigrationStatus, RunState
 from kvmshell.lab.launcher import Lab
 from kvmshell.lab.verify import check_guest_memory
 from tests.test_adopt import settings, state_files
-from tests.test_adopt_stages import Pair, copy_pair, kvmshell_nodes
+from tests.test_adopt_stages import Pair, completed_and_cleaned, copy_pair, kvmshell_nodes
 from tests.test_scripts import started
 from tests.test_storage import WS, compare
 from tests.waiting import wait_for
@@ -59,10 +59,7 @@ async def test_kill_9_before_migrate_then_follow_finishes_the_copy_and_migrates(
             await p.side.set_parameters({"max-bandwidth": 1 << 30})        # let RAM converge
             rc, out, err = await second.end()
         assert rc == 0, err
-        assert out.startswith("src: completed in "), out
-        assert "NBD server on dst stopped" in out and "NBD client nodes removed" in out, out
-        assert await p.dside.execute("query-block-exports") == []
-        assert await p.side.block_jobs() == () and await kvmshell_nodes(p.side) == []
+        await completed_and_cleaned(p, out)
         assert await settings(p.side) == src_before
         assert (await settings(p.dside))[1] == dst_before[1]
         assert state_files(tmp_path) == []

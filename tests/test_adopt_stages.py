@@ -110,6 +110,14 @@ async def kvmshell_nodes(mon: Monitor) -> list[str]:
     return [n for d in await mon.execute("query-named-block-nodes") if (n := d.get("node-name", "")).startswith("kvmshell-")]
 
 
+async def completed_and_cleaned(p: Pair, out: str) -> None:
+    """An adopted disk-copy migration completed and left nothing of its copy on either side."""
+    assert out.startswith("src: completed in "), out
+    assert "NBD server on dst stopped" in out and "NBD client nodes removed" in out, out
+    assert await p.dside.execute("query-block-exports") == []
+    assert await p.side.block_jobs() == () and await kvmshell_nodes(p.side) == []
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_kill_9_during_the_disk_copy_then_follow_completes_it(lab: Lab, tmp_path: Path, tls: bool) -> None:
     async with copy_pair(lab) as p:
@@ -139,10 +147,7 @@ async def test_kill_9_during_the_disk_copy_then_follow_completes_it(lab: Lab, tm
             await p.side.set_parameters({"max-bandwidth": 1 << 30})        # let RAM converge
             rc, out, err = await second.end()
         assert rc == 0, err
-        assert out.startswith("src: completed in "), out
-        assert "NBD server on dst stopped" in out and "NBD client nodes removed" in out, out
-        assert await p.dside.execute("query-block-exports") == []
-        assert await p.side.block_jobs() == () and await kvmshell_nodes(p.side) == []
+        await completed_and_cleaned(p, out)
         assert await settings(p.side) == src_before
         assert await p.side.objects() == src_objects
         caps, params = await settings(p.dside)
