@@ -102,6 +102,14 @@ async def start_remote_guest(lab: Lab, bed: SshTestbed, host: str, name: str = "
         "-chardev", f"socket,id=hmp1,path={lab.workdir}/{name}.hmp,server=on,wait=off",
         "-mon", "chardev=hmp1,mode=readline",
         "-monitor", f"tcp:127.0.0.1:{port},server=on,wait=off"))
+    # The Lab binds the QMP socket before QEMU runs, so it answers at once; QEMU greets only from its
+    # main loop, once every monitor on its command line is bound. Wait for that greeting, then let go.
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(guest.address.path), 30)
+    try:
+        assert b'"QMP"' in await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        writer.close()
+        await writer.wait_closed()
     return guest, port
 
 
