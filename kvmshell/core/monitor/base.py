@@ -378,6 +378,10 @@ class Monitor(abc.ABC):
     async def blockdev_del(self, node_name: str) -> None: ...
 
     @abc.abstractmethod
+    async def block_nodes(self) -> tuple[str, ...]:
+        """The node names of the named block nodes."""
+
+    @abc.abstractmethod
     async def blockdev_mirror(self, job_id: str, node_name: str, target: str, *, sync: str, speed: int = 0,
                               write_blocking: bool = False) -> None:
         """Mirror the node ``node_name`` into the node ``target`` as job ``job_id``. ``sync``: full (the

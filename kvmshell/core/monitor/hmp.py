@@ -341,6 +341,9 @@ class HmpMonitor(Monitor):
     async def blockdev_del(self, node_name: str) -> None:
         raise self._no_block("a block node")
 
+    async def block_nodes(self) -> tuple[str, ...]:
+        raise self._no_block("reading the block nodes")
+
     async def blockdev_mirror(self, job_id: str, node_name: str, target: str, *, sync: str, speed: int = 0,
                               write_blocking: bool = False) -> None:
         raise self._no_block("a block mirror")

@@ -398,6 +398,10 @@ class QmpMonitor(Monitor):
     async def blockdev_del(self, node_name: str) -> None:
         await self.execute("blockdev-del", {"node-name": node_name})
 
+    async def block_nodes(self) -> tuple[str, ...]:
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        return tuple(n["node-name"] for n in nodes if n.get("node-name"))
+
     @staticmethod
     def _mirror_args(job_id: str, node_name: str, sync: str, speed: int, write_blocking: bool) -> dict[str, Any]:
         args: dict[str, Any] = {"job-id": job_id, "device": node_name, "sync": sync}

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -347,6 +347,9 @@ class StorageStage(BaseStage):
             missing = [d for d in self.disks if d.job_id not in running_jobs]
             if missing:
                 self._mirror_args = set(await src.command_args("blockdev-mirror" if self._blockdev else "drive-mirror"))
+                if self._blockdev:       # recorded before its command: kvmshell may have died before QEMU made it
+                    present = set(await src.block_nodes())
+                    self._clients = [c for c in self._clients if c in present]
             for disk in missing:
                 self._jobs = [j for j in self._jobs if j != disk.job_id]
                 await self._mirror(job, src, disk, speed)
@@ -369,16 +372,28 @@ class StorageStage(BaseStage):
         assert self._server is not None
         if self._blockdev:
             if disk.client_node not in self._clients:
-                await src.blockdev_add_nbd(disk.client_node, self._server, disk.export)
-                self._clients.append(disk.client_node)
-                running.checkpoint(job)
-            await src.blockdev_mirror(disk.job_id, disk.source_node, disk.client_node, sync=sync, speed=speed,
-                                      write_blocking=blocking)
+                await self._made(job, self._clients, disk.client_node,
+                                 src.blockdev_add_nbd(disk.client_node, self._server, disk.export))
+            await self._made(job, self._jobs, disk.job_id, src.blockdev_mirror(
+                disk.job_id, disk.source_node, disk.client_node, sync=sync, speed=speed, write_blocking=blocking))
         else:
-            await src.drive_mirror(disk.job_id, disk.source_node, self._server.uri(disk.export), target_format="raw",
-                                   sync=sync, speed=speed, write_blocking=blocking)
-        self._jobs.append(disk.job_id)
+            await self._made(job, self._jobs, disk.job_id, src.drive_mirror(
+                disk.job_id, disk.source_node, self._server.uri(disk.export), target_format="raw", sync=sync,
+                speed=speed, write_blocking=blocking))
+
+    @staticmethod
+    async def _made(job: MigrationJob, made: list[str], name: str, command: Awaitable[None]) -> None:
+        """Send ``command``, which makes ``name`` on the source, recorded in ``made`` (and the state file)
+        before it is sent: a cancel can land after QEMU made it and before its answer arrives, and the
+        undo must still remove it (it removes what is there)."""
+        made.append(name)
         running.checkpoint(job)
+        try:
+            await command
+        except CommandFailed:             # QEMU refused: nothing was made
+            made.remove(name)
+            running.checkpoint(job)
+            raise
 
     def _watch(self) -> None:
         self._poller = asyncio.create_task(self._poll(), name=f"storage-poll-{self._src_name}")
@@ -542,8 +557,10 @@ class StorageStage(BaseStage):
                 await self._gone(src, listed)
             if left:
                 done.append(f"{len(left)} mirror job(s) cancelled")
+            present = set(await src.block_nodes()) if self._clients else set()
             for node in list(self._clients):
-                await src.blockdev_del(node)
+                if node in present:      # a node recorded as its command was cancelled may not be there
+                    await src.blockdev_del(node)
                 self._clients.remove(node)
             if self._blockdev and self._jobs:
                 done.append("NBD client nodes removed")
