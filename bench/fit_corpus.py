@@ -8,7 +8,7 @@ import statistics
 
 from score_corpus import (
     STEADY, UNSTEERED, Run, after_first_sync, at_fraction, changes_after_first_pass, confident_wrong, dirty_model,
-    errors, first_will_not, fmt, model, pct, preflight, replay, retractions, verdict_changes,
+    errors, first_will_not, fmt, hold, model, pct, preflight, replay, retractions, verdict_changes,
 )
 
 from kvmshell.core.migration.live.strategies import base as strategies_base
@@ -142,10 +142,10 @@ def fit_pass_spread(runs: list[Run]) -> list[str]:
 
 
 def fit_verdict_hold(runs: list[Run]) -> list[str]:
-    """HOLD_SAMPLES, HOLD_S, HOLD_CONVERGES_S, STICK_S (predict.held): fewest unsteered runs with a confident wrong verdict,
+    """HOLD_SAMPLES, HOLD_S, HOLD_CONVERGES_S, STICK_S (hold.held): fewest unsteered runs with a confident wrong verdict,
     then fewest steady runs whose verdict changes after the first pass, then fewest that take one back, then
     the earliest right "will not converge" (mean over the unsteered runs that did not complete; never said counts as the 30 s cap)."""
-    saved = (model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S)
+    saved = (hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S)
     unsteered = [r for r in runs if r.policy in UNSTEERED]
     steady = [r for r in runs if r.row.get("work") in STEADY]
     stuck = [r for r in unsteered if not r.completed]
@@ -155,7 +155,7 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
             for sec in (0.0, 0.5, 1.0, 2.0, 3.0):
                 for conv in (0.0, 1.0, 2.0, 3.0):
                     for stick in (0.0, 2.0, 5.0, 10.0):
-                        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = n, sec, conv, stick
+                        hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S = n, sec, conv, stick
                         firsts = [first_will_not(r) for r in stuck]
                         rows.append((sum(bool(confident_wrong(r)) for r in unsteered),
                                      sum(changes_after_first_pass(r) > 0 for r in steady),
@@ -163,7 +163,7 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
                                      statistics.mean(t if t is not None else 30.0 for t in firsts) if firsts else 0.0,
                                      n, sec, conv, stick))
     finally:
-        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = saved
+        hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S = saved
     key = lambda r: (r[0], r[1], r[2], r[3])          # noqa: E731
     best = min(rows, key=key)
     now = next(r for r in rows if r[4:] == saved)

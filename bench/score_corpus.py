@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmshell.core.migration.model import hold
 from kvmshell.core.migration.model import predict as model
 from kvmshell.core.migration.model.estimate import estimate
 
@@ -151,17 +152,22 @@ def replay(run: Run, upto: float | None = None, with_preflight: bool | str = Fal
     ``with_preflight``), up to time ``upto``."""
     now = [(s, p) for s, p in replay_now(run, with_preflight) if upto is None or s.t <= upto]
     # what model.assess_held says, without re-reading the lookback for every sample: the same held()
-    return [(s, model.held(now[max(0, i - model.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
+    return [(s, hold.held(now[max(0, i - hold.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
 
 
 _NOW: dict[tuple[str, bool | str, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
 
 
+def model_constants() -> tuple[float, ...]:
+    """The constants ``assess`` reads (the hold's excepted): what the replay cache is keyed on."""
+    return tuple(getattr(model, name) for name in dir(model) if name.isupper() and isinstance(getattr(model, name), float)) + (
+        getattr(dirty_model, "MIGRATING_SHARE", 0.0),)
+
+
 def replay_now(run: Run, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
     """``assess`` after every sample (what each sample alone says; cached: the hold's constants do
     not change it)."""
-    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0),
-                                         model.RATE_POINT, model.RATE_LO, model.TIGHT, model.LINK_BOUND, model.ZERO_SCAN_RATE))
+    key = (run.run_id, with_preflight, model_constants())
     if key not in _NOW:
         limit, cap, link = run.limits()
         extra = (preflight_range_figures(run) if with_preflight == "range" else preflight_figures(run)

@@ -72,7 +72,7 @@ def test_held_out_traces_replay_through_the_model(scorer: ModuleType) -> None:
 
 def test_the_scorers_replay_is_what_assess_held_says(scorer: ModuleType) -> None:
     """The scorer holds the verdicts over its cached per-sample predictions: the same as assess_held."""
-    from kvmshell.core.migration.model.predict import assess_held
+    from kvmshell.core.migration.model.hold import assess_held
     run = next(r for r in scorer.load_runs(CORPUS, "fit") if r.run_id == "linux-ws-2048m-none-defaults-r3")
     limit, cap, link = run.limits()
     ss = list(run.trace.samples)

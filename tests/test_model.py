@@ -317,7 +317,7 @@ def _said(t: float, pass_no: int, verdict: Verdict, total_s: float | None = None
 def test_a_verdict_is_said_once_it_has_held_and_stands_against_a_short_contrary_run() -> None:
     """Seen on the corpus (linux-ws-2048m, defaults): "will not converge" for seconds, then two samples of
     "will converge" as the passes shrank for a moment, then "will not converge" for good."""
-    from kvmshell.core.migration.model.predict import HOLD_CONVERGES_S, HOLD_S, held
+    from kvmshell.core.migration.model.hold import HOLD_CONVERGES_S, HOLD_S, held
     N, C = Verdict.WILL_NOT_CONVERGE, Verdict.CONVERGES
     hist = [_said(4.5 + 0.5 * i, 5 + i, N) for i in range(4)]
     assert held(hist[:1]).verdict is Verdict.UNCERTAIN                  # said once: not yet
@@ -335,7 +335,7 @@ def test_a_verdict_is_said_once_it_has_held_and_stands_against_a_short_contrary_
 
 
 def test_the_held_verdict_on_the_never_converging_trace_never_says_will_converge() -> None:
-    from kvmshell.core.migration.model.predict import assess_held
+    from kvmshell.core.migration.model.hold import assess_held
     t = trace("1gbit-150-defaults")
     ss = [s for s in t.samples if s.t <= 20]
     said = [assess_held(ss[:i], downtime_limit_s=0.3, bandwidth_cap=None, link=LINK) for i in range(1, len(ss) + 1)]
