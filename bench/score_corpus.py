@@ -279,6 +279,14 @@ def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
     return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
 
 
+def verdicts_replaced(run: Run) -> int:
+    """Verdict changes after the first pass that replace a verdict said (rough or not) by another or by
+    "uncertain": the changes left when a verdict forming (uncertain -> a verdict) is not counted."""
+    said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
+    both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+    return sum(1 for a, b in zip(said, said[1:]) if a != b and a in both)
+
+
 def retractions(run: Run) -> int:
     """Times a confident (not rough) verdict said after the first pass is taken back: followed by
     anything else (the other verdict, uncertain, rough). Uncertain becoming confident is not one."""
@@ -396,7 +404,10 @@ def score(runs: list[Run]) -> list[str]:
                f"{len(steady)} runs ({sum(moved.values())} changes"
                + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
                + f"); from one confident verdict to the other: "
-               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
+               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs; a verdict said (rough or not) "
+               f"replaced, not only uncertain becoming a verdict: {sum(verdicts_replaced(r) > 0 for r in steady)} runs; "
+               f"of the unsteered steady runs: {sum(1 for r in steady if r.policy in UNSTEERED and r.run_id in moved)} of "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED)} change.")
     took_back = {r.run_id: n for r in steady if (n := retractions(r))}
     out.append(f"Confident verdicts taken back after the first pass on steady workloads: {len(took_back)} of "
                f"{len(steady)} runs ({sum(took_back.values())} times"
@@ -425,6 +436,7 @@ MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pag
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
            ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
+           ("50 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.5, "range")),
            ("after the first sync", after_first_sync))
 
 

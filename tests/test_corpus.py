@@ -101,3 +101,14 @@ def test_scorer_without_a_corpus_says_so(scorer: ModuleType, tmp_path: Path, mon
     assert scorer.main() == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bench/corpus.py" in err
+
+
+def test_no_verdict_said_after_the_first_pass_is_replaced_on_steady_unsteered_fit_runs(scorer: ModuleType) -> None:
+    """The flip-flop check on the corpus (fit set: what the hold was chosen on). A guest whose workload
+    does not change, migrated without steering: once the first pass is done, a verdict said (rough or
+    not) is never replaced by the other one or by "uncertain"; "uncertain" may become a verdict."""
+    runs = [r for r in scorer.load_runs(CORPUS, "fit") if r.row.get("work") in scorer.STEADY
+            and r.policy in scorer.UNSTEERED]
+    assert len(runs) >= 30
+    replaced = {r.run_id: n for r in runs if (n := scorer.verdicts_replaced(r))}
+    assert not replaced, replaced

@@ -387,13 +387,13 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
 # ZERO_Z standard deviations (Wilson). A time is given when its range is within TIGHT (high / low).
 # Fitted on the corpus's fit set (bench/score_corpus.py --fit).
 RATE_POINT = 0.9
-RATE_LO = 0.75
+RATE_LO = 0.6
 RATE_SPREAD = 1.25
 LINK_BOUND = 1.5
 FIRST_PASS_SPAN_S = 0.3
 UNBOUND_LO, UNBOUND_HI = 0.25, 2.0
 ZERO_Z = 1.0
-TIGHT = 1.5
+TIGHT = 2.0
 
 
 def first_pass_rate(samples: Sequence[Sample]) -> float | None:
@@ -410,19 +410,21 @@ def first_pass_rate(samples: Sequence[Sample]) -> float | None:
     return sent / busy
 
 
-def first_pass_rates(samples: Sequence[Sample], obs: Observed, bound: float | None) -> tuple[float, float, float]:
-    """The first pass's rate of non-zero pages from here: (slow end, point, fast end)."""
+def first_pass_rates(samples: Sequence[Sample], obs: Observed,
+                     bound: float | None) -> tuple[tuple[float, float, float], bool]:
+    """The first pass's rate of non-zero pages from here, (slow end, point, fast end), and whether it is
+    measured (its own rate seen, or a sample near the bound) rather than guessed from the first samples."""
     fastest = max((s.throughput for s in samples if s.status is MigrationStatus.ACTIVE), default=0.0)
     if bound is not None and bound > LINK_BOUND * fastest:
         bound = None                           # a bound far above anything seen: the CPU, not the link, limits
     seen = first_pass_rate(samples)
     if seen is not None:
         point = min(seen, bound) if bound else seen
-        return point / RATE_SPREAD, point, min(point * RATE_SPREAD, bound) if bound else point * RATE_SPREAD
+        return (point / RATE_SPREAD, point, min(point * RATE_SPREAD, bound) if bound else point * RATE_SPREAD), True
     if bound:
-        return RATE_LO * bound, RATE_POINT * bound, bound
+        return (RATE_LO * bound, RATE_POINT * bound, bound), True
     assert obs.rate is not None
-    return UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate
+    return (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate), False
 
 
 def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: float, bound: float | None,
@@ -432,7 +434,7 @@ def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: fl
     its zero pages scanned), then the passes the dirty range allows, at the fast and the slow end of the
     rate and the zero share; a time when those ends are within TIGHT, else their range."""
     last = samples[-1]
-    rates = first_pass_rates(samples, obs, bound)
+    rates, measured = first_pass_rates(samples, obs, bound)
     left, total = float(obs.remaining), float(last.total)
     if zero_fraction is not None:              # the zero pages not seen yet, by the pages sampled before the start
         lo, hi = wilson_interval(round(zero_fraction * zero_sampled), zero_sampled, ZERO_Z) if zero_sampled else (
@@ -458,6 +460,11 @@ def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: fl
                      zero_bytes=left * share[i], elapsed_s=obs.elapsed, sent=obs.sent)
         return predict(replace(inp, dirty_rate=d)) if d is not None else predict_range(inp, dirty)
     middle = at(1, None)
+    if middle.verdict is Verdict.WILL_NOT_CONVERGE and (not measured or at(2, None).verdict is not middle.verdict):
+        # the first samples' throughput spans the setup: "will not converge" only on a rate measured, at its fast end too
+        return replace(middle, verdict=Verdict.UNCERTAIN, reason=f"{what}; {middle.verdict.value} at {pace} "
+                       f"({middle.reason}), but that rate is " + ("not measured yet" if not measured else
+                                                                   "only its slow end"))
     if middle.verdict is not Verdict.CONVERGES:
         return replace(middle, reason=f"{what}; then {middle.reason}")
     fast, slow = at(2, dirty.while_migrating), at(0, dirty.hi if dirty.hi is not None else UNBOUNDED)
