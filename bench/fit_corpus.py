@@ -7,11 +7,12 @@ from __future__ import annotations
 import statistics
 
 from score_corpus import (
-    STEADY, UNSTEERED, Run, after_first_sync, at_fraction, changes_after_first_pass, confident_wrong, dirty_model,
-    errors, first_will_not, fmt, model, pct, preflight, replay, retractions, verdict_changes,
+    STEADY, UNSTEERED, Run, after_first_sync, changes_after_first_pass, confident_wrong, dirty_model, errors,
+    first_will_not, fmt, hold, model, pct, preflight, preflight_range_figures, replay, retractions, verdict_changes,
 )
 
 from kvmshell.core.migration.live.strategies import base as strategies_base
+from kvmshell.core.values.models import MigrationStatus
 
 
 def fit_all(runs: list[Run]) -> list[str]:
@@ -142,10 +143,10 @@ def fit_pass_spread(runs: list[Run]) -> list[str]:
 
 
 def fit_verdict_hold(runs: list[Run]) -> list[str]:
-    """HOLD_SAMPLES, HOLD_S, HOLD_CONVERGES_S, STICK_S (predict.held): fewest unsteered runs with a confident wrong verdict,
+    """HOLD_SAMPLES, HOLD_S, HOLD_CONVERGES_S, STICK_S (hold.held): fewest unsteered runs with a confident wrong verdict,
     then fewest steady runs whose verdict changes after the first pass, then fewest that take one back, then
     the earliest right "will not converge" (mean over the unsteered runs that did not complete; never said counts as the 30 s cap)."""
-    saved = (model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S)
+    saved = (hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S)
     unsteered = [r for r in runs if r.policy in UNSTEERED]
     steady = [r for r in runs if r.row.get("work") in STEADY]
     stuck = [r for r in unsteered if not r.completed]
@@ -155,7 +156,7 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
             for sec in (0.0, 0.5, 1.0, 2.0, 3.0):
                 for conv in (0.0, 1.0, 2.0, 3.0):
                     for stick in (0.0, 2.0, 5.0, 10.0):
-                        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = n, sec, conv, stick
+                        hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S = n, sec, conv, stick
                         firsts = [first_will_not(r) for r in stuck]
                         rows.append((sum(bool(confident_wrong(r)) for r in unsteered),
                                      sum(changes_after_first_pass(r) > 0 for r in steady),
@@ -163,7 +164,7 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
                                      statistics.mean(t if t is not None else 30.0 for t in firsts) if firsts else 0.0,
                                      n, sec, conv, stick))
     finally:
-        model.HOLD_SAMPLES, model.HOLD_S, model.HOLD_CONVERGES_S, model.STICK_S = saved
+        hold.HOLD_SAMPLES, hold.HOLD_S, hold.HOLD_CONVERGES_S, hold.STICK_S = saved
     key = lambda r: (r[0], r[1], r[2], r[3])          # noqa: E731
     best = min(rows, key=key)
     now = next(r for r in rows if r[4:] == saved)
@@ -181,40 +182,60 @@ def fit_verdict_hold(runs: list[Run]) -> list[str]:
     return out
 
 
+def held_at(run: Run, fraction: float) -> model.Prediction | None:
+    """What ``assess_held`` says at ``fraction`` of the elapsed time, the pre-flight range and zero pages
+    passed (``at_fraction(run, fraction, "range")`` without replaying the whole run: the fits try many constants)."""
+    limit, cap, link = run.limits()
+    ss = [s for s in run.trace.samples if s.t <= fraction * run.elapsed and s.status is not MigrationStatus.COMPLETED]
+    if not ss:
+        return None
+    extra = preflight_range_figures(run)
+    first = max(1, len(ss) - hold.HOLD_LOOKBACK)
+    return hold.held([(ss[i - 1], model.assess(ss[:i], downtime_limit_s=limit, bandwidth_cap=cap, link=link, **extra))
+                      for i in range(first, len(ss) + 1)])
+
+
 def fit_first_pass(runs: list[Run]) -> list[str]:
-    """ZERO_SCAN_RATE and RATE_POINT (predict.first_pass): the most outcomes inside their range at 25 % of
-    the elapsed time (pre-flight range + zero pages passed; every completed fit run), then the least p50
-    |error| of the time in the range (the width ignored); then TIGHT: the widest range (high / low)
-    whose runs (10 or more) keep p90 |error| <= 20 %."""
-    saved = (model.ZERO_SCAN_RATE, model.RATE_POINT, model.TIGHT)
+    """ZERO_SCAN_RATE, RATE_POINT and RATE_LO (predict.first_pass): the most outcomes inside their range at
+    25 % of the elapsed time (pre-flight range + zero pages passed; every completed fit run), then the least
+    p50 |error| of the time in the range (the width ignored); then TIGHT: the widest range (high / low)
+    whose times keep p90 |error| <= 20 % both at 25 % and at 50 % of the elapsed time (a moment that gives
+    none passes), over 10 runs or more in all."""
+    saved = (model.ZERO_SCAN_RATE, model.RATE_POINT, model.RATE_LO, model.TIGHT)
     done = [r for r in runs if r.completed and r.total_s]
     rows, widths = [], []
     try:
         model.TIGHT = float("inf")
-        for zs in (2e9, 5e9, 1e10, 3e10, 1e11):
+        for zs in (2e9, 5e9, 1e10, 3e10):
             for rp in (0.8, 0.85, 0.9, 0.95, 1.0):
-                model.ZERO_SCAN_RATE, model.RATE_POINT = zs, rp
-                got = [(r, p) for r in done if (p := at_fraction(r, 0.25, "range")) is not None
-                       and p.total_s is not None and p.total_range_s]
-                err = [abs(p.total_s - r.total_s) / r.total_s * 100 for r, p in got]
-                inside = sum(p.total_range_s[0] * 0.999 <= r.total_s <= p.total_range_s[1] * 1.001 for r, p in got)
-                rows.append((-inside, pct(err, .5) or 1e9, zs, rp, pct(err, .9), len(got)))
+                for lo in (0.6, 0.75):
+                    model.ZERO_SCAN_RATE, model.RATE_POINT, model.RATE_LO = zs, rp, lo
+                    got = [(r, p) for r in done if (p := held_at(r, 0.25)) is not None
+                           and p.total_s is not None and p.total_range_s]
+                    err = [abs(p.total_s - r.total_s) / r.total_s * 100 for r, p in got]
+                    inside = sum(p.total_range_s[0] * 0.999 <= r.total_s <= p.total_range_s[1] * 1.001 for r, p in got)
+                    rows.append((-inside, pct(err, .5) or 1e9, zs, rp, lo, pct(err, .9), len(got)))
         best = min(rows)
-        model.ZERO_SCAN_RATE, model.RATE_POINT = best[2], best[3]
-        got = [(p.total_range_s[1] / p.total_range_s[0], abs(p.total_s - r.total_s) / r.total_s * 100) for r in done
-               if (p := at_fraction(r, 0.25, "range")) is not None and p.total_s is not None and p.total_range_s]
-        for tight in (1.1, 1.2, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0):
-            err = [e for w, e in got if w <= tight]
-            widths.append((tight, len(err), pct(err, .5), pct(err, .9)))
+        model.ZERO_SCAN_RATE, model.RATE_POINT, model.RATE_LO = best[2], best[3], best[4]
+        for fraction in (0.25, 0.5):
+            got = [(p.total_range_s[1] / p.total_range_s[0], abs(p.total_s - r.total_s) / r.total_s * 100) for r in done
+                   if (p := held_at(r, fraction)) is not None and p.total_s is not None and p.total_range_s
+                   and p.total_range_s[0] > 0]
+            for tight in (1.1, 1.2, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0):
+                err = [e for w, e in got if w <= tight]
+                widths.append((fraction, tight, len(err), pct(err, .5), pct(err, .9)))
     finally:
-        model.ZERO_SCAN_RATE, model.RATE_POINT, model.TIGHT = saved
-    out = ["| ZERO_SCAN_RATE | RATE_POINT | p50 / p90 abs error at 25 % (range ignored) | outcomes inside the range | runs |",
-           "|---|---|---|---|---|"]
-    out += [f"| {zs:.0e} | {rp} | {fmt(a)} / {fmt(b)} | {-i} | {n} |" for i, a, zs, rp, b, n in sorted(rows)[:6]]
-    out += ["", "| TIGHT (range high / low at most) | runs with a time | p50 / p90 abs error |", "|---|---|---|"]
-    out += [f"| {t} | {n} | {fmt(a)} / {fmt(b)} |" for t, n, a, b in widths]
-    ok = [t for t, n, a, b in widths if n >= 10 and b is not None and b <= 20]     # a p90 of fewer runs says little
+        model.ZERO_SCAN_RATE, model.RATE_POINT, model.RATE_LO, model.TIGHT = saved
+    out = ["| ZERO_SCAN_RATE | RATE_POINT | RATE_LO | p50 / p90 abs error at 25 % (range ignored) | outcomes inside the range "
+           "| runs |", "|---|---|---|---|---|---|"]
+    out += [f"| {zs:.0e} | {rp} | {lo} | {fmt(a)} / {fmt(b)} | {-i} | {n} |" for i, a, zs, rp, lo, b, n in sorted(rows)[:6]]
+    out += ["", "| moment | TIGHT (range high / low at most) | runs with a time | p50 / p90 abs error |", "|---|---|---|---|"]
+    out += [f"| {100 * f:.0f} % | {t} | {n} | {fmt(a)} / {fmt(b)} |" for f, t, n, a, b in widths]
+    # TIGHT: the widest whose times keep p90 <= 20 % at every moment that gives any, over 10 runs or more in all
+    fine = [t for t in sorted({w[1] for w in widths})
+            if all(b is None or b <= 20 for f, u, n, a, b in widths if u == t)
+            and sum(n for f, u, n, a, b in widths if u == t) >= 10]
     out.append(f"\nFirst pass fitted on {len(done)} completed fit runs: ZERO_SCAN_RATE = {best[2]:.0e} B/s, RATE_POINT = "
-               f"{best[3]} (now {saved[0]:.0e}, {saved[1]}); TIGHT: " + (f"{max(ok)} (now {saved[2]})" if ok else
-               f"no width keeps p90 <= 20 % over 10 runs or more (now {saved[2]}: no time at 25 %)") + ".")
+               f"{best[3]}, RATE_LO = {best[4]} (now {saved[0]:.0e}, {saved[1]}, {saved[2]}); TIGHT: "
+               + (f"{max(fine)}" if fine else "no width keeps p90 <= 20 % over 10 runs or more") + f" (now {saved[3]}).")
     return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmshell.core.migration.model import hold
 from kvmshell.core.migration.model import predict as model
 from kvmshell.core.migration.model.estimate import estimate
 
@@ -151,17 +152,22 @@ def replay(run: Run, upto: float | None = None, with_preflight: bool | str = Fal
     ``with_preflight``), up to time ``upto``."""
     now = [(s, p) for s, p in replay_now(run, with_preflight) if upto is None or s.t <= upto]
     # what model.assess_held says, without re-reading the lookback for every sample: the same held()
-    return [(s, model.held(now[max(0, i - model.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
+    return [(s, hold.held(now[max(0, i - hold.HOLD_LOOKBACK):i + 1])) for i, (s, _) in enumerate(now)]
 
 
 _NOW: dict[tuple[str, bool | str, tuple[float, ...]], list[tuple[Sample, model.Prediction]]] = {}
 
 
+def model_constants() -> tuple[float, ...]:
+    """The constants ``assess`` reads (the hold's excepted): what the replay cache is keyed on."""
+    return tuple(getattr(model, name) for name in dir(model) if name.isupper() and isinstance(getattr(model, name), float)) + (
+        getattr(dirty_model, "MIGRATING_SHARE", 0.0),)
+
+
 def replay_now(run: Run, with_preflight: bool | str = False) -> list[tuple[Sample, model.Prediction]]:
     """``assess`` after every sample (what each sample alone says; cached: the hold's constants do
     not change it)."""
-    key = (run.run_id, with_preflight, (model.LATER_PASSES, model.PASS_SPREAD, getattr(dirty_model, "MIGRATING_SHARE", 0),
-                                         model.RATE_POINT, model.RATE_LO, model.TIGHT, model.LINK_BOUND, model.ZERO_SCAN_RATE))
+    key = (run.run_id, with_preflight, model_constants())
     if key not in _NOW:
         limit, cap, link = run.limits()
         extra = (preflight_range_figures(run) if with_preflight == "range" else preflight_figures(run)
@@ -271,6 +277,14 @@ def changes_after_first_pass(run: Run, flips_only: bool = False) -> int:
     said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
     both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
     return sum(1 for a, b in zip(said, said[1:]) if a != b and (not flips_only or (a in both and b in both)))
+
+
+def verdicts_replaced(run: Run) -> int:
+    """Verdict changes after the first pass that replace a verdict said (rough or not) by another or by
+    "uncertain": the changes left when a verdict forming (uncertain -> a verdict) is not counted."""
+    said = [p.verdict for s, p in replay(run) if s.pass_no >= 2]
+    both = (model.Verdict.CONVERGES, model.Verdict.WILL_NOT_CONVERGE)
+    return sum(1 for a, b in zip(said, said[1:]) if a != b and a in both)
 
 
 def retractions(run: Run) -> int:
@@ -390,7 +404,10 @@ def score(runs: list[Run]) -> list[str]:
                f"{len(steady)} runs ({sum(moved.values())} changes"
                + (": " + ", ".join(f"{k} {v}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1])[:4]) if moved else "")
                + f"); from one confident verdict to the other: "
-               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs.")
+               f"{sum(changes_after_first_pass(r, True) > 0 for r in steady)} runs; a verdict said (rough or not) "
+               f"replaced, not only uncertain becoming a verdict: {sum(verdicts_replaced(r) > 0 for r in steady)} runs; "
+               f"of the unsteered steady runs: {sum(1 for r in steady if r.policy in UNSTEERED and r.run_id in moved)} of "
+               f"{sum(1 for r in steady if r.policy in UNSTEERED)} change.")
     took_back = {r.run_id: n for r in steady if (n := retractions(r))}
     out.append(f"Confident verdicts taken back after the first pass on steady workloads: {len(took_back)} of "
                f"{len(steady)} runs ({sum(took_back.values())} times"
@@ -419,6 +436,7 @@ MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pag
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
            ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
+           ("50 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.5, "range")),
            ("after the first sync", after_first_sync))
 
 

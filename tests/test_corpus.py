@@ -72,7 +72,7 @@ def test_held_out_traces_replay_through_the_model(scorer: ModuleType) -> None:
 
 def test_the_scorers_replay_is_what_assess_held_says(scorer: ModuleType) -> None:
     """The scorer holds the verdicts over its cached per-sample predictions: the same as assess_held."""
-    from kvmshell.core.migration.model.predict import assess_held
+    from kvmshell.core.migration.model.hold import assess_held
     run = next(r for r in scorer.load_runs(CORPUS, "fit") if r.run_id == "linux-ws-2048m-none-defaults-r3")
     limit, cap, link = run.limits()
     ss = list(run.trace.samples)
@@ -101,3 +101,14 @@ def test_scorer_without_a_corpus_says_so(scorer: ModuleType, tmp_path: Path, mon
     assert scorer.main() == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bench/corpus.py" in err
+
+
+def test_no_verdict_said_after_the_first_pass_is_replaced_on_steady_unsteered_fit_runs(scorer: ModuleType) -> None:
+    """The flip-flop check on the corpus (fit set: what the hold was chosen on). A guest whose workload
+    does not change, migrated without steering: once the first pass is done, a verdict said (rough or
+    not) is never replaced by the other one or by "uncertain"; "uncertain" may become a verdict."""
+    runs = [r for r in scorer.load_runs(CORPUS, "fit") if r.row.get("work") in scorer.STEADY
+            and r.policy in scorer.UNSTEERED]
+    assert len(runs) >= 30
+    replaced = {r.run_id: n for r in runs if (n := scorer.verdicts_replaced(r))}
+    assert not replaced, replaced

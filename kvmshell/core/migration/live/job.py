@@ -24,8 +24,8 @@ from kvmshell.core.migration.live.blockers import explain
 from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.live.limits import Limits, Throttling, Watchdog
 from kvmshell.core.migration.live.preflight import Preflight
-from kvmshell.core.migration.model.predict import (HOLD_LOOKBACK, Prediction, Verdict, assess, held,
-                                                    throttle_for)
+from kvmshell.core.migration.model.hold import HOLD_LOOKBACK, held
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent

@@ -28,7 +28,6 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from kvmshell.core.migration.model.dirty import PASS_MODE, DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.samples import Sample
@@ -380,88 +379,52 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     return p
 
 
-# -- holding a verdict --------------------------------------------------------------------------
-# A confident verdict is said once it has HELD: HOLD_SAMPLES samples in a row after the first pass (none
-# rough) saying it over HOLD_S seconds ("will not converge"; HOLD_CONVERGES_S for "will converge") and at
-# least one sync; until then the prediction is UNCERTAIN
-# (with its figures). Once said it stands against samples that say otherwise (uncertain, rough or the
-# other verdict) until the other verdict holds in turn, or STICK_S seconds pass without a sample saying it.
-# Fitted on the corpus's fit set (bench/score_corpus.py --fit): fewest runs with a confident wrong verdict,
-# then fewest verdict changes after the first pass, then the earliest right "will not converge".
-HOLD_SAMPLES = 1
-HOLD_S = 1.0                   # "will not converge" (the padded corpus's fit says 0.0: not applied, see RESULTS.md)
-HOLD_CONVERGES_S = 3.0         # "will converge" (a bursty guest's passes can shrink for 2 s and grow again)
-STICK_S = 5.0
-HOLD_LOOKBACK = 40             # samples re-read for it (bounds the cost: ~20 s at 0.5 s a sample)
-CONFIDENT = (Verdict.CONVERGES, Verdict.WILL_NOT_CONVERGE)
-
-
-def assess_held(samples: Sequence[Sample], **limits: Any) -> Prediction:
-    """``assess`` with its verdict held (``held``): what the latest sample says read against what the
-    samples before it said. Same arguments as ``assess``. What a user is told; the strategies keep
-    ``assess`` and their own hold (strategies/base.py ``Held``)."""
-    now = assess(samples, **limits)
-    if not _holdable(samples[-1] if samples else None, now):
-        return now
-    first = max(1, len(samples) - HOLD_LOOKBACK)
-    return held([(samples[i - 1], assess(samples[:i], **limits)) for i in range(first, len(samples))]
-                + [(samples[-1], now)])
-
-
-def _holdable(s: Sample | None, p: Prediction) -> bool:
-    """A prediction the hold applies to: during pre-copy after the first pass, not a finished run."""
-    return (s is not None and s.pass_no >= 2 and s.status in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER)
-            and p.verdict not in (Verdict.DONE, Verdict.UNKNOWN))
-
-
-def _hold_s(v: Verdict) -> float:
-    return HOLD_S if v is Verdict.WILL_NOT_CONVERGE else HOLD_CONVERGES_S
-
-
-def held(history: Sequence[tuple[Sample, Prediction]]) -> Prediction:
-    """What to say at the last of ``history`` [(sample, what that sample alone said), ...], oldest first."""
-    s, now = history[-1]
-    if not _holdable(s, now):
-        return now
-    kind: Verdict | None = None                   # the run of samples saying one confident verdict
-    since = n = first_pass = 0
-    said: tuple[Verdict, Prediction, float] | None = None    # the verdict that held: which, its prediction, last said
-    for si, p in history:
-        k = p.verdict if p.verdict in CONFIDENT and not p.rough and _holdable(si, p) else None
-        if k is not kind:
-            kind, since, n, first_pass = k, si.t, 0, si.pass_no
-        n += 1
-        if said is not None and si.t - said[2] > STICK_S:
-            said = None
-        if k is not None and n >= HOLD_SAMPLES and si.t - since >= _hold_s(k) and si.pass_no > first_pass:
-            said = (k, p, si.t)
-        elif said is not None and k is said[0]:
-            said = (k, p, si.t)
-    if said is not None:
-        if said[1] is now:
-            return now
-        v, p, t = said
-        return replace(p, time_left_s=None if p.total_s is None else max(0.0, p.total_s - s.t),
-                       reason=f"{p.reason} (held since it was said on enough samples; at {s.t:.1f} s: "
-                              f"{now.verdict.value}{' (rough)' if now.rough else ''})")
-    if now.verdict in CONFIDENT and not now.rough:
-        span = s.t - since
-        return replace(now, verdict=Verdict.UNCERTAIN, total_s=None, time_left_s=None,
-                       total_range_s=None if now.total_s is None else (now.total_s, now.total_s),
-                       reason=f"{now.verdict.value} on {n} sample(s) over {span:.1f} s, not yet held "
-                              f"({HOLD_SAMPLES} over {_hold_s(now.verdict):.1f} s and a sync): {now.reason}")
-    return now
-
-
-# The first pass runs at about RATE_POINT of the link or bandwidth cap when that is what limits it (seen
-# within LINK_BOUND of it), between RATE_LO and 1 of it; else its rate is only what the samples saw, from
-# UNBOUND_LO to UNBOUND_HI times that. A time is given when its range is within TIGHT (high / low).
+# The first pass sends its non-zero pages at about RATE_POINT of the link or bandwidth cap (between RATE_LO
+# and 1 of it) when that is what limits it (a sample came within LINK_BOUND of it), or at what it has been seen to send them at, once it has run FIRST_PASS_SPAN_S (the first
+# samples' throughput spans the setup and the first zero pages: it says nothing yet); that rate is known
+# within RATE_SPREAD either way. Nothing seen and no bound: UNBOUND_LO to UNBOUND_HI times the samples'
+# throughput. The zero pages still to come are the share of the pages sampled before the start, within
+# ZERO_Z standard deviations (Wilson). A time is given when its range is within TIGHT (high / low).
 # Fitted on the corpus's fit set (bench/score_corpus.py --fit).
 RATE_POINT = 0.9
-RATE_LO = 0.75
+RATE_LO = 0.6
+RATE_SPREAD = 1.25
 LINK_BOUND = 1.5
+FIRST_PASS_SPAN_S = 0.3
 UNBOUND_LO, UNBOUND_HI = 0.25, 2.0
-TIGHT = 1.5
+ZERO_Z = 1.0
+TIGHT = 2.0
+
+
+def first_pass_rate(samples: Sequence[Sample]) -> float | None:
+    """Bytes/s of non-zero pages the first pass has sent since its first sample, its zero pages' scan
+    time taken out (None: under FIRST_PASS_SPAN_S seen, or nothing sent)."""
+    act = [s for s in samples if s.status is MigrationStatus.ACTIVE and s.pass_no <= 1]
+    if len(act) < 2:
+        return None
+    a, b = act[0], act[-1]
+    busy = (b.t - a.t) - (b.duplicate_pages - a.duplicate_pages) * PAGE / ZERO_SCAN_RATE
+    sent = b.normal_bytes - a.normal_bytes
+    if b.t - a.t < FIRST_PASS_SPAN_S or sent <= 0 or busy <= 0:
+        return None
+    return sent / busy
+
+
+def first_pass_rates(samples: Sequence[Sample], obs: Observed,
+                     bound: float | None) -> tuple[tuple[float, float, float], bool]:
+    """The first pass's rate of non-zero pages from here, (slow end, point, fast end), and whether it is
+    measured (its own rate seen, or a sample near the bound) rather than guessed from the first samples."""
+    fastest = max((s.throughput for s in samples if s.status is MigrationStatus.ACTIVE), default=0.0)
+    if bound is not None and bound > LINK_BOUND * fastest:
+        bound = None                           # a bound far above anything seen: the CPU, not the link, limits
+    seen = first_pass_rate(samples)
+    if seen is not None:
+        point = min(seen, bound) if bound else seen
+        return (point / RATE_SPREAD, point, min(point * RATE_SPREAD, bound) if bound else point * RATE_SPREAD), True
+    if bound:
+        return (RATE_LO * bound, RATE_POINT * bound, bound), True
+    assert obs.rate is not None
+    return (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate), False
 
 
 def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: float, bound: float | None,
@@ -471,15 +434,10 @@ def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: fl
     its zero pages scanned), then the passes the dirty range allows, at the fast and the slow end of the
     rate and the zero share; a time when those ends are within TIGHT, else their range."""
     last = samples[-1]
-    seen = [s.throughput for s in samples if s.status is MigrationStatus.ACTIVE and s.throughput > 0]
-    assert obs.rate is not None and seen
-    if bound is not None and bound <= LINK_BOUND * max(seen):
-        rates = (RATE_LO * bound, RATE_POINT * bound, bound)
-    else:
-        rates = (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate)
+    rates, measured = first_pass_rates(samples, obs, bound)
     left, total = float(obs.remaining), float(last.total)
     if zero_fraction is not None:              # the zero pages not seen yet, by the pages sampled before the start
-        lo, hi = wilson_interval(round(zero_fraction * zero_sampled), zero_sampled) if zero_sampled else (
+        lo, hi = wilson_interval(round(zero_fraction * zero_sampled), zero_sampled, ZERO_Z) if zero_sampled else (
             zero_fraction, zero_fraction)
         share = [min(1.0, max(0.0, (f * total - last.duplicate_pages * PAGE) / left)) if left > 0 else 0.0
                  for f in (lo, zero_fraction, hi)]
@@ -502,6 +460,11 @@ def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: fl
                      zero_bytes=left * share[i], elapsed_s=obs.elapsed, sent=obs.sent)
         return predict(replace(inp, dirty_rate=d)) if d is not None else predict_range(inp, dirty)
     middle = at(1, None)
+    if middle.verdict is Verdict.WILL_NOT_CONVERGE and (not measured or at(2, None).verdict is not middle.verdict):
+        # the first samples' throughput spans the setup: "will not converge" only on a rate measured, at its fast end too
+        return replace(middle, verdict=Verdict.UNCERTAIN, reason=f"{what}; {middle.verdict.value} at {pace} "
+                       f"({middle.reason}), but that rate is " + ("not measured yet" if not measured else
+                                                                   "only its slow end"))
     if middle.verdict is not Verdict.CONVERGES:
         return replace(middle, reason=f"{what}; then {middle.reason}")
     fast, slow = at(2, dirty.while_migrating), at(0, dirty.hi if dirty.hi is not None else UNBOUNDED)
