@@ -18,10 +18,12 @@ from kvmshell.core.values.models import MigrationStatus
 WS = 8192                 # a 32 MiB working set (of 64 MiB)...
 PACE = 8                  # ...dirtied at 8 pages a tick: QEMU sees ~16 MB/s under TCG (tests/test_strategies.py)
 RAM = 64
-# The pre-flight's low end is half the rate its 1 s window saw (model/dirty.py, MIGRATING_SHARE): ~8-12 MB/s.
-# At 14 MB/s pre-copy converges on that, after many passes (about 3x postcopy at once's ~2.6 s); at the high
-# end it never does. Slower still (a third less) it would not converge at the low end either.
-BANDWIDTH = 14_000_000
+# The pre-flight's low end is half the rate its 1 s window saw (model/dirty.py, MIGRATING_SHARE). On this
+# shared 2-core machine that window saw 15-37 MB/s over 10 runs (the TCG guest runs as fast as it gets CPU):
+# at 16 MB/s pre-copy then converges at the low end in 2.4x postcopy at once's time (5.9 s against 2.5 s) and
+# never at the high end, or (the window at its top) never at either. Both are postcopy at once, with numbers;
+# which of the two the measurement says is the unit tests' business (tests/test_choice.py).
+BANDWIDTH = 16_000_000
 
 
 def said(job: Any, name: str) -> list[str]:
@@ -49,9 +51,14 @@ async def test_live_auto_starts_postcopy_at_once_where_it_beats_a_slow_precopy(l
         assert outcome.ok, (outcome.full_message, job.decisions)
         # the decision, with the comparison in numbers
         [pre] = said(job, "preflight")
-        assert "postcopy at once: at least 1.5x faster than pre-copy at both ends of the range (" in pre, job.decisions
+        faster = "postcopy at once: at least 1.5x faster than pre-copy at both ends of the range ("
+        assert pre.split(": ", 1)[1].startswith((faster, "postcopy at once: pre-copy will not converge (")), pre
         assert "s with the guest faulting pages in, downtime ~10 ms; pre-copy: " in pre, pre
-        assert "x at the low end" in pre and "postcopy needs 1.5x at both" in pre, pre
+        if faster in pre:                        # pre-copy would converge at the low end: the ratio is said
+            assert "pre-copy at the low end: will converge" in pre and "x at the low end" in pre, pre
+            assert "postcopy needs 1.5x at both" in pre, pre
+        else:
+            assert "pre-copy: never;" in pre, pre
         assert "random pages read: " in pre and "% zero" in pre, pre
         [postcopy] = said(job, "postcopy")
         assert postcopy.split(": ", 1)[1].startswith("switching to postcopy: the pre-flight chose postcopy at once "
