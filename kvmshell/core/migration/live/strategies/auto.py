@@ -71,7 +71,7 @@ class Auto(Strategy):
         if pre is not None and not self.preflight_said:
             self.preflight_said = True
             job.decide("preflight", pre.said())
-        if pre is not None and pre.choice is not None and pre.choice.at_once:
+        if pre is not None and pre.choice is not None and pre.choice.at_once and self.postcopy():
             job.start_postcopy(f"the pre-flight chose postcopy at once (pass {sample.pass_no} at {sample.t:.1f} s, "
                                f"{sample.transferred / 1e6:.0f} MB sent): {pre.choice.numbers()}")
             return
