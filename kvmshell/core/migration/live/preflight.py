@@ -2,7 +2,7 @@
 over the windows of ``model.choice.PREFLIGHT_WINDOWS`` just before `migrate` is sent, and reads random
 pages for the zero-page share (as `migrate --estimate` does, live/measure.py), and leaves on the job the
 choice auto acts on (``job.preflight``): postcopy at once when postcopy is allowed and it wins over
-pre-copy at both ends of the measured range (model/choice.py).
+pre-copy at the measured range's high end and ties at its low end (model/choice.py).
 
 Its cost: the start waits for the windows (4 s); its pages are read while they run (the pre-start stayed
 at 4.2 s); calc-dirty-rate's page sampling hashes a few pages per GiB and does not slow the guest

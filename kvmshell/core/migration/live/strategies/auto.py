@@ -3,8 +3,8 @@ within the downtime limit, model/wire.py), escalating once the model's verdict h
 converge (or too slowly): to postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
 allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, auto starts postcopy at
 once (on the first sample of the running migration: QEMU takes migrate-start-postcopy right after
-`migrate`) when the pre-flight's choice (model/choice.py) says it beats pre-copy at both ends of the
-measured range, by its margin, or pre-copy will not converge there. A throttle is released once
+`migrate`) when the pre-flight's choice (model/choice.py) says it wins the worst case of the measured
+range by its margin (or pre-copy will not converge there) and ties the best. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
 and may still switch to postcopy."""
 
