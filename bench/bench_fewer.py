@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Run:
     memcheck: str = "n/a"
     dirty_mb_s: float | None = None       # the boot guest's dirty rate in the 2 s before the start (its beats)
     load1: float | None = None            # the host's 1-minute load average at the start (a shared machine)
+    decisions: list[str] = field(default_factory=list)   # kvmshell's policies: what auto chose and why (job.decisions)
 
 
 def working_set_mib(guest: str, ram_mib: int) -> int:
@@ -172,8 +173,9 @@ async def wait_end(s: Any, cap: float) -> dict[str, Any]:
 
 
 async def kvmshell_policy(policy: str, fleet: Fleet, uri: str, link: float, cap: float,
-                          trace: Path) -> tuple[dict[str, Any], float]:
-    """query-migrate at the end, and the seconds before `migrate` was sent (prepare and start)."""
+                          trace: Path) -> tuple[dict[str, Any], float, list[str]]:
+    """query-migrate at the end, the seconds before `migrate` was sent (prepare and start), and the job's
+    decision lines (what auto chose and why, in numbers)."""
     strategy = "auto" if policy.startswith("auto") else policy.removeprefix("ks:")
     req = MigrationRequest("src", "dst", uri, strategy=strategy, downtime_ms=DOWNTIME_MS, link=link,
                            allow_postcopy=policy.endswith("+postcopy"), preflight="+pf" in policy,
@@ -187,7 +189,7 @@ async def kvmshell_policy(policy: str, fleet: Fleet, uri: str, link: float, cap:
         await asyncio.wait_for(job.run(), cap)
     except TimeoutError:
         pass
-    return dict(await fleet.monitor("src").execute("query-migrate")), prestart
+    return dict(await fleet.monitor("src").execute("query-migrate")), prestart, list(job.decisions)
 
 
 def missing_strategy(policy: str) -> str | None:
@@ -242,8 +244,8 @@ async def one_run(net: TestNetwork, guest: str, load: str, link: str, ram: str, 
             if policy.startswith("hand:") or policy in ("defaults", "defaults+ac"):
                 info = await plain(policy, s, d, uri, link_rate, ws_mib << 20, cap)
             else:
-                info, row.prestart_s = await kvmshell_policy(policy, fleet, uri, link_rate, cap,
-                                                             traces / f"{guest}-{load}-{link}-{ram}-{policy}-{n}.jsonl")
+                info, row.prestart_s, row.decisions = await kvmshell_policy(
+                    policy, fleet, uri, link_rate, cap, traces / f"{guest}-{load}-{link}-{ram}-{policy}-{n}.jsonl")
             row.cpu_kvmshell_s = round(sum(os.times()[:2]) - cpu0, 2)
             row.wire_mb = round((tx_bytes(net) - tx0) / 1e6, 1)
             row.status = str(info.get("status"))
@@ -350,7 +352,22 @@ def table(rows: list[Run]) -> str:
         out.append(f"| {guest} | {load} | {link} | {ram} | *floor* | | {floor:.2f} s = {nonzero:.0f} MB non-zero / "
                    f"{link_rate / 1e6:.0f} MB/s{rate} |" + " |" * 10 if floor and nonzero else
                    f"| {guest} | {load} | {link} | {ram} | *floor* | | unknown (no completed run){rate} |" + " |" * 10)
-    return "\n".join(out + [f"\n{note}" for note in sorted(skipped)])
+    return "\n".join(out + [f"\n{note}" for note in sorted(skipped)] + decided(rows))
+
+
+STEERING = ("wire", "preflight", "postcopy", "throttle", "release")   # the decisions that say what auto chose
+
+
+def steering(decisions: list[str]) -> list[str]:
+    """The decision lines that say what a kvmshell policy chose and why ("t=0.0s preflight: ...")."""
+    return [d for d in decisions if d.split(" ", 2)[1].rstrip(":") in STEERING]
+
+
+def decided(rows: list[Run]) -> list[str]:
+    """Per kvmshell run, what it chose and why: the lines RESULTS quotes."""
+    out = [f"- {r.guest} {r.load} {r.link} {r.ram} {r.policy} #{r.run}: " + "\n  ".join(steering(r.decisions))
+           for r in rows if steering(r.decisions)]
+    return ["", "What kvmshell's policies chose, and why (the job's decision lines):", "", *out] if out else []
 
 
 def pick(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
@@ -413,6 +430,8 @@ async def main() -> int:
                                           f"wire={row.wire_mb}MB cpu={row.cpu_src_s}/{row.cpu_dst_s}/"
                                           f"{row.cpu_kvmshell_s} mem={row.memcheck} dirty={row.dirty_mb_s}MB/s "
                                           f"load={row.load1} {row.note}", flush=True)
+                                    for line in steering(row.decisions):
+                                        print(f"    {line}", flush=True)
     Path(args.table).write_text(table(rows) + "\n")
     print(table(rows))
     return 0

@@ -142,7 +142,7 @@ def test_the_estimate_of_each_strategy_before_a_start() -> None:
     assert e.options[1].prediction.verdict is Verdict.WILL_NOT_CONVERGE and e.auto.startswith("converge")
     assert "throttled to 42 % CPU" in e.options[2].note                 # throttle_for(150, 125): 0.58
     assert e.postcopy is not None and e.postcopy.bytes_total == pytest.approx((512 << 20) + 105e6)
-    assert estimate(**hot, allow_postcopy=True).auto.startswith("postcopy right after the first pass")
+    assert estimate(**hot, allow_postcopy=True).auto.startswith("postcopy at once: pre-copy will not converge")
     idle = estimate(ram=512 << 20, dirty_rate=0.0, working_set=None, link=125e6, cap=32e6, downtime_limit_s=0.3,
                     allow_postcopy=False)
     assert idle.auto.startswith("precopy: it converges") and len(idle.options) == 2

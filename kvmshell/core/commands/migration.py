@@ -340,7 +340,7 @@ SPECS = (
                        Flag(("--allow-postcopy",), "let the auto strategy switch to postcopy (a network failure "
                             "in postcopy can lose the guest)"),
                        Flag(("--preflight",), "auto: measure the dirty rate for 4 s before the start; if pre-copy "
-                            "surely will not converge and postcopy is allowed, switch right after the first pass"),
+                            "will not converge or postcopy at once is clearly faster, and postcopy is allowed, start postcopy at once"),
                        Flag(("--watch",), "show the live view until Ctrl-C (the migration goes on)"),
                        Flag(("--follow",), "adopt the migration that runs (its kvmshell died, or a plain QMP "
                             "migrate): follow it, and resume the strategy, stages (disk copy, unplugged devices) and undo "

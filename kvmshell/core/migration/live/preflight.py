@@ -1,13 +1,15 @@
 """The pre-flight: an opt-in stage (``MigrationRequest.preflight``) that measures the guest's dirty rate
-over the windows of ``model.choice.PREFLIGHT_WINDOWS`` just before `migrate` is sent, and leaves on
-the job the choice auto acts on (``job.preflight``): postcopy right after the first pass when that
-choice is a confident "will not converge" and postcopy is allowed.
+over the windows of ``model.choice.PREFLIGHT_WINDOWS`` just before `migrate` is sent, and reads random
+pages for the zero-page share (as `migrate --estimate` does, live/measure.py), and leaves on the job the
+choice auto acts on (``job.preflight``): postcopy at once when postcopy is allowed and it wins over
+pre-copy at the measured range's high end and ties at its low end (model/choice.py).
 
-Its cost: the start waits for the windows (4 s); calc-dirty-rate's page sampling hashes a few pages
-per GiB and does not slow the guest measurably. The job starts the windows (``begin``) before it
-reads the guest's pages and both hosts' CPU (live/wiredata.py), so that the two measurements overlap
-instead of adding up. A measurement that fails stops nothing: auto then steers as without it, and
-the job says why.
+Its cost: the start waits for the windows (4 s); its pages are read while they run (the pre-start stayed
+at 4.2 s); calc-dirty-rate's page sampling hashes a few pages per GiB and does not slow the guest
+measurably. The job starts the windows (``begin``) before it reads the guest's pages and both hosts' CPU
+for the fewer-bytes options (live/wiredata.py), so that the measurements overlap instead of adding up.
+A measurement that fails stops nothing: auto then steers as without it (pages that cannot be read:
+every page counts as sent), and the job says why.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from kvmshell.core.migration.live.measure import SAMPLED_PAGES
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose
 from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
+from kvmshell.core.values.models import PageSample
 from kvmshell.errors import KvmError
 
 if TYPE_CHECKING:
@@ -33,31 +37,42 @@ class Preflight(BaseStage):
         self.windows: list[Window] = []
         self.missing: str | None = None          # why there is no choice
         self.dirty: DirtyRange | None = None     # the range measured: what the job's held verdict reads
+        self.pages: PageSample | None = None     # the zero-page share: None, not read (all RAM counts as sent)
+        self.pages_missing: str | None = None    # why the pages were not read
         self._measuring: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
 
     def begin(self, job: MigrationJob) -> None:
         """Start measuring the windows now (the job goes on preparing); ``before_start`` waits for them."""
         if self._measuring is None:
             self._measuring = asyncio.create_task(self._measure(job))
+            self._reading = asyncio.create_task(self._read(job))
 
     def stop(self) -> None:
         """The migration will not start: stop measuring."""
-        task = self._measuring
-        if task is not None and not task.done():
-            task.cancel()
-        elif task is not None and not task.cancelled():
-            task.exception()                     # seen here: a failure of a migration that will not start
+        for task in (self._measuring, self._reading):
+            if task is not None and not task.done():
+                task.cancel()
+            elif task is not None and not task.cancelled():
+                task.exception()                 # seen here: a failure of a migration that will not start
 
     async def _measure(self, job: MigrationJob) -> None:
         for seconds in PREFLIGHT_WINDOWS:
             self.windows.append(Window(seconds, float((await job.source.measure_dirty_rate(seconds)).bytes_per_s)))
 
+    async def _read(self, job: MigrationJob) -> None:
+        try:
+            self.pages = await job.source.sample_pages(SAMPLED_PAGES)
+        except KvmError as e:                    # the choice goes on, counting every page as sent
+            self.pages_missing = f"the zero pages could not be sampled ({e}): all RAM counted as sent"
+
     async def before_start(self, job: MigrationJob) -> None:
         src = job.source
         self.begin(job)
-        assert self._measuring is not None
+        assert self._measuring is not None and self._reading is not None
         try:
             await self._measuring
+            await self._reading
             ram = await src.ram_size()
             params = await src.migrate_parameters()
         except KvmError as e:
@@ -70,7 +85,9 @@ class Preflight(BaseStage):
                             "in the config)")
             return
         self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link,
-                             downtime_limit_s=(params.downtime_limit_ms or 300) / 1000, allow_postcopy=job.req.allow_postcopy)
+                             downtime_limit_s=(params.downtime_limit_ms or 300) / 1000,
+                             allow_postcopy=job.req.allow_postcopy,
+                             zero_fraction=self.pages.zero_fraction if self.pages is not None else 0.0)
 
     async def finish(self, job: MigrationJob, outcome: Any) -> None:
         self.stop()
@@ -78,6 +95,10 @@ class Preflight(BaseStage):
     def said(self) -> str:
         """The decision's reason: the choice with its numbers, or why there is none."""
         cost = f"measured over {' s and '.join(str(s) for s in PREFLIGHT_WINDOWS)} s before the start"
+        if self.pages is not None:
+            cost += f", {self.pages.pages} random pages read: {100 * self.pages.zero_fraction:.0f} % zero"
+        elif self.pages_missing:
+            cost += f"; {self.pages_missing}"
         if self.choice is None:
             return f"no pre-flight choice: {self.missing or 'not measured'}; auto steers on verdicts that hold"
         return f"{self.choice.summary()}; {cost}"

@@ -1,8 +1,10 @@
 """Pre-copy (with --preflight: sending fewer bytes, the fastest of multifd, compression and XBZRLE
 within the downtime limit, model/wire.py), escalating once the model's verdict holds that it will not
 converge (or too slowly): to postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
-allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, a confident "will not
-converge" before the start switches to postcopy right after the first pass. A throttle is released once
+allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, auto starts postcopy at
+once (on the first sample of the running migration: QEMU takes migrate-start-postcopy right after
+`migrate`) when the pre-flight's choice (model/choice.py) says it wins the worst case of the measured
+range by its margin (or pre-copy will not converge there) and ties the best. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
 and may still switch to postcopy."""
 
@@ -69,10 +71,9 @@ class Auto(Strategy):
         if pre is not None and not self.preflight_said:
             self.preflight_said = True
             job.decide("preflight", pre.said())
-        if pre is not None and pre.choice is not None and pre.choice.at_once and sample.pass_no >= 2:
-            job.start_postcopy(f"the pre-flight verdict is a confident \"will not converge\", the first pass is done "
-                               f"(pass {sample.pass_no} at {sample.t:.1f} s, {sample.remaining / 1e6:.0f} MB left): "
-                               f"{pre.choice.numbers()}")
+        if pre is not None and pre.choice is not None and pre.choice.at_once and self.postcopy():
+            job.start_postcopy(f"the pre-flight chose postcopy at once (pass {sample.pass_no} at {sample.t:.1f} s, "
+                               f"{sample.transferred / 1e6:.0f} MB sent): {pre.choice.numbers()}")
             return
         if job.throttle_armed:
             why = release(self, job, sample, prediction)
