@@ -79,5 +79,5 @@ def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: fl
         ws = W if W is not None else D * first / R
         postcopy = Postcopy(first / R + zero / ZERO_SCAN_RATE + ws / R, first + ws)
     auto = choose(ram=ram, dirty=dirty if dirty is not None else DirtyRange(D, D, W), rate=min(R, bandwidth or R),
-                  link=R, downtime_limit_s=downtime_limit_s, allow_postcopy=allow_postcopy)
+                  link=R, downtime_limit_s=downtime_limit_s, allow_postcopy=allow_postcopy, zero_fraction=zero_fraction)
     return Estimate(tuple(options), postcopy, auto.summary(), dirty, zero_fraction)
