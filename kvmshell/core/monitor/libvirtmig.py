@@ -51,6 +51,18 @@ def stats_info(stats: Mapping[str, Any], status: MigrationStatus, error: str | N
                          error=error)
 
 
+def job_status(qemu_status: str, stats: Mapping[str, Any]) -> MigrationStatus:
+    """The status of libvirt's running migration job, from its statistics and QEMU's last MIGRATION
+    event: setup while QEMU has said nothing else and nothing has moved (libvirt prepares the
+    destination: starts its QEMU there, which takes seconds); postcopy as QEMU says; otherwise active
+    (libvirt does its own switch-over: pre-switchover and device are active here)."""
+    moved = int(stats.get("memory_processed") or 0) or int(stats.get("disk_processed") or 0)
+    status = MigrationStatus(qemu_status)
+    if status is MigrationStatus.SETUP and not moved:
+        return MigrationStatus.SETUP
+    return status if status.is_postcopy else MigrationStatus.ACTIVE
+
+
 ABORT_WAIT_S = 10.0
 """How long kvmshell waits for libvirt's migration call to return after abortJob. libvirt returns at
 once when only RAM moves; with --copy-storage it first cancels QEMU's disk mirrors (block-job-cancel
