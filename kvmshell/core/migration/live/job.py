@@ -232,7 +232,7 @@ class MigrationJob:
         for stage in self.stages:
             await stage.before_start(self)
             running.checkpoint(self)                 # what it did (devices unplugged, say)
-        self.sampler.start = self.clock()
+        self.sampler.start = self._watchdog.setup_since = self.clock()    # the setup limit counts from here
         await src.migrate(self.uri)
         self._started = True
         running.checkpoint(self, "migrating")        # until ``run`` saves it with QEMU's start

@@ -34,7 +34,7 @@ class Watchdog:
     timeout: float
     bandwidth: int | None = None
     setup_timeout: float = SETUP_TIMEOUT
-    setup_since: float | None = None             # when the job was first seen in setup
+    setup_since: float | None = None             # when `migrate` was sent (else: first seen in setup)
     transferred: int = 0
     since: float = 0.0
     stalled: str | None = None                   # why, once it fired
