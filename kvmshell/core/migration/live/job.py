@@ -347,7 +347,7 @@ class MigrationJob:
         if last.status not in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
                                MigrationStatus.POSTCOPY_ACTIVE):
             return None
-        if self._switchover is not None and not self._switchover.done() or self.source.finishing:
+        if (self._switchover is not None and not self._switchover.done()) or self.source.finishing:
             return None                      # the stages (or libvirt) finish their work, nothing left to send
         # libvirt copies the disks of --copy-storage inside its migration job, before the RAM
         if not self._watchdog.stuck(last.transferred, self.clock(), last.disk_remaining):
