@@ -77,6 +77,8 @@ class Monitor(abc.ABC):
     notice: str | None = None        # something to tell the user once, when it first connects
     settings_per_migration = False   # capabilities and parameters go with one migration (libvirt's flags
                                      # and typed parameters): there is nothing to put back after it
+    reports_start_failures_at_end = False   # the guest's manager (libvirt) runs the migration in one call: a
+                                     # start that fails ends that call, and its outcome says where it left the guest
     # what a migration in its setup status waits for, and why it may not end: said when setup overruns
     setup_phase: tuple[str, str] = ("QEMU has been setting up the migration", "it has not reached the "
                                     "destination (does it listen on the URI, does a firewall drop the connection?)")

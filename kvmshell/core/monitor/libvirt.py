@@ -86,6 +86,7 @@ class LibvirtMonitor(QmpMonitor):
     delivers_events = True
     notice = TAINT
     settings_per_migration = True
+    reports_start_failures_at_end = True
     setup_phase = ("libvirt has been preparing the destination", "its libvirtd has not got the domain's QEMU "
                    "running there (the domain's log on the destination, /var/log/libvirt/qemu/, says why)")
 
@@ -503,13 +504,14 @@ class LibvirtMonitor(QmpMonitor):
         """End kvmshell's side of an aborted migration whose libvirt call does not return within
         ``ABORT_WAIT_S`` (see there): cancelled, saying why; libvirt's call runs on in its thread."""
         assert mig.task is not None
+        preparing = mig.last is None or mig.last.status is MigrationStatus.SETUP     # aborted before it moved
         await asyncio.wait({mig.task}, timeout=ABORT_WAIT_S)
         if mig.final is not None or mig.task.done():
             return
         if mig.final is None:
             disk = mig.last.disk.remaining if mig.last and mig.last.disk else None
             mig.final = MigrationInfo(MigrationStatus.CANCELLED, ram=mig.last.ram if mig.last else None,
-                                      error=still_cancelling(ABORT_WAIT_S, disk))
+                                      error=still_cancelling(ABORT_WAIT_S, disk, preparing=preparing))
             self._caps, self._params = {}, {}
             self._emit("MIGRATION", {"status": mig.final.status.value})
 

@@ -71,13 +71,18 @@ silent, not before TCP gives up (tcp_retries2: up to ~15 min) or the link is bac
 mirror ended the moment the link returned, 40 s after the cut)."""
 
 
-def still_cancelling(waited: float, disk_remaining: int | None) -> str:
-    """What kvmshell says when libvirt's call did not return within ``waited`` s of abortJob."""
-    mirror = f" ({disk_remaining >> 20} MiB of the disks still to copy)" if disk_remaining else ""
-    return (f"libvirt: abortJob sent, and libvirt's migration job did not end within {waited:g} s: it waits for "
-            f"QEMU to cancel the disk copy{mirror}, whose NBD writes hang on the stalled link until TCP gives up "
-            "(up to ~15 min) or the link is back; the domain keeps running on the source, and libvirt ends the "
-            "job (and the destination's incoming domain) by itself")
+def still_cancelling(waited: float, disk_remaining: int | None, *, preparing: bool = False) -> str:
+    """What kvmshell says when libvirt's call did not return within ``waited`` s of abortJob (sent while
+    libvirt was still ``preparing`` the destination, or during the transfer)."""
+    if preparing:
+        why = "libvirt ends it once the destination's preparation returns (its QEMU started, or failed to)"
+    else:
+        mirror = f" ({disk_remaining >> 20} MiB of the disks still to copy)" if disk_remaining else ""
+        why = (f"it waits for QEMU to cancel the disk copy{mirror}, whose NBD writes hang on the stalled link until "
+               "TCP gives up (up to ~15 min) or the link is back")
+    return (f"libvirt: abortJob sent, and libvirt's migration job did not end within {waited:g} s: {why}; the "
+            "domain keeps running on the source, and libvirt ends the job (and the destination's incoming "
+            "domain) by itself")
 
 
 @dataclass

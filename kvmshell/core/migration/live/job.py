@@ -241,6 +241,8 @@ class MigrationJob:
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
         if self._throttling.said is not None:
             self.decide(*self._throttling.said)
+        if src.reports_start_failures_at_end:
+            return                  # libvirt prepares the destination for seconds: its failures end the job
         first = await self.sampler.sample()
         deadline = self.clock() + 2.0
         while first is not None and first.status is MigrationStatus.SETUP and self.clock() < deadline:
