@@ -34,6 +34,7 @@ class Defaults:
     timeout: float = 10.0
     link: str | None = None            # e.g. "1gbit": the migration link's speed, for the model
     stall_timeout: float = 10.0        # cancel a migration after this long without progress
+    setup_timeout: float = 60.0        # cancel a migration still in its setup after this long
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None, *,
     d = data.get("defaults", {})
     _check_keys(d, {"downtime_ms": int, "strategy": str, "allow_postcopy": bool,
                     "connect_timeout": (int, float), "timeout": (int, float), "link": str,
-                    "stall_timeout": (int, float)}, f"{src}: [defaults]")
+                    "stall_timeout": (int, float), "setup_timeout": (int, float)}, f"{src}: [defaults]")
     defaults = Defaults(**d)
     if defaults.link is not None:
         try:
@@ -168,9 +169,10 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None, *,
             raise ConfigError(f"{src}: [defaults] link: {e}") from None
     if strategies is not None and defaults.strategy not in strategies:
         raise ConfigError(f"{src}: [defaults] strategy: {defaults.strategy!r} is not one of {', '.join(strategies)}")
-    if min(defaults.downtime_ms, defaults.connect_timeout, defaults.timeout, defaults.stall_timeout) <= 0:
-        raise ConfigError(f"{src}: [defaults]: downtime_ms, connect_timeout, timeout and stall_timeout must be "
-                          "positive")
+    if min(defaults.downtime_ms, defaults.connect_timeout, defaults.timeout, defaults.stall_timeout,
+           defaults.setup_timeout) <= 0:
+        raise ConfigError(f"{src}: [defaults]: downtime_ms, connect_timeout, timeout, stall_timeout and "
+                          "setup_timeout must be positive")
     hosts: dict[str, HostConfig] = {}
     for name, h in data.get("hosts", {}).items():
         where = f"{src}: [hosts.{name}]"

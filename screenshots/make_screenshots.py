@@ -10,6 +10,11 @@ SVG (textual's own screenshot) and a PNG rendering of it (rsvg-convert):
   dashboard-migrating    the dashboard mid-migration: figures, verdict, progress, sparklines, decisions
   dashboard-completed    the same migration once completed (light theme)
   will-not-converge      pre-copy capped at 5 MB/s under a guest dirtying 20 MB/s: the verdict and why
+  libvirt-migrating      a guest that libvirt manages, mid-migration through libvirt to another libvirt
+                         host (two libvirtds as the tests make them: tests/libvirtd.py; needs root,
+                         libvirtd and the binding, else said and skipped)
+
+`--only NAME...` makes only those groups: dashboard (the first four), non-converging, libvirt.
 
 It checks what each picture must show and exits non-zero if a picture is not what it claims to be.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
+import tempfile
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kvmshell.config import Config, HostConfig  # noqa: E402
 from kvmshell.core.commands.registry import default_registry  # noqa: E402
+from kvmshell.core.values.address import Address, SshTarget  # noqa: E402
 from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
 from kvmshell.core.commands.session import Session  # noqa: E402
 from kvmshell.lab.demo import start_demo_guests  # noqa: E402
@@ -172,10 +181,67 @@ async def non_converging(shot: Shot, size: tuple[int, int]) -> None:
                     "the cancellation")
 
 
+def libvirt_missing() -> str | None:
+    """Why the libvirt capture cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "it needs root (network, mount and UTS namespaces for the two libvirt hosts)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "the libvirt binding is not installed (pip install kvmshell[libvirt])"
+    if not os.path.exists("/usr/sbin/libvirtd"):
+        return "libvirtd is not installed (apt-get install libvirt-daemon libvirt-daemon-driver-qemu)"
+    return None
+
+
+async def libvirt_migration(shot: Shot, size: tuple[int, int]) -> None:
+    """The dashboard on a libvirt guest while kvmshell migrates it through libvirt to a second libvirt
+    host: the tests' two test hosts (tests/libvirtd.py), each daemon stopped with its domains at the end."""
+    from tests.libvirtd import two_libvirt_hosts      # pytest's helpers: only when this picture is made
+    with tempfile.TemporaryDirectory(prefix="lv-") as tmp:
+        async with Lab() as lab, two_libvirt_hosts(lab, Path(tmp)) as h:
+            await h.src.define("web1", ws_pages=2048)
+            config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+            async with Fleet() as fleet:
+                fleet.add("web1", Address.libvirt("web1", h.src.uri))
+                await fleet.start()
+                session = Session(fleet, default_registry(), config, current="web1")
+                try:
+                    await session.data.refresh_all()
+                    app = KvmshellApp(SessionSource(session, history=History()), hint="press m to migrate web1")
+                    messages: list[Any] = []
+                    async with app.run_test(size=size, message_hook=messages.append) as pilot:
+                        await until(pilot, lambda: any(r.name == "web1" and r.ram for r in app.source.rows()),
+                                    "the guest list")
+                        line = (f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe --persistent "
+                                "--undefine-source --strategy postcopy --bandwidth 3M")
+                        await pilot.press("slash", *line, "enter", "escape")
+
+                        def mid() -> bool:     # 2 s into the first pass (the figures say "2.1 s")
+                            v = app.pane.view
+                            m = v.migration if v is not None else None
+                            elapsed = m.figures.elapsed.removesuffix(" s") if m else "-"
+                            return bool(m and m.running and m.status == "active" and m.figures.pass_no == "1"
+                                        and elapsed.replace(".", "").isdigit() and float(elapsed) >= 2)
+                        await until(pilot, mid, "the libvirt migration 2 s into its first pass", timeout=90)
+                        await shot.save(app, "libvirt-migrating")
+                        await until(pilot, lambda: finished(messages, "migrate --to-host"), "the migration to end",
+                                    timeout=120)
+                        done = finished(messages, "migrate --to-host")[0]
+                        if not done.ok:
+                            raise SystemExit(f"screenshots: libvirt migration: {done.outcomes[0].error}")
+                finally:
+                    await session.aclose()
+
+
+GROUPS = ("dashboard", "non-converging", "libvirt")
+
+
 async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="directory for the SVG and PNG files")
     p.add_argument("--size", default="120x36", help="terminal size, COLSxROWS")
+    p.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="make only these pictures")
     args = p.parse_args()
     if shutil.which("rsvg-convert") is None:
         print("screenshots: rsvg-convert is missing (apt-get install librsvg2-bin)", file=sys.stderr)
@@ -185,10 +251,19 @@ async def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shot = Shot(out)
-    print("starting demo guests; the dashboard mid-migration, the dialogs:", flush=True)
-    await dashboard_and_dialogs(shot, (cols, rows))
-    print("fresh demo guests; a migration that cannot converge:", flush=True)
-    await non_converging(shot, (cols, rows))
+    if "dashboard" in args.only:
+        print("starting demo guests; the dashboard mid-migration, the dialogs:", flush=True)
+        await dashboard_and_dialogs(shot, (cols, rows))
+    if "non-converging" in args.only:
+        print("fresh demo guests; a migration that cannot converge:", flush=True)
+        await non_converging(shot, (cols, rows))
+    if "libvirt" in args.only:
+        missing = libvirt_missing()
+        if missing is not None:
+            print(f"screenshots: no libvirt capture: {missing}", file=sys.stderr)
+        else:
+            print("two libvirt hosts; a libvirt guest migrating through libvirt:", flush=True)
+            await libvirt_migration(shot, (cols, rows))
     print(f"{len(shot.made)} files in {out}")
     return 0
 

@@ -29,6 +29,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ security_driver = "none"
 stdio_handler = "file"
 EOF
 printf '%s\\n' "$QEMU_CONF_EXTRA" >> /etc/libvirt/qemu.conf
+if [ -n "$QEMU_HOOK" ]; then mkdir /etc/libvirt/hooks; printf '%s\\n' "$QEMU_HOOK" > /etc/libvirt/hooks/qemu; chmod +x /etc/libvirt/hooks/qemu; fi
 exec /usr/sbin/libvirtd -f "$D/libvirtd.conf"
 """
 
@@ -113,7 +115,8 @@ class Libvirtd:
     """A private libvirt daemon and the domains the test defined on it."""
 
     def __init__(self, root: Path, lab: Lab, *, prefix: tuple[str, ...] = (), host_uuid: str | None = None,
-                 hostname: str | None = None, qemu_conf: str = "", libvirtd_conf: str = "") -> None:
+                 hostname: str | None = None, qemu_conf: str = "", libvirtd_conf: str = "",
+                 qemu_hook: str = "") -> None:
         self.root = root
         self.lab = lab
         self.prefix = prefix            # `ip netns exec NS`: the daemon of a test host
@@ -121,6 +124,7 @@ class Libvirtd:
         self.hostname = hostname        # with it, the daemon gets a UTS namespace of its own
         self.qemu_conf = qemu_conf      # lines added to the daemon's qemu.conf (TLS, ...)
         self.libvirtd_conf = libvirtd_conf  # lines added to its libvirtd.conf (listen_tcp, ...)
+        self.qemu_hook = qemu_hook      # a script for /etc/libvirt/hooks/qemu (libvirt runs it as QEMUs start)
         self.uri = f"qemu:///system?socket={root}/sock/libvirt-sock"
         self.proc: asyncio.subprocess.Process | None = None
         self.conn: Any = None
@@ -137,7 +141,7 @@ class Libvirtd:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.prefix, "unshare", "--mount", *uts, "--propagation", "private", "sh", "-c", _SETUP,
                 env={**os.environ, "D": str(self.root), "HOSTNAME_OF_HOST": self.hostname or "",
-                     "QEMU_CONF_EXTRA": self.qemu_conf}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                     "QEMU_CONF_EXTRA": self.qemu_conf, "QEMU_HOOK": self.qemu_hook}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True)
 
         async def probe() -> Any:
@@ -234,17 +238,19 @@ class TwoHosts:
     dst: Libvirtd
 
 
-@pytest.fixture
-async def two_hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[TwoHosts]:
+@asynccontextmanager
+async def two_libvirt_hosts(lab: Lab, root: Path, *, dst_hook: str = "") -> AsyncIterator[TwoHosts]:
+    """Two test hosts under ``root`` (``dst_hook``: the destination's /etc/libvirt/hooks/qemu), and
+    kvmshell's config there (``root``/config) naming the destination ``h2``."""
     async with TestNetwork(rate=None, prefix="kvlv") as net:
-        src = Libvirtd(tmp_path / "src", lab, prefix=tuple(net.exec_prefix(net.src)), host_uuid=str(uuid.uuid4()),
+        src = Libvirtd(root / "src", lab, prefix=tuple(net.exec_prefix(net.src)), host_uuid=str(uuid.uuid4()),
                        hostname="lv-src")
-        dst = Libvirtd(tmp_path / "dst", lab, prefix=tuple(net.exec_prefix(net.dst)), host_uuid=str(uuid.uuid4()),
-                       hostname="lv-dst")
+        dst = Libvirtd(root / "dst", lab, prefix=tuple(net.exec_prefix(net.dst)), host_uuid=str(uuid.uuid4()),
+                       hostname="lv-dst", qemu_hook=dst_hook)
         try:
             await src.start()
             await dst.start()
-            config = tmp_path / "config" / "kvmshell"
+            config = root / "config" / "kvmshell"
             config.mkdir(parents=True)
             (config / "config.toml").write_text(f'[hosts.h2]\nssh = "root@{net.dst.ip}"\nlibvirt = "{dst.uri}"\n')
             yield TwoHosts(net, src, dst)
@@ -254,6 +260,11 @@ async def two_hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[TwoHosts]:
             finally:
                 await src.stop()
 
+
+@pytest.fixture
+async def two_hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[TwoHosts]:
+    async with two_libvirt_hosts(lab, tmp_path) as hosts:
+        yield hosts
 
 
 def state(lv: Libvirtd, name: str) -> tuple[int, bool] | None:

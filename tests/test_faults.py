@@ -63,6 +63,32 @@ async def test_link_cut_during_precopy_cancels_and_the_source_runs_on(
     await net.heal()
 
 
+async def test_link_cut_before_the_start_trips_the_setup_limit_not_the_stall_clock(
+        linked: tuple[Pair, TestNetwork], tmp_path: Path) -> None:
+    """QEMU's connection to the destination hangs (the link drops its SYNs): QEMU stays in `setup`,
+    which the stall clock (1 s) does not count; --setup-timeout 2 bounds it, in one line; the source
+    runs on. QEMU 7.2 cannot cancel a connection attempt: it stays `cancelling` until TCP gives up
+    (131 s measured with Linux's default 6 SYN retries), so the source's namespace retries twice (7 s)."""
+    p, net = linked
+    await run(*net.exec_prefix(net.src), "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=2")
+    await net.cut()
+    try:
+        await p.ok(f"@src migrate --to dst {uri(net)} --stall-timeout 1 --setup-timeout 2")
+        ev = await p.finished(timeout=60)
+    finally:
+        await net.heal()
+    assert ev.data["status"] == "stalled", ev.data
+    assert ev.data["message"].startswith("cancelled: QEMU has been setting up the migration for 2 s: it has not "
+                                         "reached the destination"), ev.data
+    assert "no progress" not in ev.data["message"] and "src is running" in ev.data["message"], ev.data
+    assert [d for d in p.job().decisions if "cancel-stalled" in d] == \
+        [d for d in p.job().decisions if "setting up the migration for 2 s" in d], p.job().decisions
+    src = p.session.fleet.monitor("src")
+    assert (await src.status()).state is RunState.RUNNING
+    check = await check_guest_memory(src, WS, tmp_path)
+    assert check.ok, check.summary()
+
+
 async def test_link_cut_during_postcopy_pauses_and_recovers(linked: tuple[Pair, TestNetwork],
                                                             tmp_path: Path) -> None:
     p, net = linked
@@ -92,7 +118,7 @@ async def test_link_cut_during_postcopy_pauses_and_recovers(linked: tuple[Pair, 
     assert check.ok, check.summary()
 
 
-async def test_destination_killed_after_the_switch_the_source_comes_back(pair: Pair, tmp_path: Path) -> None:
+async def test_destination_killed_after_the_switch_the_source_comes_back(pair: Pair, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
     await pair.ok("@src migrate --to dst")
     ev = await pair.finished()
     assert ev.data["status"] == "completed" and "`cont` there brings the guest back" in ev.data["message"], ev.data
@@ -108,7 +134,7 @@ async def test_destination_killed_after_the_switch_the_source_comes_back(pair: P
     assert check.ok, check.summary()
 
 
-async def test_cancel_before_during_and_after(pair: Pair) -> None:
+async def test_cancel_before_during_and_after(pair: Pair) -> None:  # noqa: F811 (the fixture)
     text = await pair.ok("@src migrate_cancel")
     assert "no migration to cancel" in text, text
     await pair.ok("@src migrate --to dst --bandwidth 2M --stall-timeout 60")
@@ -123,7 +149,7 @@ async def test_cancel_before_during_and_after(pair: Pair) -> None:
 
 # -- the disk copy (migrate --copy-storage): the rig of tests/test_storage.py -----------------------
 
-async def test_cancel_while_the_disks_are_mirrored_undoes_everything(rig: Rig) -> None:
+async def test_cancel_while_the_disks_are_mirrored_undoes_everything(rig: Rig) -> None:  # noqa: F811 (the fixture)
     w = rig.lab.workdir
     await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
     await rig.io("src", "write -P 0x31 0 8M")                 # 8 MiB at 4 MB/s: the mirror takes a while
@@ -144,7 +170,7 @@ async def test_cancel_while_the_disks_are_mirrored_undoes_everything(rig: Rig) -
     await rig.io("src", "read -P 0x31 0 8M")                   # the source's disk as it was
 
 
-async def test_destination_disk_full_during_the_mirror(rig: Rig, tmp_path: Path) -> None:
+async def test_destination_disk_full_during_the_mirror(rig: Rig, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
     """The destination's image sits on a 2 MiB tmpfs: the mirror's writes fail with ENOSPC there."""
     small = tmp_path / "small"
     small.mkdir()
@@ -168,7 +194,7 @@ async def test_destination_disk_full_during_the_mirror(rig: Rig, tmp_path: Path)
         await run("umount", "-l", str(small), check=False)
 
 
-async def test_copy_storage_onto_the_very_same_file_is_refused(rig: Rig) -> None:
+async def test_copy_storage_onto_the_very_same_file_is_refused(rig: Rig) -> None:  # noqa: F811 (the fixture)
     """Guests that share their image (shared storage, like the demo's): --copy-storage would mirror a
     disk onto itself through NBD, with two QEMUs writing one qcow2."""
     src = await rig.lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, pace=2, ram_mib=RAM)

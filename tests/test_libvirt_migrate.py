@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.libvirtd import TwoHosts, memory_intact, kvmshell, needs_libvirt, needs_netns, state
+from kvmshell.core.migration.live.limits import Watchdog
+from kvmshell.core.monitor.libvirtmig import job_status, still_cancelling
+from kvmshell.core.values.models import MigrationStatus
+from kvmshell.lab.launcher import Lab
+from tests.libvirtd import TwoHosts, memory_intact, kvmshell, needs_libvirt, needs_netns, state, two_libvirt_hosts
 from tests.waiting import wait_for
 
 try:
@@ -145,3 +150,74 @@ async def test_kvmshells_strategy_switches_libvirts_migration_to_postcopy(two_ho
     assert state(h.dst, "p1") == (libvirt.VIR_DOMAIN_RUNNING, False)      # transient there: no --persistent
     await memory_intact(h.dst, "p1", 2048, tmp_path)
 
+
+
+def slow_prepare(seconds: int) -> str:
+    """A qemu hook for the destination's libvirtd that makes it take ``seconds`` to prepare a domain
+    (libvirt runs it with `prepare begin` before it starts the QEMU of an incoming migration): a
+    destination whose QEMU takes that long to start, as a loaded host's did."""
+    return f'#!/bin/sh\ncat > /dev/null\nif [ "$2" = prepare ]; then sleep {seconds}; fi\nexit 0'
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_libvirt_preparing_the_destination_is_not_a_stall(lab: Lab, tmp_path: Path) -> None:
+    """libvirt takes 5 s to start the destination's QEMU, and nothing moves meanwhile: with
+    --stall-timeout 1 the migration still completes (the stall clock starts once bytes move)."""
+    async with two_libvirt_hosts(lab, tmp_path, dst_hook=slow_prepare(5)) as h:
+        await h.src.define("s1", ws_pages=512)
+        started = time.monotonic()
+        rc, out, err = await kvmshell(tmp_path, "--guest", f"s1=libvirt:{h.src.uri}#s1", "-c",
+                                      f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe --persistent "
+                                      "--undefine-source --bandwidth 200M --stall-timeout 1", timeout=120)
+        took = time.monotonic() - started
+        assert rc == 0, err + out
+        assert took > 5, took                          # the destination really took its 5 s
+        assert "s1 moved live to h2 through libvirt, attached as s1.h2" in out, out
+        assert "stalled" not in out + err and "cancel" not in out, out + err
+        assert state(h.src, "s1") is None and state(h.dst, "s1") == (libvirt.VIR_DOMAIN_RUNNING, True)
+        await memory_intact(h.dst, "s1", 512, tmp_path)
+
+
+@needs_libvirt
+@needs_netns
+@pytest.mark.qemu
+async def test_a_destination_that_stays_in_preparation_is_aborted_by_the_setup_limit(lab: Lab, tmp_path: Path) -> None:
+    """The destination takes 6 s to prepare; --setup-timeout 2 aborts libvirt's job in one line that
+    says libvirt was still preparing the destination (libvirt ends the job once the preparation returns,
+    within kvmshell's 10 s wait after abortJob); the source runs on, the destination has nothing."""
+    async with two_libvirt_hosts(lab, tmp_path, dst_hook=slow_prepare(6)) as h:
+        await h.src.define("s2", ws_pages=256)
+        rc, out, err = await kvmshell(tmp_path, "--guest", f"s2=libvirt:{h.src.uri}#s2", "-c",
+                                      f"migrate --to-host h2 --address {h.net.dst.ip} --unsafe --stall-timeout 1 "
+                                      "--setup-timeout 2", timeout=120)
+        assert rc != 0, out
+        [*_, line] = err.strip().splitlines()
+        assert line.startswith("kvmshell: s2: migration through libvirt stalled: cancelled: libvirt has been "
+                               "preparing the destination for 2 s: "), err
+        assert "(the limit: --setup-timeout); s2 is running; libvirt: operation aborted" in line, line
+        assert re.search(r"libvirt has s2: source \S+: running, persistent; destination \S+: no such domain", line), line
+        assert state(h.src, "s2") == (libvirt.VIR_DOMAIN_RUNNING, True)
+        await wait_for(lambda: asyncio.to_thread(state, h.dst, "s2"), lambda s: s is None, timeout=30,
+                       what="the destination's domain gone")
+
+
+def test_the_stall_clock_starts_when_setup_ends_and_setup_has_its_own_limit() -> None:
+    w = Watchdog(1, setup_timeout=5)
+    assert not w.setup_overdue(10.0) and not w.setup_overdue(14.9)      # 4.9 s of setup, nothing sent
+    assert not w.stuck(0, 15.0) and not w.stuck(0, 15.9)                 # the stall clock starts at 15.0
+    assert w.stuck(0, 16.0)
+    slow = Watchdog(1, setup_timeout=5)
+    assert not slow.setup_overdue(10.0) and slow.setup_overdue(15.0)    # 5 s in setup: over its limit
+    # libvirt's job is in setup until QEMU says otherwise and nothing has moved (libvirt prepares the
+    # destination); bytes moved or a disk copy under way are progress whatever the events said
+    assert job_status("setup", {"type": 2, "time_elapsed": 3000}) is MigrationStatus.SETUP
+    assert job_status("setup", {"type": 2, "memory_processed": 4096}) is MigrationStatus.ACTIVE
+    assert job_status("setup", {"type": 2, "disk_processed": 1 << 20, "disk_total": 8 << 20}) is MigrationStatus.ACTIVE
+    assert job_status("active", {"type": 2}) is MigrationStatus.ACTIVE
+    assert job_status("pre-switchover", {"type": 2, "memory_processed": 1}) is MigrationStatus.ACTIVE
+    assert job_status("postcopy-active", {"type": 2, "memory_processed": 1}) is MigrationStatus.POSTCOPY_ACTIVE
+    # an abort in setup ends when libvirt's preparation of the destination returns: no disk copy to blame
+    said = still_cancelling(10, None, preparing=True)
+    assert "once the destination's preparation returns" in said and "disk copy" not in said, said

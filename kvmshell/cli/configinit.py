@@ -26,6 +26,7 @@ TEMPLATE = """\
 #allow_postcopy = false     # may auto switch a migration to postcopy?
 #link = "1gbit"             # the migration link's speed, for the model (e.g. 100mbit, 10gbit)
 #stall_timeout = 10         # cancel a migration after this many seconds without progress
+#setup_timeout = 60         # cancel a migration still in its setup (libvirt preparing the destination) after this long
 #connect_timeout = 5        # seconds to reach one guest's monitor
 #timeout = 10               # seconds one monitor command may take
 

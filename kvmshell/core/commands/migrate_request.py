@@ -32,7 +32,7 @@ _FIELD = {"to": "dest", "downtime": "downtime_ms", "trace": "trace", "dir": "run
           "detach": "leave_to_qemu"}
 # options that make kvmshell run the migration (a plain `migrate URI` has none of them)
 _STEERING = ("dest", "strategy", "downtime_ms", "bandwidth", "allow_postcopy", "preflight", "trace", "estimate", "link",
-             "probe", "watch", "stall_timeout", "tls", "tls_authz", "copy_storage", "unplug", "replug")
+             "probe", "watch", "stall_timeout", "setup_timeout", "tls", "tls_authz", "copy_storage", "unplug", "replug")
 _TO_HOST_ONLY = (("edit", "edit"), ("dry_run", "dry-run"), ("tunnel", "tunnel"), ("address", "address"),
                  ("run_dir", "dir"), ("name", "name"))
 
@@ -55,6 +55,7 @@ class MigrateRequest:
     tls: str | None = None                  # the directory `tls-init` wrote
     tls_authz: bool = False
     stall_timeout: float | None = None
+    setup_timeout: float | None = None
     probe: bool | None = None               # --probe True, --no-probe False, default None
     copy_storage: str | None = None         # all | inc
     insecure_storage: bool = False          # --copy-storage across hosts without --tls: the user accepts it
@@ -224,6 +225,8 @@ class MigrateRequest:
             words.append("--probe" if self.probe else "--no-probe")
         if self.stall_timeout is not None:
             opt("--stall-timeout", f"{self.stall_timeout:g}")
+        if self.setup_timeout is not None:
+            opt("--setup-timeout", f"{self.setup_timeout:g}")
         if self.trace is not None:
             opt("--trace", self.trace)
         for dev in self.unplug:

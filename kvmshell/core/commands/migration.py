@@ -354,7 +354,10 @@ SPECS = (
                             value="DIR"),
                        Flag(("--tls-authz",), "with --tls: the destination admits only the source host's client "
                             "certificate (an authz-simple object with its DN, tls-authz)"),
-                       Flag(("--stall-timeout",), "cancel after this many seconds without progress (default 10)",
+                       Flag(("--stall-timeout",), "cancel after this many seconds without progress once data "
+                            "moves (default 10)", value="SEC", parse=parse_seconds),
+                       Flag(("--setup-timeout",), "cancel if the migration is still in its setup after this many "
+                            "seconds (QEMU connecting, libvirt preparing the destination; default 60)",
                             value="SEC", parse=parse_seconds),
                        Flag(("--estimate",), "measure and predict each strategy; start nothing"),
                        Flag(("--probe",), "with --estimate: probe the link with a short transfer (2 s or 64 MiB) "

@@ -39,7 +39,8 @@ def job_request(inv: Invocation, req: MigrateRequest) -> MigrationRequest:
         source=req.source, dest=req.dest, uri=req.uri, strategy=req.strategy or defaults.strategy,
         downtime_ms=req.downtime_ms, bandwidth=req.bandwidth, link=req.link or configured_link(inv),
         allow_postcopy=req.allow_postcopy or defaults.allow_postcopy, trace_path=req.trace, preflight=req.preflight,
-        stall_timeout=req.stall_timeout or defaults.stall_timeout)
+        stall_timeout=req.stall_timeout or defaults.stall_timeout,
+        setup_timeout=req.setup_timeout or defaults.setup_timeout)
 
 
 async def migrate_steered(inv: Invocation, mreq: MigrateRequest) -> Result:

@@ -77,6 +77,11 @@ class Monitor(abc.ABC):
     notice: str | None = None        # something to tell the user once, when it first connects
     settings_per_migration = False   # capabilities and parameters go with one migration (libvirt's flags
                                      # and typed parameters): there is nothing to put back after it
+    reports_start_failures_at_end = False   # the guest's manager (libvirt) runs the migration in one call: a
+                                     # start that fails ends that call, and its outcome says where it left the guest
+    # what a migration in its setup status waits for, and why it may not end: said when setup overruns
+    setup_phase: tuple[str, str] = ("QEMU has been setting up the migration", "it has not reached the "
+                                    "destination (does it listen on the URI, does a firewall drop the connection?)")
 
     def __init__(self, name: str, address: Address, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, hosts: HostPool | None = None) -> None:
@@ -118,6 +123,12 @@ class Monitor(abc.ABC):
     @property
     def connected(self) -> bool:
         return not self._closed.is_set()
+
+    @property
+    def finishing(self) -> bool:
+        """QEMU has sent the whole migration stream and the guest's manager (libvirt) finishes the
+        migration on the destination: nothing is left to transfer, the stall watchdog waits."""
+        return False
 
     async def wait_closed(self) -> None:
         """Return once the monitor connection is gone (closed by us, or QEMU went away)."""

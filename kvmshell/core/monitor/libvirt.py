@@ -36,7 +36,8 @@ from kvmshell.core.monitor.libvirtconn import (
     open_connection,
 )
 from kvmshell.core.monitor.libvirtmig import (
-    ABORT_WAIT_S, FLAG_OF_CAP, LibvirtMigrationPlan, Migration, start_arguments, stats_info, still_cancelling,
+    ABORT_WAIT_S, FLAG_OF_CAP, LibvirtMigrationPlan, Migration, job_status, start_arguments, stats_info,
+    still_cancelling,
 )
 from kvmshell.core.monitor.qmp import QmpMonitor
 from kvmshell.errors import CommandFailed, ConnectFailed, Disconnected, MonitorTimeout
@@ -85,6 +86,9 @@ class LibvirtMonitor(QmpMonitor):
     delivers_events = True
     notice = TAINT
     settings_per_migration = True
+    reports_start_failures_at_end = True
+    setup_phase = ("libvirt has been preparing the destination", "its libvirtd has not got the domain's QEMU "
+                   "running there (the domain's log on the destination, /var/log/libvirt/qemu/, says why)")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -299,6 +303,12 @@ class LibvirtMonitor(QmpMonitor):
     def migrating(self) -> bool:
         return self._mig is not None and self._mig.final is None
 
+    @property
+    def finishing(self) -> bool:
+        """QEMU completed its part and libvirt's call has not returned: libvirt resumes the domain on the
+        destination (Finish) and ends the job on the source (Confirm), which took 2 s here."""
+        return self.migrating and self._mig is not None and self._mig.qemu_status == "completed"
+
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
         if self.migrating:
             raise CommandFailed("libvirt takes migration capabilities only at the start of a migration",
@@ -448,10 +458,7 @@ class LibvirtMonitor(QmpMonitor):
             return mig.last or MigrationInfo(MigrationStatus.SETUP)       # libvirt busy: as last read
         if not stats or stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
             return mig.last or MigrationInfo(MigrationStatus.SETUP)
-        status = MigrationStatus(mig.qemu_status)
-        if not status.is_postcopy:
-            status = MigrationStatus.ACTIVE          # libvirt does its own switch-over (pre-switchover, device)
-        mig.last = stats_info(stats, status)
+        mig.last = stats_info(stats, job_status(mig.qemu_status, stats))
         return mig.last
 
     async def _job_stats(self, mig: Migration) -> dict[str, Any] | None:
@@ -497,13 +504,14 @@ class LibvirtMonitor(QmpMonitor):
         """End kvmshell's side of an aborted migration whose libvirt call does not return within
         ``ABORT_WAIT_S`` (see there): cancelled, saying why; libvirt's call runs on in its thread."""
         assert mig.task is not None
+        preparing = mig.last is None or mig.last.status is MigrationStatus.SETUP     # aborted before it moved
         await asyncio.wait({mig.task}, timeout=ABORT_WAIT_S)
         if mig.final is not None or mig.task.done():
             return
         if mig.final is None:
             disk = mig.last.disk.remaining if mig.last and mig.last.disk else None
             mig.final = MigrationInfo(MigrationStatus.CANCELLED, ram=mig.last.ram if mig.last else None,
-                                      error=still_cancelling(ABORT_WAIT_S, disk))
+                                      error=still_cancelling(ABORT_WAIT_S, disk, preparing=preparing))
             self._caps, self._params = {}, {}
             self._emit("MIGRATION", {"status": mig.final.status.value})
 

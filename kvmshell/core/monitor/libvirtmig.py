@@ -51,6 +51,18 @@ def stats_info(stats: Mapping[str, Any], status: MigrationStatus, error: str | N
                          error=error)
 
 
+def job_status(qemu_status: str, stats: Mapping[str, Any]) -> MigrationStatus:
+    """The status of libvirt's running migration job, from its statistics and QEMU's last MIGRATION
+    event: setup while QEMU has said nothing else and nothing has moved (libvirt prepares the
+    destination: starts its QEMU there, which takes seconds); postcopy as QEMU says; otherwise active
+    (libvirt does its own switch-over: pre-switchover and device are active here)."""
+    moved = int(stats.get("memory_processed") or 0) or int(stats.get("disk_processed") or 0)
+    status = MigrationStatus(qemu_status)
+    if status is MigrationStatus.SETUP and not moved:
+        return MigrationStatus.SETUP
+    return status if status.is_postcopy else MigrationStatus.ACTIVE
+
+
 ABORT_WAIT_S = 10.0
 """How long kvmshell waits for libvirt's migration call to return after abortJob. libvirt returns at
 once when only RAM moves; with --copy-storage it first cancels QEMU's disk mirrors (block-job-cancel
@@ -59,13 +71,18 @@ silent, not before TCP gives up (tcp_retries2: up to ~15 min) or the link is bac
 mirror ended the moment the link returned, 40 s after the cut)."""
 
 
-def still_cancelling(waited: float, disk_remaining: int | None) -> str:
-    """What kvmshell says when libvirt's call did not return within ``waited`` s of abortJob."""
-    mirror = f" ({disk_remaining >> 20} MiB of the disks still to copy)" if disk_remaining else ""
-    return (f"libvirt: abortJob sent, and libvirt's migration job did not end within {waited:g} s: it waits for "
-            f"QEMU to cancel the disk copy{mirror}, whose NBD writes hang on the stalled link until TCP gives up "
-            "(up to ~15 min) or the link is back; the domain keeps running on the source, and libvirt ends the "
-            "job (and the destination's incoming domain) by itself")
+def still_cancelling(waited: float, disk_remaining: int | None, *, preparing: bool = False) -> str:
+    """What kvmshell says when libvirt's call did not return within ``waited`` s of abortJob (sent while
+    libvirt was still ``preparing`` the destination, or during the transfer)."""
+    if preparing:
+        why = "libvirt ends it once the destination's preparation returns (its QEMU started, or failed to)"
+    else:
+        mirror = f" ({disk_remaining >> 20} MiB of the disks still to copy)" if disk_remaining else ""
+        why = (f"it waits for QEMU to cancel the disk copy{mirror}, whose NBD writes hang on the stalled link until "
+               "TCP gives up (up to ~15 min) or the link is back")
+    return (f"libvirt: abortJob sent, and libvirt's migration job did not end within {waited:g} s: {why}; the "
+            "domain keeps running on the source, and libvirt ends the job (and the destination's incoming "
+            "domain) by itself")
 
 
 @dataclass

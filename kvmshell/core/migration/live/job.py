@@ -82,7 +82,7 @@ class MigrationJob:
         self.throttle_armed = False
         self._throttling = Throttling()
         self.marks: dict[str, Prediction] = {}   # "start", "first pass": the predictions scored later
-        self._watchdog = Watchdog(request.stall_timeout, request.bandwidth)
+        self._watchdog = Watchdog(request.stall_timeout, request.bandwidth, request.setup_timeout)
         self._done = asyncio.Event()
         self._actions: set[asyncio.Task[None]] = set()
         self._tls_on = False
@@ -232,7 +232,7 @@ class MigrationJob:
         for stage in self.stages:
             await stage.before_start(self)
             running.checkpoint(self)                 # what it did (devices unplugged, say)
-        self.sampler.start = self.clock()
+        self.sampler.start = self._watchdog.setup_since = self.clock()    # the setup limit counts from here
         await src.migrate(self.uri)
         self._started = True
         running.checkpoint(self, "migrating")        # until ``run`` saves it with QEMU's start
@@ -241,6 +241,8 @@ class MigrationJob:
                              f"bandwidth {'uncapped' if not self.req.bandwidth else f'{self.req.bandwidth / 1e6:.0f} MB/s'}")
         if self._throttling.said is not None:
             self.decide(*self._throttling.said)
+        if src.reports_start_failures_at_end:
+            return                  # libvirt prepares the destination for seconds: its failures end the job
         first = await self.sampler.sample()
         deadline = self.clock() + 2.0
         while first is not None and first.status is MigrationStatus.SETUP and self.clock() < deadline:
@@ -316,8 +318,8 @@ class MigrationJob:
         try:
             while not sampler_task.done():
                 await asyncio.wait({sampler_task}, timeout=0.25)
-                if self._watchdog.stalled is None and self._check_stall():
-                    await self._cancel_stalled()
+                if self._watchdog.stalled is None and (why := self._check_stall()):
+                    await self._cancel_stalled(why)
                 if self._postcopy_paused():
                     return self.sampler.ring.last      # the finally stops the sampler
             return await sampler_task
@@ -333,21 +335,31 @@ class MigrationJob:
         last = self.sampler.ring.last
         return last is not None and last.status is MigrationStatus.POSTCOPY_PAUSED
 
-    def _check_stall(self) -> bool:
+    def _check_stall(self) -> str | None:
+        """Why the job is stuck, if it is: setup over its own limit, or no progress for the stall
+        timeout (whose clock starts once the job leaves setup)."""
         last = self.sampler.ring.last
-        if last is None or last.status not in (MigrationStatus.ACTIVE, MigrationStatus.SETUP, MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
-                                                  MigrationStatus.POSTCOPY_ACTIVE):
-            return False
-        if self._switchover is not None and not self._switchover.done():
-            return False                     # the stages finish their work while the guest is stopped
+        if last is None:
+            return None
+        if last.status is MigrationStatus.SETUP:
+            if not self._watchdog.setup_overdue(self.clock()):
+                return None
+            doing, why = self.source.setup_phase
+            return f"{doing} for {self.req.setup_timeout:g} s: {why} (the limit: --setup-timeout)"
+        if last.status not in (MigrationStatus.ACTIVE, MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
+                               MigrationStatus.POSTCOPY_ACTIVE):
+            return None
+        if (self._switchover is not None and not self._switchover.done()) or self.source.finishing:
+            return None                      # the stages (or libvirt) finish their work, nothing left to send
         # libvirt copies the disks of --copy-storage inside its migration job, before the RAM
-        return self._watchdog.stuck(last.transferred, self.clock(), last.disk_remaining)
+        if not self._watchdog.stuck(last.transferred, self.clock(), last.disk_remaining):
+            return None
+        return (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
+                f"{last.transferred / 2**20:.1f} MiB): the destination or the link is stuck")
 
-    async def _cancel_stalled(self) -> None:
+    async def _cancel_stalled(self, stalled: str) -> None:
         last = self.sampler.ring.last
-        frozen = last.transferred if last else 0
-        stalled = self._watchdog.stalled = (f"no progress for {self.req.stall_timeout:g} s (transferred frozen at "
-                         f"{frozen / 2**20:.1f} MiB): the destination or the link is stuck")
+        self._watchdog.stalled = stalled
         if last is not None and last.status is MigrationStatus.POSTCOPY_ACTIVE:
             # the guest runs on the destination already: cancelling is impossible, waiting for TCP to
             # give up takes many minutes; pausing keeps both halves so the migration can be recovered

@@ -16,6 +16,7 @@ class Throttling:
 
 
 MIRROR_STEP = 16 << 20       # a mirror job's progress moves in steps of its buffer (QEMU's default buf-size)
+SETUP_TIMEOUT = 60.0         # seconds a migration may stay in its setup (libvirt starting the destination's QEMU)
 
 
 @dataclass
@@ -24,14 +25,28 @@ class Watchdog:
     link is stuck (QEMU itself waits for TCP, many minutes). A disk copy inside the migration
     (libvirt's --copy-storage copies the disks before the RAM) counts as progress when its remaining
     bytes shrink; it moves in mirror-buffer steps, so at ``bandwidth`` (bytes/s) the watchdog waits two
-    steps at least while it runs."""
+    steps at least while it runs.
+
+    The stall clock starts once the job leaves its setup: in setup nothing moves by design (QEMU
+    connects; libvirt prepares the destination, starting its QEMU, which takes seconds on a loaded
+    host). Setup has its own, longer limit, ``setup_timeout``."""
 
     timeout: float
     bandwidth: int | None = None
+    setup_timeout: float = SETUP_TIMEOUT
+    setup_since: float | None = None             # when `migrate` was sent (else: first seen in setup)
     transferred: int = 0
     since: float = 0.0
     stalled: str | None = None                   # why, once it fired
     disk_remaining: int | None = None            # the least seen
+
+    def setup_overdue(self, now: float) -> bool:
+        """The job is still in its setup at ``now``: the stall clock waits for it to end; True once the
+        setup has lasted ``setup_timeout``."""
+        if self.setup_since is None:
+            self.setup_since = now
+        self.since = 0.0                         # the stall clock starts at the first sample after setup
+        return now - self.setup_since >= self.setup_timeout
 
     def stuck(self, transferred: int, now: float, disk_remaining: int | None = None) -> bool:
         """No bytes sent, and no disk copy getting closer to its end, for the timeout."""
@@ -55,4 +70,4 @@ class Limits:
     bandwidth_cap: float | None = None           # QEMU never sends faster than max-bandwidth
 
 
-__all__ = ["MIRROR_STEP", "Limits", "Throttling", "Watchdog"]
+__all__ = ["MIRROR_STEP", "SETUP_TIMEOUT", "Limits", "Throttling", "Watchdog"]

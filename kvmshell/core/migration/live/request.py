@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvmshell.core.migration.live.limits import SETUP_TIMEOUT
 from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.core.migration.tls import TlsSetup
 
@@ -21,7 +22,8 @@ class MigrationRequest:
     allow_postcopy: bool = False
     trace_path: str | None = None
     interval: float = 0.5
-    stall_timeout: float = 10.0
+    stall_timeout: float = 10.0         # no progress for this long once the job left setup: cancel
+    setup_timeout: float = SETUP_TIMEOUT  # still in setup after this long (libvirt preparing the destination): cancel
     tls: TlsSetup | None = None         # encrypt the stream (tls-creds-x509 on both sides)
     preflight: bool = False             # measure the dirty rate before the start (live/preflight.py): auto acts on it
 

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # what a strategy may change while the migration runs: recorded up front, kvmshell has not touched them yet
 THROTTLE = ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "throttle-trigger-threshold",
             "vcpu-dirty-limit")
-REQUEST = ("downtime_ms", "bandwidth", "link", "allow_postcopy", "interval", "stall_timeout")
+REQUEST = ("downtime_ms", "bandwidth", "link", "allow_postcopy", "interval", "stall_timeout",
+           "setup_timeout")
 ANSWER_S = 3.0
 STALE_S = 10.0                   # the start a file records and QEMU's own may differ by this much
 PHASES = ("preparing", "prepared", "migrating")    # before `migrate`: setting up, then the stages' work
