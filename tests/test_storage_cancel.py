@@ -16,8 +16,8 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.mark.parametrize("command", ["blockdev_add_nbd", "blockdev_mirror"])
-async def test_a_cancel_as_qemu_answers_a_disk_copy_command_still_undoes_it(rig: Rig, command: str,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_cancel_as_qemu_answers_a_disk_copy_command_still_undoes_it(
+        rig: Rig, command: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (rig: the fixture)
     w = rig.lab.workdir
     await start_pair(rig, await qcow2(w / "src-data.qcow2"), await qcow2(w / "dst-data.qcow2"))
     src = rig.mon("src")
