@@ -14,14 +14,12 @@ import os
 import shlex
 import signal
 import sys
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
 from kvmshell.lab.launcher import Lab  # noqa: E402
-from tests.libvirtd import Libvirtd, serve_ssh, two_libvirt_hosts  # noqa: E402
-from tests.sshd import SshTestbed  # noqa: E402
+from tests.libvirtd import libvirt_ssh_hosts, two_libvirt_hosts  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
 ROOT = Path("/tmp/t")
@@ -46,39 +44,26 @@ async def sh(line: str) -> str:
 
 
 async def over_ssh(lab: Lab) -> None:
-    async with SshTestbed(ROOT / "ssh", ("a", "b")) as bed:
-        bed.trust()
-        src = Libvirtd(ROOT / "lv-a", lab, prefix=bed["a"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-a")
-        dst = Libvirtd(ROOT / "lv-b", lab, prefix=bed["b"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-b")
-        try:
-            await src.start()
-            await dst.start()
-            await serve_ssh(bed["a"], src)
-            await serve_ssh(bed["b"], dst)
-            home = ROOT / "home"
-            (home / ".ssh").mkdir(parents=True)
-            (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
-            (home / ".config" / "kvmshell").mkdir(parents=True)
-            (home / ".config" / "kvmshell" / "config.toml").write_text(bed.config_toml())
-            env = {k: v for k, v in os.environ.items() if k not in ("KVMSHELL_CONFIG", "XDG_CONFIG_HOME")}
-            env |= {"HOME": str(home), "XDG_STATE_HOME": str(ROOT / "state")}
-            await src.define("r1", ws_pages=512)
-            a = bed["a"]
-            uri = (f"qemu+libssh://{a.user}@{a.addr}:22/system?known_hosts={home}/.ssh/known_hosts"
-                   f"&known_hosts_verify=normal&keyfile={bed.client_key}")
-            print("$ cat ~/.config/kvmshell/config.toml")
-            print(bed.config_toml(), end="")
-            print(await run(env, "--guest", f"r1=libvirt:{uri}#r1", "-c", "info status"), end="")
-            print(await run(env, "--guest", f"r1=libvirt:{uri}#r1", "-c",
-                            f"migrate --to-host b --address {bed.net.dst.ip} --unsafe --persistent --undefine-source"),
-                  end="")
-            for lv in (src, dst):
-                print(await sh(f"virsh -c '{lv.uri}' list --all"), end="")
-        finally:
-            try:
-                await dst.stop()
-            finally:
-                await src.stop()
+    async with libvirt_ssh_hosts(lab, ROOT) as (bed, src, dst):
+        home = ROOT / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
+        (home / ".config" / "kvmshell").mkdir(parents=True)
+        (home / ".config" / "kvmshell" / "config.toml").write_text(bed.config_toml())
+        env = {k: v for k, v in os.environ.items() if k not in ("KVMSHELL_CONFIG", "XDG_CONFIG_HOME")}
+        env |= {"HOME": str(home), "XDG_STATE_HOME": str(ROOT / "state")}
+        await src.define("r1", ws_pages=512)
+        a = bed["a"]
+        uri = (f"qemu+libssh://{a.user}@{a.addr}:22/system?known_hosts={home}/.ssh/known_hosts"
+               f"&known_hosts_verify=normal&keyfile={bed.client_key}")
+        print("$ cat ~/.config/kvmshell/config.toml")
+        print(bed.config_toml(), end="")
+        print(await run(env, "--guest", f"r1=libvirt:{uri}#r1", "-c", "info status"), end="")
+        print(await run(env, "--guest", f"r1=libvirt:{uri}#r1", "-c",
+                        f"migrate --to-host b --address {bed.net.dst.ip} --unsafe --persistent --undefine-source"),
+              end="")
+        for lv in (src, dst):
+            print(await sh(f"virsh -c '{lv.uri}' list --all"), end="")
 
 
 async def watch(lab: Lab) -> None:

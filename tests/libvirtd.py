@@ -43,7 +43,7 @@ from kvmshell.lab.launcher import Lab, die_with_parent
 from kvmshell.lab.netns import TestNetwork, netns_available
 from tests.accel import KVM_FOR_MARKED
 from kvmshell.lab.verify import check_guest_memory
-from tests.sshd import SshTestHost, run
+from tests.sshd import SshTestbed, SshTestHost, run
 from tests.waiting import wait_for
 
 try:
@@ -305,6 +305,27 @@ async def libvirt_agrees(*daemons: Libvirtd) -> list[dict[str, tuple[str, str, b
                                   what=f"virsh and kvmshell agree on {lv.uri}")
         views.append(virsh)
     return views
+
+
+@asynccontextmanager
+async def libvirt_ssh_hosts(lab: Lab, root: Path) -> AsyncIterator[tuple[SshTestbed, Libvirtd, Libvirtd]]:
+    """Two SSH test hosts a and b under ``root`` (both trusted), each with its own libvirt daemon that
+    its sshd serves (``serve_ssh``): (the testbed, a's daemon, b's daemon)."""
+    async with SshTestbed(root / "ssh", ("a", "b")) as bed:
+        bed.trust()
+        src = Libvirtd(root / "lv-a", lab, prefix=bed["a"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-a")
+        dst = Libvirtd(root / "lv-b", lab, prefix=bed["b"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-b")
+        try:
+            await src.start()
+            await dst.start()
+            await serve_ssh(bed["a"], src)
+            await serve_ssh(bed["b"], dst)
+            yield bed, src, dst
+        finally:
+            try:
+                await dst.stop()
+            finally:
+                await src.stop()
 
 
 async def serve_ssh(host: SshTestHost, lv: Libvirtd) -> None:

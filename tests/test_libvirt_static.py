@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from kvmshell.lab.launcher import Lab
 from kvmshell.lab.linux import PartsMissing, linux_parts
 from kvmshell.lab.verify import check_guest_memory
 from tests.libvirtd import (DOMAIN_TYPE, Libvirtd, domain_xml, kvmshell_view, libvirt_agrees, memory_intact,
-                            needs_libvirt, needs_netns, serve_ssh, state)
+                            libvirt_ssh_hosts, needs_libvirt, needs_netns, state)
 from tests.sshd import HAVE_SSHD, SshTestbed, processes_mentioning, run
 from tests.test_cli import env_for
 from tests.test_ssh import pool_for
@@ -64,26 +63,13 @@ class Hosts:
 
 @pytest.fixture
 async def hosts(lab: Lab, tmp_path: Path) -> AsyncIterator[Hosts]:
-    async with SshTestbed(tmp_path / "ssh", ("a", "b")) as bed:
-        bed.trust()
-        src = Libvirtd(tmp_path / "lv-a", lab, prefix=bed["a"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-a")
-        dst = Libvirtd(tmp_path / "lv-b", lab, prefix=bed["b"].prefix, host_uuid=str(uuid.uuid4()), hostname="lv-b")
-        try:
-            await src.start()
-            await dst.start()
-            await serve_ssh(bed["a"], src)
-            await serve_ssh(bed["b"], dst)
-            config = tmp_path / "kvmshell.toml"
-            config.write_text(bed.config_toml().replace("[hosts.b]\n", f'[hosts.b]\nlibvirt = "{dst.uri}"\n'))
-            home = tmp_path / "home"
-            (home / ".ssh").mkdir(parents=True)
-            (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
-            yield Hosts(bed, src, dst, config, home, tmp_path / "dest")
-        finally:
-            try:
-                await dst.stop()
-            finally:
-                await src.stop()
+    async with libvirt_ssh_hosts(lab, tmp_path) as (bed, src, dst):
+        config = tmp_path / "kvmshell.toml"
+        config.write_text(bed.config_toml().replace("[hosts.b]\n", f'[hosts.b]\nlibvirt = "{dst.uri}"\n'))
+        home = tmp_path / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "known_hosts").write_text(bed["a"].known_hosts_line() + bed["b"].known_hosts_line())
+        yield Hosts(bed, src, dst, config, home, tmp_path / "dest")
     assert not processes_mentioning(f"sshd -D -e -f {tmp_path}"), "an sshd outlived its test"
 
 
