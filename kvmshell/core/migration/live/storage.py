@@ -552,7 +552,10 @@ class StorageStage(BaseStage):
             listed = [j.id for j in await src.block_jobs() if j.id in ours]
             left = [job_id for job_id in listed if job_id in self._jobs]
             for job_id in left:
-                await src.block_job_cancel(job_id, force=True)
+                try:
+                    await src.block_job_cancel(job_id, force=True)
+                except CommandFailed:    # it is ending by itself (failed, aborting): the wait below sees it go
+                    pass
             if listed:                   # also a job that failed by itself and is still being torn down
                 await self._gone(src, listed)
             if left:
