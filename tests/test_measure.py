@@ -125,12 +125,15 @@ def precopy_row(text: str) -> tuple[str, str]:
 
 
 @pytest.mark.qemu
+@pytest.mark.kvm
 async def test_hot_working_set_is_not_a_confident_will_converge(lab: Lab) -> None:
-    """The issue's guest: 512 MiB re-dirtying 100 MiB as fast as it goes, 128 MiB/s, 300 ms. The
-    old estimate said `will converge, 5.2 s`; plain QEMU never converges."""
+    """The issue's guest: 512 MiB re-dirtying 100 MiB as fast as it goes, 300 ms; the old estimate said
+    `will converge, 5.2 s` at 128 MiB/s, where plain QEMU never converges. The link here is 24 MiB/s:
+    under TCG on a loaded host this guest dirties no more than 33-55 MB/s (one whole run), and at
+    128 MiB/s pre-copy would then converge, rightly."""
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=25600, ram_mib=512)
     async with attached(src) as pair:
-        o = await pair.run("@src estimate --link 128M --no-probe --downtime 300")
+        o = await pair.run("@src estimate --link 24M --no-probe --downtime 300")
     assert o.ok, o.error
     text = o.result.text()
     verdict, total = precopy_row(text)
