@@ -35,9 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmshell.config import Config, HostConfig  # noqa: E402
 from kvmshell.core.commands.registry import default_registry  # noqa: E402
-from kvmshell.core.values.address import Address, SshTarget  # noqa: E402
+from kvmshell.core.values.address import Address  # noqa: E402
 from kvmshell.core.monitor.fleet import Fleet  # noqa: E402
 from kvmshell.core.commands.session import Session  # noqa: E402
 from kvmshell.lab.demo import start_demo_guests  # noqa: E402
@@ -201,7 +200,7 @@ async def libvirt_migration(shot: Shot, size: tuple[int, int]) -> None:
     with tempfile.TemporaryDirectory(prefix="lv-") as tmp:
         async with Lab() as lab, two_libvirt_hosts(lab, Path(tmp)) as h:
             await h.src.define("web1", ws_pages=2048)
-            config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+            config = h.config
             async with Fleet() as fleet:
                 fleet.add("web1", Address.libvirt("web1", h.src.uri))
                 await fleet.start()

@@ -38,7 +38,8 @@ import pytest
 
 from kvmshell.cli.inventory import libvirt_report
 from kvmshell.core.monitor.base import open_monitor
-from kvmshell.core.values.address import Address
+from kvmshell.config import Config, HostConfig
+from kvmshell.core.values.address import Address, SshTarget
 from kvmshell.lab.launcher import Lab, die_with_parent
 from kvmshell.lab.netns import TestNetwork, netns_available
 from tests.accel import KVM_FOR_MARKED
@@ -236,6 +237,11 @@ class TwoHosts:
     net: TestNetwork
     src: Libvirtd
     dst: Libvirtd
+
+    @property
+    def config(self) -> Config:
+        """kvmshell's config naming the destination ``h2`` (as the TOML written under the hosts' root)."""
+        return Config(hosts={"h2": HostConfig("h2", SshTarget(self.net.dst.ip, "root"), libvirt=self.dst.uri)})
 
 
 @asynccontextmanager

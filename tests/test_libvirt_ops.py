@@ -21,14 +21,14 @@ import pytest
 from textual.message import Message
 
 from kvmshell.cli.lines import _watch_plain
-from kvmshell.config import Config, HostConfig, parse_config
+from kvmshell.config import parse_config
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.commands.completion import CompletionEngine
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.commands.results import Outcome
 from kvmshell.core.commands.session import Session
 from kvmshell.core.monitor.fleet import Fleet
-from kvmshell.core.values.address import Address, SshTarget
+from kvmshell.core.values.address import Address
 from kvmshell.tui.app import KvmshellApp
 from kvmshell.tui.history import History
 from kvmshell.tui.messages import CommandFinished
@@ -70,7 +70,7 @@ async def refused(session: Session, line: str) -> str:
 async def test_commands_faces_and_cancel_during_a_libvirt_migration(two_hosts: TwoHosts, tmp_path: Path) -> None:
     h = two_hosts
     dom = await h.src.define("w1", ws_pages=4096)
-    config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+    config = h.config
     messages: list[Message] = []
     async with Fleet() as fleet:
         fleet.add("w1", Address.libvirt("w1", h.src.uri))
@@ -274,7 +274,7 @@ async def test_migrate_start_postcopy_through_libvirt_and_info_migrate_from_anot
         two_hosts: TwoHosts, tmp_path: Path) -> None:
     h = two_hosts
     await h.src.define("y1", ws_pages=4096)
-    config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+    config = h.config
     async with Fleet() as fleet:
         fleet.add("y1", Address.libvirt("y1", h.src.uri))
         await fleet.start()
@@ -309,7 +309,7 @@ async def test_migrate_cancel_from_another_kvmshell_aborts_libvirts_job(two_host
     ends cancelled too, not failed, and the source runs on."""
     h = two_hosts
     await h.src.define("z1", ws_pages=4096)
-    config = Config(hosts={"h2": HostConfig("h2", SshTarget(h.net.dst.ip, "root"), libvirt=h.dst.uri)})
+    config = h.config
     async with Fleet() as fleet:
         fleet.add("z1", Address.libvirt("z1", h.src.uri))
         await fleet.start()
