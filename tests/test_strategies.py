@@ -17,7 +17,7 @@ import pytest
 from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies import offered, parse_strategy, strategy_named, summaries
-from kvmshell.core.migration.live.strategies.base import HOLD_S, Strategy
+from kvmshell.core.migration.live.strategies.base import HOLD_S, SLOW_FACTOR, SLOW_MIN_S, Strategy
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
 from kvmshell.core.values.models import MigrationStatus
@@ -203,6 +203,25 @@ def test_too_slow_must_hold_too_and_escalates_only_to_something_faster() -> None
     # throttling that would not converge before pre-copy does is no escalation
     assert run("auto", held(Prediction(Verdict.CONVERGES, "slow", time_left_s=31.0, rate=125e6, dirty_rate=500e6),
                             remaining=3000 * 10**6)) == []
+
+
+def test_converging_slower_than_a_halving_lever_is_too_slow_below_30_s_too() -> None:
+    # 20 s left where a throttle converges in 1.4 s: too slow (the lab guest at 2 GiB ran 34 s under
+    # pre-copy where defaults+auto-converge took 18 s, the model saying "will converge" in < 30 s)
+    medium = Prediction(Verdict.CONVERGES, "converges slowly", time_left_s=20.0, rate=125e6, dirty_rate=100e6,
+                        working_set=105e6)
+    [(lever, why)] = run("auto", held(medium))
+    assert lever == "throttle"
+    assert why.startswith(f"pre-copy would need 20 s more > {SLOW_MIN_S:.0f} s and over {SLOW_FACTOR:g}x the "
+                          "throttle's 1.4 s")
+    # not while the sample is rough, nor below SLOW_MIN_S, nor when the lever would not halve the time
+    assert run("auto", held(replace(medium, rough=True))) == []
+    assert run("auto", held(replace(medium, time_left_s=SLOW_MIN_S - 1))) == []
+    assert run("auto", held(replace(medium, time_left_s=2.5), remaining=100 << 20)) == []
+    slow_lever = replace(medium, dirty_rate=124e6, working_set=None)     # a throttle hardly helps
+    assert run("auto", held(slow_lever, remaining=3000 * 10**6)) == []
+    # and it must hold like any verdict: one sample is not enough
+    assert run("auto", [(sample(2), medium)]) == []
 
 
 def test_a_lever_is_pulled_once() -> None:

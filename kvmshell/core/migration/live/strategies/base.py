@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 HOLD_SAMPLES = 3                 # consecutive samples with the same verdict, none of them rough...
 HOLD_S = 1.0                     # ...spanning this many seconds and at least one sync (a new pass)
 SLOW_S = 30.0                    # converging, but needing more than this: too slow
+# ...and converging but needing more than SLOW_MIN_S while the cheaper lever would need less than
+# 1/SLOW_FACTOR of that: too slow too. The lab guest at 2 GiB dirtying 110 MB/s over a 125 MB/s link
+# (bench/RESULTS.md, issue 15) converged under pre-copy alone after 34 s, where defaults+auto-converge
+# took 18 s: the model said "will converge" in under 30 s all along, so auto never throttled. At a factor
+# of 2 a pre-copy time predicted twice too long still keeps the guest unthrottled; below SLOW_MIN_S a
+# throttle saves too little to be worth the guest's CPU.
+SLOW_MIN_S = 10.0
+SLOW_FACTOR = 2.0
 POSTCOPY_SWITCH_S = 0.5          # postcopy's fixed cost: the switch, the device state, the first faults
 # QEMU's dirty rate is distinct pages per pass: once it reaches the transfer rate the guest re-dirties its
 # whole working set within a pass, and the figure is only a lower bound: no throttle can be predicted.
@@ -225,10 +233,17 @@ def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Predictio
     """Why pre-copy alone will not do, once it holds (``Held.holds``): it will not converge, or it
     converges so slowly (SLOW_S) that the cheaper lever would finish sooner; the lever by their costs
     (``postcopy``: the user allows it); None to go on as it is. Keeps its evidence in ``strategy.held``."""
-    strategy.held = held = evidence(strategy.held, verdict_of(s, pred), s)
+    kind = verdict_of(s, pred)
+    c = None
+    if kind is None and slowish(s, pred):
+        c = costs(job, s, pred, postcopy=postcopy)
+        faster = c.time_s(c.lever())
+        if faster is not None and SLOW_FACTOR * faster <= (pred.time_left_s or 0.0):
+            kind = TOO_SLOW
+    strategy.held = held = evidence(strategy.held, kind, s)
     if held is None or not held.holds:
         return None
-    c = costs(job, s, pred, postcopy=postcopy)
+    c = c or costs(job, s, pred, postcopy=postcopy)
     lever = c.lever()
     if held.kind == WILL_NOT:
         return Escalation(lever, f"{pred.reason} ({held.said()}); {c.line()}")
@@ -236,8 +251,16 @@ def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Predictio
     left = pred.time_left_s or 0.0
     if time_s is None or time_s >= left:
         return None
-    return Escalation(lever, f"pre-copy would need {left:.0f} s more > {SLOW_S:.0f} s ({held.said()}); "
-                             f"{c.line()}")
+    slow = (f"> {SLOW_S:.0f} s" if left > SLOW_S else
+            f"> {SLOW_MIN_S:.0f} s and over {SLOW_FACTOR:g}x the {lever}'s {time_s:.1f} s")
+    return Escalation(lever, f"pre-copy would need {left:.0f} s more {slow} ({held.said()}); {c.line()}")
+
+
+def slowish(s: Sample, pred: Prediction) -> bool:
+    """Converging (not rough, after the first pass) but needing more than SLOW_MIN_S: too slow if a
+    lever would take SLOW_FACTOR times less (``escalation`` weighs it)."""
+    return (s.pass_no >= 2 and not pred.rough and pred.verdict is Verdict.CONVERGES
+            and pred.time_left_s is not None and SLOW_MIN_S < pred.time_left_s <= SLOW_S)
 
 
 def unthrottled(job: MigrationJob, s: Sample, pred: Prediction) -> Prediction | None:
