@@ -8,7 +8,7 @@ downtime at the start (pre-flight) and at 25 % of the elapsed time; the verdict 
 the outcome (completed within the cap or not; unsteered policies only); the time to the first right
 "will not converge"; how often the verdict changes after the first 3 s.
 
-    .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
+    .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all] [--since 2026-12-03T19:00]
     .venv/bin/python bench/score_corpus.py --fit      # the model's constants on the fit set (bench/fit_corpus.py)
 """
 
@@ -97,8 +97,9 @@ def load_trace_gz(path: Path) -> tuple[Trace, dict[str, Any]]:
     return read_trace(lines, str(path)), json.loads(lines[0])
 
 
-def index(corpus: Path) -> list[dict[str, Any]]:
-    """The latest index line of every run id."""
+def index(corpus: Path, since: str | None = None) -> list[dict[str, Any]]:
+    """The latest index line of every run id (with ``since``, an ISO date and time in UTC: only the runs
+    recorded then or later, by the line's "date")."""
     rows: dict[str, dict[str, Any]] = {}
     path = corpus / "INDEX.jsonl"
     if path.exists():
@@ -106,12 +107,12 @@ def index(corpus: Path) -> list[dict[str, Any]]:
             if line.strip():
                 d = json.loads(line)
                 rows[d["run_id"]] = d
-    return list(rows.values())
+    return [r for r in rows.values() if since is None or str(r.get("date", "")) >= since]
 
 
-def load_runs(corpus: Path, which: str) -> list[Run]:
+def load_runs(corpus: Path, which: str, since: str | None = None) -> list[Run]:
     runs = []
-    for row in index(corpus):
+    for row in index(corpus, since):
         if which != "all" and held_out(row["run_id"]) != (which == "held-out"):
             continue
         if row.get("outcome") == "error" or not row.get("trace"):
@@ -445,6 +446,8 @@ def main() -> int:
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--set", choices=("held-out", "fit", "all"), default="held-out")
     ap.add_argument("--fit", action="store_true", help="fit the model's constants on the fit set (bench/fit_corpus.py)")
+    ap.add_argument("--since", metavar="DATE", help="only the runs recorded from this UTC date and time on "
+                    "(ISO, as the index's \"date\": 2026-12-03T19:00)")
     args = ap.parse_args()
     if not (args.corpus / "INDEX.jsonl").exists():
         print(f"score_corpus: no {args.corpus / 'INDEX.jsonl'}: record the corpus first with bench/corpus.py",
@@ -453,11 +456,14 @@ def main() -> int:
     if args.fit:
         sys.path.insert(0, str(Path(__file__).parent))
         import fit_corpus                      # the fits (bench/fit_corpus.py): they replay through this module
-        print("\n".join(fit_corpus.fit_all(load_runs(args.corpus, "fit"))))
+        print("\n".join(fit_corpus.fit_all(load_runs(args.corpus, "fit", args.since))))
         return 0
-    rows = index(args.corpus)
-    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]
-                    + score(load_runs(args.corpus, args.set))))
+    rows = index(args.corpus, args.since)
+    if not rows:
+        print(f"score_corpus: no run in {args.corpus / 'INDEX.jsonl'} recorded since {args.since}", file=sys.stderr)
+        return 2
+    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all", args.since)) + [""]
+                    + score(load_runs(args.corpus, args.set, args.since))))
     return 0
 
 

@@ -45,6 +45,9 @@ PAGE = 4096
 # The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
 # samples and the leftover at a sync is only ~theta (fitted on the corpus's fit set: bench/score_corpus.py --fit)
 PASS_SPREAD = 1.25
+# Until this many syncs the rate is the first pass's own rate of non-zero pages, not the median of the
+# recent samples' throughput (0: never; fitted on the corpus's fit set: bench/score_corpus.py --fit)
+FIRST_PASS_SYNCS = 2.0
 
 
 class Verdict(enum.Enum):
@@ -352,6 +355,11 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if W is None:
         # the dirty set never grows past the working set: the largest seen bounds it from below
         W = max(s.dirty for s in obs.syncs) if D is not None and D >= rate else None
+    if (len(obs.syncs) < FIRST_PASS_SYNCS and not obs.dirty_from_qemu
+            and (seen := first_pass_rate(samples)) is not None):
+        # the rough estimate, at the first sync: the samples just after it span the pass change's dip (and
+        # the setup, the first pass's zero pages): the first pass's own rate of non-zero pages says the rate
+        rate = min(seen, bandwidth_cap) if bandwidth_cap else seen
     if len(obs.syncs) < 3:
         rate *= LATER_PASSES            # measured on the first pass only
     inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D or 0.0, working_set=W, rate=rate,
