@@ -388,6 +388,7 @@ def score(runs: list[Run]) -> list[str]:
                 "| verdict | completed within the cap | not completed |", "|---|---|---|"]
         for said in sorted({k[0] for k in table}):
             out.append(f"| {said} | {table[(said, True)]} | {table[(said, False)]} |")
+    out += ["", measured_by(runs, 0.25)]
     stuck = [r for r in unsteered if not r.completed]
     firsts = [t for r in stuck if (t := first_will_not(r)) is not None]
     out += ["", f"Time to the first right (not rough) \"will not converge\" on the {len(stuck)} unsteered runs that "
@@ -433,10 +434,36 @@ def after_first_sync(run: Run) -> model.Prediction | None:
     return None
 
 
+def point_at(run: Run, fraction: float) -> model.Prediction | None:
+    """``at_fraction`` with the pre-flight range + zero pages passed, and a time whatever the width of its
+    range (TIGHT off): the point the first pass's measurements give (its own rate of non-zero pages where it
+    has run FIRST_PASS_SPAN_S, else the link or cap; the zero share sampled before the start)."""
+    saved, model.TIGHT = model.TIGHT, float("inf")
+    try:
+        return at_fraction(run, fraction, "range")
+    finally:
+        model.TIGHT = saved
+
+
+def measured_by(runs: list[Run], fraction: float) -> str:
+    """What the completed runs had measured at ``fraction`` of their elapsed time: why a time is rare then."""
+    done = [r for r in runs if r.completed and r.total_s]
+    seen = [[s for s in r.trace.samples if s.t <= fraction * r.elapsed] for r in done]
+    active = [sum(s.status is MigrationStatus.ACTIVE for s in ss) for ss in seen]
+    firsts = [next(s.t for s in r.trace.samples if s.status is MigrationStatus.ACTIVE) / r.total_s * 100
+              for r in done if any(s.status is MigrationStatus.ACTIVE for s in r.trace.samples)]
+    return (f"By {100 * fraction:.0f} % of the elapsed time, of {len(done)} completed runs: {active.count(0)} have no active "
+            f"sample yet (QEMU answers no query during its setup), {sum(model.first_pass_rate(ss) is not None for ss in seen)} "
+            f"have the first pass's own rate measured, {sum(any(s.pass_no >= 2 for s in ss) for ss in seen)} a sync; the "
+            f"first active sample comes at p10 / p50 / p90 {fmt(pct(firsts, .1))} / {fmt(pct(firsts, .5))} / "
+            f"{fmt(pct(firsts, .9))} of the total time.")
+
+
 MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
            ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
+           ("25 % of elapsed, as above, the point whatever its range's width", lambda r: point_at(r, 0.25)),
            ("50 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.5, "range")),
            ("after the first sync", after_first_sync))
 
