@@ -474,3 +474,15 @@ def test_the_rate_after_the_first_sync_is_the_first_passs_not_the_dip_of_the_pas
     assert p.verdict in (Verdict.CONVERGES, Verdict.UNCERTAIN) and p.rough, p.line()
     capped = assess(ss, downtime_limit_s=0.3, bandwidth_cap=40 * MB, link=LINK)
     assert capped.rate == pytest.approx(40 * MB * LATER_PASSES, rel=0.01)   # never above the cap
+
+
+def test_with_no_bound_and_no_rate_seen_the_point_is_unbound_point_of_the_samples_throughput() -> None:
+    """Seen on the corpus (fit set, unshaped and 10 Gbit/s runs at 25 % of the elapsed time): the first samples'
+    throughput (up to 834 MB/s) read as the pass's rate made times 33-68 % short. Nothing bounds the rate and the
+    pass has not run FIRST_PASS_SPAN_S: the point is UNBOUND_POINT of it, inside UNBOUND_LO to UNBOUND_HI."""
+    from kvmshell.core.migration.model.predict import UNBOUND_HI, UNBOUND_LO, UNBOUND_POINT
+    ss = [_first_pass_sample(0.0, 0, 0, 0.0, MigrationStatus.SETUP), _first_pass_sample(0.6, 64 << 20, 4055, 400e6)]
+    p = assess(ss, downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert UNBOUND_LO < UNBOUND_POINT < 1.0 < UNBOUND_HI
+    assert p.verdict is Verdict.UNKNOWN and p.rate == pytest.approx(UNBOUND_POINT * 400e6), p.reason
+    assert "at 100-800 MB/s" in p.reason                                  # the range is still the samples' own

@@ -391,7 +391,8 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
 # and 1 of it) when that is what limits it (a sample came within LINK_BOUND of it), or at what it has been seen to send them at, once it has run FIRST_PASS_SPAN_S (the first
 # samples' throughput spans the setup and the first zero pages: it says nothing yet); that rate is known
 # within RATE_SPREAD either way. Nothing seen and no bound: UNBOUND_LO to UNBOUND_HI times the samples'
-# throughput. The zero pages still to come are the share of the pages sampled before the start, within
+# throughput, UNBOUND_POINT of it at the point (the first samples of a pass no link limits run in bursts:
+# on the fit set the pass moved about half their throughput). The zero pages still to come are the share of the pages sampled before the start, within
 # ZERO_Z standard deviations (Wilson). A time is given when its range is within TIGHT (high / low).
 # Fitted on the corpus's fit set (bench/score_corpus.py --fit).
 RATE_POINT = 0.9
@@ -400,6 +401,7 @@ RATE_SPREAD = 1.25
 LINK_BOUND = 1.5
 FIRST_PASS_SPAN_S = 0.3
 UNBOUND_LO, UNBOUND_HI = 0.25, 2.0
+UNBOUND_POINT = 0.5
 ZERO_Z = 1.0
 TIGHT = 2.0
 
@@ -432,7 +434,7 @@ def first_pass_rates(samples: Sequence[Sample], obs: Observed,
     if bound:
         return (RATE_LO * bound, RATE_POINT * bound, bound), True
     assert obs.rate is not None
-    return (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate), False
+    return (UNBOUND_LO * obs.rate, UNBOUND_POINT * obs.rate, UNBOUND_HI * obs.rate), False
 
 
 def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: float, bound: float | None,
