@@ -392,7 +392,8 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
 # samples' throughput spans the setup and the first zero pages: it says nothing yet); that rate is known
 # within RATE_SPREAD either way. Nothing seen and no bound: UNBOUND_LO to UNBOUND_HI times the samples'
 # throughput, UNBOUND_POINT of it at the point (the first samples of a pass no link limits run in bursts:
-# on the fit set the pass moved about 0.5-0.6 of their throughput). The zero pages still to come are the share of the pages sampled before the start, within
+# on the fit set the pass moved about 0.5-0.6 of their throughput). The zero pages still to come are the
+# share of the pages sampled before the start, within
 # ZERO_Z standard deviations (Wilson). A time is given when its range is within TIGHT (high / low).
 # Fitted on the corpus's fit set (bench/score_corpus.py --fit).
 RATE_POINT = 0.9
