@@ -8,7 +8,8 @@ import statistics
 
 from score_corpus import (
     STEADY, UNSTEERED, Run, after_first_sync, changes_after_first_pass, confident_wrong, dirty_model, errors,
-    first_will_not, fmt, hold, model, pct, preflight, preflight_range_figures, replay, retractions, verdict_changes,
+    first_will_not, fmt, hold, model, pct, point_at, preflight, preflight_range_figures, replay, retractions,
+    verdict_changes, verdicts_replaced,
 )
 
 from kvmshell.core.migration.live.strategies import base as strategies_base
@@ -17,7 +18,8 @@ from kvmshell.core.values.models import MigrationStatus
 
 def fit_all(runs: list[Run]) -> list[str]:
     return (fit_later_passes(runs) + [""] + fit_hold(runs) + [""] + fit_migrating_share(runs) + [""]
-            + fit_pass_spread(runs) + [""] + fit_verdict_hold(runs) + [""] + fit_first_pass(runs))
+            + fit_pass_spread(runs) + [""] + fit_verdict_hold(runs) + [""] + fit_first_pass(runs) + [""]
+            + fit_first_pass_syncs(runs) + [""] + fit_unbound_point(runs))
 
 
 def fit_later_passes(runs: list[Run]) -> list[str]:
@@ -238,4 +240,54 @@ def fit_first_pass(runs: list[Run]) -> list[str]:
     out.append(f"\nFirst pass fitted on {len(done)} completed fit runs: ZERO_SCAN_RATE = {best[2]:.0e} B/s, RATE_POINT = "
                f"{best[3]}, RATE_LO = {best[4]} (now {saved[0]:.0e}, {saved[1]}, {saved[2]}); TIGHT: "
                + (f"{max(fine)}" if fine else "no width keeps p90 <= 20 % over 10 runs or more") + f" (now {saved[3]}).")
+    return out
+
+
+def fit_first_pass_syncs(runs: list[Run]) -> list[str]:
+    """FIRST_PASS_SYNCS (until how many syncs the rough rate is the first pass's own rate of non-zero pages, 0:
+    never): fewest unsteered runs with a confident wrong verdict, then fewest steady runs (every policy) that
+    replace a verdict said after the first pass, then fewest that change, then the least p90 after the first sync."""
+    saved, rows = model.FIRST_PASS_SYNCS, []
+    steady = [r for r in runs if r.row.get("work") in STEADY]
+    try:
+        for v in (0.0, 2.0, 3.0, 4.0, 6.0):
+            model.FIRST_PASS_SYNCS = v
+            e = errors(runs, after_first_sync)
+            rows.append((confident_wrong_runs(runs), sum(verdicts_replaced(r) > 0 for r in steady),
+                         sum(changes_after_first_pass(r) > 0 for r in steady), pct(e.total, .9) or 1e9, v,
+                         pct(e.total, .5), pct(e.down, .5), len(e.total)))
+    finally:
+        model.FIRST_PASS_SYNCS = saved
+    best = min(rows)
+    tied = [r[4] for r in rows if r[:4] == best[:4]]
+    out = ["| FIRST_PASS_SYNCS | runs with a confident wrong verdict (unsteered) | steady runs replacing a verdict | "
+           "steady runs changing | total time p50 / p90 abs error after the first sync | downtime p50 | runs with a time |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {v} | {w} | {rep} | {c} | {fmt(a)} / {fmt(b)} | {fmt(d)} | {n} |" for w, rep, c, b, v, a, d, n in rows]
+    out.append(f"\nFIRST_PASS_SYNCS fitted on {len(runs)} fit runs ({len(steady)} steady): {best[4]}"
+               + (f" (ties: {', '.join(map(str, tied))})" if len(tied) > 1 else "") + f" (now {saved}).")
+    return out
+
+
+def fit_unbound_point(runs: list[Run]) -> list[str]:
+    """UNBOUND_POINT (the first pass's rate at the point when nothing bounds it and it is not measured yet, a
+    share of the samples' throughput): the least p90 |error| of the point at 25 % of the elapsed time (the
+    range's width ignored: ``point_at``), then at 50 %; the confident wrong verdicts (unsteered) shown."""
+    saved, rows = model.UNBOUND_POINT, []
+    done = [r for r in runs if r.completed and r.total_s]
+    try:
+        for v in (0.3, 0.4, 0.5, 0.6, 0.8, 1.0):
+            model.UNBOUND_POINT = v
+            e = [[abs(p.total_s - r.total_s) / r.total_s * 100 for r in done
+                  if (p := point_at(r, f)) is not None and p.total_s is not None] for f in (0.25, 0.5)]
+            rows.append((pct(e[0], .9) or 1e9, pct(e[1], .9) or 1e9, v, pct(e[0], .5), len(e[0]), pct(e[1], .5),
+                         len(e[1]), confident_wrong_runs(runs)))
+    finally:
+        model.UNBOUND_POINT = saved
+    best = min(rows)
+    out = ["| UNBOUND_POINT | point at 25 %: p50 / p90 abs error (runs) | at 50 % | runs with a confident wrong verdict (unsteered) |",
+           "|---|---|---|---|"]
+    out += [f"| {v} | {fmt(a50)} / {fmt(a90)} ({n25}) | {fmt(b50)} / {fmt(b90)} ({n50}) | {w} |"
+            for a90, b90, v, a50, n25, b50, n50, w in rows]
+    out.append(f"\nUNBOUND_POINT fitted on {len(done)} completed fit runs: {best[2]} (now {saved}).")
     return out

@@ -8,7 +8,7 @@ downtime at the start (pre-flight) and at 25 % of the elapsed time; the verdict 
 the outcome (completed within the cap or not; unsteered policies only); the time to the first right
 "will not converge"; how often the verdict changes after the first 3 s.
 
-    .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all]
+    .venv/bin/python bench/score_corpus.py [--corpus bench/corpus] [--set held-out|fit|all] [--since 2026-12-03T19:00]
     .venv/bin/python bench/score_corpus.py --fit      # the model's constants on the fit set (bench/fit_corpus.py)
 """
 
@@ -97,8 +97,9 @@ def load_trace_gz(path: Path) -> tuple[Trace, dict[str, Any]]:
     return read_trace(lines, str(path)), json.loads(lines[0])
 
 
-def index(corpus: Path) -> list[dict[str, Any]]:
-    """The latest index line of every run id."""
+def index(corpus: Path, since: str | None = None) -> list[dict[str, Any]]:
+    """The latest index line of every run id (with ``since``, an ISO date and time in UTC: only the runs
+    recorded then or later, by the line's "date")."""
     rows: dict[str, dict[str, Any]] = {}
     path = corpus / "INDEX.jsonl"
     if path.exists():
@@ -106,12 +107,12 @@ def index(corpus: Path) -> list[dict[str, Any]]:
             if line.strip():
                 d = json.loads(line)
                 rows[d["run_id"]] = d
-    return list(rows.values())
+    return [r for r in rows.values() if since is None or str(r.get("date", "")) >= since]
 
 
-def load_runs(corpus: Path, which: str) -> list[Run]:
+def load_runs(corpus: Path, which: str, since: str | None = None) -> list[Run]:
     runs = []
-    for row in index(corpus):
+    for row in index(corpus, since):
         if which != "all" and held_out(row["run_id"]) != (which == "held-out"):
             continue
         if row.get("outcome") == "error" or not row.get("trace"):
@@ -387,6 +388,7 @@ def score(runs: list[Run]) -> list[str]:
                 "| verdict | completed within the cap | not completed |", "|---|---|---|"]
         for said in sorted({k[0] for k in table}):
             out.append(f"| {said} | {table[(said, True)]} | {table[(said, False)]} |")
+    out += ["", measured_by(runs, 0.25)]
     stuck = [r for r in unsteered if not r.completed]
     firsts = [t for r in stuck if (t := first_will_not(r)) is not None]
     out += ["", f"Time to the first right (not rough) \"will not converge\" on the {len(stuck)} unsteered runs that "
@@ -432,10 +434,36 @@ def after_first_sync(run: Run) -> model.Prediction | None:
     return None
 
 
+def point_at(run: Run, fraction: float) -> model.Prediction | None:
+    """``at_fraction`` with the pre-flight range + zero pages passed, and a time whatever the width of its
+    range (TIGHT off): the point the first pass's measurements give (its own rate of non-zero pages where it
+    has run FIRST_PASS_SPAN_S, else the link or cap; the zero share sampled before the start)."""
+    saved, model.TIGHT = model.TIGHT, float("inf")
+    try:
+        return at_fraction(run, fraction, "range")
+    finally:
+        model.TIGHT = saved
+
+
+def measured_by(runs: list[Run], fraction: float) -> str:
+    """What the completed runs had measured at ``fraction`` of their elapsed time: why a time is rare then."""
+    done = [r for r in runs if r.completed and r.total_s]
+    seen = [[s for s in r.trace.samples if s.t <= fraction * r.elapsed] for r in done]
+    active = [sum(s.status is MigrationStatus.ACTIVE for s in ss) for ss in seen]
+    firsts = [next(s.t for s in r.trace.samples if s.status is MigrationStatus.ACTIVE) / r.total_s * 100
+              for r in done if any(s.status is MigrationStatus.ACTIVE for s in r.trace.samples)]
+    return (f"By {100 * fraction:.0f} % of the elapsed time, of {len(done)} completed runs: {active.count(0)} have no active "
+            f"sample yet (QEMU answers no query during its setup), {sum(model.first_pass_rate(ss) is not None for ss in seen)} "
+            f"have the first pass's own rate measured, {sum(any(s.pass_no >= 2 for s in ss) for ss in seen)} a sync; the "
+            f"first active sample comes at p10 / p50 / p90 {fmt(pct(firsts, .1))} / {fmt(pct(firsts, .5))} / "
+            f"{fmt(pct(firsts, .9))} of the total time.")
+
+
 MOMENTS = (("pre-flight, one figure", preflight), ("pre-flight, range + zero pages", lambda r: preflight(r, True)),
            ("25 % of elapsed", lambda r: at_fraction(r, 0.25)),
            ("25 % of elapsed, pre-flight figures passed to assess", lambda r: at_fraction(r, 0.25, True)),
            ("25 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.25, "range")),
+           ("25 % of elapsed, as above, the point whatever its range's width", lambda r: point_at(r, 0.25)),
            ("50 % of elapsed, pre-flight range + zero pages passed to assess", lambda r: at_fraction(r, 0.5, "range")),
            ("after the first sync", after_first_sync))
 
@@ -445,6 +473,8 @@ def main() -> int:
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--set", choices=("held-out", "fit", "all"), default="held-out")
     ap.add_argument("--fit", action="store_true", help="fit the model's constants on the fit set (bench/fit_corpus.py)")
+    ap.add_argument("--since", metavar="DATE", help="only the runs recorded from this UTC date and time on "
+                    "(ISO, as the index's \"date\": 2026-12-03T19:00)")
     args = ap.parse_args()
     if not (args.corpus / "INDEX.jsonl").exists():
         print(f"score_corpus: no {args.corpus / 'INDEX.jsonl'}: record the corpus first with bench/corpus.py",
@@ -453,11 +483,14 @@ def main() -> int:
     if args.fit:
         sys.path.insert(0, str(Path(__file__).parent))
         import fit_corpus                      # the fits (bench/fit_corpus.py): they replay through this module
-        print("\n".join(fit_corpus.fit_all(load_runs(args.corpus, "fit"))))
+        print("\n".join(fit_corpus.fit_all(load_runs(args.corpus, "fit", args.since))))
         return 0
-    rows = index(args.corpus)
-    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all")) + [""]
-                    + score(load_runs(args.corpus, args.set))))
+    rows = index(args.corpus, args.since)
+    if not rows:
+        print(f"score_corpus: no run in {args.corpus / 'INDEX.jsonl'} recorded since {args.since}", file=sys.stderr)
+        return 2
+    print("\n".join(corpus_table(rows) + [""] + throughput_table(load_runs(args.corpus, "all", args.since)) + [""]
+                    + score(load_runs(args.corpus, args.set, args.since))))
     return 0
 
 

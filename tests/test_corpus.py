@@ -112,3 +112,19 @@ def test_no_verdict_said_after_the_first_pass_is_replaced_on_steady_unsteered_fi
     assert len(runs) >= 30
     replaced = {r.run_id: n for r in runs if (n := scorer.verdicts_replaced(r))}
     assert not replaced, replaced
+
+
+def test_since_scores_only_the_runs_recorded_from_then_on(scorer: ModuleType, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A corpus recorded into again: ``--since`` keeps the runs whose index line is dated then or later (the
+    latest line of a run id counts), so a fresh held-out set is scored apart from the one looked at before."""
+    lines = [{"run_id": "a-r1", "date": "2026-12-03T10:00:00Z"}, {"run_id": "b-r1", "date": "2026-12-03T19:04:47Z"},
+             {"run_id": "a-r1", "date": "2026-12-03T19:30:00Z"}, {"run_id": "c-r1", "date": "2026-12-03T18:59:59Z"},
+             {"run_id": "d-r1"}]
+    (tmp_path / "INDEX.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    assert sorted(r["run_id"] for r in scorer.index(tmp_path, "2026-12-03T19:00")) == ["a-r1", "b-r1"]
+    assert len(scorer.index(tmp_path)) == 4
+    monkeypatch.setattr("sys.argv", ["score_corpus.py", "--corpus", str(tmp_path), "--since", "2026-12-04"])
+    assert scorer.main() == 2
+    assert "recorded since 2026-12-04" in capsys.readouterr().err

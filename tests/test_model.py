@@ -440,3 +440,49 @@ def test_a_rough_verdict_confirmed_since_is_still_said_rough_until_it_holds() ->
     # a rough verdict the samples since contradict does not lead: "uncertain" until the other one holds
     C = Verdict.CONVERGES
     assert held([rough, _said(1.3, 3, C, 5.0)]).verdict is Verdict.UNCERTAIN
+
+
+def _pass_change_dip() -> list:
+    """A first pass of non-zero pages at 60 MB/s whose first samples span the setup (1.7, 20 MB/s), then the
+    first sync found 80 MB dirty over its 2 s, at the throughput dip of the pass change (25, 30 MB/s)."""
+    from kvmshell.core.migration.model.samples import Sample
+    ss = [_first_pass_sample(0.6, 1 << 20, 4055, 1.7e6), _first_pass_sample(1.0, 9 << 20, 4100, 20e6)]
+    for i in range(1, 4):
+        t = 1.0 + 0.5 * i
+        ss.append(_first_pass_sample(t, (9 << 20) + int(60 * MB * (t - 1.0)), 4100, 60e6))
+    last = ss[-1]
+    for t, thr in ((2.6, 25e6), (2.7, 30e6)):
+        ss.append(Sample(t=t, status=MigrationStatus.ACTIVE, pass_no=2, transferred=last.transferred + int(thr * (t - 2.5)),
+                         remaining=80 * 10**6, total=last.total, dirty_pages_rate=0, dirty_bytes_rate=0, mbps=0.0,
+                         throughput=thr, expected_downtime_ms=None, cpu_throttle=0, postcopy_requests=0,
+                         duplicate_pages=last.duplicate_pages, normal_bytes=last.normal_bytes + int(thr * (t - 2.5))))
+    return ss
+
+
+def test_the_rate_after_the_first_sync_is_the_first_passs_not_the_dip_of_the_pass_change() -> None:
+    """Seen on the corpus (linux-ws-512m-none-auto-r3, fit set): at the first sync the recent samples' median
+    throughput (42 MB/s: the setup's samples and the dip of the pass change) read as the rate made "will not
+    converge (rough)", replaced 0.4 s later. Until the third sync the rate is the first pass's own rate of
+    non-zero pages."""
+    from kvmshell.core.migration.model.predict import LATER_PASSES, first_pass_rate
+    ss = _pass_change_dip()
+    seen = first_pass_rate(ss)
+    assert seen is not None and 50 * MB < seen < 60 * MB                # the setup's 0.4 s counted in
+    p = assess(ss, downtime_limit_s=0.3, bandwidth_cap=None, link=LINK)
+    assert p.rate == pytest.approx(seen * LATER_PASSES, rel=0.01), p.line()
+    # 40 MB/s dirtied against ~50 MB/s: not "will not converge" (one pass only bounds a rate from below)
+    assert p.verdict in (Verdict.CONVERGES, Verdict.UNCERTAIN) and p.rough, p.line()
+    capped = assess(ss, downtime_limit_s=0.3, bandwidth_cap=40 * MB, link=LINK)
+    assert capped.rate == pytest.approx(40 * MB * LATER_PASSES, rel=0.01)   # never above the cap
+
+
+def test_with_no_bound_and_no_rate_seen_the_point_is_unbound_point_of_the_samples_throughput() -> None:
+    """Seen on the corpus (fit set, unshaped and 10 Gbit/s runs at 25 % of the elapsed time): the first samples'
+    throughput (up to 834 MB/s) read as the pass's rate made times 33-68 % short. Nothing bounds the rate and the
+    pass has not run FIRST_PASS_SPAN_S: the point is UNBOUND_POINT of it, inside UNBOUND_LO to UNBOUND_HI."""
+    from kvmshell.core.migration.model.predict import UNBOUND_HI, UNBOUND_LO, UNBOUND_POINT
+    ss = [_first_pass_sample(0.0, 0, 0, 0.0, MigrationStatus.SETUP), _first_pass_sample(0.6, 64 << 20, 4055, 400e6)]
+    p = assess(ss, downtime_limit_s=0.3, bandwidth_cap=None, link=None)
+    assert UNBOUND_LO < UNBOUND_POINT < 1.0 < UNBOUND_HI
+    assert p.verdict is Verdict.UNKNOWN and p.rate == pytest.approx(UNBOUND_POINT * 400e6), p.reason
+    assert "at 100-800 MB/s" in p.reason                                  # the range is still the samples' own

@@ -45,6 +45,9 @@ PAGE = 4096
 # The dirty rate read from the passes is widened by this factor both ways: pass lengths come from 0.5 s
 # samples and the leftover at a sync is only ~theta (fitted on the corpus's fit set: bench/score_corpus.py --fit)
 PASS_SPREAD = 1.25
+# Until this many syncs the rate is the first pass's own rate of non-zero pages, not the median of the
+# recent samples' throughput (0: never; fitted on the corpus's fit set: bench/score_corpus.py --fit)
+FIRST_PASS_SYNCS = 2.0
 
 
 class Verdict(enum.Enum):
@@ -352,6 +355,11 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if W is None:
         # the dirty set never grows past the working set: the largest seen bounds it from below
         W = max(s.dirty for s in obs.syncs) if D is not None and D >= rate else None
+    if (len(obs.syncs) < FIRST_PASS_SYNCS and not obs.dirty_from_qemu
+            and (seen := first_pass_rate(samples)) is not None):
+        # the rough estimate, at the first sync: the samples just after it span the pass change's dip (and
+        # the setup, the first pass's zero pages): the first pass's own rate of non-zero pages says the rate
+        rate = min(seen, bandwidth_cap) if bandwidth_cap else seen
     if len(obs.syncs) < 3:
         rate *= LATER_PASSES            # measured on the first pass only
     inp = Inputs(ram_bytes=ram_bytes or last.total, dirty_rate=D or 0.0, working_set=W, rate=rate,
@@ -383,7 +391,9 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
 # and 1 of it) when that is what limits it (a sample came within LINK_BOUND of it), or at what it has been seen to send them at, once it has run FIRST_PASS_SPAN_S (the first
 # samples' throughput spans the setup and the first zero pages: it says nothing yet); that rate is known
 # within RATE_SPREAD either way. Nothing seen and no bound: UNBOUND_LO to UNBOUND_HI times the samples'
-# throughput. The zero pages still to come are the share of the pages sampled before the start, within
+# throughput, UNBOUND_POINT of it at the point (the first samples of a pass no link limits run in bursts:
+# on the fit set the pass moved about 0.5-0.6 of their throughput). The zero pages still to come are the
+# share of the pages sampled before the start, within
 # ZERO_Z standard deviations (Wilson). A time is given when its range is within TIGHT (high / low).
 # Fitted on the corpus's fit set (bench/score_corpus.py --fit).
 RATE_POINT = 0.9
@@ -392,6 +402,7 @@ RATE_SPREAD = 1.25
 LINK_BOUND = 1.5
 FIRST_PASS_SPAN_S = 0.3
 UNBOUND_LO, UNBOUND_HI = 0.25, 2.0
+UNBOUND_POINT = 0.6
 ZERO_Z = 1.0
 TIGHT = 2.0
 
@@ -424,7 +435,7 @@ def first_pass_rates(samples: Sequence[Sample], obs: Observed,
     if bound:
         return (RATE_LO * bound, RATE_POINT * bound, bound), True
     assert obs.rate is not None
-    return (UNBOUND_LO * obs.rate, obs.rate, UNBOUND_HI * obs.rate), False
+    return (UNBOUND_LO * obs.rate, UNBOUND_POINT * obs.rate, UNBOUND_HI * obs.rate), False
 
 
 def first_pass(samples: Sequence[Sample], obs: Observed, *, downtime_limit_s: float, bound: float | None,
