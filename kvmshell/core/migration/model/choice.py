@@ -155,8 +155,8 @@ def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Cand
         best = min(c.ranked_s or 0.0 for c in fits)
         near = [c for c in fits if (c.ranked_s or 0.0) <= best * (1 + SAME_S) + 0.01]
         chosen = min(near, key=lambda c: (c.cpu_s, c.ranked_s or 0.0))
-        return chosen, (f"chose {chosen.name}: the fastest whose predicted stall fits the {limit} limit "
-                        f"(postcopy at once ranked at {MARGIN:g}x its time) [{each}]")
+        ranked = f" (postcopy at once ranked at {MARGIN:g}x its time)" if any(c.name == AT_ONCE for c in fits) else ""
+        return chosen, f"chose {chosen.name}: the fastest whose predicted stall fits the {limit} limit{ranked} [{each}]"
     if going:
         chosen = min(going, key=lambda c: (c.stall_s, c.ranked_s or 0.0))
         return chosen, (f"chose {chosen.name}: no option's predicted stall fits the {limit} limit, it has the least "
