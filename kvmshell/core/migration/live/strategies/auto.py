@@ -51,7 +51,8 @@ class Auto(Strategy):
                     choice: Choice | None = None) -> tuple[WireOption, str | None]:
         if choice is not None:                   # the pre-flight weighed every option, postcopy at once too
             self.wire = choice.wire
-            return self.wire, choice.picked or None
+            each = "; ".join(c.line() for c in costs or ())
+            return self.wire, "; ".join(x for x in (choice.picked, each) if x) or None
         if costs is None:
             return PLAIN, None
         if not (self.request.bandwidth or self.request.link):
