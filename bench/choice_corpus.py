@@ -37,10 +37,14 @@ from kvmshell.core.migration.model.predict import Verdict  # noqa: E402
 LINK = {"1gbit": 125e6, "10gbit": 1250e6}
 
 
-def stall_runs() -> list[tuple[str, bool, float, float]]:
+FITTED_ON = "fewer-s5*.jsonl.gz"      # the runs the constants were fitted (FIT) and scored (HELD-OUT) on
+LATER = "fewer-s6*.jsonl.gz"          # recorded after the fit: scored only
+
+
+def stall_runs(pattern: str = FITTED_ON) -> list[tuple[str, bool, float, float]]:
     """(key, held out, T s, blackout s) of every postcopy-at-once run recorded by bench_fewer.py."""
     out = []
-    for path in sorted((Path(__file__).parent / "fewer").glob("*.jsonl.gz")):
+    for path in sorted((Path(__file__).parent / "fewer").glob(pattern)):
         for line in gzip.open(path, "rt"):
             r = json.loads(line)
             at_once = r["policy"] == "hand:postcopy" or (
@@ -89,6 +93,12 @@ def stall_report() -> int:
         print(f"HELD-OUT (model's constants): {inside}/{len(held)} inside the range, {over} above its high end; "
               f"high end - blackout: median {statistics.median(excess) * 1000:.0f} ms, "
               f"{min(excess) * 1000:.0f} to {max(excess) * 1000:.0f} ms")
+    later = stall_runs(LATER)
+    if later:
+        inside = sum(postcopy_stall(sent=t, rate=1.0).low_s <= y <= postcopy_stall(sent=t, rate=1.0).high_s
+                     for _, _, t, y in later)
+        print(f"LATER (recorded after the fit, {LATER}): {inside}/{len(later)} inside the range; blackouts "
+              + ", ".join(f"{y * 1000:.0f} ms (T {t:.2f} s)" for _, _, t, y in sorted(later, key=lambda r: r[2])))
     ratio = sorted(y / t for t, y in fit if t > 0)
     print(f"FIT blackout / T: {ratio[0]:.2f}-{ratio[-1]:.2f} (median {statistics.median(ratio):.2f})")
     return 0

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.measure import SAMPLED_PAGES
 from kvmshell.core.migration.live.stages import BaseStage
-from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose
+from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose, wire_label
 from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
-from kvmshell.core.migration.model.wire import WireCost
+from kvmshell.core.migration.model.wire import PLAIN, WireCost
 from kvmshell.core.values.models import PageSample
 from kvmshell.errors import KvmError
 
@@ -126,4 +126,6 @@ class Preflight(BaseStage):
     def lines(self) -> list[tuple[str, Any]]:
         if self.choice is None:
             return [("pre-flight", self.missing)] if self.missing else []
-        return [("pre-flight", f"{self.choice.lever}, {self.choice.verdict}")]
+        c = self.choice
+        lever = c.lever if c.wire == PLAIN else f"{c.lever} sending {wire_label(c.wire)}"
+        return [("pre-flight", f"{lever}, {c.verdict}")]
