@@ -87,7 +87,9 @@ async def test_live_auto_sends_fewer_bytes_where_postcopys_stall_is_over_the_lim
     assert m is not None and m.group(1) != "postcopy at once", wire
     assert m.group(1) in ("compress zstd", "compress zlib", "xbzrle", "multifd", "precopy"), wire
     assert pre.split(": ", 1)[1].startswith(f"{m.group(1)}: pre-copy sending fewer bytes (")
-    assert wire.split(": ", 1)[1] in pre                    # one choice, said in both lines
+    picked = wire.split(": ", 1)[1].split("]; ")[0] + "]"
+    assert picked in pre, (picked, pre)                     # one choice, said in both lines
+    assert "MB on the wire" in wire.split("]; ")[1]         # then each option's cost
     assert not said(job, "postcopy"), job.decisions
     t = load_trace(trace)
     assert not any(s.status.is_postcopy for s in t.samples)
