@@ -521,10 +521,13 @@ async def test_live_auto_with_postcopy_allowed_switches_once_the_verdict_holds(l
 
 
 @pytest.mark.qemu
-async def test_live_a_confident_preflight_starts_postcopy_at_once(
+async def test_live_a_confident_preflight_weighs_postcopy_at_once_by_its_stall(
         lab: Any, tmp_path: Path) -> None:
     # calc-dirty-rate samples 32 pages of a 64 MiB guest: the set it finds varies by a third from run to
-    # run (13-19 MB of a 16 MiB one were seen, 25 MB/s over 1 s of this one): against 8 MB/s, not 16
+    # run (13-19 MB of a 16 MiB one were seen, 25 MB/s over 1 s of this one): against 8 MB/s, not 16.
+    # Pre-copy surely will not converge; postcopy at once would, with a guest stall predicted over the
+    # 50 ms limit, and this guest's pages compress: auto sends them compressed (model/choice.py ``pick``;
+    # postcopy at once where nothing else converges: tests/test_auto_postcopy.py)
     trace = tmp_path / "run.jsonl"
     job, outcome, check = await migrate_auto(lab, tmp_path, MigrationRequest(
         "src", "dst", strategy="auto", bandwidth=8_000_000, downtime_ms=50, allow_postcopy=True, preflight=True,
@@ -532,15 +535,13 @@ async def test_live_a_confident_preflight_starts_postcopy_at_once(
     assert outcome.ok, (outcome.full_message, job.decisions)
     assert check is not None and check.ok, check.summary() if check else None
     [pre] = said(job, "preflight")
-    assert "postcopy at once: pre-copy will not converge (will not converge (dirty rate re-dirties" in pre, pre
+    assert "(will not converge (dirty rate re-dirties" in pre, pre
+    assert "pre-copy sending fewer bytes (multifd" in pre and "the fastest whose predicted stall fits the 50 ms" in pre
+    assert "postcopy at once: pre-copy will not converge" not in pre and ", guest stall " in pre, pre
     assert "measured over 1 s and 3 s before the start" in pre
-    [postcopy] = said(job, "postcopy")
-    assert "the pre-flight chose postcopy at once (pass 1 at " in postcopy, postcopy
+    assert not said(job, "postcopy"), job.decisions
     t = load_trace(trace)
-    [decided] = [e for e in t.events if e.source == "kvmshell" and e.name == "postcopy"]
-    first = min(s.t for s in t.samples if s.status is MigrationStatus.ACTIVE)
-    assert decided.t == pytest.approx(first, abs=0.05)              # no hold, no first pass: on the first sample
-    assert any(s.status.is_postcopy for s in t.samples)
+    assert not any(s.status.is_postcopy for s in t.samples)
 
 
 @pytest.mark.qemu

@@ -23,7 +23,7 @@ from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
 from kvmshell.core.migration.live.measure import measure
 from kvmshell.core.migration.live.wiredata import measured_costs
-from kvmshell.core.migration.model.wire import WireCost, cheapest, why as wire_why
+from kvmshell.core.migration.model.wire import WireCost
 from kvmshell.core.migration.model.predict import Prediction, Verdict
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
@@ -182,7 +182,8 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     D, W = dirty.lo, dirty.working_set
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
-                              bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction)
+                              bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction,
+                              costs=fewer if (req.bandwidth or link) else None)
     rows = [(o.name, o.prediction.verdict.value, o.prediction.total_text(), _downtime(o.prediction),
              f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
             for o in est.options]
@@ -230,17 +231,15 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
 
 async def _fewer_bytes(inv: Invocation, req: MigrateRequest, link: float, limit_s: float) -> tuple[list[WireCost], list[str]]:
     """Each way of sending fewer bytes (model/wire.py), from the guest's pages and both hosts' CPU; the
-    lines that say what they rest on and what `auto --preflight` would pick."""
+    lines that say what they rest on (auto's pick among them: model/choice.py, the "auto would run" line)."""
     fleet = inv.session.fleet
     try:
         costs, data, room = await measured_costs(inv.monitor, fleet.monitor(req.dest) if req.dest else None,
                                                  fleet.hosts, link or None, limit_s)
     except KvmError as e:
         return [], [f"fewer bytes: not estimated ({e})"]
-    chosen = cheapest(costs, limit_s)
-    pick = chosen.option.strategy if chosen is not None else "plain pre-copy (none fits)"
-    return costs, [f"fewer bytes: {data.text()}; {room.text()}",
-                   f"auto --preflight would send: {pick} ({wire_why(chosen, [], limit_s).split(':')[0]})", ""]
+    # what auto --preflight would pick among these, postcopy at once and pre-copy: the "auto would run" line
+    return costs, [f"fewer bytes: {data.text()}; {room.text()}", ""]
 
 
 def _wire_row(c: WireCost) -> tuple[str, ...]:

@@ -1,8 +1,10 @@
 """The pre-flight: an opt-in stage (``MigrationRequest.preflight``) that measures the guest's dirty rate
 over the windows of ``model.choice.PREFLIGHT_WINDOWS`` just before `migrate` is sent, and reads random
 pages for the zero-page share (as `migrate --estimate` does, live/measure.py), and leaves on the job the
-choice auto acts on (``job.preflight``): postcopy at once when postcopy is allowed and it wins over
-pre-copy at the measured range's high end and ties at its low end (model/choice.py).
+choice auto acts on (``job.preflight``): among pre-copy, each fewer-bytes option and postcopy at once
+(when allowed), the fastest whose predicted guest stall fits the downtime limit (model/choice.py). The
+job asks for it while it prepares (``measured``, from live/wiredata.py), before the capabilities: the
+wire option and postcopy-ram depend on it.
 
 Its cost: the start waits for the windows (4 s); its pages are read while they run (the pre-start stayed
 at 4.2 s); calc-dirty-rate's page sampling hashes a few pages per GiB and does not slow the guest
@@ -15,12 +17,14 @@ every page counts as sent), and the job says why.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.measure import SAMPLED_PAGES
 from kvmshell.core.migration.live.stages import BaseStage
-from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose
+from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose, wire_label
 from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
+from kvmshell.core.migration.model.wire import PLAIN, WireCost
 from kvmshell.core.values.models import PageSample
 from kvmshell.errors import KvmError
 
@@ -41,6 +45,7 @@ class Preflight(BaseStage):
         self.pages_missing: str | None = None    # why the pages were not read
         self._measuring: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None
+        self._chosen = False                     # ``measured`` ran
 
     def begin(self, job: MigrationJob) -> None:
         """Start measuring the windows now (the job goes on preparing); ``before_start`` waits for them."""
@@ -66,7 +71,14 @@ class Preflight(BaseStage):
         except KvmError as e:                    # the choice goes on, counting every page as sent
             self.pages_missing = f"the zero pages could not be sampled ({e}): all RAM counted as sent"
 
-    async def before_start(self, job: MigrationJob) -> None:
+    async def measured(self, job: MigrationJob, downtime_s: float,
+                       costs: Sequence[WireCost] | None = None) -> Choice | None:
+        """Wait for the windows and the pages, then choose (once) among pre-copy, the fewer-bytes options
+        ``costs`` (live/wiredata.py) and postcopy at once; None: no choice (``missing`` says why). The job
+        calls it while it prepares (auto's wire option and its postcopy-ram depend on it)."""
+        if self._chosen:
+            return self.choice
+        self._chosen = True
         src = job.source
         self.begin(job)
         assert self._measuring is not None and self._reading is not None
@@ -74,20 +86,28 @@ class Preflight(BaseStage):
             await self._measuring
             await self._reading
             ram = await src.ram_size()
-            params = await src.migrate_parameters()
         except KvmError as e:
             self.missing = f"the dirty rate could not be measured ({e})"
-            return
+            return None
         self.dirty = dirty_range(self.windows, ram)
         rate = job.req.bandwidth or job.req.link        # the job caps max-bandwidth at one, else the other
         if not rate:
             self.missing = ("no transfer rate is known before the start (neither --bandwidth nor --link, nor a link "
                             "in the config)")
-            return
-        self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link,
-                             downtime_limit_s=(params.downtime_limit_ms or 300) / 1000,
+            return None
+        self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link, downtime_limit_s=downtime_s,
                              allow_postcopy=job.req.allow_postcopy,
-                             zero_fraction=self.pages.zero_fraction if self.pages is not None else 0.0)
+                             zero_fraction=self.pages.zero_fraction if self.pages is not None else 0.0, costs=costs)
+        return self.choice
+
+    async def before_start(self, job: MigrationJob) -> None:
+        if not self._chosen:
+            try:
+                params = await job.source.migrate_parameters()
+            except KvmError as e:
+                self.missing = f"the dirty rate could not be measured ({e})"
+                return
+            await self.measured(job, (params.downtime_limit_ms or 300) / 1000)
 
     async def finish(self, job: MigrationJob, outcome: Any) -> None:
         self.stop()
@@ -106,4 +126,6 @@ class Preflight(BaseStage):
     def lines(self) -> list[tuple[str, Any]]:
         if self.choice is None:
             return [("pre-flight", self.missing)] if self.missing else []
-        return [("pre-flight", f"{self.choice.lever}, {self.choice.verdict}")]
+        c = self.choice
+        lever = c.lever if c.wire == PLAIN else f"{c.lever} sending {wire_label(c.wire)}"
+        return [("pre-flight", f"{lever}, {c.verdict}")]

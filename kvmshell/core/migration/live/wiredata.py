@@ -126,7 +126,8 @@ async def measured_costs(source: Monitor, dest: Monitor | None, hosts: HostPool 
 
 async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
     """The fewer-bytes settings the job's strategy starts with, checked against both sides; a strategy
-    that chooses (``wants_wire_data``) gets every option's cost measured first, and the job says why."""
+    that chooses (``wants_wire_data``) gets every option's cost measured first and, with the pre-flight,
+    its choice among them and postcopy at once (model/choice.py), and the job says why."""
     strategy = job.strategy
     if not strategy.steers:
         return PLAIN
@@ -139,7 +140,10 @@ async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
             job.decide("wire-data", f"the pages or the CPU could not be measured ({e})")
         else:
             job.decide("wire-data", f"{data.text()}; {room.text()}")
-    option, why = strategy.wire_option(costs, downtime_s)
+    choice = None
+    if job.preflight is not None and strategy.wants_wire_data(job.req):   # one choice: wire, postcopy or not
+        choice = await job.preflight.measured(job, downtime_s, costs)
+    option, why = strategy.wire_option(costs, downtime_s, choice)
     if why:
         job.decide("wire", why)
     await check_supported(job, option)

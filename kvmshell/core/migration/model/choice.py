@@ -13,16 +13,27 @@ started at once (``PostcopyAtOnce``): every non-zero page crosses the link once,
 the destination and faulting in what it touches before it arrived. Postcopy at once is chosen when it
 wins at the range's high end by ``MARGIN`` (or pre-copy will not converge there) and is no slower than
 pre-copy at its low end beyond ``LOW_END_TIE``.
+
+One choice among every option allowed (``pick``): plain pre-copy (its time at the range's high end), each
+fewer-bytes option the guest's QEMU has (model/wire.py, when their costs are given) and postcopy at once
+(only with postcopy allowed; it runs on the main stream: QEMU 7.2 has no postcopy over multifd). Each has
+a predicted total time and a predicted guest-visible stall: pre-copy's downtime, or postcopy at once's
+``Stall`` (the guest waits on the pages it faults in over the link: QEMU's downtime says 3-50 ms, the
+guest saw 120-1060 ms), whose high end is weighed against the downtime limit. auto takes the fastest
+whose stall fits (postcopy at once ranked at ``MARGIN`` times its time); when none fits, the one with
+the least stall that converges, and says so in numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import (
     FIXED_DOWNTIME_S, UNBOUNDED, ZERO_SCAN_RATE, Inputs, Prediction, Verdict, predict, throttle_for,
 )
+from kvmshell.core.migration.model.wire import PLAIN, SAME_S, WireCost, WireOption
 
 PREFLIGHT_WINDOWS = (1, 3)       # seconds of calc-dirty-rate before the start: the pre-flight costs 4 s
 
@@ -50,6 +61,36 @@ MARGIN = 1.5
 # (bench/choice_corpus.py): of the runs converging at the low end and never at the high end, most never
 # completed and the rest took 1.6-17.5x postcopy's predicted time.
 LOW_END_TIE = 1.1
+# Postcopy at once's guest-visible stall: a range over T = non-zero bytes / rate (the time the pages take
+# to cross), low STALL_LOW_S + STALL_LOW_PER x T, high STALL_HIGH_S + STALL_HIGH_PER x T: the lines just
+# below and just above every blackout of the FIT runs (bench/choice_corpus.py --stall: 32 FIT runs of hand
+# and auto postcopy at once in bench/fewer, the lab guest at 512 MiB and 2 GiB, 1 and 10 Gbit/s, the Linux
+# guest at 512 MiB, 1 Gbit/s, all on a quiet machine; fitted 0 + 0.145 T and 198 ms + 0.546 T, rounded
+# out; the 11 HELD-OUT runs all inside). Few runs of two guests, so a range, and auto holds its high end
+# against the limit: the Linux guest (blackout up to 0.67 T) sets the slope, the 10 Gbit/s runs (up to
+# 245 ms for T = 0.09 s: QEMU sent slower than the link) the intercept; the lab guest at 1 Gbit/s stayed
+# at 0.14-0.28 T. Under load the blackout was larger still (400-900 ms, one 9.4 s, on the lab guest at
+# 512 MiB, bench/RESULTS.md): nothing here covers that.
+STALL_LOW_S, STALL_LOW_PER = 0.0, 0.14
+STALL_HIGH_S, STALL_HIGH_PER = 0.2, 0.55
+
+
+@dataclass(frozen=True)
+class Stall:
+    """The longest time the guest is predicted to see no progress: QEMU's downtime plus its waits on
+    pages faulted in over the link (the guest's heartbeat gap, bench/bench_fewer.py's blackout)."""
+
+    low_s: float
+    high_s: float
+
+    def text(self) -> str:
+        return f"{self.low_s * 1000:.0f}-{self.high_s * 1000:.0f} ms"
+
+
+def postcopy_stall(*, sent: float, rate: float) -> Stall:
+    """Postcopy at once's stall for ``sent`` non-zero bytes at ``rate`` bytes/s (``STALL_*``)."""
+    t = sent / rate if rate > 0 else 0.0
+    return Stall(STALL_LOW_S + STALL_LOW_PER * t, STALL_HIGH_S + STALL_HIGH_PER * t)
 
 
 @dataclass(frozen=True)
@@ -63,6 +104,7 @@ class PostcopyAtOnce:
     faulting_s: float
     downtime_s: float
     sent: float                  # bytes: the non-zero pages
+    stall: Stall
 
     def line(self) -> str:
         return (f"postcopy at once: {self.total_s:.1f} s ({self.sent / 1e6:.0f} MB of non-zero pages once + "
@@ -74,7 +116,53 @@ def postcopy_at_once(*, sent: float, zero: float, working_set: float | None, rat
     """Postcopy at once for ``sent`` non-zero bytes and ``zero`` zero bytes at ``rate`` bytes/s."""
     ws = sent if working_set is None else min(working_set, sent)
     return PostcopyAtOnce(sent / rate + zero / ZERO_SCAN_RATE + POSTCOPY_START_S, ws / rate, FIXED_DOWNTIME_S,
-                          sent)
+                          sent, postcopy_stall(sent=sent, rate=rate))
+
+
+AT_ONCE = "postcopy at once"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option auto may run: its predicted time and the guest-visible stall held against the limit."""
+
+    name: str                    # AT_ONCE, "precopy", or a fewer-bytes strategy ("compress zstd", ...)
+    option: WireOption           # the settings it runs with (postcopy at once: plain, one stream)
+    total_s: float | None        # None: it does not surely converge
+    stall_s: float               # pre-copy's downtime; postcopy at once's stall at its high end
+    ranked_s: float | None       # the time it is ranked by: postcopy at once's x MARGIN
+    cpu_s: float = 0.0
+    stall_low_s: float | None = None   # postcopy at once: its stall's low end (None: a pre-copy option, whose
+                                       # switch-over QEMU holds to the limit: it fits when it converges)
+
+    def line(self) -> str:
+        if self.total_s is None:
+            return f"{self.name}: may not converge"
+        if self.stall_low_s is not None:
+            return (f"{self.name} {self.total_s:.2f} s, guest stall {self.stall_low_s * 1000:.0f}-"
+                    f"{self.stall_s * 1000:.0f} ms")
+        return f"{self.name} {self.total_s:.2f} s, downtime {self.stall_s * 1000:.0f} ms"
+
+
+def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Candidate | None, str]:
+    """The fastest candidate whose stall fits the limit (within SAME_S of the fastest: the fewest CPU
+    seconds); none fits: the least stall that converges; none converges: None. And why, in numbers."""
+    limit = f"{downtime_limit_s * 1000:.0f} ms"
+    each = "; ".join(c.line() for c in candidates)
+    going = [c for c in candidates if c.ranked_s is not None]
+    fits = [c for c in going if c.stall_low_s is None or c.stall_s <= downtime_limit_s + 0.001]
+    if fits:
+        best = min(c.ranked_s or 0.0 for c in fits)
+        near = [c for c in fits if (c.ranked_s or 0.0) <= best * (1 + SAME_S) + 0.01]
+        chosen = min(near, key=lambda c: (c.cpu_s, c.ranked_s or 0.0))
+        ranked = f" (postcopy at once ranked at {MARGIN:g}x its time)" if any(c.name == AT_ONCE for c in fits) else ""
+        return chosen, f"chose {chosen.name}: the fastest whose predicted stall fits the {limit} limit{ranked} [{each}]"
+    if going:
+        chosen = min(going, key=lambda c: (c.stall_s, c.ranked_s or 0.0))
+        return chosen, (f"chose {chosen.name}: no option's predicted stall fits the {limit} limit, it has the least "
+                        f"stall that converges ({chosen.stall_s * 1000:.0f} ms) [{each}]")
+    return None, f"no option surely converges within {limit}: pre-copy, escalating once a verdict holds [{each}]"
+
 
 
 def _time(p: Prediction) -> str:
@@ -99,6 +187,8 @@ class Choice:
     throttled: Prediction | None # pre-copy with the guest throttled (throttle_for at the highest known rate)
     throttle: float              # the share of CPU that throttle takes
     zero_fraction: float = 0.0   # of the RAM, zero pages (sampled before the start): scanned, not sent
+    wire: WireOption = PLAIN     # the settings pre-copy runs with (a fewer-bytes option ``pick`` chose)
+    picked: str = ""             # ``pick``'s reason, every candidate in numbers
 
     @property
     def postcopy_s(self) -> float | None:
@@ -154,7 +244,7 @@ class Choice:
                 f"{self.downtime_limit_s * 1000:.0f} ms{zero})")
         if self.confident and self.low.verdict is Verdict.CONVERGES:
             thr = ""                                # nothing to throttle: its cost says nothing
-        return "; ".join(x for x in (head, self.comparison(), pre, thr) if x)
+        return "; ".join(x for x in (head, self.picked, self.comparison(), pre, thr) if x)
 
     def summary(self) -> str:
         """One line, the lever first: what auto would run."""
@@ -163,6 +253,8 @@ class Choice:
             what = ("postcopy at once: pre-copy will not converge" if stuck else
                     f"postcopy at once: {MARGIN:g}x faster than pre-copy or more where the guest dirties most, "
                     f"no more than {100 * (LOW_END_TIE - 1):.0f} % slower where it dirties least")
+        elif self.wire != PLAIN:
+            what = f"{wire_label(self.wire)}: pre-copy sending fewer bytes ({self.wire.text()})"
         elif self.lever == CONVERGE:
             what = "converge: pre-copy, throttled once \"will not converge\" holds"
         elif self.confident:
@@ -172,13 +264,20 @@ class Choice:
         return f"{what} ({self.numbers()})"
 
 
+def wire_label(o: WireOption) -> str:
+    method = o.parameters.get("multifd-compression")
+    return o.strategy + (f" {method}" if o.strategy == "compress" else "")
+
+
 def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, downtime_limit_s: float,
-           allow_postcopy: bool, zero_fraction: float = 0.0) -> Choice:
+           allow_postcopy: bool, zero_fraction: float = 0.0, costs: Sequence[WireCost] | None = None) -> Choice:
     """The lever auto would use on a guest of ``ram`` bytes (``zero_fraction`` of them zero pages, as
     sampled) dirtying ``dirty``, moving ``rate`` bytes/s (the bandwidth cap, else the link) over a link
     of ``link`` (None: ``rate``): postcopy at once when the user allows it, it wins at the range's high
     end (pre-copy will not converge there, or takes MARGIN times longer) and ties at least at the low end; a throttle once "will not
-    converge" holds when pre-copy surely will not converge otherwise; plain pre-copy else."""
+    converge" holds when pre-copy surely will not converge otherwise; plain pre-copy else.
+    ``pick`` decides among pre-copy (at the range's high end), each of ``costs`` (the fewer-bytes options but
+    plain) and postcopy at once (when it ties at the low end), each with its predicted stall."""
     link = max(link or rate, rate)
     W = dirty.working_set
     top = dirty.hi if dirty.hi is not None else UNBOUNDED
@@ -207,9 +306,22 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
         return (post is not None and p.verdict is Verdict.CONVERGES and p.total_s is not None
                 and p.total_s >= by * post.total_s)
 
-    if post is not None and wins(high, MARGIN) and wins(low, 1 / LOW_END_TIE):
+    top_ok = high.verdict is Verdict.CONVERGES and high.total_s is not None
+    cands = [Candidate("precopy", PLAIN, high.total_s if top_ok else None, (high.downtime_ms or 0.0) / 1000,
+                       high.total_s if top_ok else None)]
+    for c in costs or ():
+        if c.option != PLAIN:
+            t = c.prediction.total_s if c.converges else None
+            cands.append(Candidate(wire_label(c.option), c.option, t, (c.prediction.downtime_ms or 0.0) / 1000, t,
+                                   c.cpu_s or 0.0))
+    if post is not None and wins(low, 1 / LOW_END_TIE):
+        cands.append(Candidate(AT_ONCE, PLAIN, post.total_s, post.stall.high_s, post.total_s * MARGIN,
+                               stall_low_s=post.stall.low_s))
+    chosen, picked = pick(cands, downtime_limit_s)
+    if chosen is not None and chosen.name == AT_ONCE:
         lever = POSTCOPY
     else:
         lever = CONVERGE if stuck else PRECOPY
+    wire = chosen.option if chosen is not None else PLAIN
     return Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, post,
-                  throttled, p, zero_fraction)
+                  throttled, p, zero_fraction, wire, picked if len(cands) > 1 else "")

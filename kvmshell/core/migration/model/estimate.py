@@ -7,10 +7,12 @@ first pass sends only the non-zero pages."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvmshell.core.migration.model.choice import choose
 from kvmshell.core.migration.model.dirty import DirtyRange
+from kvmshell.core.migration.model.wire import WireCost
 from kvmshell.core.migration.model.predict import (
     ZERO_SCAN_RATE, Inputs, Prediction, Verdict, predict, predict_range, throttle_for,
 )
@@ -50,10 +52,12 @@ class Estimate:
 
 def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: float, cap: float | None,
              downtime_limit_s: float, allow_postcopy: bool, bandwidth: float | None = None,
-             dirty: DirtyRange | None = None, zero_fraction: float = 0.0) -> Estimate:
+             dirty: DirtyRange | None = None, zero_fraction: float = 0.0,
+             costs: Sequence[WireCost] | None = None) -> Estimate:
     """Each strategy on a link of ``link`` bytes/s, with the source capped at ``cap`` (None: not); what
     auto would run with the request's options (``bandwidth``: its --bandwidth, else auto uncaps to the
-    link; ``allow_postcopy``), from the range ``dirty`` when given."""
+    link; ``allow_postcopy``), from the range ``dirty`` when given, weighing the fewer-bytes ``costs``
+    (model/wire.py) as auto's pre-flight does."""
     D, W, R = dirty_rate, working_set, link
     zero = ram * min(1.0, max(0.0, zero_fraction))
     base = Inputs(ram_bytes=ram - zero, zero_bytes=zero, dirty_rate=D, working_set=W, rate=min(R, cap or R),
@@ -79,5 +83,6 @@ def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: fl
         ws = W if W is not None else D * first / R
         postcopy = Postcopy(first / R + zero / ZERO_SCAN_RATE + ws / R, first + ws)
     auto = choose(ram=ram, dirty=dirty if dirty is not None else DirtyRange(D, D, W), rate=min(R, bandwidth or R),
-                  link=R, downtime_limit_s=downtime_limit_s, allow_postcopy=allow_postcopy, zero_fraction=zero_fraction)
+                  link=R, downtime_limit_s=downtime_limit_s, allow_postcopy=allow_postcopy, zero_fraction=zero_fraction,
+                  costs=costs)
     return Estimate(tuple(options), postcopy, auto.summary(), dirty, zero_fraction)

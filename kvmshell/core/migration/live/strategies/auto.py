@@ -1,10 +1,13 @@
-"""Pre-copy (with --preflight: sending fewer bytes, the fastest of multifd, compression and XBZRLE
-within the downtime limit, model/wire.py), escalating once the model's verdict holds that it will not
-converge (or too slowly): to postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
-allows it). With the pre-flight (``live/preflight.py``) and postcopy allowed, auto starts postcopy at
-once (on the first sample of the running migration: QEMU takes migrate-start-postcopy right after
-`migrate`) when the pre-flight's choice (model/choice.py) says it wins the worst case of the measured
-range by its margin (or pre-copy will not converge there) and ties the best. A throttle is released once
+"""Pre-copy, escalating once the model's verdict holds that it will not converge (or too slowly): to
+postcopy or a throttle chosen from the model, whichever costs the guest less (postcopy only if the user
+allows it). With the pre-flight (``live/preflight.py``) auto makes one choice before the start
+(model/choice.py ``pick``) among plain pre-copy, each fewer-bytes option the guest's QEMU has (multifd,
+compression, XBZRLE, model/wire.py) and, with postcopy allowed, postcopy at once: the fastest whose
+predicted guest-visible stall fits the downtime limit (postcopy at once: the high end of its predicted
+stall, the guest waiting on pages faulted in over the link), else the least stall that converges.
+Postcopy at once starts on the first sample of the running migration (QEMU takes migrate-start-postcopy
+right after `migrate`); a multifd option leaves postcopy out (QEMU 7.2 has no postcopy over multifd),
+postcopy after pre-copy stays the escalation lever otherwise. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
 and may still switch to postcopy."""
 
@@ -22,6 +25,7 @@ from kvmshell.core.values.models import ParamValue
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
     from kvmshell.core.migration.live.request import MigrationRequest
+    from kvmshell.core.migration.model.choice import Choice
 
 
 class Auto(Strategy):
@@ -43,13 +47,18 @@ class Auto(Strategy):
     def wants_wire_data(self, request: MigrationRequest) -> bool:
         return request.preflight
 
-    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float) -> tuple[WireOption, str | None]:
+    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float,
+                    choice: Choice | None = None) -> tuple[WireOption, str | None]:
+        if choice is not None:                   # the pre-flight weighed every option, postcopy at once too
+            self.wire = choice.wire
+            each = "; ".join(c.line() for c in costs or ())
+            return self.wire, "; ".join(x for x in (choice.picked, each) if x) or None
         if costs is None:
             return PLAIN, None
         if not (self.request.bandwidth or self.request.link):
             return PLAIN, "plain pre-copy: the link's speed is not known (--link or --bandwidth), no option can be costed"
         left_out = ""
-        if self.request.allow_postcopy:          # postcopy is auto's strongest lever: keep it (no multifd)
+        if self.request.allow_postcopy:          # no pre-flight choice: keep postcopy as the escalation lever
             left_out = ("; multifd and compression left out: --allow-postcopy keeps postcopy, which QEMU does not "
                         "run over multifd")
             costs = [c for c in costs if not c.option.capabilities.get("multifd")]

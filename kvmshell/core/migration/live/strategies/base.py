@@ -16,6 +16,7 @@ from kvmshell.core.values.models import ParamValue
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
+    from kvmshell.core.migration.model.choice import Choice
     from kvmshell.core.migration.live.request import MigrationRequest
 
 # When a verdict holds. Fitted by replaying the recorded traces of tests/data/traces (1 Gbit/s,
@@ -87,9 +88,11 @@ class Strategy:
         every fewer-bytes option's cost to ``wire_option``."""
         return False
 
-    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float) -> tuple[WireOption, str | None]:
+    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float,
+                    choice: Choice | None = None) -> tuple[WireOption, str | None]:
         """The fewer-bytes settings (multifd, compression, XBZRLE) both sides get before the start, and
-        why in numbers (None: nothing to say); ``costs``: each option's, when ``wants_wire_data``."""
+        why in numbers (None: nothing to say); ``costs``: each option's, when ``wants_wire_data``;
+        ``choice``: the pre-flight's (model/choice.py), which weighed them with postcopy at once."""
         return PLAIN, None
 
     def on_sample(self, job: MigrationJob, sample: Sample, prediction: Prediction) -> None:

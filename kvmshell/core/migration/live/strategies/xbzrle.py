@@ -12,6 +12,7 @@ from kvmshell.core.migration.model.wire import WireCost, WireOption, xbzrle
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.request import MigrationRequest
+    from kvmshell.core.migration.model.choice import Choice
 
 DEFAULT_CACHE = 64 << 20         # QEMU's own, when nothing was measured
 
@@ -24,7 +25,8 @@ class Xbzrle(Strategy):
     def wants_wire_data(self, request: MigrationRequest) -> bool:
         return True
 
-    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float) -> tuple[WireOption, str | None]:
+    def wire_option(self, costs: Sequence[WireCost] | None, downtime_s: float,
+                    choice: Choice | None = None) -> tuple[WireOption, str | None]:
         mine = [c for c in costs or () if c.option.strategy == "xbzrle"]
         if not mine:
             option = xbzrle(DEFAULT_CACHE)
