@@ -261,6 +261,16 @@ def test_within_the_limit_the_fastest_wins_over_it_postcopy_is_left_out() -> Non
     assert pick([replace(zstd, ranked_s=1.52, cpu_s=0.0), replace(quick, cpu_s=0.1)], 1.0)[0].name == "compress zstd"
 
 
+def test_a_tie_goes_to_plain_precopy() -> None:
+    # an idle guest: every option 0.02 s and no CPU (seen from the shell: multifd won by a rounding)
+    plain = Candidate("precopy", PLAIN, 0.021, 0.01, 0.021)
+    multifd = Candidate("multifd", compress("zstd"), 0.020, 0.01, 0.020, cpu_s=0.01)
+    assert pick([plain, multifd], 0.3)[0] is plain
+    assert pick([plain, replace(multifd, ranked_s=0.012, total_s=0.012)], 0.3)[0] is plain   # 0.009 s apart
+    slow = replace(plain, ranked_s=1.0, total_s=1.0)
+    assert pick([slow, replace(multifd, ranked_s=0.5, total_s=0.5)], 0.3)[0].name == "multifd"   # the fastest
+
+
 def test_when_none_fits_the_least_stall_that_converges_and_it_says_so() -> None:
     stuck = Candidate("precopy", PLAIN, None, 0.0, None)
     quick = Candidate(AT_ONCE, PLAIN, 1.0, 0.9, 1.5, stall_low_s=0.1)

@@ -144,6 +144,9 @@ class Candidate:
         return f"{self.name} {self.total_s:.2f} s, downtime {self.stall_s * 1000:.0f} ms"
 
 
+TIE_S = 0.05                     # seconds: predicted times closer than this are a tie
+
+
 def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Candidate | None, str]:
     """The fastest candidate whose stall fits the limit (within SAME_S of the fastest: the fewest CPU
     seconds); none fits: the least stall that converges; none converges: None. And why, in numbers."""
@@ -154,7 +157,11 @@ def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Cand
     if fits:
         best = min(c.ranked_s or 0.0 for c in fits)
         near = [c for c in fits if (c.ranked_s or 0.0) <= best * (1 + SAME_S) + 0.01]
-        chosen = min(near, key=lambda c: (c.cpu_s, c.ranked_s or 0.0))
+        # the fewest CPU seconds (to 0.1 s), then the fastest; under TIE_S apart the simplest, in the
+        # candidates' order, plain pre-copy first (an idle guest's 0.02 s must not pick multifd for 0.0001 s)
+        cheap = [c for c in near if round(c.cpu_s, 1) == min(round(d.cpu_s, 1) for d in near)]
+        fastest = min(c.ranked_s or 0.0 for c in cheap)
+        chosen = next(c for c in cheap if (c.ranked_s or 0.0) <= fastest + TIE_S)
         ranked = f" (postcopy at once ranked at {MARGIN:g}x its time)" if any(c.name == AT_ONCE for c in fits) else ""
         return chosen, f"chose {chosen.name}: the fastest whose predicted stall fits the {limit} limit{ranked} [{each}]"
     if going:
