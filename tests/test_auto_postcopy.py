@@ -126,7 +126,10 @@ async def test_live_auto_starts_postcopy_at_once_where_no_precopy_option_converg
     [decided] = [e for e in t.events if e.source == "kvmshell" and e.name == "postcopy"]
     active = [s for s in t.samples if s.status is MigrationStatus.ACTIVE]
     assert active and decided.t <= active[0].t + 0.05, (decided.t, active[0].t)
-    assert any(s.status.is_postcopy for s in t.samples)
+    # postcopy-active in QEMU's MIGRATION events (a sample may miss it: postcopy runs without the
+    # pre-copy bandwidth cap, and under load its last pages can go between two samples)
+    statuses = [e.detail.get("status") for e in t.events if e.source == "qemu" and e.name == "MIGRATION"]
+    assert "postcopy-active" in statuses or any(s.status.is_postcopy for s in t.samples), statuses
     assert t.samples[-1].status is MigrationStatus.COMPLETED
     assert check.ok, check.summary()
     assert after[0] == before[0]
