@@ -8,11 +8,10 @@ The dirty rate is the range calc-dirty-rate's windows allow (model/dirty.py). Th
 (confident); anything else is "uncertain" (predict.Verdict), and auto then waits for a verdict that
 holds during the migration (strategies/base.py).
 
-With postcopy allowed, pre-copy's predicted time at each end of the range is weighed against postcopy
-started at once (``PostcopyAtOnce``): every non-zero page crosses the link once, the guest running on
-the destination and faulting in what it touches before it arrived. Postcopy at once is chosen when it
-wins at the range's high end by ``MARGIN`` (or pre-copy will not converge there) and is no slower than
-pre-copy at its low end beyond ``LOW_END_TIE``.
+With postcopy allowed, postcopy started at once (``PostcopyAtOnce``) is a candidate too: every non-zero
+page crosses the link once, the guest running on the destination and faulting in what it touches before
+it arrived. It is weighed only when it is no slower than pre-copy at the range's low end beyond
+``LOW_END_TIE``, and ranked at ``MARGIN`` times its predicted time.
 
 One choice among every option allowed (``pick``): plain pre-copy (its time at the range's high end), each
 fewer-bytes option the guest's QEMU has (model/wire.py, when their costs are given) and postcopy at once
@@ -171,7 +170,6 @@ def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Cand
     return None, f"no option surely converges within {limit}: pre-copy, escalating once a verdict holds [{each}]"
 
 
-
 def _time(p: Prediction) -> str:
     if p.verdict is Verdict.WILL_NOT_CONVERGE:
         return "never"
@@ -280,11 +278,11 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
            allow_postcopy: bool, zero_fraction: float = 0.0, costs: Sequence[WireCost] | None = None) -> Choice:
     """The lever auto would use on a guest of ``ram`` bytes (``zero_fraction`` of them zero pages, as
     sampled) dirtying ``dirty``, moving ``rate`` bytes/s (the bandwidth cap, else the link) over a link
-    of ``link`` (None: ``rate``): postcopy at once when the user allows it, it wins at the range's high
-    end (pre-copy will not converge there, or takes MARGIN times longer) and ties at least at the low end; a throttle once "will not
-    converge" holds when pre-copy surely will not converge otherwise; plain pre-copy else.
-    ``pick`` decides among pre-copy (at the range's high end), each of ``costs`` (the fewer-bytes options but
-    plain) and postcopy at once (when it ties at the low end), each with its predicted stall."""
+    of ``link`` (None: ``rate``): the lever, and the fewer-bytes settings pre-copy runs with, as ``pick``
+    decides among pre-copy (at the range's high end), each of ``costs`` (the fewer-bytes options but
+    plain) and postcopy at once (when it ties at the low end), each with its predicted stall; when
+    postcopy at once is not chosen, a throttle once "will not converge" holds if pre-copy surely will not
+    converge otherwise, plain pre-copy else."""
     link = max(link or rate, rate)
     W = dirty.working_set
     top = dirty.hi if dirty.hi is not None else UNBOUNDED
