@@ -29,17 +29,36 @@ HASH_RATE_FLOOR = 20e6           # bytes/s: a hash slower than this is taken as 
 
 async def run_here(command: str, timeout: float) -> RemoteResult | None:
     """``sh -c command`` on this host with stdin closed; None when it does not end within ``timeout``
-    seconds (it is killed and reaped)."""
+    seconds. Overrun or cancelled (Ctrl-C), it is killed with everything it started, and reaped."""
     proc = await asyncio.create_subprocess_exec("sh", "-c", command, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                start_new_session=True)
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate()
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await _kill_group(proc)
         return None
+    except BaseException:
+        await _kill_group(proc)
+        raise
     return RemoteResult(command, proc.returncode or 0, out, err)
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc``'s process group (it leads its own session), then reap it and close its pipes,
+    even when the task waiting on it is being cancelled."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    reaped = asyncio.ensure_future(proc.communicate())
+    try:
+        await asyncio.shield(reaped)
+    except asyncio.CancelledError:          # cancelled again: the reaping still finishes, SIGKILL is quick
+        await asyncio.wait([reaped], timeout=5)
+        raise
 
 
 class Process(TypingProtocol):
@@ -95,9 +114,7 @@ class _LocalProcess:
                 pass
 
     async def reap(self) -> None:
-        self.close()
-        await self._proc.communicate()
-
+        await _kill_group(self._proc)
 
 
 class HostShell:
