@@ -12,14 +12,14 @@ import pytest
 
 from kvmshell.core.migration.model.choice import (
     AT_ONCE, CONVERGE, LOW_END_TIE, MARGIN, POSTCOPY, POSTCOPY_START_S, PRECOPY, STALL_HIGH_PER, STALL_HIGH_S,
-    Candidate, Choice, choose, pick, postcopy_stall,
+    Candidate, Choice, choose, pick, postcopy_stall, wire_label,
 )
 from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
 from kvmshell.core.migration.model.estimate import estimate
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies.auto import Auto
 from kvmshell.core.migration.model.predict import ZERO_SCAN_RATE, Verdict
-from kvmshell.core.migration.model.wire import PLAIN, Guest, Headroom, WireData, compress, cost, options
+from kvmshell.core.migration.model.wire import PLAIN, Headroom, WireData, WireInputs, compress
 
 RAM = 512 << 20
 # a working set of 16.8 MB re-dirtied within every window: 16.7 MB/s over 1 s, 5.6 MB/s over 3 s
@@ -223,19 +223,17 @@ def test_without_postcopy_allowed_nothing_is_weighed_and_the_levers_are_as_befor
 # -- one pick among pre-copy, the fewer-bytes options and postcopy at once, the guest's stall weighed -----
 
 MIB = 1 << 20
-HOT_GUEST = Guest(ram=512 * MIB, dirty_rate=1e9, working_set=100e6, link=LINK, downtime_limit_s=0.3)
 TEXTY = WireData(pages=512, zero_fraction=0.8, zstd_ratio=0.05, zlib_ratio=0.07, zstd_speed=800e6,
                  zlib_speed=150e6, changed=100, delta_fraction=2 / 4096, interval_s=1.0)
-RANDOM = replace(TEXTY, zstd_ratio=1.0, zlib_ratio=1.0, delta_fraction=0.9)
+RANDOM = replace(TEXTY, zstd_ratio=1.0, zlib_ratio=1.0, delta_fraction=4080 / 4096)   # rewritten with random bytes
 IDLE = Headroom(1.0, 2, 1.0, 2)
 # the lab guest's case: 512 MiB, ~100 MB re-dirtied at ~100 MB/s, 80 % zero pages, 1 Gbit/s
 LAB = DirtyRange(90e6, 110e6, 100e6)
 
 
 def lab(limit_s: float, *, allow_postcopy: bool = True, data: WireData = TEXTY) -> Choice:
-    g = replace(HOT_GUEST, downtime_limit_s=limit_s)
     return choose(ram=512 * MIB, dirty=LAB, rate=LINK, link=LINK, downtime_limit_s=limit_s,
-                  allow_postcopy=allow_postcopy, zero_fraction=0.8, costs=[cost(o, g, data, IDLE) for o in options(g)])
+                  allow_postcopy=allow_postcopy, zero_fraction=0.8, wire=WireInputs(data, IDLE))
 
 
 def test_the_stall_range_covers_what_the_guests_showed() -> None:
@@ -325,8 +323,31 @@ def test_postcopy_at_once_never_runs_over_multifd() -> None:
 
 
 def test_the_estimate_says_the_same_pick() -> None:
-    g = HOT_GUEST
-    costs = [cost(o, g, TEXTY, IDLE) for o in options(g)]
     est = estimate(ram=512 * MIB, dirty_rate=LAB.lo, working_set=LAB.working_set, link=LINK, cap=None,
-                   downtime_limit_s=0.3, allow_postcopy=True, dirty=LAB, zero_fraction=0.8, costs=costs)
+                   downtime_limit_s=0.3, allow_postcopy=True, dirty=LAB, zero_fraction=0.8,
+                   wire=WireInputs(TEXTY, IDLE))
     assert est.auto == lab(0.3).summary()
+    assert est.fewer == lab(0.3).options and [wire_label(r.high.option) for r in est.fewer] == [
+        "multifd", "compress zstd", "compress zlib", "xbzrle"]
+
+
+def test_every_option_is_costed_at_the_same_end_of_the_range_as_precopy() -> None:
+    # the lab guest at 2 GiB, 1 Gbit/s (bench/fewer/fewer-s7-2g): the windows saw 83-118 MB/s and no
+    # bounded working set; 5 of 192 pages changed between the two reads, which alone would say a working
+    # set of 56 MB. Costed on that, every fewer-bytes option "took 4.2 s" against pre-copy's 65.6 s at
+    # the range's high end, and auto ran multifd: ~20 s, 24-27 CPU s on the source against 8 for plain.
+    pages = WireData(pages=192, zero_fraction=0.77, zstd_ratio=1.0, zlib_ratio=1.0, zstd_speed=945e6,
+                     zlib_speed=50e6, changed=5, delta_fraction=4074 / 4096, interval_s=0.6,
+                     xbzrle_share=(4096 + 12) / 4096)       # random rewrites: XBZRLE sends them whole
+    ram = 2048 * MIB
+    dirty = DirtyRange(83e6, 118e6, None, (Window(1, 118e6), Window(3, 83e6 * 3 / 3)))
+    c = choose(ram=ram, dirty=dirty, rate=LINK, link=LINK, downtime_limit_s=0.3, allow_postcopy=False,
+               zero_fraction=0.77, wire=WireInputs(pages, Headroom(1.2, 2, 1.2, 2)))
+    assert c.wire == PLAIN, c.picked
+    plain = c.high
+    multifd = next(r for r in c.options if r.high.option.strategy == "multifd")
+    assert multifd.high.prediction.total_s == pytest.approx(plain.total_s, rel=0.01)     # the link bounds both
+    assert multifd.low.prediction.total_s == pytest.approx(c.low.total_s, rel=0.01)
+    # the page sample alone (no pre-flight range) still costs them on its own guess, as before
+    guess = WireInputs(pages, IDLE).sampled_guest(ram, LINK, 0.3)
+    assert guess.working_set == pytest.approx(5 / 192 * ram)

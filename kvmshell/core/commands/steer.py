@@ -22,8 +22,9 @@ from kvmshell.core.migration.live.job import MigrationJob
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.model.estimate import estimate as estimate_strategies
 from kvmshell.core.migration.live.measure import measure
-from kvmshell.core.migration.live.wiredata import measured_costs
-from kvmshell.core.migration.model.wire import WireCost
+from kvmshell.core.migration.live.wiredata import measure_wire
+from kvmshell.core.migration.model.choice import WireRange, wire_label
+from kvmshell.core.migration.model.wire import WireInputs
 from kvmshell.core.migration.model.predict import Prediction, Verdict
 from kvmshell.core.values.models import MigrationInfo
 from kvmshell.core.commands.session import Invocation
@@ -170,10 +171,10 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     L = (req.downtime_ms or params.downtime_limit_ms or 300) / 1000
     R_link = float(link) if link else (cap or 0.0)
     # the pages for the fewer-bytes options are read while the dirty-rate windows wait
-    reading = asyncio.create_task(_fewer_bytes(inv, req, R_link, L), name=f"wire-data-{source}")
+    reading = asyncio.create_task(_fewer_bytes(inv, req), name=f"wire-data-{source}")
     try:
         m = await measure(mon, inv.progress)
-        fewer, said = await reading
+        wire, said = await reading
     finally:
         if not reading.done():
             reading.cancel()
@@ -183,11 +184,11 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     est = estimate_strategies(ram=ram, dirty_rate=D, working_set=W, link=R_link, cap=cap, downtime_limit_s=L,
                               allow_postcopy=req.allow_postcopy or inv.session.config.defaults.allow_postcopy,
                               bandwidth=req.bandwidth, dirty=dirty, zero_fraction=m.pages.zero_fraction,
-                              costs=fewer if (req.bandwidth or link) else None)
+                              wire=wire, weigh_wire=bool(req.bandwidth or link))
     rows = [(o.name, o.prediction.verdict.value, o.prediction.total_text(), _downtime(o.prediction),
              f"{o.prediction.bytes_total / 1e6:.0f} MB" if o.prediction.bytes_total is not None else "-", o.note)
             for o in est.options]
-    rows += [_wire_row(c) for c in fewer]
+    rows += [_wire_row(r) for r in est.fewer]
     if est.postcopy is not None:
         rows.append(("postcopy after the first pass", "will converge", f"{est.postcopy.total_s:.1f} s", "~ 1-10 ms",
                      f"{est.postcopy.bytes_total / 1e6:.0f} MB", est.postcopy.note))
@@ -221,32 +222,33 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
             "dirty_low_bytes_per_s": dirty.lo, "dirty_high_bytes_per_s": dirty.hi,
             "zero_pages_percent": 100 * m.pages.zero_fraction, "uncertain": est.uncertain, "started": False}
     # options, postcopy, auto: every field of the model's objects (the range and zero share: just above)
-    data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction")}
-    data["fewer_bytes"] = [{"strategy": c.option.strategy, "settings": c.option.text(),
-                            "verdict": c.prediction.verdict.value, "total_s": c.prediction.total_s,
-                            "downtime_ms": c.prediction.downtime_ms, "wire_bytes": c.wire_bytes, "cpu_s": c.cpu_s,
-                            "rate_bytes_per_s": c.rate, "limit": c.limit} for c in fewer]
+    data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction", "fewer")}
+    data["fewer_bytes"] = [{"strategy": r.high.option.strategy, "settings": r.high.option.text(),
+                            "verdict": r.verdict.value, "total_s": r.high.prediction.total_s,
+                            "total_s_low_end": r.low.prediction.total_s,
+                            "downtime_ms": r.high.prediction.downtime_ms, "wire_bytes": r.high.wire_bytes,
+                            "cpu_s": r.high.cpu_s, "rate_bytes_per_s": r.high.rate, "limit": r.high.limit}
+                           for r in est.fewer]
     return Text("\n".join(lines), data=data)
 
 
-async def _fewer_bytes(inv: Invocation, req: MigrateRequest, link: float, limit_s: float) -> tuple[list[WireCost], list[str]]:
-    """Each way of sending fewer bytes (model/wire.py), from the guest's pages and both hosts' CPU; the
-    lines that say what they rest on (auto's pick among them: model/choice.py, the "auto would run" line)."""
+async def _fewer_bytes(inv: Invocation, req: MigrateRequest) -> tuple[WireInputs | None, list[str]]:
+    """What each way of sending fewer bytes is costed from (model/wire.py): the guest's pages and both
+    hosts' CPU; the lines that say what they are (auto's pick: model/choice.py, "auto would run")."""
     fleet = inv.session.fleet
     try:
-        costs, data, room = await measured_costs(inv.monitor, fleet.monitor(req.dest) if req.dest else None,
-                                                 fleet.hosts, link or None, limit_s)
+        wire = await measure_wire(inv.monitor, fleet.monitor(req.dest) if req.dest else None, fleet.hosts)
     except KvmError as e:
-        return [], [f"fewer bytes: not estimated ({e})"]
-    # what auto --preflight would pick among these, postcopy at once and pre-copy: the "auto would run" line
-    return costs, [f"fewer bytes: {data.text()}; {room.text()}", ""]
+        return None, [f"fewer bytes: not estimated ({e})"]
+    return wire, [f"fewer bytes: {wire.data.text()}; {wire.room.text()}", ""]
 
 
-def _wire_row(c: WireCost) -> tuple[str, ...]:
-    p = c.prediction
-    name = c.option.strategy + (f" {c.option.parameters['multifd-compression']}"
-                                if c.option.strategy == "compress" else "")
-    return (name, p.verdict.value, f"{p.total_s:.1f} s" if p.total_s is not None else "-", _downtime(p),
+def _wire_row(r: WireRange) -> tuple[str, ...]:
+    """One fewer-bytes option at the range's ends: its verdict (uncertain when they differ), its times."""
+    p, c = r.high.prediction, r.high
+    down = "- / never" if r.verdict is Verdict.UNCERTAIN else (f"{p.downtime_ms:.0f} ms" if p.downtime_ms is not None
+                                                             else "-")
+    return (wire_label(c.option), r.verdict.value, r.times(), down,
             f"{c.wire_bytes / 1e6:.1f} MB on the wire" if c.wire_bytes is not None else "-",
             f"{c.limit}; {c.cpu_s or 0:.1f} CPU s; {c.option.text()}")
 

@@ -17,14 +17,13 @@ every page counts as sent), and the job says why.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmshell.core.migration.live.measure import SAMPLED_PAGES
 from kvmshell.core.migration.live.stages import BaseStage
 from kvmshell.core.migration.model.choice import PREFLIGHT_WINDOWS, Choice, choose, wire_label
 from kvmshell.core.migration.model.dirty import DirtyRange, Window, dirty_range
-from kvmshell.core.migration.model.wire import PLAIN, WireCost
+from kvmshell.core.migration.model.wire import PLAIN, WireInputs
 from kvmshell.core.values.models import PageSample
 from kvmshell.errors import KvmError
 
@@ -71,11 +70,10 @@ class Preflight(BaseStage):
         except KvmError as e:                    # the choice goes on, counting every page as sent
             self.pages_missing = f"the zero pages could not be sampled ({e}): all RAM counted as sent"
 
-    async def measured(self, job: MigrationJob, downtime_s: float,
-                       costs: Sequence[WireCost] | None = None) -> Choice | None:
+    async def measured(self, job: MigrationJob, downtime_s: float, wire: WireInputs | None = None) -> Choice | None:
         """Wait for the windows and the pages, then choose (once) among pre-copy, the fewer-bytes options
-        ``costs`` (live/wiredata.py) and postcopy at once; None: no choice (``missing`` says why). The job
-        calls it while it prepares (auto's wire option and its postcopy-ram depend on it)."""
+        costed from ``wire`` (live/wiredata.py) and postcopy at once; None: no choice (``missing`` says
+        why). The job calls it while it prepares (auto's wire option and its postcopy-ram depend on it)."""
         if self._chosen:
             return self.choice
         self._chosen = True
@@ -97,7 +95,7 @@ class Preflight(BaseStage):
             return None
         self.choice = choose(ram=ram, dirty=self.dirty, rate=rate, link=job.req.link, downtime_limit_s=downtime_s,
                              allow_postcopy=job.req.allow_postcopy,
-                             zero_fraction=self.pages.zero_fraction if self.pages is not None else 0.0, costs=costs)
+                             zero_fraction=self.pages.zero_fraction if self.pages is not None else 0.0, wire=wire)
         return self.choice
 
     async def before_start(self, job: MigrationJob) -> None:
@@ -105,7 +103,7 @@ class Preflight(BaseStage):
             try:
                 params = await job.source.migrate_parameters()
             except KvmError as e:
-                self.missing = f"the dirty rate could not be measured ({e})"
+                self.missing = f"the downtime limit could not be read ({e})"
                 return
             await self.measured(job, (params.downtime_limit_ms or 300) / 1000)
 

@@ -3,7 +3,7 @@ spare (the figures of ``model/wire.py``), and the fewer-bytes settings a strateg
 
 The pages: random guest pages read twice through the monitor (``xp``) a moment apart: how well the
 non-zero ones compress (zstd and zlib at level 1, timed here for their speed) and how many bytes of a
-page that changed in between changed. The CPU: one ``cpu`` line of /proc/stat on each host, half a
+page that changed in between changed, and what XBZRLE would send for it. The CPU: one ``cpu`` line of /proc/stat on each host, half a
 second apart, in one shell command per host. Both cost about 2-3 s before the start and dirty nothing.
 """
 
@@ -19,7 +19,7 @@ import zstandard
 from kvmshell.core.hosts.pool import HostPool
 from kvmshell.core.hosts.shell import HostShell
 from kvmshell.core.migration.model.wire import (
-    PLAIN, STREAM_RATE, Guest, Headroom, WireCost, WireData, WireOption, cost, delta_share, idle_cores, options,
+    PLAIN, STREAM_RATE, Headroom, WireData, WireInputs, WireOption, delta_share, idle_cores, xbzrle_size,
 )
 from kvmshell.core.monitor.base import Monitor
 from kvmshell.errors import CommandFailed, KvmError
@@ -61,10 +61,12 @@ async def wire_data(mon: Monitor, count: int = WIRE_PAGES, seed: int | None = No
     else:
         zstd_ratio = zlib_ratio = 0.0
         zstd_speed = zlib_speed = 1e9
-    deltas = [delta_share(a, b) for a, b in zip(first, second) if a != b]
+    pairs = [(a, b) for a, b in zip(first, second) if a != b]
+    deltas = [delta_share(a, b) for a, b in pairs]
+    encoded = [xbzrle_size(a, b) / len(b) for a, b in pairs]
     return WireData(len(addresses), 1 - len(used) / max(1, len(addresses)), zstd_ratio, zlib_ratio, zstd_speed,
                     zlib_speed, changed=len(deltas), delta_fraction=sum(deltas) / len(deltas) if deltas else None,
-                    interval_s=interval / 2)
+                    interval_s=interval / 2, xbzrle_share=sum(encoded) / len(encoded) if encoded else None)
 
 
 async def idle_of(shell: HostShell) -> tuple[float, int]:
@@ -107,42 +109,37 @@ async def check_supported(job: MigrationJob, option: WireOption) -> None:
                             f"another --strategy", guest=job.source.name)
 
 
-async def measured_costs(source: Monitor, dest: Monitor | None, hosts: HostPool | None, link: float | None,
-                         downtime_s: float) -> tuple[list[WireCost], WireData, Headroom]:
-    """Every option's cost on this guest and path, from the pages and both hosts' CPU (a link of unknown
-    speed costed as one stream's top rate: the caller says whether it acts on that)."""
+async def measure_wire(source: Monitor, dest: Monitor | None, hosts: HostPool | None) -> WireInputs:
+    """What every option is costed from: the guest's pages, both hosts' idle CPU, what its QEMU has."""
     data = await wire_data(source)
     room = await headroom(hosts, source, dest)
-    ram = await source.ram_size()
-    ws = data.changed_fraction * ram or None
-    guest = Guest(ram=ram, dirty_rate=(ws or 0.0) / max(data.interval_s, 0.1), working_set=ws,
-                  link=link or STREAM_RATE, downtime_limit_s=downtime_s)
     have = await source.migrate_capabilities()
-    methods = await compressions(source)
-    opts = [o for o in options(guest, compressions=tuple(methods))
-            if all(k in have for k, v in o.capabilities.items() if v)]
-    return [cost(o, guest, data, room) for o in opts], data, room
+    return WireInputs(data, room, tuple(sorted(await compressions(source))), frozenset(have.states))
 
 
 async def wire_option(job: MigrationJob, downtime_s: float) -> WireOption:
     """The fewer-bytes settings the job's strategy starts with, checked against both sides; a strategy
-    that chooses (``wants_wire_data``) gets every option's cost measured first and, with the pre-flight,
-    its choice among them and postcopy at once (model/choice.py), and the job says why."""
+    that chooses (``wants_wire_data``) gets the pages and CPU measured first and, with the pre-flight,
+    its choice among every option and postcopy at once, costed on the pre-flight's dirty range
+    (model/choice.py); without it, every option costed on the page sample alone. The job says why."""
     strategy = job.strategy
     if not strategy.steers:
         return PLAIN
-    costs = None
+    costs, wire = None, None
     if strategy.wants_wire_data(job.req):
         try:
-            costs, data, room = await measured_costs(job.source, job.dest, job.hosts,
-                                                     job.req.bandwidth or job.req.link, downtime_s)
+            wire = await measure_wire(job.source, job.dest, job.hosts)
         except KvmError as e:
             job.decide("wire-data", f"the pages or the CPU could not be measured ({e})")
         else:
-            job.decide("wire-data", f"{data.text()}; {room.text()}")
+            job.decide("wire-data", f"{wire.data.text()}; {wire.room.text()}")
+            link = job.req.bandwidth or job.req.link      # unknown: costed as one stream's top rate
+            costs = wire.costs(wire.sampled_guest(await job.source.ram_size(), link or STREAM_RATE, downtime_s))
     choice = None
     if job.preflight is not None and strategy.wants_wire_data(job.req):   # one choice: wire, postcopy or not
-        choice = await job.preflight.measured(job, downtime_s, costs)
+        choice = await job.preflight.measured(job, downtime_s, wire)
+        if choice is not None:
+            costs = [r.high for r in choice.options]
     option, why = strategy.wire_option(costs, downtime_s, choice)
     if why:
         job.decide("wire", why)

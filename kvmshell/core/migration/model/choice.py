@@ -26,13 +26,13 @@ the least stall that converges, and says so in numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import (
     FIXED_DOWNTIME_S, UNBOUNDED, ZERO_SCAN_RATE, Inputs, Prediction, Verdict, predict, throttle_for,
 )
-from kvmshell.core.migration.model.wire import PLAIN, SAME_S, WireCost, WireOption
+from kvmshell.core.migration.model.wire import PLAIN, SAME_S, Guest, WireCost, WireInputs, WireOption
 
 PREFLIGHT_WINDOWS = (1, 3)       # seconds of calc-dirty-rate before the start: the pre-flight costs 4 s
 
@@ -170,6 +170,50 @@ def pick(candidates: Sequence[Candidate], downtime_limit_s: float) -> tuple[Cand
     return None, f"no option surely converges within {limit}: pre-copy, escalating once a verdict holds [{each}]"
 
 
+def cheapest(costs: Sequence[WireCost], downtime_limit_s: float) -> WireCost | None:
+    """The option auto runs when there is no pre-flight range (its costs rest on the page sample alone):
+    ``pick``'s rule among those that converge within the limit. None: none would."""
+    ok = [c for c in costs if c.converges and (c.prediction.downtime_ms or 0) <= downtime_limit_s * 1000 + 1]
+    cands = [Candidate(wire_label(c.option), c.option, c.prediction.total_s, (c.prediction.downtime_ms or 0) / 1000,
+                       c.prediction.total_s, c.cpu_s or 0.0) for c in ok]
+    chosen, _ = pick(cands, downtime_limit_s)
+    return ok[cands.index(chosen)] if chosen is not None else None
+
+
+@dataclass(frozen=True)
+class WireRange:
+    """One fewer-bytes option costed at both ends of the dirty range, as pre-copy is judged."""
+
+    low: WireCost
+    high: WireCost
+
+    @property
+    def verdict(self) -> Verdict:
+        a, b = self.low.prediction.verdict, self.high.prediction.verdict
+        return a if a is b else Verdict.UNCERTAIN
+
+    def times(self) -> str:
+        """Its total time at the range's ends: "2.1 s", "2.1-2.4 s", "2.1 s or never"."""
+        a, b = _time(self.low.prediction), _time(self.high.prediction)
+        if a == b:
+            return a
+        if a.endswith(" s") and b.endswith(" s"):
+            return f"{a.removesuffix(' s')}-{b}"
+        return f"{a} or {b}"
+
+
+def wire_costs(wire: WireInputs, *, ram: float, dirty: DirtyRange, rate: float, downtime_limit_s: float,
+               zero_fraction: float) -> list[WireRange]:
+    """Each fewer-bytes option the guest's QEMU has (plain pre-copy left out: it is judged by itself), at the two ends pre-copy is judged at (the range's
+    low end while migrating, its high end; the working set the windows bound), with the same zero share
+    and rate: options costed on other figures than pre-copy's would be compared unlike with like."""
+    data = replace(wire.data, zero_fraction=zero_fraction)
+    low = Guest(ram=ram, dirty_rate=dirty.while_migrating, working_set=dirty.working_set, link=rate,
+                downtime_limit_s=downtime_limit_s)
+    high = replace(low, dirty_rate=dirty.hi if dirty.hi is not None else UNBOUNDED)
+    return [WireRange(a, b) for a, b in zip(wire.costs(low, data), wire.costs(high, data)) if a.option != PLAIN]
+
+
 def _time(p: Prediction) -> str:
     if p.verdict is Verdict.WILL_NOT_CONVERGE:
         return "never"
@@ -194,6 +238,7 @@ class Choice:
     zero_fraction: float = 0.0   # of the RAM, zero pages (sampled before the start): scanned, not sent
     wire: WireOption = PLAIN     # the settings pre-copy runs with (a fewer-bytes option ``pick`` chose)
     picked: str = ""             # ``pick``'s reason, every candidate in numbers
+    options: tuple[WireRange, ...] = ()   # the fewer-bytes options ``pick`` weighed (their high ends)
 
     @property
     def postcopy_s(self) -> float | None:
@@ -275,12 +320,12 @@ def wire_label(o: WireOption) -> str:
 
 
 def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, downtime_limit_s: float,
-           allow_postcopy: bool, zero_fraction: float = 0.0, costs: Sequence[WireCost] | None = None) -> Choice:
+           allow_postcopy: bool, zero_fraction: float = 0.0, wire: WireInputs | None = None) -> Choice:
     """The lever auto would use on a guest of ``ram`` bytes (``zero_fraction`` of them zero pages, as
     sampled) dirtying ``dirty``, moving ``rate`` bytes/s (the bandwidth cap, else the link) over a link
     of ``link`` (None: ``rate``): the lever, and the fewer-bytes settings pre-copy runs with, as ``pick``
-    decides among pre-copy (at the range's high end), each of ``costs`` (the fewer-bytes options but
-    plain) and postcopy at once (when it ties at the low end), each with its predicted stall; when
+    decides among pre-copy (at the range's high end), each fewer-bytes option costed from ``wire`` at the
+    same end (``wire_costs``) and postcopy at once (when it ties at the low end), each with its predicted stall; when
     postcopy at once is not chosen, a throttle once "will not converge" holds if pre-copy surely will not
     converge otherwise, plain pre-copy else."""
     link = max(link or rate, rate)
@@ -314,11 +359,12 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
     top_ok = high.verdict is Verdict.CONVERGES and high.total_s is not None
     cands = [Candidate("precopy", PLAIN, high.total_s if top_ok else None, (high.downtime_ms or 0.0) / 1000,
                        high.total_s if top_ok else None)]
-    for c in costs or ():
-        if c.option != PLAIN:
-            t = c.prediction.total_s if c.converges else None
-            cands.append(Candidate(wire_label(c.option), c.option, t, (c.prediction.downtime_ms or 0.0) / 1000, t,
-                                   c.cpu_s or 0.0))
+    ranges = wire_costs(wire, ram=ram, dirty=dirty, rate=rate, downtime_limit_s=downtime_limit_s,
+                        zero_fraction=zero_fraction) if wire is not None else []
+    for c in (r.high for r in ranges):
+        t = c.prediction.total_s if c.converges else None
+        cands.append(Candidate(wire_label(c.option), c.option, t, (c.prediction.downtime_ms or 0.0) / 1000, t,
+                               c.cpu_s or 0.0))
     if post is not None and wins(low, 1 / LOW_END_TIE):
         cands.append(Candidate(AT_ONCE, PLAIN, post.total_s, post.stall.high_s, post.total_s * MARGIN,
                                stall_low_s=post.stall.low_s))
@@ -327,6 +373,6 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
         lever = POSTCOPY
     else:
         lever = CONVERGE if stuck else PRECOPY
-    wire = chosen.option if chosen is not None else PLAIN
     return Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, post,
-                  throttled, p, zero_fraction, wire, picked if len(cands) > 1 else "")
+                  throttled, p, zero_fraction, chosen.option if chosen is not None else PLAIN,
+                  picked if len(cands) > 1 else "", tuple(ranges))

@@ -7,12 +7,11 @@ first pass sends only the non-zero pages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from kvmshell.core.migration.model.choice import choose
+from kvmshell.core.migration.model.choice import WireRange, choose, wire_costs
 from kvmshell.core.migration.model.dirty import DirtyRange
-from kvmshell.core.migration.model.wire import WireCost
+from kvmshell.core.migration.model.wire import STREAM_RATE, WireInputs
 from kvmshell.core.migration.model.predict import (
     ZERO_SCAN_RATE, Inputs, Prediction, Verdict, predict, predict_range, throttle_for,
 )
@@ -43,6 +42,7 @@ class Estimate:
     auto: str                            # what auto would run (choice.Choice.summary: the lever first)
     dirty: DirtyRange | None = None      # the dirty rates the measurement allows (None: one figure)
     zero_fraction: float = 0.0           # of the RAM, zero pages the first pass only scans
+    fewer: tuple[WireRange, ...] = ()    # each fewer-bytes option at both ends of the range
 
     @property
     def uncertain(self) -> bool:
@@ -53,11 +53,12 @@ class Estimate:
 def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: float, cap: float | None,
              downtime_limit_s: float, allow_postcopy: bool, bandwidth: float | None = None,
              dirty: DirtyRange | None = None, zero_fraction: float = 0.0,
-             costs: Sequence[WireCost] | None = None) -> Estimate:
+             wire: WireInputs | None = None, weigh_wire: bool = True) -> Estimate:
     """Each strategy on a link of ``link`` bytes/s, with the source capped at ``cap`` (None: not); what
     auto would run with the request's options (``bandwidth``: its --bandwidth, else auto uncaps to the
-    link; ``allow_postcopy``), from the range ``dirty`` when given, weighing the fewer-bytes ``costs``
-    (model/wire.py) as auto's pre-flight does."""
+    link; ``allow_postcopy``), from the range ``dirty`` when given; each fewer-bytes option costed from
+    ``wire`` (model/wire.py) at the same ends, weighed as auto's pre-flight does when ``weigh_wire`` (a
+    link of unknown speed: costed as one stream's top rate, and not weighed)."""
     D, W, R = dirty_rate, working_set, link
     zero = ram * min(1.0, max(0.0, zero_fraction))
     base = Inputs(ram_bytes=ram - zero, zero_bytes=zero, dirty_rate=D, working_set=W, rate=min(R, cap or R),
@@ -82,7 +83,11 @@ def estimate(*, ram: int, dirty_rate: float, working_set: float | None, link: fl
         first = ram - zero
         ws = W if W is not None else D * first / R
         postcopy = Postcopy(first / R + zero / ZERO_SCAN_RATE + ws / R, first + ws)
-    auto = choose(ram=ram, dirty=dirty if dirty is not None else DirtyRange(D, D, W), rate=min(R, bandwidth or R),
-                  link=R, downtime_limit_s=downtime_limit_s, allow_postcopy=allow_postcopy, zero_fraction=zero_fraction,
-                  costs=costs)
-    return Estimate(tuple(options), postcopy, auto.summary(), dirty, zero_fraction)
+    span = dirty if dirty is not None else DirtyRange(D, D, W)
+    rate = min(R, bandwidth or R)
+    auto = choose(ram=ram, dirty=span, rate=rate, link=R, downtime_limit_s=downtime_limit_s,
+                  allow_postcopy=allow_postcopy, zero_fraction=zero_fraction, wire=wire if weigh_wire else None)
+    fewer = auto.options if weigh_wire or wire is None else tuple(
+        wire_costs(wire, ram=ram, dirty=span, rate=rate or STREAM_RATE, downtime_limit_s=downtime_limit_s,
+                   zero_fraction=zero_fraction))
+    return Estimate(tuple(options), postcopy, auto.summary(), dirty, zero_fraction, fewer)

@@ -1,6 +1,6 @@
 """Bytes on the wire: what each way QEMU has of sending fewer bytes would cost this guest. Pure: the
-figures measured before the start in (``WireData``, ``Headroom``), one ``WireCost`` per option out,
-and the option auto would pick (``cheapest``).
+figures measured before the start in (``WireData``, ``Headroom``: ``WireInputs``), one ``WireCost`` per
+option out (auto picks among them: model/choice.py).
 
 The options (QEMU 7.2 names; the guest's QEMU must have each, discovered from the guest):
 
@@ -24,6 +24,7 @@ loopback; XBZRLE encodes in the migration thread; decompression is about 4x fast
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 from dataclasses import dataclass, field, replace
 
 from kvmshell.core.migration.model.predict import (
@@ -34,7 +35,8 @@ from kvmshell.core.values.models import ParamValue
 PAGE = 4096
 STREAM_RATE = 2.2e9            # bytes/s one migration stream moves when the link is not the limit
 XBZRLE_RATE = 1.0e9            # page bytes/s the migration thread xor-encodes against the cache
-XBZRLE_PAGE_OVERHEAD = 16      # bytes per encoded page: header, run lengths
+XBZRLE_PAGE_OVERHEAD = 16      # bytes per encoded page: header, run lengths (no encoded pages measured)
+XBZRLE_HEADER = 12             # bytes per encoded page besides its runs: page header, encoding flag, length
 DECOMPRESS_FACTOR = 4.0        # decompressing is this many times faster than compressing
 MIN_CORES = 0.5                # a busy host still gives a compressing thread this share of a core
 CHANNELS = 2                   # multifd channels: QEMU's default; more only with idle cores for them
@@ -54,6 +56,7 @@ class WireData:
     zlib_speed: float
     changed: int = 0                    # pages read twice that changed in between
     delta_fraction: float | None = None  # of a changed page, the share of its bytes that changed
+    xbzrle_share: float | None = None    # of a changed page, the share XBZRLE puts on the wire (``xbzrle_size``)
     interval_s: float = 0.0             # between the two reads of a page
 
     @property
@@ -64,6 +67,8 @@ class WireData:
         delta = (f"{self.changed} of {self.pages} pages changed within {self.interval_s:.1f} s, "
                  f"{PAGE * self.delta_fraction:.0f} of their {PAGE} bytes" if self.delta_fraction is not None
                  else f"no page of {self.pages} changed within {self.interval_s:.1f} s")
+        if self.xbzrle_share is not None:
+            delta += f" (XBZRLE would send {100 * self.xbzrle_share:.0f} % of them)"
         return (f"non-zero pages compress to {100 * self.zstd_ratio:.0f} % (zstd, {self.zstd_speed / 1e6:.0f} MB/s "
                 f"a core) or {100 * self.zlib_ratio:.0f} % (zlib, {self.zlib_speed / 1e6:.0f} MB/s); {delta}")
 
@@ -196,8 +201,10 @@ def _xbzrle(opt: WireOption, g: Guest, data: WireData) -> WireCost:
     the limit scaled by the encoded share, so that its threshold is the same bytes."""
     cache = float(opt.parameters["xbzrle-cache-size"])
     held = 1.0 if not g.working_set else min(1.0, cache / g.working_set)
-    delta = data.delta_fraction if data.delta_fraction is not None else 1.0
-    encoded = min(1.0, delta + XBZRLE_PAGE_OVERHEAD / PAGE)
+    if data.xbzrle_share is not None:
+        encoded = data.xbzrle_share
+    else:
+        encoded = min(1.0, (data.delta_fraction if data.delta_fraction is not None else 1.0) + XBZRLE_PAGE_OVERHEAD / PAGE)
     share = held * encoded + (1 - held)
     wire = min(g.link, STREAM_RATE)
     later = min(wire / share, XBZRLE_RATE)
@@ -233,15 +240,27 @@ def options(g: Guest, *, compressions: Sequence[str] = ("zstd", "zlib")) -> list
     return out
 
 
-def cheapest(costs: Sequence[WireCost], downtime_limit_s: float) -> WireCost | None:
-    """The option auto runs: the fastest that converges within the downtime limit; among those within
-    SAME_S of the fastest, the one with the fewest CPU seconds (plain first on a tie). None: none would."""
-    ok = [c for c in costs if c.converges and (c.prediction.downtime_ms or 0) <= downtime_limit_s * 1000 + 1]
-    if not ok:
-        return None
-    best = min(c.prediction.total_s or 0.0 for c in ok)
-    near = [c for c in ok if (c.prediction.total_s or 0.0) <= best * (1 + SAME_S) + 0.01]
-    return min(near, key=lambda c: (c.cpu_s or 0.0, c.prediction.total_s or 0.0))
+@dataclass(frozen=True)
+class WireInputs:
+    """What the options are costed from, measured before the start: the guest's pages, both hosts' idle
+    cores, and what the guest's QEMU has (its multifd compressions, its migration capabilities)."""
+
+    data: WireData
+    room: Headroom
+    compressions: tuple[str, ...] = ("zstd", "zlib")
+    capabilities: frozenset[str] = frozenset({"multifd", "xbzrle"})
+
+    def costs(self, g: Guest, data: WireData | None = None) -> list[WireCost]:
+        """Each option the guest's QEMU has, costed for ``g`` (``data``: the pages, if not those sampled)."""
+        return [cost(o, g, data or self.data, self.room) for o in options(g, compressions=self.compressions)
+                if all(k in self.capabilities for k, v in o.capabilities.items() if v)]
+
+    def sampled_guest(self, ram: float, link: float, downtime_limit_s: float) -> Guest:
+        """The guest as the page sample alone sees it (no pre-flight range): the pages that changed
+        between the two reads are its working set, re-dirtied once per interval."""
+        ws = self.data.changed_fraction * ram or None
+        return Guest(ram=ram, dirty_rate=(ws or 0.0) / max(self.data.interval_s, 0.1), working_set=ws, link=link,
+                     downtime_limit_s=downtime_limit_s)
 
 
 def why(chosen: WireCost | None, costs: Sequence[WireCost], downtime_limit_s: float) -> str:
@@ -259,6 +278,27 @@ def idle_cores(before: str, after: str) -> float:
     d = [y - x for x, y in zip(a, b)]
     total = sum(d[:8])                   # user nice system idle iowait irq softirq steal
     return (d[3] + d[4]) / total if total > 0 else 0.0
+
+
+def _uleb128(n: int) -> int:
+    """Bytes of ``n`` as an unsigned LEB128 number."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def xbzrle_size(cached: bytes, page: bytes) -> int:
+    """Bytes QEMU's XBZRLE puts on the wire for ``page`` against its ``cached`` copy: each run of changed
+    bytes as the length of the unchanged run before it (maybe 0), its own length (ULEB128 both) and its
+    bytes, plus ``XBZRLE_HEADER``; 0 when nothing changed; the whole page as is when the encoding would
+    not fit in one (QEMU's overflow)."""
+    size, unchanged = 0, 0
+    for changed, run in groupby(a != b for a, b in zip(cached, page)):
+        k = sum(1 for _ in run)
+        if changed:
+            size += _uleb128(unchanged) + _uleb128(k) + k
+        unchanged = 0 if changed else k
+    if size == 0:
+        return 0
+    return size + XBZRLE_HEADER if size < len(page) else len(page) + XBZRLE_HEADER
 
 
 def delta_share(first: bytes, second: bytes) -> float:

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvmshell.core.migration.live.strategies.base import Strategy, escalation, release
+from kvmshell.core.migration.model.choice import Choice, cheapest
 from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.core.migration.model.samples import Sample
-from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption, cheapest, why
+from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption, why
 from kvmshell.core.values.models import ParamValue
 
 if TYPE_CHECKING:
     from kvmshell.core.migration.live.job import MigrationJob
     from kvmshell.core.migration.live.request import MigrationRequest
-    from kvmshell.core.migration.model.choice import Choice
 
 
 class Auto(Strategy):
