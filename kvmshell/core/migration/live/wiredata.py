@@ -2,9 +2,10 @@
 spare (the figures of ``model/wire.py``), and the fewer-bytes settings a strategy starts with.
 
 The pages: random guest pages read twice through the monitor (``xp``) a moment apart: how well the
-non-zero ones compress (zstd and zlib at level 1, timed here for their speed) and how many bytes of a
-page that changed in between changed, and what XBZRLE would send for it. The CPU: one ``cpu`` line of /proc/stat on each host, half a
-second apart, in one shell command per host. Both cost about 2-3 s before the start and dirty nothing.
+non-zero ones compress (zstd and zlib at level 1, timed here for their speed), how many bytes of a page
+that changed in between changed and what XBZRLE would send for it. The CPU: one ``cpu`` line of
+/proc/stat on each host, half a second apart, in one shell command per host. Both cost about 2-3 s
+before the start and dirty nothing.
 """
 
 from __future__ import annotations

@@ -204,9 +204,10 @@ class WireRange:
 
 def wire_costs(wire: WireInputs, *, ram: float, dirty: DirtyRange, rate: float, downtime_limit_s: float,
                zero_fraction: float) -> list[WireRange]:
-    """Each fewer-bytes option the guest's QEMU has (plain pre-copy left out: it is judged by itself), at the two ends pre-copy is judged at (the range's
-    low end while migrating, its high end; the working set the windows bound), with the same zero share
-    and rate: options costed on other figures than pre-copy's would be compared unlike with like."""
+    """Each fewer-bytes option the guest's QEMU has (plain pre-copy left out: it is judged by itself), at
+    the two ends pre-copy is judged at (the range's low end while migrating, its high end; the working set
+    the windows bound), with the same zero share and rate: options costed on other figures than
+    pre-copy's would be compared unlike with like."""
     data = replace(wire.data, zero_fraction=zero_fraction)
     low = Guest(ram=ram, dirty_rate=dirty.while_migrating, working_set=dirty.working_set, link=rate,
                 downtime_limit_s=downtime_limit_s)

@@ -204,7 +204,8 @@ def _xbzrle(opt: WireOption, g: Guest, data: WireData) -> WireCost:
     if data.xbzrle_share is not None:
         encoded = data.xbzrle_share
     else:
-        encoded = min(1.0, (data.delta_fraction if data.delta_fraction is not None else 1.0) + XBZRLE_PAGE_OVERHEAD / PAGE)
+        delta = data.delta_fraction if data.delta_fraction is not None else 1.0
+        encoded = min(1.0, delta + XBZRLE_PAGE_OVERHEAD / PAGE)
     share = held * encoded + (1 - held)
     wire = min(g.link, STREAM_RATE)
     later = min(wire / share, XBZRLE_RATE)
