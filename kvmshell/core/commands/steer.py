@@ -225,7 +225,7 @@ async def _estimate(inv: Invocation, req: MigrateRequest) -> Result:
     data |= {k: v for k, v in as_json(est).items() if k not in ("dirty", "zero_fraction", "fewer")}
     data["fewer_bytes"] = [{"strategy": r.high.option.strategy, "settings": r.high.option.text(),
                             "verdict": r.verdict.value, "total_s": r.high.prediction.total_s,
-                            "total_s_low_end": r.low.prediction.total_s,
+                            "low_end_total_s": r.low.prediction.total_s,
                             "downtime_ms": r.high.prediction.downtime_ms, "wire_bytes": r.high.wire_bytes,
                             "cpu_s": r.high.cpu_s, "rate_bytes_per_s": r.high.rate, "limit": r.high.limit}
                            for r in est.fewer]
