@@ -355,8 +355,9 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
     if W is None:
         # the dirty set never grows past the working set: the largest seen bounds it from below
         W = max(s.dirty for s in obs.syncs) if D is not None and D >= rate else None
-    if (len(obs.syncs) < FIRST_PASS_SYNCS and not obs.dirty_from_qemu
-            and (seen := first_pass_rate(samples)) is not None):
+    first_sync = len(obs.syncs) < FIRST_PASS_SYNCS and not obs.dirty_from_qemu
+    seen = first_pass_rate(samples) if first_sync else None
+    if seen is not None:
         # the rough estimate, at the first sync: the samples just after it span the pass change's dip (and
         # the setup, the first pass's zero pages): the first pass's own rate of non-zero pages says the rate
         rate = min(seen, bandwidth_cap) if bandwidth_cap else seen
@@ -382,6 +383,13 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
             p = replace(ranged, verdict=Verdict.UNCERTAIN, reason=f"{p.verdict.value} at QEMU's dirty rate, but the "
                         f"passes so far allow {seen.text()}: {ranged.verdict.value} there"
                         if ranged.verdict is not Verdict.UNCERTAIN else ranged.reason)
+    if first_sync and seen is None and p.verdict is Verdict.WILL_NOT_CONVERGE:
+        # as inside the first pass: "will not converge" only on a rate measured. A first pass seen too briefly
+        # (a short one, mostly zero pages) leaves only the samples' throughput, which spans the setup and the
+        # zero pages' scan, and a link many times faster is as likely as the one they say
+        return replace(p, verdict=Verdict.UNCERTAIN, total_s=None, time_left_s=None, rough=True,
+                       reason=f"{p.verdict.value} at {rate / 1e6:.0f} MB/s ({p.reason}), but that rate is not "
+                              f"measured yet: the first pass was seen for under {FIRST_PASS_SPAN_S:.1f} s")
     if not obs.dirty_from_qemu:
         p = replace(p, rough=True)
     return p
