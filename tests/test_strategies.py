@@ -526,8 +526,8 @@ async def test_live_a_confident_preflight_weighs_postcopy_at_once_by_its_stall(
     # calc-dirty-rate samples 32 pages of a 64 MiB guest: the set it finds varies by a third from run to
     # run (13-19 MB of a 16 MiB one were seen, 25 MB/s over 1 s of this one): against 8 MB/s, not 16.
     # Pre-copy surely will not converge; postcopy at once would, with a guest stall predicted over the
-    # 50 ms limit, and this guest's pages compress and re-dirty in small deltas: auto sends fewer bytes (model/choice.py ``pick``;
-    # postcopy at once where nothing else converges: tests/test_auto_postcopy.py)
+    # 50 ms limit, and this guest's pages compress and re-dirty in small deltas: auto sends fewer bytes
+    # (model/choice.py ``pick``), or, where none of those converges, postcopy at once with its stall said
     trace = tmp_path / "run.jsonl"
     job, outcome, check = await migrate_auto(lab, tmp_path, MigrationRequest(
         "src", "dst", strategy="auto", bandwidth=8_000_000, downtime_ms=50, allow_postcopy=True, preflight=True,
@@ -536,13 +536,20 @@ async def test_live_a_confident_preflight_weighs_postcopy_at_once_by_its_stall(
     assert check is not None and check.ok, check.summary() if check else None
     [pre] = said(job, "preflight")
     assert "(will not converge (dirty rate re-dirties" in pre, pre
+    assert ", guest stall " in pre and "measured over 1 s and 3 s before the start" in pre, pre
+    t = load_trace(trace)
+    if pre.split(": ", 1)[1].startswith("postcopy at once"):
+        # on some runs the windows bound the dirty rate only from below (the set re-dirtied within the
+        # shortest one: "at least 35 MB/s, maybe much more"): then no fewer-bytes option surely converges,
+        # and postcopy at once is chosen, said as the least stall that converges
+        assert "chose postcopy at once: no option's predicted stall fits the 50 ms limit, it has the least " \
+               "stall that converges (" in pre, pre
+        assert said(job, "postcopy"), job.decisions
+        return
     # which fewer-bytes option is cheapest depends on the pages measured (compressible: multifd with
     # compression; small deltas: xbzrle); either is pre-copy, not postcopy
     assert "pre-copy sending fewer bytes (" in pre and "the fastest whose predicted stall fits the 50 ms" in pre
-    assert "postcopy at once: pre-copy will not converge" not in pre and ", guest stall " in pre, pre
-    assert "measured over 1 s and 3 s before the start" in pre
     assert not said(job, "postcopy"), job.decisions
-    t = load_trace(trace)
     assert not any(s.status.is_postcopy for s in t.samples)
 
 
