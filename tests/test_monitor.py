@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from kvmshell.core.values.address import Protocol
 from kvmshell.core.monitor.hmp import HmpMonitor, parameter_text
 from kvmshell.core.values.models import Event, MigrationStatus, NbdServer, RunState
-from kvmshell.core.monitor.base import open_monitor
+from kvmshell.core.monitor.base import open_monitor, start_when_incoming_ended
 from kvmshell.core.values.hmptext import ControlCharacter
 from kvmshell.errors import CommandFailed, Disconnected, Unsupported
 from kvmshell.lab.launcher import Lab, MonitorKind
@@ -308,7 +309,10 @@ async def test_typed_postcopy_then_cancel(lab: Lab, kind: MonitorKind) -> None:
         info = await wait_for(src.migration, lambda i: i.status.is_finished, timeout=60, what="the end")
         assert info.status is MigrationStatus.COMPLETED, info
         assert (await wait_for(dst.status, lambda s: s.running, timeout=30, what="dst running")).running
-        # dst now holds the guest: migrate it on to `back`, capped, and cancel
+        info = await wait_for(dst.migration, lambda i: i.status.is_finished, timeout=30, what="dst's incoming end")
+        assert info.status is MigrationStatus.COMPLETED, info
+        # dst now holds the guest: migrate it on to `back`, capped, and cancel (QEMU frees the incoming
+        # migration's state a moment after "completed": the migrate below waits for it)
         await dst.set_capabilities({"postcopy-ram": False})         # `back` has it off
         await dst.set_parameters({"max-bandwidth": 1 << 20})
         uri = f"tcp:127.0.0.1:{free_port()}"
@@ -324,3 +328,28 @@ async def test_typed_postcopy_then_cancel(lab: Lab, kind: MonitorKind) -> None:
     finally:
         for mon in (src, dst, back):
             await mon.close()
+
+
+async def test_an_outgoing_migrate_waits_for_the_last_incoming_to_end() -> None:
+    """QEMU refuses `migrate` with "duplicate yank instance" until the guest's last incoming migration
+    has freed its state (after postcopy, a moment after "completed"; seen once in CI): retried until it
+    goes, any other refusal raised at once, this one raised after its time."""
+    tries: list[str] = []
+
+    def refusing(times: int, error: str) -> Callable[[], Awaitable[None]]:
+        async def start() -> None:
+            tries.append(error)
+            if len(tries) <= times:
+                raise CommandFailed(error, guest="dst")
+        return start
+
+    await start_when_incoming_ended(refusing(3, "duplicate yank instance"))
+    assert len(tries) == 4
+    tries.clear()
+    with pytest.raises(CommandFailed, match="Guest is waiting"):
+        await start_when_incoming_ended(refusing(3, "Guest is waiting for an incoming migration"))
+    assert len(tries) == 1
+    tries.clear()
+    with pytest.raises(CommandFailed, match="duplicate yank"):
+        await start_when_incoming_ended(refusing(1000, "duplicate yank instance"), within=0.2)
+    assert 2 <= len(tries) < 1000

@@ -15,7 +15,7 @@ import random
 import re
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ Progress = Callable[[str], None]          # "saving 'tag'... 3 s": what a long a
 SNAPSHOT_TIMEOUT = 600.0         # seconds for savevm/loadvm/delvm of a big guest
 PAGE_SAMPLE_TIMEOUT = 30.0       # seconds for `info mtree -f` of a guest with many devices
 DIRTY_RATE_SLACK = 10.0          # seconds a dirty-rate measurement may take beyond its window
+INCOMING_ENDS_S = 5.0            # seconds a guest may take to free its last incoming migration's state
 
 MAX_HMP_LINE = 4000              # QEMU's readline keeps at most 4095 bytes of a line
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -55,6 +56,23 @@ def clean_hmp_line(line: str, guest: str) -> str:
     if len(line.encode()) > MAX_HMP_LINE:
         raise CommandFailed(f"command longer than {MAX_HMP_LINE} bytes", guest=guest)
     return line
+
+
+async def start_when_incoming_ended(start: Callable[[], Awaitable[object]], *,
+                                    within: float = INCOMING_ENDS_S) -> None:
+    """Run ``start`` (an outgoing ``migrate``) and retry it while QEMU refuses it with "duplicate yank
+    instance": a guest that has just received a migration frees that migration's state a moment
+    after it says "completed" (after postcopy, in a thread of its own). The refusal changes nothing,
+    so trying again is safe; after ``within`` seconds the refusal is raised."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await start()
+            return
+        except CommandFailed as e:
+            if "duplicate yank instance" not in str(e) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from kvmshell.core.values.models import (
     SIZE_PARAMETERS, BlockDevice, BlockJob, Capabilities, DirtyRateInfo, DirtyRateMeans, MigrationInfo, MigrationParameters,
     NbdServer, ParamValue, Snapshot, Status,
 )
-from kvmshell.core.monitor.base import Features, Monitor, check_unix_target, clean_hmp_line, held_elsewhere
+from kvmshell.core.monitor.base import (
+    Features, Monitor, check_unix_target, clean_hmp_line, held_elsewhere, start_when_incoming_ended,
+)
 from kvmshell.core.hosts.streams import Stream, open_stream
 from kvmshell.errors import (
     CommandFailed, ConnectFailed, Disconnected, KvmError, MonitorTimeout, Unsupported,
@@ -279,7 +281,8 @@ class HmpMonitor(Monitor):
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         wanted = {"blk": blk, "inc": inc, "resume": resume}
         opts = "".join(f" {flag}" for flag, name in _MIGRATE_FLAGS if wanted[name])
-        await self.hmp(f"migrate -d{opts} {uri}")     # always detached: a blocking migrate holds the monitor
+        # always detached: a blocking migrate holds the monitor
+        await start_when_incoming_ended(lambda: self.hmp(f"migrate -d{opts} {uri}"))
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.hmp(f"migrate_incoming {uri}")

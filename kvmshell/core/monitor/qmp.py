@@ -25,6 +25,7 @@ from kvmshell.core.values.models import (
 )
 from kvmshell.core.monitor.base import (
     SNAPSHOT_TIMEOUT, Features, Monitor, Progress, check_unix_target, clean_hmp_line, held_elsewhere,
+    start_when_incoming_ended,
 )
 from kvmshell.core.hosts.ssh.forward import SocketBridge
 from kvmshell.core.hosts.streams import open_socket
@@ -315,7 +316,7 @@ class QmpMonitor(Monitor):
     async def migrate(self, uri: str, *, blk: bool = False, inc: bool = False, resume: bool = False) -> None:
         args: dict[str, Any] = {"uri": uri}
         args |= {name: True for name, on in (("blk", blk), ("inc", inc), ("resume", resume)) if on}
-        await self.execute("migrate", args)
+        await start_when_incoming_ended(lambda: self.execute("migrate", args))
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})
