@@ -486,3 +486,20 @@ def test_with_no_bound_and_no_rate_seen_the_point_is_unbound_point_of_the_sample
     assert UNBOUND_LO < UNBOUND_POINT < 1.0 < UNBOUND_HI
     assert p.verdict is Verdict.UNKNOWN and p.rate == pytest.approx(UNBOUND_POINT * 400e6), p.reason
     assert "at 100-800 MB/s" in p.reason                                  # the range is still the samples' own
+
+
+def test_uncertain_by_the_passes_keeps_the_time_at_qemus_rate() -> None:
+    from kvmshell.core.migration.model.predict import assess
+    from kvmshell.core.migration.model.samples import load_trace
+    # the lab guest at 2 GiB (bench s8): at passes 2-6 QEMU's rate converges, the passes allow one that
+    # does not; the prediction is "uncertain", says which evidence ranges, and keeps the time at QEMU's rate
+    t = load_trace(TRACES / "2g-110-auto.jsonl")
+    ss = list(t.samples)
+    said = [(s, assess(ss[:i + 1], downtime_limit_s=0.3, bandwidth_cap=125e6, link=125e6))
+            for i, s in enumerate(ss) if 2 <= s.pass_no <= 6 and s.status is MigrationStatus.ACTIVE]
+    assert len(said) >= 10
+    for s, p in said:
+        assert p.verdict is Verdict.UNCERTAIN and p.time_left_s is None, (s.t, p.line())
+        assert p.point_left_s is not None and 13 < p.point_left_s < 25, (s.t, p.point_left_s)
+        assert p.reason.startswith("the passes so far show") and "before the start" not in p.reason, p.reason
+        assert f"converges in {p.point_left_s:.0f} s more" in p.reason

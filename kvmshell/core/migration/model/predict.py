@@ -94,6 +94,9 @@ class Prediction:
     rough: bool = False           # the dirty rate is only the first sync's estimate (QEMU's comes a pass later)
     total_range_s: tuple[float, float] | None = None   # over the dirty rates the measurement allows
     converges_below: float | None = None    # UNCERTAIN: it converges if the guest dirties under this (bytes/s)
+    # UNCERTAIN only because the passes allow a faster rate: the time left at the dirty rate QEMU measured,
+    # where it converges (what "will converge" would have said)
+    point_left_s: float | None = None
 
     def total_text(self) -> str:
         """The total time as a figure or a range: "5.2 s", "4.1-6.0 s", "5.2 s or never"."""
@@ -187,7 +190,11 @@ def predict(inp: Inputs) -> Prediction:
                       f"{MAX_PASSES} passes)", working_set=W, dirty_rate=D, rate=R, **knobs)
 
 
-def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
+BEFORE_THE_START = ("measured before the start", "calc-dirty-rate counts a page once per window")
+BY_THE_PASSES = ("the passes so far show", "a pass counts a page once")
+
+
+def predict_range(inp: Inputs, dirty: DirtyRange, seen: tuple[str, str] = BEFORE_THE_START) -> Prediction:
     """The model at both ends of the dirty rates the measurement allows. Ends that agree: that
     verdict, with the range of total times. Ends that disagree: UNCERTAIN, with the rate where the
     outcome flips and the times on the converging side; never a confident verdict the other end denies."""
@@ -215,8 +222,8 @@ def predict_range(inp: Inputs, dirty: DirtyRange) -> Prediction:
     p_good = at(good)
     totals = [p.total_s for p in (p_lo, p_hi, p_good) if p.total_s is not None]
     ws = f" of a {_mb(dirty.working_set)} working set" if dirty.working_set is not None else ""
-    why = (f"measured before the start: {_mbs(dirty.lo)}" + (f" to {_mbs(dirty.hi)}" if dirty.hi is not None else
-           f" or more (calc-dirty-rate counts a page once per window, so a faster rewrite{ws} looks the same)")
+    why = (f"{seen[0]}: {_mbs(dirty.lo)}" + (f" to {_mbs(dirty.hi)}" if dirty.hi is not None else
+           f" or more ({seen[1]}, so a faster rewrite{ws} looks the same)")
            + f"; while migrating the guest may dirty as little as {_mbs(lo)}; at {_mbs(inp.rate)} x "
            f"{inp.downtime_limit_s * 1000:.0f} ms the final pass must fit {_mb(inp.rate * inp.downtime_limit_s)}")
     return Prediction(Verdict.UNCERTAIN, why, working_set=dirty.working_set, dirty_rate=lo, rate=inp.rate,
@@ -378,11 +385,13 @@ def assess(samples: Sequence[Sample], *, downtime_limit_s: float, bandwidth_cap:
         if seen.working_set is not None:        # the set is what a sync found dirty, leftover included
             seen = replace(seen, working_set=max(seen.working_set, max(s.dirty for s in obs.syncs)))
         hi = seen.hi * PASS_SPREAD if seen.hi is not None else None
-        ranged = predict_range(inp, replace(seen, lo=seen.lo / PASS_SPREAD, hi=hi))
+        ranged = predict_range(inp, replace(seen, lo=seen.lo / PASS_SPREAD, hi=hi), BY_THE_PASSES)
         if ranged.verdict is not p.verdict:
-            p = replace(ranged, verdict=Verdict.UNCERTAIN, reason=f"{p.verdict.value} at QEMU's dirty rate, but the "
-                        f"passes so far allow {seen.text()}: {ranged.verdict.value} there"
-                        if ranged.verdict is not Verdict.UNCERTAIN else ranged.reason)
+            p = replace(ranged, verdict=Verdict.UNCERTAIN, point_left_s=p.time_left_s,
+                        reason=f"{p.verdict.value} at QEMU's dirty rate, but the passes so far allow {seen.text()}: "
+                        f"{ranged.verdict.value} there" if ranged.verdict is not Verdict.UNCERTAIN else
+                        f"{ranged.reason}; at QEMU's dirty rate ({_mbs(inp.dirty_rate)}) it converges in "
+                        f"{p.time_left_s:.0f} s more" if p.time_left_s is not None else ranged.reason)
     if first_sync and seen is None and p.verdict is Verdict.WILL_NOT_CONVERGE:
         # as inside the first pass: "will not converge" only on a rate measured. A first pass seen too briefly
         # (a short one, mostly zero pages) leaves only the samples' throughput, which spans the setup and the
