@@ -83,17 +83,26 @@ async def test_live_auto_sends_fewer_bytes_where_postcopys_stall_is_over_the_lim
     [pre] = said(job, "preflight")
     # postcopy at once was weighed, and left: its predicted stall is over the 50 ms limit
     assert stall_ms(pre)[1] > LIMIT_MS, pre
-    m = re.search(r"chose ([a-z ]+): the fastest whose predicted stall fits the 50 ms limit \[", wire)
-    assert m is not None and m.group(1) != "postcopy at once", wire
-    assert m.group(1) in ("compress zstd", "compress zlib", "xbzrle", "multifd", "precopy"), wire
-    assert pre.split(": ", 1)[1].startswith(f"{m.group(1)}: pre-copy sending fewer bytes (")
     picked = wire.split(": ", 1)[1].split("]; ")[0] + "]"
     assert picked in pre, (picked, pre)                     # one choice, said in both lines
     assert "MB on the wire" in wire.split("]; ")[1]         # then each option's cost
-    assert not said(job, "postcopy"), job.decisions
     t = load_trace(trace)
-    assert not any(s.status.is_postcopy for s in t.samples)
     assert t.samples[-1].status is MigrationStatus.COMPLETED
+    options = picked.split(" [", 1)[1].rstrip("]").split("; ")
+    if "chose postcopy at once" in wire:
+        # the pre-flight's windows, taken on a loaded host, left the dirty rate unbounded (seen once in a
+        # whole run, 3 workers on 2 cores): then no pre-copy option converges at the range's high end, and
+        # by the same rule postcopy at once, the least stall that converges, is taken, and said so
+        assert "no option's predicted stall fits the 50 ms limit, it has the least stall that converges (" in wire
+        assert all(o.endswith("may not converge") for o in options if not o.startswith("postcopy at once")), wire
+        assert said(job, "postcopy") and any(s.status.is_postcopy for s in t.samples), job.decisions
+    else:
+        m = re.search(r"chose ([a-z ]+): the fastest whose predicted stall fits the 50 ms limit \[", wire)
+        assert m is not None, wire
+        assert m.group(1) in ("compress zstd", "compress zlib", "xbzrle", "multifd", "precopy"), wire
+        assert pre.split(": ", 1)[1].startswith(f"{m.group(1)}: pre-copy sending fewer bytes (")
+        assert not said(job, "postcopy"), job.decisions
+        assert not any(s.status.is_postcopy for s in t.samples)
     assert check.ok, check.summary()
     # both sides' settings as they were (the destination's `events`: kvmshell's own, on while it listens)
     assert after[0] == before[0]
