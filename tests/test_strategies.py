@@ -296,28 +296,6 @@ def test_replay_traces_that_never_converge_escalate_once_about_a_second_after_th
     assert lever == ("postcopy" if allow_postcopy and strategy == "auto" else "throttle")
 
 
-def test_replay_an_uncertain_slow_pre_copy_is_throttled_at_its_third_pass_not_its_eighth() -> None:
-    # the lab guest at 2 GiB, 110 MB/s over 125 MB/s (bench s8): "uncertain" from pass 2 to 6, the passes
-    # allowing a rate that never converges, 14-24 s left at QEMU's rate; auto throttled at 20.2 s,
-    # "will converge" only from pass 7 on (QEMU took 24-26 s, defaults+auto-converge 18.7 s)
-    for strategy, allow_postcopy in (("auto", False), ("auto", True), ("converge", False)):
-        at, lever, _ = replay("2g-110-auto", strategy, allow_postcopy)
-        assert at == pytest.approx(7.80, abs=0.01) and lever == "throttle"
-
-
-def test_an_uncertain_prediction_is_too_slow_only_by_its_time_at_qemus_rate() -> None:
-    medium = Prediction(Verdict.UNCERTAIN, "the passes allow more", rate=125e6, dirty_rate=100e6,
-                        working_set=105e6, point_left_s=20.0)
-    [(lever, why)] = run("auto", held(medium))
-    assert lever == "throttle"
-    assert why.startswith(f"pre-copy would need 20 s more > {SLOW_MIN_S:.0f} s and over {SLOW_FACTOR:g}x the "
-                          "throttle's 1.4 s at QEMU's dirty rate, if it converges at all")
-    assert run("auto", held(replace(medium, point_left_s=45.0)))[0][1].startswith("pre-copy would need 45 s more > 30 s")
-    # uncertain either way (no time where it converges at QEMU's rate), or quick there: nothing to act on
-    assert run("auto", held(replace(medium, point_left_s=None))) == []
-    assert run("auto", held(replace(medium, point_left_s=SLOW_MIN_S - 1))) == []
-
-
 def test_replay_a_trace_switched_to_postcopy_in_pass_2_holds_nothing_to_act_on() -> None:
     assert replay("1gbit-150-auto+postcopy", "auto", True) == (None, "", None)
 

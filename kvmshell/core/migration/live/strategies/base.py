@@ -138,21 +138,9 @@ def verdict_of(s: Sample, pred: Prediction) -> str | None:
         return None
     if pred.verdict is Verdict.WILL_NOT_CONVERGE:
         return WILL_NOT
-    left = converging_left_s(pred)
-    if left is not None and left > SLOW_S:
+    if pred.verdict is Verdict.CONVERGES and pred.time_left_s is not None and pred.time_left_s > SLOW_S:
         return TOO_SLOW
     return None
-
-
-def converging_left_s(pred: Prediction) -> float | None:
-    """The time pre-copy needs from here, where it converges: a "will converge"'s, or that of an "uncertain"
-    that is uncertain only because the passes allow a faster dirty rate (``point_left_s``: at QEMU's rate,
-    the figure "will converge" would have said). The lab guest at 2 GiB was "uncertain" from its 2nd pass
-    to its 7th (t 4.5-17 s) with 14-24 s left at QEMU's rate, and ran 24-26 s under pre-copy, where
-    defaults+auto-converge took 18.7 s: the slow rule waited for a "will converge" until 19-20 s."""
-    if pred.verdict is Verdict.CONVERGES:
-        return pred.time_left_s
-    return pred.point_left_s if pred.verdict is Verdict.UNCERTAIN else None
 
 
 @dataclass(frozen=True)
@@ -253,7 +241,7 @@ def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Predictio
     if kind is None and slowish(s, pred):
         c = costs(job, s, pred, postcopy=postcopy)
         faster = c.time_s(c.lever())
-        if faster is not None and SLOW_FACTOR * faster <= (converging_left_s(pred) or 0.0):
+        if faster is not None and SLOW_FACTOR * faster <= (pred.time_left_s or 0.0):
             kind = TOO_SLOW
     strategy.held = held = evidence(strategy.held, kind, s)
     if held is None or not held.holds:
@@ -263,21 +251,19 @@ def escalation(strategy: Strategy, job: MigrationJob, s: Sample, pred: Predictio
     if held.kind == WILL_NOT:
         return Escalation(lever, f"{pred.reason} ({held.said()}); {c.line()}")
     time_s = c.time_s(lever)
-    left = converging_left_s(pred) or 0.0
+    left = pred.time_left_s or 0.0
     if time_s is None or time_s >= left:
         return None
     slow = (f"> {SLOW_S:.0f} s" if left > SLOW_S else
             f"> {SLOW_MIN_S:.0f} s and over {SLOW_FACTOR:g}x the {lever}'s {time_s:.1f} s")
-    if pred.verdict is Verdict.UNCERTAIN:
-        slow += " at QEMU's dirty rate, if it converges at all (the passes allow a rate where it would not)"
     return Escalation(lever, f"pre-copy would need {left:.0f} s more {slow} ({held.said()}); {c.line()}")
 
 
 def slowish(s: Sample, pred: Prediction) -> bool:
-    """Converging (``converging_left_s``; not rough, after the first pass) but needing more than SLOW_MIN_S: too slow if a
+    """Converging (not rough, after the first pass) but needing more than SLOW_MIN_S: too slow if a
     lever would take SLOW_FACTOR times less (``escalation`` weighs it)."""
-    left = converging_left_s(pred)
-    return s.pass_no >= 2 and not pred.rough and left is not None and SLOW_MIN_S < left <= SLOW_S
+    return (s.pass_no >= 2 and not pred.rough and pred.verdict is Verdict.CONVERGES
+            and pred.time_left_s is not None and SLOW_MIN_S < pred.time_left_s <= SLOW_S)
 
 
 def unthrottled(job: MigrationJob, s: Sample, pred: Prediction) -> Prediction | None:
