@@ -97,4 +97,5 @@ class Auto(Strategy):
         if step.lever == "postcopy":
             job.start_postcopy(step.why)
         else:
+            self.armed_rate = prediction.dirty_rate
             job.arm_throttle(prediction, step.why)
