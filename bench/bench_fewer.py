@@ -11,6 +11,8 @@ sparse: a few bytes of each page change per pass) x link (1gbit, 10gbit) x RAM (
   hand:multifd+zstd   plain QMP: multifd, 4 channels, zstd level 1         } hand-tuned: max-bandwidth
   hand:xbzrle         plain QMP: XBZRLE, cache = the working set (pow. 2)  } = the link, downtime 300 ms;
   hand:postcopy       plain QMP: postcopy-ram, migrate-start-postcopy at once } the best one per case is named
+  hand:ac99           plain QMP: auto-converge, cpu-throttle-initial 99 (the guest at 1 % CPU from QEMU's
+                      first throttle on: the fastest auto-converge QEMU has, at the guest's expense)
   auto, auto+postcopy kvmshell's auto strategy (downtime 300 ms, the link given), without/with postcopy
   auto+pf, auto+pf+postcopy   the same with --preflight: auto measures the dirty rate, the pages and
                       both hosts' CPU before the start and picks the cheapest fewer-bytes option
@@ -68,7 +70,7 @@ GUESTS = ("lab", "linux")
 LOADS = ("incompressible", "compressible", "sparse")
 LINKS = ("1gbit", "10gbit")
 RAMS = {"512m": 512, "2g": 2048}
-HAND = ("hand:multifd+zstd", "hand:xbzrle", "hand:postcopy")
+HAND = ("hand:multifd+zstd", "hand:xbzrle", "hand:postcopy", "hand:ac99")
 POLICIES = ("defaults", "defaults+ac", *HAND, "auto", "auto+postcopy", "auto+pf", "auto+pf+postcopy")
 LAB_FILL = {"incompressible": "incompressible", "compressible": "compressible", "sparse": "sparse"}
 LINUX_WORK = {"incompressible": "ws", "compressible": "text", "sparse": "sparse"}
@@ -155,6 +157,9 @@ async def plain(policy: str, s: Any, d: Any, uri: str, link: float, ws_bytes: in
             params["xbzrle-cache-size"] = pow2_at_least(ws_bytes)
         elif policy == "hand:postcopy":
             caps["postcopy-ram"] = True
+        elif policy == "hand:ac99":
+            caps["auto-converge"] = True
+            params |= {"cpu-throttle-initial": 99, "max-cpu-throttle": 99}
     await set_both((s, d), caps, params)
     await d.execute("migrate-incoming", {"uri": f"tcp:0.0.0.0:{PORT}"})
     await s.execute("migrate", {"uri": uri})

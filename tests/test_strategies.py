@@ -18,6 +18,8 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies import offered, parse_strategy, strategy_named, summaries
 from kvmshell.core.migration.live.strategies.base import HOLD_S, SLOW_FACTOR, SLOW_MIN_S, Strategy
+from kvmshell.core.migration.model.choice import choose
+from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
 from kvmshell.core.values.models import MigrationStatus
@@ -43,7 +45,7 @@ class Levers:
     preflight: Any = None                    # the pre-flight stage (live/preflight.py), if asked for
     decisions: list[tuple[str, str]] = field(default_factory=list)
 
-    def decide(self, name: str, reason: str) -> None:
+    def decide(self, name: str, reason: str, **detail: Any) -> None:
         self.decisions.append((name, reason))
 
     def start_postcopy(self, why: str) -> None:
@@ -642,3 +644,56 @@ async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_bac
         assert outcome.status == "cancelled", outcome.full_message
         after = dict((await mon.migrate_parameters()).values)
         assert {k: after.get(k) for k in before} == before                   # all put back, the threshold too
+
+
+# the 2 GiB lab guest's pre-flight (bench s12): 79-126 MB/s without a bounded working set, 82 % zero pages,
+# 125 MB/s, 300 ms: pre-copy converges at the low end, never at the high one; the throttle converges
+LAB_2G = dict(ram=2 << 30, dirty=DirtyRange(79e6, 126e6, None), rate=125e6, link=125e6, downtime_limit_s=0.3,
+              zero_fraction=0.82)
+
+
+def test_auto_arms_the_preflights_throttle_from_the_start_where_precopy_may_not_converge() -> None:
+    # auto armed its throttle at 7.7 s (pass 3) and QEMU applied it at pass 5 (13.1 s): auto-converge acts
+    # only at the second sync after it is asked for. Armed from the start, QEMU applies it at its second sync
+    choice = choose(**LAB_2G, allow_postcopy=False)
+    assert choice.high.verdict is Verdict.WILL_NOT_CONVERGE and choice.throttled is not None
+    levers = Levers(MigrationRequest("src", "dst", strategy="auto", link=125e6))
+    auto = strategy_named("auto")(levers.req)
+    auto.wire_option(None, 0.3, choice)
+    p = round(100 * choice.throttle)
+    assert 20 <= p <= 99
+    assert auto.throttle_parameters(True) == {"cpu-throttle-initial": p, "cpu-throttle-increment": 10,
+                                              "max-cpu-throttle": 99}
+    auto.on_sample(levers, sample(1, t=0.2), Prediction(Verdict.UNKNOWN, "first pass"))  # type: ignore[arg-type]
+    assert levers.throttle_armed and levers.pulled == []
+    (name, why), = levers.decisions
+    assert name == "throttle" and why.startswith("pre-copy will not converge at the range's high end (dirty rate "
+                                                 "dirties 79-126 MB/s")
+    assert f"auto-converge armed from the start at {p} %" in why
+    # once released, the strategy starts from the inert throttle again
+    auto.released = True                                 # type: ignore[attr-defined]
+    assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1
+
+
+@pytest.mark.parametrize("what, kwargs", [
+    ("postcopy allowed: the levers are weighed during the migration", dict(LAB_2G, allow_postcopy=True)),
+    ("a calm guest converges in a few seconds", dict(LAB_2G, dirty=DirtyRange(5e6, 8e6, None), allow_postcopy=False)),
+])
+def test_auto_keeps_the_throttle_inert_where_the_preflight_gives_no_reason(what: str, kwargs: dict[str, Any]) -> None:
+    auto = strategy_named("auto")(MigrationRequest("src", "dst", strategy="auto", link=125e6,
+                                                   allow_postcopy=kwargs["allow_postcopy"]))
+    auto.wire_option(None, 0.3, choose(**kwargs))
+    assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1, what
+
+
+def test_auto_throttles_from_the_start_where_precopy_converges_but_slowly() -> None:
+    # 1 GiB, half of it zero, a 400 MB working set at 90-100 MB/s: converging at both ends, but after more
+    # than SLOW_MIN_S where the throttle takes less than half: the slow rule's figures
+    choice = choose(**dict(LAB_2G, ram=1 << 30, dirty=DirtyRange(90e6, 100e6, 4e8), zero_fraction=0.5),
+                    allow_postcopy=False)
+    assert choice.high.verdict is Verdict.CONVERGES and choice.high.total_s is not None
+    assert choice.throttled is not None and choice.throttled.total_s is not None
+    assert choice.high.total_s > SLOW_MIN_S and SLOW_FACTOR * choice.throttled.total_s <= choice.high.total_s
+    auto = strategy_named("auto")(MigrationRequest("src", "dst", strategy="auto", link=125e6))
+    auto.wire_option(None, 0.3, choice)
+    assert auto.throttle_parameters(True)["cpu-throttle-initial"] == round(100 * choice.throttle)
