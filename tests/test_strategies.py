@@ -22,6 +22,7 @@ from kvmshell.core.migration.model.choice import choose
 from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
+from kvmshell.core.migration.model.wire import WireOption
 from kvmshell.core.values.models import MigrationStatus
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kvmshell/core/migration/live/strategies"
@@ -604,6 +605,41 @@ async def test_live_a_confident_preflight_weighs_postcopy_at_once_by_its_stall(
 
 
 @pytest.mark.qemu
+async def test_live_auto_arms_the_preflights_throttle_from_the_start(lab: Any, tmp_path: Path) -> None:
+    # incompressible pages re-dirtied at ~16 MB/s over 8 MB/s: no fewer-bytes option helps, pre-copy will not
+    # converge, a throttle would: auto-converge armed at that throttle before `migrate`, applied by QEMU
+    from kvmshell.core.migration.live.begin import begin
+    from kvmshell.lab.launcher import MonitorKind
+    from kvmshell.lab.verify import check_guest_memory
+    from tests.test_live import attached
+
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM,
+                          fill="incompressible")
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
+                          disk=src.disk)
+    trace = tmp_path / "run.jsonl"
+    async with attached(src, dst) as pair:
+        mon = pair.session.fleet.monitor("src")
+        before = dict((await mon.migrate_parameters()).values), dict((await mon.migrate_capabilities()).states)
+        job = await begin(pair.session.fleet, MigrationRequest(
+            "src", "dst", strategy="auto", bandwidth=8_000_000, downtime_ms=300, preflight=True,
+            trace_path=str(trace)))
+        outcome = await asyncio.wait_for(job.run(), 180)
+        assert outcome.ok, (outcome.full_message, job.decisions)
+        await pair.dst.wait_heartbeats(2)
+        check = await check_guest_memory(pair.session.fleet.monitor("dst"), LIVE_WS, tmp_path)
+        assert check.ok, check.summary()
+        after = dict((await mon.migrate_parameters()).values), dict((await mon.migrate_capabilities()).states)
+    [pre] = said(job, "preflight")
+    assert pre.split(": ", 1)[1].startswith("converge: pre-copy"), pre
+    [throttle] = said(job, "throttle")
+    assert " auto-converge armed from the start at " in throttle and "% CPU" in throttle, throttle
+    p = int(throttle.split(" auto-converge armed from the start at ", 1)[1].split(" %", 1)[0])
+    assert any(s.cpu_throttle >= p for s in load_trace(trace).samples), "QEMU never applied the throttle"
+    assert after == before                               # every parameter and capability put back
+
+
+@pytest.mark.qemu
 async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_back_after(lab: Any) -> None:
     # the release as QEMU 7.2 takes it: auto-converge lowers its throttle only when it next raises it,
     # capped by max-cpu-throttle; the trigger threshold at 1 % makes that happen within two syncs
@@ -684,6 +720,15 @@ def test_auto_keeps_the_throttle_inert_where_the_preflight_gives_no_reason(what:
                                                    allow_postcopy=kwargs["allow_postcopy"]))
     auto.wire_option(None, 0.3, choose(**kwargs))
     assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1, what
+
+
+def test_auto_keeps_the_throttle_inert_with_a_fewer_bytes_option() -> None:
+    # the pre-flight's throttle is costed on plain pre-copy
+    choice = replace(choose(**LAB_2G, allow_postcopy=False),
+                     wire=WireOption("multifd", {"multifd": True}, {"multifd-channels": 2}))
+    auto = strategy_named("auto")(MigrationRequest("src", "dst", strategy="auto", link=125e6))
+    auto.wire_option(None, 0.3, choice)
+    assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1
 
 
 def test_auto_throttles_from_the_start_where_precopy_converges_but_slowly() -> None:

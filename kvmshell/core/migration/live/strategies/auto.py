@@ -121,13 +121,14 @@ class Auto(Strategy):
 
 def throttle_at_start(choice: Choice, *, postcopy: bool) -> str | None:
     """Why to arm the pre-flight's throttle from the start, in numbers; None to arm it only once a verdict
-    holds during the migration. Only without postcopy (with it, the levers are weighed during the migration),
+    holds during the migration. Only with plain pre-copy (the throttle is costed on it) and without postcopy
+    (with it, the levers are weighed during the migration),
     where pre-copy at the range's high end will not converge, or converges after more than SLOW_MIN_S where
     the throttle takes SLOW_FACTOR times less (the slow rule's figures), and the throttle converges. Waiting
     costs two syncs: QEMU 7.2 applies auto-converge only at the second sync after it is asked for, 5.4 s on
     the 2 GiB lab guest, where auto armed it at 7.7 s and it took effect at 13.1 s (bench s11)."""
     thr, high = choice.throttled, choice.high
-    if postcopy or choice.at_once or thr is None or thr.total_s is None:
+    if postcopy or choice.at_once or choice.wire != PLAIN or thr is None or thr.total_s is None:
         return None
     if high.verdict is Verdict.CONVERGES:
         if high.total_s is None or high.total_s <= SLOW_MIN_S or SLOW_FACTOR * thr.total_s > high.total_s:
