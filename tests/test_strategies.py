@@ -711,6 +711,25 @@ def test_auto_arms_the_preflights_throttle_from_the_start_where_precopy_may_not_
     assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1
 
 
+def test_replay_a_throttle_armed_from_the_start_is_kept_and_nothing_else_pulled() -> None:
+    # bench s13, run 1: armed before `migrate` at 38 %, applied by QEMU at its second sync (pass 3, 7.6 s),
+    # converged at 14.1 s (defaults+auto-converge: 18.5 s). The guest at 62 % CPU dirtied 70 MB/s: "about
+    # 110 MB/s unthrottled", not calmer than QEMU's 84 MB/s before the throttle: it is kept
+    t = load_trace(TRACES / "2g-110-auto-at-start.jsonl")
+    levers = Levers(MigrationRequest("src", "dst", strategy="auto", link=t.header.link_bytes_per_s))
+    auto = strategy_named("auto")(levers.req)
+    auto.wire_option(None, 0.3, choose(**LAB_2G, allow_postcopy=False))
+    for s in t.samples:
+        levers.sampler.ring.append(s)
+        if s.status is MigrationStatus.ACTIVE:
+            auto.on_sample(levers, s, assess(levers.sampler.ring.list(), downtime_limit_s=0.3,  # type: ignore[arg-type]
+                                             bandwidth_cap=125e6, link=125e6))
+    assert levers.pulled == [] and levers.throttle_armed
+    assert [name for name, _ in levers.decisions] == ["throttle"]
+    assert any(s.cpu_throttle >= 38 for s in t.samples)
+    assert auto.armed_rate is not None and 80e6 < auto.armed_rate < 90e6
+
+
 @pytest.mark.parametrize("what, kwargs", [
     ("postcopy allowed: the levers are weighed during the migration", dict(LAB_2G, allow_postcopy=True)),
     ("a calm guest converges in a few seconds", dict(LAB_2G, dirty=DirtyRange(5e6, 8e6, None), allow_postcopy=False)),
