@@ -23,7 +23,7 @@ from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
 from kvmshell.core.migration.model.wire import WireOption
-from kvmshell.core.values.models import MigrationStatus
+from kvmshell.core.values.models import MigrationStatus, RunState
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kvmshell/core/migration/live/strategies"
 TRACES = Path(__file__).parent / "data" / "traces"
@@ -604,39 +604,65 @@ async def test_live_a_confident_preflight_weighs_postcopy_at_once_by_its_stall(
     assert not any(s.status.is_postcopy for s in t.samples)
 
 
-@pytest.mark.qemu
-async def test_live_auto_arms_the_preflights_throttle_from_the_start(lab: Any, tmp_path: Path) -> None:
-    # incompressible pages re-dirtied at ~16 MB/s over 8 MB/s: no fewer-bytes option helps, pre-copy will not
-    # converge, a throttle would: auto-converge armed at that throttle before `migrate`, applied by QEMU
+async def throttled_from_the_start(lab: Any, tmp_path: Path, *, cancel: bool) -> None:
+    """Incompressible pages re-dirtied at ~16 MB/s over 8 MB/s: no fewer-bytes option helps, pre-copy will
+    not converge, a throttle would: auto-converge armed at that throttle before `migrate`, applied by QEMU.
+    Then the migration completes (``cancel`` False) or is cancelled once QEMU throttles: the memory intact
+    where the guest runs, the source's settings as before, the destination's too after a success."""
     from kvmshell.core.migration.live.begin import begin
     from kvmshell.lab.launcher import MonitorKind
     from kvmshell.lab.verify import check_guest_memory
     from tests.test_live import attached
+    from tests.test_restore import settings
+    from tests.waiting import wait_for
 
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM,
                           fill="incompressible")
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
                           disk=src.disk)
-    trace = tmp_path / "run.jsonl"
     async with attached(src, dst) as pair:
-        mon = pair.session.fleet.monitor("src")
-        before = dict((await mon.migrate_parameters()).values), dict((await mon.migrate_capabilities()).states)
-        job = await begin(pair.session.fleet, MigrationRequest(
-            "src", "dst", strategy="auto", bandwidth=8_000_000, downtime_ms=300, preflight=True,
-            trace_path=str(trace)))
-        outcome = await asyncio.wait_for(job.run(), 180)
-        assert outcome.ok, (outcome.full_message, job.decisions)
-        await pair.dst.wait_heartbeats(2)
-        check = await check_guest_memory(pair.session.fleet.monitor("dst"), LIVE_WS, tmp_path)
+        fleet = pair.session.fleet
+        smon, dmon = fleet.monitor("src"), fleet.monitor("dst")
+        before, dst_before = await settings(smon), await settings(dmon)
+        job = await begin(fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=8_000_000,
+                                                  downtime_ms=300, preflight=True))
+        running = asyncio.create_task(job.run())
+        [pre] = await wait_for(lambda: asyncio.sleep(0, said(job, "preflight")), bool, timeout=60,
+                               what="the pre-flight's decision")
+        assert pre.split(": ", 1)[1].startswith("converge: pre-copy"), pre
+        [throttle] = said(job, "throttle")
+        assert " auto-converge armed from the start at " in throttle and "% CPU" in throttle, throttle
+        p = int(throttle.split(" auto-converge armed from the start at ", 1)[1].split(" %", 1)[0])
+        await wait_for(lambda: asyncio.sleep(0, job.sampler.ring.last),
+                       lambda s: s is not None and (s.cpu_throttle >= p or s.status.is_finished),
+                       timeout=90, what="QEMU applying the throttle")
+        if cancel:
+            await job.cancel()
+        outcome = await asyncio.wait_for(running, 180)
+        here = smon if cancel else dmon
+        if cancel:
+            assert outcome.status == "cancelled", outcome.full_message
+        else:
+            assert outcome.ok, (outcome.full_message, job.decisions)
+            await pair.dst.wait_heartbeats(2)
+            assert {k: v for k, v in (await settings(dmon))[0].items() if k != "events"} == \
+                {k: v for k, v in dst_before[0].items() if k != "events"}
+        assert (await here.status()).state is RunState.RUNNING
+        check = await check_guest_memory(here, LIVE_WS, tmp_path)
         assert check.ok, check.summary()
-        after = dict((await mon.migrate_parameters()).values), dict((await mon.migrate_capabilities()).states)
-    [pre] = said(job, "preflight")
-    assert pre.split(": ", 1)[1].startswith("converge: pre-copy"), pre
-    [throttle] = said(job, "throttle")
-    assert " auto-converge armed from the start at " in throttle and "% CPU" in throttle, throttle
-    p = int(throttle.split(" auto-converge armed from the start at ", 1)[1].split(" %", 1)[0])
-    assert any(s.cpu_throttle >= p for s in load_trace(trace).samples), "QEMU never applied the throttle"
-    assert after == before                               # every parameter and capability put back
+        assert await settings(smon) == before            # every parameter and capability put back
+    assert any(s.cpu_throttle >= p for s in job.sampler.ring.list()), "QEMU never applied the throttle"
+
+
+@pytest.mark.qemu
+async def test_live_auto_arms_the_preflights_throttle_from_the_start(lab: Any, tmp_path: Path) -> None:
+    await throttled_from_the_start(lab, tmp_path, cancel=False)
+
+
+@pytest.mark.qemu
+async def test_live_a_cancel_under_the_throttle_from_the_start_leaves_the_source_as_it_was(
+        lab: Any, tmp_path: Path) -> None:
+    await throttled_from_the_start(lab, tmp_path, cancel=True)
 
 
 @pytest.mark.qemu
