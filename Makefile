@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: test demo deps system-deps bench screenshots clean
 
 test: deps
-	$(VENV)/bin/python -m pytest -n 3 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 3 --dist worksteal $(PYTEST_ARGS)
 
 demo: deps
 	$(VENV)/bin/kvmshell demo
