@@ -18,7 +18,7 @@ from kvmshell.core.commands.registry import default_registry
 from kvmshell.core.migration.live.request import MigrationRequest
 from kvmshell.core.migration.live.strategies import offered, parse_strategy, strategy_named, summaries
 from kvmshell.core.migration.live.strategies.base import HOLD_S, SLOW_FACTOR, SLOW_MIN_S, Strategy
-from kvmshell.core.migration.model.choice import choose
+from kvmshell.core.migration.model.choice import choose, throttle_from_start
 from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
@@ -356,7 +356,7 @@ class Pre:
 
 
 def preflight(allow_postcopy: bool, windows: list[tuple[float, float]]) -> Pre:
-    from kvmshell.core.migration.model.choice import choose
+    from kvmshell.core.migration.model.choice import choose, throttle_from_start
     from kvmshell.core.migration.model.dirty import Window, dirty_range
     return Pre(choose(ram=64 << 20, dirty=dirty_range([Window(t, r) for t, r in windows], 64 << 20), rate=4e6, link=None, downtime_limit_s=0.02,
                       allow_postcopy=allow_postcopy))
@@ -633,7 +633,7 @@ async def throttled_from_the_start(lab: Any, tmp_path: Path, *, cancel: bool) ->
         running = asyncio.create_task(job.run())
         [pre] = await wait_for(lambda: asyncio.sleep(0, said(job, "preflight")), bool, timeout=60,
                                what="the pre-flight's decision")
-        assert pre.split(": ", 1)[1].startswith("converge: pre-copy"), pre
+        assert pre.split(": ", 1)[1].startswith("converge from the start: auto-converge armed at "), pre
         [throttle] = said(job, "throttle")
         assert " auto-converge armed from the start at " in throttle and "% CPU" in throttle, throttle
         p = int(throttle.split(" auto-converge armed from the start at ", 1)[1].split(" %", 1)[0])
@@ -775,6 +775,8 @@ def test_auto_keeps_the_throttle_inert_with_a_fewer_bytes_option() -> None:
     # the pre-flight's throttle is costed on plain pre-copy
     choice = replace(choose(**LAB_2G, allow_postcopy=False),
                      wire=WireOption("multifd", {"multifd": True}, {"multifd-channels": 2}))
+    choice = replace(choice, from_start=throttle_from_start(choice, allow_postcopy=False))
+    assert choice.from_start is None
     auto = strategy_named("auto")(MigrationRequest("src", "dst", strategy="auto", link=125e6))
     auto.wire_option(None, 0.3, choice)
     assert auto.throttle_parameters(True)["cpu-throttle-initial"] == 1

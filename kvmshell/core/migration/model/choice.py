@@ -73,6 +73,16 @@ LOW_END_TIE = 1.1
 STALL_LOW_S, STALL_LOW_PER = 0.0, 0.14
 STALL_HIGH_S, STALL_HIGH_PER = 0.2, 0.55
 
+# The slow rule (strategies/base.py): pre-copy converging but needing more than SLOW_MIN_S while the cheaper
+# lever would need less than 1/SLOW_FACTOR of that is too slow. The lab guest at 2 GiB dirtying 110 MB/s over a 125 MB/s link
+# (bench/RESULTS.md, issue 15) converged under pre-copy alone after 34 s, where defaults+auto-converge
+# took 18 s: the model said "will converge" in under 30 s all along, so auto never throttled. At a factor
+# of 2 a pre-copy time predicted twice too long still keeps the guest unthrottled; below SLOW_MIN_S a
+# throttle saves too little to be worth the guest's CPU.
+SLOW_MIN_S = 10.0
+SLOW_FACTOR = 2.0
+# The pre-flight reads the same figures for its throttle from the start (``Choice.from_start``).
+
 
 @dataclass(frozen=True)
 class Stall:
@@ -240,6 +250,7 @@ class Choice:
     wire: WireOption = PLAIN     # the settings pre-copy runs with (a fewer-bytes option ``pick`` chose)
     picked: str = ""             # ``pick``'s reason, every candidate in numbers
     options: tuple[WireRange, ...] = ()   # the fewer-bytes options ``pick`` weighed (their high ends)
+    from_start: str | None = None  # why auto-converge is armed at ``throttle`` before the start (``throttle_from_start``)
 
     @property
     def postcopy_s(self) -> float | None:
@@ -306,6 +317,10 @@ class Choice:
                     f"no more than {100 * (LOW_END_TIE - 1):.0f} % slower where it dirties least")
         elif self.wire != PLAIN:
             what = f"{wire_label(self.wire)}: pre-copy sending fewer bytes ({self.wire.text()})"
+        elif self.from_start is not None:
+            what = (f"converge from the start: auto-converge armed at {round(100 * self.throttle)} % before the start, "
+                    f"applied by QEMU at its second sync if the guest still dirties over half of what was sent "
+                    f"({self.from_start})")
         elif self.lever == CONVERGE:
             what = "converge: pre-copy, throttled once \"will not converge\" holds"
         elif self.confident:
@@ -374,6 +389,28 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
         lever = POSTCOPY
     else:
         lever = CONVERGE if stuck else PRECOPY
-    return Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, post,
-                  throttled, p, zero_fraction, chosen.option if chosen is not None else PLAIN,
-                  picked if len(cands) > 1 else "", tuple(ranges))
+    c = Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, post,
+               throttled, p, zero_fraction, chosen.option if chosen is not None else PLAIN,
+               picked if len(cands) > 1 else "", tuple(ranges))
+    return replace(c, from_start=throttle_from_start(c, allow_postcopy=allow_postcopy))
+
+
+def throttle_from_start(c: Choice, *, allow_postcopy: bool) -> str | None:
+    """Why auto arms the pre-flight's throttle before the start, in numbers; None to arm it only once a
+    verdict holds during the migration. Only with plain pre-copy (the throttle is costed on it) and without
+    postcopy (with it, the levers are weighed during the migration), where pre-copy at the range's high end
+    will not converge, or converges after more than SLOW_MIN_S where the throttle takes SLOW_FACTOR times
+    less (the slow rule's figures), and the throttle converges. Waiting costs two syncs: QEMU 7.2 applies
+    auto-converge only at the second sync after it is asked for; on the 2 GiB lab guest auto armed it at
+    7.7 s and it took effect at 13.1 s (bench s11), where armed from the start it took effect at 7.6 s (s13)."""
+    thr, high = c.throttled, c.high
+    if allow_postcopy or c.at_once or c.wire != PLAIN or thr is None or thr.total_s is None:
+        return None
+    if high.verdict is Verdict.CONVERGES:
+        if high.total_s is None or high.total_s <= SLOW_MIN_S or SLOW_FACTOR * thr.total_s > high.total_s:
+            return None
+        pre = f"pre-copy would take {high.total_s:.1f} s at the range's high end"
+    else:
+        pre = f"pre-copy {high.verdict.value} at the range's high end"
+    return (f"{pre} (dirty rate {c.dirty.text()}), throttled to {100 - round(100 * c.throttle)} % CPU "
+            f"{thr.total_s:.1f} s")

@@ -9,7 +9,7 @@ Postcopy at once starts on the first sample of the running migration (QEMU takes
 right after `migrate`); a multifd option leaves postcopy out (QEMU 7.2 has no postcopy over multifd),
 postcopy after pre-copy stays the escalation lever otherwise. Without postcopy, where the pre-flight
 says plain pre-copy may not converge (or only slowly, by the slow rule) and a throttle would converge,
-auto-converge is armed at that throttle from the start (``at_start``): QEMU applies it at the earliest
+auto-converge is armed at that throttle from the start (model/choice.py ``throttle_from_start``): QEMU applies it at the earliest
 sync it can, and only if the guest keeps dirtying. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
 and may still switch to postcopy."""
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kvmshell.core.migration.live.strategies.base import SLOW_FACTOR, SLOW_MIN_S, Strategy, escalation, release
+from kvmshell.core.migration.live.strategies.base import Strategy, escalation, release
 from kvmshell.core.migration.model.choice import Choice, cheapest
-from kvmshell.core.migration.model.predict import Prediction, Verdict
+from kvmshell.core.migration.model.predict import Prediction
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption, why
 from kvmshell.core.values.models import ParamValue
@@ -42,7 +42,7 @@ class Auto(Strategy):
         self.preflight_said = False
         self.released = False            # the throttle was released: it is not armed again
         self.wire = PLAIN                # the fewer-bytes option chosen before the start (with the pre-flight)
-        self.at_start: str | None = None # why the throttle is armed from the start (``throttle_at_start``)
+        self.at_start: str | None = None # why the throttle is armed from the start (model/choice.py ``from_start``)
         self.throttle = 0                # its cpu-throttle-initial
 
     def postcopy(self) -> bool:
@@ -56,7 +56,7 @@ class Auto(Strategy):
                     choice: Choice | None = None) -> tuple[WireOption, str | None]:
         if choice is not None:                   # the pre-flight weighed every option, postcopy at once too
             self.wire = choice.wire
-            self.at_start = throttle_at_start(choice, postcopy=self.postcopy())
+            self.at_start = choice.from_start if not self.postcopy() else None
             self.throttle = round(100 * choice.throttle)
             each = "; ".join(c.line() for c in costs or ())
             return self.wire, "; ".join(x for x in (choice.picked, each) if x) or None
@@ -118,23 +118,3 @@ class Auto(Strategy):
             self.armed_rate = prediction.dirty_rate
             job.arm_throttle(prediction, step.why)
 
-
-def throttle_at_start(choice: Choice, *, postcopy: bool) -> str | None:
-    """Why to arm the pre-flight's throttle from the start, in numbers; None to arm it only once a verdict
-    holds during the migration. Only with plain pre-copy (the throttle is costed on it) and without postcopy
-    (with it, the levers are weighed during the migration),
-    where pre-copy at the range's high end will not converge, or converges after more than SLOW_MIN_S where
-    the throttle takes SLOW_FACTOR times less (the slow rule's figures), and the throttle converges. Waiting
-    costs two syncs: QEMU 7.2 applies auto-converge only at the second sync after it is asked for, 5.4 s on
-    the 2 GiB lab guest, where auto armed it at 7.7 s and it took effect at 13.1 s (bench s11)."""
-    thr, high = choice.throttled, choice.high
-    if postcopy or choice.at_once or choice.wire != PLAIN or thr is None or thr.total_s is None:
-        return None
-    if high.verdict is Verdict.CONVERGES:
-        if high.total_s is None or high.total_s <= SLOW_MIN_S or SLOW_FACTOR * thr.total_s > high.total_s:
-            return None
-        pre = f"pre-copy would take {high.total_s:.1f} s at the range's high end"
-    else:
-        pre = f"pre-copy {high.verdict.value} at the range's high end"
-    return (f"{pre} (dirty rate {choice.dirty.text()}), throttled to {100 - round(100 * choice.throttle)} % CPU "
-            f"{thr.total_s:.1f} s")

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
+from kvmshell.core.migration.model.choice import SLOW_FACTOR, SLOW_MIN_S
 from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, syncs_of, throttle_for
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption
@@ -31,13 +32,7 @@ HOLD_SAMPLES = 3                 # consecutive samples with the same verdict, no
 HOLD_S = 1.0                     # ...spanning this many seconds and at least one sync (a new pass)
 SLOW_S = 30.0                    # converging, but needing more than this: too slow
 # ...and converging but needing more than SLOW_MIN_S while the cheaper lever would need less than
-# 1/SLOW_FACTOR of that: too slow too. The lab guest at 2 GiB dirtying 110 MB/s over a 125 MB/s link
-# (bench/RESULTS.md, issue 15) converged under pre-copy alone after 34 s, where defaults+auto-converge
-# took 18 s: the model said "will converge" in under 30 s all along, so auto never throttled. At a factor
-# of 2 a pre-copy time predicted twice too long still keeps the guest unthrottled; below SLOW_MIN_S a
-# throttle saves too little to be worth the guest's CPU.
-SLOW_MIN_S = 10.0
-SLOW_FACTOR = 2.0
+# 1/SLOW_FACTOR of that: too slow too (model/choice.py, where the pre-flight reads them as well)
 POSTCOPY_SWITCH_S = 0.5          # postcopy's fixed cost: the switch, the device state, the first faults
 # QEMU's dirty rate is distinct pages per pass: once it reaches the transfer rate the guest re-dirties its
 # whole working set within a pass, and the figure is only a lower bound: no throttle can be predicted.
