@@ -70,6 +70,11 @@ def test_without_postcopy_a_confident_will_not_converge_throttles_from_the_start
     assert c.from_start is not None and c.from_start.startswith("pre-copy will not converge at the range's high end")
     assert c.summary().startswith(f"converge from the start: auto-converge armed at {round(100 * c.throttle)} % "
                                   "before the start, applied by QEMU at its second sync")
+    # the live view's pre-flight line says so too
+    from kvmshell.core.migration.live.preflight import Preflight
+    pre = Preflight()
+    pre.choice = c
+    assert pre.lines() == [("pre-flight", "converge from the start, will not converge")]
     # with postcopy allowed the levers are weighed during the migration: nothing armed before the start
     assert choose(ram=64 << 20, dirty=dirty_range(HOT_WINDOWS, RAM), rate=4e6, link=None, downtime_limit_s=0.02,
                   allow_postcopy=True).from_start is None

@@ -125,5 +125,6 @@ class Preflight(BaseStage):
         if self.choice is None:
             return [("pre-flight", self.missing)] if self.missing else []
         c = self.choice
-        lever = c.lever if c.wire == PLAIN else f"{c.lever} sending {wire_label(c.wire)}"
+        lever = "converge from the start" if c.from_start is not None else c.lever
+        lever = lever if c.wire == PLAIN else f"{lever} sending {wire_label(c.wire)}"
         return [("pre-flight", f"{lever}, {c.verdict}")]
