@@ -9,8 +9,8 @@ Postcopy at once starts on the first sample of the running migration (QEMU takes
 right after `migrate`); a multifd option leaves postcopy out (QEMU 7.2 has no postcopy over multifd),
 postcopy after pre-copy stays the escalation lever otherwise. Without postcopy, where the pre-flight
 says plain pre-copy may not converge (or only slowly, by the slow rule) and a throttle would converge,
-auto-converge is armed at that throttle from the start (model/choice.py ``throttle_from_start``): QEMU applies it at the earliest
-sync it can, and only if the guest keeps dirtying. A throttle is released once
+auto-converge is armed at that throttle from the start (model/choice.py ``throttle_from_start``): QEMU
+applies it at the earliest sync it can, and only if the guest keeps dirtying. A throttle is released once
 it holds that pre-copy would converge without it; after that auto throttles no more (no flip-flop),
 and may still switch to postcopy."""
 
@@ -56,7 +56,7 @@ class Auto(Strategy):
                     choice: Choice | None = None) -> tuple[WireOption, str | None]:
         if choice is not None:                   # the pre-flight weighed every option, postcopy at once too
             self.wire = choice.wire
-            self.at_start = choice.from_start if not self.postcopy() else None
+            self.at_start = choice.from_start    # None with postcopy allowed or a fewer-bytes option
             self.throttle = round(100 * choice.throttle)
             each = "; ".join(c.line() for c in costs or ())
             return self.wire, "; ".join(x for x in (choice.picked, each) if x) or None
@@ -117,4 +117,3 @@ class Auto(Strategy):
         else:
             self.armed_rate = prediction.dirty_rate
             job.arm_throttle(prediction, step.why)
-
