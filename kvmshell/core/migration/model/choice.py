@@ -76,12 +76,13 @@ STALL_HIGH_S, STALL_HIGH_PER = 0.2, 0.55
 # The slow rule (strategies/base.py): pre-copy converging but needing more than SLOW_MIN_S while the cheaper
 # lever would need less than 1/SLOW_FACTOR of that is too slow. The lab guest at 2 GiB dirtying 110 MB/s
 # over a 125 MB/s link (bench/RESULTS.md, issue 15) converged under pre-copy alone after 34 s, where
-# defaults+auto-converge took 18 s: the model said "will converge" in under 30 s all along, so auto never throttled. At a factor
-# of 2 a pre-copy time predicted twice too long still keeps the guest unthrottled; below SLOW_MIN_S a
-# throttle saves too little to be worth the guest's CPU.
+# defaults+auto-converge took 18 s: the model said "will converge" in under 30 s all along, so auto never
+# throttled. At a factor of 2 a pre-copy time predicted twice too long still keeps the guest unthrottled;
+# below SLOW_MIN_S a throttle saves too little to be worth the guest's CPU. The pre-flight reads the same
+# figures for its throttle from the start (``Choice.from_start``).
 SLOW_MIN_S = 10.0
 SLOW_FACTOR = 2.0
-# The pre-flight reads the same figures for its throttle from the start (``Choice.from_start``).
+
 
 @dataclass(frozen=True)
 class Stall:
