@@ -42,8 +42,7 @@ class Auto(Strategy):
         self.preflight_said = False
         self.released = False            # the throttle was released: it is not armed again
         self.wire = PLAIN                # the fewer-bytes option chosen before the start (with the pre-flight)
-        self.at_start: str | None = None # why the throttle is armed from the start (model/choice.py ``from_start``)
-        self.throttle = 0                # its cpu-throttle-initial
+        self.from_start: Choice | None = None   # the pre-flight's choice, when it arms the throttle before the start
 
     def postcopy(self) -> bool:
         # QEMU 7.2 sends postcopy's pages on the main stream only: no postcopy over multifd
@@ -56,8 +55,7 @@ class Auto(Strategy):
                     choice: Choice | None = None) -> tuple[WireOption, str | None]:
         if choice is not None:                   # the pre-flight weighed every option, postcopy at once too
             self.wire = choice.wire
-            self.at_start = choice.from_start    # None with postcopy allowed or a fewer-bytes option
-            self.throttle = round(100 * choice.throttle)
+            self.from_start = choice if choice.from_start is not None else None   # (never with postcopy allowed)
             each = "; ".join(c.line() for c in costs or ())
             return self.wire, "; ".join(x for x in (choice.picked, each) if x) or None
         if costs is None:
@@ -79,8 +77,9 @@ class Auto(Strategy):
     def throttle_parameters(self, auto_converge: bool) -> dict[str, ParamValue]:
         if not auto_converge:
             return {}
-        if self.at_start is not None and not self.released:
-            return {"cpu-throttle-initial": self.throttle, "cpu-throttle-increment": 10, "max-cpu-throttle": 99}
+        if self.from_start is not None and not self.released:
+            return {"cpu-throttle-initial": percent(self.from_start), "cpu-throttle-increment": 10,
+                    "max-cpu-throttle": 99}
         # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
         return {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
 
@@ -95,11 +94,12 @@ class Auto(Strategy):
             job.start_postcopy(f"the pre-flight chose postcopy at once (pass {sample.pass_no} at {sample.t:.1f} s, "
                                f"{sample.transferred / 1e6:.0f} MB sent): {pre.choice.numbers()}")
             return
-        if self.at_start is not None and not job.throttle_armed and not self.released:
+        if self.from_start is not None and not job.throttle_armed and not self.released:
             job.throttle_armed = True
-            job.decide("throttle", f"{self.at_start}; auto-converge armed from the start at {self.throttle} % "
+            p = percent(self.from_start)
+            job.decide("throttle", f"{self.from_start.from_start}; auto-converge armed from the start at {p} % "
                                    f"(then +10 % a pass): QEMU applies it at its second sync where the guest dirtied "
-                                   f"over half of what was sent, not before", target=self.throttle)
+                                   f"over half of what was sent, not before", target=p)
         if job.throttle_armed and sample.cpu_throttle == 0 and sample.pass_no >= 2 and prediction.dirty_rate:
             self.armed_rate = prediction.dirty_rate      # armed from the start: QEMU's rate before it applies it
         if job.throttle_armed:
@@ -117,3 +117,8 @@ class Auto(Strategy):
         else:
             self.armed_rate = prediction.dirty_rate
             job.arm_throttle(prediction, step.why)
+
+
+def percent(choice: Choice) -> int:
+    """The pre-flight's throttle as cpu-throttle-initial."""
+    return round(100 * choice.throttle)

@@ -299,8 +299,8 @@ def unthrottled(job: MigrationJob, s: Sample, pred: Prediction) -> Prediction | 
 def release(strategy: Strategy, job: MigrationJob, s: Sample, pred: Prediction) -> str | None:
     """Why the armed throttle can go, once it holds (``Held.holds``, as for escalating): pre-copy would
     converge without it within SLOW_MIN_S, where the slow rule would not throttle, and the guest now
-    dirties less than when it was armed (CALMER); None to keep it. While QEMU's throttle is still the inert 1 % that is
-    the model's own prediction (``assess``), not ``unthrottled``: on the 2 GiB lab guest the plain model
+    dirties less than when it was armed (CALMER); None to keep it. While QEMU's throttle is still the
+    inert 1 % that is the model's own prediction (``assess``), not ``unthrottled``: on the 2 GiB lab guest the plain model
     said "8-10 s" where ``assess`` said "uncertain, 28 s at QEMU's rate", and a release at 10.6 s undid
     the throttle armed at 7.7 s (bench s10). Keeps its evidence in ``strategy.held``."""
     if s.pass_no < 2 or pred.rough:
