@@ -20,8 +20,10 @@ from kvmshell.core.migration.model.wire import (
     idle_cores, multifd, options, xbzrle, xbzrle_size,
 )
 from kvmshell.errors import CommandFailed
+from kvmshell.lab.launcher import Lab, MonitorKind
 from kvmshell.lab.verify import check_guest_memory
 from tests import test_live
+from tests.guests import attached
 from tests.test_live import WS, Pair
 from tests.test_restore import settings
 
@@ -56,6 +58,27 @@ def test_incompressible_pages_gain_nothing_and_auto_stays_plain() -> None:
     assert chosen is not None and chosen.option == PLAIN          # the same time, no CPU spent
     z = next(c for c in costs if c.option.parameters.get("multifd-compression") == "zstd")
     assert z.converges and (z.prediction.total_s or 0) >= (chosen.prediction.total_s or 0) * 0.99
+
+
+def test_re_sent_pages_are_costed_at_their_own_compression() -> None:
+    """A guest whose resident pages compress well but whose working set is rewritten with random bytes
+    (bench s14's Linux guest: its page cache, and its incompressible load): the first pass gains from
+    compression, the re-sends do not, and cost their whole size on the wire."""
+    g = Guest(ram=2048 * MIB, dirty_rate=101e6, working_set=536e6, link=125e6, downtime_limit_s=0.3)
+    mixed = replace(RANDOM, zero_fraction=0.68, zstd_ratio=0.84, zlib_ratio=0.84, zstd_speed=415e6,
+                    changed_zstd_ratio=1.0, changed_zlib_ratio=1.0)
+    room = Headroom(0.9, 2, 0.9, 2)
+    plain, z = cost(PLAIN, g, mixed, room), cost(compress("zstd", 1), g, mixed, room)
+    assert z.rate == pytest.approx(125e6) and z.limit == "the link"         # the re-sends' rate
+    first = 2048 * MIB * 0.32
+    assert z.prediction.bytes_total is not None and z.wire_bytes is not None
+    assert z.wire_bytes == pytest.approx(first * 0.84 + z.prediction.bytes_total - first)
+    assert z.prediction.total_s is not None and plain.prediction.total_s is not None
+    assert z.prediction.total_s < plain.prediction.total_s                # a shorter first pass, fewer re-dirtied
+    alike = replace(mixed, changed_zstd_ratio=None, changed_zlib_ratio=None)     # not measured: one ratio
+    one = cost(compress("zstd", 1), g, alike, room)
+    assert one.rate == pytest.approx(125e6 / 0.84) and one.wire_bytes == pytest.approx(0.84 * (one.prediction.bytes_total or 0))
+    assert (one.prediction.total_s or 0) < 0.8 * z.prediction.total_s
 
 
 def test_compression_is_bounded_by_the_idle_cores() -> None:
@@ -204,6 +227,20 @@ async def test_wire_data_sees_the_working_set_change(pair: Pair) -> None:
     data = await wire_data(pair.session.fleet.monitor("src"), count=64, seed=7)
     assert data.pages == 64 and 0 < data.zero_fraction < 1
     assert 0 < data.zstd_ratio < 1 and data.zstd_speed > 0
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fill, low, high", [("incompressible", 0.95, 1.01), ("compressible", 0.0, 0.1)])
+async def test_wire_data_measures_how_the_rewritten_pages_compress(lab: Lab, fill: str, low: float,
+                                                                    high: float) -> None:
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=WS, ram_mib=64, fill=fill)   # unpaced
+    async with attached(src) as one:
+        data = await wire_data(one.session.fleet.monitor("src"), count=192, seed=3)
+    assert data.changed >= 4, data.text()
+    assert data.changed_zstd_ratio is not None and low <= data.changed_zstd_ratio <= high, data.text()
+    assert data.changed_zlib_ratio is not None and low <= data.changed_zlib_ratio <= high, data.text()
+    assert f"the changed pages compress to {100 * data.changed_zstd_ratio:.0f} % (zstd)" in data.text()
 
 
 @pytest.mark.qemu

@@ -2,8 +2,9 @@
 spare (the figures of ``model/wire.py``), and the fewer-bytes settings a strategy starts with.
 
 The pages: random guest pages read twice through the monitor (``xp``) a moment apart: how well the
-non-zero ones compress (zstd and zlib at level 1, timed here for their speed), how many bytes of a page
-that changed in between changed and what XBZRLE would send for it. The CPU: one ``cpu`` line of
+non-zero ones compress (zstd and zlib at level 1, timed here for their speed), how well the ones that
+changed in between compress (the pages the re-sends carry: on a Linux guest its page cache compresses,
+the data it rewrites may not), how many bytes of such a page changed and what XBZRLE would send for it. The CPU: one ``cpu`` line of
 /proc/stat on each host, half a second apart, in one shell command per host. Both cost about 2-3 s
 before the start and dirty nothing.
 """
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 WIRE_PAGES = 192                 # pages read (twice): ~1 s a read through HMP `xp`
 TIMED_S = 0.02                   # compress the sample repeatedly for at least this long to time it
 CPU_WINDOW_S = 0.5
+MIN_CHANGED = 4                  # changed pages it takes to cost the re-sends at their own compression
 
 
 def _speed(compress: Callable[[bytes], bytes], pages: list[bytes]) -> tuple[float, float]:
@@ -65,9 +67,17 @@ async def wire_data(mon: Monitor, count: int = WIRE_PAGES, seed: int | None = No
     pairs = [(a, b) for a, b in zip(first, second) if a != b]
     deltas = [delta_share(a, b) for a, b in pairs]
     encoded = [xbzrle_size(a, b) / len(b) for a, b in pairs]
+    rewritten = [b for _, b in pairs if any(b)]        # what the re-sends carry: the changed pages as they are now
+    again = len(rewritten) >= MIN_CHANGED
     return WireData(len(addresses), 1 - len(used) / max(1, len(addresses)), zstd_ratio, zlib_ratio, zstd_speed,
                     zlib_speed, changed=len(deltas), delta_fraction=sum(deltas) / len(deltas) if deltas else None,
-                    interval_s=interval / 2, xbzrle_share=sum(encoded) / len(encoded) if encoded else None)
+                    interval_s=interval / 2, xbzrle_share=sum(encoded) / len(encoded) if encoded else None,
+                    changed_zstd_ratio=_ratio(zstd.compress, rewritten) if again else None,
+                    changed_zlib_ratio=_ratio(lambda p: zlib.compress(p, 1), rewritten) if again else None)
+
+
+def _ratio(compress: Callable[[bytes], bytes], pages: list[bytes]) -> float:
+    return sum(len(compress(p)) for p in pages) / sum(len(p) for p in pages)
 
 
 async def idle_of(shell: HostShell) -> tuple[float, int]:

@@ -32,7 +32,7 @@ from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import (
     FIXED_DOWNTIME_S, UNBOUNDED, ZERO_SCAN_RATE, Inputs, Prediction, Verdict, predict, throttle_for,
 )
-from kvmshell.core.migration.model.wire import PLAIN, SAME_S, Guest, WireCost, WireInputs, WireOption
+from kvmshell.core.migration.model.wire import PLAIN, SAME_S, Guest, WireCost, WireInputs, WireOption, cost
 
 PREFLIGHT_WINDOWS = (1, 3)       # seconds of calc-dirty-rate before the start: the pre-flight costs 4 s
 
@@ -250,7 +250,8 @@ class Choice:
     wire: WireOption = PLAIN     # the settings pre-copy runs with (a fewer-bytes option ``pick`` chose)
     picked: str = ""             # ``pick``'s reason, every candidate in numbers
     options: tuple[WireRange, ...] = ()   # the fewer-bytes options ``pick`` weighed (their high ends)
-    from_start: str | None = None   # why auto-converge is armed at ``throttle`` before the start
+    from_start: str | None = None   # why auto-converge is armed at ``start_throttle`` before the start
+    start_throttle: float = 0.0  # that throttle: ``throttle``, or the one costed on the chosen ``wire`` option
 
     @property
     def postcopy_s(self) -> float | None:
@@ -315,12 +316,13 @@ class Choice:
             what = ("postcopy at once: pre-copy will not converge" if stuck else
                     f"postcopy at once: {MARGIN:g}x faster than pre-copy or more where the guest dirties most, "
                     f"no more than {100 * (LOW_END_TIE - 1):.0f} % slower where it dirties least")
+        elif self.from_start is not None:
+            fewer = f", sending {wire_label(self.wire)} ({self.wire.text()})" if self.wire != PLAIN else ""
+            what = (f"converge from the start{fewer}: auto-converge armed at {round(100 * self.start_throttle)} % "
+                    f"before the start, applied by QEMU at its second sync if the guest still dirties over half of "
+                    f"what was sent ({self.from_start})")
         elif self.wire != PLAIN:
             what = f"{wire_label(self.wire)}: pre-copy sending fewer bytes ({self.wire.text()})"
-        elif self.from_start is not None:
-            what = (f"converge from the start: auto-converge armed at {round(100 * self.throttle)} % before the start, "
-                    f"applied by QEMU at its second sync if the guest still dirties over half of what was sent "
-                    f"({self.from_start})")
         elif self.lever == CONVERGE:
             what = "converge: pre-copy, throttled once \"will not converge\" holds"
         elif self.confident:
@@ -392,25 +394,36 @@ def choose(*, ram: float, dirty: DirtyRange, rate: float, link: float | None, do
     c = Choice(lever, lever == POSTCOPY, stuck or fine, low, high, dirty, rate, downtime_limit_s, post,
                throttled, p, zero_fraction, chosen.option if chosen is not None else PLAIN,
                picked if len(cands) > 1 else "", tuple(ranges))
-    return replace(c, from_start=throttle_from_start(c, allow_postcopy=allow_postcopy))
+    if c.wire == PLAIN or wire is None:
+        share, high_p, thr = p, high, throttled
+    else:        # the chosen option, throttled: costed as it was chosen, at the throttle for its own rate
+        chose = next(r.high for r in ranges if r.high.option == c.wire)
+        share = throttle_for(D, chose.rate)
+        guest = Guest(ram=ram, dirty_rate=D * (1 - share), working_set=W, link=rate, downtime_limit_s=downtime_limit_s)
+        high_p = chose.prediction
+        thr = cost(c.wire, guest, replace(wire.data, zero_fraction=zero_fraction), wire.room).prediction
+    why = throttle_from_start(c, high_p, thr, share, allow_postcopy=allow_postcopy)
+    return replace(c, from_start=why, start_throttle=share if why is not None else 0.0)
 
 
-def throttle_from_start(c: Choice, *, allow_postcopy: bool) -> str | None:
-    """Why auto arms the pre-flight's throttle before the start, in numbers; None to arm it only once a
-    verdict holds during the migration. Only with plain pre-copy (the throttle is costed on it) and without
-    postcopy (with it, the levers are weighed during the migration), where pre-copy at the range's high end
-    will not converge, or converges after more than SLOW_MIN_S where the throttle takes SLOW_FACTOR times
-    less (the slow rule's figures), and the throttle converges. Waiting costs two syncs: QEMU 7.2 applies
-    auto-converge only at the second sync after it is asked for; on the 2 GiB lab guest auto armed it at
-    7.7 s and it took effect at 13.1 s (bench s11), where armed from the start it took effect at 7.6 s (s13)."""
-    thr, high = c.throttled, c.high
-    if allow_postcopy or c.at_once or c.wire != PLAIN or thr is None or thr.total_s is None:
+def throttle_from_start(c: Choice, high: Prediction, thr: Prediction | None, share: float, *,
+                        allow_postcopy: bool) -> str | None:
+    """Why auto arms the throttle ``share`` before the start, in numbers; None to arm it only once a
+    verdict holds during the migration. ``high``: pre-copy with the chosen settings (plain or a fewer-bytes
+    option) at the range's high end; ``thr``: the same with the guest throttled. Not with postcopy (with
+    it, the levers are weighed during the migration). Only where ``high`` will not converge, or converges
+    after more than SLOW_MIN_S where the throttle takes SLOW_FACTOR times less (the slow rule's figures),
+    and the throttle converges. Waiting costs two syncs: QEMU 7.2 applies auto-converge only at the second
+    sync after it is asked for; on the 2 GiB lab guest auto armed it at 7.7 s and it took effect at 13.1 s
+    (bench s11), where armed from the start it took effect at 7.6 s (s13)."""
+    if allow_postcopy or c.at_once or thr is None or thr.verdict is not Verdict.CONVERGES or thr.total_s is None:
         return None
+    name = "pre-copy" if c.wire == PLAIN else f"pre-copy sending {wire_label(c.wire)}"
     if high.verdict is Verdict.CONVERGES:
         if high.total_s is None or high.total_s <= SLOW_MIN_S or SLOW_FACTOR * thr.total_s > high.total_s:
             return None
-        pre = f"pre-copy would take {high.total_s:.1f} s at the range's high end"
+        pre = f"{name} would take {high.total_s:.1f} s at the range's high end"
     else:
-        pre = f"pre-copy {high.verdict.value} at the range's high end"
-    return (f"{pre} (dirty rate {c.dirty.text()}), throttled to {100 - round(100 * c.throttle)} % CPU "
+        pre = f"{name} {high.verdict.value} at the range's high end"
+    return (f"{pre} (dirty rate {c.dirty.text()}), throttled to {100 - round(100 * share)} % CPU "
             f"{thr.total_s:.1f} s")

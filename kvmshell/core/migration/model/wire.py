@@ -58,6 +58,8 @@ class WireData:
     delta_fraction: float | None = None  # of a changed page, the share of its bytes that changed
     xbzrle_share: float | None = None    # of a changed page, the share XBZRLE puts on the wire (``xbzrle_size``)
     interval_s: float = 0.0             # between the two reads of a page
+    changed_zstd_ratio: float | None = None  # the changed pages' second read: what the re-sends compress to
+    changed_zlib_ratio: float | None = None
 
     @property
     def changed_fraction(self) -> float:
@@ -69,6 +71,8 @@ class WireData:
                  else f"no page of {self.pages} changed within {self.interval_s:.1f} s")
         if self.xbzrle_share is not None:
             delta += f" (XBZRLE would send {100 * self.xbzrle_share:.0f} % of them)"
+        if self.changed_zstd_ratio is not None:
+            delta += f"; the changed pages compress to {100 * self.changed_zstd_ratio:.0f} % (zstd)"
         return (f"non-zero pages compress to {100 * self.zstd_ratio:.0f} % (zstd, {self.zstd_speed / 1e6:.0f} MB/s "
                 f"a core) or {100 * self.zlib_ratio:.0f} % (zlib, {self.zlib_speed / 1e6:.0f} MB/s); {delta}")
 
@@ -178,21 +182,35 @@ def _plain(opt: WireOption, g: Guest, data: WireData, streams: int) -> WireCost:
 
 
 def _compressed(opt: WireOption, g: Guest, data: WireData, room: Headroom) -> WireCost:
+    """The first pass at the non-zero pages' ratio; the re-sends at the changed pages' own ratio where the
+    sample saw pages change (a guest's resident pages and the ones it rewrites compress alike only by
+    chance), bounded by the link, the cores that compress and decompress, and the streams."""
     method = str(opt.parameters["multifd-compression"])
     channels = int(opt.parameters["multifd-channels"])
     ratio, speed = (data.zstd_ratio, data.zstd_speed) if method == "zstd" else (data.zlib_ratio, data.zlib_speed)
+    changed = data.changed_zstd_ratio if method == "zstd" else data.changed_zlib_ratio
     ratio = max(ratio, 1e-3)
+    again = max(changed, 1e-3) if changed is not None else ratio
     src = speed * min(channels, max(MIN_CORES, room.source_idle))
     dst = speed * DECOMPRESS_FACTOR * min(channels, max(MIN_CORES, room.dest_idle))
-    bounds = {"the link": g.link / ratio, "compressing on the source": src, "decompressing on the destination": dst,
-              f"{channels} stream(s)": channels * STREAM_RATE / ratio}
-    limit = min(bounds, key=lambda k: bounds[k])
-    rate = bounds[limit]
-    p = predict(_inputs(g, data, rate, rate))
+
+    def bound(r: float) -> tuple[float, str]:
+        bounds = {"the link": g.link / r, "compressing on the source": src, "decompressing on the destination": dst,
+                  f"{channels} stream(s)": channels * STREAM_RATE / r}
+        limit = min(bounds, key=lambda k: bounds[k])
+        return bounds[limit], limit
+
+    (first_rate, _), (rate, limit) = bound(ratio), bound(again)
+    zero = g.ram * data.zero_fraction
+    first = g.ram - zero
+    t1 = first / first_rate + zero / ZERO_SCAN_RATE
+    p = predict(Inputs(ram_bytes=0.0, dirty_rate=g.dirty_rate, working_set=g.working_set, rate=rate, link=rate,
+                       downtime_limit_s=g.downtime_limit_s, dirty_set=dirtied(g.dirty_rate, g.working_set, t1),
+                       elapsed_s=t1, sent=first))
     if p.bytes_total is None:
         return WireCost(opt, p, rate, None, None, limit)
     cpu = p.bytes_total / speed + p.bytes_total / (speed * DECOMPRESS_FACTOR)
-    return WireCost(opt, p, rate, p.bytes_total * ratio, cpu, limit)
+    return WireCost(opt, p, rate, first * ratio + (p.bytes_total - first) * again, cpu, limit)
 
 
 def _xbzrle(opt: WireOption, g: Guest, data: WireData) -> WireCost:

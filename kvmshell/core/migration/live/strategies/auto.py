@@ -120,5 +120,5 @@ class Auto(Strategy):
 
 
 def percent(choice: Choice) -> int:
-    """The pre-flight's throttle as cpu-throttle-initial."""
-    return round(100 * choice.throttle)
+    """The pre-flight's throttle armed from the start, as cpu-throttle-initial."""
+    return round(100 * choice.start_throttle)
