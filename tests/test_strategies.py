@@ -22,7 +22,7 @@ from kvmshell.core.migration.model.choice import choose
 from kvmshell.core.migration.model.dirty import DirtyRange
 from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
-from kvmshell.core.migration.model.wire import Headroom, WireData, WireInputs, WireOption
+from kvmshell.core.migration.model.wire import Headroom, WireData, WireInputs
 from kvmshell.core.values.models import MigrationStatus, RunState
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kvmshell/core/migration/live/strategies"
