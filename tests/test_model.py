@@ -503,3 +503,4 @@ def test_uncertain_by_the_passes_keeps_the_time_at_qemus_rate() -> None:
         assert p.point_left_s is not None and 13 < p.point_left_s < 25, (s.t, p.point_left_s)
         assert p.reason.startswith("the passes so far show") and "before the start" not in p.reason, p.reason
         assert f"converges in {p.point_left_s:.0f} s more" in p.reason
+
