@@ -20,7 +20,7 @@ from kvmshell.core.migration.live.strategies import offered, parse_strategy, str
 from kvmshell.core.migration.live.strategies.base import HOLD_S, SLOW_FACTOR, SLOW_MIN_S, Strategy
 from kvmshell.core.migration.model.choice import choose
 from kvmshell.core.migration.model.dirty import DirtyRange
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, raised_throttle
 from kvmshell.core.migration.model.samples import Sample, SampleRing, load_trace
 from kvmshell.core.migration.model.wire import Headroom, WireData, WireInputs
 from kvmshell.core.values.models import MigrationStatus, RunState
@@ -42,6 +42,7 @@ class Levers:
     sampler: Sampler = field(default_factory=Sampler)
     postcopy_started: bool = False
     throttle_armed: bool = False
+    throttle_target: int = 0
     pulled: list[tuple[str, str]] = field(default_factory=list)
     preflight: Any = None                    # the pre-flight stage (live/preflight.py), if asked for
     decisions: list[tuple[str, str]] = field(default_factory=list)
@@ -60,6 +61,9 @@ class Levers:
     def release_throttle(self, why: str) -> None:
         self.throttle_armed = False
         self.pulled.append(("release", why))
+
+    def raise_throttle(self, pred: Prediction, applied: int, why: str) -> None:
+        self.pulled.append(("raise", f"{applied}: {why}"))
 
 
 def sample(pass_no: int, remaining: int = 100 << 20, t: float = 5.0) -> Sample:
@@ -712,6 +716,50 @@ async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_bac
         assert {k: after.get(k) for k in before} == before                   # all put back, the threshold too
 
 
+@pytest.mark.qemu
+async def test_live_a_raised_throttle_is_applied_by_qemu_then_steps_by_ten_and_is_put_back(lab: Any) -> None:
+    # the raise as QEMU 7.2 takes it: cpu-throttle-increment set to the difference, added at QEMU's next
+    # sync that finds the guest dirtying over half of what was sent; then +10 % a pass again
+    from kvmshell.core.migration.live.begin import begin
+    from kvmshell.lab.launcher import MonitorKind
+    from tests.test_live import attached
+    from tests.waiting import wait_for
+
+    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM)
+    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
+                          disk=src.disk)
+    async with attached(src, dst) as pair:
+        fleet = pair.session.fleet
+        mon = fleet.monitor("src")
+        before = dict((await mon.migrate_parameters()).values)
+        job = await begin(fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=4_000_000, downtime_ms=50))
+        running = asyncio.create_task(job.run())
+
+        def last() -> Any:
+            return job.sampler.ring.last
+
+        await wait_for(lambda: asyncio.sleep(0, last()),
+                       lambda s: s is not None and job.throttle_target > 0 and s.cpu_throttle >= job.throttle_target,
+                       timeout=90, what="auto's throttle applied")
+        applied = last().cpu_throttle
+        hot = Prediction(Verdict.WILL_NOT_CONVERGE, "the test", rate=4e6, dirty_rate=40e6)
+        want = raised_throttle(applied, 40e6, 4e6)
+        assert want > applied + 10
+        job.raise_throttle(hot, applied, "the test")
+        assert job.throttle_target == want and said(job, "throttle")[-1].endswith(
+            f"raising it from {applied} % to {want} % (auto-converge +{want - applied} % at QEMU's next sync, "
+            "then +10 % a pass)"), job.decisions
+        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle >= want,
+                       timeout=60, what="QEMU applying the raised throttle")
+        await wait_for(lambda: mon.migrate_parameters(), lambda p: p.values.get("cpu-throttle-increment") == 10,
+                       timeout=10, what="the increment back at 10")
+        await job.cancel()
+        outcome = await asyncio.wait_for(running, 30)
+        assert outcome.status == "cancelled", outcome.full_message
+        after = dict((await mon.migrate_parameters()).values)
+        assert {k: after.get(k) for k in before} == before                   # all put back
+
+
 # the 2 GiB lab guest's pre-flight (bench s12): 79-126 MB/s without a bounded working set, 82 % zero pages,
 # 125 MB/s, 300 ms: pre-copy converges at the low end, never at the high one; the throttle converges
 LAB_2G = dict(ram=2 << 30, dirty=DirtyRange(79e6, 126e6, None), rate=125e6, link=125e6, downtime_limit_s=0.3,
@@ -805,3 +853,34 @@ def test_auto_throttles_from_the_start_where_precopy_converges_but_slowly() -> N
     auto = strategy_named("auto")(MigrationRequest("src", "dst", strategy="auto", link=125e6))
     auto.wire_option(None, 0.3, choice)
     assert auto.throttle_parameters(True)["cpu-throttle-initial"] == round(100 * choice.throttle)
+
+
+def test_a_throttle_that_does_not_bite_is_raised_to_the_models() -> None:
+    assert raised_throttle(41, 85e6, 87e6) == 70         # what s16's Linux guest dirtied at 41 %
+    assert raised_throttle(91, 85e6, 86e6) == 95
+    assert raised_throttle(95, 400e6, 100e6) == 99       # at most 99 %
+    assert raised_throttle(50, 20e6, 125e6) == 60        # a guest that calmed: QEMU's own step (+10 %)
+
+
+def test_replay_a_throttle_armed_from_the_start_that_does_not_bite_is_raised() -> None:
+    # bench s16, run 0: the 2 GiB Linux guest under TCG, armed from the start at 41 %, applied at pass 4
+    # (22.6 s); the guest still re-dirtied its 536 MB set every pass, QEMU went +10 % every second sync
+    # (91 % at 74 s, completed at 86 s). Auto asks for more once "will not converge" holds under 41 %
+    t = load_trace(TRACES / "linux-2g-zstd-at-start.jsonl")
+    levers = Levers(MigrationRequest("src", "dst", strategy="auto", link=125e6), throttle_armed=True,
+                    throttle_target=41)
+    auto = strategy_named("auto")(levers.req)
+    when: list[tuple[float, int]] = []
+    for s in t.samples:
+        levers.sampler.ring.append(s)
+        if s.status is MigrationStatus.ACTIVE:
+            n = len(levers.pulled)
+            auto.on_sample(levers, s, assess(levers.sampler.ring.list(), downtime_limit_s=0.3,  # type: ignore[arg-type]
+                                             bandwidth_cap=None, link=125e6))
+            if len(levers.pulled) > n:
+                when.append((s.t, s.pass_no))
+    assert [lever for lever, _ in levers.pulled][:1] == ["raise"] and "release" not in dict(levers.pulled)
+    t0, pass0 = when[0]
+    assert pass0 <= 6 and t0 < 35, when                   # QEMU's own steps reached 71 % only at 57 s
+    assert levers.pulled[0][1].startswith("41: ")
+    assert all(b[1] > a[1] for a, b in zip(when, when[1:]))   # each raise held anew, across a sync

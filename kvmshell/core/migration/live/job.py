@@ -25,7 +25,7 @@ from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.live.limits import Limits, Throttling, Watchdog
 from kvmshell.core.migration.live.preflight import Preflight
 from kvmshell.core.migration.model.hold import HOLD_LOOKBACK, held
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, throttle_for
+from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, raised_throttle, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent
@@ -80,6 +80,7 @@ class MigrationJob:
         self._limits = Limits()
         self.postcopy_started = False
         self.throttle_armed = False
+        self.throttle_target = 0                 # the auto-converge percentage last asked for
         self._throttling = Throttling()
         self.marks: dict[str, Prediction] = {}   # "start", "first pass": the predictions scored later
         self._watchdog = Watchdog(request.stall_timeout, request.bandwidth, request.setup_timeout)
@@ -479,23 +480,40 @@ class MigrationJob:
                                     f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
             self._spawn(self.settings.set_parameters(self.source, {"vcpu-dirty-limit": limit}))
             return
-        target = int(round(100 * throttle_for(D, R)))
+        target = self.throttle_target = int(round(100 * throttle_for(D, R)))
         said = self._throttling.said
         not_dl = f"; {said[1].split(': ', 1)[1]}" if said else ""
         self.decide("throttle", f"{why}; throttling the guest to {100 - target} % CPU "
                                 f"(auto-converge {target} %, then +10 % a pass{not_dl})", target=target)
         params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
                   "max-cpu-throttle": 99}
-        self._spawn(self._throttle_then_step(params))
+        self._spawn(self._throttle_then_step(params, target))
 
-    async def _throttle_then_step(self, params: dict[str, Any]) -> None:
+    def raise_throttle(self, pred: Prediction, applied: int, why: str) -> None:
+        """Raise the throttle QEMU applies (``applied`` %) to take ``throttle_for`` of what the guest still
+        dirties at it, so that it dirties about half the transfer rate: QEMU adds cpu-throttle-increment at
+        its next sync that finds the guest dirtying over half of what was sent (QEMU 7.2 has no other way to
+        set the throttle of a running migration), then +10 % a pass again. Nothing where that is no more
+        than QEMU's own next step (+10 %)."""
+        target = raised_throttle(applied, pred.dirty_rate or 0.0, pred.rate or 0.0)
+        if self._throttling.dirty_limit or target <= applied + 10:
+            return
+        self.throttle_target = target
+        self.decide("throttle", f"still will not converge under the throttle: {why}; raising it from {applied} % to "
+                                f"{target} % (auto-converge +{target - applied} % at QEMU's next sync, then +10 % a "
+                                f"pass)", target=target)
+        self._spawn(self._throttle_then_step({"cpu-throttle-increment": target - applied, "max-cpu-throttle": 99},
+                                             target))
+
+    async def _throttle_then_step(self, params: dict[str, Any], target: int) -> None:
         await self.settings.set_parameters(self.source, params)
         # once at the target, continue in steps of 10 (QEMU adds the increment at every sync)
         for _ in range(200):
             last = self.sampler.ring.last
-            if last is None or last.status is not MigrationStatus.ACTIVE or not self.throttle_armed:
+            if last is None or last.status is not MigrationStatus.ACTIVE or not self.throttle_armed \
+                    or self.throttle_target != target:       # raised since: that raise steps down
                 return
-            if last.cpu_throttle >= params["cpu-throttle-initial"]:
+            if last.cpu_throttle >= target:
                 await self.settings.set_parameters(self.source, {"cpu-throttle-increment": 10})
                 return
             await asyncio.sleep(self.req.interval)
