@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -673,91 +675,83 @@ async def test_live_a_cancel_under_the_throttle_from_the_start_leaves_the_source
     await throttled_from_the_start(lab, tmp_path, cancel=True)
 
 
-@pytest.mark.qemu
-async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_back_after(lab: Any) -> None:
-    # the release as QEMU 7.2 takes it: auto-converge lowers its throttle only when it next raises it,
-    # capped by max-cpu-throttle; the trigger threshold at 1 % makes that happen within two syncs
+@asynccontextmanager
+async def throttling_auto(lab: Any, bandwidth: int) -> AsyncIterator[tuple[Any, Any]]:
+    """(the session's pair, the job): a lab pair migrating under auto at ``bandwidth`` with a 50 ms limit, so
+    that it throttles; on the way out the test's migration is cancelled and every source parameter is as
+    before (the throttle's, the trigger threshold too)."""
     from kvmshell.core.migration.live.begin import begin
     from kvmshell.lab.launcher import MonitorKind
     from tests.test_live import attached
-    from tests.waiting import wait_for
 
     src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM)
     dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
                           disk=src.disk)
     async with attached(src, dst) as pair:
-        from kvmshell.core.migration.live.job import MigrationJob
+        mon = pair.session.fleet.monitor("src")
+        before = dict((await mon.migrate_parameters()).values)
+        job = await begin(pair.session.fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=bandwidth,
+                                                              downtime_ms=50))
+        running = asyncio.create_task(job.run())
+        yield pair, job
+        await job.cancel()
+        outcome = await asyncio.wait_for(running, 30)
+        assert outcome.status == "cancelled", outcome.full_message
+        after = dict((await mon.migrate_parameters()).values)
+        assert {k: after.get(k) for k in before} == before
+
+
+def last_sample(job: Any) -> Any:
+    return asyncio.sleep(0, job.sampler.ring.last)
+
+
+@pytest.mark.qemu
+async def test_live_a_released_throttle_falls_back_to_one_percent_and_is_put_back_after(lab: Any) -> None:
+    # the release as QEMU 7.2 takes it: auto-converge lowers its throttle only when it next raises it,
+    # capped by max-cpu-throttle; the trigger threshold at 1 % makes that happen within two syncs
+    from kvmshell.core.migration.live.job import MigrationJob
+    from tests.waiting import wait_for
+
+    async with throttling_auto(lab, 8_000_000) as (pair, job):
         fleet = pair.session.fleet
         # the pre-flight is auto's: another strategy asked for it measures nothing
         assert MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy="precopy", preflight=True)).stages == []
         with_pre = MigrationJob.of(fleet, MigrationRequest("src", "dst", strategy="auto", preflight=True))
         assert with_pre.preflight is not None and with_pre.stages == [with_pre.preflight]
-        mon = fleet.monitor("src")
-        before = dict((await mon.migrate_parameters()).values)
-        job = await begin(fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=8_000_000, downtime_ms=50))
-        running = asyncio.create_task(job.run())
-
-        def last() -> Any:
-            return job.sampler.ring.last
-
-        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle >= 30,
+        await wait_for(lambda: last_sample(job), lambda s: s is not None and s.cpu_throttle >= 30,
                        timeout=90, what="the throttle armed and raised")
         job.strategy.released = True                     # type: ignore[attr-defined]  # as auto does
         job.release_throttle("the test releases it")
-        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle <= 1,
+        await wait_for(lambda: last_sample(job), lambda s: s is not None and s.cpu_throttle <= 1,
                        timeout=30, what="the throttle back at 1 %")
         assert said(job, "release")[0].endswith("releasing the throttle (cpu-throttle-initial 1, "
                                                 "cpu-throttle-increment 1, max-cpu-throttle 1, "
                                                 "throttle-trigger-threshold 1)"), job.decisions
-        await job.cancel()
-        outcome = await asyncio.wait_for(running, 30)
-        assert outcome.status == "cancelled", outcome.full_message
-        after = dict((await mon.migrate_parameters()).values)
-        assert {k: after.get(k) for k in before} == before                   # all put back, the threshold too
 
 
 @pytest.mark.qemu
 async def test_live_a_raised_throttle_is_applied_by_qemu_then_steps_by_ten_and_is_put_back(lab: Any) -> None:
     # the raise as QEMU 7.2 takes it: cpu-throttle-increment set to the difference, added at QEMU's next
     # sync that finds the guest dirtying over half of what was sent; then +10 % a pass again
-    from kvmshell.core.migration.live.begin import begin
-    from kvmshell.lab.launcher import MonitorKind
-    from tests.test_live import attached
     from tests.waiting import wait_for
 
-    src = await lab.start("src", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, pace=LIVE_PACE, ram_mib=LIVE_RAM)
-    dst = await lab.start("dst", MonitorKind.QMP_UNIX, ws_pages=LIVE_WS, ram_mib=LIVE_RAM, incoming=True,
-                          disk=src.disk)
-    async with attached(src, dst) as pair:
-        fleet = pair.session.fleet
-        mon = fleet.monitor("src")
-        before = dict((await mon.migrate_parameters()).values)
-        job = await begin(fleet, MigrationRequest("src", "dst", strategy="auto", bandwidth=4_000_000, downtime_ms=50))
-        running = asyncio.create_task(job.run())
-
-        def last() -> Any:
-            return job.sampler.ring.last
-
-        await wait_for(lambda: asyncio.sleep(0, last()),
-                       lambda s: s is not None and job.throttle_target > 0 and s.cpu_throttle >= job.throttle_target,
-                       timeout=90, what="auto's throttle applied")
-        applied = last().cpu_throttle
-        hot = Prediction(Verdict.WILL_NOT_CONVERGE, "the test", rate=4e6, dirty_rate=40e6)
+    async with throttling_auto(lab, 4_000_000) as (pair, job):
+        mon = pair.session.fleet.monitor("src")
+        s = await wait_for(lambda: last_sample(job),
+                           lambda s: s is not None and 0 < job.throttle_target <= s.cpu_throttle,
+                           timeout=90, what="auto's throttle applied")
+        applied = s.cpu_throttle
         want = raised_throttle(applied, 40e6, 4e6)
         assert want > applied + 10
-        job.raise_throttle(hot, applied, "the test")
+        job.raise_throttle(Prediction(Verdict.WILL_NOT_CONVERGE, "the test", rate=4e6, dirty_rate=40e6), applied,
+                           "the test")
         assert job.throttle_target == want and said(job, "throttle")[-1].endswith(
             f"raising it from {applied} % to {want} % (auto-converge +{want - applied} % at QEMU's next sync, "
             "then +10 % a pass)"), job.decisions
-        await wait_for(lambda: asyncio.sleep(0, last()), lambda s: s is not None and s.cpu_throttle >= want,
+        await wait_for(lambda: last_sample(job), lambda s: s is not None and s.cpu_throttle >= want,
                        timeout=60, what="QEMU applying the raised throttle")
         await wait_for(lambda: mon.migrate_parameters(), lambda p: p.values.get("cpu-throttle-increment") == 10,
                        timeout=10, what="the increment back at 10")
-        await job.cancel()
-        outcome = await asyncio.wait_for(running, 30)
-        assert outcome.status == "cancelled", outcome.full_message
-        after = dict((await mon.migrate_parameters()).values)
-        assert {k: after.get(k) for k in before} == before                   # all put back
 
 
 # the 2 GiB lab guest's pre-flight (bench s12): 79-126 MB/s without a bounded working set, 82 % zero pages,
