@@ -287,7 +287,8 @@ def _pass_samples(dirty_at_sync: list[float], pass_s: list[float], rate: float =
 
 
 def test_the_passes_are_windows_a_set_re_dirtied_within_each_pass_is_not_a_confident_converge() -> None:
-    from kvmshell.core.migration.model.predict import assess, pass_windows, syncs_of
+    from kvmshell.core.migration.model.passes import syncs_of
+    from kvmshell.core.migration.model.predict import assess, pass_windows
     from kvmshell.core.migration.model.dirty import dirty_range
     # 100 MB found dirty after a 5 s first pass and again after a 1 s second one: QEMU's rate read
     # 20 MB/s then 100 MB/s, a working set re-dirtied within every pass, whose real rate no pass tells

@@ -173,7 +173,7 @@ class MigrationJob:
             caps["auto-converge"] = strategy.converge()
             caps["dirty-limit"] = False
             if caps["auto-converge"]:
-                await self._choose_converge(src, caps)
+                await self._throttling.choose(self.settings, src, caps)
         if any(stage.pause_before_switchover for stage in self.stages):
             caps["pause-before-switchover"] = True
         await self.settings.set_capabilities(src, caps)
@@ -188,7 +188,7 @@ class MigrationJob:
             new |= strategy.throttle_parameters(bool(caps.get("auto-converge")))
             if caps.get("dirty-limit"):
                 known = self.req.bandwidth or self.req.link
-                new["vcpu-dirty-limit"] = self._dirty_limit_mb(known) if strategy.throttles_from_start() and known \
+                new["vcpu-dirty-limit"] = self._throttling.dirty_limit_mb(known) if strategy.throttles_from_start() and known \
                     else DIRTY_LIMIT_INERT     # inert until the model says how fast the guest may dirty
             await self.settings.set_parameters(src, new)
             for side in [m for m in (src, self.dest) if m is not None and wire.parameters]:
@@ -446,36 +446,12 @@ class MigrationJob:
         self.decide("postcopy", f"switching to postcopy: {why}")
         self._spawn(self.source.start_postcopy())
 
-    async def _choose_converge(self, src: Monitor, caps: dict[str, bool]) -> None:
-        """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's
-        dirty ring is on; QEMU itself says whether it is (it refuses the capability without it)."""
-        if "dirty-limit" not in await src.migrate_capabilities():
-            self._throttling.said = ("converge-with", "auto-converge: dirty-limit not used, this QEMU has no "
-                                                    "dirty-limit capability")
-            return
-        try:
-            await self.settings.set_capabilities(src, {"auto-converge": False, "dirty-limit": True})
-            self._throttling.vcpus = await src.vcpu_count()
-        except CommandFailed as e:
-            self._throttling.said = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it "
-                                                    f"({e.message})")
-            return
-        caps |= {"auto-converge": False, "dirty-limit": True}
-        self._throttling.dirty_limit = True
-        self._throttling.said = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it "
-                                                f"holds back each of the {self._throttling.vcpus} vCPUs that dirties too fast, "
-                                                f"where auto-converge would slow every vCPU")
-
-    def _dirty_limit_mb(self, rate: float) -> int:
-        """vcpu-dirty-limit (MB/s per vCPU) so that all vCPUs together dirty about half of ``rate``."""
-        return max(1, int(0.5 * rate / self._throttling.vcpus / 2**20))
-
     def arm_throttle(self, pred: Prediction, why: str) -> None:
         """Throttle the guest's vCPUs (once) enough that it dirties at about half the transfer rate."""
         self.throttle_armed = True
         D, R = pred.dirty_rate or 0.0, pred.rate or 0.0
         if self._throttling.dirty_limit:
-            limit = self._dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
+            limit = self._throttling.dirty_limit_mb(R or self.req.bandwidth or self.req.link or 2**20)
             self.decide("throttle", f"{why}; dirty-limit: each of the {self._throttling.vcpus} vCPU(s) may dirty {limit} MB/s "
                                     f"(half the transfer rate of {R / 1e6:.0f} MB/s)", limit=limit)
             self._spawn(self.settings.set_parameters(self.source, {"vcpu-dirty-limit": limit}))

@@ -4,6 +4,13 @@ the job throttles once a strategy arms it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvmshell.errors import CommandFailed
+
+if TYPE_CHECKING:
+    from kvmshell.core.migration.live.settings import Settings
+    from kvmshell.core.monitor.base import Monitor
 
 
 @dataclass
@@ -13,6 +20,29 @@ class Throttling:
     dirty_limit: bool = False
     vcpus: int = 1
     said: tuple[str, str] | None = None          # (decision, reason), said at the start
+
+    async def choose(self, settings: Settings, src: Monitor, caps: dict[str, bool]) -> None:
+        """dirty-limit instead of auto-converge where the source's QEMU has the capability and KVM's
+        dirty ring is on; QEMU itself says whether it is (it refuses the capability without it)."""
+        if "dirty-limit" not in await src.migrate_capabilities():
+            self.said = ("converge-with", "auto-converge: dirty-limit not used, this QEMU has no dirty-limit "
+                                          "capability")
+            return
+        try:
+            await settings.set_capabilities(src, {"auto-converge": False, "dirty-limit": True})
+            self.vcpus = await src.vcpu_count()
+        except CommandFailed as e:
+            self.said = ("converge-with", f"auto-converge: dirty-limit not used, QEMU refused it ({e.message})")
+            return
+        caps |= {"auto-converge": False, "dirty-limit": True}
+        self.dirty_limit = True
+        self.said = ("converge-with", f"dirty-limit: this QEMU has it and KVM's dirty ring is on; it holds back "
+                                      f"each of the {self.vcpus} vCPUs that dirties too fast, where auto-converge "
+                                      f"would slow every vCPU")
+
+    def dirty_limit_mb(self, rate: float) -> int:
+        """vcpu-dirty-limit (MB/s per vCPU) so that all vCPUs together dirty about half of ``rate``."""
+        return max(1, int(0.5 * rate / self.vcpus / 2**20))
 
 
 MIRROR_STEP = 16 << 20       # a mirror job's progress moves in steps of its buffer (QEMU's default buf-size)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from kvmshell.core.migration.model.choice import SLOW_FACTOR, SLOW_MIN_S
-from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, syncs_of, throttle_for
+from kvmshell.core.migration.model.passes import syncs_of
+from kvmshell.core.migration.model.predict import Inputs, Prediction, Verdict, predict, throttle_for
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption
 from kvmshell.core.values.models import ParamValue
