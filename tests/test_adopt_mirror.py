@@ -38,6 +38,8 @@ async def kill_9_while_mirroring(p: Pair, tmp_path: Path) -> dict[str, Any]:
         left = await wait_for(state, lambda d: d.get("phase") == "prepared" and len((d.get("storage") or {})
                                                                                      .get("jobs", ())) == 2,
                               what="the state file of the start, both mirrors running")
+        # the state file is written before each change: the second mirror may not be in QEMU yet
+        await wait_for(p.side.block_jobs, lambda jobs: len(jobs) == 2, what="both mirrors in QEMU")
         first.proc.send_signal(signal.SIGKILL)
         assert await first.proc.wait() == -signal.SIGKILL
     assert await p.status() is MigrationStatus.NONE            # `migrate` was never sent
