@@ -25,7 +25,7 @@ from kvmshell.core.migration.live.endpoints import Notices
 from kvmshell.core.migration.live.limits import Limits, Throttling, Watchdog
 from kvmshell.core.migration.live.preflight import Preflight
 from kvmshell.core.migration.model.hold import HOLD_LOOKBACK, held
-from kvmshell.core.migration.model.predict import Prediction, Verdict, assess, raised_throttle, throttle_for
+from kvmshell.core.migration.model.predict import MAX_THROTTLE, Prediction, Verdict, assess, raised_throttle, throttle_for
 from kvmshell.core.migration.live.sampler import Sampler
 from kvmshell.core.migration.live.settings import Settings
 from kvmshell.core.migration.model.samples import Sample, TraceEvent
@@ -462,7 +462,7 @@ class MigrationJob:
         self.decide("throttle", f"{why}; throttling the guest to {100 - target} % CPU "
                                 f"(auto-converge {target} %, then +10 % a pass{not_dl})", target=target)
         params = {"cpu-throttle-initial": target, "cpu-throttle-increment": max(1, target - 1),
-                  "max-cpu-throttle": 99}
+                  "max-cpu-throttle": MAX_THROTTLE}
         self._spawn(self._throttle_then_step(params, target))
 
     def raise_throttle(self, pred: Prediction, applied: int, why: str) -> None:
@@ -478,7 +478,7 @@ class MigrationJob:
         self.decide("throttle", f"still will not converge under the throttle: {why}; raising it from {applied} % to "
                                 f"{target} % (auto-converge +{target - applied} % at QEMU's next sync, then +10 % a "
                                 f"pass)", target=target)
-        self._spawn(self._throttle_then_step({"cpu-throttle-increment": target - applied, "max-cpu-throttle": 99},
+        self._spawn(self._throttle_then_step({"cpu-throttle-increment": target - applied, "max-cpu-throttle": MAX_THROTTLE},
                                              target))
 
     async def _throttle_then_step(self, params: dict[str, Any], target: int) -> None:

@@ -38,7 +38,7 @@ MIN_CHANGED = 4                  # changed pages it takes to cost the re-sends a
 def _speed(compress: Callable[[bytes], bytes], pages: list[bytes]) -> tuple[float, float]:
     """(compressed / raw, raw bytes/s) of ``compress`` over ``pages``, one page at a time."""
     raw = sum(len(p) for p in pages)
-    packed = sum(len(compress(p)) for p in pages)
+    ratio = _ratio(compress, pages)
     runs, t0 = 0, time.perf_counter()
     while True:
         for p in pages:
@@ -46,7 +46,7 @@ def _speed(compress: Callable[[bytes], bytes], pages: list[bytes]) -> tuple[floa
         runs += 1
         took = time.perf_counter() - t0
         if took >= TIMED_S:
-            return packed / raw, runs * raw / took
+            return ratio, runs * raw / took
 
 
 async def wire_data(mon: Monitor, count: int = WIRE_PAGES, seed: int | None = None) -> WireData:
@@ -77,6 +77,7 @@ async def wire_data(mon: Monitor, count: int = WIRE_PAGES, seed: int | None = No
 
 
 def _ratio(compress: Callable[[bytes], bytes], pages: list[bytes]) -> float:
+    """Compressed / raw size of ``pages``, one page at a time."""
     return sum(len(compress(p)) for p in pages) / sum(len(p) for p in pages)
 
 

@@ -145,10 +145,13 @@ def throttle_for(dirty_rate: float, rate: float) -> float:
     return min(0.99, max(0.2, 1 - 0.5 * rate / dirty_rate))
 
 
+MAX_THROTTLE = 99              # auto-converge's highest percentage (QEMU's max-cpu-throttle)
+
+
 def raised_throttle(applied: int, dirty_rate: float, rate: float) -> int:
     """The auto-converge percentage that takes ``throttle_for`` of the CPU a guest throttled at ``applied`` %
     still has (it dirties ``dirty_rate`` there): 41 % applied, still 85 MB/s at 87 MB/s -> 70 %. At most 99."""
-    return min(99, int(round(100 - (100 - applied) * (1 - throttle_for(dirty_rate, rate)))))
+    return min(MAX_THROTTLE, int(round(100 - (100 - applied) * (1 - throttle_for(dirty_rate, rate)))))
 
 
 def predict(inp: Inputs) -> Prediction:

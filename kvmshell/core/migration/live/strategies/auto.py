@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from kvmshell.core.migration.live.strategies.base import WILL_NOT, Held, Strategy, escalation, evidence, release, verdict_of
 from kvmshell.core.migration.model.choice import Choice, cheapest
-from kvmshell.core.migration.model.predict import Prediction
+from kvmshell.core.migration.model.predict import MAX_THROTTLE, Prediction
 from kvmshell.core.migration.model.samples import Sample
 from kvmshell.core.migration.model.wire import PLAIN, WireCost, WireOption, why
 from kvmshell.core.values.models import ParamValue
@@ -82,7 +82,7 @@ class Auto(Strategy):
             return {}
         if self.from_start is not None and not self.released:
             return {"cpu-throttle-initial": percent(self.from_start), "cpu-throttle-increment": 10,
-                    "max-cpu-throttle": 99}
+                    "max-cpu-throttle": MAX_THROTTLE}
         # armed but inert: QEMU may only throttle by 1 % until the model says it must converge
         return {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
 
@@ -136,8 +136,6 @@ class Auto(Strategy):
             held, self.stuck = self.stuck, None
             job.raise_throttle(prediction, applied, f"{prediction.reason} at {applied} % ({held.said()})")
 
-
-MAX_THROTTLE = 99
 
 
 def percent(choice: Choice) -> int:
